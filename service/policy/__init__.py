@@ -1,0 +1,46 @@
+"""Routing policies: contextual bandits that return the chosen arm with its propensity.
+
+>>> import numpy as np
+>>> from service.policy import make_policy, loads
+>>> policy = make_policy("linucb", alpha=0.5, epsilon=0.1, seed=7)
+>>> choice = policy.choose(["small", "large"], np.array([0.1, 0.9]))
+>>> sorted(choice.probabilities.items())
+[('large', 0.5), ('small', 0.5)]
+>>> policy.update(choice.arm, np.array([0.1, 0.9]), 1.0)
+>>> loads(policy.dumps()).n_updates
+1
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.policy.base import Choice, Context, RoutingPolicy
+from service.policy.checkpoint import CheckpointError, loads, read_header
+from service.policy.linucb import LinUCB
+
+POLICIES: dict[str, type[RoutingPolicy]] = {
+    "linucb": LinUCB,
+}
+
+
+def make_policy(name: str, **params: Any) -> RoutingPolicy:
+    """Build a policy by name (one of :data:`POLICIES`) with constructor ``params``."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}") from None
+    return cls(**params)
+
+
+__all__ = [
+    "POLICIES",
+    "CheckpointError",
+    "Choice",
+    "Context",
+    "LinUCB",
+    "RoutingPolicy",
+    "loads",
+    "make_policy",
+    "read_header",
+]

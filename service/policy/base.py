@@ -1,0 +1,228 @@
+"""The contract every routing policy meets.
+
+A policy is a River contextual bandit (``pull`` / ``update``) that can also say *how likely*
+each arm was, because the service logs the propensity of every decision::
+
+    choice = policy.choose(["small", "large"], context)   # context: 1-d numpy array or dict
+    choice.arm, choice.propensity, choice.probabilities
+    policy.update(choice.arm, context, reward)
+
+Policies are pure: no I/O. ``dumps``/``loads`` give a versioned byte serialisation that the
+storage layer keeps in Postgres.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+from river.bandit.base import ContextualPolicy
+
+Context = np.ndarray | Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The arm a policy picked, with the full distribution it was drawn from."""
+
+    arm: str
+    probabilities: dict[str, float]
+    scores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def propensity(self) -> float:
+        return self.probabilities[self.arm]
+
+
+# --------------------------------------------------------------------------------------------
+# Shared machinery for the concrete policies (extension of the contract above).
+# --------------------------------------------------------------------------------------------
+
+ArmId = str
+
+
+def mixed_greedy_probabilities(scores: np.ndarray, epsilon: float) -> np.ndarray:
+    """ε-mixed argmax distribution, row-wise: ``(1-ε)·argmax(one-hot, ties split) + ε/k``.
+
+    >>> mixed_greedy_probabilities(np.array([[1.0, 3.0, 3.0, 0.0]]), 0.2).round(3).tolist()
+    [[0.05, 0.45, 0.45, 0.05]]
+    """
+    scores = np.atleast_2d(scores)
+    k = scores.shape[1]
+    ties = scores == scores.max(axis=1, keepdims=True)
+    return (1.0 - epsilon) * ties / ties.sum(axis=1, keepdims=True) + epsilon / k
+
+
+def draw(probabilities: np.ndarray, u: float) -> int:
+    """Index drawn from a probability vector with one uniform ``u`` in [0, 1) (inverse CDF).
+
+    Arms with probability 0 are never drawn.
+
+    >>> draw(np.array([0.0, 0.5, 0.5]), 0.49), draw(np.array([0.0, 0.5, 0.5]), 0.5)
+    (1, 2)
+    """
+    cumulative = np.cumsum(probabilities)
+    index = int(np.searchsorted(cumulative, u * cumulative[-1], side="right"))
+    return min(index, len(probabilities) - 1)
+
+
+class RoutingPolicy(ContextualPolicy):
+    """Base class of metallm policies: a River ``ContextualPolicy`` plus propensities.
+
+    Subclasses implement ``choose``, ``update``, ``merge`` and the state hooks used by
+    :mod:`service.policy.checkpoint`. This class handles contexts (numpy vector or dict), the
+    optional random projection, the seeded numpy ``Generator`` and the update counter.
+
+    Dict contexts are mapped to a vector by the **sorted key order of the first dict seen**;
+    that key list is frozen (and checkpointed). Later dicts may omit keys (read as 0.0) but
+    may not add unknown keys.
+    """
+
+    #: Name used by ``make_policy`` and in the checkpoint header.
+    kind: str = ""
+
+    def __init__(self, seed: int | None = None, project_dim: int | None = None) -> None:
+        super().__init__(reward_obj=None, reward_scaler=None, burn_in=0)
+        self.seed = seed
+        self.project_dim = project_dim
+        self._rng = np.random.default_rng(seed)
+        self._n_updates = 0
+        self._input_dim: int | None = None
+        self._feature_names: list[str] | None = None
+        self._projection: np.ndarray | None = None  # (input_dim, project_dim)
+        #: Optional budget-mode λ controller (``service.pacing.BudgetPacer``); checkpointed.
+        self.pacer = None
+
+    # ---------------------------------------------------------------- River interface
+    def pull(self, arm_ids: Sequence[ArmId], context: Context | None = None) -> ArmId:  # type: ignore[override]
+        """River-style pull: the arm of :meth:`choose`."""
+        return self.choose(arm_ids, context).arm  # type: ignore[arg-type]
+
+    def _pull(self, arm_ids, context):  # type: ignore[override]
+        return self.choose(arm_ids, context).arm
+
+    @property
+    def n_updates(self) -> int:
+        """Number of ``update`` calls applied (merges add the other policy's count)."""
+        return self._n_updates
+
+    # ---------------------------------------------------------------- contract, per subclass
+    def choose(self, arm_ids: Sequence[ArmId], context: Context) -> Choice:
+        raise NotImplementedError
+
+    def choose_many(self, arm_ids: Sequence[ArmId], contexts: np.ndarray) -> list[Choice]:
+        """One :class:`Choice` per row of ``contexts`` (shape ``(n, d)``)."""
+        return [self.choose(arm_ids, row) for row in np.asarray(contexts)]
+
+    def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
+        raise NotImplementedError
+
+    def merge(self, other):  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def remove_arm(self, arm_id: ArmId) -> None:
+        raise NotImplementedError
+
+    @property
+    def arms(self) -> list[ArmId]:
+        """Arms that currently have statistics, in insertion order."""
+        raise NotImplementedError
+
+    def dumps(self) -> bytes:
+        """Versioned checkpoint; see :mod:`service.policy.checkpoint` for the format."""
+        from service.policy.checkpoint import dump_policy
+
+        return dump_policy(self)
+
+    # ---------------------------------------------------------------- checkpoint hooks
+    def _checkpoint_params(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Constructor kwargs as JSON, plus any that need to travel as arrays."""
+        return self._get_params(), {}
+
+    @classmethod
+    def _from_checkpoint_params(cls, params: dict, arrays: dict[str, np.ndarray]):
+        return cls(**params)
+
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        """Kind-specific state: JSON metadata and named arrays."""
+        raise NotImplementedError
+
+    def _load_state(self, meta: dict, arms: list, arrays: dict[str, np.ndarray]) -> None:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- helpers for subclasses
+    @property
+    def dim(self) -> int | None:
+        """Dimension the statistics live in (after projection), or None before any context."""
+        if self._input_dim is None:
+            return None
+        return self.project_dim or self._input_dim
+
+    def _dict_to_vector(self, context: Mapping[str, float]) -> np.ndarray:
+        if self._feature_names is None:
+            self._feature_names = sorted(context)
+        names = self._feature_names
+        unknown = set(context).difference(names)
+        if unknown:
+            raise ValueError(f"context has keys never seen in the first context: {sorted(unknown)}")
+        return np.array([context.get(name, 0.0) for name in names], dtype=np.float64)
+
+    def _fix_input_dim(self, d: int) -> None:
+        if self._input_dim is None:
+            if self.project_dim is not None and not 0 < self.project_dim <= d:
+                raise ValueError(f"project_dim must be in 1..{d}, got {self.project_dim}")
+            self._input_dim = d
+            if self.project_dim is not None:
+                # Same law as river.preprocessing.GaussianRandomProjector: N(0, 1/n_components),
+                # drawn from its own stream so the decision RNG is unaffected.
+                proj_rng = np.random.default_rng(
+                    None if self.seed is None else [self.seed, 0x9E3779B9]
+                )
+                self._projection = proj_rng.normal(
+                    0.0, 1.0 / np.sqrt(self.project_dim), size=(d, self.project_dim)
+                )
+        elif d != self._input_dim:
+            raise ValueError(f"context has dimension {d}, expected {self._input_dim}")
+
+    def _vector(self, context: Context) -> np.ndarray:
+        """A context as a float64 vector in the policy's (projected) space."""
+        if isinstance(context, Mapping):
+            x = self._dict_to_vector(context)
+        else:
+            x = np.asarray(context, dtype=np.float64)
+            if x.ndim != 1:
+                raise ValueError(f"context must be 1-d, got shape {x.shape}")
+        self._fix_input_dim(x.shape[0])
+        if self._projection is not None:
+            x = x @ self._projection
+        return x
+
+    def _matrix(self, contexts: np.ndarray) -> np.ndarray:
+        """Rows of contexts as a float64 (n, dim) matrix in the policy's (projected) space."""
+        X = np.asarray(contexts, dtype=np.float64)
+        if X.ndim != 2:
+            raise ValueError(f"contexts must be 2-d (n, d), got shape {X.shape}")
+        self._fix_input_dim(X.shape[1])
+        if self._projection is not None:
+            X = X @ self._projection
+        return X
+
+    def _merge_common(self, other: RoutingPolicy) -> None:
+        """Check that ``other`` is compatible (same type, params and context space)."""
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        mine, theirs = self._get_params(), other._get_params()
+        mine.pop("seed", None), theirs.pop("seed", None)  # the seed only drives the draws
+        if mine != theirs:
+            raise ValueError("cannot merge policies with different parameters")
+        for attr in ("_input_dim", "_feature_names"):
+            mine, theirs = getattr(self, attr), getattr(other, attr)
+            if mine is not None and theirs is not None and mine != theirs:
+                raise ValueError(f"cannot merge policies with different {attr.strip('_')}")
+        if (
+            self._projection is not None
+            and other._projection is not None
+            and not np.array_equal(self._projection, other._projection)
+        ):
+            raise ValueError("cannot merge policies with different projections")

@@ -1,0 +1,136 @@
+"""Versioned byte serialisation of policies (what the storage layer keeps in Postgres).
+
+Format version 1 — all integers big-endian::
+
+    offset  size  field
+    0       8     magic  b"MLLMPOL\\x00"
+    8       2     format version (uint16) = 1
+    10      4     header length H (uint32)
+    14      H     header: UTF-8 JSON object (below)
+    14+H    …     payload: a numpy ``.npz`` archive (``np.savez``, no pickled objects)
+
+Header keys:
+
+``kind``            policy name as in ``make_policy`` ("linucb", "lin_ts", …) — dispatch key
+``params``          constructor keyword arguments (JSON values)
+``arms``            arm ids in slot order (strings or ints)
+``n_updates``       number of updates applied
+``rng``             ``numpy.random.PCG64`` state (``Generator.bit_generator.state``)
+``input_dim``       raw context dimension, or null before the first context
+``feature_names``   frozen key order for dict contexts, or null
+``pacer``           budget-mode λ state (``BudgetPacer.to_dict()``) or null
+``state``           kind-specific JSON (e.g. ``{"dim": 384}`` for the linear policies)
+
+Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting) and the
+kind-specific statistics prefixed ``s_``; for the linear policies, ``s_A``, ``s_A_inv``, ``s_b``,
+``s_theta`` (float64, one row per arm in ``arms`` order), ``s_counts`` (int64) and
+``s_reward_sum``. The River-backed policies ("eps_greedy", "softmax", "ucb", "thompson") store
+their River objects as a pickle in the uint8 array ``s_pickle``: only load those from a trusted
+store.
+
+``dumps`` → ``loads`` round-trips exactly: same statistics bit for bit, same random state, so
+the loaded policy makes the same future choices.
+
+    >>> import numpy as np
+    >>> from service.policy import LinUCB, loads
+    >>> p = LinUCB(seed=1); p.update("a", np.ones(3), 1.0)
+    >>> q = loads(p.dumps())
+    >>> x = np.arange(3.0)
+    >>> p.choose(["a", "b"], x) == q.choose(["a", "b"], x)
+    True
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+
+import numpy as np
+
+from service.policy.base import RoutingPolicy
+
+MAGIC = b"MLLMPOL\x00"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct(">8sHI")
+
+
+class CheckpointError(ValueError):
+    """The bytes are not a policy checkpoint this code can read."""
+
+
+def registry() -> dict[str, type[RoutingPolicy]]:
+    """Policy classes by ``kind``, for every imported ``RoutingPolicy`` subclass."""
+    out: dict[str, type[RoutingPolicy]] = {}
+    stack = list(RoutingPolicy.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        if cls.kind:
+            out[cls.kind] = cls
+    return out
+
+
+def dump_policy(policy: RoutingPolicy) -> bytes:
+    """Serialise ``policy`` (format version 1, see module docstring)."""
+    params, param_arrays = policy._checkpoint_params()
+    meta, arrays = policy._state()
+    pacer = getattr(policy, "pacer", None)
+    header = {
+        "kind": policy.kind,
+        "params": params,
+        "arms": list(policy.arms),
+        "n_updates": policy._n_updates,
+        "rng": policy._rng.bit_generator.state,
+        "input_dim": policy._input_dim,
+        "feature_names": policy._feature_names,
+        "pacer": None if pacer is None else pacer.to_dict(),
+        "state": meta,
+    }
+    payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in {**param_arrays, **arrays}.items()}
+    if policy._projection is not None:
+        payload["projection"] = policy._projection
+    buf = io.BytesIO()
+    np.savez(buf, **payload)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + buf.getvalue()
+
+
+def read_header(data: bytes) -> dict:
+    """The JSON header of a checkpoint (cheap: the statistics are not decoded)."""
+    if len(data) < _PREFIX.size:
+        raise CheckpointError("too short to be a policy checkpoint")
+    magic, version, length = _PREFIX.unpack_from(data)
+    if magic != MAGIC:
+        raise CheckpointError("not a metallm policy checkpoint (bad magic)")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"unsupported checkpoint format version {version}")
+    try:
+        return json.loads(data[_PREFIX.size : _PREFIX.size + length])
+    except ValueError as exc:
+        raise CheckpointError(f"corrupt checkpoint header: {exc}") from exc
+
+
+def loads(data: bytes) -> RoutingPolicy:
+    """Rebuild a policy from :func:`dump_policy` bytes, dispatching on the header's ``kind``."""
+    header = read_header(data)
+    _, _, length = _PREFIX.unpack_from(data)
+    kinds = registry()
+    if header["kind"] not in kinds:
+        raise CheckpointError(f"unknown policy kind {header['kind']!r}")
+    cls = kinds[header["kind"]]
+    with np.load(io.BytesIO(data[_PREFIX.size + length :]), allow_pickle=False) as npz:
+        payload = {name: npz[name] for name in npz.files}
+    arrays = {k[2:]: v for k, v in payload.items() if k.startswith("s_")}
+    policy = cls._from_checkpoint_params(header["params"], arrays)
+    policy._rng.bit_generator.state = header["rng"]
+    policy._n_updates = header["n_updates"]
+    policy._input_dim = header["input_dim"]
+    policy._feature_names = header["feature_names"]
+    policy._projection = payload.get("projection")
+    if header["pacer"] is not None:
+        from service.pacing import BudgetPacer
+
+        policy.pacer = BudgetPacer.from_dict(header["pacer"])
+    policy._load_state(header["state"], header["arms"], arrays)
+    return policy
