@@ -1,0 +1,64 @@
+"""Kafka clients configured from settings (kafka-python)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
+from kafka.admin import NewTopic
+from kafka.errors import TopicAlreadyExistsError
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Connection options shared by every client (SASL/SSL pass through from settings)."""
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.kafka_bootstrap.split(","),
+        "security_protocol": settings.kafka_security_protocol,
+    }
+    if settings.kafka_sasl_mechanism:
+        options["sasl_mechanism"] = settings.kafka_sasl_mechanism
+        options["sasl_plain_username"] = settings.kafka_sasl_username
+        options["sasl_plain_password"] = settings.kafka_sasl_password
+    return options
+
+
+def make_consumer(settings: Settings, topic: str, group_id: str) -> KafkaConsumer:
+    """A consumer that commits only when told to (after the database commit)."""
+    return KafkaConsumer(
+        topic,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.poll_max_records,
+        session_timeout_ms=settings.session_timeout_ms,
+        heartbeat_interval_ms=settings.heartbeat_interval_ms,
+        max_poll_interval_ms=600_000,
+        **client_options(settings),
+    )
+
+
+def make_producer(settings: Settings) -> KafkaProducer:
+    return KafkaProducer(acks="all", linger_ms=5, retries=5, **client_options(settings))
+
+
+def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) -> None:
+    """Create the topics that do not exist yet."""
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        existing = set(admin.list_topics())
+        missing = [t for t in topics if t not in existing]
+        if missing:
+            try:
+                admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                )
+                log.info("created topics %s", ", ".join(missing))
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        admin.close()

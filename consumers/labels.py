@@ -1,0 +1,53 @@
+"""The label consumer: joins labels to decisions, stores rewards, updates the policy."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+
+from consumers.batch import BatchConsumer, Outgoing
+from service.events import LabelEvent
+from service.pipeline import LabelStats, Learner
+
+log = logging.getLogger(__name__)
+
+
+class LabelConsumer(BatchConsumer):
+    name = "labels"
+
+    def __init__(
+        self,
+        learner: Learner,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        dlq_topic: str,
+        expire_every_s: float = 60.0,
+    ) -> None:
+        super().__init__(consumer, producer, dlq_topic)
+        self.learner = learner
+        self.expire_every_s = expire_every_s
+        self.totals = LabelStats()
+        self._next_expiry = 0.0
+
+    def validate(self, raw: bytes | None) -> LabelEvent:
+        return self.learner.validate(raw)
+
+    def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
+        stats = self.learner.learn([event for event, _ in items])
+        self.totals.applied += stats.applied
+        self.totals.duplicates += stats.duplicates
+        self.totals.pending += stats.pending
+        self.totals.pending_duplicates += stats.pending_duplicates
+        return []
+
+    def idle(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + self.expire_every_s
+            try:
+                self.learner.expire_pending()
+            except Exception:
+                log.exception("expiring pending labels failed; will retry")

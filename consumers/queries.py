@@ -1,0 +1,35 @@
+"""The query consumer: decides each query event and publishes one decision event per decision."""
+
+from __future__ import annotations
+
+from kafka import KafkaConsumer, KafkaProducer
+from kafka.consumer.fetcher import ConsumerRecord
+
+from consumers.batch import BatchConsumer, Outgoing
+from service.events import QueryEvent
+from service.pipeline import Decider, QueryRecord
+
+
+class QueryConsumer(BatchConsumer):
+    name = "queries"
+
+    def __init__(
+        self,
+        decider: Decider,
+        consumer: KafkaConsumer,
+        producer: KafkaProducer,
+        decisions_topic: str,
+        dlq_topic: str,
+    ) -> None:
+        super().__init__(consumer, producer, dlq_topic)
+        self.decider = decider
+        self.decisions_topic = decisions_topic
+
+    def validate(self, raw: bytes | None) -> QueryEvent:
+        return self.decider.validate(raw)
+
+    def handle(self, items: list[tuple[QueryEvent, ConsumerRecord]]) -> list[Outgoing]:
+        decided = self.decider.decide(
+            [QueryRecord(event, record.partition, record.offset) for event, record in items]
+        )
+        return [Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes()) for d in decided]

@@ -1,0 +1,150 @@
+"""Owns the service's lifecycle: build everything, run both consumers, stop cleanly.
+
+    service = Service.build(Settings())      # loads config, restores the policy
+    service.start(); ...; service.stop()     # or service.run_forever() until SIGINT/SIGTERM
+
+On stop: both consumers stop polling and finish their batch (its calls, commits and offsets),
+then the policy is checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass, field
+
+import sqlalchemy as sa
+from kafka import KafkaProducer
+from sqlalchemy.engine import Engine
+
+from consumers.batch import run_in_thread
+from consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from consumers.labels import LabelConsumer
+from consumers.queries import QueryConsumer
+from service.config import AppConfig, load_config
+from service.embedding import Embedder
+from service.learning import LivePolicy
+from service.llm.gateway import Gateway
+from service.pipeline import Decider, Learner, RewardSettings
+from service.settings import Settings
+from service.storage import make_engine
+
+log = logging.getLogger(__name__)
+
+
+class SchemaMissing(RuntimeError):
+    pass
+
+
+def check_schema(engine: Engine) -> None:
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT to_regclass('decisions')")).scalar()
+    if found is None:
+        raise SchemaMissing("the database has no metallm schema yet: run `metallm migrate`")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    config: AppConfig
+    engine: Engine
+    live: LivePolicy
+    decider: Decider
+    learner: Learner
+    queries: QueryConsumer | None = None
+    labels: LabelConsumer | None = None
+    crashed: threading.Event = field(default_factory=threading.Event)
+    _threads: list[threading.Thread] = field(default_factory=list)
+    _producer: KafkaProducer | None = None
+
+    @classmethod
+    def build(
+        cls,
+        settings: Settings,
+        config: AppConfig | None = None,
+        embedder: Embedder | None = None,
+        gateway: Gateway | None = None,
+    ) -> Service:
+        config = config or load_config(settings.config)
+        engine = make_engine(settings.database_url, settings.database_schema)
+        check_schema(engine)
+        live = LivePolicy(
+            engine, settings.policy, settings.policy_params, settings.checkpoint_every
+        )
+        live.restore()
+        rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
+        embedder = embedder or Embedder(settings.embedding_model, settings.embedding_batch_size)
+        gateway = gateway or Gateway(config)
+        decider = Decider(config, engine, live, embedder, gateway, rewards)
+        learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)
+        return cls(settings, config, engine, live, decider, learner)
+
+    def start(self) -> None:
+        s = self.settings
+        ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
+        producer = make_producer(s)
+        self.queries = QueryConsumer(
+            self.decider,
+            make_consumer(s, s.queries_topic, s.queries_group),
+            producer,
+            s.decisions_topic,
+            s.dlq_topic,
+        )
+        self.labels = LabelConsumer(
+            self.learner,
+            make_consumer(s, s.labels_topic, s.labels_group),
+            producer,
+            s.dlq_topic,
+        )
+        self._producer = producer
+        self._threads = [
+            run_in_thread(self._guard(self.queries), "metallm-queries"),
+            run_in_thread(self._guard(self.labels), "metallm-labels"),
+        ]
+        log.info("serving: queries from %s, labels from %s", s.queries_topic, s.labels_topic)
+
+    def _guard(self, consumer):
+        def run() -> None:
+            try:
+                consumer.run()
+            except Exception:
+                log.exception("%s consumer crashed", consumer.name)
+                self.crashed.set()
+
+        return run
+
+    def stop(self) -> None:
+        """Stop polling, finish the batch in hand, commit, checkpoint, close."""
+        for consumer in (self.queries, self.labels):
+            if consumer is not None:
+                consumer.stop()
+        for thread in self._threads:
+            thread.join()
+        for consumer in (self.queries, self.labels):
+            if consumer is not None:
+                consumer.consumer.close()
+        if self._producer is not None:
+            self._producer.close()
+        if self.live.policy.n_updates:
+            self.live.checkpoint()
+        self.decider.close()
+        self.decider.gateway.close()
+        self.engine.dispose()
+        log.info("stopped")
+
+    def run_forever(self) -> int:
+        stop = threading.Event()
+
+        def on_signal(signum, _frame) -> None:
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        self.start()
+        while not stop.wait(0.5):
+            if self.crashed.is_set():
+                break
+        self.stop()
+        return 1 if self.crashed.is_set() else 0

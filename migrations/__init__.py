@@ -1,0 +1,1 @@
+"""Alembic migrations: the only way metallm's schema is created or changed (`metallm migrate`)."""

@@ -1,0 +1,144 @@
+"""Tasks and arms, declared in a YAML file.
+
+Example (``config/metallm.example.yaml`` is a complete one)::
+
+    tasks:
+      sentiment:
+        kind: classification
+        labels: [positive, negative]
+        instruction: Classify the sentiment of the text.
+    arms:
+      - name: gemma-3-270m
+        provider: llamacpp
+        model: gemma-3-270m
+        input_price_per_1m: 0.02
+        output_price_per_1m: 0.04
+
+A bad file fails at start with the path of the bad key, e.g. ``arms.0.provider``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """The YAML config is missing, unreadable or invalid; the message names the bad key."""
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["classification", "multiple_choice"]
+    labels: list[str] = Field(min_length=2)
+    instruction: str | None = None
+    template: str | None = None
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        if any(not label.strip() for label in labels):
+            raise ValueError("labels must be non-empty strings")
+        if len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_text(cls, template: str | None) -> str | None:
+        if template is not None and "{text}" not in template:
+            raise ValueError("template must contain the {text} placeholder")
+        return template
+
+
+class ArmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=128)
+    provider: Literal["llamacpp", "replay"]
+    model: str = Field(min_length=1)
+    input_price_per_1m: float = Field(0.0, ge=0)
+    output_price_per_1m: float = Field(0.0, ge=0)
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_output_tokens: int = Field(8, ge=1)
+    # provider-specific
+    outcomes: Path | None = None  # replay: the outcomes file
+    base_url: str | None = None  # openai-compatible endpoint
+    api_key_env: str | None = None  # name of the env var holding the key (never the key)
+    n_threads: int | None = None  # llamacpp
+
+    @model_validator(mode="after")
+    def _provider_fields(self) -> ArmConfig:
+        if self.provider == "replay" and self.outcomes is None:
+            raise ValueError("a replay arm needs 'outcomes' (path of an outcomes file)")
+        return self
+
+    def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
+        """Price of one call from its token usage."""
+        return (
+            input_tokens * self.input_price_per_1m + output_tokens * self.output_price_per_1m
+        ) / 1_000_000
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: dict[str, TaskConfig] = Field(min_length=1)
+    arms: list[ArmConfig] = Field(min_length=1)
+
+    @field_validator("arms")
+    @classmethod
+    def _unique_arm_names(cls, arms: list[ArmConfig]) -> list[ArmConfig]:
+        names = [arm.name for arm in arms]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"arm names must be unique; repeated: {', '.join(dupes)}")
+        return arms
+
+    def arm(self, name: str) -> ArmConfig:
+        for arm in self.arms:
+            if arm.name == name:
+                return arm
+        raise KeyError(name)
+
+    @property
+    def arm_names(self) -> list[str]:
+        return [arm.name for arm in self.arms]
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"]) or "(top level)"
+        lines.append(f"  {key}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", base_dir: Path | None = None) -> AppConfig:
+    """Validate an already-parsed YAML document. Relative paths resolve against ``base_dir``."""
+    try:
+        config = AppConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+    if base_dir is not None:
+        for arm in config.arms:
+            if arm.outcomes is not None and not arm.outcomes.is_absolute():
+                arm.outcomes = base_dir / arm.outcomes
+    return config
+
+
+def load_config(path: Path) -> AppConfig:
+    """Read and validate the YAML config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config {path} is not valid YAML: {exc}") from None
+    return parse_config(data, source=str(path), base_dir=Path(path).resolve().parent)

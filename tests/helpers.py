@@ -1,0 +1,116 @@
+"""Shared test helpers: real datasets, outcomes files for replay arms, Kafka I/O."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from kafka import KafkaConsumer, KafkaProducer
+
+from service.config import AppConfig, parse_config
+from service.settings import Settings
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "producers" / "data" / "demo_queries.jsonl"
+INTENTS = [
+    "add_to_playlist",
+    "book_restaurant",
+    "get_weather",
+    "play_music",
+    "search_screening_event",
+    "search_creative_work",
+    "rate_book",
+]
+TASKS = {
+    "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
+    "intent": {"kind": "classification", "labels": INTENTS},
+    "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
+}
+
+
+def demo_rows(n: int | None = None) -> list[dict]:
+    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
+    return rows if n is None else rows[:n]
+
+
+def write_outcomes(
+    path: Path, rows: list[dict], arms: dict[str, tuple[float, float]], seed: int = 0
+) -> Path:
+    """An outcomes file where arm ``a`` is right with probability ``arms[a][0]`` and costs
+    ``arms[a][1]`` dollars per call."""
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for row in rows:
+            labels = TASKS[row["task"]]["labels"]
+            outcome = {}
+            for arm, (accuracy, cost) in arms.items():
+                wrong = [x for x in labels if x != row["label"]]
+                pred = row["label"] if rng.random() < accuracy else rng.choice(wrong)
+                outcome[arm] = {"prediction": pred, "cost_usd": cost}
+            f.write(json.dumps({**row, "arms": outcome}) + "\n")
+    return path
+
+
+def replay_config(outcomes: Path, arms: list[str]) -> AppConfig:
+    return parse_config(
+        {
+            "tasks": TASKS,
+            "arms": [
+                {"name": a, "provider": "replay", "model": a, "outcomes": str(outcomes)}
+                for a in arms
+            ],
+        }
+    )
+
+
+def settings_for(
+    broker: str, topics: dict[str, str], schema: str, database_url: str, **overrides
+) -> Settings:
+    return Settings(
+        kafka_bootstrap=broker,
+        database_url=database_url,
+        database_schema=schema,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        **topics,
+        **overrides,
+    )
+
+
+def send(broker: str, topic: str, messages: list[tuple[str | None, bytes | None]]) -> None:
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5)
+    try:
+        for key, value in messages:
+            producer.send(topic, key=key.encode() if key else None, value=value)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+def query_bytes(row: dict) -> bytes:
+    return json.dumps({k: row[k] for k in ("query_id", "text", "task")}).encode()
+
+
+def label_bytes(query_id: str, label: str) -> bytes:
+    return json.dumps({"query_id": query_id, "label": label}).encode()
+
+
+def read_topic(broker: str, topic: str, expected: int, timeout_s: float = 30.0) -> list:
+    """Read a topic from the start until ``expected`` messages (or the timeout)."""
+    consumer = KafkaConsumer(
+        topic,
+        bootstrap_servers=broker,
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+        group_id=None,
+        consumer_timeout_ms=int(timeout_s * 1000),
+    )
+    out = []
+    try:
+        for message in consumer:
+            out.append(message)
+            if len(out) >= expected:
+                break
+    finally:
+        consumer.close()
+    return out

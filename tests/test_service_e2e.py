@@ -1,0 +1,198 @@
+"""End to end on the real broker and the real Postgres: queries → decisions, labels → rewards."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import sqlalchemy as sa
+from kafka import KafkaConsumer, TopicPartition
+
+from consumers.kafka_io import ensure_topics
+from consumers.runner import Service
+from service import storage
+from service.llm.replay import ReplayProvider
+from tests.conftest import DATABASE_URL, wait_for
+from tests.helpers import (
+    demo_rows,
+    label_bytes,
+    query_bytes,
+    read_topic,
+    replay_config,
+    send,
+    settings_for,
+    write_outcomes,
+)
+
+pytestmark = pytest.mark.integration
+
+ARMS = {"cheap": (0.6, 0.00001), "strong": (0.9, 0.001)}
+
+
+class CountingReplay(ReplayProvider):
+    """The real replay provider, counting the calls that reach the arm."""
+
+    calls = 0
+
+    async def complete(self, request):
+        CountingReplay.calls += 1
+        return await super().complete(request)
+
+
+def build_service(settings, config, embedder) -> Service:
+    from service.llm.gateway import Gateway
+
+    providers = {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms}
+    return Service.build(
+        settings, config=config, embedder=embedder, gateway=Gateway(config, providers)
+    )
+
+
+def count(engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()
+
+
+def committed_offset(broker: str, topic: str, group: str) -> int | None:
+    consumer = KafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, 0))
+    finally:
+        consumer.close()
+
+
+def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    rows = demo_rows(200)
+    outcomes = write_outcomes(tmp_path / "outcomes.jsonl", rows, ARMS)
+    config = replay_config(outcomes, list(ARMS))
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, checkpoint_every=50)
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
+
+    early = rows[:30]  # labels published before their queries
+    twice = rows[50:70]  # labels published twice
+    unknown = [(f"never-{i}", "yes") for i in range(10)]
+    send(
+        broker,
+        topics["labels_topic"],
+        [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in early],
+    )
+
+    CountingReplay.calls = 0
+    service = build_service(settings, config, embedder)
+    before = service.live.policy.dumps()
+    service.start()
+    try:
+        send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
+        wait_for(
+            lambda: count(engine, "SELECT count(*) FROM decisions") == 200, message="200 decisions"
+        )
+        late = [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in rows[30:]]
+        late += [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in twice]
+        late += [(qid, label_bytes(qid, label)) for qid, label in unknown]
+        send(broker, topics["labels_topic"], late)
+        wait_for(
+            lambda: (
+                count(engine, "SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL") == 200
+            ),
+            message="200 rewards",
+        )
+        wait_for(
+            lambda: count(engine, "SELECT count(*) FROM pending_labels") == 10,
+            message="10 pending unknown labels",
+        )
+        wait_for(
+            lambda: count(engine, "SELECT coalesce(sum(duplicate_labels), 0) FROM decisions") == 20,
+            message="20 duplicates counted",
+        )
+    finally:
+        service.stop()
+
+    # exactly one decision per query, every label applied exactly once, rewards stored
+    assert count(engine, "SELECT count(DISTINCT query_id) FROM decisions") == 200
+    assert CountingReplay.calls == 200
+    assert count(engine, "SELECT count(DISTINCT reward_seq) FROM decisions") == 200
+    with engine.connect() as conn:
+        bad = conn.execute(
+            sa.text(
+                "SELECT count(*) FROM decisions WHERE label IS NULL OR reward IS NULL "
+                "OR correct IS NULL OR reward_applied_at IS NULL"
+            )
+        ).scalar_one()
+        assert bad == 0
+        # reward = 1[correct] - λ·cost/unit, stored per row
+        for correct, reward, cost, lam in conn.execute(
+            sa.text("SELECT correct, reward, cost_usd, reward_lambda FROM decisions")
+        ):
+            assert reward == pytest.approx(float(correct) - lam * cost / settings.cost_unit_usd)
+        labels = {r["query_id"]: r["label"] for r in rows}
+        for qid, label, prediction, correct in conn.execute(
+            sa.text("SELECT query_id, label, prediction, correct FROM decisions")
+        ):
+            assert label == labels[qid]
+            assert correct == (prediction == label)
+        pending = {r[0] for r in conn.execute(sa.text("SELECT query_id FROM pending_labels"))}
+        assert pending == {qid for qid, _ in unknown}
+        props = conn.execute(
+            sa.text("SELECT min(propensity), max(propensity) FROM decisions")
+        ).one()
+        assert 0 < props[0] <= props[1] <= 1
+        checkpoint = storage.latest_checkpoint(conn)
+
+    # the policy learned from every label, and was checkpointed
+    assert service.live.policy.n_updates == 200
+    assert service.live.policy.dumps() != before
+    assert checkpoint is not None and checkpoint["n_updates"] == 200
+
+    # offsets committed after the database commit, decision events published
+    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 200
+    assert (
+        committed_offset(broker, topics["labels_topic"], topics["labels_group"])
+        == 30 + 170 + 20 + 10
+    )
+    events = read_topic(broker, topics["decisions_topic"], 200)
+    assert sorted(json.loads(m.value)["query_id"] for m in events) == sorted(labels)
+
+
+def test_redelivered_queries_make_no_new_calls_or_rows(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    rows = demo_rows(60)
+    outcomes = write_outcomes(tmp_path / "outcomes.jsonl", rows, ARMS)
+    config = replay_config(outcomes, list(ARMS))
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL)
+    ensure_topics(settings, [topics["queries_topic"]])
+    send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
+
+    CountingReplay.calls = 0
+    service = build_service(settings, config, embedder)
+    service.start()
+    try:
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 60, message="decisions")
+        wait_for(
+            lambda: (
+                committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 60
+            ),
+            message="commit",
+        )
+    finally:
+        service.stop()
+    assert CountingReplay.calls == 60
+
+    # reprocess from offset 20: a new consumer group starts from the beginning of the topic,
+    # and the same queries are published again on top
+    send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows[20:]])
+    again = settings.model_copy(update={"queries_group": topics["queries_group"] + "-again"})
+    CountingReplay.calls = 0
+    service = build_service(again, config, embedder)
+    service.start()
+    try:
+        wait_for(
+            lambda: committed_offset(broker, topics["queries_topic"], again.queries_group) == 100,
+            message="redelivery",
+        )
+    finally:
+        service.stop()
+    assert CountingReplay.calls == 0
+    assert count(engine, "SELECT count(*) FROM decisions") == 60
