@@ -16,16 +16,30 @@ from __future__ import annotations
 from typing import Any
 
 from service.policy.base import Choice, Context, RoutingPolicy
+from service.policy.baselines import RiverThompson, RiverUCB
 from service.policy.checkpoint import CheckpointError, loads, read_header
+from service.policy.lin_ts import LinTS
+from service.policy.linear import LinearPolicy
 from service.policy.linucb import LinUCB
+from service.policy.regressors import EpsGreedy, RegressorPolicy, Softmax
 
+#: ``make_policy`` names → classes (also the ``kind`` in checkpoint headers).
 POLICIES: dict[str, type[RoutingPolicy]] = {
     "linucb": LinUCB,
+    "lin_ts": LinTS,
+    "eps_greedy": EpsGreedy,
+    "softmax": Softmax,
+    "ucb": RiverUCB,
+    "thompson": RiverThompson,
 }
 
 
 def make_policy(name: str, **params: Any) -> RoutingPolicy:
-    """Build a policy by name (one of :data:`POLICIES`) with constructor ``params``."""
+    """Build a policy by name (one of :data:`POLICIES`) with constructor ``params``.
+
+    >>> type(make_policy("thompson", seed=0)).__name__
+    'RiverThompson'
+    """
     try:
         cls = POLICIES[name]
     except KeyError:
@@ -38,8 +52,15 @@ __all__ = [
     "CheckpointError",
     "Choice",
     "Context",
+    "EpsGreedy",
+    "LinTS",
     "LinUCB",
+    "LinearPolicy",
+    "RegressorPolicy",
+    "RiverThompson",
+    "RiverUCB",
     "RoutingPolicy",
+    "Softmax",
     "loads",
     "make_policy",
     "read_header",

@@ -118,6 +118,13 @@ class RoutingPolicy(ContextualPolicy):
     def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
         raise NotImplementedError
 
+    def update_many(self, arm_id: ArmId, contexts: np.ndarray, rewards: Sequence[float]) -> None:
+        """Learn several (context, reward) pairs for one arm, in order."""
+        if len(contexts) != len(rewards):
+            raise ValueError(f"{len(contexts)} contexts but {len(rewards)} rewards")
+        for x, r in zip(contexts, rewards, strict=True):
+            self.update(arm_id, x, float(r))
+
     def merge(self, other):  # pragma: no cover - overridden
         raise NotImplementedError
 
