@@ -140,6 +140,31 @@ class LinearArmStats:
         if n + 1 == BUFFER:
             self._flush(i)
 
+    def update_many(self, i: int, X: np.ndarray, rewards: np.ndarray) -> None:
+        """Apply the rows of ``X`` (n, d) with ``rewards`` (n,) to slot ``i`` in one step.
+
+        Same statistics as ``n`` calls to :meth:`update` (up to rounding): ``A`` and ``b`` are
+        summed, ``A⁻¹`` gets a Woodbury update (or is re-inverted when ``n`` is large) and
+        ``θ = A⁻¹b`` is recomputed.
+        """
+        n = X.shape[0]
+        if n == 0:
+            return
+        self._flush(i)
+        self._A[i] += X.T @ X
+        self.b[i] += X.T @ rewards
+        if 4 * n < self.dim:
+            A_inv = self.A_inv[i]
+            U = X @ A_inv  # (n, d); A⁻¹ is symmetric
+            S = np.eye(n) + U @ X.T
+            A_inv -= U.T @ np.linalg.solve(S, U)
+        else:
+            A_inv = np.linalg.inv(self._A[i])
+        self.A_inv[i] = (A_inv + A_inv.T) / 2.0
+        self.theta[i] = self.A_inv[i] @ self.b[i]
+        self.counts[i] += n
+        self.reward_sum[i] += float(rewards.sum())
+
     def _flush(self, i: int) -> None:
         n = self._n_buffered[i]
         if n:
@@ -279,6 +304,20 @@ class LinearPolicy(RoutingPolicy):
             i = stats.add(arm_id)
         stats.update(i, x, float(reward))
         self._n_updates += 1
+
+    def update_many(self, arm_id: ArmId, contexts: np.ndarray, rewards: Sequence[float]) -> None:
+        """Learn several (context, reward) pairs for one arm at once (see
+        :meth:`LinearArmStats.update_many`); equivalent to successive :meth:`update` calls."""
+        X = self._matrix(contexts)
+        r = np.asarray(rewards, dtype=np.float64)
+        if r.shape != (X.shape[0],):
+            raise ValueError(f"{X.shape[0]} contexts but rewards of shape {r.shape}")
+        stats = self._stats_for(X.shape[1])
+        i = stats.index.get(arm_id)
+        if i is None:
+            i = stats.add(arm_id)
+        stats.update_many(i, X, r)
+        self._n_updates += X.shape[0]
 
     def remove_arm(self, arm_id: ArmId) -> None:
         """Forget ``arm_id``'s statistics (KeyError if it has none)."""
