@@ -46,7 +46,24 @@ class LocalBroker:
 
     def start(self, timeout: float = 15.0) -> LocalBroker:
         url = f"tcp://{self.bootstrap}"
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        if self.log_path:
+            with open(self.log_path, "ab") as log:
+                self._spawn(url, log)
+        else:
+            self._spawn(url, subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tansu exited with code {self.process.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"tansu did not open port {self.port} within {timeout} s")
+
+    def _spawn(self, url: str, log) -> None:
         self.process = subprocess.Popen(
             [
                 str(tansu_binary()),
@@ -62,17 +79,6 @@ class LocalBroker:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tansu exited with code {self.process.returncode}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"tansu did not open port {self.port} within {timeout} s")
 
     def stop(self) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -19,7 +19,13 @@ from pathlib import Path
 ROOT = "bigbench-1.0.0/bigbench/benchmark_tasks/"
 # (task file, our task name, how many, label mapping or None to keep, text prefix to strip)
 PICKS = [
-    ("multiemo/all_sentence_en", "sentiment", 160, {"positive": "positive", "negative": "negative"}, ""),
+    (
+        "multiemo/all_sentence_en",
+        "sentiment",
+        160,
+        {"positive": "positive", "negative": "negative"},
+        "",
+    ),
     ("intent_recognition", "intent", 80, None, "Utterance: "),
     ("strategyqa", "yes_no", 80, {"Yes": "yes", "No": "no"}, ""),
 ]
@@ -39,9 +45,10 @@ def main(tarball: str, out: str = "producers/data/demo_queries.jsonl") -> None:
             examples = [e for e in data["examples"] if mapping is None or gold(e) in mapping]
             for i, e in enumerate(rng.sample(examples, n)):
                 text = e["input"].strip()
-                text = text[len(prefix):] if prefix and text.startswith(prefix) else text
+                text = text[len(prefix) :] if prefix and text.startswith(prefix) else text
                 label = gold(e) if mapping is None else mapping[gold(e)]
-                rows.append({"query_id": f"{task}-{i:04d}", "text": text, "task": task, "label": label})
+                qid = f"{task}-{i:04d}"
+                rows.append({"query_id": qid, "text": text, "task": task, "label": label})
     rng.shuffle(rows)
     Path(out).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     print(f"wrote {len(rows)} rows to {out}")

@@ -162,13 +162,14 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.log_level)
     from pydantic import ValidationError
 
+    from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
 
     try:
         settings = Settings()
         return COMMANDS[args.command](settings, args)
-    except (ConfigError, InputFileError) as exc:
+    except (ConfigError, InputFileError, SchemaMissing) as exc:
         print(f"metallm: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

@@ -35,9 +35,8 @@ class Embedder:
         self.name = DEFAULT_MODEL_NAME if model is None else str(model)
         self.batch_size = batch_size
         self._model = SentenceTransformer(str(path), device="cpu")
-        dimension = getattr(self._model, "get_embedding_dimension", None) or getattr(
-            self._model, "get_sentence_embedding_dimension"
-        )
+        dimension = getattr(self._model, "get_embedding_dimension", None)
+        dimension = dimension or self._model.get_sentence_embedding_dimension  # older releases
         self.dim = int(dimension())
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

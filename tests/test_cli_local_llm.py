@@ -1,0 +1,142 @@
+"""The CLI as a user runs it: migrate, serve (real local LLMs via llama.cpp), produce, decisions."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import DATABASE_URL, wait_for
+from tests.helpers import TASKS, demo_rows
+
+pytestmark = [pytest.mark.integration, pytest.mark.llm]
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
+
+
+def metallm(env: dict, *args: str, check: bool = True, timeout: float = 120):
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=check,
+    )
+
+
+def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
+    import uuid
+
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    config = tmp_path / "metallm.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "tasks": TASKS,
+                "arms": [
+                    {
+                        "name": "gemma",
+                        "provider": "llamacpp",
+                        "model": "gemma-3-270m",
+                        "input_price_per_1m": 0.05,
+                        "output_price_per_1m": 0.1,
+                        "n_threads": 1,
+                    },
+                    {
+                        "name": "qwen",
+                        "provider": "llamacpp",
+                        "model": "qwen2.5-0.5b-instruct",
+                        "input_price_per_1m": 0.5,
+                        "output_price_per_1m": 1.5,
+                        "n_threads": 1,
+                    },
+                ],
+            }
+        )
+    )
+    rows = [r for r in demo_rows() if r["task"] != "intent"][:8]
+    dataset = tmp_path / "queries.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {
+        **os.environ,
+        "DATABASE_URL": DATABASE_URL,
+        "METALLM_DATABASE_SCHEMA": schema,
+        "METALLM_KAFKA_BOOTSTRAP": broker,
+        "METALLM_CONFIG": str(config),
+        "METALLM_SESSION_TIMEOUT_MS": "2000",
+        "METALLM_HEARTBEAT_INTERVAL_MS": "500",
+        "METALLM_CHECKPOINT_EVERY": "1000",
+        **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
+    }
+
+    # serving before migrating is a clear error, not a traceback
+    early = metallm(env, "serve", check=False)
+    assert early.returncode == 2 and "run `metallm migrate`" in early.stderr
+
+    assert "up to date" in metallm(env, "migrate").stdout
+    metallm(env, "migrate")  # idempotent
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        metallm(env, "produce", "queries", str(dataset), "--quiet")
+        metallm(env, "produce", "labels", str(dataset), "--quiet", "--delay-seconds", "1")
+
+        def decided() -> list[dict]:
+            out = metallm(env, "decisions", "--format", "json").stdout
+            rows_ = [json.loads(line) for line in out.splitlines() if line.strip()]
+            return (
+                rows_
+                if len(rows_) == len(rows) and all(r["reward"] is not None for r in rows_)
+                else []
+            )
+
+        decisions = wait_for(decided, timeout=180, interval=1.0, message="decisions with rewards")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        output = server.communicate(timeout=60)[0]
+    assert server.returncode == 0, output
+    assert "policy checkpoint saved (8 updates" in output  # SIGTERM: finish, checkpoint, exit
+
+    labels = {r["query_id"]: r["label"] for r in rows}
+    for d in decisions:
+        assert d["arm"] in {"gemma", "qwen"}
+        assert d["status"] == "ok", d  # grammar-constrained decoding always parses
+        assert d["prediction"] in TASKS[d["task"]]["labels"]
+        assert d["input_tokens"] > 10 and d["output_tokens"] >= 1
+        price = (0.05, 0.1) if d["arm"] == "gemma" else (0.5, 1.5)
+        assert d["cost_usd"] == pytest.approx(
+            (d["input_tokens"] * price[0] + d["output_tokens"] * price[1]) / 1e6
+        )
+        assert d["correct"] == (d["prediction"] == labels[d["query_id"]])
+
+    table = metallm(env, "decisions", "--arm", "gemma").stdout
+    assert "decisions" in table
+    csv_out = metallm(env, "decisions", "--format", "csv", "--task", "sentiment").stdout
+    assert csv_out.splitlines()[0].startswith("query_id,")
+    assert all(",sentiment," in line for line in csv_out.splitlines()[1:])
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query_id": "", "text": "x", "task": "sentiment"}\n')
+    refused = metallm(env, "produce", "queries", str(bad), check=False)
+    assert refused.returncode == 2 and f"{bad}:1: query_id" in refused.stderr
+
+    import sqlalchemy as sa
+
+    from service.storage import make_engine
+
+    engine = make_engine(DATABASE_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+    engine.dispose()
