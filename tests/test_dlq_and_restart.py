@@ -131,9 +131,10 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
             conn.execute(
                 sa.text(
                     "INSERT INTO decisions (query_id, task, text, options, arm, propensity, "
-                    "probabilities, policy, status, prediction, cost_usd, embedding_model, context) "
-                    "VALUES (:q, 's', 't', '[\"a\", \"b\"]', :arm, 0.5, '{}', 'linucb', 'ok', 'a', "
-                    ":cost, 'm', :ctx)"
+                    "probabilities, "
+                    "policy, status, prediction, cost_usd, embedding_model, context) "
+                    "VALUES (:q, 's', 't', '[\"a\", \"b\"]', :arm, 0.5, '{}', 'linucb', 'ok', "
+                    "'a', :cost, 'm', :ctx)"
                 ),
                 {
                     "q": f"q{i}",

@@ -1,0 +1,21 @@
+# The metallm service image: hosted arms (OpenAI-compatible, Anthropic, Bedrock) and replay arms.
+# For local llama.cpp arms, build from a host with `make llama-wheel` and add '.[local]'.
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1
+WORKDIR /app
+RUN useradd --create-home --uid 10001 metallm
+
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY consumers ./consumers
+COPY producers ./producers
+COPY migrations ./migrations
+COPY config ./config
+# PIP_EXTRA_INDEX_URL may point at a CPU-only torch index to keep the image small.
+ARG PIP_EXTRA_INDEX_URL=""
+RUN pip install '.[cloud]'
+
+USER metallm
+ENTRYPOINT ["metallm"]
+CMD ["serve"]
