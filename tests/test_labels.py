@@ -1,0 +1,112 @@
+"""Label outcomes against the real Postgres: early, duplicate, conflicting, unknown, expired."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from service import storage
+from service.events import LabelEvent
+from service.learning import LivePolicy
+from service.pipeline import Learner, RewardSettings, store_reward
+
+pytestmark = pytest.mark.integration
+
+
+def insert_decision(engine, query_id: str, prediction: str = "a", status: str = "ok") -> None:
+    row = {
+        "query_id": query_id,
+        "task": "s",
+        "text": "t",
+        "options": ["a", "b"],
+        "arm": "cheap",
+        "propensity": 0.5,
+        "probabilities": {"cheap": 0.5, "strong": 0.5},
+        "policy": "linucb",
+        "status": status,
+        "prediction": prediction if status == "ok" else None,
+        "cost_usd": 0.0005,
+        "embedding_model": "m",
+        "context": storage.vector_to_bytes(np.arange(4, dtype=np.float32)),
+    }
+    with engine.begin() as conn:
+        assert storage.insert_decisions(conn, [row]) == {query_id}
+
+
+@pytest.fixture
+def learner(engine):
+    live = LivePolicy(engine, "linucb", {"seed": 0}, checkpoint_every=1000)
+    return Learner(engine, live, RewardSettings(lam=0.1, cost_unit=0.001), pending_ttl_seconds=1)
+
+
+def decision(engine, query_id: str) -> dict:
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(sa.text("SELECT * FROM decisions WHERE query_id = :q"), {"q": query_id})
+            .one()
+            ._mapping
+        )
+
+
+def test_label_then_duplicate_then_conflict(engine, learner, caplog):
+    insert_decision(engine, "q1")
+    stats = learner.learn([LabelEvent(query_id="q1", label="A ")])
+    assert (stats.applied, stats.duplicates) == (1, 0)
+    row = decision(engine, "q1")
+    assert row["correct"] is True and row["reward"] == pytest.approx(1 - 0.1 * 0.5)
+    with caplog.at_level(logging.WARNING):
+        stats = learner.learn(
+            [LabelEvent(query_id="q1", label="a"), LabelEvent(query_id="q1", label="b")]
+        )
+    assert (stats.applied, stats.duplicates) == (0, 2)
+    assert "conflicting label for q1: kept 'A ', ignored 'b'" in caplog.text
+    row = decision(engine, "q1")
+    assert row["label"] == "A " and row["duplicate_labels"] == 2
+    assert learner.live.policy.n_updates == 1
+    with engine.connect() as conn:
+        assert storage.counters(conn)["duplicate_labels"] == 2
+
+
+def test_failed_call_is_rewarded_as_wrong(engine, learner):
+    insert_decision(engine, "q2", status="parse_error")
+    learner.learn([LabelEvent(query_id="q2", label="a")])
+    row = decision(engine, "q2")
+    assert row["correct"] is False and row["reward"] == pytest.approx(-0.05)
+
+
+def test_early_label_waits_then_applies_once_with_its_duplicates(engine, learner):
+    stats = learner.learn(
+        [LabelEvent(query_id="q3", label="a"), LabelEvent(query_id="q3", label="a")]
+    )
+    assert (stats.pending, stats.pending_duplicates) == (1, 1)
+    insert_decision(engine, "q3")
+    with engine.begin() as conn:
+        (pending,) = storage.take_pending_labels(conn, ["q3"])
+        applied = store_reward(
+            conn,
+            decision(engine, "q3"),
+            pending["label"],
+            pending["labeled_at"],
+            learner.rewards,
+            pending["duplicates"],
+        )
+    learner.live.apply([applied])
+    row = decision(engine, "q3")
+    assert row["label"] == "a" and row["duplicate_labels"] == 1 and row["reward_seq"] == applied.seq
+    assert learner.live.policy.n_updates == 1
+
+
+def test_unknown_label_expires_after_the_ttl_with_a_log_line(engine, learner, caplog):
+    learner.learn([LabelEvent(query_id="never", label="a")])
+    assert learner.expire_pending() == 0  # younger than the TTL of 1 s
+    time.sleep(1.2)
+    with caplog.at_level(logging.WARNING):
+        assert learner.expire_pending() == 1
+    assert "dropped label for never: no decision within 1 s" in caplog.text
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM pending_labels")).scalar_one() == 0
+        assert storage.counters(conn)["labels_expired"] == 1
