@@ -9,6 +9,11 @@
 'positive'
 >>> parse_answer("positive or negative", p) is None
 True
+>>> parse_answer("not positive", p) is None
+True
+
+Query text is only ever a value in the template, never a template: braces in it stay as they
+are. Whatever it says, the answer is one of the labels or a parse error.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Prompt:
     text: str
     answers: list[str]
     labels: list[str]
+    content_free: str | None = None  # the same prompt for a content-free input (calibration)
 
     def label_for(self, answer: str) -> str:
         return self.labels[self.answers.index(answer)]
@@ -70,16 +76,25 @@ def build_prompt(task: TaskConfig, text: str, options: list[str]) -> Prompt:
     template = task.template or (
         MULTIPLE_CHOICE_TEMPLATE if task.kind == "multiple_choice" else CLASSIFICATION_TEMPLATE
     )
-    prompt = template.format_map(
-        _Defaults(
-            instruction=instruction,
-            text=text,
-            choices=", ".join(answers),
-            labels=", ".join(options),
-            listing=listing,
+
+    def fill(value: str) -> str:
+        return template.format_map(
+            _Defaults(
+                instruction=instruction,
+                text=value,
+                choices=", ".join(answers),
+                labels=", ".join(options),
+                listing=listing,
+            )
         )
+
+    return Prompt(
+        text=fill(text), answers=answers, labels=list(options), content_free=fill(CONTENT_FREE)
     )
-    return Prompt(text=prompt, answers=answers, labels=list(options))
+
+
+#: The content-free input of contextual calibration (Zhao et al., 2021).
+CONTENT_FREE = "N/A"
 
 
 class _Defaults(dict):
@@ -93,36 +108,60 @@ def _norm(s: str) -> str:
     return " ".join(s.casefold().split())
 
 
-def parse_answer(output: str, prompt: Prompt) -> str | None:
-    """Map a model's raw output to a label, or None (a parse error) — never a guess.
+_PUNCT = " .,:;!?\"'()[]*`"
+_NEGATIONS = {"not", "no", "never", "neither", "nor", "without", "hardly"}
 
-    Tried in order: the exact answer; the answer ignoring case, surrounding spaces and trailing
-    punctuation; the one answer (or label) mentioned as a whole word. Two different answers
-    mentioned is ambiguous and gives None.
-    """
-    if output in prompt.answers:
-        return prompt.label_for(output)
-    cleaned = _norm(output).strip(" .,:;!?\"'()[]*")
-    for answer in prompt.answers:
-        if _norm(answer) == cleaned:
-            return prompt.label_for(answer)
-    for i, label in enumerate(prompt.labels):
-        if _norm(label) == cleaned:
-            return prompt.labels[i]
-    mentioned: set[str] = set()
-    lowered = _norm(output)
+
+def _negated(text: str, start: int) -> bool:
+    """Whether one of the three words before ``start`` negates what follows."""
+    words = re.findall(r"[\w']+", text[max(0, start - 60) : start])[-3:]
+    return any(w in _NEGATIONS or w.endswith("n't") for w in words)
+
+
+def _mentions(lowered: str, prompt: Prompt) -> list[tuple[int, int, str]]:
+    """Spans (start, end, label) where an answer or a label is mentioned as a whole word."""
+    spans = []
     for answer, label in zip(prompt.answers, prompt.labels, strict=True):
         for candidate in {_norm(answer), _norm(label)}:
             word = re.escape(candidate)
             if len(candidate) == 1:
                 # a lone letter counts only alone ("B", "(B).") or after "answer is"/"answer:"
-                found = re.fullmatch(rf"\W*{word}\W*", lowered) or re.search(
-                    rf"\banswer\s*(?:is|:)\s*\(?{word}(?!\w)", lowered
+                found = re.fullmatch(rf"\W*({word})\W*", lowered) or re.search(
+                    rf"\banswer\s*(?:is|:)\s*\(?({word})(?!\w)", lowered
                 )
+                matches = [found] if found else []
             else:
-                found = re.search(rf"(?<!\w){word}(?!\w)", lowered)
-            if found:
-                mentioned.add(label)
-    if len(mentioned) == 1:
-        return mentioned.pop()
-    return None
+                matches = list(re.finditer(rf"(?<!\w)({word})(?!\w)", lowered))
+            spans.extend((m.start(1), m.end(1), label) for m in matches)
+    # "very positive" mentions the label "very positive", not also "positive"
+    return [
+        s
+        for s in spans
+        if not any(o[0] <= s[0] and s[1] <= o[1] and o[1] - o[0] > s[1] - s[0] for o in spans)
+    ]
+
+
+def parse_answer(output: str, prompt: Prompt) -> str | None:
+    """Map a model's raw output to a label, or None (a parse error) — never a guess.
+
+    Tried in order: the exact answer; the answer (or label) ignoring case, spaces and
+    surrounding punctuation; the one label mentioned as a whole word. Two different labels
+    mentioned ("Positive. Actually negative"), a negated mention ("not positive") or no
+    mention at all give None.
+    """
+    if output in prompt.answers:
+        return prompt.label_for(output)
+    cleaned = _norm(output).strip(_PUNCT)
+    for answer in prompt.answers:
+        if _norm(answer) == cleaned:
+            return prompt.label_for(answer)
+    for label in prompt.labels:
+        if _norm(label) == cleaned:
+            return label
+    lowered = _norm(output)
+    spans = _mentions(lowered, prompt)
+    if len({label for _, _, label in spans}) != 1:
+        return None
+    if any(_negated(lowered, start) for start, _, _ in spans):
+        return None
+    return spans[0][2]
