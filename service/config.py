@@ -13,6 +13,15 @@ Example (``config/metallm.example.yaml`` is a complete one)::
         model: gemma-3-270m
         input_price_per_1m: 0.02
         output_price_per_1m: 0.04
+      - name: gpt-4o-mini
+        provider: openai            # any OpenAI-compatible endpoint
+        model: gpt-4o-mini
+        api_key_env: OPENAI_API_KEY # the variable's name; the key stays in the environment
+        input_price_per_1m: 0.15
+        output_price_per_1m: 0.60
+        fallback: gemma-3-270m
+    gateway:
+      max_in_flight: 64
 
 A bad file fails at start with the path of the bad key, e.g. ``arms.0.provider``.
 """
@@ -56,25 +65,58 @@ class TaskConfig(BaseModel):
 
 
 class ArmConfig(BaseModel):
+    """One arm: a model behind a provider, its prices and how it is called.
+
+    Keys (defaults): ``answer_mode`` generate | score (generate); ``calibrate`` (false);
+    ``timeout_seconds`` per attempt (60); ``max_retries`` (2) with exponential backoff from
+    ``retry_backoff_seconds`` (0.5) up to ``retry_backoff_max_seconds`` (8), full jitter;
+    ``max_in_flight`` calls at once (16); circuit breaker: ``breaker_failures`` consecutive
+    failed calls (5) open it for ``breaker_cooldown_seconds`` (30); ``fallback`` arm (none).
+    """
+
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(min_length=1, max_length=128)
-    provider: Literal["llamacpp", "replay"]
+    provider: Literal["openai", "anthropic", "bedrock", "llamacpp", "replay"]
     model: str = Field(min_length=1)
     input_price_per_1m: float = Field(0.0, ge=0)
     output_price_per_1m: float = Field(0.0, ge=0)
-    timeout_seconds: float = Field(60.0, gt=0)
     max_output_tokens: int = Field(8, ge=1)
+    # answers
+    answer_mode: Literal["generate", "score"] = "generate"
+    calibrate: bool = False  # score mode: contextual calibration against a content-free input
+    # resilience and concurrency
+    timeout_seconds: float = Field(60.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    retry_backoff_seconds: float = Field(0.5, ge=0)
+    retry_backoff_max_seconds: float = Field(8.0, ge=0)
+    max_in_flight: int = Field(16, ge=1)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_cooldown_seconds: float = Field(30.0, gt=0)
+    fallback: str | None = None  # arm that answers when this one fails (overrides the default)
     # provider-specific
     outcomes: Path | None = None  # replay: the outcomes file
-    base_url: str | None = None  # openai-compatible endpoint
+    base_url: str | None = None  # openai / anthropic: endpoint; bedrock: endpoint_url override
     api_key_env: str | None = None  # name of the env var holding the key (never the key)
+    api: Literal["chat", "completions"] = "chat"  # openai: which endpoint
+    constrain: Literal["none", "gbnf", "choice"] = "none"  # openai: server-side answer grammar
+    region: str | None = None  # bedrock
     n_threads: int | None = None  # llamacpp
+    n_ctx: int = Field(2048, ge=64)  # llamacpp
 
     @model_validator(mode="after")
     def _provider_fields(self) -> ArmConfig:
         if self.provider == "replay" and self.outcomes is None:
             raise ValueError("a replay arm needs 'outcomes' (path of an outcomes file)")
+        if self.answer_mode == "score" and self.provider not in ("llamacpp", "openai"):
+            raise ValueError(
+                f"answer_mode 'score' needs log-probabilities: llamacpp or openai arms, "
+                f"not {self.provider}"
+            )
+        if self.calibrate and self.answer_mode != "score":
+            raise ValueError("calibrate applies to answer_mode 'score' only")
+        if self.api_key_env is not None and not self.api_key_env.replace("_", "").isalnum():
+            raise ValueError("api_key_env is the NAME of an environment variable, not a key")
         return self
 
     def cost_usd(self, input_tokens: int, output_tokens: int) -> float:
@@ -84,11 +126,22 @@ class ArmConfig(BaseModel):
         ) / 1_000_000
 
 
+class GatewayConfig(BaseModel):
+    """Limits shared by all arms: ``max_in_flight`` calls at once over every arm (64) and the
+    default ``fallback_arm`` for arms without their own ``fallback`` (none)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_in_flight: int = Field(64, ge=1)
+    fallback_arm: str | None = None
+
+
 class AppConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tasks: dict[str, TaskConfig] = Field(min_length=1)
     arms: list[ArmConfig] = Field(min_length=1)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig)
 
     @field_validator("arms")
     @classmethod
@@ -98,6 +151,23 @@ class AppConfig(BaseModel):
         if dupes:
             raise ValueError(f"arm names must be unique; repeated: {', '.join(dupes)}")
         return arms
+
+    @model_validator(mode="after")
+    def _fallbacks_exist(self) -> AppConfig:
+        names = set(self.arm_names)
+        if self.gateway.fallback_arm is not None and self.gateway.fallback_arm not in names:
+            raise ValueError(f"gateway.fallback_arm {self.gateway.fallback_arm!r} is not an arm")
+        for arm in self.arms:
+            if arm.fallback is not None and arm.fallback not in names:
+                raise ValueError(f"arm {arm.name!r}: fallback {arm.fallback!r} is not an arm")
+            if arm.fallback == arm.name:
+                raise ValueError(f"arm {arm.name!r} cannot be its own fallback")
+        return self
+
+    def fallback_for(self, name: str) -> str | None:
+        """The arm that answers when ``name`` fails (never ``name`` itself)."""
+        fallback = self.arm(name).fallback or self.gateway.fallback_arm
+        return None if fallback == name else fallback
 
     def arm(self, name: str) -> ArmConfig:
         for arm in self.arms:

@@ -1,19 +1,32 @@
-"""Calls arms: one entry point that prices the call, times it out and parses the answer.
+"""Calls arms: one entry point that bounds, times out, retries, falls back, prices and parses.
 
 gateway = Gateway(config)                     # builds one provider per configured arm
+arms = gateway.available_arms()               # arms whose circuit breaker lets calls through
 result = await gateway.call("gemma-3-270m", request)
-result.status, result.prediction, result.cost_usd
+result.status, result.prediction, result.cost_usd, result.attempts, result.fallback_arm
+
+For each call: at most ``max_in_flight`` calls per arm and ``gateway.max_in_flight`` overall
+run at once; each attempt has ``timeout_seconds``; timeouts, lost connections, 429 and 5xx are
+retried up to ``max_retries`` times after ``uniform(0, min(max, base·2^n))`` seconds (full
+jitter; at least the server's Retry-After, capped at the max); other errors are not retried.
+``breaker_failures`` consecutive failed calls open the arm's circuit for
+``breaker_cooldown_seconds``: it leaves the candidate set, calls to it go straight to the
+fallback; after the cool-down one probe call decides whether it closes again.
+When the arm fails (or its circuit is open) the fallback arm answers, once, with its own
+limits. API keys never reach a log line or a result: errors are redacted by the adapters.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.config import AppConfig, ArmConfig
-from service.llm.base import CallRequest, LLMError, Provider
+from service.llm.base import CallRequest, Completion, LLMError, Provider
 from service.tasks import parse_answer
 
 log = logging.getLogger(__name__)
@@ -21,7 +34,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class CallResult:
-    """The outcome of one call, as recorded on the decision row."""
+    """The outcome of one call, as recorded on the decision row.
+
+    ``status`` and ``prediction`` describe the answer served (from the fallback when the chosen
+    arm failed). ``attempts`` counts every request sent for it, retries and fallback included;
+    ``fallback_arm`` is set when the chosen arm failed and the fallback was asked; ``error``
+    then says why the chosen arm failed.
+    """
 
     status: str  # ok | parse_error | llm_error
     prediction: str | None
@@ -31,9 +50,80 @@ class CallResult:
     cost_usd: float
     latency_ms: float
     error: str | None = None
+    attempts: int = 1
+    fallback_arm: str | None = None
+    answer_scores: dict[str, float] | None = None
+
+    @property
+    def arm_failed(self) -> bool:
+        """Whether the arm the policy chose failed (whatever the fallback then did)."""
+        return self.status == "llm_error" or self.fallback_arm is not None
+
+
+class CircuitBreaker:
+    """Closed → (``failures`` consecutive failed calls) → open for ``cooldown`` seconds →
+    half-open: one probe call; success closes it, failure opens it again."""
+
+    def __init__(
+        self, failures: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.failures = failures
+        self.cooldown = cooldown
+        self.clock = clock
+        self.consecutive = 0
+        self.opened_at: float | None = None
+        self.probing = False
+        self.times_opened = 0
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        if self.clock() - self.opened_at < self.cooldown:
+            return "open"
+        return "half_open"
+
+    def available(self) -> bool:
+        """Whether the arm belongs in the policy's candidate set now."""
+        state = self.state
+        return state == "closed" or (state == "half_open" and not self.probing)
+
+    def acquire(self) -> bool:
+        """Whether a call may go to the arm now (in half-open, only the one probe)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self.probing:
+            self.probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self.consecutive = 0
+        self.opened_at = None
+        self.probing = False
+
+    def failure(self) -> bool:
+        """Record a failed call; returns True when this opened the circuit."""
+        self.consecutive += 1
+        was_probe = self.probing
+        self.probing = False
+        if was_probe or (self.opened_at is None and self.consecutive >= self.failures):
+            self.opened_at = self.clock()
+            self.times_opened += 1
+            return True
+        return False
+
+
+@dataclass
+class _ArmOutcome:
+    completion: Completion | None
+    error: str | None
+    attempts: int
 
 
 def build_provider(arm: ArmConfig) -> Provider:
+    """The provider for one arm; a missing optional SDK raises a message naming its extra."""
     if arm.provider == "replay":
         from service.llm.replay import ReplayProvider
 
@@ -42,35 +132,175 @@ def build_provider(arm: ArmConfig) -> Provider:
     if arm.provider == "llamacpp":
         from service.llm.llamacpp import LlamaCppProvider
 
-        return LlamaCppProvider(arm.model, arm.max_output_tokens, arm.n_threads)
+        return LlamaCppProvider(
+            arm.model,
+            arm.max_output_tokens,
+            arm.n_threads,
+            n_ctx=arm.n_ctx,
+            answer_mode=arm.answer_mode,
+            calibrate=arm.calibrate,
+        )
+    if arm.provider == "openai":
+        from service.llm.openai_api import OpenAIProvider
+
+        return OpenAIProvider(arm)
+    if arm.provider == "anthropic":
+        from service.llm.anthropic_api import AnthropicProvider
+
+        return AnthropicProvider(arm)
+    if arm.provider == "bedrock":
+        from service.llm.bedrock import BedrockProvider
+
+        return BedrockProvider(arm)
     raise ValueError(f"unknown provider {arm.provider!r}")
 
 
 class Gateway:
-    def __init__(self, config: AppConfig, providers: dict[str, Provider] | None = None) -> None:
+    def __init__(
+        self,
+        config: AppConfig,
+        providers: dict[str, Provider] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
         self.arms = {arm.name: arm for arm in config.arms}
         self.providers = (
             providers
             if providers is not None
             else {arm.name: build_provider(arm) for arm in config.arms}
         )
+        self.breakers = {
+            arm.name: CircuitBreaker(arm.breaker_failures, arm.breaker_cooldown_seconds, clock)
+            for arm in config.arms
+        }
+        self._rng = rng or random.Random()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._arm_slots: dict[str, asyncio.Semaphore] = {}
+        self._slots: asyncio.Semaphore | None = None
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    # ------------------------------------------------------------------ candidate set
+    def available_arms(self) -> list[str]:
+        """Configured arms whose circuit is not open, in config order. When every circuit is
+        open, all arms (a policy needs candidates; the calls then fail fast)."""
+        arms = [name for name in self.arms if self.breakers[name].available()]
+        if not arms:
+            log.warning("every arm's circuit breaker is open; offering all arms")
+            return list(self.arms)
+        return arms
+
+    # ------------------------------------------------------------------ calling
+    def _limits(self) -> tuple[dict[str, asyncio.Semaphore], asyncio.Semaphore]:
+        """Semaphores bound to the running loop (made anew if the loop changed)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop or self._slots is None:
+            self._loop = loop
+            self._arm_slots = {
+                name: asyncio.Semaphore(arm.max_in_flight) for name, arm in self.arms.items()
+            }
+            self._slots = asyncio.Semaphore(self.config.gateway.max_in_flight)
+        return self._arm_slots, self._slots
+
+    def backoff(self, arm: ArmConfig, retry: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number ``retry`` (0-based): full jitter, at least the
+        server's Retry-After, never more than ``retry_backoff_max_seconds``."""
+        cap = min(arm.retry_backoff_max_seconds, arm.retry_backoff_seconds * 2**retry)
+        delay = self._rng.uniform(0, cap)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, arm.retry_backoff_max_seconds)
+
+    async def _attempt(self, name: str, request: CallRequest) -> Completion:
+        arm = self.arms[name]
+        arm_slots, slots = self._limits()
+        async with arm_slots[name], slots:
+            self.in_flight += 1
+            self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            try:
+                return await asyncio.wait_for(
+                    self.providers[name].complete(request), timeout=arm.timeout_seconds
+                )
+            except TimeoutError:
+                raise LLMError(f"timed out after {arm.timeout_seconds:g} s", True) from None
+            except LLMError:
+                raise
+            except Exception as exc:  # a provider bug must not stop the stream
+                log.exception("arm %s failed on %s", name, request.query_id)
+                raise LLMError(f"{type(exc).__name__}: {exc}") from None
+            finally:
+                self.in_flight -= 1
+
+    async def _call_arm(self, name: str, request: CallRequest) -> _ArmOutcome:
+        """One arm, with retries, behind its circuit breaker."""
+        arm = self.arms[name]
+        breaker = self.breakers[name]
+        if not breaker.acquire():
+            return _ArmOutcome(None, f"{name}: circuit open", 0)
+        attempts = 0
+        error = "not called"
+        for retry in range(arm.max_retries + 1):
+            attempts += 1
+            try:
+                completion = await self._attempt(name, request)
+            except LLMError as exc:
+                error = str(exc)
+                if not exc.retryable or retry == arm.max_retries:
+                    break
+                await asyncio.sleep(self.backoff(arm, retry, exc.retry_after))
+            else:
+                breaker.success()
+                return _ArmOutcome(completion, None, attempts)
+        if breaker.failure():
+            log.warning(
+                "arm %s: circuit opened for %g s after %d failed calls (last: %s)",
+                name,
+                arm.breaker_cooldown_seconds,
+                breaker.consecutive,
+                error,
+            )
+        return _ArmOutcome(None, error, attempts)
 
     async def call(self, arm_name: str, request: CallRequest) -> CallResult:
-        arm = self.arms[arm_name]
-        provider = self.providers[arm_name]
+        """Call the chosen arm (falling back if it fails) and parse the answer."""
         start = time.perf_counter()
-        try:
-            completion = await asyncio.wait_for(
-                provider.complete(request), timeout=arm.timeout_seconds
+        outcome = await self._call_arm(arm_name, request)
+        answered_by, fallback = arm_name, None
+        error = outcome.error
+        attempts = outcome.attempts
+        if outcome.completion is None:
+            fallback = self.config.fallback_for(arm_name)
+            log.warning(
+                "arm %s failed on %s after %d attempts: %s%s",
+                arm_name,
+                request.query_id,
+                outcome.attempts,
+                outcome.error,
+                f"; falling back to {fallback}" if fallback else "",
             )
-        except TimeoutError:
-            return self._failed(start, f"timed out after {arm.timeout_seconds:g} s")
-        except LLMError as exc:
-            return self._failed(start, str(exc))
-        except Exception as exc:  # a provider bug must not stop the stream
-            log.exception("arm %s failed on %s", arm_name, request.query_id)
-            return self._failed(start, f"{type(exc).__name__}: {exc}")
+            if fallback is not None:
+                second = await self._call_arm(fallback, request)
+                attempts += second.attempts
+                if second.completion is None:
+                    error = f"{outcome.error}; fallback {fallback}: {second.error}"
+                outcome, answered_by = second, fallback
         latency_ms = (time.perf_counter() - start) * 1000
+        completion = outcome.completion
+        if completion is None:
+            return CallResult(
+                status="llm_error",
+                prediction=None,
+                raw_output=None,
+                input_tokens=None,
+                output_tokens=None,
+                cost_usd=0.0,  # a failed request returns no usage: nothing is billed
+                latency_ms=latency_ms,
+                error=error,
+                attempts=attempts,
+                fallback_arm=fallback,
+            )
+        arm = self.arms[answered_by]
         cost = (
             completion.cost_usd
             if completion.cost_usd is not None
@@ -85,19 +315,10 @@ class Gateway:
             output_tokens=completion.output_tokens,
             cost_usd=cost,
             latency_ms=latency_ms,
-        )
-
-    @staticmethod
-    def _failed(start: float, error: str) -> CallResult:
-        return CallResult(
-            status="llm_error",
-            prediction=None,
-            raw_output=None,
-            input_tokens=None,
-            output_tokens=None,
-            cost_usd=0.0,
-            latency_ms=(time.perf_counter() - start) * 1000,
             error=error,
+            attempts=attempts,
+            fallback_arm=fallback,
+            answer_scores=completion.scores,
         )
 
     def close(self) -> None:

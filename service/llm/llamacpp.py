@@ -1,8 +1,15 @@
 """An in-process local arm: llama-cpp-python over a GGUF file.
 
-Decoding is constrained by a grammar to the prompt's answers, so the query text cannot push the
-model outside the label set. One model instance serves one call at a time (llama.cpp contexts
-are not thread-safe); calls run in a worker thread so the event loop keeps going.
+Two answer modes, both confined to the prompt's answers, so the query text cannot push the
+model outside the label set:
+
+- ``generate`` (default): decoding is constrained by a GBNF grammar to the answers.
+- ``score``: every answer is scored by its exact log-probability as the continuation of the
+  prompt, and the most likely one wins; ``calibrate`` subtracts the log-probability of the same
+  answer after a content-free input (see :mod:`service.llm.scoring`).
+
+One model instance serves one call at a time (llama.cpp contexts are not thread-safe); calls
+run in a worker thread so the event loop keeps going.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ import json
 import threading
 from functools import lru_cache
 
-from service.llm.base import CallRequest, Completion, LLMError
+import numpy as np
+
+from service.llm.base import CallRequest, Completion, LLMError, MissingExtra
 from service.llm.local_models import resolve
+from service.llm.scoring import calibrated, pick
+from service.tasks import Prompt
 
 
 def answers_grammar(answers: tuple[str, ...]) -> str:
@@ -29,18 +40,23 @@ class LlamaCppProvider:
         max_output_tokens: int = 8,
         n_threads: int | None = None,
         n_ctx: int = 2048,
+        answer_mode: str = "generate",
+        calibrate: bool = False,
     ) -> None:
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise RuntimeError(
-                "the llamacpp provider needs llama-cpp-python: `make llama-wheel` builds it "
-                "(see README, 'Local models')"
+            raise MissingExtra(
+                "the llamacpp provider needs llama-cpp-python: pip install 'metallm[local]'"
             ) from None
         path, self.chat = resolve(model)
         self._llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, verbose=False)
         self.max_output_tokens = max_output_tokens
+        self.answer_mode = answer_mode
+        self.calibrate = calibrate
         self._lock = threading.Lock()
+        self._calibration: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
+        self._formatter = self._chat_formatter() if self.chat else None
 
     @lru_cache(maxsize=256)  # noqa: B019 - one provider per arm, lives as long as the service
     def _grammar(self, answers: tuple[str, ...]):
@@ -48,8 +64,8 @@ class LlamaCppProvider:
 
         return LlamaGrammar.from_string(answers_grammar(answers), verbose=False)
 
-    def _call(self, request: CallRequest) -> Completion:
-        prompt = request.prompt
+    # ------------------------------------------------------------------ generate mode
+    def _generate(self, prompt: Prompt) -> Completion:
         grammar = self._grammar(tuple(prompt.answers))
         longest = max(len(self._llm.tokenize(a.encode(), add_bos=False)) for a in prompt.answers)
         max_tokens = max(self.max_output_tokens, longest + 2)
@@ -76,6 +92,89 @@ class LlamaCppProvider:
             input_tokens=int(usage.get("prompt_tokens", 0)),
             output_tokens=int(usage.get("completion_tokens", 0)),
         )
+
+    # ------------------------------------------------------------------ score mode
+    def _chat_formatter(self):
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        def token_text(token: int) -> str:
+            return self._llm.detokenize([token], special=True).decode("utf-8", "ignore")
+
+        eos = token_text(self._llm.token_eos())
+        bos = token_text(self._llm.token_bos())
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def _scoring_text(self, text: str) -> tuple[str, str]:
+        """(the text the answers continue, the separator before an answer)."""
+        if self._formatter is not None:
+            formatted = self._formatter(messages=[{"role": "user", "content": text}]).prompt
+            return formatted, ""
+        return text, "" if text[-1:].isspace() else " "
+
+    def _last_logprobs(self) -> np.ndarray:
+        n_vocab = self._llm.n_vocab()
+        logits = np.ctypeslib.as_array(self._llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+        shifted = logits.astype(np.float64) - float(logits.max())
+        return shifted - np.log(np.exp(shifted).sum())
+
+    def _eval_prompt(self, tokens: list[int]) -> None:
+        """Evaluate ``tokens``, reusing the cached prefix of the previous call (KV cache)."""
+        llm = self._llm
+        cached = llm.longest_token_prefix(llm._input_ids.tolist(), tokens)
+        llm.n_tokens = min(cached, len(tokens) - 1)  # the last token is evaluated for its logits
+        llm.eval(tokens[llm.n_tokens :])
+
+    def _answer_logprobs(self, text: str, answers: list[str]) -> tuple[dict[str, float], int]:
+        """log p(answer | text) for each answer (all of its tokens), and the tokens evaluated."""
+        llm = self._llm
+        context, sep = self._scoring_text(text)
+        tokens = llm.tokenize(context.encode("utf-8"), add_bos=True, special=True)
+        if len(tokens) + 16 >= llm.n_ctx():
+            raise LLMError(f"prompt of {len(tokens)} tokens exceeds the context window")
+        self._eval_prompt(tokens)
+        n_prompt = llm.n_tokens
+        first = self._last_logprobs()
+        evaluated = len(tokens)
+        scores = {}
+        for answer in answers:
+            answer_tokens = llm.tokenize((sep + answer).encode("utf-8"), add_bos=False)
+            logprob = float(first[answer_tokens[0]])
+            llm.n_tokens = n_prompt
+            for prev, nxt in zip(answer_tokens, answer_tokens[1:], strict=False):
+                llm.eval([prev])
+                logprob += float(self._last_logprobs()[nxt])
+            evaluated += len(answer_tokens) - 1
+            scores[answer] = logprob
+        llm.n_tokens = n_prompt
+        return scores, evaluated
+
+    def _score(self, prompt: Prompt) -> Completion:
+        with self._lock:
+            scores, evaluated = self._answer_logprobs(prompt.text, prompt.answers)
+            calibration = None
+            if self.calibrate and prompt.content_free is not None:
+                key = (prompt.content_free, tuple(prompt.answers))
+                if key not in self._calibration:
+                    self._calibration[key], _ = self._answer_logprobs(
+                        prompt.content_free, prompt.answers
+                    )
+                calibration = self._calibration[key]
+        best = pick(scores, calibration)
+        return Completion(
+            text=best or "",
+            input_tokens=evaluated,
+            output_tokens=0,
+            scores=calibrated(scores, calibration),
+        )
+
+    # ------------------------------------------------------------------ provider interface
+    def _call(self, request: CallRequest) -> Completion:
+        if self.answer_mode == "score":
+            return self._score(request.prompt)
+        return self._generate(request.prompt)
 
     async def complete(self, request: CallRequest) -> Completion:
         return await asyncio.to_thread(self._call, request)

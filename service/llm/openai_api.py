@@ -1,0 +1,124 @@
+"""Arms behind any OpenAI-compatible endpoint (OpenAI, vLLM, Ollama, Together, llama.cpp
+server…) through the official ``openai`` SDK with ``base_url``.
+
+Arm keys: ``base_url`` (default: OpenAI), ``api_key_env`` (default ``OPENAI_API_KEY`` for
+OpenAI itself; none needed for a local endpoint), ``api`` chat | completions, ``constrain``
+none | gbnf (llama.cpp server ``grammar``) | choice (vLLM ``guided_choice``) to confine the
+answer server-side, and ``answer_mode: score``: one token is generated with its top-20
+log-probabilities and each answer is scored by the most likely listed token that starts it
+(answers sharing their first token tie, which is a parse error, never a guess).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.config import ArmConfig
+from service.llm.base import CallRequest, Completion, api_key_from_env, require
+from service.llm.http_errors import sdk_error
+from service.llm.llamacpp import answers_grammar
+from service.llm.scoring import calibrated, first_token_scores, pick
+from service.tasks import Prompt
+
+TOP_LOGPROBS = 20  # the most OpenAI returns
+
+
+class OpenAIProvider:
+    def __init__(self, arm: ArmConfig) -> None:
+        self.sdk = require("openai", "openai", "openai")
+        key_env = arm.api_key_env or (None if arm.base_url else "OPENAI_API_KEY")
+        key = api_key_from_env(key_env, "openai")
+        self._secrets = (key,) if key else ()
+        self.arm = arm
+        self.client = self.sdk.AsyncOpenAI(
+            api_key=key or "unused",  # local endpoints take no key; the SDK insists on one
+            base_url=arm.base_url,
+            max_retries=0,  # the gateway retries
+            timeout=arm.timeout_seconds,
+        )
+        self._calibration: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
+
+    def _constraint(self, prompt: Prompt) -> dict[str, Any] | None:
+        if self.arm.constrain == "gbnf":
+            return {"grammar": answers_grammar(tuple(prompt.answers))}
+        if self.arm.constrain == "choice":
+            return {"guided_choice": list(prompt.answers)}
+        return None
+
+    async def _create(self, text: str, **kwargs: Any) -> Any:
+        try:
+            if self.arm.api == "chat":
+                return await self.client.chat.completions.create(
+                    model=self.arm.model,
+                    messages=[{"role": "user", "content": text}],
+                    temperature=0.0,
+                    **kwargs,
+                )
+            return await self.client.completions.create(
+                model=self.arm.model, prompt=text, temperature=0.0, **kwargs
+            )
+        except self.sdk.OpenAIError as exc:
+            raise sdk_error(exc, self.sdk, "openai", self._secrets) from None
+
+    @staticmethod
+    def _usage(response: Any) -> tuple[int, int]:
+        usage = getattr(response, "usage", None)
+        if usage is None:
+            return 0, 0
+        return int(usage.prompt_tokens or 0), int(usage.completion_tokens or 0)
+
+    def _text(self, response: Any) -> str:
+        choice = response.choices[0]
+        return (choice.message.content if self.arm.api == "chat" else choice.text) or ""
+
+    def _top_logprobs(self, response: Any) -> list[tuple[str, float]]:
+        logprobs = response.choices[0].logprobs
+        if logprobs is None:
+            return []
+        if self.arm.api == "chat":
+            content = logprobs.content or []
+            return [(t.token, t.logprob) for t in content[0].top_logprobs] if content else []
+        tops = logprobs.top_logprobs or []
+        return list(tops[0].items()) if tops else []
+
+    async def _first_token(self, text: str) -> tuple[list[tuple[str, float]], tuple[int, int]]:
+        if self.arm.api == "chat":
+            kwargs = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
+        else:
+            kwargs = {"logprobs": TOP_LOGPROBS}
+        response = await self._create(text, max_tokens=1, **kwargs)
+        return self._top_logprobs(response), self._usage(response)
+
+    async def _score(self, prompt: Prompt) -> Completion:
+        top, (tokens_in, tokens_out) = await self._first_token(prompt.text)
+        scores = first_token_scores(top, prompt.answers)
+        calibration = None
+        if self.arm.calibrate and prompt.content_free is not None:
+            key = (prompt.content_free, tuple(prompt.answers))
+            if key not in self._calibration:
+                cf_top, _ = await self._first_token(prompt.content_free)
+                self._calibration[key] = first_token_scores(cf_top, prompt.answers, floor=True)
+            calibration = self._calibration[key]
+        best = pick(scores, calibration)
+        return Completion(
+            text=best or "",
+            input_tokens=tokens_in,
+            output_tokens=tokens_out,
+            scores=calibrated(scores, calibration),
+        )
+
+    async def complete(self, request: CallRequest) -> Completion:
+        prompt = request.prompt
+        if self.arm.answer_mode == "score":
+            return await self._score(prompt)
+        constraint = self._constraint(prompt)
+        response = await self._create(
+            prompt.text,
+            max_tokens=self.arm.max_output_tokens,
+            **({"extra_body": constraint} if constraint else {}),
+        )
+        tokens_in, tokens_out = self._usage(response)
+        return Completion(self._text(response).strip(), tokens_in, tokens_out)
+
+    def close(self) -> None:
+        """The HTTP pool is closed with the event loop that used it; nothing to do here."""
