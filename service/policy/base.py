@@ -13,8 +13,10 @@ storage layer keeps in Postgres.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 from river.bandit.base import ContextualPolicy
@@ -49,9 +51,22 @@ def mixed_greedy_probabilities(scores: np.ndarray, epsilon: float) -> np.ndarray
     [[0.05, 0.45, 0.45, 0.05]]
     """
     scores = np.atleast_2d(scores)
-    k = scores.shape[1]
     ties = scores == scores.max(axis=1, keepdims=True)
-    return (1.0 - epsilon) * ties / ties.sum(axis=1, keepdims=True) + epsilon / k
+    return greedy_mix(ties, epsilon)
+
+
+def greedy_mix(greedy: np.ndarray, epsilon: float) -> np.ndarray:
+    """``(1-ε)`` split evenly over the True entries of ``greedy`` (per row), plus ``ε/k``.
+
+    >>> greedy_mix(np.array([True, False]), 0.5).tolist()
+    [0.75, 0.25]
+    """
+    k = greedy.shape[-1]
+    if greedy.ndim == 1:  # fast path (count_nonzero with an axis is slow on tiny arrays)
+        n = np.count_nonzero(greedy)
+    else:
+        n = np.count_nonzero(greedy, axis=-1, keepdims=True)
+    return greedy * ((1.0 - epsilon) / n) + epsilon / k
 
 
 def draw(probabilities: np.ndarray, u: float) -> int:
@@ -62,9 +77,10 @@ def draw(probabilities: np.ndarray, u: float) -> int:
     >>> draw(np.array([0.0, 0.5, 0.5]), 0.49), draw(np.array([0.0, 0.5, 0.5]), 0.5)
     (1, 2)
     """
-    cumulative = np.cumsum(probabilities)
-    index = int(np.searchsorted(cumulative, u * cumulative[-1], side="right"))
-    return min(index, len(probabilities) - 1)
+    # Sequential running sums, as np.cumsum computes them (pure Python is faster for small k).
+    cumulative = list(accumulate(probabilities.tolist()))
+    index = bisect_right(cumulative, u * cumulative[-1])
+    return min(index, len(cumulative) - 1)
 
 
 class RoutingPolicy(ContextualPolicy):
@@ -93,6 +109,10 @@ class RoutingPolicy(ContextualPolicy):
         self._projection: np.ndarray | None = None  # (input_dim, project_dim)
         #: Optional budget-mode λ controller (``service.pacing.BudgetPacer``); checkpointed.
         self.pacer = None
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())
+        return f"{type(self).__name__}({params}) [arms={self.arms!r}, n_updates={self.n_updates}]"
 
     # ---------------------------------------------------------------- River interface
     def pull(self, arm_ids: Sequence[ArmId], context: Context | None = None) -> ArmId:  # type: ignore[override]
@@ -194,6 +214,13 @@ class RoutingPolicy(ContextualPolicy):
 
     def _vector(self, context: Context) -> np.ndarray:
         """A context as a float64 vector in the policy's (projected) space."""
+        if (
+            type(context) is np.ndarray
+            and context.ndim == 1
+            and context.shape[0] == self._input_dim
+        ):  # fast path for the common case
+            x = context if context.dtype == np.float64 else context.astype(np.float64)
+            return x if self._projection is None else x @ self._projection
         if isinstance(context, Mapping):
             x = self._dict_to_vector(context)
         else:

@@ -25,9 +25,12 @@ per-update cost at one matrix-vector product and one rank-one update of ``A⁻¹
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
+from scipy.linalg.blas import dger
 
 from service.policy.base import ArmId, Context, RoutingPolicy
 
@@ -44,8 +47,9 @@ class LinearArmStats:
         self.ridge = float(ridge)
         self.ids: list[Hashable] = []
         self.index: dict[Hashable, int] = {}
+        self._slots_key: tuple | None = None  # cache of the last slots() call
+        self._slots = np.zeros(0, dtype=np.intp)
         self._allocate(max(capacity, 1))
-        self._scratch = np.empty((dim, dim))
 
     # ------------------------------------------------------------------ storage
     def _allocate(self, capacity: int) -> None:
@@ -88,19 +92,25 @@ class LinearArmStats:
         self._n_buffered[i] = 0
         self.ids.append(arm)
         self.index[arm] = i
+        self._slots_key = None
         return i
 
     def slots(self, arm_ids: Sequence[Hashable]) -> np.ndarray:
         """Slots of ``arm_ids`` (unknown arms are added with fresh statistics)."""
+        key = tuple(arm_ids)
+        if key == self._slots_key:
+            return self._slots
         index = self.index
         out = [index[a] if a in index else self.add(a) for a in arm_ids]
         if len(set(out)) != len(out):
             raise ValueError(f"duplicate arm ids in {list(arm_ids)!r}")
-        return np.array(out, dtype=np.intp)
+        self._slots_key, self._slots = key, np.array(out, dtype=np.intp)
+        return self._slots
 
     def remove(self, arm: Hashable) -> None:
         """Drop ``arm``'s statistics (the last slot moves into its place)."""
         i = self.index.pop(arm)
+        self._slots_key = None
         last = self.k - 1
         if i != last:
             for name in (
@@ -124,11 +134,11 @@ class LinearArmStats:
         """Rank-one update of arm slot ``i`` with context ``x`` (float64) and ``reward``."""
         A_inv = self.A_inv[i]
         u = A_inv @ x
-        denom = 1.0 + x @ u
-        w = u * (1.0 / np.sqrt(denom))
-        # A⁻¹ ← A⁻¹ − u uᵀ / (1 + xᵀA⁻¹x); written as w wᵀ so it stays exactly symmetric.
-        np.multiply.outer(w, w, out=self._scratch)
-        A_inv -= self._scratch
+        denom = 1.0 + float(x @ u)
+        w = u * (1.0 / math.sqrt(denom))
+        # A⁻¹ ← A⁻¹ − u uᵀ / (1 + xᵀA⁻¹x) = A⁻¹ − w wᵀ, in place by BLAS dger on the
+        # (Fortran-ordered) transposed view; w wᵀ is symmetric and stays exactly so.
+        dger(-1.0, w, w, a=A_inv.T, overwrite_a=True)
         theta = self.theta[i]
         theta += u * ((reward - x @ theta) / denom)
         self.b[i] += reward * x
@@ -298,7 +308,7 @@ class LinearPolicy(RoutingPolicy):
     def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
         """Learn ``reward`` for ``arm_id`` on ``context`` (an unknown arm is added first)."""
         x = self._vector(context)
-        stats = self._stats_for(x.shape[0])
+        stats = self._stats if self._stats is not None else self._stats_for(x.shape[0])
         i = stats.index.get(arm_id)
         if i is None:
             i = stats.add(arm_id)
@@ -332,6 +342,7 @@ class LinearPolicy(RoutingPolicy):
         """
         self._merge_common(other)
         new = self.clone()
+        new.pacer = copy.deepcopy(self.pacer)
         new._rng.bit_generator.state = self._rng.bit_generator.state
         new._n_updates = self._n_updates + other._n_updates
         donor = self if self._input_dim is not None else other

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.policy.base import ArmId, Choice, Context, draw, mixed_greedy_probabilities
+from service.policy.base import ArmId, Choice, Context, draw, greedy_mix
 from service.policy.linear import LinearPolicy
 
 
@@ -57,25 +57,26 @@ class LinUCB(LinearPolicy):
         self.alpha = alpha
         self.epsilon = epsilon
 
-    def _greedy_scores(self, ucb: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        """Scores whose argmax defines the greedy set: unexplored arms come first."""
-        unexplored = counts == 0
-        if unexplored.any():
-            return np.where(unexplored, 1.0, 0.0)
-        return ucb
+    def _probabilities(self, ucb: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        """ε-mixed argmax; arms with no update form the greedy set on their own."""
+        if not counts.all():
+            greedy = counts == 0
+        elif ucb.ndim == 1:
+            greedy = ucb == ucb.max()
+        else:
+            greedy = ucb == ucb.max(axis=-1, keepdims=True)
+        return greedy_mix(greedy, self.epsilon)
 
     def choose(self, arm_ids: Sequence[ArmId], context: Context) -> Choice:
         """Draw an arm among ``arm_ids`` for ``context``; returns it with all probabilities."""
         if not arm_ids:
             raise ValueError("arm_ids is empty")
         x = self._vector(context)
-        stats = self._stats_for(x.shape[0])
+        stats = self._stats if self._stats is not None else self._stats_for(x.shape[0])
         slots = stats.slots(arm_ids)
         mean, variance = stats.mean_and_variance(x)
-        ucb = (mean + self.alpha * np.sqrt(variance))[slots]
-        p = mixed_greedy_probabilities(self._greedy_scores(ucb, stats.counts[slots]), self.epsilon)[
-            0
-        ]
+        ucb = mean[slots] + self.alpha * np.sqrt(variance[slots])
+        p = self._probabilities(ucb, stats.counts[slots])
         j = draw(p, self._rng.random())
         return Choice(
             arm=arm_ids[j],
@@ -95,12 +96,9 @@ class LinUCB(LinearPolicy):
         slots = stats.slots(arm_ids)
         mean, variance = stats.mean_and_variance_many(X, slots)
         ucb = mean + self.alpha * np.sqrt(variance)
-        counts = stats.counts[slots]
-        if (counts == 0).any():  # same rule as choose: unexplored arms form the greedy set
-            greedy = np.broadcast_to(self._greedy_scores(ucb[0], counts), ucb.shape)
-        else:
-            greedy = ucb
-        P = mixed_greedy_probabilities(greedy, self.epsilon)
+        P = self._probabilities(ucb, stats.counts[slots])
+        if P.ndim == 1:  # unexplored arms: the same distribution on every row
+            P = np.broadcast_to(P, ucb.shape)
         U = self._rng.random(X.shape[0])
         C = np.cumsum(P, axis=1)
         J = ((U * C[:, -1])[:, None] >= C).sum(axis=1)

@@ -257,3 +257,16 @@ def test_river_interface() -> None:
     assert isinstance(policy.clone(), LinUCB)
     with pytest.raises(ValueError):
         make_policy("nope")
+
+
+def test_checkpoint_carries_the_budget_pacer_state() -> None:
+    from service.pacing import BudgetPacer
+
+    policy = _train(LinUCB(seed=2), *_stream(20, 3))
+    policy.pacer = BudgetPacer(target_cost_per_query=1e-4, cost_unit=1e-3, lr=0.1)
+    for cost in (3e-4, 0.0, 5e-4):
+        policy.pacer.observe(cost)
+    restored = loads(policy.dumps())
+    assert restored.pacer == policy.pacer and restored.pacer.lam > 0
+    assert loads(LinUCB().dumps()).pacer is None
+    assert "n_updates=20" in repr(restored)

@@ -1,0 +1,29 @@
+"""The runnable examples in the docstrings of the policy modules."""
+
+from __future__ import annotations
+
+import doctest
+import importlib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MODULES = [
+    "service.pacing",
+    "service.outcomes",
+    *(
+        f"service.policy.{p.stem}"
+        for p in sorted((ROOT / "service" / "policy").glob("*.py"))
+        if p.stem != "__init__"
+    ),
+    "service.policy",
+]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name: str, monkeypatch) -> None:
+    monkeypatch.chdir(ROOT)  # examples read tests/policy/data relative to the repo root
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0, f"{result.failed} doctest failure(s) in {name}"
