@@ -55,6 +55,19 @@ class RewardSettings:
     cost_unit: float
 
 
+def store_failure_reward(
+    conn: Connection, decision: dict[str, Any], rewards: RewardSettings
+) -> AppliedReward:
+    """The policy's reward for a chosen arm that failed, stored at decision time: wrong, at
+    the chosen arm's cost (a failed request returns no usage, so 0), whatever the label."""
+    r = reward(False, 0.0, rewards.lam, rewards.cost_unit)
+    seq = storage.record_failure_reward(conn, decision["query_id"], r, rewards.lam)
+    decision["reward_seq"] = seq
+    return AppliedReward(
+        seq, decision["query_id"], decision["arm"], storage.bytes_to_vector(decision["context"]), r
+    )
+
+
 def store_reward(
     conn: Connection,
     decision: dict[str, Any],
@@ -62,10 +75,14 @@ def store_reward(
     labeled_at: datetime | None,
     rewards: RewardSettings,
     duplicates: int = 0,
-) -> AppliedReward:
+) -> AppliedReward | None:
     """Score a decision against its label and store label, correctness and reward on its row.
-    A failed or unparseable call is wrong (and still pays its cost)."""
+    A failed or unparseable call is wrong (and still pays its cost). A decision rewarded at
+    decision time (its arm failed) only gets its label: None, no second policy update."""
     correct = decision["status"] == "ok" and labels_match(decision["prediction"], label)
+    if decision.get("reward_seq") is not None:
+        storage.record_label(conn, decision["query_id"], label, labeled_at, correct, duplicates)
+        return None
     r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
     seq = storage.record_reward(
         conn, decision["query_id"], label, labeled_at, correct, r, rewards.lam, duplicates
@@ -119,7 +136,7 @@ class Decider:
             return []
 
         contexts = self.embedder.embed([r.event.text for r in todo])
-        arms = self.config.arm_names
+        arms = self.gateway.available_arms()
         with self.live.lock:
             choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
         requests = []
@@ -141,24 +158,28 @@ class Decider:
         with self.live.lock:
             with self.engine.begin() as conn:
                 inserted = storage.insert_decisions(conn, rows)
-                early = storage.take_pending_labels(conn, inserted)
-                applied = []
                 by_id = {row["query_id"]: row for row in rows}
+                applied = [  # a failed arm is rewarded now; its label will not count again
+                    store_failure_reward(conn, row, self.rewards)
+                    for row, result in zip(rows, results, strict=True)
+                    if row["query_id"] in inserted and result.arm_failed
+                ]
+                early = storage.take_pending_labels(conn, inserted)
                 for pending in early:
                     row = by_id[pending["query_id"]]
-                    applied.append(
-                        store_reward(
-                            conn,
-                            row,
-                            pending["label"],
-                            pending["labeled_at"],
-                            self.rewards,
-                            pending["duplicates"],
-                        )
+                    stored = store_reward(
+                        conn,
+                        row,
+                        pending["label"],
+                        pending["labeled_at"],
+                        self.rewards,
+                        pending["duplicates"],
                     )
+                    if stored is not None:
+                        applied.append(stored)
             self.live.apply(applied)
-        if applied:
-            log.info("applied %d labels that arrived before their decisions", len(applied))
+        if early:
+            log.info("stored %d labels that arrived before their decisions", len(early))
         return [self._event(row) for row in rows if row["query_id"] in inserted]
 
     async def _call_all(self, choices: list, requests: list[CallRequest]) -> list[CallResult]:
@@ -194,6 +215,9 @@ class Decider:
             "output_tokens": result.output_tokens,
             "cost_usd": result.cost_usd,
             "latency_ms": result.latency_ms,
+            "attempts": result.attempts,
+            "fallback_arm": result.fallback_arm,
+            "answer_scores": result.answer_scores,
             "embedding_model": self.embedder.name,
             "context": storage.vector_to_bytes(context),
             "kafka_partition": record.partition,
@@ -260,11 +284,11 @@ class Learner:
                                 event.label,
                             )
                     else:
-                        stats.rewards.append(
-                            store_reward(
-                                conn, decision, event.label, event.labeled_at, self.rewards
-                            )
+                        stored = store_reward(
+                            conn, decision, event.label, event.labeled_at, self.rewards
                         )
+                        if stored is not None:
+                            stats.rewards.append(stored)
                         stats.applied += 1
                 dupes = stats.duplicates + stats.pending_duplicates
                 if dupes:

@@ -52,6 +52,10 @@ decisions = sa.Table(
     sa.Column("reward_applied_at", sa.DateTime(timezone=True)),
     sa.Column("reward_seq", sa.BigInteger),
     sa.Column("duplicate_labels", sa.Integer),
+    # 0002
+    sa.Column("attempts", sa.Integer),
+    sa.Column("fallback_arm", sa.Text),
+    sa.Column("answer_scores", postgresql.JSONB(none_as_null=True)),
 )
 
 pending_labels = sa.Table(
@@ -176,6 +180,7 @@ def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None
             decisions.c.context,
             decisions.c.label,
             decisions.c.options,
+            decisions.c.reward_seq,
         )
         .where(decisions.c.query_id == query_id)
         .with_for_update()
@@ -193,10 +198,15 @@ def record_reward(
     lam: float,
     extra_duplicates: int = 0,
 ) -> int:
-    """Store the label and reward on the decision and give it the next reward sequence number."""
+    """Store the label and reward on the decision and give it the next reward sequence number.
+    Only for a decision not rewarded yet (each decision updates the policy at most once)."""
     stmt = (
         sa.update(decisions)
-        .where(decisions.c.query_id == query_id, decisions.c.label.is_(None))
+        .where(
+            decisions.c.query_id == query_id,
+            decisions.c.label.is_(None),
+            decisions.c.reward_seq.is_(None),
+        )
         .values(
             label=label,
             labeled_at=labeled_at,
@@ -210,6 +220,44 @@ def record_reward(
         .returning(decisions.c.reward_seq)
     )
     return int(conn.execute(stmt).scalar_one())
+
+
+def record_failure_reward(conn: Connection, query_id: str, reward: float, lam: float) -> int:
+    """Store the reward of a decision whose arm failed, at decision time, and give it the next
+    reward sequence number. Its label, when it comes, is stored by :func:`record_label`."""
+    stmt = (
+        sa.update(decisions)
+        .where(decisions.c.query_id == query_id, decisions.c.reward_seq.is_(None))
+        .values(
+            reward=reward,
+            reward_lambda=lam,
+            reward_applied_at=sa.func.now(),
+            reward_seq=sa.func.nextval("reward_seq"),
+        )
+        .returning(decisions.c.reward_seq)
+    )
+    return int(conn.execute(stmt).scalar_one())
+
+
+def record_label(
+    conn: Connection,
+    query_id: str,
+    label: str,
+    labeled_at: datetime | None,
+    correct: bool,
+    extra_duplicates: int = 0,
+) -> None:
+    """Store a label on a decision that was already rewarded (its arm failed): no new reward."""
+    conn.execute(
+        sa.update(decisions)
+        .where(decisions.c.query_id == query_id, decisions.c.label.is_(None))
+        .values(
+            label=label,
+            labeled_at=labeled_at,
+            correct=correct,
+            duplicate_labels=decisions.c.duplicate_labels + extra_duplicates,
+        )
+    )
 
 
 def count_duplicate_label(conn: Connection, query_id: str) -> None:

@@ -25,8 +25,7 @@ class AnthropicProvider:
         try:
             message = await self.client.messages.create(
                 model=self.arm.model,
-                max_tokens=self.arm.max_output_tokens,
-                temperature=0.0,
+                max_tokens=self.arm.max_output_tokens,  # (current SDKs take no temperature)
                 messages=[{"role": "user", "content": request.prompt.text}],
             )
         except self.sdk.AnthropicError as exc:

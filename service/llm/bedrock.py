@@ -46,7 +46,7 @@ class BedrockProvider:
             region_name=arm.region or os.environ.get("AWS_REGION") or "us-east-1",
             endpoint_url=arm.base_url,
             config=Config(
-                retries={"max_attempts": 1, "mode": "standard"},  # the gateway retries
+                retries={"total_max_attempts": 1, "mode": "standard"},  # the gateway retries
                 connect_timeout=min(10.0, arm.timeout_seconds),
                 read_timeout=arm.timeout_seconds,
                 max_pool_connections=arm.max_in_flight,
