@@ -137,7 +137,7 @@ class LinearArmStats:
         denom = 1.0 + float(x @ u)
         w = u * (1.0 / math.sqrt(denom))
         # A⁻¹ ← A⁻¹ − u uᵀ / (1 + xᵀA⁻¹x) = A⁻¹ − w wᵀ, in place by BLAS dger on the
-        # (Fortran-ordered) transposed view; w wᵀ is symmetric and stays exactly so.
+        # (Fortran-ordered, so not copied) transposed view; w wᵀ is symmetric.
         dger(-1.0, w, w, a=A_inv.T, overwrite_a=True)
         theta = self.theta[i]
         theta += u * ((reward - x @ theta) / denom)
