@@ -17,6 +17,7 @@ from typing import Any
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 
+from service import metrics
 from service.events import InvalidEvent, dlq_record
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class BatchConsumer:
                     backoff = 0.5
                 except Exception:
                     self.stats.failures += 1
+                    metrics.BATCH_FAILURES.labels(self.name).inc()
                     log.exception(
                         "%s: batch of %d failed; retrying in %.1f s",
                         self.name,
@@ -90,6 +92,7 @@ class BatchConsumer:
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                     continue
+            self.record_lag()
             self.idle()
 
     def process(self, records: list[ConsumerRecord]) -> None:
@@ -100,6 +103,7 @@ class BatchConsumer:
                 valid.append((self.validate(record.value), record))
             except InvalidEvent as exc:
                 self.stats.invalid += 1
+                metrics.DLQ.labels(record.topic).inc()
                 log.warning(
                     "%s: %s[%d]@%d to the DLQ: %s",
                     self.name,
@@ -131,6 +135,16 @@ class BatchConsumer:
         self.consumer.commit()
         self.stats.batches += 1
         self.stats.events += len(records)
+
+    def record_lag(self) -> None:
+        """Export how far each assigned partition is behind its high-water mark."""
+        for tp in self.consumer.assignment():
+            highwater = self.consumer.highwater(tp)
+            if highwater is None:
+                continue
+            position = self.consumer.position(tp, timeout_ms=1000)
+            if position is not None:
+                metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(highwater - position)
 
     def rewind(self, records: list[ConsumerRecord]) -> None:
         """Seek each partition back to the first record of the failed batch."""

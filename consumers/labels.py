@@ -9,6 +9,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.batch import BatchConsumer, Outgoing
+from service import metrics
 from service.events import LabelEvent
 from service.pipeline import LabelStats, Learner
 
@@ -31,6 +32,7 @@ class LabelConsumer(BatchConsumer):
         self.expire_every_s = expire_every_s
         self.totals = LabelStats()
         self._next_expiry = 0.0
+        self._next_gauge = 0.0
 
     def validate(self, raw: bytes | None) -> LabelEvent:
         return self.learner.validate(raw)
@@ -45,6 +47,12 @@ class LabelConsumer(BatchConsumer):
 
     def idle(self) -> None:
         now = time.monotonic()
+        if now >= self._next_gauge:
+            self._next_gauge = now + 5.0
+            try:
+                metrics.PENDING_LABELS.set(self.learner.pending_count())
+            except Exception:
+                log.exception("counting pending labels failed; will retry")
         if now >= self._next_expiry:
             self._next_expiry = now + self.expire_every_s
             try:

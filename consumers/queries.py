@@ -6,6 +6,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.batch import BatchConsumer, Outgoing
+from service import metrics
 from service.events import QueryEvent
 from service.pipeline import Decider, QueryRecord
 
@@ -32,4 +33,9 @@ class QueryConsumer(BatchConsumer):
         decided = self.decider.decide(
             [QueryRecord(event, record.partition, record.offset) for event, record in items]
         )
+        for d in decided:
+            metrics.DECISIONS.labels(d.arm, d.status).inc()
+            metrics.COST.labels(d.arm).inc(d.cost_usd)
+            if d.latency_ms is not None:
+                metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
         return [Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes()) for d in decided]

@@ -26,6 +26,7 @@ from service.config import AppConfig, load_config
 from service.embedding import Embedder
 from service.learning import LivePolicy
 from service.llm.gateway import Gateway
+from service.metrics import MetricsServer
 from service.pipeline import Decider, Learner, RewardSettings
 from service.settings import Settings
 from service.storage import make_engine
@@ -57,6 +58,7 @@ class Service:
     crashed: threading.Event = field(default_factory=threading.Event)
     _threads: list[threading.Thread] = field(default_factory=list)
     _producer: KafkaProducer | None = None
+    metrics_server: MetricsServer | None = None
 
     @classmethod
     def build(
@@ -98,6 +100,9 @@ class Service:
             s.dlq_topic,
         )
         self._producer = producer
+        if s.metrics_port is not None:
+            self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
+            log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
         self._threads = [
             run_in_thread(self._guard(self.queries), "metallm-queries"),
             run_in_thread(self._guard(self.labels), "metallm-labels"),
@@ -114,6 +119,19 @@ class Service:
 
         return run
 
+    def ready(self) -> bool:
+        """Both consumers are running and Postgres answers."""
+        if self.crashed.is_set() or not self._threads:
+            return False
+        if not all(t.is_alive() for t in self._threads):
+            return False
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.text("SELECT 1"))
+        except sa.exc.SQLAlchemyError:
+            return False
+        return True
+
     def stop(self) -> None:
         """Stop polling, finish the batch in hand, commit, checkpoint, close."""
         for consumer in (self.queries, self.labels):
@@ -126,6 +144,8 @@ class Service:
                 consumer.consumer.close()
         if self._producer is not None:
             self._producer.close()
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.live.policy.n_updates:
             self.live.checkpoint()
         self.decider.close()

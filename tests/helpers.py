@@ -73,7 +73,7 @@ def settings_for(
         session_timeout_ms=2000,
         heartbeat_interval_ms=500,
         **topics,
-        **overrides,
+        **{"metrics_port": 0, **overrides},  # a free port per service
     )
 
 

@@ -73,6 +73,7 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         "METALLM_SESSION_TIMEOUT_MS": "2000",
         "METALLM_HEARTBEAT_INTERVAL_MS": "500",
         "METALLM_CHECKPOINT_EVERY": "1000",
+        "METALLM_METRICS_PORT": "0",
         **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
     }
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import urllib.error
+import urllib.request
 
 import pytest
 import sqlalchemy as sa
@@ -106,6 +108,13 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
             lambda: count(engine, "SELECT coalesce(sum(duplicate_labels), 0) FROM decisions") == 20,
             message="20 duplicates counted",
         )
+        wait_for(
+            lambda: metric(metrics_text(service), "metallm_pending_labels") == 10,
+            message="the pending-labels gauge",
+        )
+        scrape = metrics_text(service)
+        assert http_status(service, "/healthz") == 200
+        assert http_status(service, "/readyz") == 200
     finally:
         service.stop()
 
@@ -151,8 +160,41 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
         committed_offset(broker, topics["labels_topic"], topics["labels_group"])
         == 30 + 170 + 20 + 10
     )
+    # the same story in the Prometheus metrics (process-wide counters, so compare by arm sums)
+    by_arm = {
+        arm: count(engine, f"SELECT count(*) FROM decisions WHERE arm = '{arm}'") for arm in ARMS
+    }
+    for arm, n in by_arm.items():
+        assert metric(scrape, "metallm_decisions_total", arm=arm, status="ok") >= n
+        assert metric(scrape, "metallm_reward_count", arm=arm) >= n
+    assert metric(scrape, "metallm_consumer_lag", topic=topics["queries_topic"], partition="0") == 0
+
     events = read_topic(broker, topics["decisions_topic"], 200)
     assert sorted(json.loads(m.value)["query_id"] for m in events) == sorted(labels)
+
+
+def metrics_text(service: Service) -> str:
+    url = f"http://127.0.0.1:{service.metrics_server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
+
+
+def http_status(service: Service, path: str) -> int:
+    url = f"http://127.0.0.1:{service.metrics_server.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def metric(scrape: str, name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text format (0 if absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in scrape.splitlines():
+        if line.startswith(f"{name}{{{want}}} ") or (not labels and line.startswith(name + " ")):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def test_redelivered_queries_make_no_new_calls_or_rows(

@@ -1,0 +1,92 @@
+"""Prometheus metrics and the health endpoints, served on one HTTP port.
+
+GET /metrics   Prometheus text format
+GET /healthz   200 while the process runs
+GET /readyz    200 when both consumers are running and Postgres answers, else 503
+
+>>> DECISIONS.labels(arm="small", status="ok").inc()
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+DECISIONS = Counter("metallm_decisions", "Decisions made", ["arm", "status"])
+COST = Counter("metallm_cost_usd", "Money spent on LLM calls (USD)", ["arm"])
+LLM_LATENCY = Histogram(
+    "metallm_llm_latency_seconds",
+    "LLM call latency",
+    ["arm"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+)
+REWARD = Histogram(
+    "metallm_reward",
+    "Rewards applied to the policy",
+    ["arm"],
+    buckets=(-1.0, -0.5, 0.0, 0.25, 0.5, 0.75, 0.9, 1.0),
+)
+LABEL_DELAY = Histogram(
+    "metallm_label_delay_seconds",
+    "Time from a decision to its label being applied",
+    buckets=(1, 5, 30, 60, 300, 1800, 3600, 6 * 3600, 86400, 7 * 86400),
+)
+PENDING_LABELS = Gauge("metallm_pending_labels", "Labels waiting for their decision")
+DLQ = Counter("metallm_dlq_events", "Events sent to the dead-letter topic", ["topic"])
+CONSUMER_LAG = Gauge("metallm_consumer_lag", "Messages not yet consumed", ["topic", "partition"])
+BATCH_FAILURES = Counter("metallm_batch_failures", "Batches retried after an error", ["consumer"])
+
+
+class _Handler(BaseHTTPRequestHandler):
+    ready: Callable[[], bool] = staticmethod(lambda: True)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/metrics":
+            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
+        elif self.path == "/healthz":
+            self._send(200, b"ok\n")
+        elif self.path == "/readyz":
+            ok = self.ready()
+            self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
+        else:
+            self._send(404, b"not found\n")
+
+    def _send(self, code: int, body: bytes, content_type: str = "text/plain") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass  # scrapes every few seconds would drown the service's own logs
+
+
+class MetricsServer:
+    """Serves /metrics, /healthz and /readyz on ``host:port`` in a daemon thread."""
+
+    def __init__(self, port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> None:
+        handler = type("Handler", (_Handler,), {"ready": staticmethod(ready)})
+        self.server = ThreadingHTTPServer((host, port), handler)
+        self.port = self.server.server_address[1]
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, daemon=True, name="metallm-metrics"
+        )
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
