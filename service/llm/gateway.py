@@ -32,6 +32,10 @@ from service.tasks import parse_answer
 log = logging.getLogger(__name__)
 
 
+class CircuitOpen(LLMError):
+    """The arm's circuit is open: the call was not sent."""
+
+
 @dataclass(frozen=True)
 class CallResult:
     """The outcome of one call, as recorded on the decision row.
@@ -216,6 +220,8 @@ class Gateway:
         arm = self.arms[name]
         arm_slots, slots = self._limits()
         async with arm_slots[name], slots:
+            if self.breakers[name].state == "open":  # opened while this call was queued
+                raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
@@ -244,6 +250,8 @@ class Gateway:
             attempts += 1
             try:
                 completion = await self._attempt(name, request)
+            except CircuitOpen as exc:  # not sent: says nothing new about the arm
+                return _ArmOutcome(None, str(exc), attempts - 1)
             except LLMError as exc:
                 error = str(exc)
                 if not exc.retryable or retry == arm.max_retries:

@@ -185,6 +185,33 @@ def test_circuit_breaker_takes_a_failing_arm_out_for_a_cool_down() -> None:
     run(scenario())
 
 
+def test_calls_queued_behind_a_dead_arm_go_to_the_fallback_once_the_circuit_opens() -> None:
+    dead = Scripted(default=("sleep", 5.0, Completion("yes")))
+    backup = Scripted(default=Completion("no"))
+    cfg = config(
+        {
+            "a": {
+                "max_in_flight": 1,
+                "timeout_seconds": 0.05,
+                "max_retries": 0,
+                "breaker_failures": 1,
+                "fallback": "b",
+            },
+            "b": {},
+        }
+    )
+    gw = Gateway(cfg, {"a": dead, "b": backup})
+
+    async def five():
+        return await asyncio.gather(*(gw.call("a", request(f"q{i}")) for i in range(5)))
+
+    results = run(five())
+    assert dead.calls == 1  # the first timed out and opened the circuit; the rest never went
+    assert [r.prediction for r in results] == ["no"] * 5
+    assert [r.attempts for r in results] == [2, 1, 1, 1, 1]
+    assert gw.breakers["a"].consecutive == 1
+
+
 def test_a_failed_probe_opens_the_circuit_again() -> None:
     now = [0.0]
     breaker = CircuitBreaker(failures=2, cooldown=10, clock=lambda: now[0])
