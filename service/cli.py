@@ -80,29 +80,120 @@ COLUMNS = [
 def cmd_decisions(settings: Settings, args: argparse.Namespace) -> int:
     from service.storage import make_engine, query_decisions
 
+    if args.explain:
+        return explain(settings, args.explain)
     engine = make_engine(settings.database_url, settings.database_schema)
     with engine.connect() as conn:
         rows = query_decisions(
             conn, since=args.since, arm=args.arm, task=args.task, limit=args.limit
         )
     engine.dispose()
-    if args.format == "json":
+    print_rows(rows, COLUMNS, args.format, f"{len(rows)} decisions")
+    return 0
+
+
+def print_rows(rows: list[dict], columns: list[str], fmt: str, title: str) -> None:
+    """Rows as a rich table, CSV (all columns) or JSON lines (all columns)."""
+    if fmt == "json":
         for row in rows:
             print(json.dumps(row, default=str))
-    elif args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else COLUMNS)
+    elif fmt == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]) if rows else columns)
         writer.writeheader()
         writer.writerows(rows)
     else:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{len(rows)} decisions")
-        for col in COLUMNS:
+        table = Table(title=title)
+        for col in columns:
             table.add_column(col)
         for row in rows:
-            table.add_row(*(_cell(row[c]) for c in COLUMNS))
+            table.add_row(*(_cell(row[c]) for c in columns))
         Console().print(table)
+
+
+def explain(settings: Settings, query_id: str) -> int:
+    """Every arm's policy score and probability when the query was decided."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from service.storage import decision_details, make_engine
+
+    engine = make_engine(settings.database_url, settings.database_schema)
+    with engine.connect() as conn:
+        row = decision_details(conn, query_id)
+    engine.dispose()
+    if row is None:
+        print(f"metallm: no decision for query {query_id!r}", file=sys.stderr)
+        return 1
+    scores = row["arm_scores"] or {}
+    table = Table(
+        title=f"{query_id}: {row['policy']} chose {row['arm']} "
+        f"(p={row['propensity']:.3f}) at {_cell(row['decided_at'])}"
+    )
+    for col in ("arm", "score", "probability", ""):
+        table.add_column(col)
+    for arm, p in sorted(row["probabilities"].items(), key=lambda kv: -kv[1]):
+        table.add_row(
+            arm, _cell(scores.get(arm)), f"{p:.4f}", "← chosen" if arm == row["arm"] else ""
+        )
+    console = Console()
+    console.print(table)
+    outcome = f"status {row['status']}, answer {row['prediction']!r}, cost ${row['cost_usd']:.6g}"
+    if row["fallback_arm"]:
+        outcome += f", answered by fallback {row['fallback_arm']}"
+    if row["label"] is not None:
+        outcome += (
+            f"; label {row['label']!r} → correct={row['correct']}, reward {row['reward']:.4g}"
+        )
+    else:
+        outcome += "; no label yet"
+    console.print(outcome)
+    return 0
+
+
+STATS_COLUMNS = [
+    "arm",
+    "decisions",
+    "share",
+    "labeled",
+    "accuracy",
+    "cost_usd",
+    "cost_per_decision",
+    "mean_reward",
+    "mean_latency_ms",
+    "failures",
+]
+HOURLY_COLUMNS = [
+    "hour",
+    "arm",
+    "decisions",
+    "share",
+    "labeled",
+    "accuracy",
+    "cost_usd",
+    "mean_reward",
+]
+
+
+def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
+    """The arm_summary view, and hourly_stats for the last ``--hours``."""
+    from service.storage import hourly_stats, make_engine, stats_summary
+
+    engine = make_engine(settings.database_url, settings.database_schema)
+    with engine.connect() as conn:
+        summary = stats_summary(conn)
+        hourly = hourly_stats(conn, args.hours)
+    engine.dispose()
+    print_rows(summary, STATS_COLUMNS, args.format, "per arm (view arm_summary)")
+    if args.hours:
+        print_rows(
+            hourly,
+            HOURLY_COLUMNS,
+            args.format,
+            f"per hour, last {args.hours} h (view hourly_stats)",
+        )
     return 0
 
 
@@ -146,6 +237,15 @@ def parser() -> argparse.ArgumentParser:
     dec.add_argument("--task")
     dec.add_argument("--limit", type=int)
     dec.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    dec.add_argument(
+        "--explain",
+        metavar="QUERY_ID",
+        help="every arm's score and probability when this query was decided",
+    )
+
+    stats = sub.add_parser("stats", help="accuracy, cost, share and reward per arm and hour")
+    stats.add_argument("--hours", type=int, default=24, help="hourly rows to show (0: none)")
+    stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
     return p
 
 
@@ -154,6 +254,7 @@ COMMANDS = {
     "serve": cmd_serve,
     "produce": cmd_produce,
     "decisions": cmd_decisions,
+    "stats": cmd_stats,
 }
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy.engine import Connection, Engine
 
-from service import storage
+from service import metrics, storage
 from service.config import AppConfig
 from service.embedding import Embedder
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
@@ -218,6 +218,7 @@ class Decider:
             "attempts": result.attempts,
             "fallback_arm": result.fallback_arm,
             "answer_scores": result.answer_scores,
+            "arm_scores": choice.scores,
             "embedding_model": self.embedder.name,
             "context": storage.vector_to_bytes(context),
             "kafka_partition": record.partition,
@@ -262,6 +263,7 @@ class Learner:
         stats = LabelStats()
         if not labels:
             return stats
+        delays: list[float] = []  # decision → label, for labels that found their decision
         with self.live.lock:
             with self.engine.begin() as conn:
                 for event in labels:
@@ -290,10 +292,13 @@ class Learner:
                         if stored is not None:
                             stats.rewards.append(stored)
                         stats.applied += 1
+                        delays.append((datetime.now(UTC) - decision["decided_at"]).total_seconds())
                 dupes = stats.duplicates + stats.pending_duplicates
                 if dupes:
                     storage.bump_counter(conn, "duplicate_labels", dupes)
             self.live.apply(stats.rewards)
+        for delay in delays:
+            metrics.LABEL_DELAY.observe(delay)
         return stats
 
     def pending_count(self) -> int:

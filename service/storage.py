@@ -56,6 +56,8 @@ decisions = sa.Table(
     sa.Column("attempts", sa.Integer),
     sa.Column("fallback_arm", sa.Text),
     sa.Column("answer_scores", postgresql.JSONB(none_as_null=True)),
+    # 0003
+    sa.Column("arm_scores", postgresql.JSONB(none_as_null=True)),
 )
 
 pending_labels = sa.Table(
@@ -181,6 +183,7 @@ def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None
             decisions.c.label,
             decisions.c.options,
             decisions.c.reward_seq,
+            decisions.c.decided_at,
         )
         .where(decisions.c.query_id == query_id)
         .with_for_update()
@@ -357,6 +360,29 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
         AppliedReward(r.reward_seq, r.query_id, r.arm, bytes_to_vector(r.context), r.reward)
         for r in rows
     ]
+
+
+def decision_details(conn: Connection, query_id: str) -> dict[str, Any] | None:
+    """One decision with everything a person needs to see why it was made."""
+    cols = [c for c in decisions.c if c.name != "context"]
+    row = conn.execute(sa.select(*cols).where(decisions.c.query_id == query_id)).first()
+    return None if row is None else dict(row._mapping)
+
+
+def stats_summary(conn: Connection) -> list[dict[str, Any]]:
+    rows = conn.execute(sa.text("SELECT * FROM arm_summary ORDER BY arm"))
+    return [dict(r._mapping) for r in rows]
+
+
+def hourly_stats(conn: Connection, hours: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        sa.text(
+            "SELECT * FROM hourly_stats WHERE hour >= date_trunc('hour', now()) "
+            "- make_interval(hours => :hours - 1) ORDER BY hour, arm"
+        ),
+        {"hours": hours},
+    )
+    return [dict(r._mapping) for r in rows]
 
 
 def query_decisions(
