@@ -121,11 +121,12 @@ class LlamaCppProvider:
         return shifted - np.log(np.exp(shifted).sum())
 
     def _eval_prompt(self, tokens: list[int]) -> None:
-        """Evaluate ``tokens``, reusing the cached prefix of the previous call (KV cache)."""
-        llm = self._llm
-        cached = llm.longest_token_prefix(llm._input_ids.tolist(), tokens)
-        llm.n_tokens = min(cached, len(tokens) - 1)  # the last token is evaluated for its logits
-        llm.eval(tokens[llm.n_tokens :])
+        """Evaluate ``tokens`` in one batch from an empty cache. Reusing a cached prefix would
+        be faster, but llama.cpp's quantized kernels round differently per batch shape (about
+        0.05 in log-probability here), so the same query could score differently depending on
+        the call before it; from scratch, identical inputs give identical scores."""
+        self._llm.reset()
+        self._llm.eval(tokens)
 
     def _answer_logprobs(self, text: str, answers: list[str]) -> tuple[dict[str, float], int]:
         """log p(answer | text) for each answer (all of its tokens), and the tokens evaluated."""
