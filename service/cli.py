@@ -13,11 +13,20 @@ from pathlib import Path
 from service.settings import Settings
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        handler.setFormatter(
+            JsonFormatter(
+                "%(asctime)s %(levelname)s %(name)s %(message)s",
+                rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
+            )
+        )
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)
     for noisy in ("kafka", "sentence_transformers", "alembic.runtime.migration"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -260,7 +269,6 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _setup_logging(args.log_level)
     from pydantic import ValidationError
 
     from consumers.runner import SchemaMissing
@@ -269,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         settings = Settings()
+        _setup_logging(args.log_level, settings.log_format)
         return COMMANDS[args.command](settings, args)
     except (ConfigError, InputFileError, SchemaMissing) as exc:
         print(f"metallm: {exc}", file=sys.stderr)
