@@ -17,5 +17,6 @@ ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install '.[cloud]'
 
 USER metallm
+EXPOSE 9400
 ENTRYPOINT ["metallm"]
 CMD ["serve"]
