@@ -40,7 +40,7 @@ $(LLAMA_WHEEL): | $(VENV)/bin/python
 		$(BIN)/pip wheel --no-deps --wheel-dir $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_VER)
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(VENV)/bin/python
-	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,dev]'
+	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,demo,dev]'
 	@touch $@
 
 postgres:

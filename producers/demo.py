@@ -11,12 +11,14 @@ Everything it started is stopped on exit or Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import sqlalchemy as sa
 from rich.console import Console
 from rich.live import Live
@@ -24,16 +26,19 @@ from rich.table import Table
 
 from consumers.kafka_io import ensure_topics, make_producer
 from consumers.runner import Service
+from producers.demo_postgres import demo_database
 from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
 from service.migrate import upgrade
+from service.outcomes import read_outcomes
 from service.settings import Settings
 from service.storage import make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
 DATASET = Path(__file__).parent / "data" / "demo_queries.jsonl"
 CONFIG = ROOT / "config" / "metallm.example.yaml"
+OUTCOMES = Path(__file__).parent / "data" / "demo_outcomes.jsonl"
 SCHEMA = "metallm_demo"
 
 console = Console()
@@ -43,7 +48,7 @@ def progress_table(engine: sa.Engine, total: int, started: float) -> Table:
     with engine.connect() as conn:
         decided, labeled, correct, cost = conn.execute(
             sa.text(
-                "SELECT count(*), count(reward), count(*) FILTER (WHERE correct), "
+                "SELECT count(*), count(label), count(*) FILTER (WHERE correct), "
                 "coalesce(sum(cost_usd), 0) FROM decisions"
             )
         ).one()
@@ -60,43 +65,82 @@ def progress_table(engine: sa.Engine, total: int, started: float) -> Table:
     return table
 
 
-def summary(engine: sa.Engine) -> Table:
+def summary(engine: sa.Engine, outcomes_path: Path = OUTCOMES) -> Table:
+    """The router against each single arm on the same queries. Single arms come from a recording
+    of every arm on the demo set (``metallm record``); without it, the router's own per-arm rows."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
-                "SELECT arm, count(*), avg(correct::int), sum(cost_usd), avg(cost_usd), "
-                "avg(latency_ms) FROM decisions WHERE reward IS NOT NULL GROUP BY arm ORDER BY arm"
+                "SELECT query_id, arm, correct, cost_usd FROM decisions WHERE label IS NOT NULL"
             )
         ).all()
-        total = conn.execute(
-            sa.text(
-                "SELECT count(*), avg(correct::int), sum(cost_usd), avg(cost_usd), avg(latency_ms) "
-                "FROM decisions WHERE reward IS NOT NULL"
-            )
-        ).one()
-    table = Table(title="router vs the arms it chose (labeled decisions)")
-    for col in ("", "decisions", "accuracy", "total cost", "cost/query", "latency"):
+    table = Table(title=f"router vs single arms on the same {len(rows)} labeled queries")
+    for col in ("", "accuracy", "total cost", "cost / query"):
         table.add_column(col, justify="right")
-    for arm, n, acc, cost, avg_cost, latency in rows:
-        table.add_row(
-            arm, str(n), f"{acc:.1%}", f"${cost:.6f}", f"${avg_cost:.2e}", f"{latency:.0f} ms"
-        )
-    n, acc, cost, avg_cost, latency = total
-    if n:
-        table.add_row(
-            "[bold]router",
-            str(n),
-            f"[bold]{acc:.1%}",
-            f"${cost:.6f}",
-            f"${avg_cost:.2e}",
-            f"{latency:.0f} ms",
-        )
+    if not rows:
+        return table
+    ids = {r.query_id for r in rows}
+    if outcomes_path.exists():
+        recorded = [o for o in read_outcomes(outcomes_path) if o.query_id in ids]
+        for arm in sorted(recorded[0].arms) if recorded else []:
+            acc = sum(o.correct(arm) for o in recorded) / len(recorded)
+            cost = sum(o.cost(arm) for o in recorded)
+            table.add_row(
+                f"{arm} alone", f"{acc:.1%}", f"${cost:.6f}", f"${cost / len(recorded):.2e}"
+            )
+    else:
+        for arm in sorted({r.arm for r in rows}):
+            mine = [r for r in rows if r.arm == arm]
+            acc = sum(r.correct for r in mine) / len(mine)
+            cost = sum(r.cost_usd for r in mine)
+            table.add_row(
+                f"{arm} (when chosen)", f"{acc:.1%}", f"${cost:.6f}", f"${cost / len(mine):.2e}"
+            )
+    acc = sum(r.correct for r in rows) / len(rows)
+    cost = sum(r.cost_usd for r in rows)
+    table.add_row("[bold]router", f"[bold]{acc:.1%}", f"${cost:.6f}", f"${cost / len(rows):.2e}")
     return table
+
+
+def plot(engine: sa.Engine, path: Path) -> Path:
+    """Running accuracy and each arm's share over the stream, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text("SELECT arm, correct FROM decisions ORDER BY decided_at, query_id")
+        ).all()
+    arms = sorted({r.arm for r in rows})
+    n = np.arange(1, len(rows) + 1)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    labeled = np.array([r.correct is not None for r in rows])
+    right = np.array([bool(r.correct) for r in rows])
+    top.plot(n, np.cumsum(right) / np.maximum(np.cumsum(labeled), 1), label="router")
+    top.set_ylabel("running accuracy")
+    top.set_ylim(0, 1)
+    top.legend()
+    window = max(10, len(rows) // 10)
+    for arm in arms:
+        chosen = np.array([r.arm == arm for r in rows], dtype=float)
+        share = np.convolve(chosen, np.ones(window) / window, mode="valid")
+        bottom.plot(np.arange(window, len(rows) + 1), share, label=arm)
+    bottom.set_ylabel(f"share (last {window})")
+    bottom.set_xlabel("queries decided")
+    bottom.set_ylim(0, 1)
+    bottom.legend()
+    fig.suptitle("metallm demo: what the router learned")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=300, help="how many queries (max 320)")
+    parser.add_argument("--limit", type=int, default=200, help="how many queries (max 320)")
     parser.add_argument("--rate", type=float, default=4.0, help="queries per second")
     parser.add_argument(
         "--label-delay", type=float, default=8.0, help="seconds between a query and its label"
@@ -104,95 +148,91 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
     out = ROOT / "demo-output"
     out.mkdir(exist_ok=True)
     queries = read_events(DATASET, "queries")[: args.limit]
     labels = read_events(DATASET, "labels")[: args.limit]
-    database_url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-    with console.status("starting a local Kafka broker (Tansu)…"):
-        broker = LocalBroker(log_path=out / "broker.log").start()
-    service = None
     try:
-        settings = Settings(
-            kafka_bootstrap=broker.bootstrap,
-            database_url=database_url,
-            database_schema=SCHEMA,
-            config=CONFIG,
-            checkpoint_every=50,
-            session_timeout_ms=2000,
-            heartbeat_interval_ms=500,
-            poll_max_records=16,
-        )
-        engine = make_engine(database_url)
-        with engine.begin() as conn:  # each demo run starts from a clean slate
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
-        engine.dispose()
-        with console.status("migrating the database…"):
-            upgrade(database_url, SCHEMA)
-        with console.status("loading the embedding model and two local LLMs…"):
-            service = Service.build(settings)
-            service.start()
-        ensure_topics(settings, [settings.queries_topic, settings.labels_topic])
-        console.print(
-            f"broker {broker.bootstrap}, Postgres schema {SCHEMA!r}, "
-            f"arms: {', '.join(service.config.arm_names)}"
-        )
-
-        producer = make_producer(settings)
-        label_thread = threading.Thread(
-            target=publish,
-            daemon=True,
-            kwargs=dict(
-                producer=producer,
-                topic=settings.labels_topic,
-                events=labels,
-                rate=args.rate,
-                delay_seconds=args.label_delay,
-                show_progress=False,
-            ),
-        )
-        query_thread = threading.Thread(
-            target=publish,
-            daemon=True,
-            kwargs=dict(
-                producer=producer,
-                topic=settings.queries_topic,
-                events=queries,
-                rate=args.rate,
-                show_progress=False,
-            ),
-        )
-        engine = make_engine(database_url, SCHEMA)
-        started = time.monotonic()
-        query_thread.start()
-        label_thread.start()
-        with Live(
-            progress_table(engine, len(queries), started), console=console, refresh_per_second=2
-        ) as live:
-            while True:
-                live.update(progress_table(engine, len(queries), started))
-                with engine.connect() as conn:
-                    done = conn.execute(sa.text("SELECT count(reward) FROM decisions")).scalar_one()
-                if done >= len(queries) or service.crashed.is_set():
-                    break
-                time.sleep(0.5)
-        producer.close()
-        console.print(summary(engine))
-        console.print(
-            f"policy: {service.live.policy.n_updates} updates; "
-            f"query decisions in Postgres schema {SCHEMA!r}: "
-            f"METALLM_DATABASE_SCHEMA={SCHEMA} metallm decisions"
-        )
-        engine.dispose()
+        with contextlib.ExitStack() as stack:
+            run(stack, queries, labels, args, out)
     except KeyboardInterrupt:
-        console.print("interrupted; stopping")
-    finally:
-        if service is not None:
-            with console.status("stopping the service (finishing calls, checkpointing)…"):
-                service.stop()
-        broker.stop()
+        console.print("interrupted: everything the demo started has been stopped")
+
+
+def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Path) -> None:
+    """Start everything on ``stack`` (so it is all stopped on exit or Ctrl-C), then stream."""
+    with console.status("starting a local Kafka broker (Tansu)…"):
+        broker = stack.enter_context(LocalBroker(log_path=out / "broker.log"))
+    default_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    with console.status("finding a Postgres…"):
+        database_url, origin = stack.enter_context(
+            demo_database(os.environ.get("DATABASE_URL", default_url))
+        )
+    engine = make_engine(database_url)
+    with engine.begin() as conn:  # each demo run starts from a clean slate
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
+    engine.dispose()
+    with console.status("migrating the database…"):
+        upgrade(database_url, SCHEMA)
+    settings = Settings(
+        kafka_bootstrap=broker.bootstrap,
+        database_url=database_url,
+        database_schema=SCHEMA,
+        config=CONFIG,
+        checkpoint_every=50,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        poll_max_records=16,
+        metrics_port=0,
+    )
+    with console.status("loading the embedding model and two local LLMs…"):
+        service = Service.build(settings)
+        stack.callback(service.stop)
+        service.start()
+    ensure_topics(settings, [settings.queries_topic, settings.labels_topic])
+    console.print(
+        f"Kafka (Tansu) at {broker.bootstrap}; {origin}, schema {SCHEMA!r}; "
+        f"arms: {', '.join(service.config.arm_names)}; "
+        f"metrics: http://127.0.0.1:{service.metrics_server.port}/metrics"
+    )
+    producer = make_producer(settings)
+    stack.callback(producer.close)
+    for topic, events, delay in (
+        (settings.queries_topic, queries, 0.0),
+        (settings.labels_topic, labels, args.label_delay),
+    ):
+        threading.Thread(
+            target=publish,
+            daemon=True,
+            kwargs=dict(
+                producer=producer,
+                topic=topic,
+                events=events,
+                rate=args.rate,
+                delay_seconds=delay,
+                show_progress=False,
+            ),
+        ).start()
+    engine = make_engine(database_url, SCHEMA)
+    stack.callback(engine.dispose)
+    started = time.monotonic()
+    with Live(
+        progress_table(engine, len(queries), started), console=console, refresh_per_second=2
+    ) as live:
+        while not service.crashed.is_set():
+            live.update(progress_table(engine, len(queries), started))
+            with engine.connect() as conn:
+                labeled = conn.execute(sa.text("SELECT count(label) FROM decisions")).scalar_one()
+            if labeled >= len(queries):
+                break
+            time.sleep(0.5)
+    console.print(summary(engine))
+    png = plot(engine, out / "demo.png")
+    console.print(f"plot saved: {png}")
+    console.print(
+        f"the policy learned from {service.live.policy.n_updates} rewards; look at the decisions "
+        f"with: METALLM_DATABASE_SCHEMA={SCHEMA} .venv/bin/metallm decisions"
+    )
 
 
 if __name__ == "__main__":

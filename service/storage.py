@@ -93,7 +93,7 @@ def make_engine(url: str, schema: str | None = None, **kwargs: Any) -> Engine:
     """An engine for ``url`` (a bare ``postgresql://`` URL is given the psycopg 3 driver)."""
     if url.startswith("postgresql://") or url.startswith("postgres://"):
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    connect_args: dict[str, Any] = {}
+    connect_args: dict[str, Any] = dict(kwargs.pop("connect_args", {}))
     if schema:
         if not schema.replace("_", "").isalnum():
             raise ValueError(f"schema name must be alphanumeric/underscore: {schema!r}")
