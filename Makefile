@@ -19,7 +19,9 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test install llama-wheel postgres lint bench clean
 
-demo: install postgres
+demo: install
+	@# the local Postgres if this machine has one (started if down); else the demo embeds one
+	-@[ ! -d /etc/postgresql ] || $(MAKE) --no-print-directory postgres
 	$(BIN)/python -m producers.demo
 
 test: install postgres
