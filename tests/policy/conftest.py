@@ -18,6 +18,22 @@ from service.outcomes import OutcomeRecord, read_outcomes
 DATA = Path(__file__).parent / "data" / "gsm8k_outcomes.jsonl"
 
 
+@pytest.fixture(scope="package", autouse=True)
+def _single_threaded_blas():
+    """Run the policy tests with one BLAS thread (restored after this package).
+
+    On a busy 2-core machine OpenBLAS's threaded gemv spins: the gsm8k budget replay took
+    31 s with the default 2 threads against 1.5 s with one.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        yield
+        return
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
+
+
 @pytest.fixture(scope="session")
 def gsm8k_records() -> list[OutcomeRecord]:
     return read_outcomes(DATA)
@@ -38,12 +54,16 @@ def embed_texts(texts: list[str]) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def gsm8k_embeddings(gsm8k_records, pytestconfig) -> np.ndarray:
+    texts = [r.text for r in gsm8k_records]
+    store = getattr(pytestconfig, "cache", None)  # None under `-p no:cacheprovider`
+    if store is None:
+        return embed_texts(texts)
     digest = hashlib.sha256(DATA.read_bytes()).hexdigest()[:16]
-    cache = pytestconfig.cache.mkdir("metallm-embeddings") / f"gsm8k-minilm-{digest}.npy"
+    cache = store.mkdir("metallm-embeddings") / f"gsm8k-minilm-{digest}.npy"
     if cache.exists():
         X = np.load(cache)
-        if X.shape == (len(gsm8k_records), 384):
+        if X.shape == (len(texts), 384):
             return X
-    X = embed_texts([r.text for r in gsm8k_records])
+    X = embed_texts(texts)
     np.save(cache, X)
     return X
