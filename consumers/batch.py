@@ -1,9 +1,12 @@
 """The loop both consumers share: poll → validate → handle → publish → commit.
 
 Offsets are committed only after the batch's database transaction has committed and every
-message it produced (decisions, dead letters) is acknowledged by the broker. When handling
-fails (Postgres down, say), the consumer seeks back to the start of the batch and retries with
-exponential backoff, so nothing is skipped.
+message it produced (decisions, dead letters) is acknowledged by the broker, and only up to
+the last event handled. When handling fails because Postgres or the broker cannot be reached,
+the consumer seeks back to the start of the batch and retries with exponential backoff, so
+nothing is skipped. Any other failure is about the events themselves: the batch is retried one
+event at a time and an event that still fails on its own goes to the dead-letter topic with
+the reason (``processing failed: …``), so one poison event never stalls its partition.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import sqlalchemy.exc as sa_exc
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
 
 from service import metrics
 from service.events import InvalidEvent, dlq_record
@@ -34,8 +40,34 @@ class Outgoing:
 class ConsumerStats:
     batches: int = 0
     events: int = 0
-    invalid: int = 0
-    failures: int = 0
+    invalid: int = 0  # events sent to the DLQ (invalid, or failing on their own)
+    failures: int = 0  # batches (or polls) that failed and were retried
+
+
+TRANSIENT = (
+    sa_exc.DisconnectionError,
+    sa_exc.TimeoutError,
+    KafkaError,
+    ConnectionError,
+    TimeoutError,
+)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure is about reaching Postgres or the broker (retrying the same events
+    later can succeed) rather than about the events themselves."""
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(exc, TRANSIENT)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a failure: the driver's message, without SQL or bound values."""
+    inner = getattr(exc, "orig", None) or exc
+    text = " ".join(str(inner).split())
+    return f"{type(inner).__name__}: {text}"[:1000]
 
 
 class BatchConsumer:
@@ -73,27 +105,46 @@ class BatchConsumer:
     def run(self) -> None:
         backoff = 0.5
         while not self.stop_event.is_set():
-            batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+            try:
+                batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
+            except Exception:
+                self._failed("poll failed", 0, backoff)
+                self.stop_event.wait(backoff)
+                backoff = min(backoff * 2, self.max_backoff_s)
+                continue
             records = [r for part in batch.values() for r in part]
             if records:
                 try:
                     self.process(records)
                     backoff = 0.5
-                except Exception:
-                    self.stats.failures += 1
-                    metrics.BATCH_FAILURES.labels(self.name).inc()
-                    log.exception(
-                        "%s: batch of %d failed; retrying in %.1f s",
-                        self.name,
-                        len(records),
-                        backoff,
-                    )
-                    self.rewind(records)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
-                    continue
-            self.record_lag()
-            self.idle()
+                except Exception as exc:
+                    if is_transient(exc):
+                        self._failed("batch failed", len(records), backoff)
+                        self.rewind(records)
+                        self.stop_event.wait(backoff)
+                        backoff = min(backoff * 2, self.max_backoff_s)
+                        continue
+                    self._failed("batch failed; retrying its events one at a time", len(records))
+                    try:
+                        self.isolate(records)
+                        backoff = 0.5
+                    except Exception:
+                        self._failed("retrying one at a time failed", len(records), backoff)
+                        self.stop_event.wait(backoff)
+                        backoff = min(backoff * 2, self.max_backoff_s)
+                        continue
+            self.housekeeping()
+
+    def _failed(self, what: str, n: int, backoff: float | None = None) -> None:
+        self.stats.failures += 1
+        metrics.BATCH_FAILURES.labels(self.name).inc()
+        log.exception(
+            "%s: %s (%d events)%s",
+            self.name,
+            what,
+            n,
+            "" if backoff is None else f"; retrying in {backoff:.1f} s",
+        )
 
     def process(self, records: list[ConsumerRecord]) -> None:
         valid: list[tuple[Any, ConsumerRecord]] = []
@@ -101,40 +152,76 @@ class BatchConsumer:
         for record in records:
             try:
                 valid.append((self.validate(record.value), record))
-            except InvalidEvent as exc:
-                self.stats.invalid += 1
-                metrics.DLQ.labels(record.topic).inc()
-                log.warning(
-                    "%s: %s[%d]@%d to the DLQ: %s",
-                    self.name,
-                    record.topic,
-                    record.partition,
-                    record.offset,
-                    exc,
-                )
-                outgoing.append(
-                    Outgoing(
-                        self.dlq_topic,
-                        record.key,
-                        dlq_record(
-                            record.key,
-                            record.value,
-                            str(exc),
-                            record.topic,
-                            record.partition,
-                            record.offset,
-                        ),
-                    )
-                )
+            except Exception as exc:  # validation is pure: whatever it raises, the event is bad
+                reason = str(exc) if isinstance(exc, InvalidEvent) else f"invalid: {describe(exc)}"
+                outgoing.append(self.dead_letter(record, reason))
         if valid:
             outgoing.extend(self.handle(valid))
-        futures = [self.producer.send(o.topic, key=o.key, value=o.value) for o in outgoing]
-        self.producer.flush()
-        for future in futures:
-            future.get(timeout=30)  # raises if the broker did not take it
-        self.consumer.commit()
+        self.publish(outgoing, records)
         self.stats.batches += 1
         self.stats.events += len(records)
+
+    def isolate(self, records: list[ConsumerRecord]) -> None:
+        """Handle each event of a failed batch on its own; an event that fails on its own (for
+        any reason but an unreachable Postgres or broker) goes to the DLQ with the reason. On a
+        connection failure, seek back to the event it happened at and raise."""
+        for i, record in enumerate(records):
+            if self.stop_event.is_set():
+                self.rewind(records[i:])
+                return
+            try:
+                try:
+                    self.process([record])
+                except Exception as exc:
+                    if is_transient(exc):
+                        raise
+                    log.exception("%s: %s[%d]@%d fails on its own", self.name, *self._where(record))
+                    reason = f"processing failed: {describe(exc)}"
+                    self.publish([self.dead_letter(record, reason)], [record])
+            except Exception:
+                self.rewind(records[i:])
+                raise
+
+    def dead_letter(self, record: ConsumerRecord, reason: str) -> Outgoing:
+        self.stats.invalid += 1
+        metrics.DLQ.labels(record.topic).inc()
+        log.warning("%s: %s[%d]@%d to the DLQ: %s", self.name, *self._where(record), reason)
+        return Outgoing(
+            self.dlq_topic,
+            record.key,
+            dlq_record(
+                record.key, record.value, reason, record.topic, record.partition, record.offset
+            ),
+        )
+
+    @staticmethod
+    def _where(record: ConsumerRecord) -> tuple[str, int, int]:
+        return record.topic, record.partition, record.offset
+
+    def publish(self, outgoing: list[Outgoing], records: list[ConsumerRecord]) -> None:
+        """Send ``outgoing``, wait for the broker to take every message, then commit the
+        offsets just past ``records`` (and no further)."""
+        futures = [self.producer.send(o.topic, key=o.key, value=o.value) for o in outgoing]
+        if futures:
+            self.producer.flush()
+        for future in futures:
+            future.get(timeout=30)  # raises if the broker did not take it
+        after: dict[TopicPartition, OffsetAndMetadata] = {}
+        for r in records:
+            tp = TopicPartition(r.topic, r.partition)
+            if tp not in after or after[tp].offset <= r.offset:
+                after[tp] = OffsetAndMetadata(r.offset + 1, "", -1)
+        self.consumer.commit(after)
+
+    def housekeeping(self) -> None:
+        try:
+            self.record_lag()
+        except Exception:
+            log.debug("%s: could not read the consumer lag", self.name, exc_info=True)
+        try:
+            self.idle()
+        except Exception:
+            log.exception("%s: periodic work failed; will retry", self.name)
 
     def record_lag(self) -> None:
         """Export how far each assigned partition is behind its high-water mark."""
@@ -153,7 +240,10 @@ class BatchConsumer:
             tp = TopicPartition(r.topic, r.partition)
             first[tp] = min(first.get(tp, r.offset), r.offset)
         for tp, offset in first.items():
-            self.consumer.seek(tp, offset)
+            try:
+                self.consumer.seek(tp, offset)
+            except Exception:  # revoked meanwhile: its next owner starts at the committed offset
+                log.warning("%s: cannot seek %s back to %d (not assigned)", self.name, tp, offset)
 
     def stop(self) -> None:
         self.stop_event.set()

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 MAX_TEXT_CHARS = 32_768
+MAX_DEPTH = 64  # nesting of ``metadata``
 
 
 class InvalidEvent(ValueError):
@@ -37,15 +39,54 @@ class _Event(BaseModel):
         except json.JSONDecodeError as exc:
             where = f"line {exc.lineno} column {exc.colno}"
             raise InvalidEvent(f"not JSON: {exc.msg} at {where}") from None
+        except RecursionError:
+            raise InvalidEvent(f"nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(data, dict):
             raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
         try:
-            return cls.model_validate(data)
+            event = cls.model_validate(data)
         except ValidationError as exc:
             raise InvalidEvent(describe_validation_error(exc)) from None
+        for name in type(event).model_fields:
+            problem = unstorable(getattr(event, name))
+            if problem:
+                raise InvalidEvent(f"{name}: {problem}")
+        return event
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode("utf-8")
+
+
+def unstorable(value: Any) -> str | None:
+    """Why Postgres could not store ``value`` (a NUL character, an unpaired surrogate, NaN or
+    Infinity, nesting deeper than :data:`MAX_DEPTH`), or None. JSON allows all of these, and
+    an event carrying one would otherwise fail every time it is stored.
+
+    >>> unstorable({"a": ["ok", 1.5]}) is None
+    True
+    >>> unstorable({"a": "x\\x00y"})
+    'contains a NUL character'
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"nested deeper than {MAX_DEPTH} levels"
+        if isinstance(item, str):
+            if "\x00" in item:
+                return "contains a NUL character"
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return "contains an unpaired surrogate"
+        elif isinstance(item, float) and not math.isfinite(item):
+            return "NaN and Infinity are not JSON numbers"
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item)
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list | tuple):
+            stack.extend((v, depth + 1) for v in item)
+    return None
 
 
 def describe_validation_error(exc: ValidationError) -> str:
