@@ -49,6 +49,10 @@ class LabelConsumer(BatchConsumer):
         now = time.monotonic()
         if now >= self._next_gauge:
             self._next_gauge = now + 5.0
+            try:  # rewards held back by a database outage, a checkpoint that failed
+                self.learner.live.apply([])
+            except Exception:
+                log.exception("catching up the policy failed; will retry")
             try:
                 metrics.PENDING_LABELS.set(self.learner.pending_count())
             except Exception:

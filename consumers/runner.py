@@ -59,6 +59,7 @@ class Service:
     _threads: list[threading.Thread] = field(default_factory=list)
     _producer: KafkaProducer | None = None
     metrics_server: MetricsServer | None = None
+    checkpoint_failed: bool = False
 
     @classmethod
     def build(
@@ -146,8 +147,13 @@ class Service:
             self._producer.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
-        if self.live.policy.n_updates:
-            self.live.checkpoint()
+        try:
+            self.live.apply([])  # rewards held back while Postgres was unreachable, if any
+            if self.live.policy.n_updates:
+                self.live.checkpoint()
+        except Exception:  # the rewards are in Postgres: the next start re-applies them
+            self.checkpoint_failed = True
+            log.exception("the final policy checkpoint failed")
         self.decider.close()
         self.decider.gateway.close()
         self.engine.dispose()
@@ -167,4 +173,4 @@ class Service:
             if self.crashed.is_set():
                 break
         self.stop()
-        return 1 if self.crashed.is_set() else 0
+        return 1 if self.crashed.is_set() or self.checkpoint_failed else 0

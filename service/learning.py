@@ -42,6 +42,7 @@ class LivePolicy:
         self.checkpoint_every = checkpoint_every
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
+        self._held: list[AppliedReward] = []  # committed, waiting for a gap to be checked
         self._since_checkpoint = 0
 
     def restore(self) -> int:
@@ -65,17 +66,46 @@ class LivePolicy:
         return len(replay)
 
     def apply(self, rewards: Iterable[AppliedReward]) -> None:
-        """Apply rewards already committed to Postgres. Call with the lock held since commit."""
+        """Apply rewards already committed to Postgres. Call with the lock held since commit.
+
+        Every reward-storing transaction runs under this lock, so a reward sequence number
+        below the first one given that was never applied here is either a rolled-back
+        transaction (a gap) or one that committed although this process saw it fail (the
+        connection died after COMMIT was sent; the retried batch then finds its work done).
+        Such gaps are looked up in Postgres and applied first, so the policy never skips a
+        stored reward. A checkpoint that fails is retried later: the rewards are in Postgres.
+        """
         with self.lock:
-            for r in sorted(rewards, key=lambda r: r.seq):
-                if r.seq <= self.watermark:
-                    continue  # already in the policy
+            todo = {r.seq: r for r in [*self._held, *rewards] if r.seq > self.watermark}
+            self._held = []
+            if todo and min(todo) > self.watermark + 1:
+                try:
+                    with self.engine.connect() as conn:
+                        committed = storage.rewards_after(conn, self.watermark)
+                except Exception:
+                    log.warning(
+                        "cannot look for unapplied rewards below seq %d yet; holding %d rewards",
+                        min(todo),
+                        len(todo),
+                        exc_info=True,
+                    )
+                    self._held = list(todo.values())
+                    return
+                missed = [r for r in committed if r.seq < min(todo)]
+                if missed:
+                    log.warning("applying %d committed rewards this process missed", len(missed))
+                todo.update((r.seq, r) for r in missed)
+            for seq in sorted(todo):
+                r = todo[seq]
                 self.policy.update(r.arm, r.context, r.reward)
                 metrics.REWARD.labels(r.arm).observe(r.reward)
                 self.watermark = r.seq
                 self._since_checkpoint += 1
             if self._since_checkpoint >= self.checkpoint_every:
-                self.checkpoint()
+                try:
+                    self.checkpoint()
+                except Exception:
+                    log.exception("policy checkpoint failed; retrying after the next reward")
 
     def checkpoint(self) -> None:
         with self.lock:
