@@ -30,6 +30,8 @@ from service.tasks import build_prompt
 
 log = logging.getLogger(__name__)
 
+MAX_UNSTORED = 10_000  # calls kept for decisions whose batch failed before storing them
+
 
 @dataclass(frozen=True)
 class QueryRecord:
@@ -110,6 +112,9 @@ class Decider:
         self.rewards = rewards
         self.llm_calls = 0
         self._loop = asyncio.new_event_loop()
+        # calls made for decisions not stored yet (the batch failed after calling: Postgres
+        # down, say): a retry reuses them, so a query is never sent twice by this process
+        self._unstored: dict[str, tuple[QueryEvent, Any, CallResult, np.ndarray, CallRequest]] = {}
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         """Parse a raw query event, or raise :class:`InvalidEvent` with the reason."""
@@ -135,25 +140,12 @@ class Decider:
         if not todo:
             return []
 
-        contexts = self.embedder.embed([r.event.text for r in todo])
-        arms = self.gateway.available_arms()
-        with self.live.lock:
-            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
-        requests = []
-        for record in todo:
-            task = self.config.tasks[record.event.task]
-            options = record.event.options or task.labels
-            requests.append(
-                CallRequest(record.event.query_id, build_prompt(task, record.event.text, options))
-            )
-        results = self._loop.run_until_complete(self._call_all(choices, requests))
-        self.llm_calls += len(results)
-
+        self._call(todo)
+        calls = [self._unstored[r.event.query_id] for r in todo]
+        results = [result for _, _, result, _, _ in calls]
         rows = [
             self._row(record, choice, result, context, request)
-            for record, choice, result, context, request in zip(
-                todo, choices, results, contexts, requests, strict=True
-            )
+            for record, (_, choice, result, context, request) in zip(todo, calls, strict=True)
         ]
         with self.live.lock:
             with self.engine.begin() as conn:
@@ -178,9 +170,57 @@ class Decider:
                     if stored is not None:
                         applied.append(stored)
             self.live.apply(applied)
+        for record in todo:
+            self._unstored.pop(record.event.query_id, None)
         if early:
             log.info("stored %d labels that arrived before their decisions", len(early))
         return [self._event(row) for row in rows if row["query_id"] in inserted]
+
+    def _call(self, todo: list[QueryRecord]) -> None:
+        """Embed, choose an arm and call it for each query of ``todo`` not already called for
+        (an earlier attempt at this batch may have called, then failed to store)."""
+        fresh = [
+            r
+            for r in todo
+            if r.event.query_id not in self._unstored
+            or self._unstored[r.event.query_id][0] != r.event
+        ]
+        if fresh:
+            contexts = self.embedder.embed([r.event.text for r in fresh])
+            arms = self.gateway.available_arms()
+            with self.live.lock:
+                choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
+            requests = []
+            for record in fresh:
+                task = self.config.tasks[record.event.task]
+                options = record.event.options or task.labels
+                prompt = build_prompt(task, record.event.text, options)
+                requests.append(CallRequest(record.event.query_id, prompt))
+            results = self._loop.run_until_complete(self._call_all(choices, requests))
+            self.llm_calls += len(results)
+            for record, choice, result, context, request in zip(
+                fresh, choices, results, contexts, requests, strict=True
+            ):
+                self._unstored[record.event.query_id] = (
+                    record.event,
+                    choice,
+                    result,
+                    context,
+                    request,
+                )
+        elif todo:
+            log.info("reusing the calls already made for %d queries not stored yet", len(todo))
+        while len(self._unstored) > MAX_UNSTORED:  # bounded: oldest first
+            self._unstored.pop(next(iter(self._unstored)))
+
+    def stored_events(self, query_ids: list[str]) -> list[DecisionEvent]:
+        """The decision events of queries already decided, from Postgres (to publish again
+        when their query is redelivered: the first publication may have been lost)."""
+        if not query_ids:
+            return []
+        with self.engine.connect() as conn:
+            rows = storage.decisions_by_id(conn, query_ids)
+        return [self._event(row) for row in rows]
 
     async def _call_all(self, choices: list, requests: list[CallRequest]) -> list[CallResult]:
         calls = (self.gateway.call(c.arm, r) for c, r in zip(choices, requests, strict=True))

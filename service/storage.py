@@ -404,3 +404,26 @@ def query_decisions(
     if limit is not None:
         stmt = stmt.limit(limit)
     return [dict(r._mapping) for r in conn.execute(stmt)]
+
+def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """Stored decisions (what the decision event carries), in the order of ``query_ids``."""
+    ids = list(dict.fromkeys(query_ids))
+    if not ids:
+        return []
+    cols = [
+        decisions.c.query_id,
+        decisions.c.task,
+        decisions.c.arm,
+        decisions.c.propensity,
+        decisions.c.probabilities,
+        decisions.c.prediction,
+        decisions.c.status,
+        decisions.c.cost_usd,
+        decisions.c.latency_ms,
+        decisions.c.decided_at,
+    ]
+    found = {
+        r.query_id: dict(r._mapping)
+        for r in conn.execute(sa.select(*cols).where(decisions.c.query_id.in_(ids)))
+    }
+    return [found[q] for q in ids if q in found]
