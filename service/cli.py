@@ -260,6 +260,10 @@ def parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="accuracy, cost, share and reward per arm and hour")
     stats.add_argument("--hours", type=int, default=24, help="hourly rows to show (0: none)")
     stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    from service.evaluation.cli import add_commands  # record, bench, evaluate
+
+    COMMANDS.update(add_commands(sub))
     return p
 
 

@@ -1,0 +1,487 @@
+"""The evaluation subcommands of ``metallm``: ``record``, ``bench`` and ``evaluate``.
+
+``service.cli`` registers them with :func:`add_commands`::
+
+    metallm record data.jsonl --out outcomes.jsonl          # or: metallm record --builtin ...
+    metallm bench outcomes.jsonl --delay 100 --seeds 5 --out bench-out
+    metallm bench outcomes.jsonl --through-service --local-broker --limit 300
+    metallm evaluate --from-db --lambda 0.05 --lambda 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Settings, argparse.Namespace], int]
+
+
+def _fail(message: str) -> int:
+    print(f"metallm: {message}", file=sys.stderr)
+    return 2
+
+
+# ------------------------------------------------------------------------------ record
+def cmd_record(settings: Settings, args: argparse.Namespace) -> int:
+    from service.config import load_config
+    from service.evaluation.record import RecordError, builtin_dataset, load_dataset, record
+
+    if bool(args.dataset) == bool(args.builtin):
+        return _fail("give a dataset file or --builtin (not both)")
+    path = builtin_dataset() if args.builtin else Path(args.dataset)
+    config_path = Path(args.config) if args.config else settings.config
+    try:
+        dataset = load_dataset(path)
+        if args.limit is not None:
+            dataset = dataset[: args.limit]
+        config = load_config(config_path)
+        summary = record(
+            dataset,
+            config,
+            Path(args.out),
+            concurrency=args.concurrency,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except RecordError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        print(
+            f"\ninterrupted: {args.out} holds every query finished so far; "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
+        return 130
+    resumed = f" (resumed after {summary.resumed_from})" if summary.resumed_from else ""
+    print(f"wrote {summary.written} queries to {summary.path}{resumed} in {summary.seconds:.1f} s")
+    for arm, stats in summary.per_arm.items():
+        print(
+            f"  {arm}: accuracy {stats['accuracy']:.1%}, cost ${stats['cost_usd']:.6f}, "
+            f"failed calls {int(stats['failed'])}"
+        )
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+
+
+def _budget(text: str) -> tuple[float, bool]:
+    """``0.0004`` (USD per query) or ``40%`` (of the most accurate arm's mean cost)."""
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0, True
+        return float(text), False
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a budget: {text!r} (e.g. 0.0004 or 40%)") from None
+
+
+def _load_problem(args: argparse.Namespace, settings: Settings):
+    import numpy as np
+
+    from service.evaluation.bench import Problem
+    from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, default_cache_path
+    from service.outcomes import read_outcomes
+
+    records = read_outcomes(args.outcomes)
+    if args.limit is not None:
+        records = records[: args.limit]
+    cache = EmbeddingCache(
+        Path(args.embedding_cache) if args.embedding_cache else default_cache_path()
+    )
+    embedder = CachedEmbedder.for_model(args.embedding_model or settings.embedding_model, cache)
+    contexts = embedder.embed([r.text for r in records])
+    if not args.quiet:
+        print(
+            f"embeddings: {embedder.hits} from the cache, {embedder.misses} computed "
+            f"({embedder.name}, {cache.path})",
+            file=sys.stderr,
+        )
+    return Problem.from_records(records, np.asarray(contexts)), embedder
+
+
+def _progress(quiet: bool):
+    if quiet:
+        return contextlib.nullcontext(None)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), transient=True
+    )
+
+
+def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service.evaluation import plots, report
+    from service.evaluation.bench import (
+        BenchConfig,
+        BenchError,
+        make_router,
+        one_blas_thread,
+        run_bench,
+        split,
+        warmed,
+    )
+    from service.outcomes import OutcomesError
+
+    params = dict(settings.policy_params)
+    params.pop("seed", None)
+    if args.policy_params:
+        try:
+            params.update(json.loads(args.policy_params))
+        except json.JSONDecodeError as exc:
+            return _fail(f"--policy-params is not JSON: {exc}")
+    try:
+        problem, embedder = _load_problem(args, settings)
+        start = split(problem.n, args.warm_start)
+        budget = None
+        if args.budget is not None:
+            value, relative = args.budget
+            if relative:
+                rows = slice(start, problem.n)
+                acc = problem.correct[rows].mean(axis=0)
+                mean_cost = problem.cost[rows].mean(axis=0)
+                best = int(np.lexsort((mean_cost, -acc))[0])
+                value *= float(mean_cost[best])
+            budget = value
+        config = BenchConfig(
+            delay=args.delay,
+            lam=settings.reward_lambda if args.lam is None else args.lam,
+            cost_unit=settings.cost_unit_usd if args.cost_unit is None else args.cost_unit,
+            budget=budget,
+            budget_lr=args.budget_lr,
+            warm_start=args.warm_start,
+            seeds=list(range(args.seed, args.seed + args.seeds)),
+            policy=args.policy or settings.policy,
+            policy_params=params,
+            lambdas=None if args.no_sweep else (args.lambdas or ()),
+            knn_k=args.knn_k,
+            offline_folds=args.offline_folds,
+            baselines=not args.no_baselines,
+        )
+        with _progress(args.quiet) as bar, one_blas_thread():
+            tasks: dict[str, Any] = {}
+
+            def progress(stage: str, done: int, total: int) -> None:
+                if bar is None:
+                    return
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                bar.update(tasks[stage], completed=done)
+
+            result = run_bench(problem, config, progress)
+    except (OutcomesError, BenchError, ValueError) as exc:
+        return _fail(str(exc))
+
+    out = Path(args.out or f"bench-{Path(args.outcomes).stem}")
+    out.mkdir(parents=True, exist_ok=True)
+    status = 0
+    if args.through_service:
+        from service.evaluation.through_service import compare, run_through_service
+
+        seed = config.seeds[0]
+        warm = None
+        if result.start:
+            with one_blas_thread():
+                warm = warmed(
+                    make_router(config, seed),
+                    problem,
+                    np.arange(result.start),
+                    config.lam,
+                    config.cost_unit,
+                ).dumps()
+        with contextlib.ExitStack() as stack:
+            s = settings
+            if args.local_broker:
+                from producers.local_broker import LocalBroker
+
+                broker = stack.enter_context(LocalBroker())
+                s = settings.model_copy(
+                    update={
+                        "kafka_bootstrap": broker.bootstrap,
+                        "session_timeout_ms": 2000,
+                        "heartbeat_interval_ms": 500,
+                    }
+                )
+            bar = stack.enter_context(_progress(args.quiet))
+            task = None if bar is None else bar.add_task("through the service", total=None)
+
+            def tick(done: int, total: int) -> None:
+                if bar is not None:
+                    bar.update(task, completed=done, total=total)
+
+            try:
+                run = run_through_service(
+                    problem,
+                    Path(args.outcomes),
+                    s,
+                    config,
+                    seed,
+                    result.start,
+                    embedder,
+                    warm_state=warm,
+                    schema=args.db_schema,
+                    progress=tick,
+                )
+            except Exception as exc:
+                log.exception("the through-service replay failed")
+                return _fail(f"the through-service replay failed: {exc}")
+        result.extra["through_service"] = compare(
+            problem, result.start, result.router_runs[seed], run
+        )
+        if not result.extra["through_service"]["identical"]:
+            status = 1
+    title = f"metallm bench {Path(args.outcomes).name}"
+    text = report.markdown(result, title)
+    (out / "results.md").write_text(text, encoding="utf-8")
+    report.write_json(result, out / "results.json")
+    if not args.no_plots:
+        plots.accuracy_vs_cost(result, out / "accuracy_vs_cost.png", title)
+        plots.cumulative_reward(result, out / "cumulative_reward.png", title)
+    print(text)
+    files = "results.md, results.json" + ("" if args.no_plots else ", 2 PNG plots")
+    print(f"wrote {files} to {out}/", file=sys.stderr)
+    if status:
+        mismatch = result.extra["through_service"].get("first_mismatch")
+        print(f"metallm: the service decided differently: {mismatch}", file=sys.stderr)
+    return status
+
+
+# ------------------------------------------------------------------------------ evaluate
+def _datetime(value: str) -> datetime:
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
+
+
+def _targets(specs: list[str] | None, data, engine) -> dict[str, Any]:
+    """Target policies by name: logged, uniform, arm:NAME, greedy, checkpoint, file:PATH."""
+    from service import storage
+    from service.evaluation import ope
+    from service.policy import loads
+
+    checkpoint = None
+    with engine.connect() as conn:
+        row = storage.latest_checkpoint(conn)
+    if row is not None:
+        checkpoint = row["state"]
+    if not specs:
+        specs = ["logged", "uniform", *(f"arm:{a}" for a in data.arms), "greedy"]
+        if checkpoint is not None:
+            specs.append("checkpoint")
+    out: dict[str, Any] = {}
+    for spec in specs:
+        if spec == "logged":
+            out[spec] = ope.logged_policy(data)
+        elif spec == "uniform":
+            out[spec] = ope.uniform(data)
+        elif spec == "greedy":
+            out[spec] = "greedy"
+        elif spec.startswith("arm:"):
+            out[spec] = ope.fixed_arm(data, spec[4:])
+        elif spec == "checkpoint":
+            if checkpoint is None:
+                raise ValueError("the database holds no policy checkpoint")
+            out[spec] = ope.from_policy(data, loads(checkpoint))
+        elif spec.startswith("file:"):
+            out[spec] = ope.from_policy(data, loads(Path(spec[5:]).read_bytes()))
+        else:
+            raise ValueError(
+                f"unknown target {spec!r}: logged, uniform, arm:NAME, greedy, checkpoint, file:PATH"
+            )
+    return out
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service.evaluation import ope
+    from service.storage import make_engine
+
+    if not args.from_db:
+        return _fail("evaluate reads logged decisions: pass --from-db")
+    engine = make_engine(settings.database_url, settings.database_schema)
+    try:
+        data = ope.load_decisions(engine, args.since, args.until, args.policy)
+        targets = _targets(args.target, data, engine)
+    except (ope.NoLoggedData, ValueError) as exc:
+        return _fail(str(exc))
+    finally:
+        engine.dispose()
+    unit = settings.cost_unit_usd if args.cost_unit is None else args.cost_unit
+    logged = data.logged_lambda[np.isfinite(data.logged_lambda)]
+    lams = args.lams or [float(np.median(logged)) if logged.size else settings.reward_lambda]
+    rows = ope.evaluate_targets(data, targets, lams, unit, args.confidence)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    from rich.console import Console
+    from rich.table import Table
+
+    pct = f"{args.confidence:.0%}"
+    table = Table(
+        title=f"off-policy estimates of the mean reward per query, {data.n} logged decisions "
+        f"(policies: {', '.join(data.policies) or '?'}), {pct} intervals"
+    )
+    for col in ("target", "λ", "observed (logged)", "IPS", "SNIPS", "DR", "ESS"):
+        table.add_column(col, justify="right")
+
+    def cell(e: dict[str, float]) -> str:
+        return f"{e['value']:.4f} [{e['low']:.4f}, {e['high']:.4f}]"
+
+    for r in rows:
+        table.add_row(
+            r["target"],
+            f"{r['lambda']:g}",
+            f"{r['observed_mean_reward']:.4f}",
+            cell(r["ips"]),
+            cell(r["snips"]),
+            cell(r["dr"]),
+            f"{r['ess']:.0f}",
+        )
+    Console(width=160).print(table)
+    unsupported = [r["target"] for r in rows if r["unsupported_mass"] > 0]
+    if unsupported:
+        print(
+            "note: " + ", ".join(sorted(set(unsupported))) + " put probability on arms the log "
+            "never offered; those parts are invisible to every estimator",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
+    """Register ``record``, ``bench`` and ``evaluate``; returns their handlers by name."""
+    rec = sub.add_parser(
+        "record",
+        help="run every configured arm on a labeled dataset and write an outcomes file",
+        description="Run every arm of the config on each query of a labeled dataset "
+        "(JSONL/CSV: query_id, text, task, label[, options]) and write an outcomes file. "
+        "Resumable: run the same command again after an interruption.",
+    )
+    rec.add_argument("dataset", nargs="?", help="labeled dataset file (JSONL or CSV)")
+    rec.add_argument(
+        "--builtin",
+        action="store_true",
+        help="the built-in multi-task set (320 BIG-bench queries; tasks of "
+        "config/metallm.example.yaml)",
+    )
+    rec.add_argument("--out", required=True, help="outcomes file to write (or resume)")
+    rec.add_argument("--config", help="tasks-and-arms YAML (default: METALLM_CONFIG)")
+    rec.add_argument("--concurrency", type=int, default=4, help="queries in flight (4)")
+    rec.add_argument("--limit", type=int, help="only the first N queries")
+    rec.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
+    rec.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    b = sub.add_parser(
+        "bench",
+        help="replay an outcomes file through the router and every baseline",
+        description="Stream the queries of an outcomes file in order; the router decides from "
+        "each query's embedding and learns each reward --delay queries later. Baselines, a λ "
+        "sweep (APGR, AIQ, cost at 95%% of the best arm's accuracy), a markdown table, a JSON "
+        "file and PNG plots.",
+    )
+    b.add_argument("outcomes", help="outcomes file (JSON Lines)")
+    b.add_argument("--delay", type=int, default=100, help="reveal rewards N queries later (100)")
+    b.add_argument(
+        "--lambda",
+        dest="lam",
+        type=float,
+        help="λ, the price of cost in reward (default: METALLM_REWARD_LAMBDA)",
+    )
+    b.add_argument(
+        "--budget",
+        type=_budget,
+        help="budget mode: target mean cost per query, in USD (0.0004) or as a %% of the most "
+        "accurate arm's (40%%); λ then follows the budget pacer",
+    )
+    b.add_argument("--budget-lr", type=float, default=0.05, help="budget pacer step (0.05)")
+    b.add_argument(
+        "--cost-unit", type=float, help="USD that λ applies per (default: METALLM_COST_UNIT_USD)"
+    )
+    b.add_argument(
+        "--warm-start",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="train on the first FRACTION with full information, then continue online (0)",
+    )
+    b.add_argument("--seeds", type=int, default=1, help="runs with seeds S..S+K-1 (1)")
+    b.add_argument("--seed", type=int, default=0, help="first seed (0)")
+    b.add_argument("--policy", help="routing policy (default: METALLM_POLICY)")
+    b.add_argument("--policy-params", help="JSON parameters (default: METALLM_POLICY_PARAMS)")
+    b.add_argument(
+        "--lambdas",
+        type=_floats,
+        help="λ sweep grid, comma separated (default: 12 values spanning the arms' costs)",
+    )
+    b.add_argument("--no-sweep", action="store_true", help="skip the λ sweep")
+    b.add_argument("--no-baselines", action="store_true", help="only the router and the arms")
+    b.add_argument("--knn-k", type=int, default=10, help="neighbours of the kNN router (10)")
+    b.add_argument(
+        "--offline-folds",
+        type=int,
+        default=5,
+        help="cold start: cross-fitting folds of the offline baselines (5)",
+    )
+    b.add_argument("--limit", type=int, help="only the first N queries")
+    b.add_argument("--out", help="output folder (default: bench-<file name>)")
+    b.add_argument("--no-plots", action="store_true")
+    b.add_argument("--embedding-model", help="sentence-transformers folder (default: MiniLM)")
+    b.add_argument(
+        "--embedding-cache", help="SQLite cache file (default: ~/.cache/metallm/embeddings.sqlite)"
+    )
+    b.add_argument(
+        "--through-service",
+        action="store_true",
+        help="also replay through Kafka → service → Postgres and check the decisions match",
+    )
+    b.add_argument(
+        "--local-broker", action="store_true", help="with --through-service: start a Tansu broker"
+    )
+    b.add_argument("--db-schema", help="with --through-service: Postgres schema (default: new)")
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+
+    ev = sub.add_parser(
+        "evaluate",
+        help="off-policy estimates (IPS, SNIPS, DR) from the logged decisions",
+        description="Estimate from the decisions table (propensities, contexts, outcomes) what "
+        "other policies, or other λ values, would have earned per query, with confidence "
+        "intervals. Targets: logged, uniform, arm:NAME, greedy (a router fitted on the log for "
+        "each λ), checkpoint (the service's latest policy, frozen), file:PATH (a checkpoint).",
+    )
+    ev.add_argument("--from-db", action="store_true", help="read METALLM_DATABASE_* (required)")
+    ev.add_argument("--target", action="append", help="a target policy (repeatable)")
+    ev.add_argument(
+        "--lambda",
+        dest="lams",
+        type=float,
+        action="append",
+        help="score rewards at this λ (repeatable; default: the logged λ)",
+    )
+    ev.add_argument("--cost-unit", type=float, help="default: METALLM_COST_UNIT_USD")
+    ev.add_argument("--since", type=_datetime, help="only decisions from this ISO time")
+    ev.add_argument("--until", type=_datetime, help="only decisions before this ISO time")
+    ev.add_argument("--policy", help="only decisions made by this policy")
+    ev.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
+    ev.add_argument("--json", help="also write the estimates to this file")
+
+    return {"record": cmd_record, "bench": cmd_bench, "evaluate": cmd_evaluate}
