@@ -27,7 +27,9 @@ from service.embedding import Embedder
 from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.metrics import MetricsServer
-from service.pipeline import Decider, Learner, RewardSettings
+from service.pacing import BudgetPacer
+from service.pipeline import Decider, Learner
+from service.reward import RewardSettings
 from service.settings import Settings
 from service.storage import make_engine
 
@@ -72,8 +74,16 @@ class Service:
         config = config or load_config(settings.config)
         engine = make_engine(settings.database_url, settings.database_schema)
         check_schema(engine)
+        budget = None
+        if settings.budget_usd_per_query is not None:
+            budget = BudgetPacer(
+                settings.budget_usd_per_query,
+                settings.cost_unit_usd,
+                settings.budget_lr,
+                lam0=settings.reward_lambda,
+            )
         live = LivePolicy(
-            engine, settings.policy, settings.policy_params, settings.checkpoint_every
+            engine, settings.policy, settings.policy_params, settings.checkpoint_every, budget
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)

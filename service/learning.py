@@ -4,6 +4,10 @@ Rewards get a sequence number inside the database transaction that stores them, 
 same lock that then applies them to the in-memory policy, so the policy always equals
 "checkpoint + every reward with seq > its watermark, in seq order". After a crash, restore
 loads the newest checkpoint and re-applies exactly those rewards from Postgres.
+
+Budget mode works the same way: every decision's cost moves λ (a :class:`BudgetPacer` kept in
+the policy's checkpoint), observed in ``decision_seq`` order, and a restart re-observes the
+costs of the decisions made after the checkpoint.
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ from collections.abc import Iterable
 from sqlalchemy.engine import Engine
 
 from service import metrics, storage
+from service.pacing import BudgetPacer
 from service.policy import RoutingPolicy, loads, make_policy
+from service.reward import RewardSettings
 from service.storage import AppliedReward
 
 log = logging.getLogger(__name__)
@@ -35,15 +41,34 @@ class LivePolicy:
         policy_name: str,
         policy_params: dict,
         checkpoint_every: int = 100,
+        budget: BudgetPacer | None = None,
     ) -> None:
         self.engine = engine
         self.policy_name = policy_name
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         self.checkpoint_every = checkpoint_every
+        self.budget = budget  # the pacer to start from in budget mode (None: fixed λ)
+        self.policy.pacer = budget
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self._held: list[AppliedReward] = []  # committed, waiting for a gap to be checked
+        self.decision_watermark = 0  # highest decision_seq whose cost the pacer has seen
         self._since_checkpoint = 0
+
+    def reward_settings(self, base: RewardSettings) -> RewardSettings:
+        """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
+        pacer = self.policy.pacer
+        return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
+
+    def observe_costs(self, costs: Iterable[tuple[int, float]]) -> None:
+        """Feed committed decisions' (decision_seq, cost_usd) to the pacer, once each, in order."""
+        with self.lock:
+            for seq, cost in sorted(costs):
+                if seq <= self.decision_watermark:
+                    continue
+                if self.policy.pacer is not None:
+                    self.policy.pacer.observe(cost)
+                self.decision_watermark = seq
 
     def restore(self) -> int:
         """Load the newest checkpoint and re-apply the rewards stored after it.
@@ -53,6 +78,8 @@ class LivePolicy:
             if checkpoint is not None:
                 self.policy = loads(checkpoint["state"])
                 self.watermark = int(checkpoint["reward_watermark"])
+                self.decision_watermark = int(checkpoint["decision_watermark"])
+                self._reconcile_budget()
                 log.info(
                     "restored policy checkpoint %s (%d updates, watermark %d)",
                     checkpoint["id"],
@@ -60,10 +87,23 @@ class LivePolicy:
                     self.watermark,
                 )
             replay = storage.rewards_after(conn, self.watermark)
+            costs = storage.decision_costs(conn, after=self.decision_watermark)
+        self.observe_costs(costs)
         self.apply(replay)
         if replay:
             log.info("re-applied %d rewards recorded after the checkpoint", len(replay))
         return len(replay)
+
+    def _reconcile_budget(self) -> None:
+        """A checkpoint's pacer continues, unless budget mode was switched off or its target
+        changed since (then the configured pacer starts afresh)."""
+        saved, wanted = self.policy.pacer, self.budget
+        if wanted is None:
+            if saved is not None:
+                log.info("budget mode is off: the checkpoint's λ pacer is dropped")
+            self.policy.pacer = None
+        elif saved is None or saved.target_cost_per_query != wanted.target_cost_per_query:
+            self.policy.pacer = wanted
 
     def apply(self, rewards: Iterable[AppliedReward]) -> None:
         """Apply rewards already committed to Postgres. Call with the lock held since commit.
@@ -112,7 +152,12 @@ class LivePolicy:
             state = self.policy.dumps()
             with self.engine.begin() as conn:
                 storage.save_checkpoint(
-                    conn, self.policy_name, self.policy.n_updates, self.watermark, state
+                    conn,
+                    self.policy_name,
+                    self.policy.n_updates,
+                    self.watermark,
+                    state,
+                    decision_watermark=self.decision_watermark,
                 )
             self._since_checkpoint = 0
             log.info(

@@ -24,7 +24,7 @@ from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.learning import LivePolicy, labels_match
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
-from service.reward import reward
+from service.reward import RewardSettings, reward
 from service.storage import AppliedReward
 from service.tasks import build_prompt
 
@@ -49,12 +49,6 @@ class LabelStats:
     pending: int = 0
     pending_duplicates: int = 0
     rewards: list[AppliedReward] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class RewardSettings:
-    lam: float
-    cost_unit: float
 
 
 def store_failure_reward(
@@ -148,11 +142,13 @@ class Decider:
             for record, (_, choice, result, context, request) in zip(todo, calls, strict=True)
         ]
         with self.live.lock:
+            rewards = self.live.reward_settings(self.rewards)
             with self.engine.begin() as conn:
                 inserted = storage.insert_decisions(conn, rows)
+                costs = storage.decision_costs(conn, inserted)
                 by_id = {row["query_id"]: row for row in rows}
                 applied = [  # a failed arm is rewarded now; its label will not count again
-                    store_failure_reward(conn, row, self.rewards)
+                    store_failure_reward(conn, row, rewards)
                     for row, result in zip(rows, results, strict=True)
                     if row["query_id"] in inserted and result.arm_failed
                 ]
@@ -164,11 +160,12 @@ class Decider:
                         row,
                         pending["label"],
                         pending["labeled_at"],
-                        self.rewards,
+                        rewards,
                         pending["duplicates"],
                     )
                     if stored is not None:
                         applied.append(stored)
+            self.live.observe_costs(costs)
             self.live.apply(applied)
         for record in todo:
             self._unstored.pop(record.event.query_id, None)
@@ -305,6 +302,7 @@ class Learner:
             return stats
         delays: list[float] = []  # decision → label, for labels that found their decision
         with self.live.lock:
+            rewards = self.live.reward_settings(self.rewards)
             with self.engine.begin() as conn:
                 for event in labels:
                     decision = storage.decision_for_label(conn, event.query_id)
@@ -327,7 +325,7 @@ class Learner:
                             )
                     else:
                         stored = store_reward(
-                            conn, decision, event.label, event.labeled_at, self.rewards
+                            conn, decision, event.label, event.labeled_at, rewards
                         )
                         if stored is not None:
                             stats.rewards.append(stored)

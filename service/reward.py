@@ -6,6 +6,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RewardSettings:
+    """λ and the cost unit it applies per (λ may move in budget mode: see LivePolicy)."""
+
+    lam: float
+    cost_unit: float
+
 
 def reward(correct: bool, cost_usd: float, lam: float, cost_unit: float) -> float:
     """r = 1[correct] − λ · cost / cost_unit. A failed or unparseable call counts as wrong."""

@@ -46,7 +46,9 @@ class Settings(BaseSettings):
     config: Path = Path("metallm.yaml")
 
     # Learning
-    reward_lambda: float = Field(0.1, ge=0)
+    reward_lambda: float = Field(0.1, ge=0)  # fixed λ, or budget mode's starting λ
+    budget_usd_per_query: float | None = Field(None, ge=0)  # set: λ adapts to meet it
+    budget_lr: float = Field(0.05, gt=0)
     cost_unit_usd: float = Field(0.001, gt=0)
     policy: str = "linucb"
     policy_params: dict[str, Any] = Field(

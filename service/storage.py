@@ -58,6 +58,8 @@ decisions = sa.Table(
     sa.Column("answer_scores", postgresql.JSONB(none_as_null=True)),
     # 0003
     sa.Column("arm_scores", postgresql.JSONB(none_as_null=True)),
+    # 0004
+    sa.Column("decision_seq", sa.BigInteger),
 )
 
 pending_labels = sa.Table(
@@ -79,6 +81,7 @@ policy_checkpoints = sa.Table(
     sa.Column("n_updates", sa.BigInteger),
     sa.Column("reward_watermark", sa.BigInteger),
     sa.Column("state", sa.LargeBinary),
+    sa.Column("decision_watermark", sa.BigInteger),
 )
 
 service_counters = sa.Table(
@@ -319,12 +322,22 @@ def counters(conn: Connection) -> dict[str, int]:
 
 
 def save_checkpoint(
-    conn: Connection, policy: str, n_updates: int, watermark: int, state: bytes, keep: int = 3
+    conn: Connection,
+    policy: str,
+    n_updates: int,
+    watermark: int,
+    state: bytes,
+    decision_watermark: int = 0,
+    keep: int = 3,
 ) -> None:
     """Store a policy checkpoint and prune all but the newest ``keep``."""
     conn.execute(
         sa.insert(policy_checkpoints).values(
-            policy=policy, n_updates=n_updates, reward_watermark=watermark, state=state
+            policy=policy,
+            n_updates=n_updates,
+            reward_watermark=watermark,
+            decision_watermark=decision_watermark,
+            state=state,
         )
     )
     newest = (
@@ -341,6 +354,20 @@ def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
         sa.select(policy_checkpoints).order_by(policy_checkpoints.c.id.desc()).limit(1)
     ).first()
     return None if row is None else dict(row._mapping)
+
+
+def decision_costs(
+    conn: Connection, query_ids: Iterable[str] | None = None, after: int | None = None
+) -> list[tuple[int, float]]:
+    """(decision_seq, cost_usd) of the given decisions, or of all after a watermark, in order."""
+    stmt = sa.select(decisions.c.decision_seq, decisions.c.cost_usd).order_by(
+        decisions.c.decision_seq
+    )
+    if query_ids is not None:
+        stmt = stmt.where(decisions.c.query_id.in_(list(query_ids)))
+    if after is not None:
+        stmt = stmt.where(decisions.c.decision_seq > after)
+    return [(int(seq), float(cost)) for seq, cost in conn.execute(stmt)]
 
 
 def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
@@ -404,6 +431,7 @@ def query_decisions(
     if limit is not None:
         stmt = stmt.limit(limit)
     return [dict(r._mapping) for r in conn.execute(stmt)]
+
 
 def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
     """Stored decisions (what the decision event carries), in the order of ``query_ids``."""

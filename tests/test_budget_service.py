@@ -1,0 +1,99 @@
+"""Budget mode in the service: λ follows the decisions' costs to meet a target, and a restart
+restores it exactly (checkpointed pacer + the costs of the decisions made after it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from service.config import parse_config
+from service.events import LabelEvent, QueryEvent
+from service.learning import LivePolicy
+from service.llm.gateway import Gateway
+from service.outcomes import read_outcomes
+from service.pacing import BudgetPacer
+from service.pipeline import Decider, Learner, QueryRecord
+from service.reward import RewardSettings
+
+pytestmark = pytest.mark.integration
+
+GSM8K = Path(__file__).parent / "policy" / "data" / "gsm8k_outcomes.jsonl"  # real GPT-4/Mixtral
+RECORDS = read_outcomes(GSM8K)
+GPT4, MIXTRAL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
+MEAN_GPT4 = sum(r.cost(GPT4) for r in RECORDS) / len(RECORDS)
+BASE = RewardSettings(lam=0.0, cost_unit=MEAN_GPT4)
+TARGET = 0.4 * MEAN_GPT4
+
+
+def pacer() -> BudgetPacer:
+    return BudgetPacer(TARGET, BASE.cost_unit, lr=0.05, lam0=0.0)
+
+
+def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
+    rows = [r.model_dump() for r in RECORDS]
+    config = parse_config(
+        {
+            "tasks": {"gsm8k": {"kind": "classification", "labels": ["correct", "incorrect"]}},
+            "arms": [
+                {"name": a, "provider": "replay", "model": a, "outcomes": str(GSM8K)}
+                for a in (GPT4, MIXTRAL)
+            ],
+        }
+    )
+    live = LivePolicy(
+        engine, "linucb", {"seed": 3, "epsilon": 0.1}, checkpoint_every=400, budget=pacer()
+    )
+    decider = Decider(config, engine, live, embedder, Gateway(config), BASE)
+    learner = Learner(engine, live, BASE, pending_ttl_seconds=60)
+    for start in range(0, len(rows), 20):  # decide a batch, then label the previous one
+        batch = rows[start : start + 20]
+        decider.decide(
+            [
+                QueryRecord(QueryEvent(query_id=r["query_id"], text=r["text"], task=r["task"]))
+                for r in batch
+            ]
+        )
+        if start:
+            learner.learn(
+                [
+                    LabelEvent(query_id=r["query_id"], label=r["label"])
+                    for r in rows[start - 20 : start]
+                ]
+            )
+
+    with engine.connect() as conn:
+        costs = [
+            c
+            for (c,) in conn.execute(
+                sa.text("SELECT cost_usd FROM decisions ORDER BY decision_seq")
+            )
+        ]
+        lambdas = {
+            lam
+            for (lam,) in conn.execute(
+                sa.text("SELECT DISTINCT reward_lambda FROM decisions WHERE reward IS NOT NULL")
+            )
+        }
+    n = len(rows)
+    assert live.policy.pacer.n_observed == n == len(costs)
+    assert len(lambdas) > 3  # λ moved while rewards were being stored
+    second_half = costs[n // 2 :]
+    assert sum(second_half) / len(second_half) == pytest.approx(TARGET, rel=0.10)
+
+    # "crash": a new process restores the last checkpoint (up to 400 rewards old) and
+    # re-observes the costs after its decision watermark
+    recovered = LivePolicy(
+        engine, "linucb", {"seed": 3, "epsilon": 0.1}, checkpoint_every=400, budget=pacer()
+    )
+    recovered.restore()
+    assert recovered.decision_watermark == live.decision_watermark
+    assert recovered.policy.pacer.lam == pytest.approx(live.policy.pacer.lam, abs=1e-12)
+    assert recovered.policy.pacer.n_observed == n
+    assert recovered.reward_settings(BASE).lam == pytest.approx(live.reward_settings(BASE).lam)
+
+    # switching budget mode off on restart goes back to the fixed λ
+    fixed = LivePolicy(engine, "linucb", {"seed": 3}, checkpoint_every=400)
+    fixed.restore()
+    assert fixed.policy.pacer is None and fixed.reward_settings(BASE) == BASE
