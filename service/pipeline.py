@@ -48,6 +48,7 @@ class LabelStats:
     duplicates: int = 0
     pending: int = 0
     pending_duplicates: int = 0
+    redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
     rewards: list[AppliedReward] = field(default_factory=list)
 
 
@@ -278,6 +279,7 @@ class Decider:
         )
 
     def close(self) -> None:
+        self._loop.run_until_complete(self.gateway.aclose())  # HTTP pools live on this loop
         self._loop.close()
 
 
@@ -296,7 +298,15 @@ class Learner:
     def validate(raw: bytes | None) -> LabelEvent:
         return LabelEvent.from_bytes(raw)
 
-    def learn(self, labels: list[LabelEvent]) -> LabelStats:
+    def learn(
+        self,
+        labels: list[LabelEvent],
+        sources: list[tuple[str, int, int]] | None = None,
+        group: str = "",
+    ) -> LabelStats:
+        """Apply label events. ``sources`` gives each one's (topic, partition, offset): the
+        progress of ``group`` is then stored in the same transaction, and an event applied
+        before (redelivered after a crash) changes nothing, not even the duplicate counters."""
         stats = LabelStats()
         if not labels:
             return stats
@@ -304,8 +314,19 @@ class Learner:
         with self.live.lock:
             rewards = self.live.reward_settings(self.rewards)
             with self.engine.begin() as conn:
-                for event in labels:
+                again = [False] * len(labels)
+                if sources:
+                    done = storage.applied_label_offsets(conn, group, {s[:2] for s in sources})
+                    again = [o < done.get((t, p), 0) for t, p, o in sources]
+                for event, redelivered in zip(labels, again, strict=True):
                     decision = storage.decision_for_label(conn, event.query_id)
+                    if redelivered and (
+                        storage.has_pending_label(conn, event.query_id)
+                        if decision is None
+                        else decision["label"] is not None
+                    ):
+                        stats.redelivered += 1  # its effect is already there
+                        continue
                     if decision is None:
                         if storage.add_pending_label(
                             conn, event.query_id, event.label, event.labeled_at
@@ -334,7 +355,15 @@ class Learner:
                 dupes = stats.duplicates + stats.pending_duplicates
                 if dupes:
                     storage.bump_counter(conn, "duplicate_labels", dupes)
+                if sources:
+                    after: dict[tuple[str, int], int] = {}
+                    for topic, partition, offset in sources:
+                        tp = (topic, partition)
+                        after[tp] = max(after.get(tp, 0), offset + 1)
+                    storage.record_label_offsets(conn, group, after)
             self.live.apply(stats.rewards)
+        if stats.redelivered:
+            log.info("%d labels were redelivered and had been applied already", stats.redelivered)
         for delay in delays:
             metrics.LABEL_DELAY.observe(delay)
         return stats

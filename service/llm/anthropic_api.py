@@ -34,5 +34,9 @@ class AnthropicProvider:
         usage = message.usage
         return Completion(text.strip(), int(usage.input_tokens), int(usage.output_tokens))
 
+    async def aclose(self) -> None:
+        """Close the HTTP pool, on the event loop that used it."""
+        await self.client.close()
+
     def close(self) -> None:
-        """The HTTP pool is closed with the event loop that used it; nothing to do here."""
+        """Synchronous part of closing: nothing (the pool is closed by :meth:`aclose`)."""

@@ -329,6 +329,13 @@ class Gateway:
             answer_scores=completion.scores,
         )
 
+    async def aclose(self) -> None:
+        """Close the providers' async HTTP clients on the loop that used them."""
+        for provider in self.providers.values():
+            aclose = getattr(provider, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
     def close(self) -> None:
         for provider in self.providers.values():
             provider.close()

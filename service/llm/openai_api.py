@@ -120,5 +120,9 @@ class OpenAIProvider:
         tokens_in, tokens_out = self._usage(response)
         return Completion(self._text(response).strip(), tokens_in, tokens_out)
 
+    async def aclose(self) -> None:
+        """Close the HTTP pool, on the event loop that used it."""
+        await self.client.close()
+
     def close(self) -> None:
-        """The HTTP pool is closed with the event loop that used it; nothing to do here."""
+        """Synchronous part of closing: nothing (the pool is closed by :meth:`aclose`)."""
