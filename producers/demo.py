@@ -14,6 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -30,6 +31,7 @@ from producers.demo_postgres import demo_database
 from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
+from service.config import AppConfig, load_config
 from service.migrate import upgrade
 from service.outcomes import read_outcomes
 from service.settings import Settings
@@ -39,7 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DATASET = Path(__file__).parent / "data" / "demo_queries.jsonl"
 CONFIG = ROOT / "config" / "metallm.example.yaml"
 OUTCOMES = Path(__file__).parent / "data" / "demo_outcomes.jsonl"
-SCHEMA = "metallm_demo"
 
 console = Console()
 
@@ -138,18 +139,51 @@ def plot(engine: sa.Engine, path: Path) -> Path:
     return path
 
 
+def replay_config() -> AppConfig:
+    """The example config with each arm answering from its recorded outcomes."""
+    config = load_config(CONFIG)
+    arms = [
+        arm.model_copy(update={"provider": "replay", "model": arm.name, "outcomes": OUTCOMES})
+        for arm in config.arms
+    ]
+    return config.model_copy(update={"arms": arms})
+
+
+def schema_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+        raise argparse.ArgumentTypeError(f"not a plain schema name: {value!r}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="how many queries (max 320)")
     parser.add_argument("--rate", type=float, default=4.0, help="queries per second")
+    parser.add_argument(
+        "--replay",
+        action="store_true",
+        help="answer from the recorded outcomes of the same two models instead of running them",
+    )
+    parser.add_argument(
+        "--schema",
+        default="metallm_demo",
+        type=schema_name,
+        help="Postgres schema for the demo (dropped and recreated on each run)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=ROOT / "demo-output",
+        help="where the plot and the broker log go",
+    )
     parser.add_argument(
         "--label-delay", type=float, default=8.0, help="seconds between a query and its label"
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = ROOT / "demo-output"
-    out.mkdir(exist_ok=True)
+    out = args.output
+    out.mkdir(parents=True, exist_ok=True)
     queries = read_events(DATASET, "queries")[: args.limit]
     labels = read_events(DATASET, "labels")[: args.limit]
     try:
@@ -170,14 +204,14 @@ def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Pat
         )
     engine = make_engine(database_url)
     with engine.begin() as conn:  # each demo run starts from a clean slate
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{SCHEMA}" CASCADE'))
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{args.schema}" CASCADE'))
     engine.dispose()
     with console.status("migrating the database…"):
-        upgrade(database_url, SCHEMA)
+        upgrade(database_url, args.schema)
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
         database_url=database_url,
-        database_schema=SCHEMA,
+        database_schema=args.schema,
         config=CONFIG,
         checkpoint_every=50,
         session_timeout_ms=2000,
@@ -185,13 +219,14 @@ def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Pat
         poll_max_records=16,
         metrics_port=0,
     )
+    config = replay_config() if args.replay else load_config(CONFIG)
     with console.status("loading the embedding model and two local LLMs…"):
-        service = Service.build(settings)
+        service = Service.build(settings, config=config)
         stack.callback(service.stop)
         service.start()
     ensure_topics(settings, [settings.queries_topic, settings.labels_topic])
     console.print(
-        f"Kafka (Tansu) at {broker.bootstrap}; {origin}, schema {SCHEMA!r}; "
+        f"Kafka (Tansu) at {broker.bootstrap}; {origin}, schema {args.schema!r}; "
         f"arms: {', '.join(service.config.arm_names)}; "
         f"metrics: http://127.0.0.1:{service.metrics_server.port}/metrics"
     )
@@ -213,7 +248,7 @@ def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Pat
                 show_progress=False,
             ),
         ).start()
-    engine = make_engine(database_url, SCHEMA)
+    engine = make_engine(database_url, args.schema)
     stack.callback(engine.dispose)
     started = time.monotonic()
     with Live(
@@ -231,7 +266,7 @@ def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Pat
     console.print(f"plot saved: {png}")
     console.print(
         f"the policy learned from {service.live.policy.n_updates} rewards; look at the decisions "
-        f"with: METALLM_DATABASE_SCHEMA={SCHEMA} .venv/bin/metallm decisions"
+        f"with: METALLM_DATABASE_SCHEMA={args.schema} .venv/bin/metallm decisions"
     )
 
 

@@ -1,0 +1,89 @@
+"""`make demo`'s program, run as a user runs it (with recorded answers instead of the models,
+to keep it quick): it finishes with the comparison and a plot, and Ctrl-C stops everything."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import sqlalchemy as sa
+
+from service.storage import make_engine
+from tests.conftest import DATABASE_URL
+
+pytestmark = pytest.mark.integration
+
+
+def assert_broker_stopped(output: str) -> None:
+    """The demo's own broker (found by the address it printed) is no longer running."""
+    address = re.search(r"Kafka \(Tansu\) at (127\.0\.0\.1:\d+)", output).group(1)
+    left = subprocess.run(["pgrep", "-f", f"tansu broker.*{address}"], capture_output=True)
+    assert left.returncode == 1, f"the demo left its broker at {address} running"
+
+
+@pytest.fixture
+def demo(tmp_path):
+    schema = f"demo_{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "COLUMNS": "120"}
+
+    def start(*args: str) -> subprocess.Popen:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "producers.demo",
+                "--replay",
+                "--schema",
+                schema,
+                "--output",
+                str(tmp_path),
+                *args,
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    yield start
+    engine = make_engine(DATABASE_URL)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    engine.dispose()
+
+
+def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
+    proc = demo("--limit", "24", "--rate", "50", "--label-delay", "0.5")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, output
+    assert "router vs single arms on the same 24 labeled queries" in output
+    assert "gemma-3-270m alone" in output and "qwen2.5-0.5b alone" in output
+    assert "router" in output and "decided" in output
+    png = tmp_path / "demo.png"
+    assert f"plot saved: {png}" in output.replace("\n", "")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_broker_stopped(output)
+
+
+def test_ctrl_c_stops_everything_the_demo_started(demo):
+    proc = demo("--limit", "200", "--rate", "2")
+    deadline = time.monotonic() + 180
+    seen = ""
+    while "Kafka (Tansu) at" not in seen and time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen += line
+    assert "Kafka (Tansu) at" in seen, seen
+    time.sleep(2)  # mid-stream
+    proc.send_signal(signal.SIGINT)
+    output = seen + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, output
+    assert "interrupted" in output
+    assert_broker_stopped(output)
