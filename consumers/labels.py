@@ -38,7 +38,11 @@ class LabelConsumer(BatchConsumer):
         return self.learner.validate(raw)
 
     def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
-        stats = self.learner.learn([event for event, _ in items])
+        stats = self.learner.learn(
+            [event for event, _ in items],
+            [(r.topic, r.partition, r.offset) for _, r in items],
+            self.consumer.config["group_id"],
+        )
         self.totals.applied += stats.applied
         self.totals.duplicates += stats.duplicates
         self.totals.pending += stats.pending
@@ -49,8 +53,8 @@ class LabelConsumer(BatchConsumer):
         now = time.monotonic()
         if now >= self._next_gauge:
             self._next_gauge = now + 5.0
-            try:  # rewards held back by a database outage, a checkpoint that failed
-                self.learner.live.apply([])
+            try:  # rewards held back or missed (a lost COMMIT reply), a failed checkpoint
+                self.learner.live.catch_up()
             except Exception:
                 log.exception("catching up the policy failed; will retry")
             try:

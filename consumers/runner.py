@@ -158,7 +158,7 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.stop()
         try:
-            self.live.apply([])  # rewards held back while Postgres was unreachable, if any
+            self.live.catch_up()  # rewards held back or missed while Postgres misbehaved
             if self.live.policy.n_updates:
                 self.live.checkpoint()
         except Exception:  # the rewards are in Postgres: the next start re-applies them

@@ -61,11 +61,18 @@ class LivePolicy:
         return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
 
     def observe_costs(self, costs: Iterable[tuple[int, float]]) -> None:
-        """Feed committed decisions' (decision_seq, cost_usd) to the pacer, once each, in order."""
+        """Feed committed decisions' (decision_seq, cost_usd) to the pacer, once each, in order.
+        As in :meth:`apply`, a gap below them may hide decisions committed although this
+        process saw their COMMIT fail: in budget mode they are looked up and observed first."""
         with self.lock:
-            for seq, cost in sorted(costs):
-                if seq <= self.decision_watermark:
-                    continue
+            todo = {seq: cost for seq, cost in costs if seq > self.decision_watermark}
+            if todo and min(todo) > self.decision_watermark + 1 and self.policy.pacer is not None:
+                try:
+                    with self.engine.connect() as conn:
+                        todo.update(storage.decision_costs(conn, after=self.decision_watermark))
+                except Exception:
+                    log.warning("cannot look for unobserved decision costs", exc_info=True)
+            for seq, cost in sorted(todo.items()):
                 if self.policy.pacer is not None:
                     self.policy.pacer.observe(cost)
                 self.decision_watermark = seq
@@ -146,6 +153,27 @@ class LivePolicy:
                     self.checkpoint()
                 except Exception:
                     log.exception("policy checkpoint failed; retrying after the next reward")
+
+    def catch_up(self) -> int:
+        """Apply every committed reward this process has not (and in budget mode observe every
+        decision cost): rewards held back during an outage, and the tail a lost COMMIT
+        acknowledgement leaves when no later reward reveals the gap. The service runs it every
+        few seconds and before its last checkpoint. Returns how many rewards it applied."""
+        with self.lock:
+            with self.engine.connect() as conn:
+                missed = storage.rewards_after(conn, self.watermark)
+                costs = (
+                    storage.decision_costs(conn, after=self.decision_watermark)
+                    if self.policy.pacer is not None
+                    else []
+                )
+            self.observe_costs(costs)
+            before = self.policy.n_updates
+            self.apply(missed)
+            applied = self.policy.n_updates - before
+        if applied:
+            log.warning("applied %d committed rewards this process had missed", applied)
+        return applied
 
     def checkpoint(self) -> None:
         with self.lock:

@@ -84,6 +84,16 @@ policy_checkpoints = sa.Table(
     sa.Column("decision_watermark", sa.BigInteger),
 )
 
+label_offsets = sa.Table(
+    "label_offsets",
+    metadata,
+    sa.Column("consumer_group", sa.Text, primary_key=True),
+    sa.Column("topic", sa.Text, primary_key=True),
+    sa.Column("partition", sa.Integer, primary_key=True),
+    sa.Column("next_offset", sa.BigInteger),
+    sa.Column("updated_at", sa.DateTime(timezone=True)),
+)
+
 service_counters = sa.Table(
     "service_counters",
     metadata,
@@ -287,6 +297,48 @@ def add_pending_label(
         set_={"duplicates": pending_labels.c.duplicates + 1},
     ).returning(pending_labels.c.duplicates)
     return conn.execute(stmt).scalar_one() == 0
+
+
+def has_pending_label(conn: Connection, query_id: str) -> bool:
+    stmt = sa.select(pending_labels.c.query_id).where(pending_labels.c.query_id == query_id)
+    return conn.execute(stmt).first() is not None
+
+
+def applied_label_offsets(
+    conn: Connection, group: str, partitions: Iterable[tuple[str, int]]
+) -> dict[tuple[str, int], int]:
+    """The next offset not yet applied, per (topic, partition) of this consumer group; the rows
+    stay locked until the transaction ends (one batch of a partition is applied at a time)."""
+    wanted = set(partitions)
+    if not wanted:
+        return {}
+    rows = conn.execute(
+        sa.select(label_offsets.c.topic, label_offsets.c.partition, label_offsets.c.next_offset)
+        .where(
+            label_offsets.c.consumer_group == group,
+            label_offsets.c.topic.in_(sorted({t for t, _ in wanted})),
+        )
+        .with_for_update()
+    )
+    return {
+        (r.topic, r.partition): int(r.next_offset) for r in rows if (r.topic, r.partition) in wanted
+    }
+
+
+def record_label_offsets(conn: Connection, group: str, after: dict[tuple[str, int], int]) -> None:
+    """Record that every label before ``after[(topic, partition)]`` has been applied."""
+    for (topic, partition), next_offset in after.items():
+        stmt = postgresql.insert(label_offsets).values(
+            consumer_group=group, topic=topic, partition=partition, next_offset=next_offset
+        )
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["consumer_group", "topic", "partition"],
+            set_={
+                "next_offset": sa.func.greatest(label_offsets.c.next_offset, next_offset),
+                "updated_at": sa.func.now(),
+            },
+        )
+        conn.execute(stmt)
 
 
 def count_pending_labels(conn: Connection) -> int:
