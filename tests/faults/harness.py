@@ -1,0 +1,697 @@
+"""What the fault-injection tests (and ``benchmarks/faults_report.py``) run the service against.
+
+- :class:`ArmServer`: an OpenAI-compatible HTTP endpoint (``/<arm>/v1/chat/completions``) in
+  this process. It answers deterministically from the query id written into each query's text
+  (``[q-00042] …``), can be switched per arm to slow, garbage, HTTP 500 or killed, and records
+  every call *at the arm* — so a process that is killed cannot hide a call it made.
+- :class:`HashEmbedder`: deterministic feature hashing standing in for MiniLM. These tests
+  are about durability, not routing quality; MiniLM costs ~15 s to load and ~20 ms a query on
+  a 2-core CI box, which a dozen restarts would pay again and again.
+- :class:`ServiceProcess`: ``metallm serve`` as a subprocess (``tests/faults/serve.py``: the
+  real CLI with the embedder swapped), to kill -9 and SIGTERM.
+- :class:`PrivatePostgres`: a throw-away Postgres server on its own port, to restart without
+  disturbing anybody else's connections.
+- policy helpers: rebuild the policy an uninterrupted run would have from the stored rewards,
+  and compare two policies' statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+QUERY_ID_IN_TEXT = re.compile(r"\[(q-[A-Za-z0-9_-]+)\]")
+
+TASKS = {
+    "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
+    "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
+}
+POLICY_PARAMS = {"alpha": 1.0, "epsilon": 0.1, "seed": 0}
+
+
+# --------------------------------------------------------------------------- embeddings
+class HashEmbedder:
+    """Signed feature hashing of lower-cased words into ``dim`` floats, L2-normalised."""
+
+    def __init__(self, model: object = None, batch_size: int = 64, dim: int = 16) -> None:
+        self.dim = dim
+        self.name = f"hash-{dim}"
+        self._cache: dict[str, tuple[int, float]] = {}
+
+    def _feature(self, word: str) -> tuple[int, float]:
+        hit = self._cache.get(word)
+        if hit is None:
+            h = int.from_bytes(hashlib.blake2b(word.encode(), digest_size=8).digest(), "little")
+            hit = (h % self.dim, 1.0 if (h >> 32) & 1 else -1.0)
+            if len(self._cache) < 100_000:
+                self._cache[word] = hit
+        return hit
+
+    def embed(self, texts: Iterable[str]) -> np.ndarray:
+        texts = list(texts)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, text in enumerate(texts):
+            for word in re.findall(r"\w+", text.lower()):
+                j, sign = self._feature(word)
+                out[i, j] += sign
+            out[i, 0] += 0.5  # a bias feature, so no context is all zeros
+            out[i] /= np.linalg.norm(out[i])
+        return out
+
+
+# --------------------------------------------------------------------------- data
+@dataclass(frozen=True)
+class Query:
+    query_id: str
+    text: str
+    task: str
+    label: str
+    wrong: str
+
+    def event(self) -> bytes:
+        body = {"query_id": self.query_id, "text": self.text, "task": self.task}
+        return json.dumps(body).encode()
+
+    def label_event(self, label: str | None = None) -> bytes:
+        return json.dumps({"query_id": self.query_id, "label": label or self.label}).encode()
+
+
+def make_queries(n: int, prefix: str = "q", seed: int = 0) -> list[Query]:
+    """``n`` labeled queries built from the demo data (real texts), each carrying its id."""
+    import random
+
+    rows = [
+        json.loads(line)
+        for line in (REPO / "producers" / "data" / "demo_queries.jsonl").read_text().splitlines()
+    ]
+    rows = [r for r in rows if r["task"] in TASKS]
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        row = rows[i % len(rows)]
+        labels = TASKS[row["task"]]["labels"]
+        wrong = rng.choice([x for x in labels if x != row["label"]])
+        qid = f"{prefix}-{i:05d}"
+        out.append(Query(qid, f"[{qid}] {row['text']}", row["task"], row["label"], wrong))
+    return out
+
+
+# --------------------------------------------------------------------------- the arms
+@dataclass(frozen=True)
+class Call:
+    epoch: int
+    arm: str
+    query_id: str | None
+    at: float
+
+
+def _unit(*parts: str) -> float:
+    digest = hashlib.blake2b(":".join(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+class ArmServer:
+    """OpenAI chat completions for arms at ``{url}/{arm}/v1``.
+
+    ``modes[arm]``: ``ok`` (answer; right with probability ``accuracy[arm]``, decided by a hash
+    of arm and query id), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
+    whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
+    ``error`` (HTTP 500). :meth:`kill` closes the listening socket and every open connection,
+    as a crashed server would; :meth:`start` brings it back on the same port.
+    """
+
+    def __init__(
+        self,
+        truth: dict[str, Query],
+        accuracy: dict[str, float],
+        parse_errors: float = 0.0,
+        port: int = 0,
+    ) -> None:
+        self.truth = truth
+        self.accuracy = accuracy
+        self.parse_errors = parse_errors
+        self.modes: dict[str, str] = {arm: "ok" for arm in accuracy}
+        self.delay: dict[str, float] = {arm: 0.0 for arm in accuracy}
+        self.fail_ids: set[str] = set()  # queries every arm answers with HTTP 500
+        self.epoch = 0
+        self.calls: list[Call] = []
+        self.in_flight = 0
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._httpd: ThreadingHTTPServer | None = None
+        self.port = port
+        self.url = ""
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> ArmServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with server._lock:
+                    server._connections.add(self.connection)
+
+            def finish(self) -> None:
+                with server._lock:
+                    server._connections.discard(self.connection)
+                with contextlib.suppress(OSError):
+                    super().finish()
+
+            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+                with server._lock:
+                    server.in_flight += 1
+                try:
+                    server._serve(self)
+                except OSError:
+                    self.close_connection = True
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        class Server(ThreadingHTTPServer):
+            request_queue_size = 512  # a batch opens dozens of connections at once
+            allow_reuse_address = True
+
+        httpd = Server(("127.0.0.1", self.port), Handler)
+        httpd.daemon_threads = True
+        self._httpd = httpd
+        self.port = httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        return self
+
+    def kill(self) -> None:
+        """Stop answering at once: refuse new connections and cut the open ones."""
+        httpd, self._httpd = self._httpd, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        with self._lock:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    stop = kill
+
+    def __enter__(self) -> ArmServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def base_url(self, arm: str) -> str:
+        return f"{self.url}/{arm}/v1"
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    # -- answering ------------------------------------------------------------------------
+    def _serve(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("content-length") or 0)
+        body = json.loads(h.rfile.read(length) or b"{}")
+        arm = h.path.strip("/").split("/", 1)[0]
+        prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt", "")
+        found = QUERY_ID_IN_TEXT.search(prompt)
+        qid = found.group(1) if found else None
+        with self._lock:
+            self.calls.append(Call(self.epoch, arm, qid, time.monotonic()))
+        mode = self.modes.get(arm, "ok")
+        if mode == "slow":
+            time.sleep(self.delay[arm])
+        if mode == "error" or qid in self.fail_ids:
+            self._reply(h, 500, {"error": {"message": "internal error", "type": "server_error"}})
+            return
+        if mode == "garbage":
+            self._reply(h, 200, b"<html>\x00\xff garbage, not JSON")
+            return
+        query = self.truth.get(qid) if qid else None
+        if mode == "nonsense" or query is None:
+            answer = "I cannot say."
+        elif _unit("parse", arm, qid) < self.parse_errors:
+            answer = "maybe"
+        else:
+            answer = query.label if _unit(arm, qid) < self.accuracy.get(arm, 0.5) else query.wrong
+        tokens_in = max(1, len(prompt) // 4)
+        self._reply(
+            h,
+            200,
+            {
+                "id": f"cmpl-{qid}",
+                "object": "chat.completion",
+                "created": 0,
+                "model": body.get("model", arm),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": answer},
+                        "finish_reason": "stop",
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": tokens_in,
+                    "completion_tokens": 1,
+                    "total_tokens": tokens_in + 1,
+                },
+            },
+        )
+
+    @staticmethod
+    def _reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        h.send_response(status)
+        h.send_header("content-type", "application/json")
+        h.send_header("content-length", str(len(data)))
+        h.end_headers()
+        h.wfile.write(data)
+
+    # -- what reached the arms ------------------------------------------------------------
+    def calls_by_query(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in list(self.calls):
+            if c.query_id:
+                out[c.query_id] = out.get(c.query_id, 0) + 1
+        return out
+
+
+def arm_config(
+    server: ArmServer,
+    arms: dict[str, tuple[float, float]],
+    *,
+    fallback: dict[str, str] | None = None,
+    **arm_overrides: Any,
+) -> dict:
+    """A config document: ``arms[name] = (input, output price per 1M tokens)``, each arm an
+    ``openai`` arm on ``server``."""
+    fallback = fallback or {}
+    return {
+        "tasks": TASKS,
+        "arms": [
+            {
+                "name": name,
+                "provider": "openai",
+                "model": name,
+                "base_url": server.base_url(name),
+                "input_price_per_1m": price_in,
+                "output_price_per_1m": price_out,
+                "timeout_seconds": 10.0,
+                "max_retries": 0,
+                **({"fallback": fallback[name]} if name in fallback else {}),
+                **arm_overrides.get(name, {}),
+            }
+            for name, (price_in, price_out) in arms.items()
+        ],
+    }
+
+
+# --------------------------------------------------------------------------- the service
+def service_env(
+    bootstrap: str,
+    topics: dict[str, str],
+    database_url: str,
+    schema: str,
+    config: Path,
+    **settings: Any,
+) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALLM_")}
+    env.update(
+        {
+            "DATABASE_URL": database_url,
+            "METALLM_DATABASE_SCHEMA": schema,
+            "METALLM_KAFKA_BOOTSTRAP": bootstrap,
+            "METALLM_CONFIG": str(config),
+            "METALLM_SESSION_TIMEOUT_MS": "1500",
+            "METALLM_HEARTBEAT_INTERVAL_MS": "400",
+            "METALLM_METRICS_PORT": "0",
+            "METALLM_POLICY_PARAMS": json.dumps(POLICY_PARAMS),
+            "PYTHONPATH": str(REPO),
+            **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
+            **{f"METALLM_{k.upper()}": str(v) for k, v in settings.items()},
+        }
+    )
+    return env
+
+
+def write_config(path: Path, document: dict) -> Path:
+    path.write_text(yaml.safe_dump(document))
+    return path
+
+
+class ServiceProcess:
+    """``metallm serve`` in a subprocess (see ``tests/faults/serve.py``)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path, standby: bool = False) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.standby = standby
+        self.process: subprocess.Popen | None = None
+        self.started_at = 0.0
+
+    def start(self) -> ServiceProcess:
+        """Spawn the process; a standby one serves only after :meth:`go`."""
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.faults.serve", *["--standby"][: self.standby]],
+                env=self.env,
+                cwd=REPO,
+                stdin=subprocess.PIPE if self.standby else subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        finally:
+            log.close()
+        self.started_at = time.monotonic()
+        return self
+
+    def go(self) -> ServiceProcess:
+        """Let a standby process build the service and serve (it restores the policy now)."""
+        assert self.process is not None and self.process.stdin is not None
+        self.process.stdin.write(b"go\n")
+        self.process.stdin.close()
+        self.started_at = time.monotonic()
+        return self
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        """kill -9: no handler runs, nothing is flushed."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        """SIGTERM and wait for the exit code."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"the service ignored SIGTERM for {timeout} s") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --------------------------------------------------------------------------- Postgres
+class PrivatePostgres:
+    """A Postgres server of our own (initdb in a temp dir, its own port), to stop and restart
+    mid-stream without touching the shared server. Runs as ``postgres`` when we are root."""
+
+    def __init__(self) -> None:
+        versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
+        if not versions:
+            raise RuntimeError("no Postgres server binaries under /usr/lib/postgresql")
+        self.bin = versions[-1].parent
+        from producers.local_broker import free_port
+
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="metallm-pg-"))
+        self.data = self.dir / "data"
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [str(self.bin / args[0]), *args[1:]]
+        if os.geteuid() == 0:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=120)
+
+    def init(self) -> PrivatePostgres:
+        if os.geteuid() == 0:
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        return self.start()
+
+    def start(self) -> PrivatePostgres:
+        options = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off "
+            "-c synchronous_commit=off -c full_page_writes=off -c shared_buffers=16MB"
+        )
+        self._run(
+            "pg_ctl",
+            "-D",
+            str(self.data),
+            "-l",
+            str(self.dir / "log"),
+            "-o",
+            options,
+            "-w",
+            "start",
+        )
+        return self
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
+
+    def running(self) -> bool:
+        return self._run("pg_ctl", "-D", str(self.data), "status", check=False).returncode == 0
+
+    def destroy(self) -> None:
+        if self.data.exists():
+            self.stop("immediate")
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- checks
+def scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql), params).scalar_one()
+
+
+def progress(engine: sa.Engine) -> tuple[int, int, int]:
+    """(decisions, rewards applied, labels pending)."""
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text(
+                "SELECT (SELECT count(*) FROM decisions), "
+                "(SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL), "
+                "(SELECT count(*) FROM pending_labels)"
+            )
+        ).one()
+    return int(row[0]), int(row[1]), int(row[2])
+
+
+def rebuild_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
+    """The policy of an uninterrupted run over the same decisions: a fresh policy, every
+    stored reward applied once, in reward_seq order."""
+    from service.policy import make_policy
+    from service.storage import rewards_after
+
+    policy = make_policy(name, **(params or POLICY_PARAMS))
+    with engine.connect() as conn:
+        for r in rewards_after(conn, 0):
+            policy.update(r.arm, r.context, r.reward)
+    return policy
+
+
+def restored_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
+    """What a restarted service has: the newest checkpoint plus the rewards after it."""
+    from service.learning import LivePolicy
+
+    live = LivePolicy(engine, name, params or POLICY_PARAMS, checkpoint_every=10**12)
+    live.restore()
+    return live
+
+
+def policy_difference(a, b) -> float:
+    """The largest absolute difference between two linear policies' per-arm statistics
+    (A, A⁻¹, b, θ, counts, reward sums); arms one of them never updated count as the prior."""
+    sa_, sb = a.stats, b.stats
+    if sa_ is None or sb is None:
+        return 0.0 if sa_ is sb else float("inf")
+    arrays_a, arrays_b = sa_.arrays(), sb.arrays()
+    worst = 0.0
+    for arm in set(sa_.ids) | set(sb.ids):
+        ia, ib = sa_.index.get(arm), sb.index.get(arm)
+        if ia is None or ib is None:
+            present, i = (sb, ib) if ia is None else (sa_, ia)
+            if present.counts[i] != 0:
+                return float("inf")
+            continue
+        for key in arrays_a:
+            diff = np.max(np.abs(arrays_a[key][ia] - arrays_b[key][ib]))
+            worst = max(worst, float(diff))
+    return worst
+
+
+def wait_until(
+    condition: Callable[[], object],
+    timeout: float,
+    message: str,
+    interval: float = 0.1,
+    alive: Callable[[], bool] | None = None,
+) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        if alive is not None and not alive():
+            raise AssertionError(f"the service exited while waiting for {message}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+@dataclass
+class Stopwatch:
+    started: float = field(default_factory=time.monotonic)
+
+    def __call__(self) -> float:
+        return time.monotonic() - self.started
+
+
+# --------------------------------------------------------------------------- a lossy link
+class PgProxy:
+    """A TCP proxy in front of Postgres that can cut a connection right after forwarding a
+    ``COMMIT``, before the server's reply gets back: the server commits, the client sees its
+    connection die and cannot know whether it did. Connect with ``sslmode=disable`` so the
+    proxy can see the protocol. ``cut_at`` holds the COMMIT numbers to cut after."""
+
+    def __init__(self, target_port: int = 5432, cut_at: Iterable[int] = ()) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.cut_at = set(cut_at)
+        self.commits = 0
+        self.cuts = 0
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database: str = "test") -> str:
+        return (
+            f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+            "?sslmode=disable&gssencmode=disable"
+        )
+
+    def close(self) -> None:
+        self._closed = True
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.target)
+            hold = threading.Event()
+            threading.Thread(target=self._up, args=(client, server, hold), daemon=True).start()
+            threading.Thread(target=self._down, args=(server, client, hold), daemon=True).start()
+
+    def _up(self, client: socket.socket, server: socket.socket, hold: threading.Event) -> None:
+        try:
+            while data := client.recv(65536):
+                cut = False
+                if b"COMMIT\x00" in data:
+                    with self._lock:
+                        self.commits += 1
+                        cut = self.commits in self.cut_at
+                    if cut:
+                        hold.set()  # the reply to this COMMIT never reaches the client
+                server.sendall(data)
+                if cut:
+                    time.sleep(0.3)  # the server commits
+                    with self._lock:
+                        self.cuts += 1
+                    break
+        except OSError:
+            pass
+        for s in (client, server):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+    @staticmethod
+    def _down(server: socket.socket, client: socket.socket, hold: threading.Event) -> None:
+        try:
+            while data := server.recv(65536):
+                if hold.is_set():
+                    return
+                client.sendall(data)
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------- in process
+def build_service(settings, config_document: dict):
+    """The real :class:`~consumers.runner.Service` in this process, with the hash embedder."""
+    from consumers.runner import Service
+    from service.config import parse_config
+
+    return Service.build(settings, config=parse_config(config_document), embedder=HashEmbedder())
+
+
+def publish(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]
+) -> list[int]:
+    """Send messages in order; returns their offsets."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        futures = [producer.send(topic, key=k, value=v) for k, v in messages]
+        producer.flush()
+        return [f.get(timeout=60).offset for f in futures]
+    finally:
+        producer.close()
+
+
+def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
+    """Every message of a topic's partition 0, from the start to its high-water mark."""
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    out: list = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=500).values():
+                out.extend(records)
+            highwater = consumer.highwater(tp)
+            if highwater is not None and consumer.position(tp) >= highwater:
+                return out
+        raise AssertionError(f"could not read {topic} to its end within {timeout} s")
+    finally:
+        consumer.close()
+
+
+def decisions(engine: sa.Engine, where: str = "TRUE") -> list[dict]:
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text(f"SELECT * FROM decisions WHERE {where} ORDER BY decided_at"))
+        return [dict(r._mapping) for r in rows]

@@ -1,0 +1,335 @@
+"""kill -9 the service at seeded moments while queries and their labels stream through.
+
+The service runs as a real ``metallm serve`` process; its arms are OpenAI-compatible endpoints
+in this process (:class:`~tests.faults.harness.ArmServer`), so every LLM call is counted at the
+arm, whatever happens to the process that made it. Each kill is followed by a restart. At the
+end the service is stopped with SIGTERM and the run is checked against what an uninterrupted
+run over the same decisions would have produced. :func:`run` returns the figures; the test
+asserts on them and ``benchmarks/faults_report.py`` prints them.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka.admin import NewTopic
+
+from service.storage import latest_checkpoint, make_engine
+from tests.faults.harness import (
+    ArmServer,
+    ServiceProcess,
+    Stopwatch,
+    arm_config,
+    make_queries,
+    policy_difference,
+    progress,
+    rebuild_policy,
+    restored_policy,
+    service_env,
+    wait_until,
+    write_config,
+)
+
+ACCURACY = {"cheap": 0.6, "strong": 0.9}
+PRICES = {"cheap": (0.1, 0.2), "strong": (3.0, 6.0)}  # $ per 1M input / output tokens
+CHUNK = 100  # queries published at a time
+
+
+@dataclass
+class KillPoint:
+    kind: str  # "progress": when decisions + rewards reach ``at``; "startup": ``delay`` s in
+    at: int = 0
+    delay: float = 0.0
+
+    def __str__(self) -> str:
+        if self.kind == "startup":
+            return f"{self.delay:.2f} s after a start"
+        return f"progress {self.at} (+{self.delay * 1000:.0f} ms)"
+
+
+def kill_plan(n: int, progress_kills: int, startup_kills: int, seed: int) -> list[KillPoint]:
+    """Kills spread over the stream's progress (decisions + rewards, 0…2n) with seeded jitter,
+    and a few right after a (re)start, while the policy is being restored."""
+    rng = random.Random(seed)
+    total, step = 2 * n, 2 * n / (progress_kills + 1)
+    plan = [
+        KillPoint(
+            "progress",
+            at=int(step * (k + 1) + rng.uniform(-step / 4, step / 4)),
+            delay=rng.uniform(0.0, 0.25),
+        )
+        for k in range(progress_kills)
+    ]
+    for pos in sorted(rng.sample(range(1, progress_kills + 1), startup_kills), reverse=True):
+        plan.insert(pos, KillPoint("startup", delay=rng.uniform(0.3, 2.5)))
+    assert all(p.at < total for p in plan)
+    return plan
+
+
+@dataclass
+class KillFigures:
+    queries: int = 0
+    labels_published: int = 0
+    early_labels: int = 0
+    duplicate_labels_published: int = 0
+    kills: int = 0
+    restarts: int = 0
+    decisions: int = 0
+    lost_decisions: int = 0
+    unknown_decisions: int = 0
+    rewards_stored: int = 0
+    lost_rewards: int = 0
+    calls: int = 0
+    duplicated_calls: int = 0  # calls for queries whose decision was already committed
+    recalled_after_kill: int = 0  # queries in flight (not committed) at a kill, asked again
+    policy_updates: int = 0
+    double_applied_rewards: int = 0
+    max_policy_difference: float = float("inf")
+    duplicate_labels_counted: int = 0
+    decision_events_missing: int = 0
+    final_checkpoint_updates: int = 0
+    final_exit_code: int | None = None
+    seconds: float = 0.0
+    kill_points: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _create_topics(bootstrap: str, topics: list[str]) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
+    finally:
+        admin.close()
+
+
+def _delete_topics(bootstrap: str, topics: list[str]) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        existing = set(admin.list_topics())
+        doomed = [t for t in topics if t in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    finally:
+        admin.close()
+
+
+def _decision_event_ids(bootstrap: str, topic: str) -> Counter:
+    """Query ids of every event on the decisions topic (read to its high-water mark)."""
+    consumer = KafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        consumer_timeout_ms=5000,
+    )
+    tp = TopicPartition(topic, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    seen: Counter = Counter()
+    try:
+        for message in consumer:
+            seen[(message.key or b"").decode()] += 1
+    finally:
+        consumer.close()
+    return seen
+
+
+def run(
+    bootstrap: str,
+    database_url: str,
+    schema: str,
+    workdir: Path,
+    n: int = 2000,
+    progress_kills: int = 10,
+    startup_kills: int = 2,
+    seed: int = 6,
+    poll_max_records: int = 50,
+    checkpoint_every: int = 37,
+    say: Callable[[str], None] = lambda _: None,
+) -> KillFigures:
+    clock = Stopwatch()
+    figures = KillFigures(queries=n)
+    queries = make_queries(n, seed=seed)
+    truth = {q.query_id: q for q in queries}
+    tag = uuid.uuid4().hex[:8]
+    topics = {
+        "queries_topic": f"kq-{tag}",
+        "labels_topic": f"kl-{tag}",
+        "decisions_topic": f"kd-{tag}",
+        "dlq_topic": f"kx-{tag}",
+        "queries_group": f"kgq-{tag}",
+        "labels_group": f"kgl-{tag}",
+    }
+    topic_names = [v for k, v in topics.items() if k.endswith("_topic")]
+    _create_topics(bootstrap, topic_names)
+    engine = make_engine(database_url, schema)
+    server = ArmServer(truth, ACCURACY, parse_errors=0.02).start()
+    config = write_config(workdir / "metallm.yaml", arm_config(server, PRICES))
+    env = service_env(
+        bootstrap,
+        topics,
+        database_url,
+        schema,
+        config,
+        poll_max_records=poll_max_records,
+        checkpoint_every=checkpoint_every,
+    )
+    stop_producing = threading.Event()
+    produced = threading.Event()
+    producer_error: list[BaseException] = []
+
+    def produce() -> None:
+        """Queries in chunks, each chunk once the one before it is mostly decided; with it the
+        labels of the previous chunk, a few early labels (before their query) and a few
+        duplicates."""
+        rng = random.Random(seed + 1)
+        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+        chunks = [queries[i : i + CHUNK] for i in range(0, n, CHUNK)]
+        labeled: set[str] = set()
+
+        def label(q, count_as: str = "") -> None:
+            producer.send(topics["labels_topic"], key=q.query_id.encode(), value=q.label_event())
+            figures.labels_published += 1
+            if count_as == "early":
+                figures.early_labels += 1
+            elif count_as == "duplicate":
+                figures.duplicate_labels_published += 1
+
+        try:
+            for i, chunk in enumerate(chunks):
+                while not stop_producing.is_set() and progress(engine)[0] < CHUNK * (i - 1):
+                    time.sleep(0.05)
+                if stop_producing.is_set():
+                    return
+                for q in chunk:
+                    producer.send(topics["queries_topic"], key=q.query_id.encode(), value=q.event())
+                if i >= 1:
+                    for q in chunks[i - 1]:
+                        if q.query_id not in labeled:
+                            label(q)
+                            labeled.add(q.query_id)
+                if i + 1 < len(chunks):
+                    for q in rng.sample(chunks[i + 1], 8):
+                        label(q, "early")
+                        labeled.add(q.query_id)
+                if i >= 2:
+                    for q in rng.sample(chunks[i - 2], 3):
+                        label(q, "duplicate")
+                producer.flush()
+            for q in chunks[-1]:
+                if q.query_id not in labeled:
+                    label(q)
+            producer.flush()
+            produced.set()
+        except BaseException as exc:  # surfaced by the main thread
+            producer_error.append(exc)
+        finally:
+            producer.close()
+
+    def moved() -> int:
+        decided, rewarded, _ = progress(engine)
+        return decided + rewarded
+
+    def decided_ids() -> set[str]:
+        with engine.connect() as conn:
+            return set(conn.execute(sa.text("SELECT query_id FROM decisions")).scalars())
+
+    epoch = 0
+    committed_before: dict[int, set[str]] = {0: set()}
+    plan = kill_plan(n, progress_kills, startup_kills, seed)
+    figures.kill_points = [str(p) for p in plan]
+
+    def spare(number: int) -> ServiceProcess:
+        return ServiceProcess(env, workdir / f"service-{number:02d}.log", standby=True).start()
+
+    proc = spare(0).go()
+    standby = spare(1)
+    producer = threading.Thread(target=produce, name="fault-producer", daemon=True)
+    producer.start()
+    try:
+        for point in plan:
+            if point.kind == "startup":
+                time.sleep(point.delay)
+            else:
+                target = max(point.at, moved() + 20)
+                wait_until(
+                    lambda t=target: moved() >= t,
+                    timeout=240,
+                    message=f"progress {target}",
+                    interval=0.02,
+                    alive=lambda p=proc: p.alive,
+                )
+                time.sleep(point.delay)
+            if not proc.alive:
+                raise AssertionError(f"the service exited by itself:\n{proc.log()[-3000:]}")
+            proc.kill()
+            figures.kills += 1
+            server.wait_idle()
+            time.sleep(0.3)  # let Postgres finish with the dead process's sessions
+            epoch += 1
+            committed_before[epoch] = decided_ids()
+            server.epoch = epoch
+            say(f"kill {figures.kills} at {point}: {len(committed_before[epoch])} decided")
+            proc, standby = standby.go(), spare(epoch + 1)
+            figures.restarts += 1
+        wait_until(
+            lambda: produced.is_set() and progress(engine) == (n, n, 0),
+            timeout=300,
+            message=f"{n} decisions with their rewards",
+            alive=lambda: proc.alive and not producer_error,
+        )
+        figures.final_exit_code = proc.terminate()
+        if producer_error:
+            raise producer_error[0]
+
+        # --- what happened -----------------------------------------------------------------
+        decided = decided_ids()
+        figures.decisions = len(decided)
+        figures.lost_decisions = len(set(truth) - decided)
+        figures.unknown_decisions = len(decided - set(truth))
+        calls = [c for c in server.calls if c.query_id in truth]
+        figures.calls = len(calls)
+        per_process = Counter((c.epoch, c.query_id) for c in calls)
+        figures.duplicated_calls = sum(
+            1 for c in calls if c.query_id in committed_before[c.epoch]
+        ) + sum(k - 1 for k in per_process.values() if k > 1)
+        figures.recalled_after_kill = figures.calls - len(decided) - figures.duplicated_calls
+        with engine.connect() as conn:
+            figures.rewards_stored = conn.execute(
+                sa.text("SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL")
+            ).scalar_one()
+            figures.duplicate_labels_counted = conn.execute(
+                sa.text("SELECT coalesce(sum(duplicate_labels), 0) FROM decisions")
+            ).scalar_one()
+            final = latest_checkpoint(conn)
+        figures.lost_rewards = n - figures.rewards_stored
+        figures.final_checkpoint_updates = int(final["n_updates"]) if final else 0
+        restored = restored_policy(engine)
+        rebuilt = rebuild_policy(engine)
+        figures.policy_updates = restored.policy.n_updates
+        figures.double_applied_rewards = max(0, figures.policy_updates - figures.rewards_stored)
+        figures.max_policy_difference = policy_difference(restored.policy, rebuilt)
+        events = _decision_event_ids(bootstrap, topics["decisions_topic"])
+        figures.decision_events_missing = len(set(truth) - set(events))
+        figures.seconds = round(clock(), 1)
+        return figures
+    finally:
+        stop_producing.set()
+        for p in (proc, standby):
+            if p.alive:
+                p.kill()
+        producer.join(timeout=10)
+        server.kill()
+        engine.dispose()
+        _delete_topics(bootstrap, topic_names)
