@@ -73,8 +73,11 @@ def test_unreadable_and_non_yaml_files(tmp_path):
         load_config(bad)
 
 
-def test_example_config_is_valid():
+@pytest.mark.parametrize("name", ["metallm.example.yaml", "metallm.cloud.example.yaml"])
+def test_example_configs_are_valid(name):
     from pathlib import Path
 
-    config = load_config(Path(__file__).parents[2] / "config" / "metallm.example.yaml")
+    config = load_config(Path(__file__).parents[2] / "config" / name)
     assert len(config.arms) >= 2 and config.tasks
+    for arm in config.arms:  # every fallback names a configured arm
+        assert arm.fallback is None or arm.fallback in config.arm_names
