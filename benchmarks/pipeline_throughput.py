@@ -1,0 +1,393 @@
+"""Pipeline throughput: Kafka → embed → policy → LLM → Postgres, with an OpenAI-compatible arm.
+
+(a) Concurrency. The arms answer after 200 ms. The same pipeline runs with calls bounded to
+    64 in flight and with one call at a time; the script prints decisions/s of both, their
+    ratio and the peak number of calls in flight (targets: ≥ 40 in flight, ≥ 30× serial).
+(b) Overhead. The arms answer at once. End-to-end decisions/s against the raw embedding rate
+    of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
+    (target: ≥ 0.8).
+
+Queries are published before the service starts; the clock runs from the moment the service
+starts deciding its first batch to the last decision in Postgres (consumer start-up is not
+counted). Each measurement is repeated, interleaved, and the median printed with the machine's
+load average (other processes on the cores skew every figure); targets are printed, never
+asserted.
+
+The endpoint is a tiny asyncio HTTP/1.1 server in its own process (a load generator, not a
+test of the adapter: the adapter's tests use the real llama_cpp.server). It answers chat
+completions with the first allowed label of the prompt, with real usage counts.
+
+    .venv/bin/python benchmarks/pipeline_throughput.py              # ~2-3 minutes
+    .venv/bin/python benchmarks/pipeline_throughput.py --quick      # smaller, ~1 minute
+
+Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
+starts its own Tansu broker. Everything listens on 127.0.0.1 only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+TASKS = {
+    "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
+    "intent": {
+        "kind": "classification",
+        "labels": [
+            "add_to_playlist",
+            "book_restaurant",
+            "get_weather",
+            "play_music",
+            "search_screening_event",
+            "search_creative_work",
+            "rate_book",
+        ],
+    },
+    "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
+}
+BATCH = 64
+
+
+# ------------------------------------------------------------------------------ the endpoint
+async def _serve(port: int, delay: float) -> None:
+    """A minimal OpenAI-compatible chat endpoint (keep-alive HTTP/1.1, no framework)."""
+    stats = {"in_flight": 0, "peak": 0, "requests": 0}
+    choices = re.compile(r"Answer with exactly one of: ([^.\n]+)")
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                method, path, _ = lines[0].split(" ", 2)
+                headers = dict(line.split(": ", 1) for line in lines[1:] if ": " in line)
+                length = int({k.lower(): v for k, v in headers.items()}.get("content-length", 0))
+                body = await reader.readexactly(length) if length else b""
+                if path.startswith("/stats"):
+                    payload = dict(stats)
+                    if path.endswith("reset"):
+                        stats.update(peak=0, requests=0)
+                else:
+                    stats["in_flight"] += 1
+                    stats["requests"] += 1
+                    stats["peak"] = max(stats["peak"], stats["in_flight"])
+                    try:
+                        if delay:
+                            await asyncio.sleep(delay)
+                        request = json.loads(body)
+                        prompt = request["messages"][0]["content"]
+                        found = choices.search(prompt)
+                        answer = found.group(1).split(", ")[0] if found else "yes"
+                        payload = {
+                            "id": "chatcmpl-bench",
+                            "object": "chat.completion",
+                            "created": 0,
+                            "model": request.get("model", "bench"),
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "message": {"role": "assistant", "content": answer},
+                                    "finish_reason": "stop",
+                                }
+                            ],
+                            "usage": {
+                                "prompt_tokens": len(prompt) // 4,
+                                "completion_tokens": 1,
+                                "total_tokens": len(prompt) // 4 + 1,
+                            },
+                        }
+                    finally:
+                        stats["in_flight"] -= 1
+                data = json.dumps(payload).encode()
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    + f"content-length: {len(data)}\r\n\r\n".encode()
+                    + data
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    print("ready", flush=True)
+    async with server:
+        await server.serve_forever()
+
+
+class Endpoint:
+    """The endpoint in a subprocess, so it does not share the pipeline's GIL."""
+
+    def __init__(self, delay: float) -> None:
+        from producers.local_broker import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--serve", str(self.port), str(delay)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.process.stdout is not None
+        if self.process.stdout.readline().strip() != "ready":
+            raise RuntimeError("the endpoint did not start")
+
+    def stats(self, reset: bool = False) -> dict:
+        import httpx2 as httpx
+
+        path = "/stats/reset" if reset else "/stats"
+        return httpx.post(f"http://127.0.0.1:{self.port}{path}", timeout=5).json()
+
+    def close(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+# ------------------------------------------------------------------------------ a pipeline run
+def rows(n: int) -> list[dict]:
+    data = [
+        json.loads(line)
+        for line in (ROOT / "producers" / "data" / "demo_queries.jsonl").read_text().splitlines()
+    ]
+    tag = uuid.uuid4().hex[:6]
+    return [
+        {**data[i % len(data)], "query_id": f"{tag}-{i}"} for i in range(n)
+    ]  # the demo texts, repeated with fresh ids
+
+
+def run_pipeline(
+    broker: str, database_url: str, embedder, endpoint: Endpoint, n: int, in_flight: int
+) -> dict:
+    """Publish ``n`` queries, run the service until all are decided; steady-state rate."""
+    import sqlalchemy as sa
+    from kafka import KafkaProducer
+
+    from consumers.runner import Service
+    from service.config import parse_config
+    from service.migrate import upgrade
+    from service.settings import Settings
+    from service.storage import make_engine
+
+    schema = f"bench_{uuid.uuid4().hex[:10]}"
+    upgrade(database_url, schema)
+    tag = uuid.uuid4().hex[:8]
+    arm = {
+        "provider": "openai",
+        "model": "bench",
+        "base_url": endpoint.url,
+        "max_in_flight": in_flight,
+        "timeout_seconds": 30,
+        "input_price_per_1m": 0.1,
+        "output_price_per_1m": 0.4,
+    }
+    config = parse_config(
+        {
+            "tasks": TASKS,
+            "arms": [{**arm, "name": "small"}, {**arm, "name": "large", "input_price_per_1m": 1}],
+            "gateway": {"max_in_flight": in_flight},
+        }
+    )
+    settings = Settings(
+        kafka_bootstrap=broker,
+        database_url=database_url,
+        database_schema=schema,
+        queries_topic=f"bq-{tag}",
+        labels_topic=f"bl-{tag}",
+        decisions_topic=f"bd-{tag}",
+        dlq_topic=f"bx-{tag}",
+        queries_group=f"bgq-{tag}",
+        labels_group=f"bgl-{tag}",
+        poll_max_records=BATCH,
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=2000,
+    )
+    from consumers.kafka_io import ensure_topics
+
+    ensure_topics(settings, [settings.queries_topic])
+    producer = KafkaProducer(bootstrap_servers=broker, acks="all", linger_ms=5)
+    for row in rows(n):
+        value = json.dumps({k: row[k] for k in ("query_id", "text", "task")}).encode()
+        producer.send(settings.queries_topic, key=row["query_id"].encode(), value=value)
+    producer.flush()
+    producer.close()
+
+    engine = make_engine(database_url, schema)
+    endpoint.stats(reset=True)
+    service = Service.build(settings, config=config, embedder=embedder)
+    started: list[float] = []
+    decide = service.decider.decide
+
+    def timed_decide(records):
+        if not started:
+            started.append(time.monotonic())
+        return decide(records)
+
+    service.decider.decide = timed_decide  # the clock starts with the first batch
+    service.start()
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            with engine.connect() as conn:
+                done = conn.execute(sa.text("SELECT count(*) FROM decisions")).scalar_one()
+            now = time.monotonic()
+            if done >= n:
+                break
+            if now > deadline:
+                raise RuntimeError(f"only {done}/{n} decisions after 900 s")
+            time.sleep(0.02)
+        elapsed = now - started[0]
+        with engine.connect() as conn:
+            statuses = {
+                status: count
+                for status, count in conn.execute(
+                    sa.text("SELECT status, count(*) FROM decisions GROUP BY status")
+                )
+            }
+    finally:
+        service.stop()
+        engine.dispose()
+        drop = make_engine(database_url)
+        with drop.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        drop.dispose()
+    return {
+        "rate": n / elapsed,
+        "peak_in_flight": endpoint.stats()["peak"],
+        "statuses": statuses,
+    }
+
+
+def gateway_rate(endpoint: Endpoint, n: int, in_flight: int) -> float:
+    """Calls/s through the Gateway alone (no Kafka, embedding or Postgres)."""
+    from service.config import TaskConfig, parse_config
+    from service.llm.base import CallRequest
+    from service.llm.gateway import Gateway
+    from service.tasks import build_prompt
+
+    arm = {"name": "a", "provider": "openai", "model": "bench", "base_url": endpoint.url}
+    config = parse_config(
+        {
+            "tasks": TASKS,
+            "arms": [{**arm, "max_in_flight": in_flight}],
+            "gateway": {"max_in_flight": in_flight},
+        }
+    )
+    task = TaskConfig(**TASKS["sentiment"])
+    requests = [
+        CallRequest(r["query_id"], build_prompt(task, r["text"], task.labels)) for r in rows(n)
+    ]
+
+    async def run() -> float:
+        gateway = Gateway(config)
+        start = time.perf_counter()
+        await asyncio.gather(*(gateway.call("a", r) for r in requests))
+        elapsed = time.perf_counter() - start
+        await gateway.aclose()
+        return n / elapsed
+
+    return asyncio.run(run())
+
+
+def embedding_rate(embedder, n: int) -> float:
+    texts = [r["text"] for r in rows(n)]
+    start = time.perf_counter()
+    for i in range(0, n, BATCH):
+        embedder.embed(texts[i : i + BATCH])
+    return n / (time.perf_counter() - start)
+
+
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def median_of(values: list[float]) -> str:
+    return f"{statistics.median(values):8.1f}  (runs: {', '.join(f'{v:.1f}' for v in values)})"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", nargs=2, metavar=("PORT", "DELAY"), help=argparse.SUPPRESS)
+    parser.add_argument("--quick", action="store_true", help="fewer queries and repeats")
+    parser.add_argument("--repeats", type=int, default=None)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(_serve(int(args.serve[0]), float(args.serve[1])))
+        return 0
+
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    repeats = args.repeats or (2 if args.quick else 3)
+    n_concurrent, n_serial, n_instant = (640, 20, 640) if args.quick else (1280, 30, 1280)
+    database_url = os.environ.get(
+        "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+    )
+
+    from producers.local_broker import LocalBroker
+    from service.embedding import Embedder
+
+    embedder = Embedder()
+    embedder.embed(["warm-up"] * BATCH)
+    print(f"cores: {os.cpu_count()}; repeats: {repeats}; batch: {BATCH}; load: {load()}")
+    with LocalBroker() as broker:
+        slow, instant = Endpoint(0.2), Endpoint(0.0)
+        try:
+            concurrent, serial, peaks, gw_many, gw_one = [], [], [], [], []
+            for _ in range(repeats):  # interleaved, so both see the same machine noise
+                gw_many.append(gateway_rate(slow, 640, 64))
+                gw_one.append(gateway_rate(slow, 15, 1))
+                result = run_pipeline(
+                    broker.bootstrap, database_url, embedder, slow, n_concurrent, 64
+                )
+                concurrent.append(result["rate"])
+                peaks.append(result["peak_in_flight"])
+                result = run_pipeline(broker.bootstrap, database_url, embedder, slow, n_serial, 1)
+                serial.append(result["rate"])
+            print("\n(a) 200 ms endpoint: decisions/s")
+            print(f"  64 in flight   {median_of(concurrent)}")
+            print(f"  one at a time  {median_of(serial)}")
+            speedup = statistics.median(concurrent) / statistics.median(serial)
+            print(f"  speed-up       {speedup:8.1f}×   target ≥ 30×")
+            print(f"  peak in flight {max(peaks):8d}    target ≥ 40  (runs: {peaks})")
+            print("  the gateway alone (no Kafka, embedding, Postgres): calls/s")
+            print(f"  64 in flight   {median_of(gw_many)}")
+            print(f"  one at a time  {median_of(gw_one)}")
+            ratio = statistics.median(gw_many) / statistics.median(gw_one)
+            print(f"  speed-up       {ratio:8.1f}×")
+
+            e2e, raw, statuses = [], [], {}
+            for _ in range(repeats):
+                raw.append(embedding_rate(embedder, n_instant))
+                result = run_pipeline(
+                    broker.bootstrap, database_url, embedder, instant, n_instant, 64
+                )
+                e2e.append(result["rate"])
+                statuses = result["statuses"]
+            print("\n(b) instant endpoint: events/s")
+            print(f"  end to end     {median_of(e2e)}")
+            print(f"  raw embedding  {median_of(raw)}")
+            ratio = statistics.median(e2e) / statistics.median(raw)
+            print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
+            print(f"  statuses of the last run: {statuses}")
+            print(f"\nload average at the end: {load()}")
+        finally:
+            slow.close()
+            instant.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
