@@ -77,7 +77,7 @@ def table(f: kill_scenario.KillFigures) -> str:
         (
             "duplicate labels counted (published)",
             f"{f.duplicate_labels_counted} ({f.duplicate_labels_published}; "
-            "redeliveries after a kill count again)",
+            "a label redelivered after a kill is not counted)",
         ),
         ("wall time", f"{f.seconds:.0f} s"),
     ]
