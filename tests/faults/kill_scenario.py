@@ -35,6 +35,7 @@ from tests.faults.harness import (
     rebuild_policy,
     restored_policy,
     service_env,
+    wait_consumed,
     wait_until,
     write_config,
 )
@@ -289,6 +290,7 @@ def run(
             message=f"{n} decisions with their rewards",
             alive=lambda: proc.alive and not producer_error,
         )
+        wait_consumed(bootstrap, topics, n, figures.labels_published)
         figures.final_exit_code = proc.terminate()
         if producer_error:
             raise producer_error[0]

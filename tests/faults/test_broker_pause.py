@@ -21,6 +21,7 @@ from tests.faults.harness import (
     progress,
     read_all,
     rebuild_policy,
+    wait_consumed,
     wait_until,
 )
 from tests.faults.test_postgres_outage import ARMS, stream
@@ -61,6 +62,7 @@ def test_broker_stopped_for_10_s_mid_stream(own_broker, pg_schema, engine):
                 os.kill(pid, signal.SIGCONT)
             producer.join(timeout=120)
             wait_until(lambda: progress(engine) == (400, 400, 0), 120, "400 rewards", interval=0.3)
+            wait_consumed(bootstrap, topics, 400, 400)
         finally:
             os.kill(pid, signal.SIGCONT)
             service.stop()

@@ -32,6 +32,7 @@ from tests.faults.harness import (
     read_all,
     rebuild_policy,
     restored_policy,
+    wait_consumed,
     wait_until,
 )
 from tests.helpers import settings_for
@@ -139,6 +140,7 @@ def test_postgres_stopped_and_crashed_mid_stream(broker, topics, private_pg, tmp
 
             producer.join(timeout=120)
             wait_until(lambda: progress(engine) == (400, 400, 0), 120, "400 rewards", interval=0.3)
+            wait_consumed(broker, topics, 400, 400)
             failures = service.queries.stats.failures + service.labels.stats.failures
         finally:
             if not private_pg.running():
@@ -172,6 +174,7 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
         try:
             stream(broker, topics, queries, engine).join(timeout=120)
             wait_until(lambda: progress(engine) == (300, 300, 0), 120, "300 rewards", interval=0.3)
+            wait_consumed(broker, topics, 300, 300)
         finally:
             service.stop()
         assert proxy.cuts >= 8
