@@ -142,6 +142,10 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     )
     from service.outcomes import OutcomesError
 
+    if args.through_service and args.budget is not None:
+        return _fail("--through-service replays a fixed λ: drop --budget")
+    if args.local_broker and not args.through_service:
+        return _fail("--local-broker goes with --through-service")
     params = dict(settings.policy_params)
     params.pop("seed", None)
     if args.policy_params:
