@@ -60,14 +60,23 @@ class CheckpointError(ValueError):
 
 
 def registry() -> dict[str, type[RoutingPolicy]]:
-    """Policy classes by ``kind``, for every imported ``RoutingPolicy`` subclass."""
+    """Policy classes by ``kind``: each class that declares a ``kind`` of its own. A subclass
+    that merely inherits its parent's ``kind`` does not take the parent's place; two classes
+    declaring the same ``kind`` are an error."""
     out: dict[str, type[RoutingPolicy]] = {}
     stack = list(RoutingPolicy.__subclasses__())
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        if cls.kind:
-            out[cls.kind] = cls
+        kind = cls.__dict__.get("kind")
+        if not kind:
+            continue
+        if kind in out and out[kind] is not cls:
+            raise CheckpointError(
+                f"two policy classes declare kind {kind!r}: {out[kind].__qualname__} and "
+                f"{cls.__qualname__}"
+            )
+        out[kind] = cls
     return out
 
 

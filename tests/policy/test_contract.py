@@ -162,3 +162,18 @@ def test_empty_or_duplicate_arm_lists_are_rejected(name: str) -> None:
         policy.choose([], np.ones(D))
     with pytest.raises(ValueError):
         policy.choose(["a", "a"], np.ones(D))
+
+
+def test_a_subclass_that_inherits_kind_does_not_hijack_loads() -> None:
+    import numpy as np
+
+    from service.policy import LinUCB, loads
+
+    class Tweaked(LinUCB):  # e.g. a test double; inherits kind "linucb"
+        pass
+
+    policy = LinUCB(alpha=0.3, seed=1)
+    policy.update("a", np.ones(3), 1.0)
+    restored = loads(policy.dumps())
+    assert type(restored) is LinUCB and restored.alpha == 0.3
+    assert Tweaked.kind == "linucb"
