@@ -21,9 +21,14 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "security_protocol": settings.kafka_security_protocol,
     }
     if settings.kafka_sasl_mechanism:
+        password = settings.kafka_sasl_password
         options["sasl_mechanism"] = settings.kafka_sasl_mechanism
         options["sasl_plain_username"] = settings.kafka_sasl_username
-        options["sasl_plain_password"] = settings.kafka_sasl_password
+        options["sasl_plain_password"] = password.get_secret_value() if password else None
+    for name in ("cafile", "certfile", "keyfile"):
+        path = getattr(settings, f"kafka_ssl_{name}")
+        if path is not None:
+            options[f"ssl_{name}"] = str(path)
     return options
 
 

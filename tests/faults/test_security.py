@@ -65,8 +65,12 @@ def test_sasl_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("METALLM_KAFKA_SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("METALLM_KAFKA_SASL_USERNAME", "u")
     monkeypatch.setenv("METALLM_KAFKA_SASL_PASSWORD", SECRET)
-    options = kafka_io.client_options(Settings(_env_file=None))
+    monkeypatch.setenv("METALLM_KAFKA_SSL_CAFILE", "/etc/ssl/private-ca.pem")
+    settings = Settings(_env_file=None)
+    options = kafka_io.client_options(settings)
     assert (options["security_protocol"], options["sasl_plain_password"]) == ("SSL", SECRET)
+    assert options["ssl_cafile"] == "/etc/ssl/private-ca.pem"
+    assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
 
 
 def _text_calls(path: Path):
