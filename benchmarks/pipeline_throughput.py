@@ -147,10 +147,12 @@ class Endpoint:
             raise RuntimeError("the endpoint did not start")
 
     def stats(self, reset: bool = False) -> dict:
-        import httpx2 as httpx
+        import urllib.request
 
         path = "/stats/reset" if reset else "/stats"
-        return httpx.post(f"http://127.0.0.1:{self.port}{path}", timeout=5).json()
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=b"")
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.loads(response.read())
 
     def close(self) -> None:
         self.process.terminate()

@@ -7,6 +7,7 @@ by the kernel but nothing answers, so clients time out.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -14,10 +15,16 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import httpx2 as httpx
+import urllib.error
+import urllib.request
 
 from service.llm.local_models import resolve
+
+
+def _http(url: str, headers: dict[str, str], body: bytes | None, timeout: float) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return response.status
 
 
 def free_port() -> int:
@@ -53,20 +60,21 @@ class LlamaServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"llama_cpp.server exited; see {self.log.name}")
             try:
-                if httpx.get(f"{self.url}/models", headers=headers, timeout=2).status_code == 200:
+                if _http(f"{self.url}/models", headers, None, 2) == 200:
                     break
-            except httpx.HTTPError:
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 self.__exit__()
                 raise RuntimeError(f"llama_cpp.server did not start; see {self.log.name}")
             time.sleep(0.3)
         # the first completion loads and warms the model: keep it out of the tests' timeouts
-        httpx.post(
+        body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1})
+        _http(
             f"{self.url}/chat/completions",
-            headers=headers,
-            json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1},
-            timeout=120,
+            {**headers, "Content-Type": "application/json"},
+            body.encode(),
+            120,
         )
         return self
 
