@@ -31,6 +31,34 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
+    """Train the policy offline on an outcomes file and store it as the first checkpoint."""
+    from consumers.runner import check_schema
+    from service.embedding import Embedder
+    from service.learning import LivePolicy
+    from service.outcomes import read_outcomes
+    from service.storage import make_engine
+
+    records = read_outcomes(args.outcomes)
+    if args.limit:
+        records = records[: args.limit]
+    engine = make_engine(settings.database_url, settings.database_schema)
+    check_schema(engine)
+    live = LivePolicy(engine, settings.policy, settings.policy_params, settings.checkpoint_every)
+    live.restore()
+    print(f"embedding {len(records)} queries…", file=sys.stderr)
+    embedder = Embedder(settings.embedding_model, settings.embedding_batch_size)
+    contexts = embedder.embed([r.text for r in records]).astype("float64")
+    n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)
+    engine.dispose()
+    arms = sorted({a for r in records for a in r.arms})
+    print(
+        f"warm start: {n} updates over {len(records)} queries and arms {', '.join(arms)}; "
+        "checkpoint stored: `metallm serve` starts from it"
+    )
+    return 0
+
+
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from service.migrate import upgrade
 
@@ -234,6 +262,11 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
+    warm = sub.add_parser(
+        "warm-start", help="train the policy on an outcomes file before serving (full information)"
+    )
+    warm.add_argument("outcomes", type=Path, help="outcomes file (see docs/evaluation.md)")
+    warm.add_argument("--limit", type=int, help="use only the first N queries")
     sub.add_parser("serve", help="run the query and label consumers")
 
     prod = sub.add_parser("produce", help="publish query or label events from a JSONL/CSV file")
@@ -269,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "migrate": cmd_migrate,
+    "warm-start": cmd_warm_start,
     "serve": cmd_serve,
     "produce": cmd_produce,
     "decisions": cmd_decisions,
@@ -283,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
+    from service.learning import WarmStartRefused
+    from service.outcomes import OutcomesError
 
     try:
         settings = Settings()
         _setup_logging(args.log_level, settings.log_format)
         return COMMANDS[args.command](settings, args)
-    except (ConfigError, InputFileError, SchemaMissing) as exc:
+    except (ConfigError, InputFileError, SchemaMissing, OutcomesError, WarmStartRefused) as exc:
         print(f"metallm: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

@@ -193,3 +193,23 @@ class LivePolicy:
                 self.policy.n_updates,
                 self.watermark,
             )
+
+    def warm_start(self, records, contexts, lam: float, cost_unit: float) -> int:
+        """Train a fresh policy with full information from an outcomes file (every arm learns
+        its own reward on every record), then checkpoint it so the service starts from it.
+        Refuses a database where the service has already learned something."""
+        from service.policy.warm_start import warm_start
+
+        with self.lock:
+            if self.policy.n_updates or self.watermark or self.decision_watermark:
+                raise WarmStartRefused(
+                    "this database already has a learned policy (a checkpoint or rewards); "
+                    "warm start is for a fresh one"
+                )
+            n = warm_start(self.policy, records, contexts, lam, cost_unit)
+            self.checkpoint()
+            return n
+
+
+class WarmStartRefused(RuntimeError):
+    pass
