@@ -112,6 +112,7 @@ COLUMNS = [
     "prediction",
     "cost_usd",
     "latency_ms",
+    "fallback_arm",
     "label",
     "correct",
     "reward",

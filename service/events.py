@@ -140,6 +140,8 @@ class DecisionEvent(_Event):
     cost_usd: float
     latency_ms: float | None
     decided_at: datetime
+    attempts: int = 1
+    fallback_arm: str | None = None
 
 
 def dlq_record(

@@ -276,6 +276,8 @@ class Decider:
             cost_usd=row["cost_usd"],
             latency_ms=row["latency_ms"],
             decided_at=row["decided_at"],
+            attempts=row.get("attempts") or 1,
+            fallback_arm=row.get("fallback_arm"),
         )
 
     def close(self) -> None:

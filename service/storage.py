@@ -501,6 +501,8 @@ def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str
         decisions.c.cost_usd,
         decisions.c.latency_ms,
         decisions.c.decided_at,
+        decisions.c.attempts,
+        decisions.c.fallback_arm,
     ]
     found = {
         r.query_id: dict(r._mapping)

@@ -171,6 +171,9 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
 
     events = read_topic(broker, topics["decisions_topic"], 200)
     assert sorted(json.loads(m.value)["query_id"] for m in events) == sorted(labels)
+    bodies = [json.loads(m.value) for m in events]
+    assert all(b["attempts"] == 1 and "fallback_arm" not in b for b in bodies)  # none failed
+    assert all(b["arm"] in ARMS and b["status"] == "ok" for b in bodies)
 
 
 def metrics_text(service: Service) -> str:

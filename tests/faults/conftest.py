@@ -9,13 +9,6 @@ import pytest
 from tests.faults.harness import HashEmbedder
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers",
-        "faults: fault injection against the real broker and Postgres (kill -9, outages, fuzz)",
-    )
-
-
 @pytest.fixture
 def hash_embedder() -> HashEmbedder:
     return HashEmbedder()
