@@ -58,6 +58,9 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/policy_speed.py
+	$(BIN)/python benchmarks/pipeline_throughput.py
+	$(BIN)/python benchmarks/faults_report.py
+	$(BIN)/python benchmarks/evaluation_gsm8k.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-output
