@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-import sqlalchemy as sa
 
 from service import storage
 from tests.conftest import DATABASE_URL
