@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
@@ -114,3 +117,17 @@ def read_topic(broker: str, topic: str, expected: int, timeout_s: float = 30.0) 
     finally:
         consumer.close()
     return out
+
+
+def metallm_cli(schema: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the ``metallm`` command line on the test database, in ``schema``."""
+    from tests.conftest import DATABASE_URL
+
+    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

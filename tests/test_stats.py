@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from service import storage
-from tests.conftest import DATABASE_URL
+from tests.helpers import metallm_cli
 
 pytestmark = pytest.mark.integration
 
@@ -70,27 +67,16 @@ def test_arm_summary_view(decided):
     assert sum(h["share"] for h in hourly) == pytest.approx(1.0)
 
 
-def run(schema: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 def test_stats_and_explain_commands(decided, pg_schema):
-    out = run(pg_schema, "stats", "--format", "json", "--hours", "0")
+    out = metallm_cli(pg_schema, "stats", "--format", "json", "--hours", "0")
     assert out.returncode == 0, out.stderr
     summary = [json.loads(line) for line in out.stdout.splitlines()]
     assert [(r["arm"], r["decisions"]) for r in summary] == [("cheap", 3), ("strong", 1)]
 
-    table = run(pg_schema, "stats").stdout
+    table = metallm_cli(pg_schema, "stats").stdout
     assert "per arm (view arm_summary)" in table and "per hour" in table
 
-    explained = run(pg_schema, "decisions", "--explain", "q0")
+    explained = metallm_cli(pg_schema, "decisions", "--explain", "q0")
     assert explained.returncode == 0, explained.stderr
     lines = explained.stdout.splitlines()
     cheap = next(line for line in lines if "cheap" in line and "chosen" in line)
@@ -98,5 +84,5 @@ def test_stats_and_explain_commands(decided, pg_schema):
     assert any("strong" in line and "0.5" in line and "0.2000" in line for line in lines)
     assert "label 'a' → correct=True" in explained.stdout
 
-    missing = run(pg_schema, "decisions", "--explain", "nope")
+    missing = metallm_cli(pg_schema, "decisions", "--explain", "nope")
     assert missing.returncode == 1 and "no decision for query 'nope'" in missing.stderr

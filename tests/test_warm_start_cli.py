@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from service import storage
 from service.policy import loads
+from tests.helpers import metallm_cli
 
 pytestmark = pytest.mark.integration
 
 OUTCOMES = Path(__file__).parents[1] / "producers" / "data" / "demo_outcomes.jsonl"
 
 
-def run(schema: str, *args: str) -> subprocess.CompletedProcess:
-    from tests.conftest import DATABASE_URL
-
-    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 def test_warm_start_stores_a_checkpoint_the_service_restores(engine, pg_schema, tmp_path):
-    out = run(pg_schema, "warm-start", str(OUTCOMES), "--limit", "40")
+    out = metallm_cli(pg_schema, "warm-start", str(OUTCOMES), "--limit", "40")
     assert out.returncode == 0, out.stderr
     assert "80 updates over 40 queries" in out.stdout
     with engine.connect() as conn:
@@ -40,10 +25,10 @@ def test_warm_start_stores_a_checkpoint_the_service_restores(engine, pg_schema, 
     assert policy.n_updates == 80 and sorted(policy.arms) == ["gemma-3-270m", "qwen2.5-0.5b"]
     assert checkpoint["reward_watermark"] == 0  # no live rewards yet
 
-    again = run(pg_schema, "warm-start", str(OUTCOMES))
+    again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES))
     assert again.returncode == 2 and "already has a learned policy" in again.stderr
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query_id": "x"}\n')
-    refused = run(pg_schema, "warm-start", str(bad))
+    refused = metallm_cli(pg_schema, "warm-start", str(bad))
     assert refused.returncode == 2 and "line 1" in refused.stderr
