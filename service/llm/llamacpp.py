@@ -59,16 +59,17 @@ class LlamaCppProvider:
         self._formatter = self._chat_formatter() if self.chat else None
 
     @lru_cache(maxsize=256)  # noqa: B019 - one provider per arm, lives as long as the service
-    def _grammar(self, answers: tuple[str, ...]):
+    def _decoding(self, answers: tuple[str, ...]):
+        """The grammar and token budget for one answer set: built once, not on every call."""
         from llama_cpp import LlamaGrammar
 
-        return LlamaGrammar.from_string(answers_grammar(answers), verbose=False)
+        grammar = LlamaGrammar.from_string(answers_grammar(answers), verbose=False)
+        longest = max(len(self._llm.tokenize(a.encode(), add_bos=False)) for a in answers)
+        return grammar, max(self.max_output_tokens, longest + 2)
 
     # ------------------------------------------------------------------ generate mode
     def _generate(self, prompt: Prompt) -> Completion:
-        grammar = self._grammar(tuple(prompt.answers))
-        longest = max(len(self._llm.tokenize(a.encode(), add_bos=False)) for a in prompt.answers)
-        max_tokens = max(self.max_output_tokens, longest + 2)
+        grammar, max_tokens = self._decoding(tuple(prompt.answers))
         with self._lock:
             try:
                 if self.chat:
