@@ -5,42 +5,39 @@ Useful for evaluation and for running the service against recorded traffic witho
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from service.llm.base import CallRequest, Completion, LLMError
+from service.outcomes import ArmOutcome, iter_outcomes
 
 
 class ReplayProvider:
+    """Answers query ``q`` with what arm ``arm`` recorded for ``q`` in the outcomes file
+    (read and validated by :mod:`service.outcomes`; a malformed line fails at start-up)."""
+
     def __init__(self, outcomes_path: Path, arm: str) -> None:
         self.arm = arm
-        self._answers: dict[str, tuple[str | None, float, int, int]] = {}
-        with open(outcomes_path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    outcome = record["arms"][arm]
-                    self._answers[record["query_id"]] = (
-                        outcome["prediction"],
-                        float(outcome["cost_usd"]),
-                        int(outcome.get("input_tokens") or 0),
-                        int(outcome.get("output_tokens") or 0),
-                    )
-                except (ValueError, KeyError, TypeError) as exc:
-                    raise ValueError(
-                        f"{outcomes_path}:{lineno}: no outcome for arm {arm!r} ({exc!r})"
-                    ) from None
+        self._answers: dict[str, ArmOutcome] = {}
+        for record in iter_outcomes(outcomes_path):
+            if arm not in record.arms:
+                raise ValueError(
+                    f"{outcomes_path}: query {record.query_id!r} has no outcome for arm {arm!r}"
+                )
+            self._answers[record.query_id] = record.arms[arm]
 
     async def complete(self, request: CallRequest) -> Completion:
         try:
-            prediction, cost, tokens_in, tokens_out = self._answers[request.query_id]
+            outcome = self._answers[request.query_id]
         except KeyError:
             raise LLMError(f"query {request.query_id!r} is not in the outcomes file") from None
-        if prediction is None:
+        if outcome.prediction is None:
             raise LLMError("the recorded call failed")
-        return Completion(prediction, tokens_in, tokens_out, cost_usd=cost)
+        return Completion(
+            outcome.prediction,
+            outcome.input_tokens or 0,
+            outcome.output_tokens or 0,
+            cost_usd=outcome.cost_usd,
+        )
 
     def close(self) -> None:
         pass

@@ -64,7 +64,9 @@ def records(rows) -> list[QueryRecord]:
 
 def test_failed_arm_is_rewarded_at_decision_time_and_labels_count_once(engine, embedder, tmp_path):
     data = demo_rows(16)
-    outcomes = write_outcomes(tmp_path / "o.jsonl", data, {"backup": (1.0, 0.0002)})
+    outcomes = write_outcomes(  # an outcomes file holds ≥ 2 arms; only "backup" is used
+        tmp_path / "o.jsonl", data, {"backup": (1.0, 0.0002), "unused": (0.5, 0.0)}
+    )
     config = make_config(outcomes, fallback=True)
     live = LivePolicy(engine, "linucb", {"alpha": 1.0, "epsilon": 1.0, "seed": 3})
     decider = Decider(config, engine, live, embedder, Gateway(config), REWARDS)

@@ -43,7 +43,9 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
     # short prompts with a two-label grammar: healthy calls stay far below the timeout even on
     # a loaded 2-core machine
     rows = [r for r in demo_rows() if r["task"] == "sentiment"][:80]
-    outcomes = write_outcomes(tmp_path / "o.jsonl", rows, {"backup": (0.8, 0.00002)})
+    outcomes = write_outcomes(  # an outcomes file holds ≥ 2 arms; only "backup" is used
+        tmp_path / "o.jsonl", rows, {"backup": (0.8, 0.00002), "unused": (0.5, 0.0)}
+    )
     settings = settings_for(
         broker,
         topics,
