@@ -251,7 +251,9 @@ class Gateway:
             try:
                 completion = await self._attempt(name, request)
             except CircuitOpen as exc:  # not sent: says nothing new about the arm
-                return _ArmOutcome(None, str(exc), attempts - 1)
+                # other calls opened the circuit while this one backed off: keep the real error
+                reason = str(exc) if attempts == 1 else f"{error}; retry refused: {exc}"
+                return _ArmOutcome(None, reason, attempts - 1)
             except LLMError as exc:
                 error = str(exc)
                 if not exc.retryable or retry == arm.max_retries:

@@ -108,7 +108,10 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
 
         main.modes["flaky"] = "error"  # HTTP 500: retried once, then the fallback
         errors = [d for d in phase("http 500") if d["arm"] == "flaky" and d["attempts"] > 1]
-        assert errors and all("HTTP 500" in d["error"] and d["attempts"] == 3 for d in errors)
+        # retried once (3 attempts with the fallback's), unless calls alongside opened the
+        # circuit during the backoff (then the retry is refused: 2) — the error says HTTP 500
+        assert errors and all("HTTP 500" in d["error"] and d["attempts"] in (2, 3) for d in errors)
+        assert any(d["attempts"] == 3 for d in errors)
         recover()
 
         main.modes["flaky"], main.delay["flaky"] = "slow", 2.5  # > the 1 s timeout
