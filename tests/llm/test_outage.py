@@ -108,9 +108,12 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
             assert all(d["status"] == "ok" for d in outage)  # the fallback answered them all
             chosen = [d for d in outage if d["arm"] == "gemma-http"]
             timed_out = [d for d in chosen if "timed out after 4 s" in (d["error"] or "")]
+            # two attempts at the frozen server, then the fallback — or, when calls alongside
+            # opened the circuit during the backoff, one attempt whose retry was refused
             assert timed_out and all(
-                d["fallback_arm"] == "backup" and d["attempts"] == 3 for d in timed_out
-            )  # two attempts at the frozen server, then the fallback
+                d["fallback_arm"] == "backup" and d["attempts"] in (2, 3) for d in timed_out
+            )
+            assert any(d["attempts"] == 3 for d in timed_out)
             assert all(d["fallback_arm"] == "backup" for d in chosen)
             assert all(d["reward_seq"] is not None and d["reward"] == 0.0 for d in chosen)
             assert service.decider.gateway.breakers["gemma-http"].times_opened >= 1
