@@ -137,7 +137,8 @@ def test_without_fallback_the_decision_is_an_llm_error_with_a_failure_reward(
     rows = rows_by_id(engine)
     for row in rows.values():
         assert row["status"] == "llm_error" and row["prediction"] is None
-        assert row["attempts"] == 2 and row["fallback_arm"] is None
+        # retried once, unless the circuit (3 failed calls) opened during its backoff
+        assert row["attempts"] in (1, 2) and row["fallback_arm"] is None
         assert row["cost_usd"] == 0.0 and row["reward"] == 0.0
         assert row["reward_seq"] is not None and row["label"] is None
     assert live.policy.n_updates == 5
