@@ -1,10 +1,10 @@
 """Versioned byte serialisation of policies (what the storage layer keeps in Postgres).
 
-Format version 1 — all integers big-endian::
+Format version 2 (version 1 is still read) — all integers big-endian::
 
     offset  size  field
     0       8     magic  b"MLLMPOL\\x00"
-    8       2     format version (uint16) = 1
+    8       2     format version (uint16) = 2
     10      4     header length H (uint32)
     14      H     header: UTF-8 JSON object (below)
     14+H    …     payload: a numpy ``.npz`` archive (``np.savez``, no pickled objects)
@@ -22,11 +22,14 @@ Header keys:
 ``state``           kind-specific JSON (e.g. ``{"dim": 384}`` for the linear policies)
 
 Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting) and the
-kind-specific statistics prefixed ``s_``; for the linear policies, ``s_A``, ``s_A_inv``, ``s_b``,
-``s_theta`` (float64, one row per arm in ``arms`` order), ``s_counts`` (int64) and
-``s_reward_sum``. The River-backed policies ("eps_greedy", "softmax", "ucb", "thompson") store
-their River objects as a pickle in the uint8 array ``s_pickle``: only load those from a trusted
-store.
+kind-specific statistics prefixed ``s_``; for the linear policies (one row per arm in ``arms``
+order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
+``numpy.triu_indices`` order), ``s_b`` (float64), ``s_counts`` (int64), ``s_reward_sum``
+(float64) and ``s_scorer`` (float32, the approximate ``A⁻¹`` that scores decisions). Version 1
+kept the full ``s_A`` plus ``s_A_inv`` and ``s_theta`` (float64) and no scorer; loading it
+re-derives the scorer from ``A``. The River-backed policies ("eps_greedy", "softmax", "ucb",
+"thompson") store their River objects as a pickle in the uint8 array ``s_pickle``: only load
+those from a trusted store.
 
 ``dumps`` → ``loads`` round-trips exactly: same statistics bit for bit, same random state, so
 the loaded policy makes the same future choices.
@@ -51,7 +54,8 @@ import numpy as np
 from service.policy.base import RoutingPolicy
 
 MAGIC = b"MLLMPOL\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _PREFIX = struct.Struct(">8sHI")
 
 
@@ -81,7 +85,7 @@ def registry() -> dict[str, type[RoutingPolicy]]:
 
 
 def dump_policy(policy: RoutingPolicy) -> bytes:
-    """Serialise ``policy`` (format version 1, see module docstring)."""
+    """Serialise ``policy`` (format version 2, see module docstring)."""
     params, param_arrays = policy._checkpoint_params()
     meta, arrays = policy._state()
     pacer = getattr(policy, "pacer", None)
@@ -112,7 +116,7 @@ def read_header(data: bytes) -> dict:
     magic, version, length = _PREFIX.unpack_from(data)
     if magic != MAGIC:
         raise CheckpointError("not a metallm policy checkpoint (bad magic)")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CheckpointError(f"unsupported checkpoint format version {version}")
     try:
         return json.loads(data[_PREFIX.size : _PREFIX.size + length])

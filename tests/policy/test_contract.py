@@ -123,8 +123,9 @@ def test_new_arm_is_explored_and_removed_arm_is_forgotten(name: str) -> None:
     assert set(policy.arms) == {"a", "b"}
     with pytest.raises(KeyError):
         policy.remove_arm("new")
-    # the others' learning is intact: same scores as before the removal
-    assert policy.choose(["a", "b"], np.ones(D)).scores == before
+    # the others' learning is intact: same scores as before the removal (up to the float32
+    # scorer's rounding, which may depend on how many arms the stacked product holds)
+    assert policy.choose(["a", "b"], np.ones(D)).scores == pytest.approx(before, rel=1e-6)
     # offering only some arms keeps the others' statistics
     assert list(policy.choose(["b"], np.ones(D)).probabilities) == ["b"]
     assert "a" in policy.arms
