@@ -41,8 +41,8 @@ import math
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-from scipy.linalg import lapack, solve_triangular
-from scipy.linalg.blas import dsyrk, sgemm, sger
+from scipy.linalg import lapack
+from scipy.linalg.blas import dsyrk, sgemm, sger, strsm
 
 from service.policy.base import ArmId, Context, RoutingPolicy
 
@@ -66,6 +66,29 @@ def _symmetric(upper: np.ndarray) -> np.ndarray:
     """The symmetric matrix whose upper triangle (last two axes) is that of ``upper``."""
     out = np.triu(upper)
     return out + np.swapaxes(np.triu(upper, 1), -1, -2)
+
+
+def _quadratic_forms(S: np.ndarray, XT: np.ndarray, blocks: int = 4) -> np.ndarray:
+    """``x_jᵀ S_a x_j`` for symmetric ``S`` (m, d, d) and the columns of ``XT`` (d, n), as an
+    (n, m) float64 array.
+
+    Symmetry lets it multiply only the upper block triangle: with ``d`` split into ``blocks``
+    parts, ``xᵀSx = Σ_p x_pᵀS_pp x_p + 2·Σ_p x_pᵀS_p,>p x_>p``, i.e. 10/16 of a full product
+    for 4 blocks — at d = 384 that is ~30 % faster than one full matrix product.
+    """
+    m, d, _ = S.shape
+    if XT.shape[1] < 16 or d < 64:
+        V = (S.reshape(m * d, d) @ XT).reshape(m, d, -1)
+        return np.einsum("adn,dn->na", V, XT).astype(np.float64)
+    edges = [round(d * p / blocks) for p in range(blocks + 1)]
+    out = np.zeros((m, XT.shape[1]), dtype=np.float32)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        Xp = XT[lo:hi]
+        out += np.einsum("adn,dn->an", np.matmul(S[:, lo:hi, lo:hi], Xp), Xp)
+        if hi < d:
+            cross = np.matmul(S[:, lo:hi, hi:], XT[hi:])
+            out += 2.0 * np.einsum("adn,dn->an", cross, Xp)
+    return out.T.astype(np.float64)
 
 
 def _add_gram(A: np.ndarray, X: np.ndarray) -> None:
@@ -215,9 +238,8 @@ class LinearArmStats:
         U = X32 @ S  # (n, d); S is symmetric
         M = np.eye(n) + (U @ X32.T).astype(np.float64)
         C = np.linalg.cholesky((M + M.T) / 2.0)
-        W = solve_triangular(C, U.astype(np.float64), lower=True, check_finite=False)
-        W32 = W.astype(np.float32)
-        sgemm(-1.0, W32, W32, beta=1.0, c=S.T, trans_a=1, overwrite_c=1)  # S -= Wᵀ W in place
+        W = strsm(1.0, C.astype(np.float32), U, lower=1)  # C⁻¹U, (n, d)
+        sgemm(-1.0, W, W, beta=1.0, c=S.T, trans_a=1, overwrite_c=1)  # S -= Wᵀ W in place
 
     def resync(self, i: int) -> None:
         """Re-derive slot ``i``'s float32 scorer from the exact ``A`` (drops rounding drift)."""
@@ -275,18 +297,17 @@ class LinearArmStats:
     def mean_and_variance_many(
         self, X: np.ndarray, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Same as :meth:`mean_and_variance` for rows of ``X`` (n, d) and the given slots:
-        one float32 matrix product for all arms and rows."""
-        m, d = len(slots), self.dim
+        """Same as :meth:`mean_and_variance` for rows of ``X`` (n, d) and the given slots, as
+        float32 matrix products over all arms and rows (see :func:`_quadratic_forms`)."""
+        m = len(slots)
         S = (
             self.scorer[:m]
             if m == self.k and np.array_equal(slots, np.arange(m))
             else self.scorer[slots]
         )
-        XT = np.ascontiguousarray(X.T, dtype=np.float32)  # (d, n)
-        V = (S.reshape(m * d, d) @ XT).reshape(m, d, -1)  # V[a, :, j] = S_a x_j
-        variances = np.einsum("adn,dn->na", V, XT).astype(np.float64)
-        means = np.einsum("adn,ad->na", V, self.b[slots].astype(np.float32)).astype(np.float64)
+        theta = np.matmul(S, self.b[slots].astype(np.float32)[:, :, None])[:, :, 0]  # S_a b_a
+        means = X @ theta.T.astype(np.float64)
+        variances = _quadratic_forms(S, np.ascontiguousarray(X.T, dtype=np.float32))
         np.maximum(variances, 0.0, out=variances)
         return means, variances
 
