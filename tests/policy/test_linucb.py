@@ -310,3 +310,17 @@ def test_float32_scorer_stays_close_to_the_closed_form_over_a_long_stream() -> N
     np.testing.assert_allclose(
         policy.stats.scorer[i], np.linalg.inv(policy.stats.A[i]), rtol=0, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("d", [64, 70, 385])
+def test_block_triangle_quadratic_forms_equal_the_full_product(d: int) -> None:
+    from service.policy.linear import _quadratic_forms
+
+    rng = np.random.default_rng(d)
+    M = rng.normal(size=(3, d, d))
+    S = (M @ np.swapaxes(M, 1, 2) / d).astype(np.float32)  # symmetric positive definite
+    X = rng.normal(size=(20, d)).astype(np.float32)  # n ≥ 16: the block path
+    expected = np.einsum("nd,ade,ne->na", X.astype(np.float64), S.astype(np.float64), X)
+    got = _quadratic_forms(S, np.ascontiguousarray(X.T))
+    assert got.shape == (20, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
