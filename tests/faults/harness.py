@@ -559,7 +559,10 @@ def wait_until(
     message: str,
     interval: float = 0.1,
     alive: Callable[[], bool] | None = None,
+    explain: Callable[[], str] | None = None,
 ) -> object:
+    """Poll ``condition`` until it is true; on a timeout, the error says what ``explain``
+    finds (say, :func:`missing_work`) so a failure can be diagnosed from its message."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         result = condition()
@@ -568,7 +571,49 @@ def wait_until(
         if alive is not None and not alive():
             raise AssertionError(f"the service exited while waiting for {message}")
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+    detail = ""
+    if explain is not None:
+        try:
+            detail = f"\n{explain()}"
+        except Exception as exc:  # the database may be what is broken
+            detail = f"\n(could not explain: {exc!r})"
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}{detail}")
+
+
+def missing_work(engine: sa.Engine, query_ids: Iterable[str], limit: int = 10) -> str:
+    """Which of ``query_ids`` have no decision, which decisions no reward, and which labels
+    still wait in ``pending_labels`` (with the label consumer's stored progress)."""
+    ids = list(query_ids)
+    with engine.connect() as conn:
+        rows = conn.execute(
+            sa.text(
+                "SELECT query_id, status, label, reward_seq, decision_seq, kafka_offset "
+                "FROM decisions"
+            )
+        ).all()
+        pending = conn.execute(
+            sa.text("SELECT query_id, received_at, duplicates FROM pending_labels")
+        ).all()
+        offsets = conn.execute(
+            sa.text("SELECT topic, partition, next_offset FROM label_offsets")
+        ).all()
+        seqs = conn.execute(sa.text("SELECT last_value, is_called FROM reward_seq")).one()
+    decided = {r.query_id: r for r in rows}
+    undecided = [q for q in ids if q not in decided]
+    unrewarded = [decided[q] for q in ids if q in decided and decided[q].reward_seq is None]
+
+    def head(items: list) -> str:
+        return ", ".join(map(str, items[:limit])) + (" …" if len(items) > limit else "")
+
+    return "\n".join(
+        [
+            f"{len(undecided)} queries without a decision: {head(undecided)}",
+            f"{len(unrewarded)} decisions without a reward: "
+            + head([(r.query_id, r.status, r.label) for r in unrewarded]),
+            f"{len(pending)} labels pending: " + head([p.query_id for p in pending]),
+            f"label_offsets: {[tuple(o) for o in offsets]}; reward_seq: {tuple(seqs)}",
+        ]
+    )
 
 
 @dataclass

@@ -25,7 +25,9 @@ from tests.faults.harness import (
     PrivatePostgres,
     arm_config,
     build_service,
+    committed,
     make_queries,
+    missing_work,
     policy_difference,
     progress,
     publish,
@@ -103,6 +105,15 @@ def check_exactly_once(service, engine, server, queries, broker, topics) -> None
     assert not service.crashed.is_set()
 
 
+def explain(engine, queries, broker: str, topics: dict) -> str:
+    """What a timed-out wait was missing, in Postgres and in the committed offsets."""
+    offsets = {
+        kind: committed(broker, topics[f"{kind}_topic"], topics[f"{kind}_group"])
+        for kind in ("queries", "labels")
+    }
+    return f"{missing_work(engine, [q.query_id for q in queries])}\ncommitted: {offsets}"
+
+
 @pytest.fixture
 def private_pg():
     pg = PrivatePostgres().init()
@@ -143,7 +154,13 @@ def test_postgres_stopped_and_crashed_mid_stream(broker, topics, private_pg, tmp
             private_pg.start()
 
             producer.join(timeout=120)
-            wait_until(lambda: progress(engine) == (400, 400, 0), 120, "400 rewards", interval=0.3)
+            wait_until(
+                lambda: progress(engine) == (400, 400, 0),
+                120,
+                "400 rewards",
+                interval=0.3,
+                explain=lambda: explain(engine, queries, broker, topics),
+            )
             wait_consumed(broker, topics, 400, 400)
             failures = service.queries.stats.failures + service.labels.stats.failures
         finally:
@@ -199,7 +216,13 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
         service.start()
         try:
             stream(broker, topics, queries, engine).join(timeout=120)
-            wait_until(lambda: progress(engine) == (300, 300, 0), 120, "300 rewards", interval=0.3)
+            wait_until(
+                lambda: progress(engine) == (300, 300, 0),
+                120,
+                "300 rewards",
+                interval=0.3,
+                explain=lambda: explain(engine, queries, broker, topics),
+            )
             wait_consumed(broker, topics, 300, 300)
         finally:
             service.stop()
