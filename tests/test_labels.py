@@ -10,9 +10,12 @@ import pytest
 import sqlalchemy as sa
 
 from service import storage
-from service.events import LabelEvent
+from service.events import LabelEvent, QueryEvent
 from service.learning import LivePolicy
-from service.pipeline import Learner, RewardSettings, store_reward
+from service.llm.gateway import Gateway
+from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
+from tests.faults.harness import HashEmbedder
+from tests.helpers import replay_config, write_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -78,25 +81,44 @@ def test_failed_call_is_rewarded_as_wrong(engine, learner):
     assert row["correct"] is False and row["reward"] == pytest.approx(-0.05)
 
 
-def test_early_label_waits_then_applies_once_with_its_duplicates(engine, learner):
-    stats = learner.learn(
-        [LabelEvent(query_id="q3", label="a"), LabelEvent(query_id="q3", label="a")]
+def test_early_label_waits_then_applies_once_with_its_duplicates(engine, learner, tmp_path):
+    """Labelled twice before its query: the label waits, then the real Decider applies it in
+    the transaction that stores the decision, once, carrying its duplicate over."""
+    query = {
+        "query_id": "q3",
+        "text": "A fine, warm film.",
+        "task": "sentiment",
+        "label": "positive",
+    }
+    outcomes = write_outcomes(  # an outcomes file holds ≥ 2 arms; only "cheap" is configured
+        tmp_path / "o.jsonl", [query], {"cheap": (1.0, 0.0005), "unused": (1.0, 0)}
     )
+    config = replay_config(outcomes, ["cheap"])  # always right: the label scores as correct
+    decider = Decider(
+        config, engine, learner.live, HashEmbedder(), Gateway(config), learner.rewards
+    )
+
+    early = LabelEvent(query_id="q3", label="positive")
+    stats = learner.learn([early, early])
     assert (stats.pending, stats.pending_duplicates) == (1, 1)
-    insert_decision(engine, "q3")
-    with engine.begin() as conn:
-        (pending,) = storage.take_pending_labels(conn, ["q3"])
-        applied = store_reward(
-            conn,
-            decision(engine, "q3"),
-            pending["label"],
-            pending["labeled_at"],
-            learner.rewards,
-            pending["duplicates"],
+    assert learner.live.policy.n_updates == 0
+    try:
+        (event,) = decider.decide(
+            [QueryRecord(QueryEvent(query_id="q3", text=query["text"], task="sentiment"))]
         )
-    learner.live.apply([applied])
+    finally:
+        decider.close()
+    assert event.query_id == "q3"
     row = decision(engine, "q3")
-    assert row["label"] == "a" and row["duplicate_labels"] == 1 and row["reward_seq"] == applied.seq
+    assert row["label"] == "positive" and row["duplicate_labels"] == 1 and row["correct"] is True
+    assert row["reward_seq"] is not None and row["reward_seq"] == learner.live.watermark
+    assert learner.live.policy.n_updates == 1
+    assert learner.pending_count() == 0
+
+    # the same label once more, now that its decision exists: one more duplicate, no update
+    stats = learner.learn([early])
+    assert (stats.applied, stats.duplicates) == (0, 1)
+    assert decision(engine, "q3")["duplicate_labels"] == 2
     assert learner.live.policy.n_updates == 1
 
 
