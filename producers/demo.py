@@ -27,6 +27,7 @@ from rich.table import Table
 
 from consumers.kafka_io import ensure_topics, make_producer
 from consumers.runner import Service
+from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
 from producers.files import read_events
 from producers.local_broker import LocalBroker
@@ -38,7 +39,6 @@ from service.settings import Settings
 from service.storage import make_engine
 
 ROOT = Path(__file__).resolve().parents[1]
-DATASET = Path(__file__).parent / "data" / "demo_queries.jsonl"
 CONFIG = ROOT / "config" / "metallm.example.yaml"
 OUTCOMES = Path(__file__).parent / "data" / "demo_outcomes.jsonl"
 

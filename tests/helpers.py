@@ -11,29 +11,9 @@ from pathlib import Path
 
 from kafka import KafkaConsumer, KafkaProducer
 
+from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
 from service.settings import Settings
-
-DEMO_DATA = Path(__file__).resolve().parents[1] / "producers" / "data" / "demo_queries.jsonl"
-INTENTS = [
-    "add_to_playlist",
-    "book_restaurant",
-    "get_weather",
-    "play_music",
-    "search_screening_event",
-    "search_creative_work",
-    "rate_book",
-]
-TASKS = {
-    "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
-    "intent": {"kind": "classification", "labels": INTENTS},
-    "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
-}
-
-
-def demo_rows(n: int | None = None) -> list[dict]:
-    rows = [json.loads(line) for line in DEMO_DATA.read_text().splitlines()]
-    return rows if n is None else rows[:n]
 
 
 def write_outcomes(
