@@ -42,7 +42,9 @@ $(LLAMA_WHEEL): | $(VENV)/bin/python
 		$(BIN)/pip wheel --no-deps --wheel-dir $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_VER)
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(VENV)/bin/python
-	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,demo,dev]'
+	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,demo,dev,onnx]'
+	@# the embedding model's ONNX exports, once, into ~/.cache/metallm/models (~20 s)
+	$(BIN)/python -m service.onnx_export
 	@touch $@
 
 postgres:
@@ -58,6 +60,7 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/policy_speed.py
+	$(BIN)/python benchmarks/embedding_backends.py
 	$(BIN)/python benchmarks/pipeline_throughput.py
 	$(BIN)/python benchmarks/faults_report.py
 	$(BIN)/python benchmarks/evaluation_gsm8k.py

@@ -87,7 +87,9 @@ class Service:
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
-        embedder = embedder or Embedder(settings.embedding_model, settings.embedding_batch_size)
+        embedder = embedder or Embedder(
+            settings.embedding_model, settings.embedding_batch_size, settings.embedding_backend
+        )
         gateway = gateway or Gateway(config)
         decider = Decider(config, engine, live, embedder, gateway, rewards)
         learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)

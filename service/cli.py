@@ -47,7 +47,9 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     live = LivePolicy(engine, settings.policy, settings.policy_params, settings.checkpoint_every)
     live.restore()
     print(f"embedding {len(records)} queries…", file=sys.stderr)
-    embedder = Embedder(settings.embedding_model, settings.embedding_batch_size)
+    embedder = Embedder(
+        settings.embedding_model, settings.embedding_batch_size, settings.embedding_backend
+    )
     contexts = embedder.embed([r.text for r in records]).astype("float64")
     n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)
     engine.dispose()

@@ -1,0 +1,83 @@
+"""The embedding backends: the setting, the ONNX exports, and how close each is to PyTorch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from producers.demo_data import demo_rows
+from service.embedding import DEFAULT_MODEL_NAME, Embedder, default_model_path
+from service.onnx_export import cache_root, onnx_model
+from service.settings import Settings
+
+TEXTS = [r["text"] for r in demo_rows(96)]
+
+
+@pytest.fixture(scope="module")
+def vectors(embedder) -> dict[str, np.ndarray]:
+    out = {"torch": embedder.embed(TEXTS)}
+    for backend in ("onnx", "onnx-int8"):
+        out[backend] = Embedder(backend=backend).embed(TEXTS)
+    return out
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(axis=1)
+
+
+def test_the_backend_is_a_setting_with_onnx_by_default(monkeypatch):
+    assert Settings().embedding_backend == "onnx"
+    assert Settings().embedding_batch_size == 8
+    monkeypatch.setenv("METALLM_EMBEDDING_BACKEND", "onnx-int8")
+    assert Settings().embedding_backend == "onnx-int8"
+    monkeypatch.setenv("METALLM_EMBEDDING_BACKEND", "tensorrt")
+    with pytest.raises(ValidationError, match="embedding_backend"):
+        Settings()
+    with pytest.raises(ValueError, match="unknown embedding backend 'tensorrt'"):
+        Embedder(backend="tensorrt")  # type: ignore[arg-type]
+
+
+def test_onnx_float32_gives_the_pytorch_vectors(vectors):
+    assert vectors["onnx"].shape == (len(TEXTS), 384)
+    assert vectors["onnx"].dtype == np.float32
+    assert cosines(vectors["onnx"], vectors["torch"]).min() > 0.9999
+    assert np.allclose(np.linalg.norm(vectors["onnx"], axis=1), 1, atol=1e-5)
+
+
+def test_int8_stays_close_to_float32_and_says_so_in_its_name(vectors):
+    cos = cosines(vectors["onnx-int8"], vectors["torch"])
+    assert cos.mean() > 0.98
+    assert cos.min() > 0.9
+    assert np.allclose(np.linalg.norm(vectors["onnx-int8"], axis=1), 1, atol=1e-5)
+    assert Embedder(backend="onnx").name == DEFAULT_MODEL_NAME
+    assert Embedder(backend="onnx-int8").name == f"{DEFAULT_MODEL_NAME} (int8)"
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_the_batch_size_changes_speed_not_vectors(backend, vectors):
+    one = Embedder(batch_size=1, backend=backend).embed(TEXTS[:24])
+    many = Embedder(batch_size=64, backend=backend).embed(TEXTS[:24])
+    assert cosines(one, vectors[backend][:24]).min() > 0.99999
+    assert cosines(many, vectors[backend][:24]).min() > 0.99999
+    assert Embedder(backend=backend).embed([]).shape == (0, 384)
+
+
+def test_int8_vectors_depend_a_little_on_their_batch(vectors):
+    """Dynamic quantization scales activations per batch: the same text embedded alone or
+    with others moves by a few percent (cosine), never more than float32 vs int8 does."""
+    one = Embedder(batch_size=1, backend="onnx-int8").embed(TEXTS[:24])
+    assert cosines(one, vectors["onnx-int8"][:24]).min() > 0.9
+    assert cosines(one, vectors["torch"][:24]).mean() > 0.98
+
+
+def test_exports_are_made_once_into_the_cache_outside_the_repo():
+    first = onnx_model(default_model_path(), "int8")
+    mtime = first.stat().st_mtime_ns
+    again = onnx_model(default_model_path(), "int8")
+    assert again == first and again.stat().st_mtime_ns == mtime  # reused, not re-exported
+    assert first.is_relative_to(cache_root())
+    assert (first.parent / "model-fp32.onnx").exists()
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".model-")]  # no leftovers
+    with pytest.raises(ValueError, match="unknown ONNX variant"):
+        onnx_model(default_model_path(), "fp16")
