@@ -88,7 +88,9 @@ class Service:
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
         embedder = embedder or Embedder(
-            settings.embedding_model, settings.embedding_batch_size, settings.embedding_backend
+            settings.embedding_model,
+            settings.embedding_batch_size,
+            backend=settings.embedding_backend,
         )
         gateway = gateway or Gateway(config)
         decider = Decider(config, engine, live, embedder, gateway, rewards)

@@ -48,7 +48,9 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     live.restore()
     print(f"embedding {len(records)} queries…", file=sys.stderr)
     embedder = Embedder(
-        settings.embedding_model, settings.embedding_batch_size, settings.embedding_backend
+        settings.embedding_model,
+        settings.embedding_batch_size,
+        backend=settings.embedding_backend,
     )
     contexts = embedder.embed([r.text for r in records]).astype("float64")
     n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)

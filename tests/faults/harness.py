@@ -54,7 +54,9 @@ POLICY_PARAMS = {"alpha": 1.0, "epsilon": 0.1, "seed": 0}
 class HashEmbedder:
     """Signed feature hashing of lower-cased words into ``dim`` floats, L2-normalised."""
 
-    def __init__(self, model: object = None, batch_size: int = 64, dim: int = 16) -> None:
+    def __init__(
+        self, model: object = None, batch_size: int = 64, dim: int = 16, backend: str = "hash"
+    ) -> None:
         self.dim = dim
         self.name = f"hash-{dim}"
         self._cache: dict[str, tuple[int, float]] = {}
