@@ -101,18 +101,34 @@ class BatchConsumer:
     def idle(self) -> None:
         """Called after each poll; for periodic work."""
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------------
+    lookahead = False
+    """Poll the next batch before handling this one and give it to :meth:`prepare`, so work
+    that only reads the events (embedding them) overlaps this batch's handling. Batches are
+    still handled one after another in poll order; offsets are committed as without it."""
+
+    def prepare(self, records: list[ConsumerRecord]) -> None:
+        """Called with each batch as soon as it is polled (with ``lookahead``: while the batch
+        before it is being handled). Must only read: the batch may yet be dropped, rewound or
+        handled one event at a time."""
+
     def run(self) -> None:
         backoff = 0.5
+        ahead: list[ConsumerRecord] = []  # polled, prepared, not handled yet
         while not self.stop_event.is_set():
-            try:
-                batch = self.consumer.poll(timeout_ms=self.poll_timeout_ms)
-            except Exception:
-                self._failed("poll failed", 0, backoff)
-                self.stop_event.wait(backoff)
-                backoff = min(backoff * 2, self.max_backoff_s)
-                continue
-            records = [r for part in batch.values() for r in part]
+            if ahead:
+                records, ahead = ahead, []
+            else:
+                try:
+                    records = self.poll(self.poll_timeout_ms)
+                except Exception:
+                    self._failed("poll failed", 0, backoff)
+                    self.stop_event.wait(backoff)
+                    backoff = min(backoff * 2, self.max_backoff_s)
+                    continue
+                self.prepare(records)
+            if records and self.lookahead:
+                records, ahead = self.look_ahead(records)
             if records:
                 try:
                     self.process(records)
@@ -120,7 +136,8 @@ class BatchConsumer:
                 except Exception as exc:
                     if is_transient(exc):
                         self._failed("batch failed", len(records), backoff)
-                        self.rewind(records)
+                        self.rewind(records + ahead)  # the next batch is polled again after it
+                        ahead = []
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
@@ -130,10 +147,45 @@ class BatchConsumer:
                         backoff = 0.5
                     except Exception:
                         self._failed("retrying one at a time failed", len(records), backoff)
+                        # isolate rewound its partitions to the event that failed; the
+                        # next batch's other partitions go back to where it started
+                        mine = {(r.topic, r.partition) for r in records}
+                        self.rewind([r for r in ahead if (r.topic, r.partition) not in mine])
+                        ahead = []
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
             self.housekeeping()
+
+    def poll(self, timeout_ms: int) -> list[ConsumerRecord]:
+        batch = self.consumer.poll(timeout_ms=timeout_ms)
+        return [r for part in batch.values() for r in part]
+
+    def look_ahead(
+        self, records: list[ConsumerRecord]
+    ) -> tuple[list[ConsumerRecord], list[ConsumerRecord]]:
+        """Poll (without waiting) the batch after ``records`` and prepare it. A rebalance in
+        that poll may take partitions away, or give them back from their committed offsets:
+        ``records`` keeps only what is still ours, the next batch only what comes after them."""
+        try:
+            ahead = self.poll(0)
+        except Exception:  # the regular poll after this batch tries again
+            log.debug("%s: polling ahead failed", self.name, exc_info=True)
+            return records, []
+        owned = self.consumer.assignment()
+        mine = [r for r in records if TopicPartition(r.topic, r.partition) in owned]
+        if len(mine) < len(records):
+            log.info(
+                "%s: %d events of a revoked partition dropped", self.name, len(records) - len(mine)
+            )
+        last: dict[TopicPartition, int] = {}
+        for r in mine:
+            tp = TopicPartition(r.topic, r.partition)
+            last[tp] = max(last.get(tp, -1), r.offset)
+        ahead = [r for r in ahead if r.offset > last.get(TopicPartition(r.topic, r.partition), -1)]
+        if ahead:
+            self.prepare(ahead)
+        return mine, ahead
 
     def _failed(self, what: str, n: int, backoff: float | None = None) -> None:
         self.stats.failures += 1

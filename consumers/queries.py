@@ -13,6 +13,7 @@ from service.pipeline import Decider, QueryRecord
 
 class QueryConsumer(BatchConsumer):
     name = "queries"
+    lookahead = True  # the next batch is embedded while this one waits for its LLMs
 
     def __init__(
         self,
@@ -28,6 +29,15 @@ class QueryConsumer(BatchConsumer):
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         return self.decider.validate(raw)
+
+    def prepare(self, records: list[ConsumerRecord]) -> None:
+        texts = []
+        for record in records:
+            try:
+                texts.append(self.decider.validate(record.value).text)
+            except Exception:  # noqa: S112 - invalid events are dead-lettered when handled
+                continue
+        self.decider.embed_ahead(texts)
 
     def handle(self, items: list[tuple[QueryEvent, ConsumerRecord]]) -> list[Outgoing]:
         decided = self.decider.decide(

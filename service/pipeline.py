@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from service import metrics, storage
 from service.config import AppConfig
-from service.embedding import Embedder
+from service.embed_ahead import EmbedAhead, TextEmbedder
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.learning import LivePolicy, labels_match
 from service.llm.base import CallRequest
@@ -95,7 +95,7 @@ class Decider:
         config: AppConfig,
         engine: Engine,
         live: LivePolicy,
-        embedder: Embedder,
+        embedder: TextEmbedder,
         gateway: Gateway,
         rewards: RewardSettings,
     ) -> None:
@@ -103,6 +103,7 @@ class Decider:
         self.engine = engine
         self.live = live
         self.embedder = embedder
+        self.ahead = EmbedAhead(embedder)
         self.gateway = gateway
         self.rewards = rewards
         self.llm_calls = 0
@@ -121,6 +122,11 @@ class Decider:
         if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
             raise InvalidEvent("multiple choice takes at most 26 options")
         return event
+
+    def embed_ahead(self, texts: list[str]) -> None:
+        """Start embedding texts of a batch that comes next, in the background: ``decide``
+        then finds their vectors ready (it embeds whatever was not)."""
+        self.ahead.submit(texts)
 
     def decide(self, records: list[QueryRecord]) -> list[DecisionEvent]:
         """Decide every query of the batch not decided before; returns the new decisions."""
@@ -184,7 +190,7 @@ class Decider:
             or self._unstored[r.event.query_id][0] != r.event
         ]
         if fresh:
-            contexts = self.embedder.embed([r.event.text for r in fresh])
+            contexts = self.ahead.embed([r.event.text for r in fresh])
             arms = self.gateway.available_arms()
             with self.live.lock:
                 choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
@@ -281,6 +287,7 @@ class Decider:
         )
 
     def close(self) -> None:
+        self.ahead.close()
         self._loop.run_until_complete(self.gateway.aclose())  # HTTP pools live on this loop
         self._loop.close()
 
