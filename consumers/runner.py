@@ -47,6 +47,23 @@ def check_schema(engine: Engine) -> None:
         raise SchemaMissing("the database has no metallm schema yet: run `metallm migrate`")
 
 
+def commits_are_durable(engine: Engine) -> bool:
+    """Whether Postgres makes a COMMIT durable before acknowledging it; warns if not. With
+    ``synchronous_commit = off`` a crash of the server drops the last acknowledged
+    transactions — decisions and rewards whose Kafka offsets are committed by then, so their
+    queries would never be decided and their labels never applied."""
+    with engine.connect() as conn:
+        setting = conn.execute(sa.text("SHOW synchronous_commit")).scalar()
+    if setting == "off":
+        log.warning(
+            "Postgres has synchronous_commit = off: a crash of the database server can lose "
+            "decisions and rewards already acknowledged (and their Kafka offsets committed); "
+            "set it to on for metallm's role or database"
+        )
+        return False
+    return True
+
+
 @dataclass
 class Service:
     settings: Settings
@@ -74,6 +91,7 @@ class Service:
         config = config or load_config(settings.config)
         engine = make_engine(settings.database_url, settings.database_schema)
         check_schema(engine)
+        commits_are_durable(engine)
         budget = None
         if settings.budget_usd_per_query is not None:
             budget = BudgetPacer(

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -192,6 +193,23 @@ def test_private_postgres_keeps_acknowledged_commits_across_a_crash(private_pg):
         assert scalar(engine, "SELECT count(*) FROM acked") == 20
     finally:
         engine.dispose()
+
+
+def test_the_service_warns_when_postgres_may_lose_acknowledged_commits(caplog):
+    from consumers.runner import commits_are_durable
+    from tests.conftest import DATABASE_URL
+
+    durable = make_engine(DATABASE_URL)
+    lossy = make_engine(DATABASE_URL, connect_args={"options": "-csynchronous_commit=off"})
+    try:
+        with caplog.at_level(logging.WARNING, logger="consumers.runner"):
+            assert commits_are_durable(durable)
+            assert not caplog.records
+            assert not commits_are_durable(lossy)
+        assert "synchronous_commit = off" in caplog.text
+    finally:
+        durable.dispose()
+        lossy.dispose()
 
 
 def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
