@@ -7,6 +7,10 @@
     of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
     (target: ≥ 0.8).
 
+Both use the service's embedding backend (``METALLM_EMBEDDING_BACKEND``, default ``onnx``;
+``--backend`` to choose another): a faster backend raises (b)'s baseline as much as the
+pipeline, so (b) measures what the rest of the pipeline costs next to embedding.
+
 Queries are published before the service starts; the clock runs from the moment the service
 starts deciding its first batch to the last decision in Postgres (consumer start-up is not
 counted). Each measurement is repeated, interleaved, and the median printed with the machine's
@@ -19,6 +23,7 @@ completions with the first allowed label of the prompt, with real usage counts.
 
     .venv/bin/python benchmarks/pipeline_throughput.py              # ~2-3 minutes
     .venv/bin/python benchmarks/pipeline_throughput.py --quick      # smaller, ~1 minute
+    .venv/bin/python benchmarks/pipeline_throughput.py --backend onnx-int8
 
 Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
 starts its own Tansu broker. Everything listens on 127.0.0.1 only.
@@ -42,22 +47,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-TASKS = {
-    "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
-    "intent": {
-        "kind": "classification",
-        "labels": [
-            "add_to_playlist",
-            "book_restaurant",
-            "get_weather",
-            "play_music",
-            "search_screening_event",
-            "search_creative_work",
-            "rate_book",
-        ],
-    },
-    "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
-}
+from producers.demo_data import TASKS, demo_rows  # noqa: E402
+
 BATCH = 64
 
 
@@ -161,10 +152,7 @@ class Endpoint:
 
 # ------------------------------------------------------------------------------ a pipeline run
 def rows(n: int) -> list[dict]:
-    data = [
-        json.loads(line)
-        for line in (ROOT / "producers" / "data" / "demo_queries.jsonl").read_text().splitlines()
-    ]
+    data = demo_rows()
     tag = uuid.uuid4().hex[:6]
     return [
         {**data[i % len(data)], "query_id": f"{tag}-{i}"} for i in range(n)
@@ -325,6 +313,12 @@ def main() -> int:
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DELAY"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer queries and repeats")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "onnx-int8"],
+        default=None,
+        help="embedding backend (default: the service's, METALLM_EMBEDDING_BACKEND)",
+    )
     args = parser.parse_args()
     if args.serve:
         asyncio.run(_serve(int(args.serve[0]), float(args.serve[1])))
@@ -340,10 +334,15 @@ def main() -> int:
 
     from producers.local_broker import LocalBroker
     from service.embedding import Embedder
+    from service.settings import Settings
 
-    embedder = Embedder()
+    backend = args.backend or Settings().embedding_backend
+    embedder = Embedder(backend=backend)
     embedder.embed(["warm-up"] * BATCH)
-    print(f"cores: {os.cpu_count()}; repeats: {repeats}; batch: {BATCH}; load: {load()}")
+    print(
+        f"cores: {os.cpu_count()}; repeats: {repeats}; batch: {BATCH}; "
+        f"embedding backend: {backend}; load: {load()}"
+    )
     with LocalBroker() as broker:
         slow, instant = Endpoint(0.2), Endpoint(0.0)
         try:
