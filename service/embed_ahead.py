@@ -3,10 +3,11 @@
 :class:`EmbedAhead` wraps an embedder. ``submit(texts)`` starts embedding them on a background
 thread and returns at once; ``embed(texts)`` returns their vectors, waiting for a submission
 that covers them and embedding on the spot any it does not. It is a cache in front of a pure
-function: which texts were submitted, and when, changes how soon a vector is ready, never
-which vector it is, nor what is decided, stored or committed. Submissions hold no Kafka or
-database state; a batch that is rewound or dropped just leaves its vectors in the cache (the
-last ``max_cached`` texts, for its retry).
+function: which texts were submitted, and when, changes how soon a vector is ready, not what
+is decided, stored or committed (nor the vector, except that ``onnx-int8`` quantises
+activations per batch, so its vectors vary slightly with the texts batched together).
+Submissions hold no Kafka or database state; a batch that is rewound or dropped just leaves
+its vectors in the cache (the last ``max_cached`` texts, for its retry).
 
     ahead = EmbedAhead(Embedder())
     ahead.submit(next_texts)             # returns at once; torch/ONNX Runtime release the GIL

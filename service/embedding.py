@@ -4,9 +4,10 @@ Three backends run the same model (``METALLM_EMBEDDING_BACKEND``):
 
 - ``torch``: sentence-transformers on PyTorch, float32 (the reference);
 - ``onnx``: the same float32 weights exported once to ONNX (:mod:`service.onnx_export`) and run
-  by ONNX Runtime with fused attention: the same vectors (cosine ≥ 0.99999), ~1.3× faster;
-- ``onnx-int8``: that export with int8 weights and dynamic int8 activations: ~2.5× faster
-  than ``torch``, vectors within cosine ~0.99 of float32 (mean; README, "Embedding backends").
+  by ONNX Runtime with fused attention: the same vectors (cosine ≥ 0.9999), ~1.45× faster;
+- ``onnx-int8``: that export with int8 weights and dynamic int8 activations: ~3× faster
+  than ``torch``, vectors within cosine ~0.99 of float32 (mean; README, "Embedding backends");
+  activations are quantised per batch, so a vector depends a little on its batch.
 
 Texts are embedded in small batches of similar length (``batch_size``, default 8): the
 model's cost is batch × longest text, so one batch of 64 mixed texts pays for padding ~5×
