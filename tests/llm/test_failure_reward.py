@@ -80,7 +80,9 @@ def test_failed_arm_is_rewarded_at_decision_time_and_labels_count_once(engine, e
         assert 3 <= len(failed) < 12  # uniform choice between two arms (ε = 1)
         for qid, row in first.items():
             if row["arm"] == "down":  # refused → retried once → the fallback answered
-                assert row["fallback_arm"] == "backup" and row["attempts"] == 3
+                # the retry is refused without a request when the circuit (3 failed calls)
+                # opened during its backoff, as in the test without a fallback below
+                assert row["fallback_arm"] == "backup" and row["attempts"] in (2, 3)
                 assert row["status"] == "ok" and row["prediction"] is not None
                 assert "connection failed" in row["error"]
                 assert row["reward_seq"] is not None and row["reward"] == 0.0
