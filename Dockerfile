@@ -14,9 +14,12 @@ COPY migrations ./migrations
 COPY config ./config
 # PIP_EXTRA_INDEX_URL may point at a CPU-only torch index to keep the image small.
 ARG PIP_EXTRA_INDEX_URL=""
-RUN pip install '.[cloud]'
+RUN pip install '.[cloud,onnx]'
 
 USER metallm
+# The embedding model's ONNX export (the default METALLM_EMBEDDING_BACKEND=onnx), made once at
+# build time into the user's cache, so a container never exports at start.
+RUN python -m service.onnx_export
 EXPOSE 9400
 ENTRYPOINT ["metallm"]
 CMD ["serve"]

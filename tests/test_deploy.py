@@ -70,6 +70,22 @@ def test_compose_postgres_migrate_and_service_wiring(compose):
     assert set(compose["volumes"]) == {"kafka-data", "pg-data"}
 
 
+def test_image_installs_what_the_default_embedding_backend_needs():
+    """The image must start with default settings: the ONNX backend's extra is installed and
+    the model exported at build time (not at container start, as a user without write access
+    to site-packages)."""
+    from service.settings import Settings
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    installs = [line for line in dockerfile.splitlines() if line.startswith("RUN pip install")]
+    assert len(installs) == 1
+    backend = Settings.model_fields["embedding_backend"].default
+    if backend.startswith("onnx"):
+        assert "onnx" in installs[0].split("[", 1)[1]
+        export = dockerfile.index("RUN python -m service.onnx_export")
+        assert dockerfile.index("USER metallm") < export  # into the service user's cache
+
+
 @pytest.mark.integration
 def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
     """Run deploy/postgres-init.sh against a fresh database, migrate as the owner, then act as
