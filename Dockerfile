@@ -14,7 +14,7 @@ COPY migrations ./migrations
 COPY config ./config
 # PIP_EXTRA_INDEX_URL may point at a CPU-only torch index to keep the image small.
 ARG PIP_EXTRA_INDEX_URL=""
-RUN pip install '.[cloud,onnx]'
+RUN pip install '.[cloud]'
 
 USER metallm
 # The embedding model's ONNX export (the default METALLM_EMBEDDING_BACKEND=onnx), made once at

@@ -42,7 +42,7 @@ $(LLAMA_WHEEL): | $(VENV)/bin/python
 		$(BIN)/pip wheel --no-deps --wheel-dir $(WHEEL_CACHE) llama-cpp-python==$(LLAMA_VER)
 
 $(VENV)/.installed: pyproject.toml $(LLAMA_WHEEL) | $(VENV)/bin/python
-	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,demo,dev,onnx]'
+	$(BIN)/pip install --find-links $(WHEEL_CACHE) -e '.[local,cloud,demo,dev]'
 	@# the embedding model's ONNX exports, once, into ~/.cache/metallm/models (~20 s)
 	$(BIN)/python -m service.onnx_export
 	@touch $@

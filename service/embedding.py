@@ -99,7 +99,7 @@ class _Onnx:
             import onnxruntime as ort
         except ImportError:
             raise RuntimeError(
-                "the onnx embedding backends need ONNX Runtime: pip install 'metallm[onnx]' "
+                "the onnx embedding backends need ONNX Runtime: pip install onnxruntime onnx "
                 "(or set METALLM_EMBEDDING_BACKEND=torch)"
             ) from None
         from transformers import AutoTokenizer
