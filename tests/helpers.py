@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kafka import KafkaConsumer, KafkaProducer
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
@@ -111,3 +111,12 @@ def metallm_cli(schema: str, *args: str, timeout: float = 300) -> subprocess.Com
         text=True,
         timeout=timeout,
     )
+
+
+def committed_offset(broker: str, topic: str, group: str) -> int | None:
+    """The offset ``group`` has committed on partition 0 of ``topic``."""
+    consumer = KafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False)
+    try:
+        return consumer.committed(TopicPartition(topic, 0))
+    finally:
+        consumer.close()

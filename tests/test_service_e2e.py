@@ -8,7 +8,6 @@ import urllib.request
 
 import pytest
 import sqlalchemy as sa
-from kafka import KafkaConsumer, TopicPartition
 
 from consumers.kafka_io import ensure_topics
 from consumers.runner import Service
@@ -16,6 +15,7 @@ from service import storage
 from service.llm.replay import ReplayProvider
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
+    committed_offset,
     demo_rows,
     label_bytes,
     query_bytes,
@@ -53,14 +53,6 @@ def build_service(settings, config, embedder) -> Service:
 def count(engine, sql: str) -> int:
     with engine.connect() as conn:
         return conn.execute(sa.text(sql)).scalar_one()
-
-
-def committed_offset(broker: str, topic: str, group: str) -> int | None:
-    consumer = KafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, 0))
-    finally:
-        consumer.close()
 
 
 def test_stream_of_queries_and_late_early_duplicate_unknown_labels(

@@ -751,24 +751,16 @@ def decisions(engine: sa.Engine, where: str = "TRUE") -> list[dict]:
         return [dict(r._mapping) for r in rows]
 
 
-def committed(bootstrap: str, topic: str, group: str) -> int | None:
-    """The offset ``group`` has committed on partition 0 of ``topic``."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
-    try:
-        return consumer.committed(TopicPartition(topic, 0))
-    finally:
-        consumer.close()
-
-
 def wait_consumed(bootstrap: str, topics: dict[str, str], queries: int, labels: int) -> None:
     """Until both consumers have committed every event: the service is done, not just its data
     (a batch retried after a lost COMMIT reply republishes its decisions before committing)."""
+    from tests.helpers import committed_offset
+
     wait_until(
         lambda: (
-            committed(bootstrap, topics["queries_topic"], topics["queries_group"]) == queries
-            and committed(bootstrap, topics["labels_topic"], topics["labels_group"]) == labels
+            committed_offset(bootstrap, topics["queries_topic"], topics["queries_group"]) == queries
+            and committed_offset(bootstrap, topics["labels_topic"], topics["labels_group"])
+            == labels
         ),
         60,
         "every event consumed",

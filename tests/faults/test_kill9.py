@@ -21,8 +21,7 @@ from tests.faults.harness import (
     wait_until,
     write_config,
 )
-from tests.helpers import settings_for
-from tests.test_service_e2e import committed_offset
+from tests.helpers import committed_offset, settings_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

@@ -26,7 +26,6 @@ from tests.faults.harness import (
     PrivatePostgres,
     arm_config,
     build_service,
-    committed,
     make_queries,
     missing_work,
     policy_difference,
@@ -39,7 +38,7 @@ from tests.faults.harness import (
     wait_consumed,
     wait_until,
 )
-from tests.helpers import settings_for
+from tests.helpers import committed_offset, settings_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -109,7 +108,7 @@ def check_exactly_once(service, engine, server, queries, broker, topics) -> None
 def explain(engine, queries, broker: str, topics: dict) -> str:
     """What a timed-out wait was missing, in Postgres and in the committed offsets."""
     offsets = {
-        kind: committed(broker, topics[f"{kind}_topic"], topics[f"{kind}_group"])
+        kind: committed_offset(broker, topics[f"{kind}_topic"], topics[f"{kind}_group"])
         for kind in ("queries", "labels")
     }
     return f"{missing_work(engine, [q.query_id for q in queries])}\ncommitted: {offsets}"
