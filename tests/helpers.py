@@ -99,17 +99,25 @@ def read_topic(broker: str, topic: str, expected: int, timeout_s: float = 30.0) 
     return out
 
 
-def metallm_cli(schema: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run the ``metallm`` command line on the test database, in ``schema``."""
+def metallm_cli(
+    schema: str,
+    *args: str,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+    timeout: float = 300,
+) -> subprocess.CompletedProcess:
+    """Run the ``metallm`` command line on the test database, in ``schema`` (``env``: more
+    environment variables; ``check``: raise on a non-zero exit)."""
     from tests.conftest import DATABASE_URL
 
-    env = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
+    full = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *args],
-        env=env,
+        env={**full, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
+        check=check,
     )
 
 

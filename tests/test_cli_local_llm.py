@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -13,22 +14,11 @@ import pytest
 import yaml
 
 from tests.conftest import DATABASE_URL, wait_for
-from tests.helpers import TASKS, demo_rows
+from tests.helpers import TASKS, demo_rows, metallm_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
-
-
-def metallm(env: dict, *args: str, check: bool = True, timeout: float = 120):
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=check,
-    )
 
 
 def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
@@ -76,13 +66,14 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         "METALLM_METRICS_PORT": "0",
         **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
     }
+    metallm = functools.partial(metallm_cli, schema, env=env, check=True, timeout=120)
 
     # serving before migrating is a clear error, not a traceback
-    early = metallm(env, "serve", check=False)
+    early = metallm("serve", check=False)
     assert early.returncode == 2 and "run `metallm migrate`" in early.stderr
 
-    assert "up to date" in metallm(env, "migrate").stdout
-    metallm(env, "migrate")  # idempotent
+    assert "up to date" in metallm("migrate").stdout
+    metallm("migrate")  # idempotent
     server = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve"],
         env=env,
@@ -91,11 +82,11 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         text=True,
     )
     try:
-        metallm(env, "produce", "queries", str(dataset), "--quiet")
-        metallm(env, "produce", "labels", str(dataset), "--quiet", "--delay-seconds", "1")
+        metallm("produce", "queries", str(dataset), "--quiet")
+        metallm("produce", "labels", str(dataset), "--quiet", "--delay-seconds", "1")
 
         def decided() -> list[dict]:
-            out = metallm(env, "decisions", "--format", "json").stdout
+            out = metallm("decisions", "--format", "json").stdout
             rows_ = [json.loads(line) for line in out.splitlines() if line.strip()]
             return (
                 rows_
@@ -122,15 +113,15 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         )
         assert d["correct"] == (d["prediction"] == labels[d["query_id"]])
 
-    table = metallm(env, "decisions", "--arm", "gemma").stdout
+    table = metallm("decisions", "--arm", "gemma").stdout
     assert "decisions" in table
-    csv_out = metallm(env, "decisions", "--format", "csv", "--task", "sentiment").stdout
+    csv_out = metallm("decisions", "--format", "csv", "--task", "sentiment").stdout
     assert csv_out.splitlines()[0].startswith("query_id,")
     assert all(",sentiment," in line for line in csv_out.splitlines()[1:])
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query_id": "", "text": "x", "task": "sentiment"}\n')
-    refused = metallm(env, "produce", "queries", str(bad), check=False)
+    refused = metallm("produce", "queries", str(bad), check=False)
     assert refused.returncode == 2 and f"{bad}:1: query_id" in refused.stderr
 
     import sqlalchemy as sa
