@@ -102,8 +102,7 @@ class Decider:
         self.config = config
         self.engine = engine
         self.live = live
-        self.embedder = embedder
-        self.ahead = EmbedAhead(embedder)
+        self.ahead = EmbedAhead(embedder)  # every embedding goes through it
         self.gateway = gateway
         self.rewards = rewards
         self.llm_calls = 0
@@ -263,7 +262,7 @@ class Decider:
             "fallback_arm": result.fallback_arm,
             "answer_scores": result.answer_scores,
             "arm_scores": choice.scores,
-            "embedding_model": self.embedder.name,
+            "embedding_model": self.ahead.name,
             "context": storage.vector_to_bytes(context),
             "kafka_partition": record.partition,
             "kafka_offset": record.offset,
