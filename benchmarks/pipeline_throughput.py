@@ -169,7 +169,7 @@ def run_pipeline(
     from consumers.runner import Service
     from service.config import parse_config
     from service.migrate import upgrade
-    from service.settings import Settings
+    from service.settings import Settings, isolated_stream_names
     from service.storage import make_engine
 
     schema = f"bench_{uuid.uuid4().hex[:10]}"
@@ -195,12 +195,7 @@ def run_pipeline(
         kafka_bootstrap=broker,
         database_url=database_url,
         database_schema=schema,
-        queries_topic=f"bq-{tag}",
-        labels_topic=f"bl-{tag}",
-        decisions_topic=f"bd-{tag}",
-        dlq_topic=f"bx-{tag}",
-        queries_group=f"bgq-{tag}",
-        labels_group=f"bgl-{tag}",
+        **isolated_stream_names(f"bench-{tag}"),
         poll_max_records=BATCH,
         session_timeout_ms=6000,
         heartbeat_interval_ms=2000,

@@ -69,3 +69,30 @@ class Settings(BaseSettings):
     # torch | onnx | onnx-int8: the same model on PyTorch or ONNX Runtime (service.embedding)
     embedding_backend: Literal["torch", "onnx", "onnx-int8"] = "onnx"
     embedding_batch_size: int = Field(8, ge=1)  # texts of similar length embedded together
+
+
+STREAM_NAMES = (
+    "queries_topic",
+    "labels_topic",
+    "decisions_topic",
+    "dlq_topic",
+    "queries_group",
+    "labels_group",
+)
+
+
+def isolated_stream_names(tag: str) -> dict[str, str]:
+    """Topic and consumer-group names of their own for one run (a replay, a benchmark, a test)
+    next to a live service: the defaults with ``tag`` inserted.
+
+    >>> isolated_stream_names("bench-1")["queries_topic"]
+    'metallm.bench-1.queries'
+    >>> isolated_stream_names("bench-1")["labels_group"]
+    'metallm-bench-1-learners'
+    """
+    out = {}
+    for name in STREAM_NAMES:
+        sep = "." if name.endswith("_topic") else "-"
+        prefix, _, rest = Settings.model_fields[name].default.partition(sep)
+        out[name] = sep.join((prefix, tag, rest))
+    return out

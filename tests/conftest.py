@@ -12,6 +12,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, model_fingerprint
+from service.settings import isolated_stream_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -84,14 +85,7 @@ def cached_embedder(embedder, embedding_cache_path) -> CachedEmbedder:
 def topics(broker: str) -> Iterator[dict[str, str]]:
     """Fresh topic and group names for one test; the topics are deleted afterwards."""
     tag = uuid.uuid4().hex[:10]
-    names = {
-        "queries_topic": f"q-{tag}",
-        "labels_topic": f"l-{tag}",
-        "decisions_topic": f"d-{tag}",
-        "dlq_topic": f"x-{tag}",
-        "queries_group": f"gq-{tag}",
-        "labels_group": f"gl-{tag}",
-    }
+    names = isolated_stream_names(f"t-{tag}")
     yield names
     from kafka import KafkaAdminClient
 

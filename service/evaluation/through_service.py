@@ -29,7 +29,7 @@ import sqlalchemy as sa
 from service.config import AppConfig, parse_config
 from service.evaluation.bench import BenchConfig, Problem, StreamResult, one_blas_thread
 from service.events import LabelEvent, QueryEvent
-from service.settings import Settings
+from service.settings import Settings, isolated_stream_names
 
 log = logging.getLogger(__name__)
 
@@ -135,14 +135,7 @@ def run_through_service(
         raise ThroughServiceError("--through-service replays a fixed λ; drop --budget")
     tag = uuid.uuid4().hex[:10]
     schema = schema or f"bench_{tag}"
-    topics = {
-        "queries_topic": f"metallm.bench.{tag}.queries",
-        "labels_topic": f"metallm.bench.{tag}.labels",
-        "decisions_topic": f"metallm.bench.{tag}.decisions",
-        "dlq_topic": f"metallm.bench.{tag}.dlq",
-        "queries_group": f"metallm-bench-{tag}-deciders",
-        "labels_group": f"metallm-bench-{tag}-learners",
-    }
+    topics = isolated_stream_names(f"bench-{tag}")
     s = settings.model_copy(
         update={
             **topics,

@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
+from service.settings import isolated_stream_names
 from service.storage import latest_checkpoint, make_engine
 from tests.faults.harness import (
     ArmServer,
@@ -164,14 +165,7 @@ def run(
     queries = make_queries(n, seed=seed)
     truth = {q.query_id: q for q in queries}
     tag = uuid.uuid4().hex[:8]
-    topics = {
-        "queries_topic": f"kq-{tag}",
-        "labels_topic": f"kl-{tag}",
-        "decisions_topic": f"kd-{tag}",
-        "dlq_topic": f"kx-{tag}",
-        "queries_group": f"kgq-{tag}",
-        "labels_group": f"kgl-{tag}",
-    }
+    topics = isolated_stream_names(f"kill-{tag}")
     topic_names = [v for k, v in topics.items() if k.endswith("_topic")]
     _create_topics(bootstrap, topic_names)
     engine = make_engine(database_url, schema)
