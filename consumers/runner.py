@@ -191,18 +191,29 @@ class Service:
         self.engine.dispose()
         log.info("stopped")
 
-    def run_forever(self) -> int:
-        stop = threading.Event()
-
-        def on_signal(signum, _frame) -> None:
-            log.info("received %s, stopping", signal.Signals(signum).name)
-            stop.set()
-
-        signal.signal(signal.SIGINT, on_signal)
-        signal.signal(signal.SIGTERM, on_signal)
-        self.start()
+    def run_forever(self, stop: threading.Event | None = None) -> int:
+        """Serve until SIGINT/SIGTERM (or ``stop`` is set), then stop cleanly. Exit code 1 if
+        a consumer crashed or the final checkpoint failed."""
+        stop = stop or stop_on_signals()
+        if not stop.is_set():  # a signal during start-up: stop without serving
+            self.start()
         while not stop.wait(0.5):
             if self.crashed.is_set():
                 break
         self.stop()
         return 1 if self.crashed.is_set() or self.checkpoint_failed else 0
+
+
+def stop_on_signals() -> threading.Event:
+    """An event that SIGINT and SIGTERM set. Installed before the service is built, so that a
+    signal during start-up (loading the model, restoring the policy) stops it cleanly instead
+    of killing it."""
+    stop = threading.Event()
+
+    def on_signal(signum, _frame) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    return stop

@@ -104,3 +104,22 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
         second.kill()
         server.kill()
     assert server.calls_by_query() == {q.query_id: 1 for q in queries}
+
+
+def test_sigterm_during_start_up_exits_0(broker, topics, pg_schema, engine, tmp_path):
+    """SIGTERM while ``metallm serve`` is still starting (restoring the policy, loading the
+    arms): a clean exit with code 0, as at any other time, not death by the signal."""
+    server = ArmServer({}, {"cheap": 0.6, "strong": 0.9}).start()
+    config = write_config(tmp_path / "metallm.yaml", arm_config(server, kill_scenario.PRICES))
+    env = service_env(broker, topics, DATABASE_URL, pg_schema, config)
+    process = ServiceProcess(env, tmp_path / "start.log", standby=True).start()
+    try:
+        process.go()
+        wait_until(lambda: "starting:" in process.log(), 60, "start-up", interval=0.005)
+        code = process.terminate(timeout=60)
+    finally:
+        process.kill()
+        server.kill()
+    log = process.log()
+    assert code == 0, log[-3000:]
+    assert "received SIGTERM" in log
