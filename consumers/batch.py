@@ -104,13 +104,19 @@ class BatchConsumer:
     # -- the loop ---------------------------------------------------------------------------
     lookahead = False
     """Poll the next batch before handling this one and give it to :meth:`prepare`, so work
-    that only reads the events (embedding them) overlaps this batch's handling. Batches are
-    still handled one after another in poll order; offsets are committed as without it."""
+    that does not depend on this batch's outcome (embedding the next one, calling its LLMs)
+    overlaps this batch's handling. Batches are still handled one after another in poll order;
+    offsets are committed as without it. On stop, the batch polled ahead is handled too (its
+    work was started) unless the batch before it did not finish."""
 
     def prepare(self, records: list[ConsumerRecord]) -> None:
         """Called with each batch as soon as it is polled (with ``lookahead``: while the batch
-        before it is being handled). Must only read: the batch may yet be dropped, rewound or
-        handled one event at a time."""
+        before it is being handled). Must store nothing and commit nothing: the batch may yet
+        be dropped, rewound or handled one event at a time."""
+
+    def parse(self, record: ConsumerRecord) -> Any:
+        """The valid event of a record (by default ``validate(record.value)``)."""
+        return self.validate(record.value)
 
     def run(self) -> None:
         backoff = 0.5
@@ -145,6 +151,8 @@ class BatchConsumer:
                     try:
                         self.isolate(records)
                         backoff = 0.5
+                        if self.stop_event.is_set():  # isolate may have stopped part-way
+                            ahead = []
                     except Exception:
                         self._failed("retrying one at a time failed", len(records), backoff)
                         # isolate rewound its partitions to the event that failed; the
@@ -156,6 +164,19 @@ class BatchConsumer:
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
             self.housekeeping()
+        if ahead:
+            self.finish(ahead)
+
+    def finish(self, records: list[ConsumerRecord]) -> None:
+        """On stop, handle the batch polled ahead (its work has started); if that fails, it
+        is left uncommitted for the next start."""
+        try:
+            self.process(records)
+        except Exception:
+            self._failed(
+                "the batch polled ahead failed on stop; left for the next start", len(records)
+            )
+            self.rewind(records)
 
     def poll(self, timeout_ms: int) -> list[ConsumerRecord]:
         batch = self.consumer.poll(timeout_ms=timeout_ms)
@@ -203,7 +224,7 @@ class BatchConsumer:
         outgoing: list[Outgoing] = []
         for record in records:
             try:
-                valid.append((self.validate(record.value), record))
+                valid.append((self.parse(record), record))
             except Exception as exc:  # validation is pure: whatever it raises, the event is bad
                 reason = str(exc) if isinstance(exc, InvalidEvent) else f"invalid: {describe(exc)}"
                 outgoing.append(self.dead_letter(record, reason))

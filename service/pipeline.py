@@ -4,12 +4,20 @@ Deciding a batch: skip queries already decided → embed → the policy picks an
 propensity) → call the arms concurrently → one transaction stores the decisions and applies any
 labels that arrived before them. Learning: join each label to its decision, store the reward,
 update the policy; a label with no decision yet waits in ``pending_labels``.
+
+Calls ahead: ``call_ahead(events)`` starts the first half (embed → choose → call) of a batch
+that comes next, in the background, while the batch before it is stored and committed; its
+``decide`` then finds the calls made (or in flight) and only stores. The LLM calls of two
+batches so overlap, within the gateway's bounds; what is stored and committed, and in which
+order, does not change.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -19,18 +27,20 @@ from sqlalchemy.engine import Connection, Engine
 
 from service import metrics, storage
 from service.config import AppConfig
-from service.embed_ahead import EmbedAhead, TextEmbedder
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.learning import LivePolicy, labels_match
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
+from service.policy.base import Choice
 from service.reward import RewardSettings, reward
 from service.storage import AppliedReward
 from service.tasks import build_prompt
+from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
 
 MAX_UNSTORED = 10_000  # calls kept for decisions whose batch failed before storing them
+CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,26 @@ class QueryRecord:
     event: QueryEvent
     partition: int | None = None
     offset: int | None = None
+
+
+@dataclass(frozen=True)
+class Called:
+    """One query's call: the arm chosen for it, the context it was chosen on, the answer."""
+
+    choice: Choice
+    context: np.ndarray
+    request: CallRequest
+    result: CallResult
+
+
+@dataclass(frozen=True)
+class _Pending:
+    """A query whose call was started: ``job`` gives the whole batch's, this one at ``row``
+    (None there: it was found decided before calling)."""
+
+    event: QueryEvent
+    job: Future[list[Called | None]]
+    row: int
 
 
 @dataclass
@@ -102,14 +132,22 @@ class Decider:
         self.config = config
         self.engine = engine
         self.live = live
-        self.ahead = EmbedAhead(embedder)  # every embedding goes through it
+        self.vectors = VectorCache(embedder)  # a cache: a retried batch is not embedded again
         self.gateway = gateway
         self.rewards = rewards
         self.llm_calls = 0
+        # the calls run on an event loop of their own thread, so they go on while the
+        # consumer stores the batch before; embedding and choosing run on one worker thread
         self._loop = asyncio.new_event_loop()
-        # calls made for decisions not stored yet (the batch failed after calling: Postgres
-        # down, say): a retry reuses them, so a query is never sent twice by this process
-        self._unstored: dict[str, tuple[QueryEvent, Any, CallResult, np.ndarray, CallRequest]] = {}
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="metallm-llm-calls", daemon=True
+        )
+        self._loop_thread.start()
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="metallm-embed-choose")
+        # calls started for queries not stored yet (ahead of their batch, or for a batch that
+        # failed after calling: Postgres down, say): ``decide`` uses them, so a query is never
+        # sent twice by this process. Only the consumer's thread reads or changes it.
+        self._started: dict[str, _Pending] = {}
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         """Parse a raw query event, or raise :class:`InvalidEvent` with the reason."""
@@ -122,10 +160,17 @@ class Decider:
             raise InvalidEvent("multiple choice takes at most 26 options")
         return event
 
-    def embed_ahead(self, texts: list[str]) -> None:
-        """Start embedding texts of a batch that comes next, in the background: ``decide``
-        then finds their vectors ready (it embeds whatever was not)."""
-        self.ahead.submit(texts)
+    def call_ahead(self, events: list[QueryEvent]) -> None:
+        """Start embedding, choosing an arm for and calling each query of a batch that comes
+        next, and return at once: its ``decide`` then finds the calls made or in flight.
+        Queries already decided (checked in Postgres first) or already called are skipped
+        (a query id called for with other content too: ``decide`` sorts that out)."""
+        fresh: dict[str, QueryEvent] = {}
+        for event in events:
+            if event.query_id not in self._started:
+                fresh.setdefault(event.query_id, event)
+        if fresh:
+            self._start(list(fresh.values()), skip_decided=True)
 
     def decide(self, records: list[QueryRecord]) -> list[DecisionEvent]:
         """Decide every query of the batch not decided before; returns the new decisions."""
@@ -137,16 +182,14 @@ class Decider:
         todo = [r for qid, r in unique.items() if qid not in done]
         if done:
             log.info("skipped %d queries already decided (redelivery)", len(done))
+            for qid in done:
+                self._started.pop(qid, None)
         if not todo:
             return []
 
-        self._call(todo)
-        calls = [self._unstored[r.event.query_id] for r in todo]
-        results = [result for _, _, result, _, _ in calls]
-        rows = [
-            self._row(record, choice, result, context, request)
-            for record, (_, choice, result, context, request) in zip(todo, calls, strict=True)
-        ]
+        calls = self._calls([r.event for r in todo])
+        results = [c.result for c in calls]
+        rows = [self._row(record, call) for record, call in zip(todo, calls, strict=True)]
         with self.live.lock:
             rewards = self.live.reward_settings(self.rewards)
             with self.engine.begin() as conn:
@@ -174,47 +217,100 @@ class Decider:
             self.live.observe_costs(costs)
             self.live.apply(applied)
         for record in todo:
-            self._unstored.pop(record.event.query_id, None)
+            self._started.pop(record.event.query_id, None)
         if early:
             log.info("stored %d labels that arrived before their decisions", len(early))
         return [self._event(row) for row in rows if row["query_id"] in inserted]
 
-    def _call(self, todo: list[QueryRecord]) -> None:
-        """Embed, choose an arm and call it for each query of ``todo`` not already called for
-        (an earlier attempt at this batch may have called, then failed to store)."""
-        fresh = [
-            r
-            for r in todo
-            if r.event.query_id not in self._unstored
-            or self._unstored[r.event.query_id][0] != r.event
+    # ------------------------------------------------------------------ calling
+    def _not_started(self, events: list[QueryEvent]) -> list[QueryEvent]:
+        """The events (unique query ids) with no call started for that very event."""
+        return [
+            e
+            for e in events
+            if (pending := self._started.get(e.query_id)) is None or pending.event != e
         ]
+
+    def _start(self, events: list[QueryEvent], skip_decided: bool) -> None:
+        job = asyncio.run_coroutine_threadsafe(
+            self._embed_choose_call(events, skip_decided), self._loop
+        )
+        for row, event in enumerate(events):
+            self._started.pop(event.query_id, None)
+            self._started[event.query_id] = _Pending(event, job, row)
+        while len(self._started) > MAX_UNSTORED:  # bounded: oldest first
+            self._started.pop(next(iter(self._started)))
+
+    def _calls(self, events: list[QueryEvent]) -> list[Called]:
+        """The call of each event (unique query ids, none decided): the one started ahead or
+        by an earlier attempt at this batch, else one made now. A call started ahead that
+        could not be made (its job failed, or it found the query decided then) is made now."""
+        fresh = self._not_started(events)
         if fresh:
-            contexts = self.ahead.embed([r.event.text for r in fresh])
-            arms = self.gateway.available_arms()
-            with self.live.lock:
-                choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
-            requests = []
-            for record in fresh:
-                task = self.config.tasks[record.event.task]
-                options = record.event.options or task.labels
-                prompt = build_prompt(task, record.event.text, options)
-                requests.append(CallRequest(record.event.query_id, prompt))
-            results = self._loop.run_until_complete(self._call_all(choices, requests))
-            self.llm_calls += len(results)
-            for record, choice, result, context, request in zip(
-                fresh, choices, results, contexts, requests, strict=True
-            ):
-                self._unstored[record.event.query_id] = (
-                    record.event,
-                    choice,
-                    result,
-                    context,
-                    request,
-                )
-        elif todo:
-            log.info("reusing the calls already made for %d queries not stored yet", len(todo))
-        while len(self._unstored) > MAX_UNSTORED:  # bounded: oldest first
-            self._unstored.pop(next(iter(self._unstored)))
+            self._start(fresh, skip_decided=False)
+        made_now = {e.query_id for e in fresh}
+        called: dict[str, Called] = {}
+        redo: list[QueryEvent] = []
+        for event in events:
+            pending = self._started[event.query_id]
+            try:
+                call = pending.job.result()[pending.row]
+            except Exception:
+                if event.query_id in made_now:  # the batch fails (and is retried)
+                    raise
+                log.warning("calling ahead for %s failed; calling now", event.query_id)
+                call = None
+            if call is None:
+                redo.append(event)
+            else:
+                called[event.query_id] = call
+        if redo:
+            self._start(redo, skip_decided=False)
+            for event in redo:
+                pending = self._started[event.query_id]
+                call = pending.job.result()[pending.row]
+                assert call is not None  # skip_decided=False calls for every event
+                called[event.query_id] = call
+        return [called[e.query_id] for e in events]
+
+    async def _embed_choose_call(
+        self, events: list[QueryEvent], skip_decided: bool
+    ) -> list[Called | None]:
+        loop = asyncio.get_running_loop()
+        chosen = await loop.run_in_executor(
+            self._worker, self._embed_and_choose, events, skip_decided
+        )
+        results = await asyncio.gather(
+            *(self.gateway.call(choice.arm, request) for _, choice, _, request in chosen)
+        )
+        self.llm_calls += len(results)
+        out: list[Called | None] = [None] * len(events)
+        for (row, choice, context, request), result in zip(chosen, results, strict=True):
+            out[row] = Called(choice, context, request, result)
+        return out
+
+    def _embed_and_choose(
+        self, events: list[QueryEvent], skip_decided: bool
+    ) -> list[tuple[int, Choice, np.ndarray, CallRequest]]:
+        """(row, choice, context, request) of each event to call for (on the worker thread)."""
+        rows = list(range(len(events)))
+        if skip_decided:
+            with self.engine.connect() as conn:
+                done = storage.existing_query_ids(conn, [e.query_id for e in events])
+            rows = [i for i in rows if events[i].query_id not in done]
+        if not rows:
+            return []
+        contexts = self.vectors.embed([events[i].text for i in rows])
+        arms = self.gateway.available_arms()
+        with self.live.lock:
+            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
+        chosen = []
+        for i, choice, context in zip(rows, choices, contexts, strict=True):
+            event = events[i]
+            task = self.config.tasks[event.task]
+            prompt = build_prompt(task, event.text, event.options or task.labels)
+            chosen.append((i, choice, context, CallRequest(event.query_id, prompt)))
+        return chosen
 
     def stored_events(self, query_ids: list[str]) -> list[DecisionEvent]:
         """The decision events of queries already decided, from Postgres (to publish again
@@ -225,24 +321,14 @@ class Decider:
             rows = storage.decisions_by_id(conn, query_ids)
         return [self._event(row) for row in rows]
 
-    async def _call_all(self, choices: list, requests: list[CallRequest]) -> list[CallResult]:
-        calls = (self.gateway.call(c.arm, r) for c, r in zip(choices, requests, strict=True))
-        return list(await asyncio.gather(*calls))
-
-    def _row(
-        self,
-        record: QueryRecord,
-        choice,
-        result: CallResult,
-        context: np.ndarray,
-        request: CallRequest,
-    ) -> dict[str, Any]:
+    def _row(self, record: QueryRecord, call: Called) -> dict[str, Any]:
+        choice, result = call.choice, call.result
         event = record.event
         return {
             "query_id": event.query_id,
             "task": event.task,
             "text": event.text,
-            "options": request.prompt.labels,
+            "options": call.request.prompt.labels,
             "metadata": event.metadata,
             "sent_at": event.sent_at,
             "decided_at": datetime.now(UTC),
@@ -262,8 +348,8 @@ class Decider:
             "fallback_arm": result.fallback_arm,
             "answer_scores": result.answer_scores,
             "arm_scores": choice.scores,
-            "embedding_model": self.ahead.name,
-            "context": storage.vector_to_bytes(context),
+            "embedding_model": self.vectors.name,
+            "context": storage.vector_to_bytes(call.context),
             "kafka_partition": record.partition,
             "kafka_offset": record.offset,
         }
@@ -286,8 +372,19 @@ class Decider:
         )
 
     def close(self) -> None:
-        self.ahead.close()
-        self._loop.run_until_complete(self.gateway.aclose())  # HTTP pools live on this loop
+        """Let calls still in flight finish (bounded), then close the HTTP clients (they live
+        on the calls' loop) and stop the threads."""
+        jobs = {id(p.job): p.job for p in self._started.values()}
+        for job in jobs.values():
+            try:
+                job.result(timeout=CLOSE_TIMEOUT_S)
+            except Exception:  # noqa: S112 - their queries are decided again after restart
+                job.cancel()
+        self._started.clear()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        asyncio.run_coroutine_threadsafe(self.gateway.aclose(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(30)
         self._loop.close()
 
 

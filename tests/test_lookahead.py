@@ -1,13 +1,15 @@
-"""The query consumer polls and embeds the next batch while it handles this one (look-ahead).
+"""The query consumer polls the next batch and calls its LLMs while it stores this one.
 
-Against the real broker and Postgres: the next batch is embedded before this one is stored;
+Against the real broker and Postgres: the next batch's calls start before this one is stored;
 batches are still decided and committed in offset order; a transient failure rewinds both the
 failed batch and the one polled ahead; an event failing on its own is dead-lettered and the
-batch polled ahead goes on after it. Each query is decided once, whatever happens.
+batch polled ahead goes on after it; a stop finishes the batch polled ahead. Each query is
+decided once and called once, whatever happens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 
@@ -52,51 +54,106 @@ def decided_in_order(engine) -> list[int]:
         )
 
 
-def test_the_next_batch_is_embedded_while_this_one_is_handled(
+def test_the_next_batch_is_called_while_this_one_is_stored(
     broker, topics, pg_schema, engine, embedder, tmp_path
 ):
     rows = demo_rows(N)
     service = start(broker, topics, pg_schema, embedder, tmp_path, rows)
-    log: list[tuple[str, str]] = []  # ("ahead" | "stored", first query id of the batch)
+    log: list[tuple[str, str]] = []  # ("called" | "stored", query id)
     lock = threading.Lock()
-    embed_ahead, decide = service.decider.embed_ahead, service.decider.decide
+    decide, call = service.decider.decide, service.decider.gateway.call
 
-    def logged_embed_ahead(texts):
+    async def logged_call(arm, request):  # a model that takes 0.3 s to answer
         with lock:
-            log.append(("ahead", texts[0] if texts else ""))
-        embed_ahead(texts)
+            log.append(("called", request.query_id))
+        await asyncio.sleep(0.3)
+        return await call(arm, request)
 
     def logged_decide(records):
         out = decide(records)
         with lock:
-            log.append(("stored", records[0].event.text))
+            log.append(("stored", records[0].event.query_id))
         return out
 
-    service.decider.embed_ahead = logged_embed_ahead
+    service.decider.gateway.call = logged_call
     service.decider.decide = logged_decide
+    calls_before = service.decider.llm_calls
     service.start()
     try:
         wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == N, message="all")
     finally:
         service.stop()
 
-    # some batch was submitted for embedding before the batch before it was stored
-    stored = [text for what, text in log if what == "stored"]
-    ahead = [text for what, text in log if what == "ahead"]
+    # the calls of each batch but the first were sent before the batch before it was stored
+    stored = [qid for what, qid in log if what == "stored"]
     assert len(stored) >= 2
     overlapped = [
         k
         for k in range(1, len(stored))
-        if stored[k] in ahead
-        and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 1]))
+        if log.index(("called", stored[k])) < log.index(("stored", stored[k - 1]))
     ]
-    assert overlapped, log
-    # nearly every text was embedded in the background, none twice
-    assert service.decider.ahead.submitted >= N - BATCH
-    assert service.decider.ahead.submitted + service.decider.ahead.inline <= N
+    assert len(overlapped) >= len(stored) - 2, "".join(w[0][0] for w in log)
+    # every query called once (none twice, none wasted), embedded once
+    assert sorted(qid for what, qid in log if what == "called") == sorted(
+        r["query_id"] for r in rows
+    )
+    assert service.decider.llm_calls - calls_before == N
+    assert service.decider.vectors.misses <= N
     # decided once each, stored in offset order, all offsets committed
     assert decided_in_order(engine) == list(range(N))
     assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == N
+
+
+def test_a_stop_finishes_the_batch_polled_ahead_and_a_restart_calls_nothing_twice(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    rows = demo_rows(N)
+    service = start(broker, topics, pg_schema, embedder, tmp_path, rows)
+    call = service.decider.gateway.call
+    called: list[str] = []
+    lock = threading.Lock()
+
+    async def logged_call(arm, request):
+        with lock:
+            called.append(request.query_id)
+        return await call(arm, request)
+
+    decide = service.decider.decide
+    batches: list[int] = []
+
+    def decide_then_stop(records):
+        out = decide(records)
+        batches.append(len(records))
+        if len(batches) == 3:  # stop polling now: the batch polled ahead has been called
+            service.queries.stop()
+        return out
+
+    service.decider.gateway.call = logged_call
+    service.decider.decide = decide_then_stop
+    service.start()
+    try:
+        wait_for(lambda: len(batches) >= 3)
+    finally:
+        service.stop()
+    first = count(engine, "SELECT count(*) FROM decisions")
+    assert len(batches) == 4, batches  # the three, then the one polled ahead
+    assert first < N, "the stop came too late to test anything"
+    # every call made was stored (the batch polled ahead was finished), offsets follow
+    assert sorted(called) == sorted(r["query_id"] for r in rows[:first])
+    assert decided_in_order(engine) == list(range(first))
+    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == first
+
+    config = replay_config(tmp_path / "o.jsonl", list(ARMS))
+    again = build_service(service.settings, config, embedder)
+    call = again.decider.gateway.call
+    again.decider.gateway.call = logged_call
+    again.start()
+    try:
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == N, message="all")
+    finally:
+        again.stop()
+    assert sorted(called) == sorted(r["query_id"] for r in rows)  # nobody called twice
+    assert decided_in_order(engine) == list(range(N))
 
 
 def test_a_transient_failure_rewinds_the_batch_and_the_one_polled_ahead(

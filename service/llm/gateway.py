@@ -216,10 +216,13 @@ class Gateway:
             delay = max(delay, retry_after)
         return min(delay, arm.retry_backoff_max_seconds)
 
-    async def _attempt(self, name: str, request: CallRequest) -> Completion:
+    async def _attempt(self, name: str, request: CallRequest, queued: list[float]) -> Completion:
+        """One request; the time spent waiting for a free slot is added to ``queued[0]``."""
         arm = self.arms[name]
         arm_slots, slots = self._limits()
+        waiting = time.perf_counter()
         async with arm_slots[name], slots:
+            queued[0] += time.perf_counter() - waiting
             if self.breakers[name].state == "open":  # opened while this call was queued
                 raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
@@ -238,7 +241,7 @@ class Gateway:
             finally:
                 self.in_flight -= 1
 
-    async def _call_arm(self, name: str, request: CallRequest) -> _ArmOutcome:
+    async def _call_arm(self, name: str, request: CallRequest, queued: list[float]) -> _ArmOutcome:
         """One arm, with retries, behind its circuit breaker."""
         arm = self.arms[name]
         breaker = self.breakers[name]
@@ -249,7 +252,7 @@ class Gateway:
         for retry in range(arm.max_retries + 1):
             attempts += 1
             try:
-                completion = await self._attempt(name, request)
+                completion = await self._attempt(name, request, queued)
             except CircuitOpen as exc:  # not sent: says nothing new about the arm
                 # other calls opened the circuit while this one backed off: keep the real error
                 reason = str(exc) if attempts == 1 else f"{error}; retry refused: {exc}"
@@ -275,7 +278,8 @@ class Gateway:
     async def call(self, arm_name: str, request: CallRequest) -> CallResult:
         """Call the chosen arm (falling back if it fails) and parse the answer."""
         start = time.perf_counter()
-        outcome = await self._call_arm(arm_name, request)
+        queued = [0.0]  # seconds waiting for a free slot: not the model's latency
+        outcome = await self._call_arm(arm_name, request, queued)
         answered_by, fallback = arm_name, None
         error = outcome.error
         attempts = outcome.attempts
@@ -290,12 +294,12 @@ class Gateway:
                 f"; falling back to {fallback}" if fallback else "",
             )
             if fallback is not None:
-                second = await self._call_arm(fallback, request)
+                second = await self._call_arm(fallback, request, queued)
                 attempts += second.attempts
                 if second.completion is None:
                     error = f"{outcome.error}; fallback {fallback}: {second.error}"
                 outcome, answered_by = second, fallback
-        latency_ms = (time.perf_counter() - start) * 1000
+        latency_ms = (time.perf_counter() - start - queued[0]) * 1000
         completion = outcome.completion
         if completion is None:
             return CallResult(

@@ -53,9 +53,10 @@ def test_kill_9_at_seeded_points_loses_nothing_and_learns_each_label_once(
 def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
     broker, topics, pg_schema, engine, tmp_path
 ):
-    """SIGTERM while a batch's LLM calls are in flight: they finish, the batch is stored and its
-    offsets committed, the policy is checkpointed with every reward, and the process exits 0.
-    Nothing of that batch is called again after a restart."""
+    """SIGTERM while two batches' LLM calls are in flight (the batch in hand and the one polled
+    ahead): they finish, both batches are stored and their offsets committed, no further batch
+    is started, the policy is checkpointed with every reward, and the process exits 0. Nothing
+    of them is called again after a restart."""
     queries = make_queries(30, prefix="q-term")
     server = ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}).start()
     server.modes = {"cheap": "slow", "strong": "slow"}
@@ -75,17 +76,17 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
         publish(
             broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries]
         )
-        wait_until(lambda: server.in_flight == 10, 60, "10 calls in flight", interval=0.02)
+        wait_until(lambda: server.in_flight == 20, 60, "20 calls in flight", interval=0.02)
         code = first.terminate(timeout=60)
     finally:
         first.kill()
     log = first.log()
     assert code == 0, log[-3000:]
     assert "received SIGTERM" in log
-    # the in-flight batch was finished and stored, with its labels; no new batch was started
-    assert progress(engine) == (10, 10, 0)
-    assert len(server.calls) == 10
-    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 10
+    # both batches in flight were finished and stored, with their labels; no third was started
+    assert progress(engine) == (20, 10, 0)
+    assert len(server.calls) == 20
+    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 20
     assert committed_offset(broker, topics["labels_topic"], topics["labels_group"]) == 10
     with engine.connect() as conn:
         checkpoint = latest_checkpoint(conn)

@@ -100,10 +100,12 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
             healthy = [d for d in decisions(engine) if d["arm"] == "gemma-http"]
             assert all(d["status"] == "ok" and d["fallback_arm"] is None for d in healthy)
 
-            # 2. the server stops answering mid-stream; queries keep coming
+            # 2. the server stops answering mid-stream; queries keep coming (three batches: the
+            # arms of a batch are chosen while the batch before it is called, so the third is
+            # the first chosen surely after the circuit opened)
             server.pause()
-            publish(rows[6:16])
-            wait_for(lambda: len(decisions(engine)) == 16, timeout=60, message="16 decisions")
+            publish(rows[6:30])
+            wait_for(lambda: len(decisions(engine)) == 30, timeout=60, message="30 decisions")
             outage = decisions(engine)[6:]
             assert all(d["status"] == "ok" for d in outage)  # the fallback answered them all
             chosen = [d for d in outage if d["arm"] == "gemma-http"]
@@ -123,12 +125,12 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
             # 3. the server is back: after the cool-down a probe closes the circuit again
             server.resume()
             time.sleep(COOLDOWN)
-            more = iter(range(16, 80, 6))
+            more = iter(range(30, 80, 6))
 
             def recovered() -> bool:
                 back = [
                     d
-                    for d in decisions(engine)[16:]
+                    for d in decisions(engine)[30:]
                     if d["arm"] == "gemma-http" and d["fallback_arm"] is None
                 ]
                 if back:

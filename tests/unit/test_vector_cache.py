@@ -1,0 +1,61 @@
+"""VectorCache: cached vectors are the ones embedded on the spot; the cache is bounded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from producers.demo_data import demo_rows
+from service.vector_cache import VectorCache
+
+TEXTS = [r["text"] for r in demo_rows(40)]
+
+
+class Recording:
+    """A real embedder that records what it was asked, and can be made to fail."""
+
+    def __init__(self, embedder) -> None:
+        self.inner = embedder
+        self.name = embedder.name
+        self.dim = embedder.dim
+        self.calls: list[list[str]] = []
+        self.fail_next = False
+
+    def embed(self, texts):
+        self.calls.append(list(texts))
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("the embedder broke")
+        return self.inner.embed(texts)
+
+
+def test_cached_texts_are_not_embedded_again_and_match(embedder):
+    rec = Recording(embedder)
+    cache = VectorCache(rec)
+    cache.embed(TEXTS[:10])
+    got = cache.embed(TEXTS[5:15] + TEXTS[5:6])  # half cached, half not, one repeated
+    assert np.allclose(got, embedder.embed(TEXTS[5:15] + TEXTS[5:6]), atol=1e-5)
+    assert rec.calls == [TEXTS[:10], TEXTS[10:15]]
+    assert (cache.hits, cache.misses) == (5, 15)
+    assert cache.embed([]).shape == (0, embedder.dim)
+
+
+def test_a_failed_embedding_caches_nothing_and_the_retry_embeds(embedder):
+    rec = Recording(embedder)
+    cache = VectorCache(rec)
+    rec.fail_next = True
+    with pytest.raises(RuntimeError, match="broke"):
+        cache.embed(TEXTS[:8])
+    got = cache.embed(TEXTS[:8])  # the retry of the batch
+    assert np.allclose(got, embedder.embed(TEXTS[:8]), atol=1e-5)
+    assert rec.calls == [TEXTS[:8], TEXTS[:8]]
+
+
+def test_the_cache_is_bounded_and_keeps_the_most_recent(embedder):
+    rec = Recording(embedder)
+    cache = VectorCache(rec, max_cached=16)
+    for i in range(0, 40, 8):
+        cache.embed(TEXTS[i : i + 8])
+    assert len(cache._ready) == 16
+    cache.embed(TEXTS[24:40])  # the last two batches: all still cached
+    assert len(rec.calls) == 5
