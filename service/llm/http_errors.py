@@ -14,6 +14,11 @@ from service.llm.base import RETRYABLE_STATUS, LLMError, redact, retry_after_sec
 def sdk_error(exc: Exception, sdk: ModuleType, provider: str, secrets: tuple[str, ...]) -> LLMError:
     """The :class:`LLMError` for an exception raised by ``sdk`` (openai or anthropic)."""
     if isinstance(exc, sdk.APITimeoutError):
+        cause = exc.__cause__
+        if type(cause).__name__ == "ConnectTimeout":  # no connection (the SDK's aiohttp
+            # transport also reports a refused connection so): say what the transport saw
+            message = redact(f"{provider}: connection failed ({cause})", secrets) or ""
+            return LLMError(message[:2000], retryable=True)
         return LLMError(f"{provider}: request timed out", retryable=True)
     if isinstance(exc, sdk.APIConnectionError):
         return LLMError(f"{provider}: connection failed ({exc})", retryable=True)

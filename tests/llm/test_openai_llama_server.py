@@ -62,8 +62,12 @@ def call_all(gw: Gateway, texts: list[str]):
     return asyncio.run(run())
 
 
-def test_chat_with_server_side_grammar_answers_in_the_label_set(server, monkeypatch):
-    results = call_all(gateway(server, monkeypatch, constrain="gbnf"), TEXTS)
+@pytest.mark.parametrize("http_client", ["aiohttp", "httpx"])
+def test_chat_with_server_side_grammar_answers_in_the_label_set(server, monkeypatch, http_client):
+    gw = gateway(server, monkeypatch, constrain="gbnf", http_client=http_client)
+    transport = type(gw.providers["gemma-http"].client._client).__name__
+    assert ("aiohttp" in transport.lower()) == (http_client == "aiohttp"), transport
+    results = call_all(gw, TEXTS)
     for r in results:
         assert r.status == "ok" and r.prediction in TASK.labels, r
         assert r.attempts == 1 and r.error is None
@@ -113,3 +117,21 @@ def test_a_prompt_over_the_context_window_is_a_non_retryable_400(server, monkeyp
     (r,) = call_all(gateway(server, monkeypatch, max_retries=3), ["word " * 700])
     assert (r.status, r.attempts) == ("llm_error", 1)
     assert "HTTP 400" in r.error and "context length" in r.error
+
+
+def test_the_aiohttp_transport_missing_names_the_extra(monkeypatch):
+    import openai
+
+    from service.llm.base import MissingExtra
+
+    def missing(**_kwargs):  # what the SDK's DefaultAioHttpClient does without its extra
+        raise RuntimeError("To use the aiohttp client you must have installed the package")
+
+    monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
+    arm = {"name": "a", "provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
+    with pytest.raises(MissingExtra, match=r"pip install 'metallm\[openai\]'.*http_client: httpx"):
+        Gateway(parse_config({"tasks": {"s": TASK.model_dump()}, "arms": [arm]}))
+    # the SDK's own httpx transport needs nothing more
+    Gateway(
+        parse_config({"tasks": {"s": TASK.model_dump()}, "arms": [{**arm, "http_client": "httpx"}]})
+    )
