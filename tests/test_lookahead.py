@@ -59,15 +59,35 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
 ):
     rows = demo_rows(N)
     service = start(broker, topics, pg_schema, embedder, tmp_path, rows)
-    log: list[tuple[str, str]] = []  # ("called" | "stored", query id)
+    log: list[tuple[str, str]] = []  # ("ahead" | "stored", first query id of the batch)
+    called: list[str] = []
+    batch_of: dict[str, int] = {}  # query id → batch (the order its calls were started)
+    in_flight: dict[str, int] = {}
+    overlaps: list[tuple[int, int]] = []  # (batch, batch) with calls in flight together
     lock = threading.Lock()
     decide, call = service.decider.decide, service.decider.gateway.call
+    call_ahead = service.decider.call_ahead
+
+    def logged_call_ahead(events):
+        with lock:
+            log.append(("ahead", events[0].query_id))
+            batch = len({*batch_of.values()})
+            batch_of.update({e.query_id: batch for e in events})
+        call_ahead(events)
 
     async def logged_call(arm, request):  # a model that takes 0.3 s to answer
+        qid = request.query_id
         with lock:
-            log.append(("called", request.query_id))
+            called.append(qid)
+            mine = batch_of.setdefault(qid, -1)
+            overlaps.extend({(b, mine) for b in in_flight.values() if b != mine})
+            in_flight[qid] = mine
         await asyncio.sleep(0.3)
-        return await call(arm, request)
+        try:
+            return await call(arm, request)
+        finally:
+            with lock:
+                del in_flight[qid]
 
     def logged_decide(records):
         out = decide(records)
@@ -77,6 +97,7 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
 
     service.decider.gateway.call = logged_call
     service.decider.decide = logged_decide
+    service.decider.call_ahead = logged_call_ahead
     calls_before = service.decider.llm_calls
     service.start()
     try:
@@ -84,19 +105,20 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
     finally:
         service.stop()
 
-    # the calls of each batch but the first were sent before the batch before it was stored
+    # batches were called ahead (before the batch before them was stored), and the calls of
+    # two batches were in flight together
     stored = [qid for what, qid in log if what == "stored"]
     assert len(stored) >= 2
-    overlapped = [
+    polled_ahead = [
         k
         for k in range(1, len(stored))
-        if log.index(("called", stored[k])) < log.index(("stored", stored[k - 1]))
+        if ("ahead", stored[k]) in log
+        and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 1]))
     ]
-    assert len(overlapped) >= len(stored) - 2, "".join(w[0][0] for w in log)
+    assert polled_ahead, log
+    assert overlaps, log
     # every query called once (none twice, none wasted), embedded once
-    assert sorted(qid for what, qid in log if what == "called") == sorted(
-        r["query_id"] for r in rows
-    )
+    assert sorted(called) == sorted(r["query_id"] for r in rows)
     assert service.decider.llm_calls - calls_before == N
     assert service.decider.vectors.misses <= N
     # decided once each, stored in offset order, all offsets committed
