@@ -4,7 +4,8 @@ Three backends run the same model (``METALLM_EMBEDDING_BACKEND``):
 
 - ``torch``: sentence-transformers on PyTorch, float32 (the reference);
 - ``onnx``: the same float32 weights exported once to ONNX (:mod:`service.onnx_export`) and run
-  by ONNX Runtime with fused attention: the same vectors (cosine ≥ 0.9999), ~1.45× faster;
+  by ONNX Runtime with fused attention: the same vectors (cosine ≥ 0.9999), ~1.45× faster
+  (the default, here and in the service);
 - ``onnx-int8``: that export with int8 weights and dynamic int8 activations: ~3× faster
   than ``torch``, vectors within cosine ~0.99 of float32 (mean; README, "Embedding backends");
   activations are quantised per batch, so a vector depends a little on its batch.
@@ -31,6 +32,7 @@ import numpy as np
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+DEFAULT_BACKEND: Backend = "onnx"  # the service's default too (METALLM_EMBEDDING_BACKEND)
 
 
 def default_model_path() -> Path:
@@ -44,7 +46,10 @@ class Embedder:
     """Batched, normalised float32 sentence embeddings on the CPU."""
 
     def __init__(
-        self, model: str | Path | None = None, batch_size: int = 8, backend: Backend = "torch"
+        self,
+        model: str | Path | None = None,
+        batch_size: int = 8,
+        backend: Backend = DEFAULT_BACKEND,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {backend!r}; one of {', '.join(BACKENDS)}")

