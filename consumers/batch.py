@@ -149,17 +149,13 @@ class BatchConsumer:
                         continue
                     self._failed("batch failed; retrying its events one at a time", len(records))
                     try:
-                        self.isolate(records)
+                        self.isolate(records, ahead)
                         backoff = 0.5
                         if self.stop_event.is_set():  # isolate may have stopped part-way
                             ahead = []
                     except Exception:
                         self._failed("retrying one at a time failed", len(records), backoff)
-                        # isolate rewound its partitions to the event that failed; the
-                        # next batch's other partitions go back to where it started
-                        mine = {(r.topic, r.partition) for r in records}
-                        self.rewind([r for r in ahead if (r.topic, r.partition) not in mine])
-                        ahead = []
+                        ahead = []  # isolate rewound it with the events not handled
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
@@ -234,13 +230,19 @@ class BatchConsumer:
         self.stats.batches += 1
         self.stats.events += len(records)
 
-    def isolate(self, records: list[ConsumerRecord]) -> None:
+    def isolate(
+        self, records: list[ConsumerRecord], ahead: list[ConsumerRecord] | None = None
+    ) -> None:
         """Handle each event of a failed batch on its own; an event that fails on its own (for
         any reason but an unreachable Postgres or broker) goes to the DLQ with the reason. On a
-        connection failure, seek back to the event it happened at and raise."""
+        connection failure (or a stop), seek back to the event it happened at, and the batch
+        polled ahead (``ahead``) back to its start, and raise (return). Each partition goes
+        back to the earliest event not handled: a partition whose events in this batch were
+        all handled goes back to its first event polled ahead."""
+        ahead = ahead or []
         for i, record in enumerate(records):
             if self.stop_event.is_set():
-                self.rewind(records[i:])
+                self.rewind(records[i:] + ahead)
                 return
             try:
                 try:
@@ -252,7 +254,7 @@ class BatchConsumer:
                     reason = f"processing failed: {describe(exc)}"
                     self.publish([self.dead_letter(record, reason)], [record])
             except Exception:
-                self.rewind(records[i:])
+                self.rewind(records[i:] + ahead)
                 raise
 
     def dead_letter(self, record: ConsumerRecord, reason: str) -> Outgoing:

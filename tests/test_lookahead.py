@@ -235,3 +235,51 @@ def test_an_event_failing_on_its_own_is_dead_lettered_and_the_next_batch_follows
     assert [json.loads(d.value)["offset"] for d in dead] == [2 * BATCH + 3]
     assert "processing failed: ValueError" in json.loads(dead[0].value)["reason"]
     assert decided_in_order(engine) == [i for i in range(N) if i != 2 * BATCH + 3]
+
+
+def test_a_one_at_a_time_retry_cut_short_rewinds_the_batch_polled_ahead_on_every_partition(
+    broker, topics, pg_schema
+):
+    """Two partitions, ten events each, all polled (positions at 10). A batch [p0@0, p1@0]
+    with [p0@1, p1@1] polled ahead is retried one event at a time: p0@0 is handled and
+    committed, then p1@0 meets Postgres down. Each partition must go back to its first event
+    not handled: p1 to 0, and p0 to 1 (its position had passed its events polled ahead)."""
+    from kafka import TopicPartition
+
+    from consumers.batch import BatchConsumer
+    from consumers.kafka_io import make_consumer, make_producer
+
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=100)
+    topic = topics["queries_topic"]
+    ensure_topics(settings, [topic], partitions=2)
+    producer = make_producer(settings)
+    for partition in (0, 1):
+        for i in range(10):
+            producer.send(topic, value=f"{partition}-{i}".encode(), partition=partition)
+    producer.flush()
+
+    class Handler(BatchConsumer):
+        def validate(self, raw):
+            return raw.decode()
+
+        def handle(self, items):
+            for value, _ in items:
+                if value == "1-0":
+                    raise sa.exc.OperationalError("INSERT", {}, Exception("server closed"))
+            return []
+
+    consumer = make_consumer(settings, topic, topics["queries_group"])
+    handler = Handler(consumer, producer, topics["dlq_topic"])
+    try:
+        polled: list = []
+        wait_for(lambda: polled.extend(handler.poll(500)) or len(polled) == 20, message="20")
+        at = {(r.partition, r.offset): r for r in polled}
+        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+        assert consumer.position(p0) == consumer.position(p1) == 10
+        with pytest.raises(sa.exc.OperationalError):
+            handler.isolate([at[0, 0], at[1, 0]], [at[0, 1], at[1, 1]])
+        assert consumer.committed(p0) == 1  # p0@0 handled
+        assert (consumer.position(p0), consumer.position(p1)) == (1, 0)
+    finally:
+        consumer.close()
+        producer.close()
