@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -65,11 +66,23 @@ class Called:
 @dataclass(frozen=True)
 class _Pending:
     """A query whose call was started: ``job`` gives the whole batch's, this one at ``row``
-    (None there: it was found decided before calling)."""
+    (None there: it was found decided before calling; an exception: that call failed)."""
 
     event: QueryEvent
-    job: Future[list[Called | None]]
+    job: Future[list[Called | BaseException | None]]
     row: int
+
+    def result(self) -> Called | BaseException | None:
+        """Its call (waiting for it), the error it failed with, or None (found decided)."""
+        try:
+            return self.job.result()[self.row]
+        except BaseException as exc:  # the whole job failed (embedding, Postgres, cancelled)
+            return exc
+
+    @property
+    def failed(self) -> bool:
+        """Whether it is known to have failed (a job not finished yet has not)."""
+        return self.job.done() and isinstance(self.result(), BaseException)
 
 
 @dataclass
@@ -167,7 +180,8 @@ class Decider:
         (a query id called for with other content too: ``decide`` sorts that out)."""
         fresh: dict[str, QueryEvent] = {}
         for event in events:
-            if event.query_id not in self._started:
+            pending = self._started.get(event.query_id)
+            if pending is None or pending.failed:  # a failed job (Postgres down…) starts anew
                 fresh.setdefault(event.query_id, event)
         if fresh:
             self._start(list(fresh.values()), skip_decided=True)
@@ -244,49 +258,49 @@ class Decider:
     def _calls(self, events: list[QueryEvent]) -> list[Called]:
         """The call of each event (unique query ids, none decided): the one started ahead or
         by an earlier attempt at this batch, else one made now. A call started ahead that
-        could not be made (its job failed, or it found the query decided then) is made now."""
-        fresh = self._not_started(events)
-        if fresh:
-            self._start(fresh, skip_decided=False)
-        made_now = {e.query_id for e in fresh}
+        could not be made (it failed, or found the query decided then) is made again now; a
+        call made now that fails fails the batch (its events are then retried one by one)."""
         called: dict[str, Called] = {}
-        redo: list[QueryEvent] = []
-        for event in events:
-            pending = self._started[event.query_id]
-            try:
-                call = pending.job.result()[pending.row]
-            except Exception:
-                if event.query_id in made_now:  # the batch fails (and is retried)
-                    raise
-                log.warning("calling ahead for %s failed; calling now", event.query_id)
-                call = None
-            if call is None:
-                redo.append(event)
-            else:
-                called[event.query_id] = call
-        if redo:
-            self._start(redo, skip_decided=False)
-            for event in redo:
-                pending = self._started[event.query_id]
-                call = pending.job.result()[pending.row]
-                assert call is not None  # skip_decided=False calls for every event
-                called[event.query_id] = call
+        for attempt in ("started", "now"):
+            todo = [e for e in events if e.query_id not in called]
+            fresh = self._not_started(todo) if attempt == "started" else todo
+            if fresh:
+                self._start(fresh, skip_decided=False)
+            for event in todo:
+                pending = self._started.get(event.query_id)
+                call = pending.result() if pending is not None else None
+                if isinstance(call, Called):
+                    called[event.query_id] = call
+                elif isinstance(call, BaseException) and (attempt == "now" or event in fresh):
+                    raise call
+                elif call is not None:
+                    log.warning(
+                        "calling ahead for %s failed (%s); calling now", event.query_id, call
+                    )
+        missing = [e.query_id for e in events if e.query_id not in called]
+        if missing:  # not possible unless the calls made now were evicted at once
+            raise RuntimeError(f"no call for {len(missing)} queries (batch too large?)")
         return [called[e.query_id] for e in events]
 
     async def _embed_choose_call(
         self, events: list[QueryEvent], skip_decided: bool
-    ) -> list[Called | None]:
+    ) -> list[Called | BaseException | None]:
         loop = asyncio.get_running_loop()
         chosen = await loop.run_in_executor(
             self._worker, self._embed_and_choose, events, skip_decided
         )
-        results = await asyncio.gather(
-            *(self.gateway.call(choice.arm, request) for _, choice, _, request in chosen)
+        results = await asyncio.gather(  # one call raising (a bug) must not lose the others
+            *(self.gateway.call(choice.arm, request) for _, choice, _, request in chosen),
+            return_exceptions=True,
         )
         self.llm_calls += len(results)
-        out: list[Called | None] = [None] * len(events)
+        out: list[Called | BaseException | None] = [None] * len(events)
         for (row, choice, context, request), result in zip(chosen, results, strict=True):
-            out[row] = Called(choice, context, request, result)
+            out[row] = (
+                result
+                if isinstance(result, BaseException)
+                else Called(choice, context, request, result)
+            )
         return out
 
     def _embed_and_choose(
@@ -372,20 +386,25 @@ class Decider:
         )
 
     def close(self) -> None:
-        """Let calls still in flight finish (bounded), then close the HTTP clients (they live
-        on the calls' loop) and stop the threads."""
+        """Let calls still in flight finish (within ``CLOSE_TIMEOUT_S`` in all), then close the
+        HTTP clients (they live on the calls' loop) and stop the threads."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
         jobs = {id(p.job): p.job for p in self._started.values()}
         for job in jobs.values():
             try:
-                job.result(timeout=CLOSE_TIMEOUT_S)
-            except Exception:  # noqa: S112 - their queries are decided again after restart
+                job.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: S112 - their queries are decided again after a restart
                 job.cancel()
         self._started.clear()
         self._worker.shutdown(wait=True, cancel_futures=True)
-        asyncio.run_coroutine_threadsafe(self.gateway.aclose(), self._loop).result(30)
+        try:
+            asyncio.run_coroutine_threadsafe(self.gateway.aclose(), self._loop).result(30)
+        except Exception:
+            log.warning("closing the LLM clients failed", exc_info=True)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._loop_thread.join(30)
-        self._loop.close()
+        if not self._loop.is_running():
+            self._loop.close()
 
 
 class Learner:
