@@ -207,12 +207,15 @@ class Service:
 def stop_on_signals() -> threading.Event:
     """An event that SIGINT and SIGTERM set. Installed before the service is built, so that a
     signal during start-up (loading the model, restoring the policy) stops it cleanly instead
-    of killing it."""
+    of killing it. A second signal of the same kind ends the process at once."""
     stop = threading.Event()
 
     def on_signal(signum, _frame) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        log.info(
+            "received %s, stopping (send it again to exit at once)", signal.Signals(signum).name
+        )
         stop.set()
+        signal.signal(signum, signal.SIG_DFL)  # a second one ends the process, stuck or not
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
