@@ -124,3 +124,31 @@ def test_sigterm_during_start_up_exits_0(broker, topics, pg_schema, engine, tmp_
     log = process.log()
     assert code == 0, log[-3000:]
     assert "received SIGTERM" in log
+
+
+def test_a_second_sigterm_exits_at_once(broker, topics, pg_schema, engine, tmp_path):
+    """The first SIGTERM waits for the calls in flight; a second one does not wait."""
+    import signal
+
+    queries = make_queries(10, prefix="q-twice")
+    server = ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}).start()
+    server.modes = {"cheap": "slow", "strong": "slow"}
+    server.delay = {"cheap": 8.0, "strong": 8.0}  # under the arms' 10 s timeout
+    config = write_config(tmp_path / "metallm.yaml", arm_config(server, kill_scenario.PRICES))
+    env = service_env(broker, topics, DATABASE_URL, pg_schema, config, poll_max_records=10)
+    ensure_topics(settings_for(broker, topics, pg_schema, DATABASE_URL), list(topics.values())[:4])
+    process = ServiceProcess(env, tmp_path / "twice.log").start()
+    try:
+        publish(
+            broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries]
+        )
+        wait_until(lambda: server.in_flight == 10, 60, "10 calls in flight", interval=0.02)
+        process.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: "received SIGTERM" in process.log(), 10, "the first SIGTERM")
+        process.process.send_signal(signal.SIGTERM)
+        code = process.process.wait(timeout=5)  # the calls had ~8 s to go
+    finally:
+        process.kill()
+        server.kill()
+    assert code == -signal.SIGTERM
+    assert progress(engine)[0] == 0  # nothing was stored: those queries are decided after restart
