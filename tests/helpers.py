@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
+from consumers.runner import Service
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
+from service.llm.replay import ReplayProvider
 from service.settings import Settings
 
 
@@ -128,3 +131,32 @@ def committed_offset(broker: str, topic: str, group: str) -> int | None:
         return consumer.committed(TopicPartition(topic, 0))
     finally:
         consumer.close()
+
+
+# ------------------------------------------------------------------ a service on replay arms
+ARMS = {"cheap": (0.6, 0.00001), "strong": (0.9, 0.001)}  # accuracy, cost of the two replay arms
+
+
+class CountingReplay(ReplayProvider):
+    """The real replay provider, counting the calls that reach the arm."""
+
+    calls = 0
+
+    async def complete(self, request):
+        CountingReplay.calls += 1
+        return await super().complete(request)
+
+
+def build_service(settings: Settings, config: AppConfig, embedder) -> Service:
+    """The real service, its arms replay arms that count their calls."""
+    from service.llm.gateway import Gateway
+
+    providers = {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms}
+    return Service.build(
+        settings, config=config, embedder=embedder, gateway=Gateway(config, providers)
+    )
+
+
+def count(engine, sql: str) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.text(sql)).scalar_one()

@@ -9,8 +9,7 @@ from service.events import QueryEvent
 from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, QueryRecord, RewardSettings
-from tests.helpers import demo_rows, replay_config, write_outcomes
-from tests.test_service_e2e import ARMS, CountingReplay
+from tests.helpers import ARMS, CountingReplay, demo_rows, replay_config, write_outcomes
 
 pytestmark = pytest.mark.integration
 

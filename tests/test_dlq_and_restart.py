@@ -16,6 +16,9 @@ from service.pipeline import Learner, RewardSettings
 from service.storage import vector_to_bytes
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
+    ARMS,
+    build_service,
+    count,
     demo_rows,
     label_bytes,
     query_bytes,
@@ -25,7 +28,6 @@ from tests.helpers import (
     settings_for,
     write_outcomes,
 )
-from tests.test_service_e2e import ARMS, build_service, count
 
 pytestmark = pytest.mark.integration
 

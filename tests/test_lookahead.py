@@ -19,7 +19,10 @@ import sqlalchemy as sa
 from consumers.kafka_io import ensure_topics
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
+    ARMS,
+    build_service,
     committed_offset,
+    count,
     demo_rows,
     query_bytes,
     read_topic,
@@ -28,7 +31,6 @@ from tests.helpers import (
     settings_for,
     write_outcomes,
 )
-from tests.test_service_e2e import ARMS, build_service, count
 
 pytestmark = pytest.mark.integration
 

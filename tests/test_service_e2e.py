@@ -12,10 +12,13 @@ import sqlalchemy as sa
 from consumers.kafka_io import ensure_topics
 from consumers.runner import Service
 from service import storage
-from service.llm.replay import ReplayProvider
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
+    ARMS,
+    CountingReplay,
+    build_service,
     committed_offset,
+    count,
     demo_rows,
     label_bytes,
     query_bytes,
@@ -27,32 +30,6 @@ from tests.helpers import (
 )
 
 pytestmark = pytest.mark.integration
-
-ARMS = {"cheap": (0.6, 0.00001), "strong": (0.9, 0.001)}
-
-
-class CountingReplay(ReplayProvider):
-    """The real replay provider, counting the calls that reach the arm."""
-
-    calls = 0
-
-    async def complete(self, request):
-        CountingReplay.calls += 1
-        return await super().complete(request)
-
-
-def build_service(settings, config, embedder) -> Service:
-    from service.llm.gateway import Gateway
-
-    providers = {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms}
-    return Service.build(
-        settings, config=config, embedder=embedder, gateway=Gateway(config, providers)
-    )
-
-
-def count(engine, sql: str) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.text(sql)).scalar_one()
 
 
 def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
