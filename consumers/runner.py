@@ -105,11 +105,7 @@ class Service:
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
-        embedder = embedder or Embedder(
-            settings.embedding_model,
-            settings.embedding_batch_size,
-            backend=settings.embedding_backend,
-        )
+        embedder = embedder or Embedder.from_settings(settings)
         gateway = gateway or Gateway(config)
         decider = Decider(config, engine, live, embedder, gateway, rewards)
         learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)

@@ -47,11 +47,7 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     live = LivePolicy(engine, settings.policy, settings.policy_params, settings.checkpoint_every)
     live.restore()
     print(f"embedding {len(records)} queries…", file=sys.stderr)
-    embedder = Embedder(
-        settings.embedding_model,
-        settings.embedding_batch_size,
-        backend=settings.embedding_backend,
-    )
+    embedder = Embedder.from_settings(settings)
     contexts = embedder.embed([r.text for r in records]).astype("float64")
     n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)
     engine.dispose()

@@ -25,13 +25,16 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, get_args
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from service.settings import Settings
+
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 Backend = Literal["torch", "onnx", "onnx-int8"]
-BACKENDS: tuple[str, ...] = ("torch", "onnx", "onnx-int8")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_BACKEND: Backend = "onnx"  # the service's default too (METALLM_EMBEDDING_BACKEND)
 
 
@@ -66,6 +69,15 @@ class Embedder:
         else:
             self._impl = _Onnx(path, "int8" if backend == "onnx-int8" else "fp32")
         self.dim = self._impl.dim
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Embedder:
+        """The embedder ``METALLM_EMBEDDING_*`` describe (model, batch size, backend)."""
+        return cls(
+            settings.embedding_model,
+            settings.embedding_batch_size,
+            backend=settings.embedding_backend,
+        )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """Embed texts as rows of a (len(texts), dim) float32 array."""
