@@ -28,6 +28,8 @@ from service.events import InvalidEvent, dlq_record
 
 log = logging.getLogger(__name__)
 
+MAX_VALIDATED = 10_000  # events validated when polled and not processed yet (dropped batches)
+
 
 @dataclass(frozen=True)
 class Outgoing:
@@ -90,6 +92,8 @@ class BatchConsumer:
         self.max_backoff_s = max_backoff_s
         self.stats = ConsumerStats()
         self.stop_event = threading.Event()
+        # events validated when polled, by (topic, partition, offset), until processed
+        self._validated: dict[tuple[str, int, int], Any] = {}
 
     # -- to override -------------------------------------------------------------------------
     def validate(self, raw: bytes | None) -> Any:
@@ -103,20 +107,38 @@ class BatchConsumer:
 
     # -- the loop ---------------------------------------------------------------------------
     lookahead = False
-    """Poll the next batch before handling this one and give it to :meth:`prepare`, so work
+    """Poll the next batch before handling this one and give its events to :meth:`prepare`, so work
     that does not depend on this batch's outcome (embedding the next one, calling its LLMs)
     overlaps this batch's handling. Batches are still handled one after another in poll order;
     offsets are committed as without it. On stop, the batch polled ahead is handled too (its
     work was started) unless the batch before it did not finish."""
 
-    def prepare(self, records: list[ConsumerRecord]) -> None:
-        """Called with each batch as soon as it is polled (with ``lookahead``: while the batch
-        before it is being handled). Must store nothing and commit nothing: the batch may yet
-        be dropped, rewound or handled one event at a time."""
+    def prepare(self, events: list[Any]) -> None:
+        """Called with the valid events of each batch as soon as it is polled (with
+        ``lookahead``: while the batch before it is being handled). Must store nothing and
+        commit nothing: the batch may yet be dropped, rewound or handled one event at a time."""
 
-    def parse(self, record: ConsumerRecord) -> Any:
-        """The valid event of a record (by default ``validate(record.value)``)."""
-        return self.validate(record.value)
+    def _polled(self, records: list[ConsumerRecord]) -> None:
+        """Validate a batch just polled (once: :meth:`process` takes the events from here)
+        and give its valid events to :meth:`prepare`. Invalid ones are dead-lettered when the
+        batch is processed."""
+        events = []
+        for record in records:
+            try:
+                event = self.validate(record.value)
+            except Exception:  # noqa: S112 - validated again, and dead-lettered, in process
+                continue
+            self._validated[(record.topic, record.partition, record.offset)] = event
+            events.append(event)
+        while len(self._validated) > MAX_VALIDATED:  # those of dropped batches: oldest first
+            self._validated.pop(next(iter(self._validated)))
+        if events:
+            self.prepare(events)
+
+    def _event(self, record: ConsumerRecord) -> Any:
+        """The valid event of a record: validated when it was polled, or now."""
+        event = self._validated.pop((record.topic, record.partition, record.offset), None)
+        return event if event is not None else self.validate(record.value)
 
     def run(self) -> None:
         backoff = 0.5
@@ -132,7 +154,7 @@ class BatchConsumer:
                     self.stop_event.wait(backoff)
                     backoff = min(backoff * 2, self.max_backoff_s)
                     continue
-                self.prepare(records)
+                self._polled(records)
             if records and self.lookahead:
                 records, ahead = self.look_ahead(records)
             if records:
@@ -200,8 +222,7 @@ class BatchConsumer:
             tp = TopicPartition(r.topic, r.partition)
             last[tp] = max(last.get(tp, -1), r.offset)
         ahead = [r for r in ahead if r.offset > last.get(TopicPartition(r.topic, r.partition), -1)]
-        if ahead:
-            self.prepare(ahead)
+        self._polled(ahead)
         return mine, ahead
 
     def _failed(self, what: str, n: int, backoff: float | None = None) -> None:
@@ -220,7 +241,7 @@ class BatchConsumer:
         outgoing: list[Outgoing] = []
         for record in records:
             try:
-                valid.append((self.parse(record), record))
+                valid.append((self._event(record), record))
             except Exception as exc:  # validation is pure: whatever it raises, the event is bad
                 reason = str(exc) if isinstance(exc, InvalidEvent) else f"invalid: {describe(exc)}"
                 outgoing.append(self.dead_letter(record, reason))

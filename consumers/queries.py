@@ -10,8 +10,6 @@ from service import metrics
 from service.events import QueryEvent
 from service.pipeline import Decider, QueryRecord
 
-MAX_PARSED = 10_000
-
 
 class QueryConsumer(BatchConsumer):
     name = "queries"
@@ -28,29 +26,12 @@ class QueryConsumer(BatchConsumer):
         super().__init__(consumer, producer, dlq_topic)
         self.decider = decider
         self.decisions_topic = decisions_topic
-        # events validated by prepare, by (topic, partition, offset), for parse to take
-        self._parsed: dict[tuple[str, int, int], QueryEvent] = {}
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         return self.decider.validate(raw)
 
-    def prepare(self, records: list[ConsumerRecord]) -> None:
-        events = []
-        for record in records:
-            try:
-                event = self.decider.validate(record.value)
-            except Exception:  # noqa: S112 - invalid events are dead-lettered when handled
-                continue
-            self._parsed[(record.topic, record.partition, record.offset)] = event
-            events.append(event)
-        while len(self._parsed) > MAX_PARSED:  # those of batches dropped (rebalance): oldest
-            self._parsed.pop(next(iter(self._parsed)))
-        if events:
-            self.decider.call_ahead(events)
-
-    def parse(self, record: ConsumerRecord) -> QueryEvent:
-        event = self._parsed.pop((record.topic, record.partition, record.offset), None)
-        return event if event is not None else self.validate(record.value)
+    def prepare(self, events: list[QueryEvent]) -> None:
+        self.decider.call_ahead(events)
 
     def handle(self, items: list[tuple[QueryEvent, ConsumerRecord]]) -> list[Outgoing]:
         decided = self.decider.decide(
