@@ -105,13 +105,22 @@ def check_exactly_once(service, engine, server, queries, broker, topics) -> None
     assert not service.crashed.is_set()
 
 
-def explain(engine, queries, broker: str, topics: dict) -> str:
-    """What a timed-out wait was missing, in Postgres and in the committed offsets."""
-    offsets = {
-        kind: committed_offset(broker, topics[f"{kind}_topic"], topics[f"{kind}_group"])
-        for kind in ("queries", "labels")
-    }
-    return f"{missing_work(engine, [q.query_id for q in queries])}\ncommitted: {offsets}"
+def wait_all_done(engine, queries, broker: str, topics: dict) -> None:
+    """Wait until every query is decided and rewarded and both consumers committed past every
+    event; on a timeout, say what was missing in Postgres and in the committed offsets."""
+    n = len(queries)
+
+    def explain() -> str:
+        offsets = {
+            kind: committed_offset(broker, topics[f"{kind}_topic"], topics[f"{kind}_group"])
+            for kind in ("queries", "labels")
+        }
+        return f"{missing_work(engine, [q.query_id for q in queries])}\ncommitted: {offsets}"
+
+    wait_until(
+        lambda: progress(engine) == (n, n, 0), 120, f"{n} rewards", interval=0.3, explain=explain
+    )
+    wait_consumed(broker, topics, n, n)
 
 
 @pytest.fixture
@@ -154,14 +163,7 @@ def test_postgres_stopped_and_crashed_mid_stream(broker, topics, private_pg, tmp
             private_pg.start()
 
             producer.join(timeout=120)
-            wait_until(
-                lambda: progress(engine) == (400, 400, 0),
-                120,
-                "400 rewards",
-                interval=0.3,
-                explain=lambda: explain(engine, queries, broker, topics),
-            )
-            wait_consumed(broker, topics, 400, 400)
+            wait_all_done(engine, queries, broker, topics)
             failures = service.queries.stats.failures + service.labels.stats.failures
         finally:
             if not private_pg.running():
@@ -233,14 +235,7 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
         service.start()
         try:
             stream(broker, topics, queries, engine).join(timeout=120)
-            wait_until(
-                lambda: progress(engine) == (300, 300, 0),
-                120,
-                "300 rewards",
-                interval=0.3,
-                explain=lambda: explain(engine, queries, broker, topics),
-            )
-            wait_consumed(broker, topics, 300, 300)
+            wait_all_done(engine, queries, broker, topics)
         finally:
             service.stop()
         assert proxy.cuts >= 8
