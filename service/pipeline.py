@@ -40,7 +40,7 @@ from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
 
-MAX_UNSTORED = 10_000  # calls kept for decisions whose batch failed before storing them
+MAX_STARTED = 10_000  # calls kept for queries not stored yet (ahead, or their batch failed)
 CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
 
 
@@ -252,7 +252,7 @@ class Decider:
         for row, event in enumerate(events):
             self._started.pop(event.query_id, None)
             self._started[event.query_id] = _Pending(event, job, row)
-        while len(self._started) > MAX_UNSTORED:  # bounded: oldest first
+        while len(self._started) > MAX_STARTED:  # bounded: oldest first
             self._started.pop(next(iter(self._started)))
 
     def _calls(self, events: list[QueryEvent]) -> list[Called]:
