@@ -5,7 +5,8 @@
     ratio and the peak number of calls in flight (targets: ≥ 40 in flight, ≥ 30× serial).
 (b) Overhead. The arms answer at once. End-to-end decisions/s against the raw embedding rate
     of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
-    (target: ≥ 0.8).
+    (target: ≥ 0.8); and the gateway alone on the OpenAI SDK's two transports (aiohttp, the
+    default, and httpx), for the CPU each costs per call.
 
 Both use the service's embedding backend (``METALLM_EMBEDDING_BACKEND``, default ``onnx``;
 ``--backend`` to choose another): a faster backend raises (b)'s baseline as much as the
@@ -270,14 +271,21 @@ def run_pipeline(
     }
 
 
-def gateway_rate(endpoint: Endpoint, n: int, in_flight: int) -> float:
-    """Calls/s through the Gateway alone (no Kafka, embedding or Postgres)."""
+def gateway_rate(endpoint: Endpoint, n: int, in_flight: int, http_client: str = "aiohttp") -> float:
+    """Calls/s through the Gateway alone (no Kafka, embedding or Postgres), the OpenAI SDK on
+    its ``http_client`` transport."""
     from service.config import TaskConfig, parse_config
     from service.llm.base import CallRequest
     from service.llm.gateway import Gateway
     from service.tasks import build_prompt
 
-    arm = {"name": "a", "provider": "openai", "model": "bench", "base_url": endpoint.url}
+    arm = {
+        "name": "a",
+        "provider": "openai",
+        "model": "bench",
+        "base_url": endpoint.url,
+        "http_client": http_client,
+    }
     config = parse_config(
         {
             "tasks": TASKS,
@@ -378,8 +386,10 @@ def main() -> int:
             ratio = statistics.median(gw_many) / statistics.median(gw_one)
             print(f"  speed-up       {ratio:8.1f}×")
 
-            e2e, raw, statuses = [], [], {}
+            e2e, raw, statuses, aio, httpx = [], [], {}, [], []
             for _ in range(repeats):
+                aio.append(gateway_rate(instant, n_instant, 64, "aiohttp"))
+                httpx.append(gateway_rate(instant, n_instant, 64, "httpx"))
                 raw.append(embedding_rate(embedder, n_instant))
                 result = run_pipeline(
                     broker.bootstrap, database_url, embedder, instant, n_instant, 64
@@ -392,6 +402,11 @@ def main() -> int:
             ratio = statistics.median(e2e) / statistics.median(raw)
             print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
             print(f"  statuses of the last run: {statuses}")
+            print("  the gateway alone, 64 in flight, by the OpenAI SDK's transport: calls/s")
+            print(f"  aiohttp        {median_of(aio)}")
+            print(f"  httpx          {median_of(httpx)}")
+            ratio = statistics.median(aio) / statistics.median(httpx)
+            print(f"  aiohttp/httpx  {ratio:8.2f}×")
             print(f"\nload average at the end: {load()}")
         finally:
             slow.close()
