@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import re
+import signal
 import threading
 import time
 from pathlib import Path
@@ -186,14 +187,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     queries = read_events(DATASET, "queries")[: args.limit]
     labels = read_events(DATASET, "labels")[: args.limit]
+    interrupted = threading.Event()
+
+    def on_ctrl_c(signum, frame) -> None:
+        # remembered, as well as raised: a library may swallow the KeyboardInterrupt where it
+        # lands (kafka-python's network loop catches BaseException), the streaming loop not
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_ctrl_c)
     try:
         with contextlib.ExitStack() as stack:
-            run(stack, queries, labels, args, out)
+            run(stack, queries, labels, args, out, interrupted)
     except KeyboardInterrupt:
         console.print("interrupted: everything the demo started has been stopped")
 
 
-def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Path) -> None:
+def run(
+    stack: contextlib.ExitStack,
+    queries: list,
+    labels: list,
+    args,
+    out: Path,
+    interrupted: threading.Event,
+) -> None:
     """Start everything on ``stack`` (so it is all stopped on exit or Ctrl-C), then stream."""
     with console.status("starting a local Kafka broker (Tansu)…"):
         broker = stack.enter_context(LocalBroker(log_path=out / "broker.log"))
@@ -255,12 +272,14 @@ def run(stack: contextlib.ExitStack, queries: list, labels: list, args, out: Pat
         progress_table(engine, len(queries), started), console=console, refresh_per_second=2
     ) as live:
         while not service.crashed.is_set():
+            if interrupted.is_set():  # Ctrl-C, its KeyboardInterrupt lost on the way
+                raise KeyboardInterrupt
             live.update(progress_table(engine, len(queries), started))
             with engine.connect() as conn:
                 labeled = conn.execute(sa.text("SELECT count(label) FROM decisions")).scalar_one()
             if labeled >= len(queries):
                 break
-            time.sleep(0.5)
+            interrupted.wait(0.5)
     console.print(summary(engine))
     png = plot(engine, out / "demo.png")
     console.print(f"plot saved: {png}")
