@@ -112,7 +112,13 @@ class Service:
         return cls(settings, config, engine, live, decider, learner)
 
     def start(self) -> None:
+        from threadpoolctl import threadpool_limits
+
         s = self.settings
+        # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
+        # (measured 20x slower with 2 threads on a busy 2-core machine), and OpenBLAS's idle
+        # threads spin, taking a core's time from embedding (pipeline_throughput, (b)).
+        threadpool_limits(1, user_api="blas")
         ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
         producer = make_producer(s)
         self.queries = QueryConsumer(

@@ -68,17 +68,12 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from threadpoolctl import threadpool_limits
-
     from consumers.runner import Service, stop_on_signals
 
     stop = stop_on_signals()  # before the slow start-up, so a SIGTERM then exits cleanly
     logging.getLogger("metallm").info(
         "starting: loading the embedding model and the arms, restoring the policy"
     )
-    # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
-    # (measured 20x slower with 2 threads on a busy 2-core machine).
-    threadpool_limits(1, user_api="blas")
     return Service.build(settings).run_forever(stop)
 
 
