@@ -14,6 +14,12 @@ Texts are embedded in small batches of similar length (``batch_size``, default 8
 model's cost is batch × longest text, so one batch of 64 mixed texts pays for padding ~5×
 more tokens than it embeds on the demo queries.
 
+The ONNX backends run those small batches side by side on ``threads`` threads (default: every
+core this process may use), each batch on one core, longest first. Runs of a model split over
+all cores (ONNX Runtime's own intra-op threads) are as fast on idle cores, but synchronise at
+every layer: in the service, where the LLM calls, Kafka and Postgres share the cores, a core
+taken away for a moment stalls the whole run (benchmarks/pipeline_throughput, (b)).
+
 >>> embedder = Embedder()                       # doctest: +SKIP
 >>> embedder.embed(["hello", "world"]).shape    # doctest: +SKIP
 (2, 384)
@@ -24,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -53,6 +60,7 @@ class Embedder:
         model: str | Path | None = None,
         batch_size: int = 8,
         backend: Backend = DEFAULT_BACKEND,
+        threads: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ValueError(f"unknown embedding backend {backend!r}; one of {', '.join(BACKENDS)}")
@@ -64,19 +72,23 @@ class Embedder:
         self.name = f"{name} (int8)" if backend == "onnx-int8" else name
         self.backend = backend
         self.batch_size = batch_size
+        # onnx backends: batches embedded at once, one core each; torch: PyTorch's own threads
+        self.threads: int | None = None
         if backend == "torch":
             self._impl: _Torch | _Onnx = _Torch(path)
         else:
-            self._impl = _Onnx(path, "int8" if backend == "onnx-int8" else "fp32")
+            self.threads = threads or usable_cores()
+            self._impl = _Onnx(path, "int8" if backend == "onnx-int8" else "fp32", self.threads)
         self.dim = self._impl.dim
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Embedder:
-        """The embedder ``METALLM_EMBEDDING_*`` describe (model, batch size, backend)."""
+        """The embedder ``METALLM_EMBEDDING_*`` describe (model, batch size, backend, threads)."""
         return cls(
             settings.embedding_model,
             settings.embedding_batch_size,
             backend=settings.embedding_backend,
+            threads=settings.embedding_threads,
         )
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -85,6 +97,14 @@ class Embedder:
             return np.zeros((0, self.dim), dtype=np.float32)
         vectors = self._impl.embed(list(texts), self.batch_size)
         return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class _Torch:
@@ -109,9 +129,10 @@ class _Torch:
 
 class _Onnx:
     """The sentence-transformers pipeline (tokenize, transformer, mean pooling, normalise) with
-    the transformer run by ONNX Runtime."""
+    the transformer run by ONNX Runtime: one session, run on one core per call, by ``threads``
+    threads at once (ONNX Runtime's ``run`` may be called concurrently)."""
 
-    def __init__(self, path: Path, variant: str) -> None:
+    def __init__(self, path: Path, variant: str, threads: int) -> None:
         try:
             import onnxruntime as ort
         except ImportError:
@@ -132,32 +153,45 @@ class _Onnx:
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         options = ort.SessionOptions()
-        # idle threads sleep instead of spinning: the cores are shared with Kafka, Postgres
-        # and the LLM calls, which spinning would starve
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.intra_op_num_threads = 1  # one core per run; ``threads`` runs side by side
+        options.inter_op_num_threads = 1
         self.session = ort.InferenceSession(
             str(onnx_model(path, variant)), options, providers=["CPUExecutionProvider"]
         )
         self.inputs = {i.name for i in self.session.get_inputs()}
+        self._pool = (
+            ThreadPoolExecutor(threads, thread_name_prefix="metallm-embedding")
+            if threads > 1
+            else None
+        )
 
     def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         ids = self.tokenizer(texts, truncation=True, max_length=self.max_length)["input_ids"]
         order = np.argsort([len(x) for x in ids], kind="stable")  # similar lengths together
+        # longest first, so the threads finish together: the last runs are the short ones
+        batches = [order[i : i + batch_size] for i in range(0, len(texts), batch_size)][::-1]
         out = np.empty((len(texts), self.dim), dtype=np.float32)
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            width = max(len(ids[i]) for i in rows)
-            input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for j, i in enumerate(rows):
-                input_ids[j, : len(ids[i])] = ids[i]
-                mask[j, : len(ids[i])] = 1
-            feeds = {"input_ids": input_ids, "attention_mask": mask}
-            if "token_type_ids" in self.inputs:
-                feeds["token_type_ids"] = np.zeros_like(input_ids)
-            hidden = self.session.run(None, feeds)[0]
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-            norms = np.linalg.norm(pooled, axis=1, keepdims=True)
-            out[rows] = pooled / np.clip(norms, 1e-12, None)
+        if self._pool is None or len(batches) == 1:
+            runs = map(self._run, [ids] * len(batches), batches)
+        else:
+            runs = self._pool.map(self._run, [ids] * len(batches), batches)
+        for rows, vectors in zip(batches, runs, strict=True):
+            out[rows] = vectors
         return out
+
+    def _run(self, ids: list[list[int]], rows: np.ndarray) -> np.ndarray:
+        """The normalised, mean-pooled vectors of the texts ``rows`` of ``ids`` (one batch)."""
+        width = max(len(ids[i]) for i in rows)
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for j, i in enumerate(rows):
+            input_ids[j, : len(ids[i])] = ids[i]
+            mask[j, : len(ids[i])] = 1
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        if "token_type_ids" in self.inputs:
+            feeds["token_type_ids"] = np.zeros_like(input_ids)
+        hidden = self.session.run(None, feeds)[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return pooled / np.clip(norms, 1e-12, None)

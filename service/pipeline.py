@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MAX_STARTED = 10_000  # calls kept for queries not stored yet (ahead, or their batch failed)
 CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
+EMBED_WORKERS = 2  # batches embedded (and chosen for) at once: see Decider.__init__
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,15 @@ class Decider:
         self.rewards = rewards
         self.llm_calls = 0
         # the calls run on an event loop of their own thread, so they go on while the
-        # consumer stores the batch before; embedding and choosing run on one worker thread
+        # consumer stores the batch before. Embedding and choosing run on worker threads: two,
+        # so the next batch is read from Postgres, tokenized and queued for the embedder while
+        # the one before still embeds (the embedder's cores never wait between batches)
         self._loop = asyncio.new_event_loop()
         self._loop_thread = threading.Thread(
             target=self._loop.run_forever, name="metallm-llm-calls", daemon=True
         )
         self._loop_thread.start()
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="metallm-embed-choose")
+        self._worker = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="metallm-embed-choose")
         # calls started for queries not stored yet (ahead of their batch, or for a batch that
         # failed after calling: Postgres down, say): ``decide`` uses them, so a query is never
         # sent twice by this process. Only the consumer's thread reads or changes it.

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     # torch | onnx | onnx-int8: the same model on PyTorch or ONNX Runtime (service.embedding)
     embedding_backend: Backend = DEFAULT_BACKEND
     embedding_batch_size: int = Field(8, ge=1)  # texts of similar length embedded together
+    # onnx backends: batches embedded side by side, one core each (default: every usable core)
+    embedding_threads: int | None = Field(None, ge=1)
 
 
 STREAM_NAMES = (

@@ -2,7 +2,8 @@
 
 It is a cache in front of a pure function: hits and misses change how soon a vector is ready,
 never the vector (except that ``onnx-int8`` quantises activations per batch, so its vectors
-vary slightly with the texts batched together). One thread uses it: the decider's worker.
+vary slightly with the texts batched together). Threads may share it: the decider embeds the
+next batch while the one before it is still embedding.
 
 >>> class Lengths:
 ...     name, dim, seen = "lengths", 1, []
@@ -20,6 +21,7 @@ vary slightly with the texts batched together). One thread uses it: the decider'
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Protocol
@@ -41,23 +43,28 @@ class VectorCache:
         self.dim = embedder.dim
         self.max_cached = max_cached
         self._ready: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()  # held for the bookkeeping, not while embedding
         self.hits = 0  # texts found in the cache
         self.misses = 0  # texts embedded (each once per call, however often it is repeated)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """The vectors of ``texts`` as rows of a (len(texts), dim) float32 array."""
         texts = list(texts)
-        missing = [t for t in dict.fromkeys(texts) if t not in self._ready]
-        self.hits += len(dict.fromkeys(texts)) - len(missing)
-        if missing:
+        unique = dict.fromkeys(texts)
+        with self._lock:
+            found = {t: self._ready[t] for t in unique if t in self._ready}
+            self.hits += len(found)
+            missing = [t for t in unique if t not in found]
             self.misses += len(missing)
-            vectors = self.embedder.embed(missing)
-            for text, vector in zip(missing, vectors, strict=True):
-                self._ready[text] = vector
+        if missing:  # (another thread may embed the same text meanwhile: the same vector)
+            found.update(zip(missing, self.embedder.embed(missing), strict=True))
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         for i, text in enumerate(texts):
-            out[i] = self._ready[text]
-            self._ready.move_to_end(text)
-        while len(self._ready) > self.max_cached:
-            self._ready.popitem(last=False)
+            out[i] = found[text]
+        with self._lock:
+            for text in unique:
+                self._ready[text] = found[text]
+                self._ready.move_to_end(text)
+            while len(self._ready) > self.max_cached:
+                self._ready.popitem(last=False)
         return out

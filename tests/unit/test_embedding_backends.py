@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 from pydantic import ValidationError
 
 from producers.demo_data import demo_rows
-from service.embedding import DEFAULT_MODEL_NAME, Embedder, default_model_path
+from service.embedding import DEFAULT_MODEL_NAME, Embedder, default_model_path, usable_cores
 from service.onnx_export import cache_root, onnx_model
 from service.settings import Settings
 
@@ -60,6 +62,31 @@ def test_the_batch_size_changes_speed_not_vectors(backend, vectors):
     assert cosines(one, vectors[backend][:24]).min() > 0.99999
     assert cosines(many, vectors[backend][:24]).min() > 0.99999
     assert Embedder(backend=backend).embed([]).shape == (0, 384)
+
+
+def test_threads_change_speed_not_vectors(vectors):
+    """Batches run side by side, one core each: every vector lands on its own text's row,
+    bit for bit what one thread gives, also with two callers at once (the service embeds the
+    next batch of queries while the one before still embeds)."""
+    one = Embedder(threads=1).embed(TEXTS)
+    three = Embedder(threads=3)
+    assert np.array_equal(three.embed(TEXTS), one)
+    assert cosines(one, vectors["torch"]).min() > 0.9999  # rows in the right order
+    halves = [TEXTS[::2], TEXTS[1::2]]
+    with ThreadPoolExecutor(2) as callers:
+        got = list(callers.map(three.embed, halves))
+    assert np.array_equal(got[0], one[::2]) and np.array_equal(got[1], one[1::2])
+
+
+def test_threads_default_to_the_usable_cores(monkeypatch):
+    assert Settings().embedding_threads is None
+    assert Embedder().threads == usable_cores()
+    assert Embedder(backend="torch").threads is None  # PyTorch manages its own threads
+    monkeypatch.setenv("METALLM_EMBEDDING_THREADS", "3")
+    assert Embedder.from_settings(Settings()).threads == 3
+    monkeypatch.setenv("METALLM_EMBEDDING_THREADS", "0")
+    with pytest.raises(ValidationError, match="embedding_threads"):
+        Settings()
 
 
 def test_int8_vectors_depend_a_little_on_their_batch(vectors):

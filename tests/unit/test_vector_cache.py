@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,19 @@ def test_the_cache_is_bounded_and_keeps_the_most_recent(embedder):
     assert len(cache._ready) == 16
     cache.embed(TEXTS[24:40])  # the last two batches: all still cached
     assert len(rec.calls) == 5
+
+
+def test_two_threads_share_the_cache(embedder):
+    """The decider embeds a batch while the one before still embeds: overlapping texts from
+    two threads get their own vectors, and every text is counted once per call."""
+    rec = Recording(embedder)
+    cache = VectorCache(rec)
+    batches = [TEXTS[:24], TEXTS[16:40]]
+    with ThreadPoolExecutor(2) as threads:
+        got = list(threads.map(cache.embed, batches))
+    for batch, vectors in zip(batches, got, strict=True):
+        assert np.allclose(vectors, embedder.embed(batch), atol=1e-5)
+    assert cache.hits + cache.misses == 48
+    assert set(cache._ready) == set(TEXTS[:40])
+    assert np.allclose(cache.embed(TEXTS[:40]), embedder.embed(TEXTS[:40]), atol=1e-5)
+    assert cache.hits + cache.misses == 88 and len(rec.calls) == 2  # all cached by then
