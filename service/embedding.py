@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,19 +113,23 @@ class _Torch:
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(str(path), device="cpu")
+        # one call at a time: PyTorch already spreads each over every core, so two callers
+        # (the decider embeds the next batch while one still embeds) would only contend
+        self._lock = threading.Lock()
         dimension = getattr(self.model, "get_embedding_dimension", None)
         dimension = dimension or self.model.get_sentence_embedding_dimension  # older releases
         self.dim = int(dimension())
 
     def embed(self, texts: list[str], batch_size: int) -> np.ndarray:
         # sentence-transformers sorts the texts by length before cutting them into batches
-        return self.model.encode(
-            texts,
-            batch_size=batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
-            show_progress_bar=False,
-        )
+        with self._lock:
+            return self.model.encode(
+                texts,
+                batch_size=batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
 
 
 class _Onnx:

@@ -78,6 +78,15 @@ def test_threads_change_speed_not_vectors(vectors):
     assert np.array_equal(got[0], one[::2]) and np.array_equal(got[1], one[1::2])
 
 
+def test_two_callers_at_once_get_their_own_vectors_on_torch(vectors):
+    torch = Embedder(backend="torch")
+    halves = [TEXTS[::2], TEXTS[1::2]]
+    with ThreadPoolExecutor(2) as callers:
+        got = list(callers.map(torch.embed, halves))
+    assert cosines(got[0], vectors["torch"][::2]).min() > 0.99999
+    assert cosines(got[1], vectors["torch"][1::2]).min() > 0.99999
+
+
 def test_threads_default_to_the_usable_cores(monkeypatch):
     assert Settings().embedding_threads is None
     assert Embedder().threads == usable_cores()
