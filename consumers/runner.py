@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass, field
 
 import sqlalchemy as sa
 from kafka import KafkaProducer
 from sqlalchemy.engine import Engine
+from threadpoolctl import threadpool_limits
 
 from consumers.batch import run_in_thread
 from consumers.kafka_io import ensure_topics, make_consumer, make_producer
@@ -79,6 +81,7 @@ class Service:
     _producer: KafkaProducer | None = None
     metrics_server: MetricsServer | None = None
     checkpoint_failed: bool = False
+    blas_limits: threadpool_limits | None = None  # BLAS pinned to one thread, until stop()
 
     @classmethod
     def build(
@@ -88,6 +91,12 @@ class Service:
         embedder: Embedder | None = None,
         gateway: Gateway | None = None,
     ) -> Service:
+        # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
+        # (measured 20x slower with 2 threads on a busy 2-core machine), and OpenBLAS's idle
+        # threads spin, taking a core's time from embedding (pipeline_throughput, (b)). From
+        # here, so that restoring the policy replays rewards as the live service applies them;
+        # undone by stop().
+        blas = threadpool_limits(1, user_api="blas")
         config = config or load_config(settings.config)
         engine = make_engine(settings.database_url, settings.database_schema)
         check_schema(engine)
@@ -109,16 +118,10 @@ class Service:
         gateway = gateway or Gateway(config)
         decider = Decider(config, engine, live, embedder, gateway, rewards)
         learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)
-        return cls(settings, config, engine, live, decider, learner)
+        return cls(settings, config, engine, live, decider, learner, blas_limits=blas)
 
     def start(self) -> None:
-        from threadpoolctl import threadpool_limits
-
         s = self.settings
-        # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
-        # (measured 20x slower with 2 threads on a busy 2-core machine), and OpenBLAS's idle
-        # threads spin, taking a core's time from embedding (pipeline_throughput, (b)).
-        threadpool_limits(1, user_api="blas")
         ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
         producer = make_producer(s)
         self.queries = QueryConsumer(
@@ -191,6 +194,8 @@ class Service:
         self.decider.close()
         self.decider.gateway.close()
         self.engine.dispose()
+        if self.blas_limits is not None:
+            self.blas_limits.restore_original_limits()
         log.info("stopped")
 
     def run_forever(self, stop: threading.Event | None = None) -> int:
@@ -199,9 +204,10 @@ class Service:
         stop = stop or stop_on_signals()
         if not stop.is_set():  # a signal during start-up: stop without serving
             self.start()
-        while not stop.wait(0.5):
-            if self.crashed.is_set():
-                break
+        # polled, not waited on: Event.wait holds the event's lock at moments, and the signal
+        # handler that sets it runs on this very thread (it would wait for itself for ever)
+        while not stop.is_set() and not self.crashed.is_set():
+            time.sleep(0.2)
         self.stop()
         return 1 if self.crashed.is_set() or self.checkpoint_failed else 0
 

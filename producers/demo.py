@@ -156,6 +156,12 @@ def schema_name(value: str) -> str:
     return value
 
 
+class Interrupted:
+    """Whether Ctrl-C was pressed (set by the signal handler)."""
+
+    seen = False
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="how many queries (max 320)")
@@ -187,12 +193,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     queries = read_events(DATASET, "queries")[: args.limit]
     labels = read_events(DATASET, "labels")[: args.limit]
-    interrupted = threading.Event()
+    interrupted = Interrupted()
 
     def on_ctrl_c(signum, frame) -> None:
         # remembered, as well as raised: a library may swallow the KeyboardInterrupt where it
-        # lands (kafka-python's network loop catches BaseException), the streaming loop not
-        interrupted.set()
+        # lands (kafka-python's network loop catches BaseException), the streaming loop not.
+        # A plain flag: a handler must not take a lock the main thread may be holding
+        interrupted.seen = True
+        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, on_ctrl_c)
@@ -209,7 +217,7 @@ def run(
     labels: list,
     args,
     out: Path,
-    interrupted: threading.Event,
+    interrupted: Interrupted,
 ) -> None:
     """Start everything on ``stack`` (so it is all stopped on exit or Ctrl-C), then stream."""
     with console.status("starting a local Kafka broker (Tansu)…"):
@@ -272,14 +280,14 @@ def run(
         progress_table(engine, len(queries), started), console=console, refresh_per_second=2
     ) as live:
         while not service.crashed.is_set():
-            if interrupted.is_set():  # Ctrl-C, its KeyboardInterrupt lost on the way
+            if interrupted.seen:  # Ctrl-C, its KeyboardInterrupt lost on the way
                 raise KeyboardInterrupt
             live.update(progress_table(engine, len(queries), started))
             with engine.connect() as conn:
                 labeled = conn.execute(sa.text("SELECT count(label) FROM decisions")).scalar_one()
             if labeled >= len(queries):
                 break
-            interrupted.wait(0.5)
+            time.sleep(0.5)
     console.print(summary(engine))
     png = plot(engine, out / "demo.png")
     console.print(f"plot saved: {png}")

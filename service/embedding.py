@@ -156,6 +156,8 @@ class _Onnx:
         self.max_length = int(st_config.get("max_seq_length", 512))
         self.dim = int(pooling["word_embedding_dimension"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        # its first call sets its truncation state: made here, before threads share it
+        self.tokenizer(["warm-up"], truncation=True, max_length=self.max_length)
         self.pad_id = int(self.tokenizer.pad_token_id or 0)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1  # one core per run; ``threads`` runs side by side

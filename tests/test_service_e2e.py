@@ -145,6 +145,12 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
     assert all(b["arm"] in ARMS and b["status"] == "ok" for b in bodies)
 
 
+def blas_threads() -> int:
+    from threadpoolctl import threadpool_info
+
+    return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
 def metrics_text(service: Service) -> str:
     url = f"http://127.0.0.1:{service.metrics_server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
@@ -180,7 +186,9 @@ def test_redelivered_queries_make_no_new_calls_or_rows(
     send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
 
     CountingReplay.calls = 0
+    blas_before = blas_threads()
     service = build_service(settings, config, embedder)
+    assert blas_threads() == 1  # from build on: restoring the policy replays its BLAS updates
     service.start()
     try:
         wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 60, message="decisions")
@@ -193,6 +201,7 @@ def test_redelivered_queries_make_no_new_calls_or_rows(
     finally:
         service.stop()
     assert CountingReplay.calls == 60
+    assert blas_threads() == blas_before  # given back on stop
 
     # reprocess from offset 20: a new consumer group starts from the beginning of the topic,
     # and the same queries are published again on top

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -70,7 +71,23 @@ def test_threads_change_speed_not_vectors(vectors):
     next batch of queries while the one before still embeds)."""
     one = Embedder(threads=1).embed(TEXTS)
     three = Embedder(threads=3)
+    session = three._impl.session
+    assert session.get_session_options().intra_op_num_threads == 1  # one core per run
+    running, most, lock, run = [0], [0], threading.Lock(), session.run
+
+    def counted(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        try:
+            return run(*args, **kwargs)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    session.run = counted
     assert np.array_equal(three.embed(TEXTS), one)
+    assert most[0] >= 2  # runs side by side
     assert cosines(one, vectors["torch"]).min() > 0.9999  # rows in the right order
     halves = [TEXTS[::2], TEXTS[1::2]]
     with ThreadPoolExecutor(2) as callers:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -63,17 +64,30 @@ def test_the_cache_is_bounded_and_keeps_the_most_recent(embedder):
     assert len(rec.calls) == 5
 
 
-def test_two_threads_share_the_cache(embedder):
-    """The decider embeds a batch while the one before still embeds: overlapping texts from
-    two threads get their own vectors, and every text is counted once per call."""
+def test_a_batch_embedding_while_another_evicts_its_cached_texts(embedder):
+    """The decider embeds a batch while the one before still embeds. A batch whose cached
+    texts are evicted by the other batch while its new texts embed still gets every vector
+    (found before embedding, not looked up again after), and both are counted right."""
     rec = Recording(embedder)
-    cache = VectorCache(rec)
-    batches = [TEXTS[:24], TEXTS[16:40]]
-    with ThreadPoolExecutor(2) as threads:
-        got = list(threads.map(cache.embed, batches))
-    for batch, vectors in zip(batches, got, strict=True):
-        assert np.allclose(vectors, embedder.embed(batch), atol=1e-5)
-    assert cache.hits + cache.misses == 48
-    assert set(cache._ready) == set(TEXTS[:40])
-    assert np.allclose(cache.embed(TEXTS[:40]), embedder.embed(TEXTS[:40]), atol=1e-5)
-    assert cache.hits + cache.misses == 88 and len(rec.calls) == 2  # all cached by then
+    cache = VectorCache(rec, max_cached=8)
+    cache.embed(TEXTS[:4])  # cached: what the first batch will find
+    entered, other_done = threading.Event(), threading.Event()
+    embed = rec.embed
+
+    def slow_for_the_first_batch(texts):
+        if texts == TEXTS[30:32]:  # the first batch's new texts: wait for the other batch
+            entered.set()
+            assert other_done.wait(30)
+        return embed(texts)
+
+    rec.embed = slow_for_the_first_batch
+    first = TEXTS[:4] + TEXTS[30:32]
+    with ThreadPoolExecutor(1) as thread:
+        got = thread.submit(cache.embed, first)
+        assert entered.wait(30)
+        cache.embed(TEXTS[10:20])  # evicts everything cached before it
+        other_done.set()
+        vectors = got.result(30)
+    assert np.allclose(vectors, embedder.embed(first), atol=1e-5)
+    assert (cache.hits, cache.misses) == (4, 4 + 2 + 10)
+    assert len(cache._ready) == 8
