@@ -222,20 +222,15 @@ def run_pipeline(
     endpoint.stats(reset=True)
     service = Service.build(settings, config=config, embedder=embedder)
     started: list[float] = []
-    decide, call_ahead = service.decider.decide, service.decider.call_ahead
-
-    def timed_decide(records):
-        if not started:
-            started.append(time.monotonic())
-        return decide(records)
+    call_ahead = service.decider.call_ahead
 
     def timed_call_ahead(events):
         if events and not started:  # (an empty poll before the group is joined: not yet)
             started.append(time.monotonic())
         return call_ahead(events)
 
-    # the clock starts with the first batch (its calls start when it is polled)
-    service.decider.decide = timed_decide
+    # the clock starts with the first batch: the consumer hands every batch it polls (all
+    # queries here are valid) to call_ahead before deciding it
     service.decider.call_ahead = timed_call_ahead
     service.start()
     try:
