@@ -100,7 +100,7 @@ class ArmConfig(BaseModel):
     api_key_env: str | None = None  # name of the env var holding the key (never the key)
     api: Literal["chat", "completions"] = "chat"  # openai: which endpoint
     constrain: Literal["none", "gbnf", "choice"] = "none"  # openai: server-side answer grammar
-    # openai: the SDK's HTTP transport; aiohttp (its `aiohttp` extra): ~3x httpx's calls/s per CPU
+    # openai: the SDK's HTTP transport; aiohttp (its `aiohttp` extra): 1.6-3x httpx's calls/s
     http_client: Literal["aiohttp", "httpx"] = "aiohttp"
     region: str | None = None  # bedrock
     n_threads: int | None = None  # llamacpp

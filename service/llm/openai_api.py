@@ -41,8 +41,8 @@ class OpenAIProvider:
         self._calibration: dict[tuple[str, tuple[str, ...]], dict[str, float]] = {}
 
     def _http_client(self) -> Any:
-        """The SDK's aiohttp transport (``http_client: aiohttp``, the default: ~3× the calls/s
-        of its httpx one on the same CPU, benchmarks/pipeline_throughput), or None for the
+        """The SDK's aiohttp transport (``http_client: aiohttp``, the default: 1.6–3× the
+        calls/s of its httpx one on the same CPU, benchmarks/pipeline_throughput), or None for the
         SDK's default httpx client."""
         if self.arm.http_client == "httpx":
             return None
