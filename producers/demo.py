@@ -15,7 +15,6 @@ import contextlib
 import logging
 import os
 import re
-import signal
 import threading
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from consumers.kafka_io import ensure_topics, make_producer
-from consumers.runner import Service
+from consumers.runner import Service, stop_on_signals
 from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
 from producers.files import read_events
@@ -156,12 +155,6 @@ def schema_name(value: str) -> str:
     return value
 
 
-class Interrupted:
-    """Whether Ctrl-C was pressed (set by the signal handler)."""
-
-    seen = False
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--limit", type=int, default=200, help="how many queries (max 320)")
@@ -193,20 +186,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     queries = read_events(DATASET, "queries")[: args.limit]
     labels = read_events(DATASET, "labels")[: args.limit]
-    interrupted = Interrupted()
-
-    def on_ctrl_c(signum, frame) -> None:
-        # remembered, as well as raised: a library may swallow the KeyboardInterrupt where it
-        # lands (kafka-python's network loop catches BaseException), the streaming loop not.
-        # A plain flag: a handler must not take a lock the main thread may be holding
-        interrupted.seen = True
-        signal.signal(signal.SIGINT, signal.SIG_DFL)  # a second Ctrl-C ends it at once
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, on_ctrl_c)
+    # Ctrl-C as for `metallm serve`: it sets an event the streaming loop checks (start-up
+    # finishes first; a second Ctrl-C ends the demo at once). A KeyboardInterrupt could land
+    # anywhere, kafka-python's network loop included, which swallows it.
+    stop = stop_on_signals()
     try:
         with contextlib.ExitStack() as stack:
-            run(stack, queries, labels, args, out, interrupted)
+            run(stack, queries, labels, args, out, stop)
     except KeyboardInterrupt:
         console.print("interrupted: everything the demo started has been stopped")
 
@@ -217,7 +203,7 @@ def run(
     labels: list,
     args,
     out: Path,
-    interrupted: Interrupted,
+    stop: threading.Event,
 ) -> None:
     """Start everything on ``stack`` (so it is all stopped on exit or Ctrl-C), then stream."""
     with console.status("starting a local Kafka broker (Tansu)…"):
@@ -280,7 +266,7 @@ def run(
         progress_table(engine, len(queries), started), console=console, refresh_per_second=2
     ) as live:
         while not service.crashed.is_set():
-            if interrupted.seen:  # Ctrl-C, its KeyboardInterrupt lost on the way
+            if stop.is_set():  # Ctrl-C (polled: see main)
                 raise KeyboardInterrupt
             live.update(progress_table(engine, len(queries), started))
             with engine.connect() as conn:
