@@ -15,6 +15,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from consumers.runner import Service
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
+from service.llm.gateway import Gateway
 from service.llm.replay import ReplayProvider
 from service.settings import Settings
 
@@ -147,13 +148,15 @@ class CountingReplay(ReplayProvider):
         return await super().complete(request)
 
 
+def counting_gateway(config: AppConfig) -> Gateway:
+    """The real gateway over the config's replay arms, counting the calls that reach them."""
+    return Gateway(config, {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms})
+
+
 def build_service(settings: Settings, config: AppConfig, embedder) -> Service:
     """The real service, its arms replay arms that count their calls."""
-    from service.llm.gateway import Gateway
-
-    providers = {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms}
     return Service.build(
-        settings, config=config, embedder=embedder, gateway=Gateway(config, providers)
+        settings, config=config, embedder=embedder, gateway=counting_gateway(config)
     )
 
 

@@ -7,20 +7,24 @@ import pytest
 
 from service.events import QueryEvent
 from service.learning import LivePolicy
-from service.llm.gateway import Gateway
 from service.pipeline import Decider, QueryRecord, RewardSettings
-from tests.helpers import ARMS, CountingReplay, demo_rows, replay_config, write_outcomes
+from tests.helpers import (
+    ARMS,
+    CountingReplay,
+    counting_gateway,
+    demo_rows,
+    replay_config,
+    write_outcomes,
+)
 
 pytestmark = pytest.mark.integration
 
 
 def make_decider(engine, embedder, tmp_path, rows) -> Decider:
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
-    providers = {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms}
     live = LivePolicy(engine, "linucb", {"alpha": 1.0})
-    return Decider(
-        config, engine, live, embedder, Gateway(config, providers), RewardSettings(0.1, 0.001)
-    )
+    gateway = counting_gateway(config)
+    return Decider(config, engine, live, embedder, gateway, RewardSettings(0.1, 0.001))
 
 
 def events(rows) -> list[QueryEvent]:
