@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from service.config import AppConfig, ArmConfig
 from service.llm.base import CallRequest, Completion, LLMError, Provider
@@ -117,6 +117,18 @@ class CircuitBreaker:
             self.times_opened += 1
             return True
         return False
+
+
+@dataclass
+class _Latency:
+    """A call's latency: the time since it started, less the time it waited for a free slot
+    (the model's and the network's time, retries and back-off included)."""
+
+    start: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0
+
+    def ms(self) -> float:
+        return (time.perf_counter() - self.start - self.queued) * 1000
 
 
 @dataclass
@@ -216,13 +228,13 @@ class Gateway:
             delay = max(delay, retry_after)
         return min(delay, arm.retry_backoff_max_seconds)
 
-    async def _attempt(self, name: str, request: CallRequest, queued: list[float]) -> Completion:
-        """One request; the time spent waiting for a free slot is added to ``queued[0]``."""
+    async def _attempt(self, name: str, request: CallRequest, latency: _Latency) -> Completion:
+        """One request; the time it waits for a free slot is kept out of ``latency``."""
         arm = self.arms[name]
         arm_slots, slots = self._limits()
         waiting = time.perf_counter()
         async with arm_slots[name], slots:
-            queued[0] += time.perf_counter() - waiting
+            latency.queued += time.perf_counter() - waiting
             if self.breakers[name].state == "open":  # opened while this call was queued
                 raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
@@ -241,7 +253,7 @@ class Gateway:
             finally:
                 self.in_flight -= 1
 
-    async def _call_arm(self, name: str, request: CallRequest, queued: list[float]) -> _ArmOutcome:
+    async def _call_arm(self, name: str, request: CallRequest, latency: _Latency) -> _ArmOutcome:
         """One arm, with retries, behind its circuit breaker."""
         arm = self.arms[name]
         breaker = self.breakers[name]
@@ -252,7 +264,7 @@ class Gateway:
         for retry in range(arm.max_retries + 1):
             attempts += 1
             try:
-                completion = await self._attempt(name, request, queued)
+                completion = await self._attempt(name, request, latency)
             except CircuitOpen as exc:  # not sent: says nothing new about the arm
                 # other calls opened the circuit while this one backed off: keep the real error
                 reason = str(exc) if attempts == 1 else f"{error}; retry refused: {exc}"
@@ -277,9 +289,8 @@ class Gateway:
 
     async def call(self, arm_name: str, request: CallRequest) -> CallResult:
         """Call the chosen arm (falling back if it fails) and parse the answer."""
-        start = time.perf_counter()
-        queued = [0.0]  # seconds waiting for a free slot: not the model's latency
-        outcome = await self._call_arm(arm_name, request, queued)
+        latency = _Latency()
+        outcome = await self._call_arm(arm_name, request, latency)
         answered_by, fallback = arm_name, None
         error = outcome.error
         attempts = outcome.attempts
@@ -294,12 +305,12 @@ class Gateway:
                 f"; falling back to {fallback}" if fallback else "",
             )
             if fallback is not None:
-                second = await self._call_arm(fallback, request, queued)
+                second = await self._call_arm(fallback, request, latency)
                 attempts += second.attempts
                 if second.completion is None:
                     error = f"{outcome.error}; fallback {fallback}: {second.error}"
                 outcome, answered_by = second, fallback
-        latency_ms = (time.perf_counter() - start - queued[0]) * 1000
+        latency_ms = latency.ms()
         completion = outcome.completion
         if completion is None:
             return CallResult(

@@ -265,6 +265,20 @@ def test_in_flight_calls_are_bounded_per_arm_and_overall() -> None:
     assert alone.peak == 4  # the arm's own bound, reached
 
 
+def test_latency_is_the_call_not_its_wait_for_a_free_slot() -> None:
+    """Four calls through one slot: each takes 0.1 s, the last waits 0.3 s for its turn. The
+    recorded latency is the model's time, whatever the queue."""
+    p = Scripted(delay=0.1)
+    gw = Gateway(config({"a": {"max_in_flight": 1}}), {"a": p})
+
+    async def four():
+        return await asyncio.gather(*(gw.call("a", request(f"q{i}")) for i in range(4)))
+
+    latencies = [r.latency_ms for r in run(four())]
+    assert p.peak == 1
+    assert all(95 <= ms < 200 for ms in latencies), latencies
+
+
 def test_many_calls_run_concurrently_not_serially() -> None:
     p = Scripted(delay=0.1)
     gw = Gateway(config({"a": {"max_in_flight": 64}}), {"a": p})
