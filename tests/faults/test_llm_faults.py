@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 COOLDOWN = 1.5
 PER_PHASE = 16
+SHUT_OUT = 8  # queries sent while the dead arm's circuit is held open
 FLAKY = {
     "timeout_seconds": 1.0,
     "max_retries": 1,
@@ -46,7 +47,7 @@ FLAKY = {
 def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
     broker, topics, pg_schema, engine
 ):
-    queries = make_queries(PER_PHASE * 8, prefix="q-llm")
+    queries = make_queries(PER_PHASE * 8 + SHUT_OUT, prefix="q-llm")
     truth = {q.query_id: q for q in queries}
     settings = settings_for(
         broker,
@@ -70,9 +71,9 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
     seconds: dict[str, float] = {}
     sent = 0
 
-    def phase(name: str) -> list[dict]:
+    def phase(name: str, size: int = PER_PHASE) -> list[dict]:
         nonlocal sent
-        batch = queries[sent : sent + PER_PHASE]
+        batch = queries[sent : sent + size]
         sent += len(batch)
         clock = Stopwatch()
         publish(broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in batch])
@@ -121,10 +122,20 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
         recover()
 
         main.kill()  # connection refused, open connections cut
+        breaker = service.decider.gateway.breakers["flaky"]
+        opened = breaker.times_opened
         killed = [d for d in phase("killed") if d["arm"] == "flaky" and d["attempts"] > 1]
         assert killed and all("connection failed" in d["error"] for d in killed)
-        # once the circuit is open, flaky leaves the candidate set: no waiting on a dead arm
-        assert any(d["probabilities"] == {"backup": 1.0} for d in decisions(engine))
+        assert breaker.times_opened > opened
+        # Once the circuit is open, flaky leaves the candidate set: no waiting on a dead arm.
+        # A phase's batches can all be chosen before its first call fails, so this takes the
+        # next queries, with the cool-down held long enough that they are surely chosen while
+        # the circuit is open.
+        breaker.cooldown = 60.0
+        assert breaker.state == "open"
+        shut_out = phase("circuit open", SHUT_OUT)
+        breaker.cooldown = COOLDOWN
+        assert all(d["arm"] == "backup" and d["probabilities"] == {"backup": 1.0} for d in shut_out)
 
         main.start()  # back on the same port
         recover()
