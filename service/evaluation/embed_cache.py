@@ -161,9 +161,10 @@ class CachedEmbedder:
         cls,
         model: str | Path | None = None,
         cache: EmbeddingCache | None = None,
-        batch_size: int = 64,
+        batch_size: int | None = None,
     ) -> CachedEmbedder:
-        """Cache in front of :class:`~service.embedding.Embedder` (``model`` as its argument)."""
+        """Cache in front of :class:`~service.embedding.Embedder` (``model`` and
+        ``batch_size`` as its arguments: by default the backend's own batch size)."""
         from service.embedding import DEFAULT_MODEL_NAME, default_model_path
 
         path = Path(model) if model else default_model_path()

@@ -30,7 +30,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_the_backend_is_a_setting_with_onnx_by_default(monkeypatch):
     assert Settings().embedding_backend == "onnx"
-    assert Settings().embedding_batch_size == 8
+    assert Settings().embedding_batch_size is None  # the backend's own
     monkeypatch.setenv("METALLM_EMBEDDING_BACKEND", "onnx-int8")
     assert Settings().embedding_backend == "onnx-int8"
     monkeypatch.setenv("METALLM_EMBEDDING_BACKEND", "tensorrt")
@@ -54,6 +54,17 @@ def test_int8_stays_close_to_float32_and_says_so_in_its_name(vectors):
     assert np.allclose(np.linalg.norm(vectors["onnx-int8"], axis=1), 1, atol=1e-5)
     assert Embedder(backend="onnx").name == DEFAULT_MODEL_NAME
     assert Embedder(backend="onnx-int8").name == f"{DEFAULT_MODEL_NAME} (int8)"
+
+
+def test_each_backend_has_its_own_default_batch_size(monkeypatch):
+    """PyTorch splits a batch over every core; the ONNX backends run a batch on one core,
+    which is cheaper per text in smaller batches (benchmarks/README.md, fifth pass)."""
+    assert Embedder(backend="torch").batch_size == 8
+    assert Embedder(backend="onnx").batch_size == 4
+    assert Embedder(backend="onnx-int8").batch_size == 4
+    assert Embedder(backend="onnx", batch_size=16).batch_size == 16
+    monkeypatch.setenv("METALLM_EMBEDDING_BATCH_SIZE", "6")
+    assert Embedder.from_settings(Settings()).batch_size == 6
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
