@@ -13,6 +13,7 @@ log-probabilities and each answer is scored by the most likely listed token that
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any
 
 from service.config import ArmConfig
@@ -31,6 +32,16 @@ from service.llm.scoring import calibrated, first_token_scores, pick
 from service.tasks import Prompt
 
 TOP_LOGPROBS = 20  # the most OpenAI returns
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """What is read of a completion: its text, first-token log-probabilities (score mode)
+    and (input, output) tokens."""
+
+    text: str
+    top_logprobs: list[tuple[str, float]]
+    tokens: tuple[int, int]
 
 
 class OpenAIProvider:
@@ -72,15 +83,19 @@ class OpenAIProvider:
         return None
 
     async def _create(
-        self, text: str, extra_body: dict[str, Any] | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
+        self,
+        text: str,
+        extra_body: dict[str, Any] | None = None,
+        read_logprobs: bool = False,
+        **kwargs: Any,
+    ) -> _Reply:
         """POST the request through the SDK's client (its retries-off transport, auth and
-        errors) with a plain JSON body, and return the response's JSON object.
+        errors) with a plain JSON body, and read the reply from the response's JSON.
 
         Two SDK steps are skipped, both pure CPU (py-spy, benchmarks/pipeline_throughput):
         ``completions.create``'s generic parameter transform, a no-op for these few plain
         values, and building the typed response model, of which only a few fields are read
-        (``cast_to=bytes``: the SDK's documented way to make a request it has no method for)."""
+        (``cast_to=bytes``, one of the raw types the SDK's ``post`` returns as they are)."""
         body: dict[str, Any] = {"model": self.arm.model, "temperature": 0.0, **kwargs}
         if self.arm.api == "chat":
             body["messages"] = [{"role": "user", "content": text}]
@@ -93,51 +108,47 @@ class OpenAIProvider:
             raw = await self.client.post(path, body=body, cast_to=bytes)
         except self.sdk.OpenAIError as exc:
             raise sdk_error(exc, self.sdk, "openai", self._secrets) from None
-        return self._response(raw)
-
-    def _response(self, raw: bytes) -> dict[str, Any]:
-        """The completion object of a response body, or an :class:`LLMError` showing (the
-        start of) what came instead. Not retried: the server answered."""
         try:
-            data = json.loads(raw)
-        except ValueError:
-            data = None
-        choices = data.get("choices") if isinstance(data, dict) else None
-        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
-            shown = redact(raw[:200].decode("utf-8", "replace"), self._secrets)
-            raise LLMError(f"openai: the response is not a completion: {shown!r}")
-        return data
+            return self._reply(json.loads(raw), read_logprobs)
+        except (ValueError, LookupError, TypeError, AttributeError):
+            # not JSON, or not a completion: show (the start of) what came; not retried, the
+            # server answered. Redacted before it is cut, so no part of a key survives
+            shown = (redact(raw.decode("utf-8", "replace"), self._secrets) or "")[:200]
+            raise LLMError(f"openai: the response is not a completion: {shown!r}") from None
 
-    @staticmethod
-    def _usage(response: dict[str, Any]) -> tuple[int, int]:
-        usage = response.get("usage") or {}
-        return int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0)
-
-    def _text(self, response: dict[str, Any]) -> str:
+    def _reply(self, response: dict[str, Any], read_logprobs: bool) -> _Reply:
+        """The answer, token counts and (if asked for) first-token log-probabilities of a
+        completion object; a missing usage counts no tokens, a null content is no answer."""
         choice = response["choices"][0]
         if self.arm.api == "chat":
-            return (choice.get("message") or {}).get("content") or ""
-        return choice.get("text") or ""
+            text = (choice.get("message") or {}).get("content") or ""
+        else:
+            text = choice.get("text") or ""
+        usage = response.get("usage") or {}
+        tokens = (int(usage.get("prompt_tokens") or 0), int(usage.get("completion_tokens") or 0))
+        return _Reply(str(text), self._top_logprobs(choice) if read_logprobs else [], tokens)
 
-    def _top_logprobs(self, response: dict[str, Any]) -> list[tuple[str, float]]:
-        logprobs = response["choices"][0].get("logprobs")
-        if not logprobs:
+    def _top_logprobs(self, choice: dict[str, Any]) -> list[tuple[str, float]]:
+        found = choice.get("logprobs")
+        if not found:
             return []
         if self.arm.api == "chat":
-            content = logprobs.get("content") or []
+            content = found.get("content") or []
             if not content:
                 return []
-            return [(t["token"], t["logprob"]) for t in content[0].get("top_logprobs") or []]
-        tops = logprobs.get("top_logprobs") or []
-        return list(tops[0].items()) if tops and tops[0] else []
+            tops = content[0].get("top_logprobs") or []
+            return [(str(t["token"]), float(t["logprob"])) for t in tops]
+        tops = found.get("top_logprobs") or []
+        first = tops[0] if tops else None
+        return [(str(token), float(lp)) for token, lp in (first or {}).items()]
 
     async def _first_token(self, text: str) -> tuple[list[tuple[str, float]], tuple[int, int]]:
         if self.arm.api == "chat":
             kwargs = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
         else:
             kwargs = {"logprobs": TOP_LOGPROBS}
-        response = await self._create(text, max_tokens=1, **kwargs)
-        return self._top_logprobs(response), self._usage(response)
+        reply = await self._create(text, read_logprobs=True, max_tokens=1, **kwargs)
+        return reply.top_logprobs, reply.tokens
 
     async def _score(self, prompt: Prompt) -> Completion:
         top, (tokens_in, tokens_out) = await self._first_token(prompt.text)
@@ -162,13 +173,12 @@ class OpenAIProvider:
         if self.arm.answer_mode == "score":
             return await self._score(prompt)
         constraint = self._constraint(prompt)
-        response = await self._create(
+        reply = await self._create(
             prompt.text,
             max_tokens=self.arm.max_output_tokens,
             **({"extra_body": constraint} if constraint else {}),
         )
-        tokens_in, tokens_out = self._usage(response)
-        return Completion(self._text(response).strip(), tokens_in, tokens_out)
+        return Completion(reply.text.strip(), *reply.tokens)
 
     async def aclose(self) -> None:
         """Close the HTTP pool, on the event loop that used it."""

@@ -76,7 +76,50 @@ def test_a_completion_gives_the_label_tokens_and_cost(monkeypatch):
     assert result.cost_usd == pytest.approx((40 * 1.0 + 2 * 2.0) / 1e6)
     assert sent.path == "/v1/chat/completions"
     assert sent.headers["authorization"] == f"Bearer {KEY}"
-    assert sent.body["messages"][0]["content"].startswith(TASK.instruction or "")
+    assert (sent.body["model"], sent.body["temperature"]) == ("m", 0.0)
+    assert "A fine film." in sent.body["messages"][0]["content"]
+
+
+def test_the_completions_api_reads_the_choice_text(monkeypatch):
+    body = {"choices": [{"index": 0, "text": " negative"}], "usage": {"prompt_tokens": 30}}
+    reply = (200, {"content-type": "application/json"}, body)
+    result, (sent,) = call(reply, monkeypatch, api="completions")
+    assert (result.status, result.prediction) == ("ok", "negative")
+    assert (result.input_tokens, result.output_tokens) == (30, 0)
+    assert sent.path == "/v1/completions" and "A fine film." in sent.body["prompt"]
+
+
+def test_score_mode_reads_first_token_logprobs_of_both_apis(monkeypatch):
+    chat = completion("Neg", {"prompt_tokens": 40, "completion_tokens": 1})
+    chat["choices"][0]["logprobs"] = {
+        "content": [
+            {
+                "token": "Neg",
+                "logprob": -0.2,
+                "top_logprobs": [
+                    {"token": "Neg", "logprob": -0.2},
+                    {"token": " positive", "logprob": -1.9},
+                ],
+            }
+        ]
+    }
+    reply = (200, {"content-type": "application/json"}, chat)
+    result, (sent,) = call(reply, monkeypatch, answer_mode="score")
+    assert (result.status, result.prediction) == ("ok", "negative")
+    assert (sent.body["logprobs"], sent.body["top_logprobs"], sent.body["max_tokens"]) == (
+        True,
+        20,
+        1,
+    )
+
+    text = {
+        "choices": [{"text": " pos", "logprobs": {"top_logprobs": [{" pos": -0.1, " neg": -2.4}]}}],
+        "usage": {"prompt_tokens": 40, "completion_tokens": 1},
+    }
+    reply = (200, {"content-type": "application/json"}, text)
+    result, (sent,) = call(reply, monkeypatch, api="completions", answer_mode="score")
+    assert (result.status, result.prediction) == ("ok", "positive")
+    assert sent.body["logprobs"] == 20
 
 
 def test_no_usage_costs_nothing_and_null_content_is_a_parse_error(monkeypatch):
@@ -92,6 +135,8 @@ def test_no_usage_costs_nothing_and_null_content_is_a_parse_error(monkeypatch):
         {"error": "no choices here"},
         {"choices": []},
         [1, 2, 3],
+        {"choices": [{"message": "Positive"}]},
+        {"choices": [{"message": {"content": "Positive"}}], "usage": {"prompt_tokens": "x"}},
     ],
 )
 def test_a_body_that_is_not_a_completion_fails_the_call_once(monkeypatch, body):
@@ -101,7 +146,8 @@ def test_a_body_that_is_not_a_completion_fails_the_call_once(monkeypatch, body):
     assert (result.attempts, len(sent)) == (1, 1)  # the server answered: not retried
 
 
-def test_a_body_echoing_the_key_is_shown_redacted(monkeypatch):
-    body = f'{{"detail": "bad request from {KEY}"}}'.encode()
+@pytest.mark.parametrize("before", [10, 180])  # the key whole in what is shown, or cut by it
+def test_a_body_echoing_the_key_is_shown_redacted(monkeypatch, before):
+    body = f'{{"detail": "{"x" * before} {KEY} was refused"}}'.encode()
     result, _ = call((200, {"content-type": "application/json"}, body), monkeypatch)
-    assert KEY not in result.error and "***" in result.error
+    assert KEY[:8] not in result.error and "***" in result.error
