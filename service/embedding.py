@@ -76,7 +76,7 @@ class Embedder:
         # int8 vectors differ slightly from float32 ones: stored decisions say which they saw
         self.name = f"{name} (int8)" if backend == "onnx-int8" else name
         self.backend = backend
-        self.batch_size = batch_size or DEFAULT_BATCH_SIZES[backend]
+        self.batch_size = DEFAULT_BATCH_SIZES[backend] if batch_size is None else batch_size
         # onnx backends: batches embedded at once, one core each; torch: PyTorch's own threads
         self.threads: int | None = None
         if backend == "torch":

@@ -135,6 +135,7 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
         assert breaker.state == "open"
         shut_out = phase("circuit open", SHUT_OUT)
         breaker.cooldown = COOLDOWN
+        assert len(shut_out) == SHUT_OUT
         assert all(d["arm"] == "backup" and d["probabilities"] == {"backup": 1.0} for d in shut_out)
 
         main.start()  # back on the same port
