@@ -86,11 +86,11 @@ class OpenAIProvider:
         self,
         text: str,
         extra_body: dict[str, Any] | None = None,
-        read_logprobs: bool = False,
         **kwargs: Any,
     ) -> _Reply:
         """POST the request through the SDK's client (its retries-off transport, auth and
-        errors) with a plain JSON body, and read the reply from the response's JSON.
+        errors) with a plain JSON body, and read the reply from the response's JSON (its
+        first-token log-probabilities too when the request asks for them).
 
         Two SDK steps are skipped, both pure CPU (py-spy, benchmarks/pipeline_throughput):
         ``completions.create``'s generic parameter transform, a no-op for these few plain
@@ -109,7 +109,7 @@ class OpenAIProvider:
         except self.sdk.OpenAIError as exc:
             raise sdk_error(exc, self.sdk, "openai", self._secrets) from None
         try:
-            return self._reply(json.loads(raw), read_logprobs)
+            return self._reply(json.loads(raw), "logprobs" in body)
         except (ValueError, LookupError, TypeError, AttributeError):
             # not JSON, or not a completion: show (the start of) what came; not retried, the
             # server answered. Redacted before it is cut, so no part of a key survives
@@ -147,7 +147,7 @@ class OpenAIProvider:
             kwargs = {"logprobs": True, "top_logprobs": TOP_LOGPROBS}
         else:
             kwargs = {"logprobs": TOP_LOGPROBS}
-        reply = await self._create(text, read_logprobs=True, max_tokens=1, **kwargs)
+        reply = await self._create(text, max_tokens=1, **kwargs)
         return reply.top_logprobs, reply.tokens
 
     async def _score(self, prompt: Prompt) -> Completion:
