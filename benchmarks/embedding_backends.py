@@ -11,6 +11,12 @@ For each backend of :class:`service.embedding.Embedder` (``torch``, ``onnx``, ``
   often the arm chosen differs from the one chosen with ``torch`` embeddings (same seed).
 
     .venv/bin/python benchmarks/embedding_backends.py            # ~2 minutes
+    .venv/bin/python benchmarks/embedding_backends.py --batch-sizes 4,8,64   # ~3 minutes
+
+``--batch-sizes`` measures only speed: texts/s of each backend at each ``batch_size`` (texts
+embedded per model run) on 640 texts, ``--call-size`` texts per ``embed`` call (64, a poll
+batch of the service; 640 for the offline tools, which embed whole lists), interleaved,
+median of the rounds; ``*`` marks the backend's default (``DEFAULT_BATCH_SIZES``).
 """
 
 from __future__ import annotations
@@ -35,8 +41,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes: speed only")
+    parser.add_argument("--call-size", type=int, default=BATCH, help="with --batch-sizes")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.batch_sizes:
+        sizes = [int(b) for b in args.batch_sizes.split(",")]
+        return batch_size_speed(sizes, args.call_size, args.rounds)
 
     from service.embedding import BACKENDS, Embedder
     from service.outcomes import read_outcomes
@@ -92,6 +103,38 @@ def main() -> int:
             f"{np.mean(rewards):>9.4f} ± {np.std(rewards):.4f} {np.mean(differ):>10.1%}"
         )
     print(f"  speed runs: { {b: [round(r) for r in v] for b, v in rates.items()} }")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+def batch_size_speed(sizes: list[int], call_size: int, rounds: int) -> int:
+    """Texts/s of every backend at every batch size, interleaved, ``call_size`` texts per
+    call (the ONNX backends spread a call's runs over their threads)."""
+    from producers.demo_data import demo_rows
+    from service.embedding import BACKENDS, DEFAULT_BATCH_SIZES, Embedder
+
+    rows = demo_rows()
+    texts = [f"{rows[i % len(rows)]['text']} ({i})" for i in range(640)]  # each text unique
+    embedders = {(b, n): Embedder(backend=b, batch_size=n) for b in BACKENDS for n in sizes}
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"cores: {os.cpu_count()}; texts per call: {call_size}; load: {load}")
+    for e in embedders.values():
+        e.embed(texts[:BATCH])  # warm-up
+    rates: dict[tuple[str, int], list[float]] = {key: [] for key in embedders}
+    for _ in range(rounds):
+        for key, e in embedders.items():
+            start = time.perf_counter()
+            for i in range(0, len(texts), call_size):
+                e.embed(texts[i : i + call_size])
+            rates[key].append(len(texts) / (time.perf_counter() - start))
+    print(f"\n{'backend':<10} " + " ".join(f"{n:>9}" for n in sizes) + "   (texts/s)")
+    for b in BACKENDS:
+        cells = [
+            f"{statistics.median(rates[b, n]):>8.0f}{'*' if n == DEFAULT_BATCH_SIZES[b] else ' '}"
+            for n in sizes
+        ]
+        print(f"{b:<10} " + " ".join(cells))
+    print(f"  runs: { {f'{b}@{n}': [round(r) for r in v] for (b, n), v in rates.items()} }")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -24,6 +24,7 @@ completions with the first allowed label of the prompt, with real usage counts.
 
     .venv/bin/python benchmarks/pipeline_throughput.py              # ~2-3 minutes
     .venv/bin/python benchmarks/pipeline_throughput.py --quick      # smaller, ~1 minute
+    .venv/bin/python benchmarks/pipeline_throughput.py --gateway --repeats 5   # ~1 minute
     .venv/bin/python benchmarks/pipeline_throughput.py --backend onnx-int8
 
 Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
@@ -269,9 +270,12 @@ def run_pipeline(
     }
 
 
-def gateway_rate(endpoint: Endpoint, n: int, in_flight: int, http_client: str = "aiohttp") -> float:
+def gateway_rate(
+    endpoint: Endpoint, n: int, in_flight: int, http_client: str = "aiohttp"
+) -> tuple[float, float]:
     """Calls/s through the Gateway alone (no Kafka, embedding or Postgres), the OpenAI SDK on
-    its ``http_client`` transport."""
+    its ``http_client`` transport, and this process's CPU µs per call (the endpoint runs in
+    its own process; nothing else of this one is busy meanwhile)."""
     from service.config import TaskConfig, parse_config
     from service.llm.base import CallRequest
     from service.llm.gateway import Gateway
@@ -296,15 +300,41 @@ def gateway_rate(endpoint: Endpoint, n: int, in_flight: int, http_client: str = 
         CallRequest(r["query_id"], build_prompt(task, r["text"], task.labels)) for r in rows(n)
     ]
 
-    async def run() -> float:
+    async def run() -> tuple[float, float]:
         gateway = Gateway(config)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(gateway.call("a", r) for r in requests))
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         await gateway.aclose()
-        return n / elapsed
+        return n / elapsed, cpu / n * 1e6
 
     return asyncio.run(run())
+
+
+def print_gateway(transports: dict[str, list[tuple[float, float]]]) -> None:
+    """The gateway alone, 64 in flight, on each of the OpenAI SDK's transports."""
+    print("  the gateway alone, 64 in flight, by the OpenAI SDK's transport:")
+    for name, runs in transports.items():
+        print(f"  {name:<8} calls/s {median_of([r for r, _ in runs])}")
+        print(f"  {'':<8} CPU µs/call {median_of([c for _, c in runs])}")
+    rates = [statistics.median(r for r, _ in runs) for runs in transports.values()]
+    print(f"  aiohttp/httpx  {rates[0] / rates[1]:8.2f}×")
+
+
+def gateway_only(repeats: int, n: int) -> None:
+    """``--gateway``: only the gateway alone against the instant endpoint (no broker, no
+    embedding, no Postgres), e.g. to compare the adapter's CPU per call between commits."""
+    instant = Endpoint(0.0)
+    try:
+        transports: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpx": []}
+        gateway_rate(instant, 64, 64)  # warm-up: imports, first connections
+        for _ in range(repeats):
+            for name, runs in transports.items():
+                runs.append(gateway_rate(instant, n, 64, name))
+        print_gateway(transports)
+        print(f"\nload average at the end: {load()}")
+    finally:
+        instant.close()
 
 
 def embedding_rate(embedder, n: int) -> float:
@@ -327,6 +357,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--serve", nargs=2, metavar=("PORT", "DELAY"), help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer queries and repeats")
+    parser.add_argument(
+        "--gateway", action="store_true", help="only the gateway alone (calls/s, CPU per call)"
+    )
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument(
         "--backend",
@@ -342,6 +375,10 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     repeats = args.repeats or (2 if args.quick else 3)
+    if args.gateway:
+        print(f"cores: {os.cpu_count()}; repeats: {repeats}; load: {load()}")
+        gateway_only(repeats, 1280 if args.quick else 3000)
+        return 0
     n_concurrent, n_serial, n_instant = (640, 20, 640) if args.quick else (1280, 30, 1280)
     database_url = os.environ.get(
         "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -364,8 +401,8 @@ def main() -> int:
         try:
             concurrent, serial, peaks, gw_many, gw_one = [], [], [], [], []
             for _ in range(repeats):  # interleaved, so both see the same machine noise
-                gw_many.append(gateway_rate(slow, 640, 64))
-                gw_one.append(gateway_rate(slow, 15, 1))
+                gw_many.append(gateway_rate(slow, 640, 64)[0])
+                gw_one.append(gateway_rate(slow, 15, 1)[0])
                 result = run_pipeline(
                     broker.bootstrap, database_url, embedder, slow, n_concurrent, 64
                 )
@@ -385,10 +422,11 @@ def main() -> int:
             ratio = statistics.median(gw_many) / statistics.median(gw_one)
             print(f"  speed-up       {ratio:8.1f}×")
 
-            e2e, raw, statuses, aio, httpx = [], [], {}, [], []
+            e2e, raw, statuses = [], [], {}
+            transports: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpx": []}
             for _ in range(repeats):
-                aio.append(gateway_rate(instant, n_instant, 64, "aiohttp"))
-                httpx.append(gateway_rate(instant, n_instant, 64, "httpx"))
+                for name, runs in transports.items():
+                    runs.append(gateway_rate(instant, n_instant, 64, name))
                 raw.append(embedding_rate(embedder, n_instant))
                 result = run_pipeline(
                     broker.bootstrap, database_url, embedder, instant, n_instant, 64
@@ -401,11 +439,7 @@ def main() -> int:
             ratio = statistics.median(e2e) / statistics.median(raw)
             print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
             print(f"  statuses of the last run: {statuses}")
-            print("  the gateway alone, 64 in flight, by the OpenAI SDK's transport: calls/s")
-            print(f"  aiohttp        {median_of(aio)}")
-            print(f"  httpx          {median_of(httpx)}")
-            ratio = statistics.median(aio) / statistics.median(httpx)
-            print(f"  aiohttp/httpx  {ratio:8.2f}×")
+            print_gateway(transports)
             print(f"\nload average at the end: {load()}")
         finally:
             slow.close()

@@ -14,8 +14,8 @@ Texts are embedded in small batches of similar length (``batch_size``): the mode
 batch × longest text, so one batch of 64 mixed texts pays for padding ~5× more tokens than it
 embeds on the demo queries. The default is the backend's own (:data:`DEFAULT_BATCH_SIZES`):
 8 for PyTorch, which splits each batch over every core; 4 for the ONNX backends, whose
-one-core runs are ~10 % cheaper per text at 4 than at 8 (float32: the layers' activations
-stay in a core's cache; benchmarks/README.md, fifth pass).
+one-core runs are ~10 % faster at 4 than at 8 on a poll batch of 64 (the layers' activations
+stay in a core's cache: ``benchmarks/embedding_backends.py --batch-sizes 4,8``).
 
 The ONNX backends run those small batches side by side on ``threads`` threads (default: every
 core this process may use), each batch on one core, longest first. Runs of a model split over
