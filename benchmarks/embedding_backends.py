@@ -37,6 +37,11 @@ import numpy as np  # noqa: E402
 BATCH = 64
 
 
+def load() -> str:
+    """The load average (1, 5, 15 min): other processes on the cores skew every figure."""
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -61,7 +66,7 @@ def main() -> int:
     texts = (demo * 2)[:640]
     records = read_outcomes(ROOT / "tests" / "policy" / "data" / "gsm8k_outcomes.jsonl")
     embedders = {b: Embedder(backend=b) for b in BACKENDS}
-    print(f"cores: {os.cpu_count()}; load: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"cores: {os.cpu_count()}; load: {load()}")
 
     rates: dict[str, list[float]] = {b: [] for b in BACKENDS}
     for e in embedders.values():
@@ -103,7 +108,7 @@ def main() -> int:
             f"{np.mean(rewards):>9.4f} ± {np.std(rewards):.4f} {np.mean(differ):>10.1%}"
         )
     print(f"  speed runs: { {b: [round(r) for r in v] for b, v in rates.items()} }")
-    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"load average at the end: {load()}")
     return 0
 
 
@@ -116,8 +121,7 @@ def batch_size_speed(sizes: list[int], call_size: int, rounds: int) -> int:
     rows = demo_rows()
     texts = [f"{rows[i % len(rows)]['text']} ({i})" for i in range(640)]  # each text unique
     embedders = {(b, n): Embedder(backend=b, batch_size=n) for b in BACKENDS for n in sizes}
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    print(f"cores: {os.cpu_count()}; texts per call: {call_size}; load: {load}")
+    print(f"cores: {os.cpu_count()}; texts per call: {call_size}; load: {load()}")
     for e in embedders.values():
         e.embed(texts[:BATCH])  # warm-up
     rates: dict[tuple[str, int], list[float]] = {key: [] for key in embedders}
@@ -135,7 +139,7 @@ def batch_size_speed(sizes: list[int], call_size: int, rounds: int) -> int:
         ]
         print(f"{b:<10} " + " ".join(cells))
     print(f"  runs: { {f'{b}@{n}': [round(r) for r in v] for (b, n), v in rates.items()} }")
-    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    print(f"load average at the end: {load()}")
     return 0
 
 
