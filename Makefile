@@ -61,6 +61,7 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/policy_speed.py
 	$(BIN)/python benchmarks/embedding_backends.py
+	$(BIN)/python benchmarks/storage_writes.py
 	$(BIN)/python benchmarks/pipeline_throughput.py
 	$(BIN)/python benchmarks/faults_report.py
 	$(BIN)/python benchmarks/evaluation_gsm8k.py

@@ -6,13 +6,16 @@ Postgres schema (through ``search_path``), which is how tests keep to themselves
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -143,29 +146,88 @@ class LabelOutcome:
     applied: AppliedReward | None = None
 
 
+def _one_of(column: sa.ColumnElement[str], values: Iterable[str]) -> sa.ColumnElement[bool]:
+    """``column = ANY(%s)``, the values bound as one text array: the same statement for any
+    number of values. ``IN`` binds a parameter each, and psycopg parses a statement of over 50
+    parameters afresh on every call."""
+    return column == sa.any_(sa.literal(list(values), postgresql.ARRAY(sa.Text)))
+
+
 def existing_query_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
     ids = list(set(query_ids))
     if not ids:
         return set()
     rows = conn.execute(
-        sa.select(decisions.c.query_id).where(decisions.c.query_id.in_(ids))
+        sa.select(decisions.c.query_id).where(_one_of(decisions.c.query_id, ids))
     ).scalars()
     return set(rows)
 
 
 def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert decision rows; a query already decided is left alone. Returns the ids inserted."""
+    """Insert decision rows; a query already decided is left alone. Returns the ids inserted.
+
+    Every row has the columns of the first (the others take their defaults). Sent as one short
+    INSERT per row, pipelined by psycopg's ``executemany`` (one round trip a batch, prepared by
+    the server after a few batches). SQLAlchemy's multi-row INSERT bound ~30 parameters a row,
+    and psycopg parses a statement of over 50 parameters afresh on every call: half the CPU
+    per batch went to that, client and server (``benchmarks/storage_writes.py``)."""
     if not rows:
         return set()
-    # executemany: one compiled (cached) statement, sent as multi-row batches by SQLAlchemy's
-    # "insertmanyvalues"; a .values(rows) statement was compiled afresh for every batch (a
-    # fifth of the time stored batches held the GIL, in py-spy profiles of the benchmark)
-    stmt = (
-        postgresql.insert(decisions)
-        .on_conflict_do_nothing(index_elements=["query_id"])
-        .returning(decisions.c.query_id)
+    columns = tuple(rows[0])
+    sql = _insert_decision_sql(columns)
+    params = [[_driver_value(name, row[name]) for name in columns] for row in rows]
+    inserted: set[str] = set()
+    with _as_sqlalchemy_errors(conn, sql), conn.connection.dbapi_connection.cursor() as cursor:
+        cursor.executemany(sql, params, returning=True)  # in this connection's transaction
+        while True:  # one result per row: empty where the query was decided already
+            inserted.update(query_id for (query_id,) in cursor.fetchall())
+            if not cursor.nextset():
+                return inserted
+
+
+@contextmanager
+def _as_sqlalchemy_errors(conn: Connection, statement: str) -> Iterator[None]:
+    """Driver errors raised as SQLAlchemy raises them for its own statements (wrapped, the
+    connection invalidated when it was lost), so callers tell an unreachable Postgres from a
+    bad row the same way for every statement."""
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        yield
+    except dbapi.Error as exc:
+        lost = conn.dialect.is_disconnect(exc, conn.connection.dbapi_connection, None)
+        if lost:
+            conn.invalidate(exc)
+        raise sa.exc.DBAPIError.instance(
+            statement,
+            None,
+            exc,
+            dbapi.Error,
+            hide_parameters=True,
+            connection_invalidated=lost,
+            dialect=conn.dialect,
+        ) from exc
+
+
+@functools.cache
+def _insert_decision_sql(columns: tuple[str, ...]) -> str:
+    unknown = [name for name in columns if name not in decisions.c]
+    if unknown:
+        raise KeyError(f"decisions has no column {', '.join(unknown)}")
+    quote = postgresql.dialect().identifier_preparer.quote
+    return (
+        f"INSERT INTO decisions ({', '.join(quote(name) for name in columns)}) "
+        f"VALUES ({', '.join(['%s'] * len(columns))}) "
+        "ON CONFLICT (query_id) DO NOTHING RETURNING query_id"
     )
-    return set(conn.execute(stmt, list(rows)).scalars())
+
+
+def _driver_value(name: str, value: Any) -> Any:
+    """A row's value as psycopg takes it, as SQLAlchemy would send it: JSONB columns as JSON
+    (``None`` as JSON null, unless the column stores it as SQL NULL); the rest as they are."""
+    kind = decisions.c[name].type
+    if isinstance(kind, postgresql.JSONB):
+        return None if value is None and kind.none_as_null else Jsonb(value)
+    return value
 
 
 def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
@@ -175,7 +237,7 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict
         return []
     stmt = (
         sa.delete(pending_labels)
-        .where(pending_labels.c.query_id.in_(ids))
+        .where(_one_of(pending_labels.c.query_id, ids))
         .returning(
             pending_labels.c.query_id,
             pending_labels.c.label,
@@ -418,7 +480,7 @@ def decision_costs(
         decisions.c.decision_seq
     )
     if query_ids is not None:
-        stmt = stmt.where(decisions.c.query_id.in_(list(query_ids)))
+        stmt = stmt.where(_one_of(decisions.c.query_id, query_ids))
     if after is not None:
         stmt = stmt.where(decisions.c.decision_seq > after)
     return [(int(seq), float(cost)) for seq, cost in conn.execute(stmt)]
@@ -508,6 +570,6 @@ def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str
     ]
     found = {
         r.query_id: dict(r._mapping)
-        for r in conn.execute(sa.select(*cols).where(decisions.c.query_id.in_(ids)))
+        for r in conn.execute(sa.select(*cols).where(_one_of(decisions.c.query_id, ids)))
     }
     return [found[q] for q in ids if q in found]
