@@ -91,14 +91,31 @@ class Service:
         embedder: Embedder | None = None,
         gateway: Gateway | None = None,
     ) -> Service:
+        config = config or load_config(settings.config)
+        engine = make_engine(settings.database_url, settings.database_schema)  # connects lazily
         # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
         # (measured 20x slower with 2 threads on a busy 2-core machine), and OpenBLAS's idle
         # threads spin, taking a core's time from embedding (pipeline_throughput, (b)). From
         # here, so that restoring the policy replays rewards as the live service applies them;
         # undone by stop().
         blas = threadpool_limits(1, user_api="blas")
-        config = config or load_config(settings.config)
-        engine = make_engine(settings.database_url, settings.database_schema)
+        try:
+            return cls._assemble(settings, config, engine, embedder, gateway, blas)
+        except BaseException:  # not built (no schema, Postgres down…): leave nothing behind
+            engine.dispose()
+            blas.restore_original_limits()
+            raise
+
+    @classmethod
+    def _assemble(
+        cls,
+        settings: Settings,
+        config: AppConfig,
+        engine: Engine,
+        embedder: Embedder | None,
+        gateway: Gateway | None,
+        blas: threadpool_limits,
+    ) -> Service:
         check_schema(engine)
         commits_are_durable(engine)
         budget = None

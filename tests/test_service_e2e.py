@@ -5,13 +5,16 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 import sqlalchemy as sa
+from threadpoolctl import threadpool_limits
 
 from consumers.kafka_io import ensure_topics
-from consumers.runner import Service
+from consumers.runner import SchemaMissing, Service
 from service import storage
+from service.settings import Settings
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
     ARMS,
@@ -149,6 +152,29 @@ def blas_threads() -> int:
     from threadpoolctl import threadpool_info
 
     return max(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+
+
+def test_a_build_that_fails_leaves_blas_and_postgres_as_they_were(tmp_path, embedder):
+    """No schema yet: build says to migrate, and gives back the BLAS threads it pinned and
+    the connection it checked the schema on."""
+    name = f"metallm-build-{uuid.uuid4().hex[:8]}"
+    settings = Settings(
+        database_url=f"{DATABASE_URL}?application_name={name}",
+        database_schema=f"t_missing_{uuid.uuid4().hex[:8]}",
+    )
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
+    watch = storage.make_engine(DATABASE_URL)
+    with threadpool_limits(2, user_api="blas"):
+        with pytest.raises(SchemaMissing, match="metallm migrate"):
+            Service.build(settings, config=config, embedder=embedder)
+        assert blas_threads() == 2
+    with watch.connect() as conn:
+        open_connections = conn.execute(
+            sa.text("SELECT count(*) FROM pg_stat_activity WHERE application_name = :n"),
+            {"n": name},
+        ).scalar_one()
+    watch.dispose()
+    assert open_connections == 0
 
 
 def metrics_text(service: Service) -> str:
