@@ -40,7 +40,7 @@ from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
 
-MAX_STARTED = 10_000  # calls kept for queries not stored yet (ahead, or their batch failed)
+MAX_STARTED = 20_000  # calls kept for queries not stored yet (ahead, or their batch failed)
 CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
 EMBED_WORKERS = 2  # batches embedded (and chosen for) at once: see Decider.__init__
 
@@ -249,9 +249,11 @@ class Decider:
         ]
 
     def _start(self, events: list[QueryEvent], skip_decided: bool) -> None:
-        job = asyncio.run_coroutine_threadsafe(
-            self._embed_choose_call(events, skip_decided), self._loop
-        )
+        # embedding starts now on a worker thread, and the calls follow on the loop. Started
+        # from the loop, it waited for the loop, busy sending the batch before's calls, with the
+        # embedder idle meanwhile (up to ~60 ms a batch, benchmarks/pipeline_throughput (a))
+        chosen = self._worker.submit(self._embed_and_choose, events, skip_decided)
+        job = asyncio.run_coroutine_threadsafe(self._call_chosen(events, chosen), self._loop)
         for row, event in enumerate(events):
             self._started.pop(event.query_id, None)
             self._started[event.query_id] = _Pending(event, job, row)
@@ -285,13 +287,13 @@ class Decider:
             raise RuntimeError(f"no call for {len(missing)} queries (batch too large?)")
         return [called[e.query_id] for e in events]
 
-    async def _embed_choose_call(
-        self, events: list[QueryEvent], skip_decided: bool
+    async def _call_chosen(
+        self,
+        events: list[QueryEvent],
+        embedded: Future[list[tuple[int, Choice, np.ndarray, CallRequest]]],
     ) -> list[Called | BaseException | None]:
-        loop = asyncio.get_running_loop()
-        chosen = await loop.run_in_executor(
-            self._worker, self._embed_and_choose, events, skip_decided
-        )
+        """Call the arm chosen for each event, once the worker has embedded and chosen."""
+        chosen = await asyncio.wrap_future(embedded)
         results = await asyncio.gather(  # one call raising (a bug) must not lose the others
             *(self.gateway.call(choice.arm, request) for _, choice, _, request in chosen),
             return_exceptions=True,
