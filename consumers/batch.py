@@ -28,7 +28,7 @@ from service.events import InvalidEvent, dlq_record
 
 log = logging.getLogger(__name__)
 
-MAX_VALIDATED = 10_000  # events validated when polled and not processed yet (dropped batches)
+MAX_VALIDATED = 20_000  # events validated when polled and not processed yet (dropped batches)
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,15 @@ def describe(exc: BaseException) -> str:
     return f"{type(inner).__name__}: {text}"[:1000]
 
 
+def partition_of(record: ConsumerRecord) -> TopicPartition:
+    return TopicPartition(record.topic, record.partition)
+
+
+def flat(batches: list[list[ConsumerRecord]]) -> list[ConsumerRecord]:
+    """The records of consecutive batches, in order."""
+    return [r for batch in batches for r in batch]
+
+
 class BatchConsumer:
     """Subclasses give ``validate(raw) -> event`` and ``handle(items) -> list[Outgoing]``."""
 
@@ -106,16 +115,17 @@ class BatchConsumer:
         """Called after each poll; for periodic work."""
 
     # -- the loop ---------------------------------------------------------------------------
-    lookahead = False
-    """Poll the next batch before handling this one and give its events to :meth:`prepare`, so work
-    that does not depend on this batch's outcome (embedding the next one, calling its LLMs)
-    overlaps this batch's handling. Batches are still handled one after another in poll order;
-    offsets are committed as without it. On stop, the batch polled ahead is handled too (its
-    work was started) unless the batch before it did not finish."""
+    lookahead = 0
+    """How many batches to poll ahead of the one being handled, giving each one's events to
+    :meth:`prepare` as it comes, so that work not depending on the batches before (embedding
+    the next ones, calling their LLMs) overlaps their handling. Batches are still handled one
+    after another in poll order; offsets are committed as without it. On stop, the batches
+    polled ahead are handled too (their work was started), in order, up to the first that
+    fails."""
 
     def prepare(self, events: list[Any]) -> None:
         """Called with the valid events of each batch as soon as it is polled (with
-        ``lookahead``: while the batch before it is being handled). Must store nothing and
+        ``lookahead``: while the batches before it are being handled). Must store nothing and
         commit nothing: the batch may yet be dropped, rewound or handled one event at a time."""
 
     def _polled(self, records: list[ConsumerRecord]) -> None:
@@ -142,10 +152,10 @@ class BatchConsumer:
 
     def run(self) -> None:
         backoff = 0.5
-        ahead: list[ConsumerRecord] = []  # polled, prepared, not handled yet
+        ahead: list[list[ConsumerRecord]] = []  # batches polled and prepared, not handled yet
         while not self.stop_event.is_set():
             if ahead:
-                records, ahead = ahead, []
+                records = ahead.pop(0)
             else:
                 try:
                     records = self.poll(self.poll_timeout_ms)
@@ -156,7 +166,7 @@ class BatchConsumer:
                     continue
                 self._polled(records)
             if records and self.lookahead:
-                records, ahead = self.look_ahead(records)
+                records, ahead = self.look_ahead(records, ahead)
             if records:
                 try:
                     self.process(records)
@@ -164,20 +174,20 @@ class BatchConsumer:
                 except Exception as exc:
                     if is_transient(exc):
                         self._failed("batch failed", len(records), backoff)
-                        self.rewind(records + ahead)  # the next batch is polled again after it
+                        self.rewind(records + flat(ahead))  # polled again after it
                         ahead = []
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
                     self._failed("batch failed; retrying its events one at a time", len(records))
                     try:
-                        self.isolate(records, ahead)
+                        self.isolate(records, flat(ahead))
                         backoff = 0.5
                         if self.stop_event.is_set():  # isolate may have stopped part-way
                             ahead = []
                     except Exception:
                         self._failed("retrying one at a time failed", len(records), backoff)
-                        ahead = []  # isolate rewound it with the events not handled
+                        ahead = []  # isolate rewound them with the events not handled
                         self.stop_event.wait(backoff)
                         backoff = min(backoff * 2, self.max_backoff_s)
                         continue
@@ -185,45 +195,61 @@ class BatchConsumer:
         if ahead:
             self.finish(ahead)
 
-    def finish(self, records: list[ConsumerRecord]) -> None:
-        """On stop, handle the batch polled ahead (its work has started); if that fails, it
-        is left uncommitted for the next start."""
-        try:
-            self.process(records)
-        except Exception:
-            self._failed(
-                "the batch polled ahead failed on stop; left for the next start", len(records)
-            )
-            self.rewind(records)
+    def finish(self, batches: list[list[ConsumerRecord]]) -> None:
+        """On stop, handle the batches polled ahead (their work has started), in order; from
+        the first that fails, they are left uncommitted for the next start."""
+        for i, records in enumerate(batches):
+            try:
+                self.process(records)
+            except Exception:
+                self._failed(
+                    "a batch polled ahead failed on stop; left for the next start", len(records)
+                )
+                self.rewind(flat(batches[i:]))
+                return
 
     def poll(self, timeout_ms: int) -> list[ConsumerRecord]:
         batch = self.consumer.poll(timeout_ms=timeout_ms)
         return [r for part in batch.values() for r in part]
 
     def look_ahead(
-        self, records: list[ConsumerRecord]
-    ) -> tuple[list[ConsumerRecord], list[ConsumerRecord]]:
-        """Poll (without waiting) the batch after ``records`` and prepare it. A rebalance in
-        that poll may take partitions away, or give them back from their committed offsets:
-        ``records`` keeps only what is still ours, the next batch only what comes after them."""
-        try:
-            ahead = self.poll(0)
-        except Exception:  # the regular poll after this batch tries again
-            log.debug("%s: polling ahead failed", self.name, exc_info=True)
-            return records, []
+        self, records: list[ConsumerRecord], ahead: list[list[ConsumerRecord]]
+    ) -> tuple[list[ConsumerRecord], list[list[ConsumerRecord]]]:
+        """Poll (without waiting) until ``lookahead`` batches after ``records`` are held, and
+        prepare each new one. A rebalance in those polls may take partitions away, or give
+        them back from their committed offsets: ``records`` and the batches held keep only what
+        is still ours, new batches only what comes after them."""
+        if len(ahead) >= self.lookahead:  # no poll, so no rebalance either
+            return records, ahead
+        polled: list[list[ConsumerRecord]] = []
+        while len(ahead) + len(polled) < self.lookahead:
+            try:
+                batch = self.poll(0)
+            except Exception:  # the regular poll after this batch tries again
+                log.debug("%s: polling ahead failed", self.name, exc_info=True)
+                break
+            if not batch:
+                break
+            polled.append(batch)
         owned = self.consumer.assignment()
-        mine = [r for r in records if TopicPartition(r.topic, r.partition) in owned]
-        if len(mine) < len(records):
-            log.info(
-                "%s: %d events of a revoked partition dropped", self.name, len(records) - len(mine)
-            )
+        held = [[r for r in batch if partition_of(r) in owned] for batch in (records, *ahead)]
+        dropped = len(records) + len(flat(ahead)) - len(flat(held))
+        if dropped:
+            log.info("%s: %d events of a revoked partition dropped", self.name, dropped)
         last: dict[TopicPartition, int] = {}
-        for r in mine:
-            tp = TopicPartition(r.topic, r.partition)
+        for r in flat(held):
+            tp = partition_of(r)
             last[tp] = max(last.get(tp, -1), r.offset)
-        ahead = [r for r in ahead if r.offset > last.get(TopicPartition(r.topic, r.partition), -1)]
-        self._polled(ahead)
-        return mine, ahead
+        fresh = []
+        for batch in polled:
+            batch = [r for r in batch if r.offset > last.get(partition_of(r), -1)]
+            for r in batch:
+                last[partition_of(r)] = r.offset
+            if batch:
+                self._polled(batch)
+                fresh.append(batch)
+        mine, *kept = held
+        return mine, [batch for batch in kept if batch] + fresh
 
     def _failed(self, what: str, n: int, backoff: float | None = None) -> None:
         self.stats.failures += 1

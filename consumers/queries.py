@@ -13,7 +13,10 @@ from service.pipeline import Decider, QueryRecord
 
 class QueryConsumer(BatchConsumer):
     name = "queries"
-    lookahead = True  # the next batch's LLMs are called while this one is stored
+    # the next batches' LLMs are called while this one is stored. Two: with one, a batch that
+    # took long to store or publish (Postgres, the broker: 50–350 ms now and then) left the
+    # embedder idle until it was done (benchmarks/README.md, sixth pass)
+    lookahead = 2
 
     def __init__(
         self,

@@ -38,7 +38,7 @@ class Settings(BaseSettings):
     labels_group: str = "metallm-learners"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
-    poll_max_records: int = Field(64, ge=1, le=5000)  # two batches' calls are kept at once
+    poll_max_records: int = Field(64, ge=1, le=5000)  # 3 batches' calls kept at once (2 ahead)
 
     # Postgres
     database_url: str = Field(

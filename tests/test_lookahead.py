@@ -1,9 +1,9 @@
-"""The query consumer polls the next batch and calls its LLMs while it stores this one.
+"""The query consumer polls the next two batches and calls their LLMs while it stores this one.
 
-Against the real broker and Postgres: the next batch's calls start before this one is stored;
+Against the real broker and Postgres: the next batches' calls start before this one is stored;
 batches are still decided and committed in offset order; a transient failure rewinds both the
-failed batch and the one polled ahead; an event failing on its own is dead-lettered and the
-batch polled ahead goes on after it; a stop finishes the batch polled ahead. Each query is
+failed batch and those polled ahead; an event failing on its own is dead-lettered and the
+batches polled ahead go on after it; a stop finishes the batches polled ahead. Each query is
 decided once and called once, whatever happens.
 """
 
@@ -118,6 +118,13 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
         and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 1]))
     ]
     assert polled_ahead, log
+    two_ahead = [  # polled before the batch two before it was stored
+        k
+        for k in range(2, len(stored))
+        if ("ahead", stored[k]) in log
+        and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 2]))
+    ]
+    assert two_ahead, log
     assert overlaps, log
     # every query called once (none twice, none wasted), embedded once
     assert sorted(called) == sorted(r["query_id"] for r in rows)
@@ -148,7 +155,7 @@ def test_a_stop_finishes_the_batch_polled_ahead_and_a_restart_calls_nothing_twic
     def decide_then_stop(records):
         out = decide(records)
         batches.append(len(records))
-        if len(batches) == 3:  # stop polling now: the batch polled ahead has been called
+        if len(batches) == 3:  # stop polling now: the batches polled ahead have been called
             service.queries.stop()
         return out
 
@@ -160,9 +167,9 @@ def test_a_stop_finishes_the_batch_polled_ahead_and_a_restart_calls_nothing_twic
     finally:
         service.stop()
     first = count(engine, "SELECT count(*) FROM decisions")
-    assert len(batches) == 4, batches  # the three, then the one polled ahead
+    assert len(batches) == 5, batches  # the three, then the two polled ahead
     assert first < N, "the stop came too late to test anything"
-    # every call made was stored (the batch polled ahead was finished), offsets follow
+    # every call made was stored (the batches polled ahead were finished), offsets follow
     assert sorted(called) == sorted(r["query_id"] for r in rows[:first])
     assert decided_in_order(engine) == list(range(first))
     assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == first
@@ -282,6 +289,53 @@ def test_a_one_at_a_time_retry_cut_short_rewinds_the_batch_polled_ahead_on_every
             handler.isolate([at[0, 0], at[1, 0]], [at[0, 1], at[1, 1]])
         assert consumer.committed(p0) == 1  # p0@0 handled
         assert (consumer.position(p0), consumer.position(p1)) == (1, 0)
+    finally:
+        consumer.close()
+        producer.close()
+
+
+def test_on_stop_the_batches_polled_ahead_are_finished_in_order_up_to_the_first_failing(
+    broker, topics, pg_schema
+):
+    """Stopping with two batches polled ahead: the first is handled and committed; the second
+    fails (Postgres down), so it is left uncommitted and the consumer is sought back to it,
+    and the third, after it, is not handled at all."""
+    from kafka import TopicPartition
+
+    from consumers.batch import BatchConsumer
+    from consumers.kafka_io import make_consumer, make_producer
+
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=100)
+    topic = topics["queries_topic"]
+    ensure_topics(settings, [topic])
+    producer = make_producer(settings)
+    for i in range(6):
+        producer.send(topic, value=str(i).encode(), partition=0)
+    producer.flush()
+    handled: list[list[str]] = []
+
+    class Handler(BatchConsumer):
+        def validate(self, raw):
+            return raw.decode()
+
+        def handle(self, items):
+            values = [value for value, _ in items]
+            if "2" in values:
+                raise sa.exc.OperationalError("INSERT", {}, Exception("server closed"))
+            handled.append(values)
+            return []
+
+    consumer = make_consumer(settings, topic, topics["queries_group"])
+    handler = Handler(consumer, producer, topics["dlq_topic"])
+    try:
+        polled: list = []
+        wait_for(lambda: polled.extend(handler.poll(500)) or len(polled) == 6, message="6")
+        handler.finish([polled[0:2], polled[2:4], polled[4:6]])
+        assert handled == [["0", "1"]]
+        tp = TopicPartition(topic, 0)
+        assert consumer.committed(tp) == 2  # the first batch, and no further
+        assert consumer.position(tp) == 2  # the next start polls the failed batch again
+        assert handler.stats.failures == 1
     finally:
         consumer.close()
         producer.close()
