@@ -217,8 +217,8 @@ class BatchConsumer:
     ) -> tuple[list[ConsumerRecord], list[list[ConsumerRecord]]]:
         """Poll (without waiting) until ``lookahead`` batches after ``records`` are held, and
         prepare each new one. A rebalance in those polls may take partitions away, or give
-        them back from their committed offsets: ``records`` and the batches held keep only what
-        is still ours, new batches only what comes after them."""
+        them back from their committed offsets: every batch keeps only what is still ours, and
+        new batches only what comes after the events held."""
         if len(ahead) >= self.lookahead:  # no poll, so no rebalance either
             return records, ahead
         polled: list[list[ConsumerRecord]] = []
@@ -241,8 +241,12 @@ class BatchConsumer:
             tp = partition_of(r)
             last[tp] = max(last.get(tp, -1), r.offset)
         fresh = []
-        for batch in polled:
-            batch = [r for r in batch if r.offset > last.get(partition_of(r), -1)]
+        for batch in polled:  # (a later poll of these may have revoked an earlier's partitions)
+            batch = [
+                r
+                for r in batch
+                if partition_of(r) in owned and r.offset > last.get(partition_of(r), -1)
+            ]
             for r in batch:
                 last[partition_of(r)] = r.offset
             if batch:

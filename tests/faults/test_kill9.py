@@ -53,15 +53,18 @@ def test_kill_9_at_seeded_points_loses_nothing_and_learns_each_label_once(
 def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
     broker, topics, pg_schema, engine, tmp_path
 ):
-    """SIGTERM while two batches' LLM calls are in flight (the batch in hand and the one polled
-    ahead): they finish, both batches are stored and their offsets committed, no further batch
-    is started, the policy is checkpointed with every reward, and the process exits 0. Nothing
-    of them is called again after a restart."""
-    queries = make_queries(30, prefix="q-term")
+    """SIGTERM while three batches' LLM calls are in flight (the batch in hand and the two
+    polled ahead): they finish, all three are stored and their offsets committed, no further
+    batch is started, the policy is checkpointed with every reward, and the process exits 0.
+    Nothing of them is called again after a restart."""
+    queries = make_queries(40, prefix="q-term")
     server = ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}).start()
     server.modes = {"cheap": "slow", "strong": "slow"}
     server.delay = {"cheap": 2.0, "strong": 2.0}
-    config = write_config(tmp_path / "metallm.yaml", arm_config(server, kill_scenario.PRICES))
+    room = {name: {"max_in_flight": 30} for name in kill_scenario.PRICES}  # all on one arm, say
+    config = write_config(
+        tmp_path / "metallm.yaml", arm_config(server, kill_scenario.PRICES, **room)
+    )
     env = service_env(
         broker, topics, DATABASE_URL, pg_schema, config, poll_max_records=10, checkpoint_every=1000
     )
@@ -76,17 +79,17 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
         publish(
             broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries]
         )
-        wait_until(lambda: server.in_flight == 20, 60, "20 calls in flight", interval=0.02)
+        wait_until(lambda: server.in_flight == 30, 60, "30 calls in flight", interval=0.02)
         code = first.terminate(timeout=60)
     finally:
         first.kill()
     log = first.log()
     assert code == 0, log[-3000:]
     assert "received SIGTERM" in log
-    # both batches in flight were finished and stored, with their labels; no third was started
-    assert progress(engine) == (20, 10, 0)
-    assert len(server.calls) == 20
-    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 20
+    # the batches in flight were finished and stored, with their labels; no fourth was started
+    assert progress(engine) == (30, 10, 0)
+    assert len(server.calls) == 30
+    assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 30
     assert committed_offset(broker, topics["labels_topic"], topics["labels_group"]) == 10
     with engine.connect() as conn:
         checkpoint = latest_checkpoint(conn)
@@ -98,7 +101,7 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
     second = ServiceProcess(env, tmp_path / "second.log").start()
     try:
         wait_until(
-            lambda: progress(engine)[0] == 30, 60, "30 decisions", alive=lambda: second.alive
+            lambda: progress(engine)[0] == 40, 60, "40 decisions", alive=lambda: second.alive
         )
         assert second.terminate(timeout=60) == 0
     finally:

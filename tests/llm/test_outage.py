@@ -100,9 +100,8 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
             healthy = [d for d in decisions(engine) if d["arm"] == "gemma-http"]
             assert all(d["status"] == "ok" and d["fallback_arm"] is None for d in healthy)
 
-            # 2. the server stops answering mid-stream; queries keep coming (three batches: the
-            # arms of a batch are chosen while the batch before it is called, so the third is
-            # the first chosen surely after the circuit opened)
+            # 2. the server stops answering mid-stream; queries keep coming (three batches,
+            # chosen ahead, possibly all before the circuit opened)
             server.pause()
             publish(rows[6:30])
             wait_for(lambda: len(decisions(engine)) == 30, timeout=60, message="30 decisions")
@@ -119,18 +118,26 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
             assert all(d["fallback_arm"] == "backup" for d in chosen)
             assert all(d["reward_seq"] is not None and d["reward"] == 0.0 for d in chosen)
             assert service.decider.gateway.breakers["gemma-http"].times_opened >= 1
-            # once the circuit opened, gemma-http left the candidate set
-            assert any(d["probabilities"] == {"backup": 1.0} for d in outage)
+            # once the circuit opened, gemma-http left the candidate set: a batch sent with
+            # the cool-down held long, so it is surely chosen while the circuit is open
+            breaker = service.decider.gateway.breakers["gemma-http"]
+            breaker.cooldown = 60.0
+            assert breaker.state == "open"
+            publish(rows[30:38])
+            wait_for(lambda: len(decisions(engine)) == 38, timeout=60, message="38 decisions")
+            breaker.cooldown = COOLDOWN
+            shut_out = decisions(engine)[30:]
+            assert all(d["probabilities"] == {"backup": 1.0} for d in shut_out), shut_out
 
             # 3. the server is back: after the cool-down a probe closes the circuit again
             server.resume()
             time.sleep(COOLDOWN)
-            more = iter(range(30, 80, 6))
+            more = iter(range(38, 80, 6))
 
             def recovered() -> bool:
                 back = [
                     d
-                    for d in decisions(engine)[30:]
+                    for d in decisions(engine)[38:]
                     if d["arm"] == "gemma-http" and d["fallback_arm"] is None
                 ]
                 if back:
