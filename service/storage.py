@@ -167,15 +167,17 @@ def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[st
     """Insert decision rows; a query already decided is left alone. Returns the ids inserted.
 
     Every row has the columns of the first (the others take their defaults). Sent as one short
-    INSERT per row, pipelined by psycopg's ``executemany`` (one round trip a batch, prepared by
-    the server after a few batches). SQLAlchemy's multi-row INSERT bound ~30 parameters a row,
-    and psycopg parses a statement of over 50 parameters afresh on every call: half the CPU
-    per batch went to that, client and server (``benchmarks/storage_writes.py``)."""
+    INSERT per row through psycopg's ``executemany`` (pipelined, one round trip a batch, and
+    prepared). SQLAlchemy's multi-row INSERT bound ~30 parameters a row, and psycopg parses a
+    statement of over 50 parameters afresh on every call: the batch cost ~3× the client CPU
+    (``benchmarks/storage_writes.py``)."""
     if not rows:
         return set()
     columns = tuple(rows[0])
     sql = _insert_decision_sql(columns)
     params = [[_driver_value(name, row[name]) for name in columns] for row in rows]
+    if not conn.in_transaction():  # the driver's cursor does not start SQLAlchemy's
+        conn.begin()  # transaction, which conn.commit() commits: as a statement would
     inserted: set[str] = set()
     with _as_sqlalchemy_errors(conn, sql), conn.connection.dbapi_connection.cursor() as cursor:
         cursor.executemany(sql, params, returning=True)  # in this connection's transaction

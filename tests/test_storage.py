@@ -153,7 +153,7 @@ def test_a_lost_connection_is_a_transient_sqlalchemy_error(engine):
     with engine.connect() as conn:
         pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         with storage.make_engine(str(engine.url)).connect() as killer:
-            killer.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            killer.execute(sa.text("SELECT pg_terminate_backend(:p, 5000)"), {"p": pid})  # gone
         with pytest.raises(sa_exc.DBAPIError) as caught:
             storage.insert_decisions(conn, [full_row("q1")])
     assert caught.value.connection_invalidated
@@ -167,4 +167,13 @@ def test_a_bad_row_is_an_integrity_error_and_not_transient(engine):
         storage.insert_decisions(conn, [full_row("q1", text=None)])  # text is NOT NULL
     assert not caught.value.connection_invalidated
     assert not is_transient(caught.value)
-    assert "%(x)s" not in str(caught.value)  # the row's values are not shown
+    assert "text" in str(caught.value.orig)  # the driver's message names the column
+
+
+def test_rows_are_committed_by_a_plain_connection_commit(engine):
+    """Like any statement, the insert starts the connection's transaction, so commit() keeps
+    it (the driver's cursor alone would not tell SQLAlchemy a transaction was begun)."""
+    with engine.connect() as conn:
+        assert storage.insert_decisions(conn, [full_row("q1")]) == {"q1"}
+        conn.commit()
+    assert stored(engine, "q1")["arm"] == "small"
