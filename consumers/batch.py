@@ -241,17 +241,24 @@ class BatchConsumer:
             tp = partition_of(r)
             last[tp] = max(last.get(tp, -1), r.offset)
         fresh = []
-        for batch in polled:  # (a later poll of these may have revoked an earlier's partitions)
-            batch = [
-                r
-                for r in batch
-                if partition_of(r) in owned and r.offset > last.get(partition_of(r), -1)
-            ]
-            for r in batch:
-                last[partition_of(r)] = r.offset
+        behind: set[TopicPartition] = set()  # given back by a rebalance behind events held
+        for polled_batch in polled:  # (a later poll may have revoked an earlier's partitions)
+            batch = []
+            for r in polled_batch:
+                tp = partition_of(r)
+                if tp not in owned:
+                    continue
+                if r.offset <= last.get(tp, -1):
+                    behind.add(tp)
+                    continue
+                batch.append(r)
+                last[tp] = r.offset
             if batch:
                 self._polled(batch)
                 fresh.append(batch)
+        for tp in behind:  # the next polls start after the events held, not among them again
+            if self.consumer.position(tp) <= last[tp]:
+                self.consumer.seek(tp, last[tp] + 1)
         mine, *kept = held
         return mine, [batch for batch in kept if batch] + fresh
 

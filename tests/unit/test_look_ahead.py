@@ -24,16 +24,27 @@ class Replayed:
 
     def __init__(self, polls: list[tuple[list[ConsumerRecord], set[int]]], owned: set[int]):
         self.polls, self.owned = list(polls), {TopicPartition(T, p) for p in owned}
+        self.positions: dict[TopicPartition, int] = {}
+        self.seeks: list[tuple[int, int]] = []
 
     def poll(self, timeout_ms: int) -> dict:
         if not self.polls:
             return {}
         batch, owned = self.polls.pop(0)
         self.owned = {TopicPartition(T, p) for p in owned}
+        for r in batch:  # the position moves past what a poll returns
+            self.positions[TopicPartition(T, r.partition)] = r.offset + 1
         return {TopicPartition(T, p): [r for r in batch if r.partition == p] for p in owned}
 
     def assignment(self) -> set[TopicPartition]:
         return self.owned
+
+    def position(self, tp: TopicPartition) -> int:
+        return self.positions[tp]
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        self.seeks.append((tp.partition, offset))
+        self.positions[tp] = offset
 
 
 class Prepared(BatchConsumer):
@@ -86,6 +97,17 @@ def test_a_partition_given_back_from_its_committed_offset_is_not_repeated():
     mine, ahead = consumer.look_ahead([record(0, 2)], [[record(0, 3)]])
     assert where([mine]) == [[(0, 2)]]
     assert where(ahead) == [[(0, 3)], [(0, 4)]]
+    assert consumer.consumer.seeks == []  # its position (5) is past them already
+
+
+def test_a_partition_given_back_behind_the_events_held_resumes_after_them():
+    """The poll after a rebalance returns only events already held (1, 2 of up to 3): the
+    partition is sought past them, or the next poll would hand the held event 3 out again."""
+    consumer = Prepared(Replayed([([record(0, 1), record(0, 2)], {0})], owned={0}))
+    mine, ahead = consumer.look_ahead([record(0, 2)], [[record(0, 3)]])
+    assert where([mine]) == [[(0, 2)]]
+    assert where(ahead) == [[(0, 3)]]
+    assert consumer.consumer.seeks == [(0, 4)]
 
 
 def test_nothing_is_polled_while_enough_batches_are_held():
