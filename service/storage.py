@@ -7,7 +7,7 @@ Postgres schema (through ``search_path``), which is how tests keep to themselves
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -174,8 +174,9 @@ def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[st
     if not rows:
         return set()
     columns = tuple(rows[0])
-    sql = _insert_decision_sql(columns)
-    params = [[_driver_value(name, row[name]) for name in columns] for row in rows]
+    sql, to_driver = _insert_decisions_plan(columns)
+    pairs = list(zip(columns, to_driver, strict=True))
+    params = [[convert(row[name]) for name, convert in pairs] for row in rows]
     if not conn.in_transaction():  # the driver's cursor does not start SQLAlchemy's
         conn.begin()  # transaction, which conn.commit() commits: as a statement would
     inserted: set[str] = set()
@@ -211,25 +212,40 @@ def _as_sqlalchemy_errors(conn: Connection, statement: str) -> Iterator[None]:
 
 
 @functools.cache
-def _insert_decision_sql(columns: tuple[str, ...]) -> str:
+def _insert_decisions_plan(
+    columns: tuple[str, ...],
+) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
+    """The INSERT for rows of these columns, and per column how a value goes to psycopg, as
+    SQLAlchemy would send it: JSONB as JSON (``None`` as JSON null, unless the column stores
+    it as SQL NULL), the rest as it is. Made once per set of columns."""
     unknown = [name for name in columns if name not in decisions.c]
     if unknown:
         raise KeyError(f"decisions has no column {', '.join(unknown)}")
     quote = postgresql.dialect().identifier_preparer.quote
-    return (
+    sql = (
         f"INSERT INTO decisions ({', '.join(quote(name) for name in columns)}) "
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
         "ON CONFLICT (query_id) DO NOTHING RETURNING query_id"
     )
+    return sql, tuple(_to_driver(decisions.c[name].type) for name in columns)
 
 
-def _driver_value(name: str, value: Any) -> Any:
-    """A row's value as psycopg takes it, as SQLAlchemy would send it: JSONB columns as JSON
-    (``None`` as JSON null, unless the column stores it as SQL NULL); the rest as they are."""
-    kind = decisions.c[name].type
-    if isinstance(kind, postgresql.JSONB):
-        return None if value is None and kind.none_as_null else Jsonb(value)
+def _as_is(value: Any) -> Any:
     return value
+
+
+def _json(value: Any) -> Jsonb:
+    return Jsonb(value)
+
+
+def _json_or_null(value: Any) -> Jsonb | None:
+    return None if value is None else Jsonb(value)
+
+
+def _to_driver(kind: sa.types.TypeEngine) -> Callable[[Any], Any]:
+    if isinstance(kind, postgresql.JSONB):
+        return _json_or_null if kind.none_as_null else _json
+    return _as_is
 
 
 def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
