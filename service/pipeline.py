@@ -210,9 +210,9 @@ class Decider:
         with self.live.lock:
             rewards = self.live.reward_settings(self.rewards)
             with self.engine.begin() as conn:
-                inserted = storage.insert_decisions(conn, rows)
-                costs = storage.decision_costs(conn, inserted)
+                inserted = storage.insert_decisions(conn, rows)  # query id → decision_seq
                 by_id = {row["query_id"]: row for row in rows}
+                costs = sorted((seq, float(by_id[q]["cost_usd"])) for q, seq in inserted.items())
                 applied = [  # a failed arm is rewarded now; its label will not count again
                     store_failure_reward(conn, row, rewards)
                     for row, result in zip(rows, results, strict=True)

@@ -163,8 +163,9 @@ def existing_query_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
     return set(rows)
 
 
-def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[str]:
-    """Insert decision rows; a query already decided is left alone. Returns the ids inserted.
+def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Insert decision rows; a query already decided is left alone. Returns the ``decision_seq``
+    of each query inserted, by id.
 
     Every row has the columns of the first (the others take their defaults). Sent as one short
     INSERT per row through psycopg's ``executemany`` (pipelined, one round trip a batch, and
@@ -172,18 +173,18 @@ def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> set[st
     statement of over 50 parameters afresh on every call: the batch cost ~3× the client CPU
     (``benchmarks/storage_writes.py``)."""
     if not rows:
-        return set()
+        return {}
     columns = tuple(rows[0])
     sql, to_driver = _insert_decisions_plan(columns)
     pairs = list(zip(columns, to_driver, strict=True))
     params = [[convert(row[name]) for name, convert in pairs] for row in rows]
     if not conn.in_transaction():  # the driver's cursor does not start SQLAlchemy's
         conn.begin()  # transaction, which conn.commit() commits: as a statement would
-    inserted: set[str] = set()
+    inserted: dict[str, int] = {}
     with _as_sqlalchemy_errors(conn, sql), conn.connection.dbapi_connection.cursor() as cursor:
         cursor.executemany(sql, params, returning=True)  # in this connection's transaction
         while True:  # one result per row: empty where the query was decided already
-            inserted.update(query_id for (query_id,) in cursor.fetchall())
+            inserted.update(cursor.fetchall())
             if not cursor.nextset():
                 return inserted
 
@@ -225,7 +226,7 @@ def _insert_decisions_plan(
     sql = (
         f"INSERT INTO decisions ({', '.join(quote(name) for name in columns)}) "
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
-        "ON CONFLICT (query_id) DO NOTHING RETURNING query_id"
+        "ON CONFLICT (query_id) DO NOTHING RETURNING query_id, decision_seq"
     )
     return sql, tuple(_to_driver(decisions.c[name].type) for name in columns)
 
@@ -490,17 +491,13 @@ def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
     return None if row is None else dict(row._mapping)
 
 
-def decision_costs(
-    conn: Connection, query_ids: Iterable[str] | None = None, after: int | None = None
-) -> list[tuple[int, float]]:
-    """(decision_seq, cost_usd) of the given decisions, or of all after a watermark, in order."""
-    stmt = sa.select(decisions.c.decision_seq, decisions.c.cost_usd).order_by(
-        decisions.c.decision_seq
+def decision_costs(conn: Connection, after: int) -> list[tuple[int, float]]:
+    """(decision_seq, cost_usd) of every decision after a watermark, in order."""
+    stmt = (
+        sa.select(decisions.c.decision_seq, decisions.c.cost_usd)
+        .where(decisions.c.decision_seq > after)
+        .order_by(decisions.c.decision_seq)
     )
-    if query_ids is not None:
-        stmt = stmt.where(_one_of(decisions.c.query_id, query_ids))
-    if after is not None:
-        stmt = stmt.where(decisions.c.decision_seq > after)
     return [(int(seq), float(cost)) for seq, cost in conn.execute(stmt)]
 
 

@@ -37,7 +37,7 @@ def insert_decision(engine, query_id: str, prediction: str = "a", status: str = 
         "context": storage.vector_to_bytes(np.arange(4, dtype=np.float32)),
     }
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [row]) == {query_id}
+        assert storage.insert_decisions(conn, [row]).keys() == {query_id}
 
 
 @pytest.fixture

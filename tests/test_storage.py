@@ -83,7 +83,7 @@ def test_rows_are_stored_as_sqlalchemy_stores_them(engine, changes):
     the same, column by column (JSON null and SQL NULL told apart)."""
     ours, reference = full_row("ours", **changes), full_row("reference", **changes)
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [ours]) == {"ours"}
+        assert storage.insert_decisions(conn, [ours]).keys() == {"ours"}
         conn.execute(postgresql.insert(storage.decisions), [reference])
     a, b = stored(engine, "ours"), stored(engine, "reference")
     for column in ("query_id", "decision_seq"):
@@ -96,13 +96,18 @@ def test_rows_are_stored_as_sqlalchemy_stores_them(engine, changes):
 
 def test_a_query_decided_before_is_left_alone_and_not_returned(engine):
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [full_row("q1"), full_row("q2")]) == {"q1", "q2"}
+        first = storage.insert_decisions(conn, [full_row("q1"), full_row("q2")])
     with engine.begin() as conn:
         inserted = storage.insert_decisions(
             conn,
             [full_row("q0"), full_row("q1", arm="large"), full_row("q2"), full_row("q3")],
         )
-    assert inserted == {"q0", "q3"}
+    assert inserted.keys() == {"q0", "q3"}
+    assert first.keys() == {"q1", "q2"}
+    # each its own row's decision_seq, new ones after the old
+    for query_id, seq in [*first.items(), *inserted.items()]:
+        assert stored(engine, query_id)["decision_seq"] == seq
+    assert min(inserted.values()) > max(first.values())
     assert stored(engine, "q1")["arm"] == "small"  # the first decision stands
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM decisions")).scalar_one() == 4
@@ -130,18 +135,19 @@ def test_columns_left_out_take_their_defaults_and_unknown_ones_are_named(engine)
 
 
 def test_lookups_by_id_take_any_number_of_ids(engine):
-    """existing_query_ids, decision_costs and take_pending_labels bind the ids as one array."""
+    """existing_query_ids and take_pending_labels, with more ids than psycopg would cache a
+    statement's parsing for (50): they are bound as one array."""
     ids = [f"q{i}" for i in range(300)]
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [full_row(q, cost_usd=i) for i, q in enumerate(ids)])
+        seqs = storage.insert_decisions(conn, [full_row(q, cost_usd=i) for i, q in enumerate(ids)])
         for q in ("q4", "elsewhere"):
             storage.add_pending_label(conn, q, "positive", datetime.now(UTC))
     asked = [*ids[::2], "missing", "it's"]
     with engine.begin() as conn:
         assert storage.existing_query_ids(conn, asked) == set(ids[::2])
         assert storage.existing_query_ids(conn, []) == set()
-        costs = storage.decision_costs(conn, asked)
-        assert [cost for _, cost in costs] == [float(i) for i in range(0, 300, 2)]
+        costs = storage.decision_costs(conn, after=seqs["q99"])
+        assert [cost for _, cost in costs] == [float(i) for i in range(100, 300)]
         assert [p["query_id"] for p in storage.take_pending_labels(conn, asked)] == ["q4"]
         assert storage.take_pending_labels(conn, asked) == []  # taken: deleted
 
@@ -159,7 +165,7 @@ def test_a_lost_connection_is_a_transient_sqlalchemy_error(engine):
     assert caught.value.connection_invalidated
     assert is_transient(caught.value)
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [full_row("q1")]) == {"q1"}
+        assert storage.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
 
 
 def test_a_bad_row_is_an_integrity_error_and_not_transient(engine):
@@ -174,6 +180,6 @@ def test_rows_are_committed_by_a_plain_connection_commit(engine):
     """Like any statement, the insert starts the connection's transaction, so commit() keeps
     it (the driver's cursor alone would not tell SQLAlchemy a transaction was begun)."""
     with engine.connect() as conn:
-        assert storage.insert_decisions(conn, [full_row("q1")]) == {"q1"}
+        assert storage.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
         conn.commit()
     assert stored(engine, "q1")["arm"] == "small"
