@@ -6,7 +6,8 @@
 (b) Overhead. The arms answer at once. End-to-end decisions/s against the raw embedding rate
     of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
     (target: ≥ 0.8); and the gateway alone on the OpenAI SDK's two transports (aiohttp, the
-    default, and httpx), for the CPU each costs per call.
+    default, and httpx), for the CPU each costs per call, next to a plain aiohttp POST of
+    the same body (no SDK, no gateway: what the SDK's request path costs).
 
 Both use the service's embedding backend (``METALLM_EMBEDDING_BACKEND``, default ``onnx``;
 ``--backend`` to choose another): a faster backend raises (b)'s baseline as much as the
@@ -26,6 +27,7 @@ completions with the first allowed label of the prompt, with real usage counts.
     .venv/bin/python benchmarks/pipeline_throughput.py --quick      # smaller, ~1 minute
     .venv/bin/python benchmarks/pipeline_throughput.py --gateway --repeats 5   # ~1 minute
     .venv/bin/python benchmarks/pipeline_throughput.py --backend onnx-int8
+    .venv/bin/python benchmarks/pipeline_throughput.py --quick --trace   # + the embedder's time
 
 Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
 starts its own Tansu broker. Everything listens on 127.0.0.1 only.
@@ -153,6 +155,45 @@ class Endpoint:
 
 
 # ------------------------------------------------------------------------------ a pipeline run
+class RunTimes:
+    """``--trace``: every run of the ONNX embedder timed (wall clock and thread CPU), to tell
+    an embedder waiting for work (no run going) from one losing its cores (a run going, its
+    thread off the core). ONNX backends only."""
+
+    def __init__(self, embedder) -> None:
+        session = embedder._impl.session
+        run, self.threads = session.run, embedder.threads
+        self.spans: list[tuple[float, float, float]] = []  # (start, end, thread CPU)
+
+        def timed(*args, **kwargs):
+            start, cpu = time.perf_counter(), time.thread_time()
+            try:
+                return run(*args, **kwargs)
+            finally:
+                self.spans.append((start, time.perf_counter(), time.thread_time() - cpu))
+
+        session.run = timed
+
+    def summary(self) -> dict[str, float]:
+        """Over the window from the first run's start to the last run's end: the share of the
+        threads' time inside a run, the share of that on a core, and the share of the window
+        with no run going at all."""
+        spans, self.spans = self.spans, []
+        first, last = min(s for s, _, _ in spans), max(e for _, e, _ in spans)
+        inside = sum(e - s for s, e, _ in spans)
+        edges = sorted([(s, 1) for s, _, _ in spans] + [(e, -1) for _, e, _ in spans])
+        idle, going, since = 0.0, 0, first
+        for at, step in edges:
+            if going == 0:
+                idle += at - since
+            going, since = going + step, at
+        return {
+            "inside": inside / (self.threads * (last - first)),
+            "on_core": sum(c for _, _, c in spans) / inside,
+            "no_run": idle / (last - first),
+        }
+
+
 def rows(n: int) -> list[dict]:
     """``n`` queries: the demo texts, each made unique (the service caches the vectors of texts
     it has seen, and the raw embedding rate it is compared with embeds every text)."""
@@ -169,9 +210,16 @@ def rows(n: int) -> list[dict]:
 
 
 def run_pipeline(
-    broker: str, database_url: str, embedder, endpoint: Endpoint, n: int, in_flight: int
+    broker: str,
+    database_url: str,
+    embedder,
+    endpoint: Endpoint,
+    n: int,
+    in_flight: int,
+    times: RunTimes | None = None,
 ) -> dict:
-    """Publish ``n`` queries, run the service until all are decided; steady-state rate."""
+    """Publish ``n`` queries, run the service until all are decided; steady-state rate (and,
+    with ``times``, how the embedder spent the run)."""
     import sqlalchemy as sa
     from kafka import KafkaProducer
 
@@ -233,6 +281,8 @@ def run_pipeline(
     # the clock starts with the first batch: the consumer hands every batch it polls (all
     # queries here are valid) to call_ahead before deciding it
     service.decider.call_ahead = timed_call_ahead
+    if times is not None:
+        times.spans.clear()  # (the warm-up and the raw rate's runs are not this run's)
     service.start()
     try:
         deadline = time.monotonic() + 900
@@ -267,6 +317,7 @@ def run_pipeline(
         "rate": n / elapsed,
         "peak_in_flight": endpoint.stats()["peak"],
         "statuses": statuses,
+        **({"embedder": times.summary()} if times is not None else {}),
     }
 
 
@@ -311,14 +362,68 @@ def gateway_rate(
     return asyncio.run(run())
 
 
+def plain_rate(endpoint: Endpoint, n: int, in_flight: int) -> tuple[float, float]:
+    """A reference for :func:`gateway_rate`: the same chat request body POSTed with plain
+    aiohttp (no SDK, no gateway), calls/s and CPU µs per call."""
+    import aiohttp
+
+    from service.config import TaskConfig
+    from service.tasks import build_prompt
+
+    task = TaskConfig(**TASKS["sentiment"])
+    bodies = [
+        json.dumps(
+            {
+                "model": "bench",
+                "temperature": 0.0,
+                "max_tokens": 16,
+                "messages": [
+                    {"role": "user", "content": build_prompt(task, r["text"], task.labels).text}
+                ],
+            }
+        ).encode()
+        for r in rows(n)
+    ]
+    headers = {"Authorization": "Bearer unused", "Content-Type": "application/json"}
+
+    async def run() -> tuple[float, float]:
+        limit = asyncio.Semaphore(in_flight)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as http:
+
+            async def call(body: bytes) -> None:
+                async with (
+                    limit,
+                    http.post(
+                        f"{endpoint.url}/chat/completions", data=body, headers=headers
+                    ) as response,
+                ):
+                    response.raise_for_status()
+                    json.loads(await response.read())["choices"][0]
+
+            start, cpu = time.perf_counter(), time.process_time()
+            await asyncio.gather(*(call(b) for b in bodies))
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return n / elapsed, cpu / n * 1e6
+
+    return asyncio.run(run())
+
+
 def print_gateway(transports: dict[str, list[tuple[float, float]]]) -> None:
-    """The gateway alone, 64 in flight, on each of the OpenAI SDK's transports."""
+    """The gateway alone, 64 in flight, on each of the OpenAI SDK's transports, and the plain
+    aiohttp reference (``transports["plain"]``)."""
     print("  the gateway alone, 64 in flight, by the OpenAI SDK's transport:")
     for name, runs in transports.items():
-        print(f"  {name:<8} calls/s {median_of([r for r, _ in runs])}")
+        label = "plain aiohttp, no SDK (reference)" if name == "plain" else name
+        print(f"  {label}")
+        print(f"  {'':<8} calls/s {median_of([r for r, _ in runs])}")
         print(f"  {'':<8} CPU µs/call {median_of([c for _, c in runs])}")
-    rates = [statistics.median(r for r, _ in runs) for runs in transports.values()]
-    print(f"  aiohttp/httpx  {rates[0] / rates[1]:8.2f}×")
+    rates = {name: statistics.median(r for r, _ in runs) for name, runs in transports.items()}
+    print(f"  aiohttp/httpx  {rates['aiohttp'] / rates['httpx']:8.2f}×")
+
+
+def measure_transport(endpoint: Endpoint, n: int, name: str) -> tuple[float, float]:
+    """64 in flight: the gateway on one of the SDK's transports, or ``plain`` aiohttp."""
+    return plain_rate(endpoint, n, 64) if name == "plain" else gateway_rate(endpoint, n, 64, name)
 
 
 def gateway_only(repeats: int, n: int) -> None:
@@ -326,15 +431,26 @@ def gateway_only(repeats: int, n: int) -> None:
     embedding, no Postgres), e.g. to compare the adapter's CPU per call between commits."""
     instant = Endpoint(0.0)
     try:
-        transports: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpx": []}
+        transports: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpx": [], "plain": []}
         gateway_rate(instant, 64, 64)  # warm-up: imports, first connections
         for _ in range(repeats):
             for name, runs in transports.items():
-                runs.append(gateway_rate(instant, n, 64, name))
+                runs.append(measure_transport(instant, n, name))
         print_gateway(transports)
         print(f"\nload average at the end: {load()}")
     finally:
         instant.close()
+
+
+def print_trace(traced: dict[str, list[dict[str, float]]]) -> None:
+    """``--trace``: how the embedding threads spent the 64-in-flight runs (medians)."""
+    print("\nthe embedder in the pipeline runs (--trace): shares, medians of the runs")
+    print(f"  {'':<6}{'inside a run':>14}{'on a core then':>16}{'no run going':>14}")
+    for leg, runs in traced.items():
+        inside, on_core, no_run = (
+            statistics.median(r[key] for r in runs) for key in ("inside", "on_core", "no_run")
+        )
+        print(f"  {leg:<6}{inside:>14.2f}{on_core:>16.2f}{no_run:>14.2f}")
 
 
 def embedding_rate(embedder, n: int) -> float:
@@ -361,6 +477,11 @@ def main() -> int:
         "--gateway", action="store_true", help="only the gateway alone (calls/s, CPU per call)"
     )
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--trace",
+        action="store_true",
+        help="time the embedder's runs: waiting for work, or losing its cores (onnx backends)",
+    )
     parser.add_argument(
         "--backend",
         choices=["torch", "onnx", "onnx-int8"],
@@ -391,6 +512,10 @@ def main() -> int:
     backend = args.backend or Settings().embedding_backend
     embedder = Embedder(backend=backend)
     embedder.embed(["warm-up"] * BATCH)
+    if args.trace and embedder.threads is None:
+        parser.error("--trace times ONNX Runtime's runs: use an onnx backend")
+    times = RunTimes(embedder) if args.trace else None
+    traced: dict[str, list[dict[str, float]]] = {"(a)": [], "(b)": []}
     print(
         f"cores: {os.cpu_count()}; repeats: {repeats}; batch: {BATCH}; "
         f"embedding backend: {backend} ({embedder.threads or 'PyTorch-managed'} threads); "
@@ -404,8 +529,9 @@ def main() -> int:
                 gw_many.append(gateway_rate(slow, 640, 64)[0])
                 gw_one.append(gateway_rate(slow, 15, 1)[0])
                 result = run_pipeline(
-                    broker.bootstrap, database_url, embedder, slow, n_concurrent, 64
+                    broker.bootstrap, database_url, embedder, slow, n_concurrent, 64, times
                 )
+                traced["(a)"].extend([result["embedder"]] if times else [])
                 concurrent.append(result["rate"])
                 peaks.append(result["peak_in_flight"])
                 result = run_pipeline(broker.bootstrap, database_url, embedder, slow, n_serial, 1)
@@ -423,14 +549,19 @@ def main() -> int:
             print(f"  speed-up       {ratio:8.1f}×")
 
             e2e, raw, statuses = [], [], {}
-            transports: dict[str, list[tuple[float, float]]] = {"aiohttp": [], "httpx": []}
+            transports: dict[str, list[tuple[float, float]]] = {
+                "aiohttp": [],
+                "httpx": [],
+                "plain": [],
+            }
             for _ in range(repeats):
                 for name, runs in transports.items():
-                    runs.append(gateway_rate(instant, n_instant, 64, name))
+                    runs.append(measure_transport(instant, n_instant, name))
                 raw.append(embedding_rate(embedder, n_instant))
                 result = run_pipeline(
-                    broker.bootstrap, database_url, embedder, instant, n_instant, 64
+                    broker.bootstrap, database_url, embedder, instant, n_instant, 64, times
                 )
+                traced["(b)"].extend([result["embedder"]] if times else [])
                 e2e.append(result["rate"])
                 statuses = result["statuses"]
             print("\n(b) instant endpoint: events/s")
@@ -440,6 +571,8 @@ def main() -> int:
             print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
             print(f"  statuses of the last run: {statuses}")
             print_gateway(transports)
+            if times is not None:
+                print_trace(traced)
             print(f"\nload average at the end: {load()}")
         finally:
             slow.close()
