@@ -155,10 +155,10 @@ def through_service(n: int) -> list[str]:
     """The first ``n`` queries through the real service, then off-policy estimates from the
     decisions it logged, checked against the truth the outcomes file knows (every arm's
     outcome on every query). The schema is dropped afterwards."""
-    import sqlalchemy as sa
 
     from service import storage
     from service.evaluation import ope
+    from service.migrate import drop_schema
     from service.policy import loads
 
     url = os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -226,10 +226,7 @@ def through_service(n: int) -> list[str]:
         lines.append("✗: the 95 % interval misses the truth.")
     finally:
         engine.dispose()
-        admin = storage.make_engine(url)
-        with admin.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        admin.dispose()
+        drop_schema(url, schema)
     return lines
 
 

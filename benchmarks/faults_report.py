@@ -23,11 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import sqlalchemy as sa  # noqa: E402
 
 from producers.local_broker import LocalBroker  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
-from service.storage import make_engine  # noqa: E402
+from service.migrate import drop_schema, upgrade  # noqa: E402
 from tests.faults import kill_scenario  # noqa: E402
 
 DATABASE_URL = os.environ.get(
@@ -111,10 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                 say=(lambda _: None) if args.quiet or args.json else print,
             )
     finally:
-        engine = make_engine(DATABASE_URL)
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-        engine.dispose()
+        drop_schema(DATABASE_URL, schema)
     problems = broken(figures)
     if args.json:
         print(json.dumps({**figures.as_dict(), "broken": problems}, indent=2))

@@ -225,7 +225,7 @@ def run_pipeline(
 
     from consumers.runner import Service
     from service.config import parse_config
-    from service.migrate import upgrade
+    from service.migrate import drop_schema, upgrade
     from service.settings import Settings, isolated_stream_names
     from service.storage import make_engine
 
@@ -309,10 +309,7 @@ def run_pipeline(
     finally:
         service.stop()
         engine.dispose()
-        drop = make_engine(database_url)
-        with drop.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        drop.dispose()
+        drop_schema(database_url, schema)
     return {
         "rate": n / elapsed,
         "peak_in_flight": endpoint.stats()["peak"],

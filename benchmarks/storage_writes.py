@@ -37,7 +37,7 @@ import sqlalchemy as sa  # noqa: E402
 from sqlalchemy.dialects import postgresql  # noqa: E402
 
 from service import storage  # noqa: E402
-from service.migrate import upgrade  # noqa: E402
+from service.migrate import drop_schema, upgrade  # noqa: E402
 
 BATCH = 64
 
@@ -152,10 +152,7 @@ def main() -> int:
             print(f"{b.split(':')[0]}: client + server, old/new = {total_a / total_b:.2f}×")
     finally:
         engine.dispose()
-        drop = storage.make_engine(url)
-        with drop.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-        drop.dispose()
+        drop_schema(url, schema)
     return 0
 
 

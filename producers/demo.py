@@ -33,7 +33,7 @@ from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
 from service.config import AppConfig, load_config
-from service.migrate import upgrade
+from service.migrate import drop_schema, upgrade
 from service.outcomes import read_outcomes
 from service.settings import Settings
 from service.storage import make_engine
@@ -213,10 +213,7 @@ def run(
         database_url, origin = stack.enter_context(
             demo_database(os.environ.get("DATABASE_URL", default_url))
         )
-    engine = make_engine(database_url)
-    with engine.begin() as conn:  # each demo run starts from a clean slate
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{args.schema}" CASCADE'))
-    engine.dispose()
+    drop_schema(database_url, args.schema)  # each demo run starts from a clean slate
     with console.status("migrating the database…"):
         upgrade(database_url, args.schema)
     settings = Settings(

@@ -25,3 +25,18 @@ def upgrade(database_url: str, schema: str | None = None, revision: str = "head"
 
 def downgrade(database_url: str, schema: str | None = None, revision: str = "base") -> None:
     command.downgrade(alembic_config(database_url, schema), revision)
+
+
+def drop_schema(database_url: str, schema: str) -> None:
+    """Drop a schema of metallm's tables and everything in it, if it exists (the demo's, or
+    one a test or a benchmark made for itself with :func:`upgrade`)."""
+    import sqlalchemy as sa
+
+    from service.storage import make_engine
+
+    engine = make_engine(database_url, schema)  # (which checks the schema's name)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        engine.dispose()

@@ -32,16 +32,12 @@ def broker() -> Iterator[str]:
 @pytest.fixture
 def pg_schema() -> Iterator[str]:
     """A fresh schema with metallm's migrations applied, dropped afterwards."""
-    from service.migrate import upgrade
-    from service.storage import make_engine
+    from service.migrate import drop_schema, upgrade
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     upgrade(DATABASE_URL, schema)
     yield schema
-    engine = make_engine(DATABASE_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
+    drop_schema(DATABASE_URL, schema)
 
 
 @pytest.fixture

@@ -124,11 +124,6 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
     refused = metallm("produce", "queries", str(bad), check=False)
     assert refused.returncode == 2 and f"{bad}:1: query_id" in refused.stderr
 
-    import sqlalchemy as sa
+    from service.migrate import drop_schema
 
-    from service.storage import make_engine
-
-    engine = make_engine(DATABASE_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
-    engine.dispose()
+    drop_schema(DATABASE_URL, schema)

@@ -12,9 +12,8 @@ import time
 import uuid
 
 import pytest
-import sqlalchemy as sa
 
-from service.storage import make_engine
+from service.migrate import drop_schema
 from tests.conftest import DATABASE_URL
 
 pytestmark = pytest.mark.integration
@@ -52,10 +51,7 @@ def demo(tmp_path):
         )
 
     yield start
-    engine = make_engine(DATABASE_URL)
-    with engine.begin() as conn:
-        conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-    engine.dispose()
+    drop_schema(DATABASE_URL, schema)
 
 
 def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):

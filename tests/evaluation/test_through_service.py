@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from service.cli import main
+from service.migrate import drop_schema
 from tests.conftest import DATABASE_URL
 from tests.helpers import demo_rows, write_outcomes
 
@@ -78,6 +79,5 @@ def test_service_decides_like_the_fast_path(
         assert logged["lambda"] == pytest.approx(0.3)  # the λ the service logged
         assert logged["ips"]["value"] == pytest.approx(logged["observed_mean_reward"])
     finally:
-        with engine.begin() as conn:
-            conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
         engine.dispose()
+        drop_schema(DATABASE_URL, schema)
