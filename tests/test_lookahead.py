@@ -12,11 +12,16 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
+from kafka import TopicPartition
+from kafka.consumer.fetcher import ConsumerRecord
 
-from consumers.kafka_io import ensure_topics
+from consumers.batch import BatchConsumer
+from consumers.kafka_io import ensure_topics, make_consumer, make_producer
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
     ARMS,
@@ -246,6 +251,52 @@ def test_an_event_failing_on_its_own_is_dead_lettered_and_the_next_batch_follows
     assert decided_in_order(engine) == [i for i in range(N) if i != 2 * BATCH + 3]
 
 
+class FailsOn(BatchConsumer):
+    """Handles string events, keeping each batch handled; a batch holding ``failing`` fails as
+    if Postgres were down."""
+
+    def __init__(self, *args, failing: str) -> None:
+        super().__init__(*args)
+        self.failing = failing
+        self.handled: list[list[str]] = []
+
+    def validate(self, raw):
+        return raw.decode()
+
+    def handle(self, items):
+        values = [value for value, _ in items]
+        if self.failing in values:
+            raise sa.exc.OperationalError("INSERT", {}, Exception("server closed"))
+        self.handled.append(values)
+        return []
+
+
+@contextmanager
+def all_polled(
+    broker, topics, pg_schema, values: dict[int, list[str]], failing: str
+) -> Iterator[tuple[FailsOn, dict[tuple[int, int], ConsumerRecord]]]:
+    """A fresh topic holding ``values`` by partition, and a :class:`FailsOn` consumer that has
+    polled every one of them (records by (partition, offset))."""
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=100)
+    topic = topics["queries_topic"]
+    ensure_topics(settings, [topic], partitions=len(values))
+    producer = make_producer(settings)
+    for partition, events in values.items():
+        for value in events:
+            producer.send(topic, value=value.encode(), partition=partition)
+    producer.flush()
+    consumer = make_consumer(settings, topic, topics["queries_group"])
+    handler = FailsOn(consumer, producer, topics["dlq_topic"], failing=failing)
+    try:
+        polled: list[ConsumerRecord] = []
+        total = sum(len(events) for events in values.values())
+        wait_for(lambda: polled.extend(handler.poll(500)) or len(polled) == total, message="all")
+        yield handler, {(r.partition, r.offset): r for r in polled}
+    finally:
+        consumer.close()
+        producer.close()
+
+
 def test_a_one_at_a_time_retry_cut_short_rewinds_the_batch_polled_ahead_on_every_partition(
     broker, topics, pg_schema
 ):
@@ -253,45 +304,16 @@ def test_a_one_at_a_time_retry_cut_short_rewinds_the_batch_polled_ahead_on_every
     with [p0@1, p1@1] polled ahead is retried one event at a time: p0@0 is handled and
     committed, then p1@0 meets Postgres down. Each partition must go back to its first event
     not handled: p1 to 0, and p0 to 1 (its position had passed its events polled ahead)."""
-    from kafka import TopicPartition
-
-    from consumers.batch import BatchConsumer
-    from consumers.kafka_io import make_consumer, make_producer
-
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=100)
-    topic = topics["queries_topic"]
-    ensure_topics(settings, [topic], partitions=2)
-    producer = make_producer(settings)
-    for partition in (0, 1):
-        for i in range(10):
-            producer.send(topic, value=f"{partition}-{i}".encode(), partition=partition)
-    producer.flush()
-
-    class Handler(BatchConsumer):
-        def validate(self, raw):
-            return raw.decode()
-
-        def handle(self, items):
-            for value, _ in items:
-                if value == "1-0":
-                    raise sa.exc.OperationalError("INSERT", {}, Exception("server closed"))
-            return []
-
-    consumer = make_consumer(settings, topic, topics["queries_group"])
-    handler = Handler(consumer, producer, topics["dlq_topic"])
-    try:
-        polled: list = []
-        wait_for(lambda: polled.extend(handler.poll(500)) or len(polled) == 20, message="20")
-        at = {(r.partition, r.offset): r for r in polled}
-        p0, p1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    values = {p: [f"{p}-{i}" for i in range(10)] for p in (0, 1)}
+    with all_polled(broker, topics, pg_schema, values, failing="1-0") as (handler, at):
+        p0, p1 = (TopicPartition(topics["queries_topic"], p) for p in (0, 1))
+        consumer = handler.consumer
         assert consumer.position(p0) == consumer.position(p1) == 10
         with pytest.raises(sa.exc.OperationalError):
             handler.isolate([at[0, 0], at[1, 0]], [at[0, 1], at[1, 1]])
+        assert handler.handled == [["0-0"]]
         assert consumer.committed(p0) == 1  # p0@0 handled
         assert (consumer.position(p0), consumer.position(p1)) == (1, 0)
-    finally:
-        consumer.close()
-        producer.close()
 
 
 def test_on_stop_the_batches_polled_ahead_are_finished_in_order_up_to_the_first_failing(
@@ -300,42 +322,10 @@ def test_on_stop_the_batches_polled_ahead_are_finished_in_order_up_to_the_first_
     """Stopping with two batches polled ahead: the first is handled and committed; the second
     fails (Postgres down), so it is left uncommitted and the consumer is sought back to it,
     and the third, after it, is not handled at all."""
-    from kafka import TopicPartition
-
-    from consumers.batch import BatchConsumer
-    from consumers.kafka_io import make_consumer, make_producer
-
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=100)
-    topic = topics["queries_topic"]
-    ensure_topics(settings, [topic])
-    producer = make_producer(settings)
-    for i in range(6):
-        producer.send(topic, value=str(i).encode(), partition=0)
-    producer.flush()
-    handled: list[list[str]] = []
-
-    class Handler(BatchConsumer):
-        def validate(self, raw):
-            return raw.decode()
-
-        def handle(self, items):
-            values = [value for value, _ in items]
-            if "2" in values:
-                raise sa.exc.OperationalError("INSERT", {}, Exception("server closed"))
-            handled.append(values)
-            return []
-
-    consumer = make_consumer(settings, topic, topics["queries_group"])
-    handler = Handler(consumer, producer, topics["dlq_topic"])
-    try:
-        polled: list = []
-        wait_for(lambda: polled.extend(handler.poll(500)) or len(polled) == 6, message="6")
-        handler.finish([polled[0:2], polled[2:4], polled[4:6]])
-        assert handled == [["0", "1"]]
-        tp = TopicPartition(topic, 0)
-        assert consumer.committed(tp) == 2  # the first batch, and no further
-        assert consumer.position(tp) == 2  # the next start polls the failed batch again
+    with all_polled(broker, topics, pg_schema, {0: list("012345")}, failing="2") as (handler, at):
+        handler.finish([[at[0, 0], at[0, 1]], [at[0, 2], at[0, 3]], [at[0, 4], at[0, 5]]])
+        assert handler.handled == [["0", "1"]]
+        tp = TopicPartition(topics["queries_topic"], 0)
+        assert handler.consumer.committed(tp) == 2  # the first batch, and no further
+        assert handler.consumer.position(tp) == 2  # the next start polls the failed batch again
         assert handler.stats.failures == 1
-    finally:
-        consumer.close()
-        producer.close()
