@@ -99,9 +99,18 @@ class Service:
         # here, so that restoring the policy replays rewards as the live service applies them;
         # undone by stop().
         blas = threadpool_limits(1, user_api="blas")
+        built_gateway = None
         try:
+            check_schema(engine)
+            commits_are_durable(engine)
+            # the arms before the policy and the model: a missing API key or SDK extra is
+            # told at once, not after restoring the policy and loading the model
+            if gateway is None:
+                gateway = built_gateway = Gateway(config)
             return cls._assemble(settings, config, engine, embedder, gateway, blas)
         except BaseException:  # not built (no schema, Postgres down…): leave nothing behind
+            if built_gateway is not None:
+                built_gateway.close()
             engine.dispose()
             blas.restore_original_limits()
             raise
@@ -113,11 +122,9 @@ class Service:
         config: AppConfig,
         engine: Engine,
         embedder: Embedder | None,
-        gateway: Gateway | None,
+        gateway: Gateway,
         blas: threadpool_limits,
     ) -> Service:
-        check_schema(engine)
-        commits_are_durable(engine)
         budget = None
         if settings.budget_usd_per_query is not None:
             budget = BudgetPacer(
@@ -132,7 +139,6 @@ class Service:
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
         embedder = embedder or Embedder.from_settings(settings)
-        gateway = gateway or Gateway(config)
         decider = Decider(config, engine, live, embedder, gateway, rewards)
         learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)
         return cls(settings, config, engine, live, decider, learner, blas_limits=blas)

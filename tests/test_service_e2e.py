@@ -177,6 +177,37 @@ def test_a_build_that_fails_leaves_blas_and_postgres_as_they_were(tmp_path, embe
     assert open_connections == 0
 
 
+def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, monkeypatch):
+    """The arms are built first: an unset API key fails the build at once, naming its
+    variable, not after the policy is restored and the embedding model loaded (here the model
+    path does not exist, so loading it first would fail with another error)."""
+    from producers.demo_data import TASKS
+    from service.config import parse_config
+
+    monkeypatch.delenv("METALLM_TEST_UNSET_KEY", raising=False)
+    config = parse_config(
+        {
+            "tasks": TASKS,
+            "arms": [
+                {
+                    "name": "remote",
+                    "provider": "openai",
+                    "model": "m",
+                    "base_url": "http://127.0.0.1:9/v1",
+                    "api_key_env": "METALLM_TEST_UNSET_KEY",
+                }
+            ],
+        }
+    )
+    settings = Settings(
+        database_url=DATABASE_URL,
+        database_schema=pg_schema,
+        embedding_model=str(tmp_path / "no-such-model"),
+    )
+    with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
+        Service.build(settings, config=config)
+
+
 def metrics_text(service: Service) -> str:
     url = f"http://127.0.0.1:{service.metrics_server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
