@@ -72,6 +72,10 @@ class Embedder:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = Path(model) if model else default_model_path()
+        if not path.is_dir():
+            raise FileNotFoundError(
+                f"METALLM_EMBEDDING_MODEL: {path} is not a folder (a sentence-transformers model)"
+            )
         name = DEFAULT_MODEL_NAME if model is None else str(model)
         # int8 vectors differ slightly from float32 ones: stored decisions say which they saw
         self.name = f"{name} (int8)" if backend == "onnx-int8" else name

@@ -59,6 +59,11 @@ def test_the_backend_is_a_setting_with_onnx_by_default(monkeypatch):
         Embedder(backend="tensorrt")  # type: ignore[arg-type]
 
 
+def test_a_model_path_that_is_no_model_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing is not a folder"):
+        Embedder(tmp_path / "nothing")
+
+
 def test_onnx_float32_gives_the_pytorch_vectors(vectors):
     assert vectors["onnx"].shape == (len(TEXTS), 384)
     assert vectors["onnx"].dtype == np.float32
