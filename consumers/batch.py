@@ -25,10 +25,9 @@ from kafka.structs import OffsetAndMetadata
 
 from service import metrics
 from service.events import InvalidEvent, dlq_record
+from service.settings import MAX_QUERIES_KEPT
 
 log = logging.getLogger(__name__)
-
-MAX_VALIDATED = 20_000  # events validated when polled and not processed yet (dropped batches)
 
 
 @dataclass(frozen=True)
@@ -140,7 +139,7 @@ class BatchConsumer:
                 continue
             self._validated[(record.topic, record.partition, record.offset)] = event
             events.append(event)
-        while len(self._validated) > MAX_VALIDATED:  # those of dropped batches: oldest first
+        while len(self._validated) > MAX_QUERIES_KEPT:  # those of dropped batches: oldest first
             self._validated.pop(next(iter(self._validated)))
         if events:
             self.prepare(events)

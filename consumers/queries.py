@@ -9,6 +9,7 @@ from consumers.batch import BatchConsumer, Outgoing
 from service import metrics
 from service.events import QueryEvent
 from service.pipeline import Decider, QueryRecord
+from service.settings import QUERY_BATCHES_HELD
 
 
 class QueryConsumer(BatchConsumer):
@@ -16,7 +17,7 @@ class QueryConsumer(BatchConsumer):
     # the next batches' LLMs are called while this one is stored. Two: with one, a batch that
     # took long to store or publish (Postgres, the broker: 50–350 ms now and then) left the
     # embedder idle until it was done (benchmarks/README.md, sixth pass)
-    lookahead = 2
+    lookahead = QUERY_BATCHES_HELD - 1  # 2
 
     def __init__(
         self,

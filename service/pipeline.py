@@ -34,13 +34,13 @@ from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.policy.base import Choice
 from service.reward import RewardSettings, reward
+from service.settings import MAX_QUERIES_KEPT
 from service.storage import AppliedReward
 from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
 
-MAX_STARTED = 20_000  # calls kept for queries not stored yet (ahead, or their batch failed)
 CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
 EMBED_WORKERS = 2  # batches embedded (and chosen for) at once: see Decider.__init__
 
@@ -257,7 +257,7 @@ class Decider:
         for row, event in enumerate(events):
             self._started.pop(event.query_id, None)
             self._started[event.query_id] = _Pending(event, job, row)
-        while len(self._started) > MAX_STARTED:  # bounded: oldest first
+        while len(self._started) > MAX_QUERIES_KEPT:  # bounded: oldest first
             self._started.pop(next(iter(self._started)))
 
     def _calls(self, events: list[QueryEvent]) -> list[Called]:

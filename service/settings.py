@@ -15,6 +15,14 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from service.embedding import DEFAULT_BACKEND, Backend
 
+MAX_POLL_RECORDS = 5000  # the most events a consumer takes in one poll (poll_max_records)
+#: Query batches a query consumer holds at once: the one being handled and those polled
+#: ahead of it (``consumers.queries.QueryConsumer.lookahead`` is this less one).
+QUERY_BATCHES_HELD = 3
+#: A bound on what is kept per query not handled yet (events validated when polled, calls
+#: started ahead): every batch held, and one more for those a rebalance or rewind dropped.
+MAX_QUERIES_KEPT = MAX_POLL_RECORDS * (QUERY_BATCHES_HELD + 1)
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
@@ -38,7 +46,7 @@ class Settings(BaseSettings):
     labels_group: str = "metallm-learners"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
-    poll_max_records: int = Field(64, ge=1, le=5000)  # 3 batches' calls kept at once (2 ahead)
+    poll_max_records: int = Field(64, ge=1, le=MAX_POLL_RECORDS)
 
     # Postgres
     database_url: str = Field(
