@@ -401,8 +401,15 @@ class ServiceProcess:
     def go(self) -> ServiceProcess:
         """Let a standby process build the service and serve (it restores the policy now)."""
         assert self.process is not None and self.process.stdin is not None
-        self.process.stdin.write(b"go\n")
-        self.process.stdin.close()
+        try:
+            self.process.stdin.write(b"go\n")
+            self.process.stdin.close()
+        except BrokenPipeError:  # it died while standing by: say why, not "broken pipe"
+            code = self.process.wait()
+            raise AssertionError(
+                f"the standby service exited ({code}) before it was told to go; its log ends:\n"
+                + self.log()[-3000:]
+            ) from None
         self.started_at = time.monotonic()
         return self
 
