@@ -82,6 +82,31 @@ class OpenAIProvider:
             return {"guided_choice": list(prompt.answers)}
         return None
 
+    def request_body(
+        self, text: str, extra_body: dict[str, Any] | None = None, **kwargs: Any
+    ) -> tuple[str, dict[str, Any]]:
+        """The path (under ``base_url``) and JSON body of a completion request for ``text``."""
+        body: dict[str, Any] = {"model": self.arm.model, "temperature": 0.0, **kwargs}
+        if self.arm.api == "chat":
+            body["messages"] = [{"role": "user", "content": text}]
+            path = "/chat/completions"
+        else:
+            body["prompt"] = text
+            path = "/completions"
+        body.update(extra_body or {})
+        return path, body
+
+    def read_reply(self, raw: bytes, read_logprobs: bool) -> _Reply:
+        """A completion's JSON, read; a body that is not one raises :class:`LLMError` showing
+        (the redacted start of) what came."""
+        try:
+            return self._reply(json.loads(raw), read_logprobs)
+        except (ValueError, LookupError, TypeError, AttributeError):
+            # not JSON, or not a completion: show (the start of) what came; not retried, the
+            # server answered. Redacted before it is cut, so no part of a key survives
+            shown = (redact(raw.decode("utf-8", "replace"), self._secrets) or "")[:200]
+            raise LLMError(f"openai: the response is not a completion: {shown!r}") from None
+
     async def _create(
         self,
         text: str,
@@ -96,25 +121,12 @@ class OpenAIProvider:
         ``completions.create``'s generic parameter transform, a no-op for these few plain
         values, and building the typed response model, of which only a few fields are read
         (``cast_to=bytes``, one of the raw types the SDK's ``post`` returns as they are)."""
-        body: dict[str, Any] = {"model": self.arm.model, "temperature": 0.0, **kwargs}
-        if self.arm.api == "chat":
-            body["messages"] = [{"role": "user", "content": text}]
-            path = "/chat/completions"
-        else:
-            body["prompt"] = text
-            path = "/completions"
-        body.update(extra_body or {})
+        path, body = self.request_body(text, extra_body, **kwargs)
         try:
             raw = await self.client.post(path, body=body, cast_to=bytes)
         except self.sdk.OpenAIError as exc:
             raise sdk_error(exc, self.sdk, "openai", self._secrets) from None
-        try:
-            return self._reply(json.loads(raw), "logprobs" in body)
-        except (ValueError, LookupError, TypeError, AttributeError):
-            # not JSON, or not a completion: show (the start of) what came; not retried, the
-            # server answered. Redacted before it is cut, so no part of a key survives
-            shown = (redact(raw.decode("utf-8", "replace"), self._secrets) or "")[:200]
-            raise LLMError(f"openai: the response is not a completion: {shown!r}") from None
+        return self.read_reply(raw, "logprobs" in body)
 
     def _reply(self, response: dict[str, Any], read_logprobs: bool) -> _Reply:
         """The answer, token counts and (if asked for) first-token log-probabilities of a
