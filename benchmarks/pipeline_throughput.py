@@ -7,7 +7,9 @@
     of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
     (target: ≥ 0.8); and the gateway alone on the OpenAI SDK's two transports (aiohttp, the
     default, and httpx), for the CPU each costs per call, next to a plain aiohttp POST of
-    the same body (no SDK, no gateway: what the SDK's request path costs).
+    the same body (no SDK, no gateway: what the SDK's request path costs). A what-if leg runs
+    the pipeline again with the arms' requests POSTed by plain aiohttp instead of the SDK
+    (:func:`plain_post_provider`; not a service option): what (b) would be without the SDK.
 
 Both use the service's embedding backend (``METALLM_EMBEDDING_BACKEND``, default ``onnx``;
 ``--backend`` to choose another): a faster backend raises (b)'s baseline as much as the
@@ -209,6 +211,40 @@ def rows(n: int) -> list[dict]:
     ]
 
 
+def plain_post_provider(arm):
+    """The openai adapter with its request POSTed by plain aiohttp instead of the SDK: a
+    what-if reference for (b), not a service option (the issue asks for the official SDK).
+    Same body and reply parsing as the adapter; a status >= 400 fails the call."""
+    import aiohttp
+
+    from service.llm.base import LLMError
+    from service.llm.openai_api import OpenAIProvider
+
+    class PlainPost(OpenAIProvider):
+        session: aiohttp.ClientSession | None = None
+
+        async def _create(self, text, extra_body=None, **kwargs):
+            if self.session is None:  # made on the calls' loop, at its first call
+                self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+            path, body = self.request_body(text, extra_body, **kwargs)
+            async with self.session.post(
+                f"{self.arm.base_url}{path}",
+                data=json.dumps(body).encode(),
+                headers={"Authorization": "Bearer unused", "Content-Type": "application/json"},
+            ) as response:
+                if response.status >= 400:
+                    raise LLMError(f"HTTP {response.status}", response.status >= 500)
+                raw = await response.read()
+            return self.read_reply(raw, "logprobs" in body)
+
+        async def aclose(self) -> None:
+            if self.session is not None:
+                await self.session.close()
+            await super().aclose()
+
+    return PlainPost(arm)
+
+
 def run_pipeline(
     broker: str,
     database_url: str,
@@ -217,9 +253,11 @@ def run_pipeline(
     n: int,
     in_flight: int,
     times: RunTimes | None = None,
+    plain_post: bool = False,
 ) -> dict:
     """Publish ``n`` queries, run the service until all are decided; steady-state rate (and,
-    with ``times``, how the embedder spent the run)."""
+    with ``times``, how the embedder spent the run). ``plain_post``: the arms send their
+    requests with :func:`plain_post_provider` instead of the SDK."""
     import sqlalchemy as sa
     from kafka import KafkaProducer
 
@@ -269,7 +307,12 @@ def run_pipeline(
 
     engine = make_engine(database_url, schema)
     endpoint.stats(reset=True)
-    service = Service.build(settings, config=config, embedder=embedder)
+    gateway = None
+    if plain_post:
+        from service.llm.gateway import Gateway
+
+        gateway = Gateway(config, {a.name: plain_post_provider(a) for a in config.arms})
+    service = Service.build(settings, config=config, embedder=embedder, gateway=gateway)
     started: list[float] = []
     call_ahead = service.decider.call_ahead
 
@@ -545,7 +588,7 @@ def main() -> int:
             ratio = statistics.median(gw_many) / statistics.median(gw_one)
             print(f"  speed-up       {ratio:8.1f}×")
 
-            e2e, raw, statuses = [], [], {}
+            e2e, e2e_plain, raw, statuses = [], [], [], {}
             transports: dict[str, list[tuple[float, float]]] = {
                 "aiohttp": [],
                 "httpx": [],
@@ -561,12 +604,20 @@ def main() -> int:
                 traced["(b)"].extend([result["embedder"]] if times else [])
                 e2e.append(result["rate"])
                 statuses = result["statuses"]
+                result = run_pipeline(
+                    broker.bootstrap, database_url, embedder, instant, n_instant, 64, None, True
+                )
+                e2e_plain.append(result["rate"])
             print("\n(b) instant endpoint: events/s")
             print(f"  end to end     {median_of(e2e)}")
             print(f"  raw embedding  {median_of(raw)}")
             ratio = statistics.median(e2e) / statistics.median(raw)
             print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
             print(f"  statuses of the last run: {statuses}")
+            print("  what-if: the arms' requests POSTed by plain aiohttp, not the OpenAI SDK")
+            print(f"  end to end     {median_of(e2e_plain)}")
+            plain_ratio = statistics.median(e2e_plain) / statistics.median(raw)
+            print(f"  ratio          {plain_ratio:8.2f}")
             print_gateway(transports)
             if times is not None:
                 print_trace(traced)
