@@ -153,6 +153,29 @@ def counting_gateway(config: AppConfig) -> Gateway:
     return Gateway(config, {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms})
 
 
+def record_closes(monkeypatch) -> list[str]:
+    """Make the gateway build its real providers as usual, each one's ``close()`` recorded by
+    its arm's name in the list returned."""
+    from service.llm import gateway as gateway_module
+
+    closed: list[str] = []
+    build = gateway_module.build_provider
+
+    def recording(arm):
+        provider = build(arm)
+        close = provider.close
+
+        def recorded_close() -> None:
+            closed.append(arm.name)
+            close()
+
+        provider.close = recorded_close
+        return provider
+
+    monkeypatch.setattr(gateway_module, "build_provider", recording)
+    return closed
+
+
 def build_service(settings: Settings, config: AppConfig, embedder) -> Service:
     """The real service, its arms replay arms that count their calls."""
     return Service.build(

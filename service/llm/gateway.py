@@ -181,11 +181,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.arms = {arm.name: arm for arm in config.arms}
-        self.providers = (
-            providers
-            if providers is not None
-            else {arm.name: build_provider(arm) for arm in config.arms}
-        )
+        self.providers = providers if providers is not None else self._build(config)
         self.breakers = {
             arm.name: CircuitBreaker(arm.breaker_failures, arm.breaker_cooldown_seconds, clock)
             for arm in config.arms
@@ -196,6 +192,20 @@ class Gateway:
         self._slots: asyncio.Semaphore | None = None
         self.in_flight = 0
         self.peak_in_flight = 0
+
+    @staticmethod
+    def _build(config: AppConfig) -> dict[str, Provider]:
+        """One provider per arm; if one cannot be built (a missing key or extra), those built
+        before it are closed (a local model's memory is freed) before the error goes on."""
+        built: dict[str, Provider] = {}
+        try:
+            for arm in config.arms:
+                built[arm.name] = build_provider(arm)
+        except BaseException:
+            for provider in built.values():
+                provider.close()
+            raise
+        return built
 
     # ------------------------------------------------------------------ candidate set
     def available_arms(self) -> list[str]:

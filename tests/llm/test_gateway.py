@@ -322,3 +322,29 @@ def test_score_mode_scores_are_carried_to_the_result() -> None:
     gw = Gateway(config({"a": {}}), {"a": Scripted(default=Completion("yes", 5, 0, scores=scores))})
     result = run(gw.call("a", request()))
     assert result.prediction == "yes" and result.answer_scores == scores
+
+
+def test_arms_built_before_one_that_cannot_be_are_closed(tmp_path, monkeypatch) -> None:
+    """An arm that cannot be built (its API key unset) fails the gateway; the arms built
+    before it are closed (a local model's memory freed), not left to the garbage collector."""
+    pytest.importorskip("openai")
+    from tests.helpers import record_closes
+
+    closed = record_closes(monkeypatch)
+    monkeypatch.delenv("METALLM_TEST_UNSET_KEY", raising=False)
+    outcomes = tmp_path / "o.jsonl"
+    outcomes.write_text("")
+    arms = config({"first": {"outcomes": str(outcomes)}}).arms
+    remote = {"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
+    broken = parse_config(
+        {
+            "tasks": {"t": TASK},
+            "arms": [
+                arms[0].model_dump(),
+                {"name": "remote", **remote, "api_key_env": "METALLM_TEST_UNSET_KEY"},
+            ],
+        }
+    )
+    with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
+        Gateway(broken)
+    assert closed == ["first"]
