@@ -91,6 +91,10 @@ class Service:
         embedder: Embedder | None = None,
         gateway: Gateway | None = None,
     ) -> Service:
+        """Check the schema, build the arms, restore the policy, load the embedding model.
+        ``config``, ``embedder`` and ``gateway`` default to those the settings describe. A
+        gateway passed in belongs to the service once built (:meth:`stop` closes it); if the
+        build fails, it is left to the caller, and everything the build made is closed."""
         config = config or load_config(settings.config)
         engine = make_engine(settings.database_url, settings.database_schema)  # connects lazily
         # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
@@ -110,7 +114,10 @@ class Service:
             return cls._assemble(settings, config, engine, embedder, gateway, blas)
         except BaseException:  # not built (no schema, Postgres down…): leave nothing behind
             if built_gateway is not None:
-                built_gateway.close()
+                try:
+                    built_gateway.close()
+                except Exception:  # the build's own error is the one to tell
+                    log.warning("closing the arms of a failed build failed", exc_info=True)
             engine.dispose()
             blas.restore_original_limits()
             raise

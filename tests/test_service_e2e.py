@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 from consumers.kafka_io import ensure_topics
 from consumers.runner import SchemaMissing, Service
 from service import storage
+from service.llm.gateway import Gateway
 from service.settings import Settings
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
@@ -26,6 +27,7 @@ from tests.helpers import (
     label_bytes,
     query_bytes,
     read_topic,
+    record_closes,
     replay_config,
     send,
     settings_for,
@@ -181,6 +183,7 @@ def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, m
     """The arms are built first: an unset API key fails the build at once, naming its
     variable, not after the policy is restored and the embedding model loaded (here the model
     path does not exist, so loading it first would fail with another error)."""
+    pytest.importorskip("openai")
     from producers.demo_data import TASKS
     from service.config import parse_config
 
@@ -206,6 +209,28 @@ def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, m
     )
     with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
         Service.build(settings, config=config)
+
+
+def test_a_build_failing_after_the_arms_closes_the_arms_it_built(pg_schema, tmp_path, monkeypatch):
+    """The gateway that build made is closed when a later step fails (here loading the
+    embedding model); a gateway passed in is the caller's."""
+    closed = record_closes(monkeypatch)
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
+    settings = Settings(
+        database_url=DATABASE_URL,
+        database_schema=pg_schema,
+        embedding_model=str(tmp_path / "no-such-model"),
+    )
+    with pytest.raises(FileNotFoundError, match="METALLM_EMBEDDING_MODEL"):
+        Service.build(settings, config=config)
+    assert sorted(closed) == sorted(ARMS)
+
+    closed.clear()
+    passed_in = Gateway(config)
+    with pytest.raises(FileNotFoundError, match="METALLM_EMBEDDING_MODEL"):
+        Service.build(settings, config=config, gateway=passed_in)
+    assert closed == []
+    passed_in.close()
 
 
 def metrics_text(service: Service) -> str:
