@@ -25,7 +25,7 @@ from kafka.structs import OffsetAndMetadata
 
 from service import metrics
 from service.events import InvalidEvent, dlq_record
-from service.settings import MAX_QUERIES_KEPT
+from service.settings import MAX_POLL_RECORDS
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,8 @@ class BatchConsumer:
                 continue
             self._validated[(record.topic, record.partition, record.offset)] = event
             events.append(event)
-        while len(self._validated) > MAX_QUERIES_KEPT:  # those of dropped batches: oldest first
+        # bounded: every batch held, and one more of events a rebalance or rewind dropped
+        while len(self._validated) > MAX_POLL_RECORDS * (self.lookahead + 2):  # oldest first
             self._validated.pop(next(iter(self._validated)))
         if events:
             self.prepare(events)

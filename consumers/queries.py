@@ -17,7 +17,7 @@ class QueryConsumer(BatchConsumer):
     # the next batches' LLMs are called while this one is stored. Two: with one, a batch that
     # took long to store or publish (Postgres, the broker: 50–350 ms now and then) left the
     # embedder idle until it was done (benchmarks/README.md, sixth pass)
-    lookahead = QUERY_BATCHES_HELD - 1  # 2
+    lookahead = QUERY_BATCHES_HELD - 1
 
     def __init__(
         self,

@@ -19,8 +19,8 @@ MAX_POLL_RECORDS = 5000  # the most events a consumer takes in one poll (poll_ma
 #: Query batches a query consumer holds at once: the one being handled and those polled
 #: ahead of it (``consumers.queries.QueryConsumer.lookahead`` is this less one).
 QUERY_BATCHES_HELD = 3
-#: A bound on what is kept per query not handled yet (events validated when polled, calls
-#: started ahead): every batch held, and one more for those a rebalance or rewind dropped.
+#: A bound on the calls the decider keeps for queries not stored yet (started ahead): every
+#: batch held, and one more for those a rebalance or rewind dropped.
 MAX_QUERIES_KEPT = MAX_POLL_RECORDS * (QUERY_BATCHES_HELD + 1)
 
 
