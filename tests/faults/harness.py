@@ -405,7 +405,7 @@ class ServiceProcess:
             self.process.stdin.write(b"go\n")
             self.process.stdin.close()
         except BrokenPipeError:  # it died while standing by: say why, not "broken pipe"
-            code = self.process.wait()
+            code = self.process.wait(timeout=30)
             raise AssertionError(
                 f"the standby service exited ({code}) before it was told to go; its log ends:\n"
                 + self.log()[-3000:]
