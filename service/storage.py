@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-from psycopg.types.json import Jsonb
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -175,7 +174,7 @@ def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[s
     if not rows:
         return {}
     columns = tuple(rows[0])
-    sql, to_driver = _insert_decisions_plan(columns)
+    sql, to_driver = _insert_decisions_plan(columns, conn.dialect)
     pairs = list(zip(columns, to_driver, strict=True))
     params = [[convert(row[name]) for name, convert in pairs] for row in rows]
     if not conn.in_transaction():  # the driver's cursor does not start SQLAlchemy's
@@ -214,39 +213,29 @@ def _as_sqlalchemy_errors(conn: Connection, statement: str) -> Iterator[None]:
 
 @functools.cache
 def _insert_decisions_plan(
-    columns: tuple[str, ...],
+    columns: tuple[str, ...], dialect: sa.engine.Dialect
 ) -> tuple[str, tuple[Callable[[Any], Any], ...]]:
-    """The INSERT for rows of these columns, and per column how a value goes to psycopg, as
-    SQLAlchemy would send it: JSONB as JSON (``None`` as JSON null, unless the column stores
-    it as SQL NULL), the rest as it is. Made once per set of columns."""
+    """The INSERT for rows of these columns, and per column how a value goes to the driver:
+    SQLAlchemy's own bind processor for the column's type (JSONB wrapped as JSON, ``None`` as
+    JSON null unless the column stores SQL NULL…), so values are sent as its INSERT sends
+    them. Made once per set of columns."""
     unknown = [name for name in columns if name not in decisions.c]
     if unknown:
         raise KeyError(f"decisions has no column {', '.join(unknown)}")
-    quote = postgresql.dialect().identifier_preparer.quote
+    quote = dialect.identifier_preparer.quote
     sql = (
         f"INSERT INTO decisions ({', '.join(quote(name) for name in columns)}) "
         f"VALUES ({', '.join(['%s'] * len(columns))}) "
         "ON CONFLICT (query_id) DO NOTHING RETURNING query_id, decision_seq"
     )
-    return sql, tuple(_to_driver(decisions.c[name].type) for name in columns)
+    processors = (
+        decisions.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in columns
+    )
+    return sql, tuple(process or _as_is for process in processors)
 
 
 def _as_is(value: Any) -> Any:
     return value
-
-
-def _json(value: Any) -> Jsonb:
-    return Jsonb(value)
-
-
-def _json_or_null(value: Any) -> Jsonb | None:
-    return None if value is None else Jsonb(value)
-
-
-def _to_driver(kind: sa.types.TypeEngine) -> Callable[[Any], Any]:
-    if isinstance(kind, postgresql.JSONB):
-        return _json_or_null if kind.none_as_null else _json
-    return _as_is
 
 
 def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
