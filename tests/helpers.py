@@ -153,6 +153,18 @@ def counting_gateway(config: AppConfig) -> Gateway:
     return Gateway(config, {a.name: CountingReplay(a.outcomes, a.model) for a in config.arms})
 
 
+def arm_with_an_unset_key(monkeypatch) -> dict:
+    """An openai arm whose API key variable is not set (so the arm cannot be built)."""
+    monkeypatch.delenv("METALLM_TEST_UNSET_KEY", raising=False)
+    return {
+        "name": "remote",
+        "provider": "openai",
+        "model": "m",
+        "base_url": "http://127.0.0.1:9/v1",
+        "api_key_env": "METALLM_TEST_UNSET_KEY",
+    }
+
+
 def record_closes(monkeypatch) -> list[str]:
     """Make the gateway build its real providers as usual, each one's ``close()`` recorded by
     its arm's name in the list returned."""

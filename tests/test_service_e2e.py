@@ -19,7 +19,9 @@ from service.settings import Settings
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
     ARMS,
+    TASKS,
     CountingReplay,
+    arm_with_an_unset_key,
     build_service,
     committed_offset,
     count,
@@ -179,36 +181,25 @@ def test_a_build_that_fails_leaves_blas_and_postgres_as_they_were(tmp_path, embe
     assert open_connections == 0
 
 
+def settings_without_a_model(schema: str, tmp_path) -> Settings:
+    """Settings whose embedding model path does not exist: a build fails loading it."""
+    return Settings(
+        database_url=DATABASE_URL,
+        database_schema=schema,
+        embedding_model=str(tmp_path / "no-such-model"),
+    )
+
+
 def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, monkeypatch):
     """The arms are built first: an unset API key fails the build at once, naming its
     variable, not after the policy is restored and the embedding model loaded (here the model
     path does not exist, so loading it first would fail with another error)."""
     pytest.importorskip("openai")
-    from producers.demo_data import TASKS
     from service.config import parse_config
 
-    monkeypatch.delenv("METALLM_TEST_UNSET_KEY", raising=False)
-    config = parse_config(
-        {
-            "tasks": TASKS,
-            "arms": [
-                {
-                    "name": "remote",
-                    "provider": "openai",
-                    "model": "m",
-                    "base_url": "http://127.0.0.1:9/v1",
-                    "api_key_env": "METALLM_TEST_UNSET_KEY",
-                }
-            ],
-        }
-    )
-    settings = Settings(
-        database_url=DATABASE_URL,
-        database_schema=pg_schema,
-        embedding_model=str(tmp_path / "no-such-model"),
-    )
+    config = parse_config({"tasks": TASKS, "arms": [arm_with_an_unset_key(monkeypatch)]})
     with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
-        Service.build(settings, config=config)
+        Service.build(settings_without_a_model(pg_schema, tmp_path), config=config)
 
 
 def test_a_build_failing_after_the_arms_closes_the_arms_it_built(pg_schema, tmp_path, monkeypatch):
@@ -216,11 +207,7 @@ def test_a_build_failing_after_the_arms_closes_the_arms_it_built(pg_schema, tmp_
     embedding model); a gateway passed in is the caller's."""
     closed = record_closes(monkeypatch)
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
-    settings = Settings(
-        database_url=DATABASE_URL,
-        database_schema=pg_schema,
-        embedding_model=str(tmp_path / "no-such-model"),
-    )
+    settings = settings_without_a_model(pg_schema, tmp_path)
     with pytest.raises(FileNotFoundError, match="METALLM_EMBEDDING_MODEL"):
         Service.build(settings, config=config)
     assert sorted(closed) == sorted(ARMS)

@@ -328,22 +328,14 @@ def test_arms_built_before_one_that_cannot_be_are_closed(tmp_path, monkeypatch) 
     """An arm that cannot be built (its API key unset) fails the gateway; the arms built
     before it are closed (a local model's memory freed), not left to the garbage collector."""
     pytest.importorskip("openai")
-    from tests.helpers import record_closes
+    from tests.helpers import arm_with_an_unset_key, record_closes
 
     closed = record_closes(monkeypatch)
-    monkeypatch.delenv("METALLM_TEST_UNSET_KEY", raising=False)
     outcomes = tmp_path / "o.jsonl"
     outcomes.write_text("")
-    arms = config({"first": {"outcomes": str(outcomes)}}).arms
-    remote = {"provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
+    first = {"name": "first", "provider": "replay", "model": "first", "outcomes": str(outcomes)}
     broken = parse_config(
-        {
-            "tasks": {"t": TASK},
-            "arms": [
-                arms[0].model_dump(),
-                {"name": "remote", **remote, "api_key_env": "METALLM_TEST_UNSET_KEY"},
-            ],
-        }
+        {"tasks": {"t": TASK}, "arms": [first, arm_with_an_unset_key(monkeypatch)]}
     )
     with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
         Gateway(broken)
