@@ -6,10 +6,10 @@
 (b) Overhead. The arms answer at once. End-to-end decisions/s against the raw embedding rate
     of the same texts (``Embedder.embed`` in batches of 64) measured in the same run
     (target: ≥ 0.8); and the gateway alone on the OpenAI SDK's two transports (aiohttp, the
-    default, and httpx), for the CPU each costs per call, next to a plain aiohttp POST of
-    the same body (no SDK, no gateway: what the SDK's request path costs). A what-if leg runs
-    the pipeline again with the arms' requests POSTed by plain aiohttp instead of the SDK
-    (:func:`plain_post_provider`; not a service option): what (b) would be without the SDK.
+    default, and httpx), for the CPU each costs per call, next to the same requests POSTed
+    by plain aiohttp (:func:`plain_post_provider`, a benchmark-only provider: what the SDK's
+    request path costs). A what-if leg runs the pipeline again with that provider: what (b)
+    would be without the SDK.
 
 Both use the service's embedding backend (``METALLM_EMBEDDING_BACKEND``, default ``onnx``;
 ``--backend`` to choose another): a faster backend raises (b)'s baseline as much as the
@@ -363,11 +363,12 @@ def run_pipeline(
 
 
 def gateway_rate(
-    endpoint: Endpoint, n: int, in_flight: int, http_client: str = "aiohttp"
+    endpoint: Endpoint, n: int, in_flight: int, transport: str = "aiohttp"
 ) -> tuple[float, float]:
-    """Calls/s through the Gateway alone (no Kafka, embedding or Postgres), the OpenAI SDK on
-    its ``http_client`` transport, and this process's CPU µs per call (the endpoint runs in
-    its own process; nothing else of this one is busy meanwhile)."""
+    """Calls/s through the Gateway alone (no Kafka, embedding or Postgres) and this process's
+    CPU µs per call (the endpoint runs in its own process; nothing else of this one is busy
+    meanwhile). ``transport``: the OpenAI SDK's ``aiohttp`` or ``httpx`` one, or ``plain``
+    (:func:`plain_post_provider`: no SDK, what its request path costs)."""
     from service.config import TaskConfig, parse_config
     from service.llm.base import CallRequest
     from service.llm.gateway import Gateway
@@ -378,7 +379,7 @@ def gateway_rate(
         "provider": "openai",
         "model": "bench",
         "base_url": endpoint.url,
-        "http_client": http_client,
+        "http_client": "aiohttp" if transport == "plain" else transport,
     }
     config = parse_config(
         {
@@ -393,57 +394,12 @@ def gateway_rate(
     ]
 
     async def run() -> tuple[float, float]:
-        gateway = Gateway(config)
+        providers = {"a": plain_post_provider(config.arms[0])} if transport == "plain" else None
+        gateway = Gateway(config, providers)
         start, cpu = time.perf_counter(), time.process_time()
         await asyncio.gather(*(gateway.call("a", r) for r in requests))
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         await gateway.aclose()
-        return n / elapsed, cpu / n * 1e6
-
-    return asyncio.run(run())
-
-
-def plain_rate(endpoint: Endpoint, n: int, in_flight: int) -> tuple[float, float]:
-    """A reference for :func:`gateway_rate`: the same chat request body POSTed with plain
-    aiohttp (no SDK, no gateway), calls/s and CPU µs per call."""
-    import aiohttp
-
-    from service.config import TaskConfig
-    from service.tasks import build_prompt
-
-    task = TaskConfig(**TASKS["sentiment"])
-    bodies = [
-        json.dumps(
-            {
-                "model": "bench",
-                "temperature": 0.0,
-                "max_tokens": 16,
-                "messages": [
-                    {"role": "user", "content": build_prompt(task, r["text"], task.labels).text}
-                ],
-            }
-        ).encode()
-        for r in rows(n)
-    ]
-    headers = {"Authorization": "Bearer unused", "Content-Type": "application/json"}
-
-    async def run() -> tuple[float, float]:
-        limit = asyncio.Semaphore(in_flight)
-        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=in_flight)) as http:
-
-            async def call(body: bytes) -> None:
-                async with (
-                    limit,
-                    http.post(
-                        f"{endpoint.url}/chat/completions", data=body, headers=headers
-                    ) as response,
-                ):
-                    response.raise_for_status()
-                    json.loads(await response.read())["choices"][0]
-
-            start, cpu = time.perf_counter(), time.process_time()
-            await asyncio.gather(*(call(b) for b in bodies))
-            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         return n / elapsed, cpu / n * 1e6
 
     return asyncio.run(run())
@@ -454,17 +410,12 @@ def print_gateway(transports: dict[str, list[tuple[float, float]]]) -> None:
     aiohttp reference (``transports["plain"]``)."""
     print("  the gateway alone, 64 in flight, by the OpenAI SDK's transport:")
     for name, runs in transports.items():
-        label = "plain aiohttp, no SDK (reference)" if name == "plain" else name
+        label = "plain aiohttp POSTs, no SDK (reference)" if name == "plain" else name
         print(f"  {label}")
         print(f"  {'':<8} calls/s {median_of([r for r, _ in runs])}")
         print(f"  {'':<8} CPU µs/call {median_of([c for _, c in runs])}")
     rates = {name: statistics.median(r for r, _ in runs) for name, runs in transports.items()}
     print(f"  aiohttp/httpx  {rates['aiohttp'] / rates['httpx']:8.2f}×")
-
-
-def measure_transport(endpoint: Endpoint, n: int, name: str) -> tuple[float, float]:
-    """64 in flight: the gateway on one of the SDK's transports, or ``plain`` aiohttp."""
-    return plain_rate(endpoint, n, 64) if name == "plain" else gateway_rate(endpoint, n, 64, name)
 
 
 def gateway_only(repeats: int, n: int) -> None:
@@ -476,7 +427,7 @@ def gateway_only(repeats: int, n: int) -> None:
         gateway_rate(instant, 64, 64)  # warm-up: imports, first connections
         for _ in range(repeats):
             for name, runs in transports.items():
-                runs.append(measure_transport(instant, n, name))
+                runs.append(gateway_rate(instant, n, 64, name))
         print_gateway(transports)
         print(f"\nload average at the end: {load()}")
     finally:
@@ -589,7 +540,8 @@ def main() -> int:
             ratio = statistics.median(gw_many) / statistics.median(gw_one)
             print(f"  speed-up       {ratio:8.1f}×")
 
-            e2e, e2e_plain, raw, statuses, statuses_plain = [], [], [], {}, {}
+            raw: list[float] = []
+            legs: dict[str, list[dict]] = {"sdk": [], "plain": []}  # each run's result
             transports: dict[str, list[tuple[float, float]]] = {
                 "aiohttp": [],
                 "httpx": [],
@@ -597,10 +549,11 @@ def main() -> int:
             }
             for repeat in range(repeats):
                 for name, runs in transports.items():
-                    runs.append(measure_transport(instant, n_instant, name))
+                    runs.append(gateway_rate(instant, n_instant, 64, name))
                 raw.append(embedding_rate(embedder, n_instant))
                 # the SDK and the what-if in turn, each first every other repeat
-                for plain_post in (False, True) if repeat % 2 == 0 else (True, False):
+                for leg in ("sdk", "plain") if repeat % 2 == 0 else ("plain", "sdk"):
+                    leg_times = times if leg == "sdk" else None
                     result = run_pipeline(
                         broker.bootstrap,
                         database_url,
@@ -608,30 +561,25 @@ def main() -> int:
                         instant,
                         n_instant,
                         64,
-                        None if plain_post else times,
-                        plain_post=plain_post,
+                        leg_times,
+                        plain_post=leg == "plain",
                     )
-                    if plain_post:
-                        e2e_plain.append(result["rate"])
-                        statuses_plain = result["statuses"]
-                    else:
-                        traced["(b)"].extend([result["embedder"]] if times else [])
-                        e2e.append(result["rate"])
-                        statuses = result["statuses"]
+                    legs[leg].append(result)
+                    traced["(b)"].extend([result["embedder"]] if leg_times else [])
             print("\n(b) instant endpoint: events/s")
-            print(f"  end to end     {median_of(e2e)}")
             print(f"  raw embedding  {median_of(raw)}")
-            ratio = statistics.median(e2e) / statistics.median(raw)
-            print(f"  ratio          {ratio:8.2f}    target ≥ 0.8")
-            print(f"  statuses of the last run: {statuses}")
-            print(
-                "  what-if (benchmark only, not a service option): the arms' requests POSTed "
-                "by plain aiohttp, not the OpenAI SDK"
-            )
-            print(f"  end to end     {median_of(e2e_plain)}")
-            plain_ratio = statistics.median(e2e_plain) / statistics.median(raw)
-            print(f"  ratio          {plain_ratio:8.2f}")
-            print(f"  statuses of the last run: {statuses_plain}")
+            for leg in ("sdk", "plain"):
+                if leg == "plain":
+                    print(
+                        "  what-if (benchmark only, not a service option): the arms' requests "
+                        "POSTed by plain aiohttp, not the OpenAI SDK"
+                    )
+                rates = [r["rate"] for r in legs[leg]]
+                ratio = statistics.median(rates) / statistics.median(raw)
+                print(f"  end to end     {median_of(rates)}")
+                target = "    target ≥ 0.8" if leg == "sdk" else ""
+                print(f"  ratio          {ratio:8.2f}{target}")
+                print(f"  statuses of the last run: {legs[leg][-1]['statuses']}")
             print_gateway(transports)
             if times is not None:
                 print_trace(traced)
