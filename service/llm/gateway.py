@@ -203,7 +203,10 @@ class Gateway:
                 built[arm.name] = build_provider(arm)
         except BaseException:
             for provider in built.values():
-                provider.close()
+                try:
+                    provider.close()
+                except Exception:  # the arm that could not be built is the error to tell
+                    log.warning("closing a provider failed", exc_info=True)
             raise
         return built
 
