@@ -18,6 +18,7 @@ from typing import Any
 from service.policy.base import Choice, Context, RoutingPolicy
 from service.policy.baselines import RiverThompson, RiverUCB
 from service.policy.checkpoint import CheckpointError, loads, read_header
+from service.policy.hybrid_linucb import HybridLinUCB
 from service.policy.lin_ts import LinTS
 from service.policy.linear import LinearPolicy
 from service.policy.linucb import LinUCB
@@ -27,6 +28,7 @@ from service.policy.regressors import EpsGreedy, RegressorPolicy, Softmax
 POLICIES: dict[str, type[RoutingPolicy]] = {
     "linucb": LinUCB,
     "lin_ts": LinTS,
+    "hybrid_linucb": HybridLinUCB,
     "eps_greedy": EpsGreedy,
     "softmax": Softmax,
     "ucb": RiverUCB,
@@ -53,6 +55,7 @@ __all__ = [
     "Choice",
     "Context",
     "EpsGreedy",
+    "HybridLinUCB",
     "LinTS",
     "LinUCB",
     "LinearPolicy",
