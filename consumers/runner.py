@@ -141,7 +141,12 @@ class Service:
                 lam0=settings.reward_lambda,
             )
         live = LivePolicy(
-            engine, settings.policy, settings.policy_params, settings.checkpoint_every, budget
+            engine,
+            settings.policy,
+            settings.policy_params,
+            settings.checkpoint_every,
+            budget,
+            context=settings.context_builder(config.declared_features()),
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)

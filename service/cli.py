@@ -34,6 +34,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     """Train the policy offline on an outcomes file and store it as the first checkpoint."""
     from consumers.runner import check_schema
+    from service.config import load_config
     from service.embedding import Embedder
     from service.learning import LivePolicy
     from service.outcomes import read_outcomes
@@ -42,13 +43,22 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     records = read_outcomes(args.outcomes)
     if args.limit:
         records = records[: args.limit]
+    # the tasks' declared features are part of the context layout `serve` will use
+    declared = load_config(settings.config).declared_features() if settings.config.exists() else {}
     engine = make_engine(settings.database_url, settings.database_schema)
     check_schema(engine)
-    live = LivePolicy(engine, settings.policy, settings.policy_params, settings.checkpoint_every)
+    live = LivePolicy(
+        engine,
+        settings.policy,
+        settings.policy_params,
+        settings.checkpoint_every,
+        context=settings.context_builder(declared),
+    )
     live.restore()
     print(f"embedding {len(records)} queries…", file=sys.stderr)
     embedder = Embedder.from_settings(settings)
-    contexts = embedder.embed([r.text for r in records]).astype("float64")
+    embeddings = embedder.embed([r.text for r in records])
+    contexts = live.context.stream([(r.task, r.text, r.metadata) for r in records], embeddings)
     n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)
     engine.dispose()
     arms = sorted({a for r in records for a in r.arms})
@@ -317,14 +327,21 @@ def main(argv: list[str] | None = None) -> int:
     from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
-    from service.learning import WarmStartRefused
+    from service.learning import ContextMismatch, WarmStartRefused
     from service.outcomes import OutcomesError
 
     try:
         settings = Settings()
         _setup_logging(args.log_level, settings.log_format)
         return COMMANDS[args.command](settings, args)
-    except (ConfigError, InputFileError, SchemaMissing, OutcomesError, WarmStartRefused) as exc:
+    except (
+        ConfigError,
+        ContextMismatch,
+        InputFileError,
+        SchemaMissing,
+        OutcomesError,
+        WarmStartRefused,
+    ) as exc:
         print(f"metallm: {exc}", file=sys.stderr)
         return 2
     except ValidationError as exc:

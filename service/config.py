@@ -46,6 +46,9 @@ class TaskConfig(BaseModel):
     labels: list[str] = Field(min_length=2)
     instruction: str | None = None
     template: str | None = None
+    #: metadata keys of this task's queries that the router uses, each categorical or numeric
+    #: (see service.context); keys not listed here are stored but not used for routing
+    features: dict[str, Literal["categorical", "numeric"]] = Field(default_factory=dict)
 
     @field_validator("labels")
     @classmethod
@@ -55,6 +58,14 @@ class TaskConfig(BaseModel):
         if len(set(labels)) != len(labels):
             raise ValueError("labels must be distinct")
         return labels
+
+    @field_validator("features")
+    @classmethod
+    def _feature_keys(cls, features: dict[str, str]) -> dict[str, str]:
+        for key in features:
+            if not key or ":" in key or any(c.isspace() for c in key):
+                raise ValueError(f"a feature key is a word without ':' or spaces: {key!r}")
+        return features
 
     @field_validator("template")
     @classmethod
@@ -166,6 +177,19 @@ class AppConfig(BaseModel):
                 raise ValueError(f"arm {arm.name!r} cannot be its own fallback")
         return self
 
+    @model_validator(mode="after")
+    def _features_agree(self) -> AppConfig:
+        kinds: dict[str, tuple[str, str]] = {}
+        for name, task in self.tasks.items():
+            for key, kind in task.features.items():
+                other = kinds.setdefault(key, (kind, name))
+                if other[0] != kind:
+                    raise ValueError(
+                        f"metadata feature {key!r} is {other[0]} in task {other[1]!r} but "
+                        f"{kind} in task {name!r}"
+                    )
+        return self
+
     def fallback_for(self, name: str) -> str | None:
         """The arm that answers when ``name`` fails (never ``name`` itself)."""
         fallback = self.arm(name).fallback or self.gateway.fallback_arm
@@ -180,6 +204,10 @@ class AppConfig(BaseModel):
     @property
     def arm_names(self) -> list[str]:
         return [arm.name for arm in self.arms]
+
+    def declared_features(self) -> dict[str, dict[str, str]]:
+        """Each task's declared metadata features, ``{task: {key: kind}}``."""
+        return {name: dict(task.features) for name, task in self.tasks.items()}
 
 
 def _format_errors(source: str, error: ValidationError) -> str:

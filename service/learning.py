@@ -5,13 +5,19 @@ same lock that then applies them to the in-memory policy, so the policy always e
 "checkpoint + every reward with seq > its watermark, in seq order". After a crash, restore
 loads the newest checkpoint and re-applies exactly those rewards from Postgres.
 
-Budget mode works the same way: every decision's cost moves λ (a :class:`BudgetPacer` kept in
-the policy's checkpoint), observed in ``decision_seq`` order, and a restart re-observes the
-costs of the decisions made after the checkpoint.
+The context builder's running statistics (``service.context``) and, in budget mode, λ (a
+:class:`BudgetPacer`) are a projection of the decision log the same way: both are kept in the
+policy's checkpoint, every stored decision is observed once in ``decision_seq`` order, and a
+restart re-observes the decisions stored after the checkpoint.
+
+A policy learns from contexts of one layout only: restoring a checkpoint (or replaying
+rewards) of another layout than the configured one stops the start with
+:class:`ContextMismatch`, rather than mixing vectors that mean different things.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Iterable
@@ -19,10 +25,11 @@ from collections.abc import Iterable
 from sqlalchemy.engine import Engine
 
 from service import metrics, storage
+from service.context import LEGACY, ContextBuilder, ContextLayout
 from service.pacing import BudgetPacer
 from service.policy import RoutingPolicy, loads, make_policy
 from service.reward import RewardSettings
-from service.storage import AppliedReward
+from service.storage import AppliedReward, LoggedDecision
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ class LivePolicy:
         policy_params: dict,
         checkpoint_every: int = 100,
         budget: BudgetPacer | None = None,
+        context: ContextBuilder | None = None,
     ) -> None:
         self.engine = engine
         self.policy_name = policy_name
@@ -49,6 +57,9 @@ class LivePolicy:
         self.checkpoint_every = checkpoint_every
         self.budget = budget  # the pacer to start from in budget mode (None: fixed λ)
         self.policy.pacer = budget
+        #: the configured context layout (a fresh builder): what a restored policy must match
+        self.configured_context = context or ContextBuilder(ContextLayout())
+        self.policy.context = copy.deepcopy(self.configured_context)
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self._held: list[AppliedReward] = []  # committed, waiting for a gap to be checked
@@ -60,21 +71,30 @@ class LivePolicy:
         pacer = self.policy.pacer
         return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
 
-    def observe_costs(self, costs: Iterable[tuple[int, float]]) -> None:
-        """Feed committed decisions' (decision_seq, cost_usd) to the pacer, once each, in order.
-        As in :meth:`apply`, a gap below them may hide decisions committed although this
-        process saw their COMMIT fail: in budget mode they are looked up and observed first."""
+    @property
+    def context(self) -> ContextBuilder:
+        """The builder (with its running statistics) of the contexts the policy learns from."""
+        return self.policy.context
+
+    def observe_decisions(self, logged: Iterable[LoggedDecision]) -> None:
+        """Feed committed decisions to the context builder and, in budget mode, the pacer:
+        once each, in ``decision_seq`` order. As in :meth:`apply`, a gap below them may hide
+        decisions committed although this process saw their COMMIT fail (or stored by a
+        rolled-back batch: then there is nothing): they are looked up and observed first."""
         with self.lock:
-            todo = {seq: cost for seq, cost in costs if seq > self.decision_watermark}
-            if todo and min(todo) > self.decision_watermark + 1 and self.policy.pacer is not None:
+            todo = {d.seq: d for d in logged if d.seq > self.decision_watermark}
+            if todo and min(todo) > self.decision_watermark + 1:
                 try:
                     with self.engine.connect() as conn:
-                        todo.update(storage.decision_costs(conn, after=self.decision_watermark))
+                        found = storage.decision_log(conn, after=self.decision_watermark)
+                    todo.update((d.seq, d) for d in found)
                 except Exception:
-                    log.warning("cannot look for unobserved decision costs", exc_info=True)
-            for seq, cost in sorted(todo.items()):
+                    log.warning("cannot look for unobserved decisions", exc_info=True)
+            for seq in sorted(todo):
+                d = todo[seq]
                 if self.policy.pacer is not None:
-                    self.policy.pacer.observe(cost)
+                    self.policy.pacer.observe(d.cost_usd)
+                self.context.observe(d.task, d.n_chars, d.metadata)
                 self.decision_watermark = seq
 
     def restore(self) -> int:
@@ -87,6 +107,7 @@ class LivePolicy:
                 self.watermark = int(checkpoint["reward_watermark"])
                 self.decision_watermark = int(checkpoint["decision_watermark"])
                 self._reconcile_budget()
+                self._reconcile_context(f"checkpoint {checkpoint['id']}")
                 log.info(
                     "restored policy checkpoint %s (%d updates, watermark %d)",
                     checkpoint["id"],
@@ -94,8 +115,13 @@ class LivePolicy:
                     self.watermark,
                 )
             replay = storage.rewards_after(conn, self.watermark)
-            costs = storage.decision_costs(conn, after=self.decision_watermark)
-        self.observe_costs(costs)
+            other = sorted({r.layout for r in replay} - {self.context.spec})
+            if other:
+                raise ContextMismatch(
+                    _mismatch(f"{len(replay)} stored rewards", other[0], self.context.spec)
+                )
+            logged = storage.decision_log(conn, after=self.decision_watermark)
+        self.observe_decisions(logged)
         self.apply(replay)
         if replay:
             log.info("re-applied %d rewards recorded after the checkpoint", len(replay))
@@ -111,6 +137,18 @@ class LivePolicy:
             self.policy.pacer = None
         elif saved is None or saved.target_cost_per_query != wanted.target_cost_per_query:
             self.policy.pacer = wanted
+
+    def _reconcile_context(self, source: str) -> None:
+        """Keep a restored policy's context builder if its layout is the configured one."""
+        saved: ContextBuilder | None = self.policy.context
+        wanted = self.configured_context
+        spec = LEGACY if saved is None else saved.spec
+        if spec != wanted.spec:
+            raise ContextMismatch(_mismatch(source, spec, wanted.spec))
+        if saved is None:  # a checkpoint from before layouts: its contexts are embeddings
+            self.policy.context = copy.deepcopy(wanted)
+        else:
+            saved.declared = wanted.declared
 
     def apply(self, rewards: Iterable[AppliedReward]) -> None:
         """Apply rewards already committed to Postgres. Call with the lock held since commit.
@@ -144,7 +182,16 @@ class LivePolicy:
                 todo.update((r.seq, r) for r in missed)
             for seq in sorted(todo):
                 r = todo[seq]
-                self.policy.update(r.arm, r.context, r.reward)
+                if r.layout == self.context.spec:
+                    self.policy.update(r.arm, r.context, r.reward)
+                else:  # decided before a change of layout (restart refuses those it replays)
+                    log.warning(
+                        "reward %d of %s is on a context of layout %r, not %r: not learned",
+                        r.seq,
+                        r.query_id,
+                        r.layout,
+                        self.context.spec,
+                    )
                 metrics.REWARD.labels(r.arm).observe(r.reward)
                 self.watermark = r.seq
                 self._since_checkpoint += 1
@@ -155,19 +202,15 @@ class LivePolicy:
                     log.exception("policy checkpoint failed; retrying after the next reward")
 
     def catch_up(self) -> int:
-        """Apply every committed reward this process has not (and in budget mode observe every
-        decision cost): rewards held back during an outage, and the tail a lost COMMIT
+        """Apply every committed reward this process has not (and in observe every stored
+        decision): rewards held back during an outage, and the tail a lost COMMIT
         acknowledgement leaves when no later reward reveals the gap. The service runs it every
         few seconds and before its last checkpoint. Returns how many rewards it applied."""
         with self.lock:
             with self.engine.connect() as conn:
                 missed = storage.rewards_after(conn, self.watermark)
-                costs = (
-                    storage.decision_costs(conn, after=self.decision_watermark)
-                    if self.policy.pacer is not None
-                    else []
-                )
-            self.observe_costs(costs)
+                logged = storage.decision_log(conn, after=self.decision_watermark)
+            self.observe_decisions(logged)
             before = self.policy.n_updates
             self.apply(missed)
             applied = self.policy.n_updates - before
@@ -213,3 +256,18 @@ class LivePolicy:
 
 class WarmStartRefused(RuntimeError):
     pass
+
+
+class ContextMismatch(RuntimeError):
+    """The stored policy learned from contexts of another layout than the configured one."""
+
+
+def _mismatch(source: str, stored: str, configured: str) -> str:
+    return (
+        f"the stored policy ({source}) learned from contexts of layout {stored!r}, but the "
+        f"service is configured for {configured!r}. Configure the same layout "
+        "(METALLM_CONTEXT_EMBEDDING, METALLM_CONTEXT_TASK_BUCKETS, "
+        "METALLM_CONTEXT_FEATURE_BUCKETS and the tasks' `features` in the config; "
+        "METALLM_CONTEXT_EMBEDDING=legacy for a policy learned before layouts existed), or "
+        "start a fresh policy in an empty database or schema"
+    )

@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from service import metrics, storage
 from service.config import AppConfig
+from service.context import ContextError
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.learning import LivePolicy, labels_match
 from service.llm.base import CallRequest
@@ -35,7 +36,7 @@ from service.llm.gateway import CallResult, Gateway
 from service.policy.base import Choice
 from service.reward import RewardSettings, reward
 from service.settings import MAX_QUERIES_KEPT
-from service.storage import AppliedReward
+from service.storage import AppliedReward, LoggedDecision
 from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
@@ -60,6 +61,7 @@ class Called:
 
     choice: Choice
     context: np.ndarray
+    layout: str  # the context's ContextLayout.spec
     request: CallRequest
     result: CallResult
 
@@ -104,8 +106,17 @@ def store_failure_reward(
     r = reward(False, 0.0, rewards.lam, rewards.cost_unit)
     seq = storage.record_failure_reward(conn, decision["query_id"], r, rewards.lam)
     decision["reward_seq"] = seq
+    return _applied(seq, decision, r)
+
+
+def _applied(seq: int, decision: dict[str, Any], r: float) -> AppliedReward:
     return AppliedReward(
-        seq, decision["query_id"], decision["arm"], storage.bytes_to_vector(decision["context"]), r
+        seq,
+        decision["query_id"],
+        decision["arm"],
+        storage.bytes_to_vector(decision["context"]),
+        r,
+        decision.get("context_layout") or "legacy",
     )
 
 
@@ -128,9 +139,7 @@ def store_reward(
     seq = storage.record_reward(
         conn, decision["query_id"], label, labeled_at, correct, r, rewards.lam, duplicates
     )
-    return AppliedReward(
-        seq, decision["query_id"], decision["arm"], storage.bytes_to_vector(decision["context"]), r
-    )
+    return _applied(seq, decision, r)
 
 
 class Decider:
@@ -174,6 +183,10 @@ class Decider:
         task = self.config.tasks[event.task]
         if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
             raise InvalidEvent("multiple choice takes at most 26 options")
+        try:
+            self.live.context.check(event.task, event.metadata)
+        except ContextError as exc:
+            raise InvalidEvent(str(exc)) from None
         return event
 
     def call_ahead(self, events: list[QueryEvent]) -> None:
@@ -212,7 +225,16 @@ class Decider:
             with self.engine.begin() as conn:
                 inserted = storage.insert_decisions(conn, rows)  # query id → decision_seq
                 by_id = {row["query_id"]: row for row in rows}
-                costs = sorted((seq, float(by_id[q]["cost_usd"])) for q, seq in inserted.items())
+                logged = [
+                    LoggedDecision(
+                        seq,
+                        float(by_id[q]["cost_usd"]),
+                        by_id[q]["task"],
+                        len(by_id[q]["text"]),
+                        by_id[q]["metadata"],
+                    )
+                    for q, seq in inserted.items()
+                ]
                 applied = [  # a failed arm is rewarded now; its label will not count again
                     store_failure_reward(conn, row, rewards)
                     for row, result in zip(rows, results, strict=True)
@@ -231,7 +253,7 @@ class Decider:
                     )
                     if stored is not None:
                         applied.append(stored)
-            self.live.observe_costs(costs)
+            self.live.observe_decisions(logged)
             self.live.apply(applied)
         for record in todo:
             self._started.pop(record.event.query_id, None)
@@ -290,28 +312,29 @@ class Decider:
     async def _call_chosen(
         self,
         events: list[QueryEvent],
-        embedded: Future[list[tuple[int, Choice, np.ndarray, CallRequest]]],
+        embedded: Future[list[tuple[int, Choice, np.ndarray, str, CallRequest]]],
     ) -> list[Called | BaseException | None]:
         """Call the arm chosen for each event, once the worker has embedded and chosen."""
         chosen = await asyncio.wrap_future(embedded)
         results = await asyncio.gather(  # one call raising (a bug) must not lose the others
-            *(self.gateway.call(choice.arm, request) for _, choice, _, request in chosen),
+            *(self.gateway.call(choice.arm, request) for _, choice, _, _, request in chosen),
             return_exceptions=True,
         )
         self.llm_calls += len(results)
         out: list[Called | BaseException | None] = [None] * len(events)
-        for (row, choice, context, request), result in zip(chosen, results, strict=True):
+        for (row, choice, context, layout, request), result in zip(chosen, results, strict=True):
             out[row] = (
                 result
                 if isinstance(result, BaseException)
-                else Called(choice, context, request, result)
+                else Called(choice, context, layout, request, result)
             )
         return out
 
     def _embed_and_choose(
         self, events: list[QueryEvent], skip_decided: bool
-    ) -> list[tuple[int, Choice, np.ndarray, CallRequest]]:
-        """(row, choice, context, request) of each event to call for (on the worker thread)."""
+    ) -> list[tuple[int, Choice, np.ndarray, str, CallRequest]]:
+        """(row, choice, context, its layout, request) of each event to call for (on the
+        worker thread)."""
         rows = list(range(len(events)))
         if skip_decided:
             with self.engine.connect() as conn:
@@ -319,16 +342,19 @@ class Decider:
             rows = [i for i in rows if events[i].query_id not in done]
         if not rows:
             return []
-        contexts = self.vectors.embed([events[i].text for i in rows])
+        embeddings = self.vectors.embed([events[i].text for i in rows])
         arms = self.gateway.available_arms()
-        with self.live.lock:
+        queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
+        with self.live.lock:  # the builder's statistics move as decisions are stored
+            contexts = self.live.context.build_many(queries, embeddings)
+            layout = self.live.context.spec
             choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
         chosen = []
         for i, choice, context in zip(rows, choices, contexts, strict=True):
             event = events[i]
             task = self.config.tasks[event.task]
             prompt = build_prompt(task, event.text, event.options or task.labels)
-            chosen.append((i, choice, context, CallRequest(event.query_id, prompt)))
+            chosen.append((i, choice, context, layout, CallRequest(event.query_id, prompt)))
         return chosen
 
     def stored_events(self, query_ids: list[str]) -> list[DecisionEvent]:
@@ -369,6 +395,7 @@ class Decider:
             "arm_scores": choice.scores,
             "embedding_model": self.vectors.name,
             "context": storage.vector_to_bytes(call.context),
+            "context_layout": call.layout,
             "kafka_partition": record.partition,
             "kafka_offset": record.offset,
         }

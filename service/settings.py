@@ -10,9 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.context import (
+    DEFAULT_EMBEDDING,
+    DEFAULT_FEATURE_BUCKETS,
+    DEFAULT_TASK_BUCKETS,
+    ContextBuilder,
+    ContextError,
+    parse_embedding,
+)
 from service.embedding import DEFAULT_BACKEND, Backend
 
 MAX_POLL_RECORDS = 5000  # the most events a consumer takes in one poll (poll_max_records)
@@ -68,6 +76,11 @@ class Settings(BaseSettings):
         default_factory=lambda: {"alpha": 1.0, "epsilon": 0.05, "seed": 0}
     )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
     checkpoint_every: int = Field(100, ge=1)
+    # The policy's context (service.context): the embedding part (legacy | none | raw |
+    # project:K) and how many hash buckets the task and each categorical feature get
+    context_embedding: str = DEFAULT_EMBEDDING
+    context_task_buckets: int = Field(DEFAULT_TASK_BUCKETS, ge=1, le=4096)
+    context_feature_buckets: int = Field(DEFAULT_FEATURE_BUCKETS, ge=1, le=4096)
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
 
     # Operations
@@ -82,6 +95,25 @@ class Settings(BaseSettings):
     embedding_batch_size: int | None = Field(None, ge=1)
     # onnx backends: batches embedded side by side, one core each (default: every usable core)
     embedding_threads: int | None = Field(None, ge=1)
+
+    def context_builder(self, declared: dict[str, dict[str, str]]) -> ContextBuilder:
+        """A fresh context builder of these settings for tasks declaring metadata features
+        ``{task: {key: kind}}`` (``AppConfig.declared_features()``)."""
+        return ContextBuilder.for_tasks(
+            declared,
+            self.context_embedding,
+            self.context_task_buckets,
+            self.context_feature_buckets,
+        )
+
+    @field_validator("context_embedding")
+    @classmethod
+    def _context_embedding(cls, value: str) -> str:
+        try:
+            parse_embedding(value)
+        except ContextError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 STREAM_NAMES = (

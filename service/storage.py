@@ -62,6 +62,8 @@ decisions = sa.Table(
     sa.Column("arm_scores", postgresql.JSONB(none_as_null=True)),
     # 0004
     sa.Column("decision_seq", sa.BigInteger),
+    # 0006: the ContextLayout.spec of ``context`` (NULL: the raw embedding, "legacy")
+    sa.Column("context_layout", sa.Text),
 )
 
 pending_labels = sa.Table(
@@ -134,6 +136,19 @@ class AppliedReward:
     arm: str
     context: np.ndarray
     reward: float
+    layout: str = "legacy"  # the context's layout (service.context.ContextLayout.spec)
+
+
+@dataclass(frozen=True)
+class LoggedDecision:
+    """What the context builder and the budget pacer learn from each stored decision, in
+    ``decision_seq`` order."""
+
+    seq: int
+    cost_usd: float
+    task: str
+    n_chars: int
+    metadata: dict[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -265,6 +280,7 @@ def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None
             decisions.c.status,
             decisions.c.cost_usd,
             decisions.c.context,
+            decisions.c.context_layout,
             decisions.c.label,
             decisions.c.options,
             decisions.c.reward_seq,
@@ -480,14 +496,23 @@ def latest_checkpoint(conn: Connection) -> dict[str, Any] | None:
     return None if row is None else dict(row._mapping)
 
 
-def decision_costs(conn: Connection, after: int) -> list[tuple[int, float]]:
-    """(decision_seq, cost_usd) of every decision after a watermark, in order."""
+def decision_log(conn: Connection, after: int) -> list[LoggedDecision]:
+    """Every decision after a ``decision_seq`` watermark, in order (see :class:`LoggedDecision`)."""
     stmt = (
-        sa.select(decisions.c.decision_seq, decisions.c.cost_usd)
+        sa.select(
+            decisions.c.decision_seq,
+            decisions.c.cost_usd,
+            decisions.c.task,
+            sa.func.char_length(decisions.c.text),
+            decisions.c.metadata,
+        )
         .where(decisions.c.decision_seq > after)
         .order_by(decisions.c.decision_seq)
     )
-    return [(int(seq), float(cost)) for seq, cost in conn.execute(stmt)]
+    return [
+        LoggedDecision(int(seq), float(cost), task, int(n or 0), meta)
+        for seq, cost, task, n, meta in conn.execute(stmt)
+    ]
 
 
 def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
@@ -499,12 +524,20 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.arm,
             decisions.c.context,
             decisions.c.reward,
+            decisions.c.context_layout,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
     )
     return [
-        AppliedReward(r.reward_seq, r.query_id, r.arm, bytes_to_vector(r.context), r.reward)
+        AppliedReward(
+            r.reward_seq,
+            r.query_id,
+            r.arm,
+            bytes_to_vector(r.context),
+            r.reward,
+            r.context_layout or "legacy",
+        )
         for r in rows
     ]
 

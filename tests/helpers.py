@@ -15,9 +15,16 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from consumers.runner import Service
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
+from service.context import ContextBuilder, ContextLayout
 from service.llm.gateway import Gateway
 from service.llm.replay import ReplayProvider
 from service.settings import Settings
+
+
+def legacy_context() -> ContextBuilder:
+    """The raw-embedding context layout: for tests that store decision rows by hand, with
+    contexts of their own (rows of a NULL ``context_layout`` are in this layout)."""
+    return ContextBuilder(ContextLayout(embedding="legacy"))
 
 
 def write_outcomes(

@@ -21,6 +21,7 @@ from tests.helpers import (
     count,
     demo_rows,
     label_bytes,
+    legacy_context,
     query_bytes,
     read_topic,
     replay_config,
@@ -115,7 +116,10 @@ def test_restart_restores_the_policy_from_its_checkpoint(
         restored = second.live.policy
         assert restored.n_updates == 40
         assert second.live.watermark == first.live.watermark
-        contexts = np.random.default_rng(0).normal(size=(5, embedder.dim))
+        # the context builder is restored with its running statistics
+        assert second.live.context.state()[0] == first.live.context.state()[0]
+        assert first.live.context.length.n == 40
+        contexts = np.random.default_rng(0).normal(size=(5, learned.dim))
         for x in contexts:
             assert restored.choose(config.arm_names, x).scores == pytest.approx(
                 learned.choose(config.arm_names, x).scores, abs=1e-12
@@ -145,7 +149,7 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
                     "ctx": vector_to_bytes(rng.normal(size=8)),
                 },
             )
-    live = LivePolicy(engine, "linucb", params, checkpoint_every=10)
+    live = LivePolicy(engine, "linucb", params, checkpoint_every=10, context=legacy_context())
     learner = Learner(engine, live, RewardSettings(0.1, 0.001), pending_ttl_seconds=60)
     from service.events import LabelEvent
 
@@ -154,7 +158,7 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
     learner.learn(labels[12:])  # 8 more rewards committed, not checkpointed
     assert live.policy.n_updates == 20
     # "crash": this process's memory is gone; a new one restores checkpoint + later rewards
-    recovered = LivePolicy(engine, "linucb", params, checkpoint_every=10)
+    recovered = LivePolicy(engine, "linucb", params, checkpoint_every=10, context=legacy_context())
     assert recovered.restore() == 8
     assert recovered.policy.n_updates == 20
     assert recovered.watermark == live.watermark
@@ -162,3 +166,81 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
     assert recovered.policy.choose(["cheap", "strong"], x).scores == pytest.approx(
         live.policy.choose(["cheap", "strong"], x).scores, abs=1e-12
     )
+
+
+def _config_with_features(outcomes, features: dict[str, str]):
+    from service.config import parse_config
+    from tests.helpers import TASKS
+
+    tasks = {name: {**task, "features": features} for name, task in TASKS.items()}
+    arms = [{"name": a, "provider": "replay", "model": a, "outcomes": str(outcomes)} for a in ARMS]
+    return parse_config({"tasks": tasks, "arms": arms})
+
+
+def test_declared_metadata_feeds_the_context_and_a_bad_value_goes_to_the_dlq(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    rows = demo_rows(6)
+    outcomes = write_outcomes(tmp_path / "o.jsonl", rows, ARMS)
+    config = _config_with_features(outcomes, {"level": "numeric", "source": "categorical"})
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL)
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
+    messages = []
+    for i, row in enumerate(rows):
+        event = {k: row[k] for k in ("query_id", "text", "task")}
+        event["metadata"] = {"level": i, "source": "web"} if i != 3 else {"level": "hard"}
+        messages.append((row["query_id"], json.dumps(event).encode()))
+    send(broker, topics["queries_topic"], messages)
+
+    service = build_service(settings, config, embedder)
+    service.start()
+    try:
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 5, message="5")
+        [dead] = read_topic(broker, topics["dlq_topic"], 1)
+    finally:
+        service.stop()
+    body = json.loads(dead.value)
+    assert "metadata.level is declared numeric but is 'hard'" in body["reason"]
+    assert json.loads(base64.b64decode(body["value_b64"]))["query_id"] == rows[3]["query_id"]
+    with engine.connect() as conn:
+        layouts = conn.execute(sa.text("SELECT DISTINCT context_layout FROM decisions")).all()
+    [(layout,)] = layouts
+    assert "level:numeric" in layout and "source:categorical/" in layout
+    assert service.live.context.numeric["level"].n == 5  # every stored decision observed
+
+
+def test_a_policy_learned_on_another_context_layout_stops_the_start(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    from service.learning import ContextMismatch
+
+    rows = demo_rows(12)
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL)
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
+    send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
+    send(
+        broker,
+        topics["labels_topic"],
+        [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in rows],
+    )
+    first = build_service(settings, config, embedder)
+    first.start()
+    try:
+        wait_for(lambda: first.live.policy.n_updates == 12, message="12 updates")
+    finally:
+        first.stop()  # checkpoints on shutdown
+    spec = first.live.context.spec
+
+    raw = settings.model_copy(update={"context_embedding": "raw"})
+    with pytest.raises(ContextMismatch) as error:
+        build_service(raw, config, embedder)
+    message = str(error.value)
+    assert repr(spec) in message and "emb:raw" in message
+    assert "METALLM_CONTEXT_EMBEDDING" in message
+    # the same layout starts, and keeps the builder's statistics
+    again = build_service(settings, config, embedder)
+    try:
+        assert again.live.context.length.n == 12
+    finally:
+        again.stop()

@@ -15,7 +15,7 @@ from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
 from tests.faults.harness import HashEmbedder
-from tests.helpers import replay_config, write_outcomes
+from tests.helpers import legacy_context, replay_config, write_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -42,7 +42,9 @@ def insert_decision(engine, query_id: str, prediction: str = "a", status: str = 
 
 @pytest.fixture
 def learner(engine):
-    live = LivePolicy(engine, "linucb", {"seed": 0}, checkpoint_every=1000)
+    live = LivePolicy(
+        engine, "linucb", {"seed": 0}, checkpoint_every=1000, context=legacy_context()
+    )
     return Learner(engine, live, RewardSettings(lam=0.1, cost_unit=0.001), pending_ttl_seconds=1)
 
 

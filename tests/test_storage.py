@@ -44,6 +44,7 @@ def full_row(query_id: str, **changes) -> dict:
         "arm_scores": {"small": 0.5, "large": 0.4},
         "embedding_model": "all-MiniLM-L6-v2",
         "context": storage.vector_to_bytes(np.linspace(-1, 1, 384, dtype=np.float32)),
+        "context_layout": "legacy",
         "kafka_partition": 1,
         "kafka_offset": 2**40,
     }
@@ -146,8 +147,11 @@ def test_lookups_by_id_take_any_number_of_ids(engine):
     with engine.begin() as conn:
         assert storage.existing_query_ids(conn, asked) == set(ids[::2])
         assert storage.existing_query_ids(conn, []) == set()
-        costs = storage.decision_costs(conn, after=seqs["q99"])
-        assert [cost for _, cost in costs] == [float(i) for i in range(100, 300)]
+        logged = storage.decision_log(conn, after=seqs["q99"])
+        assert [d.cost_usd for d in logged] == [float(i) for i in range(100, 300)]
+        text = full_row("x")["text"]
+        assert {(d.task, d.n_chars) for d in logged} == {("sentiment", len(text))}
+        assert all(d.metadata == full_row("x")["metadata"] for d in logged)
         assert [p["query_id"] for p in storage.take_pending_labels(conn, asked)] == ["q4"]
         assert storage.take_pending_labels(conn, asked) == []  # taken: deleted
 

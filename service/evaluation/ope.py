@@ -28,6 +28,7 @@ SNIPS, of its linearisation ``w·(r − V)/mean(w)``).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,7 +118,9 @@ def load_decisions(
 
     A row counts when it has a propensity, a context and a reward: it was labeled, or its arm
     failed. A failed arm (an ``llm_error``, or a fallback answered) is scored as the service
-    scores it: wrong, at no cost, whatever the label.
+    scores it: wrong, at no cost, whatever the label. Contexts of different layouts
+    (``context_layout``) do not mix: only the rows in the layout of the newest row are read
+    (a warning counts the others).
     """
     from service import storage
 
@@ -134,6 +139,7 @@ def load_decisions(
             d.c.reward_lambda,
             d.c.policy,
             d.c.fallback_arm,
+            d.c.context_layout,
         )
         .where(d.c.propensity.is_not(None), d.c.context.is_not(None))
         .where(d.c.reward.is_not(None))
@@ -149,6 +155,16 @@ def load_decisions(
         rows = conn.execute(stmt).all()
     if not rows:
         raise NoLoggedData("no labeled decision with a propensity and a context")
+    layout = rows[-1].context_layout
+    kept = [r for r in rows if r.context_layout == layout]
+    if len(kept) < len(rows):
+        log.warning(
+            "read the %d decisions of context layout %r, the newest; %d of other layouts skipped",
+            len(kept),
+            layout or "legacy",
+            len(rows) - len(kept),
+        )
+    rows = kept
     arms: dict[str, int] = {}
     for row in rows:
         for arm in [row.arm, *(row.probabilities or {})]:

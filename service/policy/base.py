@@ -109,6 +109,9 @@ class RoutingPolicy(ContextualPolicy):
         self._projection: np.ndarray | None = None  # (input_dim, project_dim)
         #: Optional budget-mode λ controller (``service.pacing.BudgetPacer``); checkpointed.
         self.pacer = None
+        #: The ``service.context.ContextBuilder`` whose contexts this policy learns from, with
+        #: its running statistics (None: contexts come from elsewhere); checkpointed.
+        self.context = None
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())

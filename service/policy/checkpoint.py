@@ -19,9 +19,12 @@ Header keys:
 ``input_dim``       raw context dimension, or null before the first context
 ``feature_names``   frozen key order for dict contexts, or null
 ``pacer``           budget-mode λ state (``BudgetPacer.to_dict()``) or null
+``context``         the context builder (``ContextBuilder.state()``: layout, its ``spec``,
+                    running statistics) or null; absent in older checkpoints (null)
 ``state``           kind-specific JSON (e.g. ``{"dim": 384}`` for the linear policies)
 
-Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting) and the
+Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting), the context
+builder's arrays prefixed ``c_`` (``c_projection``: its embedding projection) and the
 kind-specific statistics prefixed ``s_``; for the linear policies (one row per arm in ``arms``
 order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
 ``numpy.triu_indices`` order), ``s_b`` (float64), ``s_counts`` (int64), ``s_reward_sum``
@@ -89,6 +92,8 @@ def dump_policy(policy: RoutingPolicy) -> bytes:
     params, param_arrays = policy._checkpoint_params()
     meta, arrays = policy._state()
     pacer = getattr(policy, "pacer", None)
+    context = getattr(policy, "context", None)
+    context_meta, context_arrays = (None, {}) if context is None else context.state()
     header = {
         "kind": policy.kind,
         "params": params,
@@ -98,11 +103,13 @@ def dump_policy(policy: RoutingPolicy) -> bytes:
         "input_dim": policy._input_dim,
         "feature_names": policy._feature_names,
         "pacer": None if pacer is None else pacer.to_dict(),
+        "context": context_meta,
         "state": meta,
     }
     payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in {**param_arrays, **arrays}.items()}
     if policy._projection is not None:
         payload["projection"] = policy._projection
+    payload.update({f"c_{k}": v for k, v in context_arrays.items()})
     buf = io.BytesIO()
     np.savez(buf, **payload)
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -145,5 +152,10 @@ def loads(data: bytes) -> RoutingPolicy:
         from service.pacing import BudgetPacer
 
         policy.pacer = BudgetPacer.from_dict(header["pacer"])
+    if header.get("context") is not None:
+        from service.context import ContextBuilder
+
+        context_arrays = {k[2:]: v for k, v in payload.items() if k.startswith("c_")}
+        policy.context = ContextBuilder.from_state(header["context"], context_arrays)
     policy._load_state(header["state"], header["arms"], arrays)
     return policy

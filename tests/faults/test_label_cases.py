@@ -142,11 +142,11 @@ def test_a_redelivered_label_event_changes_nothing(engine):
     from service.learning import LivePolicy
     from service.pipeline import Learner
     from service.reward import RewardSettings
+    from tests.helpers import legacy_context
     from tests.test_labels import insert_decision
 
-    learner = Learner(
-        engine, LivePolicy(engine, "linucb", {"seed": 0}), RewardSettings(0.1, 0.001), 60
-    )
+    live = LivePolicy(engine, "linucb", {"seed": 0}, context=legacy_context())
+    learner = Learner(engine, live, RewardSettings(0.1, 0.001), 60)
     insert_decision(engine, "r1")
     batch = [LabelEvent(query_id="r1", label="a"), LabelEvent(query_id="r2", label="b")]
     where = [("labels", 0, 10), ("labels", 0, 11)]
