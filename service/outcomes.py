@@ -27,6 +27,9 @@ from typing import IO, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+#: The task of an outcomes line that names none (the benchmark and its replay use it).
+DEFAULT_TASK = "default"
+
 
 class OutcomesError(ValueError):
     """A malformed outcomes line; ``line`` is 1-based."""

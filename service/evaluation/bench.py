@@ -3,8 +3,10 @@ every baseline, and sweep λ for the accuracy–cost curve.
 
 The protocol (:func:`simulate`), for each query ``t`` in file order:
 
-1. the policy picks an arm from the query's embedding (``choose_many`` on one row, as the
-   service's decider does), with λ in force now (fixed, or the budget pacer's);
+1. the policy picks an arm from the query's context (``choose_many`` on one row, as the
+   service's decider does), with λ in force now (fixed, or the budget pacer's); contexts are
+   built by the service's :class:`~service.context.ContextBuilder` (:func:`stream_contexts`),
+   each from the statistics of the queries before it;
 2. if the recorded call of that arm failed (``prediction`` null) the policy learns at once that
    it was wrong at no cost — what the service does when an arm fails;
 3. otherwise its reward ``1[correct] − λ·cost/cost_unit`` is revealed after the decision of
@@ -13,10 +15,11 @@ The protocol (:func:`simulate`), for each query ``t`` in file order:
 Methods measured on the same stream (the evaluation part: after the warm-start part, if any):
 the router (``--policy``, learning online), every single arm, uniform random, always-cheapest,
 the per-query oracle, the paper's LinUCB trained offline with full information and frozen, a
-kNN router trained offline, and River's non-contextual UCB and Thompson sampling (online, same
-delay). Offline methods train on the warm-start part; in a cold start they are cross-fitted:
-the stream is cut into ``offline_folds`` blocks and each block is decided by a model trained on
-the others (they see labels the online router never has in advance: a reference, not a peer).
+kNN router trained offline (both on the raw embeddings, as in the paper), and River's
+non-contextual UCB and Thompson sampling (online, same delay). Offline methods train on the
+warm-start part; in a cold start they are cross-fitted: the stream is cut into
+``offline_folds`` blocks and each block is decided by a model trained on the others (they see
+labels the online router never has in advance: a reference, not a peer).
 
     >>> import numpy as np
     >>> from service.outcomes import read_outcomes
@@ -40,9 +43,18 @@ from typing import Any
 
 import numpy as np
 
+from service.context import (
+    DEFAULT_EMBEDDING,
+    DEFAULT_FEATURE_BUCKETS,
+    DEFAULT_TASK_BUCKETS,
+    ContextBuilder,
+    ContextError,
+    ContextLayout,
+    Feature,
+)
 from service.evaluation import metrics
 from service.evaluation.metrics import Point
-from service.outcomes import OutcomeRecord
+from service.outcomes import DEFAULT_TASK, OutcomeRecord
 from service.pacing import BudgetPacer
 from service.policy import RoutingPolicy, loads, make_policy
 from service.policy.warm_start import warm_start
@@ -75,7 +87,8 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
 @dataclass
 class Problem:
     """An outcomes file as arrays: per query ``t`` and arm ``j``, whether it was right, what it
-    cost and whether the call failed; plus each query's embedding."""
+    cost and whether the call failed; plus each query's context (what the router decides on)
+    and embedding (what the offline baselines use; the contexts when not given)."""
 
     records: list[OutcomeRecord]
     arms: list[str]
@@ -83,14 +96,25 @@ class Problem:
     cost: np.ndarray  # (n, k) float
     failed: np.ndarray  # (n, k) bool
     contexts: np.ndarray  # (n, d) float32
+    embeddings: np.ndarray  # (n, e) float32
 
     @classmethod
-    def from_records(cls, records: Sequence[OutcomeRecord], contexts: np.ndarray) -> Problem:
+    def from_records(
+        cls,
+        records: Sequence[OutcomeRecord],
+        contexts: np.ndarray,
+        embeddings: np.ndarray | None = None,
+    ) -> Problem:
         if len(records) < 2:
             raise BenchError("need at least 2 queries")
         contexts = np.ascontiguousarray(contexts, dtype=np.float32)
         if contexts.shape[0] != len(records):
-            raise BenchError(f"{len(records)} records but {contexts.shape[0]} embeddings")
+            raise BenchError(f"{len(records)} records but {contexts.shape[0]} contexts")
+        embeddings = (
+            contexts if embeddings is None else np.ascontiguousarray(embeddings, dtype=np.float32)
+        )
+        if embeddings.shape[0] != len(records):
+            raise BenchError(f"{len(records)} records but {embeddings.shape[0]} embeddings")
         arms = list(records[0].arms)
         for i, record in enumerate(records, start=1):
             if set(record.arms) != set(arms):
@@ -103,7 +127,7 @@ class Problem:
         failed = np.array(
             [[r.arms[a].prediction is None for a in arms] for r in records], dtype=bool
         )
-        return cls(list(records), arms, correct, cost, failed, contexts)
+        return cls(list(records), arms, correct, cost, failed, contexts, embeddings)
 
     @property
     def n(self) -> int:
@@ -134,6 +158,12 @@ class BenchConfig:
     knn_k: int = 10
     offline_folds: int = 5
     baselines: bool = True
+    # the router's context (service.context; the service's METALLM_CONTEXT_* settings), with
+    # metadata features ("KEY:categorical" / "KEY:numeric") that every task declares
+    context_embedding: str = DEFAULT_EMBEDDING
+    task_buckets: int = DEFAULT_TASK_BUCKETS
+    feature_buckets: int = DEFAULT_FEATURE_BUCKETS
+    features: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if self.delay < 0:
@@ -147,8 +177,59 @@ class BenchConfig:
         if self.knn_k < 1 or self.offline_folds < 2:
             raise BenchError("knn k must be >= 1 and offline folds >= 2")
 
+        try:
+            self.layout()
+        except ContextError as exc:
+            raise BenchError(str(exc)) from None
+
     def params(self, seed: int) -> dict[str, Any]:
         return {**self.policy_params, "seed": seed}
+
+    def layout(self) -> ContextLayout:
+        features = tuple(Feature.parse(f) for f in self.features)
+        return ContextLayout(
+            self.context_embedding, self.task_buckets, self.feature_buckets, features
+        )
+
+    def new_context(self) -> ContextBuilder:
+        """A fresh builder of the router's contexts (every task declares every feature)."""
+        return ContextBuilder(self.layout())
+
+    def feature_kinds(self) -> dict[str, str]:
+        return {f.key: f.kind for f in self.layout().features}
+
+    def context_settings(self) -> dict[str, Any]:
+        """The service settings (``Settings`` fields) that give the same context layout."""
+        return {
+            "context_embedding": self.context_embedding,
+            "context_task_buckets": self.task_buckets,
+            "context_feature_buckets": self.feature_buckets,
+        }
+
+
+def stream_contexts(
+    records: Sequence[OutcomeRecord], embeddings: np.ndarray, builder: ContextBuilder
+) -> np.ndarray:
+    """The router's contexts of a stream, in order: each built from the statistics of the
+    queries before it, then observed (:meth:`ContextBuilder.stream`, one line at a time so a
+    bad metadata value is reported with its line)."""
+    out = []
+    for i, (record, e) in enumerate(zip(records, embeddings, strict=True), start=1):
+        try:
+            query = (record.task or DEFAULT_TASK, record.text, record.metadata)
+            out.append(builder.stream([query], e[None]))
+        except ContextError as exc:
+            raise BenchError(f"line {i}: {exc}") from None
+    if not out:
+        return np.zeros((0, builder.layout.dim(embeddings.shape[-1])), dtype=np.float32)
+    return np.concatenate(out)
+
+
+def context_after(builder: ContextBuilder, records: Sequence[OutcomeRecord]) -> ContextBuilder:
+    """``builder`` having observed ``records`` (the state a warm-started service starts in)."""
+    for record in records:
+        builder.observe(record.task or DEFAULT_TASK, len(record.text), record.metadata)
+    return builder
 
 
 # ------------------------------------------------------------------------------ the stream
@@ -299,13 +380,13 @@ def offline_linucb_choices(
 ) -> np.ndarray:
     """The paper's LinUCB: trained offline with full information, then frozen (greedy, ε = 0)."""
     alpha = config.policy_params.get("alpha", 1.0) if config.policy == "linucb" else 1.0
-    X64 = problem.contexts.astype(np.float64)
+    X64 = problem.embeddings.astype(np.float64)
     choices = np.empty(problem.n - start, dtype=np.intp)
     index = {a: j for j, a in enumerate(problem.arms)}
     for train, rows in offline_splits(problem.n, start, config.offline_folds):
         policy = make_policy("linucb", alpha=alpha, epsilon=0.0, seed=seed)
         records = [problem.records[i] for i in train]
-        warm_start(policy, records, problem.contexts[train], lam=lam, cost_unit=config.cost_unit)
+        warm_start(policy, records, problem.embeddings[train], lam=lam, cost_unit=config.cost_unit)
         picks = policy.choose_many(problem.arms, X64[rows])
         choices[rows - start] = [index[c.arm] for c in picks]
     return choices
@@ -316,7 +397,7 @@ def knn_choices(
 ) -> dict[float, np.ndarray]:
     """A kNN router trained offline: per query, the arm with the best mean reward over its
     ``knn_k`` most similar training queries (cosine); ties go to the cheaper arm."""
-    X = problem.contexts.astype(np.float64)
+    X = problem.embeddings.astype(np.float64)
     X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
     out = {lam: np.empty(problem.n - start, dtype=np.intp) for lam in lams}
     for train, rows in offline_splits(problem.n, start, config.offline_folds):
@@ -602,4 +683,6 @@ def _config_json(config: BenchConfig) -> dict[str, Any]:
     out = dict(config.__dict__)
     out["seeds"] = list(config.seeds)
     out["lambdas"] = None if config.lambdas is None else list(config.lambdas)
+    out["features"] = list(config.features)
+    out["context_layout"] = config.layout().spec
     return out

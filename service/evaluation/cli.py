@@ -93,10 +93,21 @@ def _budget(text: str) -> tuple[float, bool]:
         raise argparse.ArgumentTypeError(f"not a budget: {text!r} (e.g. 0.0004 or 40%)") from None
 
 
-def _load_problem(args: argparse.Namespace, settings: Settings):
+def _bench_features(args: argparse.Namespace) -> list[str]:
+    """``--feature`` specs, and those the tasks of ``--config`` declare."""
+    features = list(args.feature or [])
+    if args.config:
+        from service.config import load_config
+
+        for task in load_config(Path(args.config)).tasks.values():
+            features.extend(f"{key}:{kind}" for key, kind in task.features.items())
+    return list(dict.fromkeys(features))
+
+
+def _load_problem(args: argparse.Namespace, settings: Settings, context):
     import numpy as np
 
-    from service.evaluation.bench import Problem
+    from service.evaluation.bench import Problem, stream_contexts
     from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, default_cache_path
     from service.outcomes import read_outcomes
 
@@ -107,14 +118,15 @@ def _load_problem(args: argparse.Namespace, settings: Settings):
         Path(args.embedding_cache) if args.embedding_cache else default_cache_path()
     )
     embedder = CachedEmbedder.for_model(args.embedding_model or settings.embedding_model, cache)
-    contexts = embedder.embed([r.text for r in records])
+    embeddings = np.asarray(embedder.embed([r.text for r in records]))
     if not args.quiet:
         print(
             f"embeddings: {embedder.hits} from the cache, {embedder.misses} computed "
             f"({embedder.name}, {cache.path})",
             file=sys.stderr,
         )
-    return Problem.from_records(records, np.asarray(contexts)), embedder
+    contexts = stream_contexts(records, embeddings, context)
+    return Problem.from_records(records, contexts, embeddings), embedder
 
 
 def _progress(quiet: bool):
@@ -130,10 +142,12 @@ def _progress(quiet: bool):
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     import numpy as np
 
+    from service.config import ConfigError
     from service.evaluation import plots, report
     from service.evaluation.bench import (
         BenchConfig,
         BenchError,
+        context_after,
         make_router,
         one_blas_thread,
         run_bench,
@@ -154,7 +168,13 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         except json.JSONDecodeError as exc:
             return _fail(f"--policy-params is not JSON: {exc}")
     try:
-        problem, embedder = _load_problem(args, settings)
+        context = {
+            "context_embedding": args.context_embedding or settings.context_embedding,
+            "task_buckets": settings.context_task_buckets,
+            "feature_buckets": settings.context_feature_buckets,
+            "features": _bench_features(args),
+        }
+        problem, embedder = _load_problem(args, settings, BenchConfig(**context).new_context())
         start = split(problem.n, args.warm_start)
         budget = None
         if args.budget is not None:
@@ -180,6 +200,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
             knn_k=args.knn_k,
             offline_folds=args.offline_folds,
             baselines=not args.no_baselines,
+            **context,
         )
         with _progress(args.quiet) as bar, one_blas_thread():
             tasks: dict[str, Any] = {}
@@ -192,7 +213,7 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
                 bar.update(tasks[stage], completed=done)
 
             result = run_bench(problem, config, progress)
-    except (OutcomesError, BenchError, ValueError) as exc:
+    except (OutcomesError, BenchError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
 
     out = Path(args.out or f"bench-{Path(args.outcomes).stem}")
@@ -205,13 +226,17 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         warm = None
         if result.start:
             with one_blas_thread():
-                warm = warmed(
+                policy = warmed(
                     make_router(config, seed),
                     problem,
                     np.arange(result.start),
                     config.lam,
                     config.cost_unit,
-                ).dumps()
+                )
+                policy.context = context_after(
+                    config.new_context(), problem.records[: result.start]
+                )
+                warm = policy.dumps()
         with contextlib.ExitStack() as stack:
             s = settings
             if args.local_broker:
@@ -399,7 +424,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "bench",
         help="replay an outcomes file through the router and every baseline",
         description="Stream the queries of an outcomes file in order; the router decides from "
-        "each query's embedding and learns each reward --delay queries later. Baselines, a λ "
+        "each query's context (bias, length, task, declared metadata features, the reduced "
+        "embedding: as the service) and learns each reward --delay queries later. Baselines, a λ "
         "sweep (APGR, AIQ, cost at 95%% of the best arm's accuracy), a markdown table, a JSON "
         "file and PNG plots.",
     )
@@ -445,6 +471,21 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         type=int,
         default=5,
         help="cold start: cross-fitting folds of the offline baselines (5)",
+    )
+    b.add_argument(
+        "--feature",
+        action="append",
+        metavar="KEY:KIND",
+        help="use each line's metadata.KEY as a routing feature, KIND categorical or numeric "
+        "(repeatable)",
+    )
+    b.add_argument(
+        "--config", help="tasks-and-arms YAML: use the metadata features its tasks declare"
+    )
+    b.add_argument(
+        "--context-embedding",
+        help="the embedding part of the router's context: none, raw, project:K or legacy "
+        "(default: METALLM_CONTEXT_EMBEDDING)",
     )
     b.add_argument("--limit", type=int, help="only the first N queries")
     b.add_argument("--out", help="output folder (default: bench-<file name>)")

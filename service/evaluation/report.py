@@ -33,7 +33,8 @@ def markdown(result: BenchResult, title: str) -> str:
         + (f" after a warm start on the first {result.start}" if result.start else " (cold start)")
         + f"; rewards revealed {c['delay']} queries later; reward 1[correct] − λ·cost/"
         f"{c['cost_unit']:g} USD with λ = {c['lam']:g} ({mode}); policy `{c['policy']}` "
-        f"{json.dumps(c['policy_params'])}; seeds {c['seeds']}.",
+        f"{json.dumps(c['policy_params'])} on context `{c.get('context_layout', 'legacy')}`; "
+        f"seeds {c['seeds']}.",
         "",
         f"| method | accuracy | total cost (USD) | cost % of {result.best_arm} | "
         "regret vs oracle | arm share |",

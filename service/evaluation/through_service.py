@@ -29,21 +29,23 @@ import sqlalchemy as sa
 from service.config import AppConfig, parse_config
 from service.evaluation.bench import BenchConfig, Problem, StreamResult, one_blas_thread
 from service.events import LabelEvent, QueryEvent
+from service.outcomes import DEFAULT_TASK
 from service.settings import Settings, isolated_stream_names
 
 log = logging.getLogger(__name__)
-
-DEFAULT_TASK = "default"
 
 
 class ThroughServiceError(RuntimeError):
     """The service did not do what the replay expected in time (message says what)."""
 
 
-def replay_app_config(problem: Problem, outcomes: Path) -> AppConfig:
+def replay_app_config(
+    problem: Problem, outcomes: Path, features: dict[str, str] | None = None
+) -> AppConfig:
     """Tasks and arms for replaying ``outcomes``: one classification task per task name of the
-    file (labels: every option and label seen), one ``replay`` arm per arm, in file order, with
-    no retries, no fallback and a circuit breaker that never opens."""
+    file (labels: every option and label seen; declaring every metadata feature of
+    ``features``, ``{key: kind}``), one ``replay`` arm per arm, in file order, with no retries,
+    no fallback and a circuit breaker that never opens."""
     labels: dict[str, dict[str, None]] = {}
     for record in problem.records:
         seen = labels.setdefault(record.task or DEFAULT_TASK, {})
@@ -55,7 +57,7 @@ def replay_app_config(problem: Problem, outcomes: Path) -> AppConfig:
         values = list(seen)
         if len(values) < 2:
             values.append("(none of these)")
-        tasks[name] = {"kind": "classification", "labels": values}
+        tasks[name] = {"kind": "classification", "labels": values, "features": features or {}}
     arms = [
         {
             "name": arm,
@@ -77,6 +79,7 @@ def query_event(problem: Problem, t: int) -> QueryEvent:
         text=record.text,
         task=record.task or DEFAULT_TASK,
         options=record.options,
+        metadata=record.metadata,
     )
 
 
@@ -142,13 +145,14 @@ def run_through_service(
             "database_schema": schema,
             "policy": config.policy,
             "policy_params": config.params(seed),
+            **config.context_settings(),
             "reward_lambda": config.lam,
             "cost_unit_usd": config.cost_unit,
             "checkpoint_every": 1_000_000_000,
             "metrics_port": None,  # a replay next to a running service must not clash
         }
     )
-    app_config = replay_app_config(problem, outcomes)
+    app_config = replay_app_config(problem, outcomes, config.feature_kinds())
     events = [query_event(problem, t) for t in range(start, problem.n)]  # validate up front
     upgrade(s.database_url, schema)
     engine = storage.make_engine(s.database_url, schema)
