@@ -103,7 +103,7 @@ def timestamp(value: Any) -> str:
     return str(value)
 
 
-def text(value: Any, limit: int | None = None) -> str:
+def plain(value: Any, limit: int | None = None) -> str:
     s = "" if value is None else str(value)
     if limit is not None and len(s) > limit:
         return s[: limit - 1] + "…"
@@ -111,7 +111,7 @@ def text(value: Any, limit: int | None = None) -> str:
 
 
 def short_text(limit: int) -> Callable[[Any], str]:
-    return lambda value: text(value, limit)
+    return lambda value: plain(value, limit)
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ class Column:
 
     key: str
     header: str
-    fmt: Callable[[Any], str] = text
+    fmt: Callable[[Any], str] = plain
     priority: int = 5
     justify: JustifyMethod = "left"
 
