@@ -80,6 +80,8 @@ class LabelConsumer(BatchConsumer):
         with self.learner.engine.connect() as conn:
             outcomes = storage.labeled_by_arm(conn)
             last = storage.last_reward_seq(conn)
+        for gauge in (metrics.LABELED, metrics.CORRECT, metrics.MEAN_REWARD):
+            gauge.clear()  # only this database's arms (not those of a service before it)
         for arm, labeled, correct, mean_reward in outcomes:
             metrics.LABELED.labels(arm).set(labeled)
             metrics.CORRECT.labels(arm).set(correct)

@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -133,16 +134,27 @@ def test_every_metric_the_dashboard_queries_is_exported_by_a_running_service(
             missing = used - exported_samples(port)
             return None if missing else used
 
-        try:  # the Postgres-backed gauges are refreshed every LEARNING_REFRESH_S
+        try:
             wait_for(all_exported, timeout=40, interval=1.0, message="every metric")
         except AssertionError:
             missing = sorted(used - exported_samples(port))
             raise AssertionError(f"the dashboard queries metrics not exported: {missing}") from None
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        families = {f.name: f for f in text_string_to_metric_families(body.decode())}
-        labeled = {s.labels["arm"]: s.value for s in families["metallm_labeled_decisions"].samples}
+
+        def labeled_gauges() -> dict | None:
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+            families = {f.name: f for f in text_string_to_metric_families(body.decode())}
+            labeled = families["metallm_labeled_decisions"].samples
+            return families if sum(s.value for s in labeled) == 12 else None
+
+        # the Postgres-backed gauges are refreshed every LEARNING_REFRESH_S
+        families = wait_for(labeled_gauges, timeout=30, interval=1.0, message="12 labeled")
+        arms = {s.labels["arm"] for s in families["metallm_labeled_decisions"].samples}
+        assert arms <= set(ARMS)  # this database's arms only
         correct = {s.labels["arm"]: s.value for s in families["metallm_correct_decisions"].samples}
-        assert sum(labeled.values()) == 12 and 0 <= sum(correct.values()) <= 12
+        assert 0 <= sum(correct.values()) <= 12
+        with engine.connect() as conn:
+            right = conn.execute(sa.text("SELECT count(*) FROM decisions WHERE correct")).scalar()
+        assert sum(correct.values()) == right
         assert families["metallm_policy_updates"].samples[0].value == 12
         assert families["metallm_policy_lag_rewards"].samples[0].value == 0
     finally:
