@@ -211,22 +211,6 @@ def _schema_checked_engine(settings: Settings):
     return engine
 
 
-#: The columns of ``metallm decisions`` (every one is in ``--format csv|json``).
-COLUMNS = [
-    "query_id",
-    "task",
-    "arm",
-    "propensity",
-    "status",
-    "prediction",
-    "cost_usd",
-    "latency_ms",
-    "fallback_arm",
-    "label",
-    "correct",
-    "reward",
-    "decided_at",
-]
 DECISION_COLUMNS = [
     Column("query_id", "query_id", priority=0),
     Column("task", "task", priority=4),
@@ -242,6 +226,8 @@ DECISION_COLUMNS = [
     Column("reward", "reward", report.decimal(3), priority=5, justify="right"),
     Column("decided_at", "decided at", report.timestamp, priority=3),
 ]
+#: The columns of the ``metallm decisions`` table, in order (csv and json give every column).
+COLUMNS = [c.key for c in DECISION_COLUMNS]
 
 
 def cmd_decisions(settings: Settings, args: argparse.Namespace) -> int:
