@@ -98,6 +98,7 @@ class BatchConsumer:
         self.dlq_topic = dlq_topic
         self.poll_timeout_ms = poll_timeout_ms
         self.max_backoff_s = max_backoff_s
+        metrics.BATCH_FAILURES.labels(self.name)  # exported as 0 before the first retry
         self.stats = ConsumerStats()
         self.stop_event = threading.Event()
         # events validated when polled, by (topic, partition, offset), until processed

@@ -67,3 +67,37 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) ->
                 pass
     finally:
         admin.close()
+
+
+#: How long a command waits for the Kafka broker to answer before it says it cannot reach it.
+BROKER_TIMEOUT_S = 10.0
+
+
+class BrokerUnreachable(RuntimeError):
+    """No broker of ``METALLM_KAFKA_BOOTSTRAP`` answered in time."""
+
+
+def check_broker(settings: Settings, timeout_s: float = BROKER_TIMEOUT_S) -> None:
+    """Raise :class:`BrokerUnreachable` unless a bootstrap server answers within ``timeout_s``
+    (a command then fails at once, naming the servers, instead of retrying for ever)."""
+    from kafka.errors import KafkaError
+
+    timeout_ms = int(timeout_s * 1000)
+    kafka_log = logging.getLogger("kafka")
+    level = kafka_log.level
+    kafka_log.setLevel(logging.CRITICAL)  # each failed attempt is logged: the error says it all
+    try:
+        admin = KafkaAdminClient(
+            **client_options(settings),
+            bootstrap_timeout_ms=timeout_ms,
+            request_timeout_ms=max(timeout_ms, 1000),
+        )
+    except (KafkaError, OSError) as exc:
+        raise BrokerUnreachable(
+            f"cannot reach the Kafka broker at {settings.kafka_bootstrap} within {timeout_s:g} s "
+            f"({type(exc).__name__}); start one (`metallm broker`) or set "
+            "METALLM_KAFKA_BOOTSTRAP"
+        ) from None
+    finally:
+        kafka_log.setLevel(level)
+    admin.close()

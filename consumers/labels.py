@@ -9,7 +9,7 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.batch import BatchConsumer, Outgoing
-from service import metrics
+from service import metrics, storage
 from service.events import LabelEvent
 from service.pipeline import LabelStats, Learner
 
@@ -33,6 +33,7 @@ class LabelConsumer(BatchConsumer):
         self.totals = LabelStats()
         self._next_expiry = 0.0
         self._next_gauge = 0.0
+        self._next_learning_gauges = 0.0
 
     def validate(self, raw: bytes | None) -> LabelEvent:
         return self.learner.validate(raw)
@@ -61,9 +62,31 @@ class LabelConsumer(BatchConsumer):
                 metrics.PENDING_LABELS.set(self.learner.pending_count())
             except Exception:
                 log.exception("counting pending labels failed; will retry")
+        if now >= self._next_learning_gauges:
+            self._next_learning_gauges = now + metrics.LEARNING_REFRESH_S
+            try:
+                self.export_learning()
+            except Exception:
+                log.exception("reading the accuracy and policy gauges failed; will retry")
         if now >= self._next_expiry:
             self._next_expiry = now + self.expire_every_s
             try:
                 self.learner.expire_pending()
             except Exception:
                 log.exception("expiring pending labels failed; will retry")
+
+    def export_learning(self) -> None:
+        """Set the per-arm labeled/correct/reward gauges, and how far the policy is behind."""
+        with self.learner.engine.connect() as conn:
+            outcomes = storage.labeled_by_arm(conn)
+            last = storage.last_reward_seq(conn)
+        for gauge in (metrics.LABELED, metrics.CORRECT, metrics.MEAN_REWARD):
+            gauge.clear()  # only this database's arms (not those of a service before it)
+        for arm, labeled, correct, mean_reward in outcomes:
+            metrics.LABELED.labels(arm).set(labeled)
+            metrics.CORRECT.labels(arm).set(correct)
+            if mean_reward is not None:
+                metrics.MEAN_REWARD.labels(arm).set(mean_reward)
+        live = self.learner.live
+        metrics.POLICY_LAG.set(max(0, last - live.watermark))
+        metrics.POLICY_UPDATES.set(live.policy.n_updates)

@@ -43,10 +43,13 @@ class SchemaMissing(RuntimeError):
 
 
 def check_schema(engine: Engine) -> None:
+    """Raise :class:`SchemaMissing` unless the database was migrated to this code's revision."""
+    from service.migrate import schema_problem
+
     with engine.connect() as conn:
-        found = conn.execute(sa.text("SELECT to_regclass('decisions')")).scalar()
-    if found is None:
-        raise SchemaMissing("the database has no metallm schema yet: run `metallm migrate`")
+        problem = schema_problem(conn)
+    if problem is not None:
+        raise SchemaMissing(problem)
 
 
 def commits_are_durable(engine: Engine) -> bool:

@@ -21,9 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
+from rich.text import Text
 
 from consumers.kafka_io import ensure_topics, make_producer
 from consumers.runner import Service, stop_on_signals
@@ -35,6 +36,7 @@ from producers.publish import publish
 from service.config import AppConfig, load_config
 from service.migrate import drop_schema, upgrade
 from service.outcomes import read_outcomes
+from service.report import percent, usd
 from service.settings import Settings
 from service.storage import make_engine
 
@@ -60,47 +62,122 @@ def progress_table(engine: sa.Engine, total: int, started: float) -> Table:
     table = Table(title="metallm demo — live", show_header=False)
     table.add_row("decided", f"{decided}/{total}  ({decided / elapsed:.1f}/s)")
     table.add_row("labeled", f"{labeled}/{total}")
-    table.add_row("running accuracy", f"{correct / labeled:.1%}" if labeled else "–")
-    table.add_row("cost so far", f"${cost:.6f}")
+    table.add_row("running accuracy", percent(correct / labeled) if labeled else "–")
+    table.add_row("cost so far", usd(cost))
     table.add_row("arm share", "  ".join(f"{arm} {n / max(decided, 1):.0%}" for arm, n in shares))
     return table
 
 
-def summary(engine: sa.Engine, outcomes_path: Path = OUTCOMES) -> Table:
-    """The router against each single arm on the same queries. Single arms come from a recording
-    of every arm on the demo set (``metallm record``); without it, the router's own per-arm rows."""
+def comparison(engine: sa.Engine, outcomes_path: Path = OUTCOMES) -> list[dict]:
+    """The router and each single arm on the same labeled queries: ``name, accuracy, cost``
+    (total), ``queries``, ``kind`` ("arm", "arm when chosen" or "router"). Single arms come
+    from a recording of every arm on the demo set (``metallm record``); without it, the
+    router's own per-arm rows."""
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
                 "SELECT query_id, arm, correct, cost_usd FROM decisions WHERE label IS NOT NULL"
             )
         ).all()
-    table = Table(title=f"router vs single arms on the same {len(rows)} labeled queries")
-    for col in ("", "accuracy", "total cost", "cost / query"):
-        table.add_column(col, justify="right")
     if not rows:
-        return table
+        return []
+    out = []
     ids = {r.query_id for r in rows}
-    if outcomes_path.exists():
-        recorded = [o for o in read_outcomes(outcomes_path) if o.query_id in ids]
-        for arm in sorted(recorded[0].arms) if recorded else []:
-            acc = sum(o.correct(arm) for o in recorded) / len(recorded)
-            cost = sum(o.cost(arm) for o in recorded)
-            table.add_row(
-                f"{arm} alone", f"{acc:.1%}", f"${cost:.6f}", f"${cost / len(recorded):.2e}"
+    recorded = (
+        [o for o in read_outcomes(outcomes_path) if o.query_id in ids]
+        if outcomes_path.exists()
+        else []
+    )
+    if recorded:
+        for arm in sorted(recorded[0].arms):
+            out.append(
+                {
+                    "name": f"{arm} alone",
+                    "kind": "arm",
+                    "accuracy": sum(o.correct(arm) for o in recorded) / len(recorded),
+                    "cost": sum(o.cost(arm) for o in recorded),
+                    "queries": len(recorded),
+                }
             )
     else:
         for arm in sorted({r.arm for r in rows}):
             mine = [r for r in rows if r.arm == arm]
-            acc = sum(r.correct for r in mine) / len(mine)
-            cost = sum(r.cost_usd for r in mine)
-            table.add_row(
-                f"{arm} (when chosen)", f"{acc:.1%}", f"${cost:.6f}", f"${cost / len(mine):.2e}"
+            out.append(
+                {
+                    "name": f"{arm} (when chosen)",
+                    "kind": "arm when chosen",
+                    "accuracy": sum(r.correct for r in mine) / len(mine),
+                    "cost": sum(r.cost_usd for r in mine),
+                    "queries": len(mine),
+                }
             )
-    acc = sum(r.correct for r in rows) / len(rows)
-    cost = sum(r.cost_usd for r in rows)
-    table.add_row("[bold]router", f"[bold]{acc:.1%}", f"${cost:.6f}", f"${cost / len(rows):.2e}")
+    out.append(
+        {
+            "name": "router",
+            "kind": "router",
+            "accuracy": sum(r.correct for r in rows) / len(rows),
+            "cost": sum(r.cost_usd for r in rows),
+            "queries": len(rows),
+        }
+    )
+    return out
+
+
+def best_arm(rows: list[dict]) -> dict | None:
+    """The single arm to beat: the most accurate, the cheaper of equals (None without a
+    recording of every arm on the same queries)."""
+    arms = [r for r in rows if r["kind"] == "arm"]
+    return min(arms, key=lambda r: (-r["accuracy"], r["cost"])) if arms else None
+
+
+def summary(engine: sa.Engine, outcomes_path: Path = OUTCOMES) -> Table:
+    """The router against each single arm on the same queries, with the cost saved against
+    the best single arm."""
+    rows = comparison(engine, outcomes_path)
+    n = rows[-1]["queries"] if rows else 0
+    table = Table(title=f"router vs single arms on the same {n} labeled queries")
+    for col in ("", "accuracy", "total cost", "cost / query", "cost vs best arm"):
+        table.add_column(col, justify="right")
+    best = best_arm(rows)
+    for r in rows:
+        versus = ""
+        if best is not None and best["cost"] > 0:
+            if r is best:
+                versus = "(best arm)"
+            else:
+                change = r["cost"] / best["cost"] - 1
+                versus = f"{change:+.0%}" if abs(change) >= 0.005 else "same"
+        bold = "[bold]" if r["kind"] == "router" else ""
+        table.add_row(
+            f"{bold}{r['name']}",
+            f"{bold}{percent(r['accuracy'])}",
+            usd(r["cost"]),
+            usd(r["cost"] / r["queries"]),
+            f"{bold}{versus}",
+        )
     return table
+
+
+def verdict(rows: list[dict]) -> str:
+    """One sentence: what the router saved (or spent) against the best single arm, and at
+    what accuracy."""
+    best = best_arm(rows)
+    if not rows or best is None:
+        return "no recording of every arm on these queries: no single-arm comparison"
+    router = rows[-1]
+    saved = best["cost"] - router["cost"]
+    gap = (router["accuracy"] - best["accuracy"]) * 100
+    accuracy = (
+        f"{abs(gap):.1f} points {'more' if gap > 0 else 'less'} accurate"
+        if abs(gap) >= 0.05
+        else "as accurate"
+    )
+    if saved >= 0:
+        share = saved / best["cost"] if best["cost"] else 0.0
+        money = f"saved {usd(saved)} ({share:.0%} of the cost)"
+    else:
+        money = f"spent {usd(-saved)} more ({-saved / best['cost']:.0%})"
+    return f"the router {money} against {best['name']}, the best single arm, and was {accuracy}"
 
 
 def plot(engine: sa.Engine, path: Path) -> Path:
@@ -271,12 +348,53 @@ def run(
             if labeled >= len(queries):
                 break
             time.sleep(0.5)
+    console.print()
     console.print(summary(engine))
+    console.print(verdict(comparison(engine)))
     png = plot(engine, out / "demo.png")
     console.print(f"plot saved: {png}")
     console.print(
-        f"the policy learned from {service.live.policy.n_updates} rewards; look at the decisions "
-        f"with: METALLM_DATABASE_SCHEMA={args.schema} .venv/bin/metallm decisions"
+        closing(
+            len(queries),
+            service.live.policy.n_updates,
+            args.schema,
+            origin != "the local Postgres",
+            png,
+        )
+    )
+
+
+def closing(n: int, updates: int, schema: str, embedded: bool, png: Path) -> Group:
+    """What the user just saw, and where to look next."""
+    saw = Text.assemble(
+        ("What you just saw: ", "bold"),
+        f"{n} labeled queries streamed through Kafka → embedding → the LinUCB router → an LLM "
+        f"→ Postgres. Each label came later, on its own topic, and the router learned from it "
+        f"({updates} rewards), trading each arm's accuracy against its cost.",
+    )
+    env = f"METALLM_DATABASE_SCHEMA={schema} "
+    steps = [
+        ("accuracy, cost and share per arm", f"{env}.venv/bin/metallm stats"),
+        ("why a query went to its arm", f"{env}.venv/bin/metallm decisions --explain ID"),
+        (
+            "the router against every baseline, offline",
+            ".venv/bin/metallm bench producers/data/demo_outcomes.jsonl",
+        ),
+        ("running accuracy and each arm's share over the stream", str(png)),
+        (
+            "the live dashboard (Grafana, fed by Prometheus)",
+            "docker compose up, then http://localhost:3000",
+        ),
+    ]
+    lines = [Text.assemble(f"  {what}:\n    ", (where, "cyan")) for what, where in steps]
+    kept = (
+        "The embedded Postgres stopped with the demo: set DATABASE_URL to a Postgres of yours "
+        "to keep the decisions for these commands."
+        if embedded
+        else f"The decisions stay in schema {schema!r}; the broker and the service are stopped."
+    )
+    return Group(
+        Text(""), saw, Text(""), Text("Where to look next:", style="bold"), *lines, Text(kept)
     )
 
 

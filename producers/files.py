@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,16 @@ def _from_csv(row: dict[str, str]) -> dict[str, Any]:
     return out
 
 
-def read_events(path: Path, kind: str, max_errors: int = 10) -> list[QueryEvent | LabelEvent]:
-    """All events of ``kind`` ("queries" or "labels") in the file, or :class:`InputFileError`."""
+def read_events(
+    path: Path,
+    kind: str,
+    max_errors: int = 10,
+    tasks: Collection[str] | None = None,
+    tasks_from: str = "the config",
+) -> list[QueryEvent | LabelEvent]:
+    """All events of ``kind`` ("queries" or "labels") in the file, or :class:`InputFileError`.
+    With ``tasks`` (the task names of the config ``tasks_from``), a query whose task is not one
+    of them is a bad row too."""
     model, fields = (QueryEvent, QUERY_FIELDS) if kind == "queries" else (LabelEvent, LABEL_FIELDS)
     events: list[QueryEvent | LabelEvent] = []
     errors: list[str] = []
@@ -70,9 +78,17 @@ def read_events(path: Path, kind: str, max_errors: int = 10) -> list[QueryEvent 
         if kind == "labels" and "label" not in row:
             continue  # an unlabeled query in a labeled dataset
         try:
-            events.append(model.model_validate({k: v for k, v in row.items() if k in fields}))
+            event = model.model_validate({k: v for k, v in row.items() if k in fields})
         except ValidationError as exc:
             errors.append(f"{where}: {describe_validation_error(exc)}")
+            continue
+        if tasks is not None and isinstance(event, QueryEvent) and event.task not in tasks:
+            errors.append(
+                f"{where}: unknown task {event.task!r} (tasks in {tasks_from}: "
+                f"{', '.join(sorted(tasks)) or 'none'})"
+            )
+            continue
+        events.append(event)
     if errors:
         shown = "\n  ".join(errors[:max_errors])
         more = f"\n  … and {len(errors) - max_errors} more" if len(errors) > max_errors else ""

@@ -45,6 +45,24 @@ PENDING_LABELS = Gauge("metallm_pending_labels", "Labels waiting for their decis
 DLQ = Counter("metallm_dlq_events", "Events sent to the dead-letter topic", ["topic"])
 CONSUMER_LAG = Gauge("metallm_consumer_lag", "Messages not yet consumed", ["topic", "partition"])
 BATCH_FAILURES = Counter("metallm_batch_failures", "Batches retried after an error", ["consumer"])
+# From Postgres, refreshed by the label consumer every LEARNING_REFRESH_S (the same values on
+# every replica): a label can be applied by either consumer (an early one, by the query
+# consumer), so only the database knows every outcome.
+LABELED = Gauge("metallm_labeled_decisions", "Decisions that have their label, per arm", ["arm"])
+CORRECT = Gauge(
+    "metallm_correct_decisions", "Labeled decisions whose answer was right, per arm", ["arm"]
+)
+MEAN_REWARD = Gauge(
+    "metallm_mean_reward",
+    "Mean reward the policy learned per arm (metallm_reward has negative buckets: no _sum)",
+    ["arm"],
+)
+POLICY_LAG = Gauge(
+    "metallm_policy_lag_rewards",
+    "Rewards committed to Postgres that this process's policy has not applied yet",
+)
+POLICY_UPDATES = Gauge("metallm_policy_updates", "Rewards this process's policy has learned from")
+LEARNING_REFRESH_S = 10.0
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -610,3 +610,21 @@ def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str
         for r in conn.execute(sa.select(*cols).where(_one_of(decisions.c.query_id, ids)))
     }
     return [found[q] for q in ids if q in found]
+
+
+def labeled_by_arm(conn: Connection) -> list[tuple[str, int, int, float | None]]:
+    """Per arm, for the metrics: (arm, decisions with a label, of which correct, mean reward)."""
+    rows = conn.execute(
+        sa.select(
+            decisions.c.arm,
+            sa.func.count(decisions.c.label),
+            sa.func.count().filter(decisions.c.correct.is_(True)),
+            sa.func.avg(decisions.c.reward),
+        ).group_by(decisions.c.arm)
+    )
+    return [(r[0], int(r[1]), int(r[2]), None if r[3] is None else float(r[3])) for r in rows]
+
+
+def last_reward_seq(conn: Connection) -> int:
+    """The highest reward sequence number committed (0: none yet)."""
+    return int(conn.execute(sa.select(sa.func.max(decisions.c.reward_seq))).scalar() or 0)

@@ -61,6 +61,13 @@ def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
     assert "router vs single arms on the same 24 labeled queries" in output
     assert "gemma-3-270m alone" in output and "qwen2.5-0.5b alone" in output
     assert "router" in output and "decided" in output
+    flat = " ".join(output.split())
+    assert "cost vs best arm" in flat and "(best arm)" in flat
+    assert re.search(r"the router (saved|spent) \$[0-9.]+ .* the best single arm", flat), flat
+    assert "e-0" not in output  # dollars, not exponents
+    assert "What you just saw" in flat and "Where to look next" in flat
+    for next_step in ("metallm stats", "metallm bench", "http://localhost:3000"):
+        assert next_step in flat
     png = tmp_path / "demo.png"
     assert f"plot saved: {png}" in output.replace("\n", "")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -68,7 +68,7 @@ def test_compose_postgres_migrate_and_service_wiring(compose):
     # no secret is written into the file itself
     for value in app["environment"].values():
         assert "sk-" not in str(value)
-    assert set(compose["volumes"]) == {"kafka-data", "pg-data"}
+    assert set(compose["volumes"]) == {"kafka-data", "pg-data", "prometheus-data", "grafana-data"}
 
 
 def test_image_installs_what_the_default_embedding_backend_needs():

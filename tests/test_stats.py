@@ -80,9 +80,9 @@ def test_stats_and_explain_commands(decided, pg_schema):
     assert explained.returncode == 0, explained.stderr
     lines = explained.stdout.splitlines()
     cheap = next(line for line in lines if "cheap" in line and "chosen" in line)
-    assert "1.25" in cheap and "0.8000" in cheap
-    assert any("strong" in line and "0.5" in line and "0.2000" in line for line in lines)
-    assert "label 'a' → correct=True" in explained.stdout
+    assert "1.25" in cheap and "80.0%" in cheap
+    assert any("strong" in line and "0.5" in line and "20.0%" in line for line in lines)
+    assert "label 'a': correct, reward 0.900" in " ".join(explained.stdout.split())
 
     missing = metallm_cli(pg_schema, "decisions", "--explain", "nope")
     assert missing.returncode == 1 and "no decision for query 'nope'" in missing.stderr

@@ -1,0 +1,186 @@
+"""What a person sees when a command cannot do its work: one line naming what is wrong and
+what to do, and a documented exit code, never a traceback. Each case through the real CLI,
+against the real Postgres and broker (or a port where nothing listens)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+import yaml
+from kafka import KafkaAdminClient
+
+from producers.demo_data import TASKS
+from producers.local_broker import free_port
+from service.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE
+from service.migrate import drop_schema, head_revision, upgrade
+from service.storage import make_engine
+from tests.conftest import DATABASE_URL
+from tests.helpers import metallm_cli
+
+pytestmark = pytest.mark.integration
+
+LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
+OUTCOMES = Path(__file__).parents[1] / "producers" / "data" / "demo_outcomes.jsonl"
+
+
+def one_line_error(out, code: int) -> str:
+    assert out.returncode == code, (out.returncode, out.stdout, out.stderr)
+    assert "Traceback" not in out.stderr
+    # (serve's log lines aside: it logs what it is starting)
+    lines = [line for line in out.stderr.strip().splitlines() if not LOG_LINE.match(line)]
+    assert len(lines) == 1 and lines[0].startswith("metallm: "), out.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """A valid config: the demo's tasks, two replay arms."""
+    path = tmp_path / "metallm.yaml"
+    arms = [
+        {"name": a, "provider": "replay", "model": a, "outcomes": str(OUTCOMES)}
+        for a in ("gemma-3-270m", "qwen2.5-0.5b")
+    ]
+    path.write_text(yaml.safe_dump({"tasks": TASKS, "arms": arms}))
+    return path
+
+
+@pytest.fixture
+def fresh_schema():
+    """A schema name nobody migrated (dropped afterwards, in case a test migrates it)."""
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    yield schema
+    drop_schema(DATABASE_URL, schema)
+
+
+def test_version_and_plain_help():
+    out = metallm_cli("public", "--version")
+    assert out.returncode == 0 and out.stdout.startswith("metallm 0.")
+    helptext = metallm_cli("public", "--help").stdout
+    assert "``" not in helptext and "metallm: a streaming LLM router" in helptext
+    assert "exit codes:" in helptext and "3  the database or the Kafka broker" in helptext
+
+
+@pytest.mark.parametrize("command", [["stats"], ["decisions"], ["migrate"], ["serve"]])
+def test_database_unreachable_is_one_line_without_the_password(command, broker, config_file):
+    port = free_port()
+    url = f"postgresql://metallm:s3cret-pw@127.0.0.1:{port}/metallm"
+    env = {"DATABASE_URL": url, "METALLM_CONFIG": str(config_file)}
+    out = metallm_cli("public", *command, env={**env, "METALLM_KAFKA_BOOTSTRAP": broker})
+    line = one_line_error(out, EXIT_UNREACHABLE)
+    assert f"cannot use the database at postgresql://metallm:***@127.0.0.1:{port}/metallm" in line
+    assert "Connection refused" in line
+    assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+def test_a_schema_never_migrated_says_to_migrate(fresh_schema):
+    for command in (["stats"], ["decisions"], ["decisions", "--explain", "q1"]):
+        line = one_line_error(metallm_cli(fresh_schema, *command), EXIT_INPUT)
+        assert line == "metallm: the database has no metallm schema yet: run `metallm migrate`"
+    # a command that reads the tables without checking first still says so
+    line = one_line_error(metallm_cli(fresh_schema, "evaluate", "--from-db"), EXIT_INPUT)
+    assert "schema is missing" in line and "run `metallm migrate`" in line
+
+
+def test_a_schema_behind_the_code_names_its_revision(fresh_schema):
+    upgrade(DATABASE_URL, fresh_schema, "0003")
+    head = head_revision()
+    line = one_line_error(metallm_cli(fresh_schema, "stats"), EXIT_INPUT)
+    assert line == (
+        f"metallm: the database schema is at revision 0003, this metallm needs {head}: "
+        "run `metallm migrate`"
+    )
+    assert metallm_cli(fresh_schema, "migrate").returncode == 0
+    assert metallm_cli(fresh_schema, "stats").returncode == 0
+
+    engine = make_engine(DATABASE_URL, fresh_schema)
+    with engine.begin() as conn:  # as if a newer metallm had migrated it
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    line = one_line_error(metallm_cli(fresh_schema, "stats"), EXIT_INPUT)
+    assert "revision 9999, which this metallm does not know" in line and "upgrade metallm" in line
+
+
+@pytest.mark.parametrize("command", ["produce", "serve"])
+def test_broker_unreachable_names_the_servers_within_the_timeout(
+    command, pg_schema, config_file, tmp_path
+):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"query_id": "q1", "text": "fine", "task": "sentiment"}) + "\n")
+    bootstrap = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    args = ["produce", "queries", str(data), "--quiet"] if command == "produce" else ["serve"]
+    started = time.monotonic()
+    out = metallm_cli(
+        pg_schema,
+        *args,
+        env={"METALLM_KAFKA_BOOTSTRAP": bootstrap, "METALLM_CONFIG": str(config_file)},
+        timeout=60,
+    )
+    elapsed = time.monotonic() - started
+    line = one_line_error(out, EXIT_UNREACHABLE)
+    assert f"cannot reach the Kafka broker at {bootstrap} within 10 s" in line
+    assert elapsed < 25, elapsed  # the stated 10 s, and the interpreter's start
+
+
+def test_config_missing_or_invalid(pg_schema, tmp_path, config_file):
+    missing = tmp_path / "nope.yaml"
+    line = one_line_error(
+        metallm_cli(pg_schema, "serve", env={"METALLM_CONFIG": str(missing)}), EXIT_INPUT
+    )
+    assert line == f"metallm: cannot read config {missing}: No such file or directory"
+
+    bad = yaml.safe_load(config_file.read_text())
+    bad["arms"][1]["provider"] = "nonesuch"
+    config_file.write_text(yaml.safe_dump(bad))
+    out = metallm_cli(pg_schema, "serve", env={"METALLM_CONFIG": str(config_file)})
+    assert out.returncode == EXIT_INPUT and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"metallm: invalid config {config_file}:")
+    assert "arms.1.provider" in out.stderr  # the path of the bad key
+
+    not_yaml = tmp_path / "broken.yaml"
+    not_yaml.write_text("tasks: [unclosed\n")
+    out = metallm_cli(pg_schema, "serve", env={"METALLM_CONFIG": str(not_yaml)})
+    assert out.returncode == EXIT_INPUT and f"config {not_yaml} is not valid YAML" in out.stderr
+
+
+def test_produce_lists_unknown_tasks_and_sends_nothing(broker, topics, config_file, tmp_path):
+    rows = [
+        {"query_id": "q1", "text": "a fine film", "task": "sentiment"},
+        {"query_id": "q2", "text": "what is the weather", "task": "weather"},
+        {"query_id": "q3", "text": "is it", "task": "yes_no"},
+        {"query_id": "q4", "text": "x", "task": "sentimnet"},
+    ]
+    data = tmp_path / "queries.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {
+        "METALLM_KAFKA_BOOTSTRAP": broker,
+        "METALLM_CONFIG": str(config_file),
+        "METALLM_QUERIES_TOPIC": topics["queries_topic"],
+    }
+    out = metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+    assert out.returncode == EXIT_INPUT, out.stderr
+    assert "2 bad rows, nothing was sent" in out.stderr
+    tasks = "intent, sentiment, yes_no"
+    assert f"{data}:2: unknown task 'weather' (tasks in {config_file}: {tasks})" in out.stderr
+    assert f"{data}:4: unknown task 'sentimnet'" in out.stderr
+    admin = KafkaAdminClient(bootstrap_servers=broker)
+    try:
+        assert topics["queries_topic"] not in admin.list_topics()  # not even created
+    finally:
+        admin.close()
+
+    # without a readable config the rows go as they are (the service dead-letters them)
+    env["METALLM_CONFIG"] = str(tmp_path / "absent.yaml")
+    sent = metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+    assert sent.returncode == 0, sent.stderr
+    assert f"published 4 queries to {topics['queries_topic']}" in sent.stdout
+
+
+def test_explain_of_an_unknown_query_exits_1(pg_schema):
+    out = metallm_cli(pg_schema, "decisions", "--explain", "nope")
+    assert one_line_error(out, EXIT_FAILED) == "metallm: no decision for query 'nope'"
