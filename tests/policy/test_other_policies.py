@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from river import bandit, linear_model, optim, stats
 
-from service.policy import EpsGreedy, LinTS, RiverThompson, RiverUCB, Softmax
+from service.policy import EpsGreedy, LinTS, RiverThompson, RiverUCB, Softmax, loads
 
 # --------------------------------------------------------------------------------- LinTS
 
@@ -160,3 +162,23 @@ def test_river_thompson_binarises_fractional_rewards_by_their_value() -> None:
     a_alpha, a_beta = policy.posterior("a")
     assert (a_alpha - 1) / (a_alpha + a_beta - 2) == pytest.approx(0.3, abs=0.03)
     assert policy.posterior("b") == (1, 2001)
+
+
+# ------------------------------------------------------------------ checkpoints on file
+CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints"
+
+
+@pytest.mark.parametrize("kind", ["eps_greedy", "softmax", "ucb", "thompson"])
+def test_checkpoints_on_file_load_and_choose_as_they_did(kind: str) -> None:
+    """``data/checkpoints/{kind}.ckpt``: each River-backed policy after 40 seeded updates,
+    dumped (format version 2) when the four policies shared two modules; ``expected.json``
+    holds the choices each made next. Loaded now, each makes the same choices with the same
+    probabilities: the River objects in them unpickle, whatever module the policy is in."""
+    recorded = json.loads((CHECKPOINTS / "expected.json").read_text())
+    expected = recorded["expected"][kind]
+    policy = loads((CHECKPOINTS / f"{kind}.ckpt").read_bytes())
+    assert policy.kind == kind and policy.n_updates == expected["n_updates"]
+    for x, want in zip(recorded["probe"], expected["choices"], strict=True):
+        choice = policy.choose(recorded["arms"], np.array(x))
+        assert choice.arm == want["arm"]
+        assert choice.probabilities == pytest.approx(want["probabilities"], abs=1e-12)
