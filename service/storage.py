@@ -159,15 +159,6 @@ class AppliedReward:
     reward: float
 
 
-@dataclass(frozen=True)
-class LabelOutcome:
-    """What happened to one label event."""
-
-    query_id: str
-    kind: str  # applied | duplicate | pending | pending_duplicate
-    applied: AppliedReward | None = None
-
-
 def _one_of(column: sa.ColumnElement[str], values: Iterable[str]) -> sa.ColumnElement[bool]:
     """``column = ANY(%s)``, the values bound as one text array: the same statement for any
     number of values. ``IN`` binds a parameter each, and psycopg parses a statement of over 50
