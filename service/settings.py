@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
     checkpoint_every: int = Field(100, ge=1)
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
+    # how often the label consumer drops the labels that waited longer than the TTL
+    pending_label_expire_every_seconds: float = Field(60.0, gt=0)
 
     # Operations
     metrics_port: int | None = Field(9400, ge=0, le=65535)  # None disables; 0 picks a free port
