@@ -3,10 +3,10 @@
 For each poll batch the decider looks up which queries are decided (by id), inserts the
 decision rows (their decision_seq comes back with the insert) and takes any labels that came
 first. This script times those statements as the service sends them (``service.storage``)
-against the way it sent them before, with SQLAlchemy's defaults, in the same run: a multi-row
-``INSERT … VALUES`` (its "insertmanyvalues", ~30 parameters a row) and three lookups (the
-costs were read back by a third) with ``IN (…)``, a parameter per id. It
-prints the median CPU per batch of this process (time.thread_time) and of the Postgres
+against SQLAlchemy's defaults for the same work, in the same run: a multi-row
+``INSERT … VALUES`` (its "insertmanyvalues", ~30 parameters a row) and three lookups with
+``IN (…)``, a parameter per id (the third reads back the costs, which the service's insert
+returns). It prints the median CPU per batch of this process (time.thread_time) and of the Postgres
 backend serving it (/proc/<pid>/stat, 10 ms ticks: averaged over the rounds), and the
 ratios.
 
@@ -99,7 +99,7 @@ def lookups_in(conn: sa.Connection, ids: list[str]) -> None:
 # --------------------------------------------------------------- the service's way
 def lookups_any(conn: sa.Connection, ids: list[str]) -> None:
     storage.existing_query_ids(conn, ids)
-    storage.take_pending_labels(conn, ids)  # (the costs come back with the insert now)
+    storage.take_pending_labels(conn, ids)  # (the costs come back with the insert)
 
 
 def backend_cpu(pid: int) -> float:
@@ -122,7 +122,7 @@ def main() -> int:
         ways: dict[str, Callable[[sa.Connection, list[dict]], object]] = {
             "insert: multi-row VALUES (SQLAlchemy default)": insert_multirow,
             "insert: storage.insert_decisions": storage.insert_decisions,
-            "lookups: 3 with IN (before)": lambda c, b: lookups_in(c, ids_of(b)),
+            "lookups: 3 with IN (SQLAlchemy default)": lambda c, b: lookups_in(c, ids_of(b)),
             "lookups: 2 with = ANY(array)": lambda c, b: lookups_any(c, ids_of(b)),
         }
         client: dict[str, list[float]] = {name: [] for name in ways}
@@ -144,12 +144,12 @@ def main() -> int:
         for name in ways:
             c, s = statistics.median(client[name]) * 1e3, statistics.mean(server[name]) * 1e3
             print(f"{name:<48}{c:>16.2f}{s:>15.2f}")
-        for old, new in (("insert: multi", "insert: storage"), ("lookups: 3", "lookups: 2")):
-            a = next(n for n in ways if n.startswith(old))
-            b = next(n for n in ways if n.startswith(new))
+        for default, ours in (("insert: multi", "insert: storage"), ("lookups: 3", "lookups: 2")):
+            a = next(n for n in ways if n.startswith(default))
+            b = next(n for n in ways if n.startswith(ours))
             total_a = statistics.median(client[a]) + statistics.mean(server[a])
             total_b = statistics.median(client[b]) + statistics.mean(server[b])
-            print(f"{b.split(':')[0]}: client + server, old/new = {total_a / total_b:.2f}×")
+            print(f"{b.split(':')[0]}: client + server, default/storage = {total_a / total_b:.2f}×")
     finally:
         engine.dispose()
         drop_schema(url, schema)

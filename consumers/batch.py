@@ -22,6 +22,8 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
+from tenacity import RetryCallState
+from tenacity.wait import wait_exponential
 
 from service import metrics
 from service.events import InvalidEvent, dlq_record
@@ -80,6 +82,32 @@ def flat(batches: list[list[ConsumerRecord]]) -> list[ConsumerRecord]:
     return [r for batch in batches for r in batch]
 
 
+class Backoff:
+    """The wait after each of a run of consecutive failures: ``first`` seconds, doubling up to
+    ``cap`` (tenacity's exponential wait); a success starts the run again.
+
+    >>> b = Backoff(0.5, 3.0)
+    >>> [b.next() for _ in range(5)]
+    [0.5, 1.0, 2.0, 3.0, 3.0]
+    >>> b.reset(); b.next()
+    0.5
+    """
+
+    def __init__(self, first: float, cap: float) -> None:
+        self._wait = wait_exponential(multiplier=first, max=cap)
+        self.failures = 0
+
+    def next(self) -> float:
+        """Count one more failure and return how long to wait before trying again."""
+        self.failures += 1
+        state = RetryCallState(retry_object=None, fn=None, args=(), kwargs={})
+        state.attempt_number = self.failures
+        return self._wait(state)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
 class BatchConsumer:
     """Subclasses give ``validate(raw) -> event`` and ``handle(items) -> list[Outgoing]``."""
 
@@ -99,6 +127,7 @@ class BatchConsumer:
         self.poll_timeout_ms = poll_timeout_ms
         self.max_backoff_s = max_backoff_s
         metrics.BATCH_FAILURES.labels(self.name)  # exported as 0 before the first retry
+        self.backoff = Backoff(0.5, max_backoff_s)
         self.stats = ConsumerStats()
         self.stop_event = threading.Event()
         # events validated when polled, by (topic, partition, offset), until processed
@@ -152,7 +181,6 @@ class BatchConsumer:
         return event if event is not None else self.validate(record.value)
 
     def run(self) -> None:
-        backoff = 0.5
         ahead: list[list[ConsumerRecord]] = []  # batches polled and prepared, not handled yet
         while not self.stop_event.is_set():
             if ahead:
@@ -161,9 +189,7 @@ class BatchConsumer:
                 try:
                     records = self.poll(self.poll_timeout_ms)
                 except Exception:
-                    self._failed("poll failed", 0, backoff)
-                    self.stop_event.wait(backoff)
-                    backoff = min(backoff * 2, self.max_backoff_s)
+                    self._back_off("poll failed", 0)
                     continue
                 self._polled(records)
             if records and self.lookahead:
@@ -171,26 +197,22 @@ class BatchConsumer:
             if records:
                 try:
                     self.process(records)
-                    backoff = 0.5
+                    self.backoff.reset()
                 except Exception as exc:
                     if is_transient(exc):
-                        self._failed("batch failed", len(records), backoff)
                         self.rewind(records + flat(ahead))  # polled again after it
                         ahead = []
-                        self.stop_event.wait(backoff)
-                        backoff = min(backoff * 2, self.max_backoff_s)
+                        self._back_off("batch failed", len(records))
                         continue
                     self._failed("batch failed; retrying its events one at a time", len(records))
                     try:
                         self.isolate(records, flat(ahead))
-                        backoff = 0.5
+                        self.backoff.reset()
                         if self.stop_event.is_set():  # isolate may have stopped part-way
                             ahead = []
                     except Exception:
-                        self._failed("retrying one at a time failed", len(records), backoff)
                         ahead = []  # isolate rewound them with the events not handled
-                        self.stop_event.wait(backoff)
-                        backoff = min(backoff * 2, self.max_backoff_s)
+                        self._back_off("retrying one at a time failed", len(records))
                         continue
             self.housekeeping()
         if ahead:
@@ -262,6 +284,12 @@ class BatchConsumer:
                 self.consumer.seek(tp, last[tp] + 1)
         mine, *kept = held
         return mine, [batch for batch in kept if batch] + fresh
+
+    def _back_off(self, what: str, n: int) -> None:
+        """Log the failure being handled and wait before the next try (less on a stop)."""
+        delay = self.backoff.next()
+        self._failed(what, n, delay)
+        self.stop_event.wait(delay)
 
     def _failed(self, what: str, n: int, backoff: float | None = None) -> None:
         self.stats.failures += 1

@@ -11,7 +11,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from consumers.batch import BatchConsumer, Outgoing
 from service import metrics, storage
 from service.events import LabelEvent
-from service.pipeline import LabelStats, Learner
+from service.pipeline import Learner
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,6 @@ class LabelConsumer(BatchConsumer):
         super().__init__(consumer, producer, dlq_topic)
         self.learner = learner
         self.expire_every_s = expire_every_s
-        self.totals = LabelStats()
         self._next_expiry = 0.0
         self._next_gauge = 0.0
         self._next_learning_gauges = 0.0
@@ -39,15 +38,11 @@ class LabelConsumer(BatchConsumer):
         return self.learner.validate(raw)
 
     def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
-        stats = self.learner.learn(
+        self.learner.learn(
             [event for event, _ in items],
             [(r.topic, r.partition, r.offset) for _, r in items],
             self.consumer.config["group_id"],
         )
-        self.totals.applied += stats.applied
-        self.totals.duplicates += stats.duplicates
-        self.totals.pending += stats.pending
-        self.totals.pending_duplicates += stats.pending_duplicates
         return []
 
     def idle(self) -> None:

@@ -14,9 +14,9 @@ from service.settings import QUERY_BATCHES_HELD
 
 class QueryConsumer(BatchConsumer):
     name = "queries"
-    # the next batches' LLMs are called while this one is stored. Two: with one, a batch that
-    # took long to store or publish (Postgres, the broker: 50–350 ms now and then) left the
-    # embedder idle until it was done (benchmarks/README.md, sixth pass)
+    # the next batches' LLMs are called while this one is stored. Two, so that a batch slow to
+    # store or publish (Postgres, the broker: 50–350 ms now and then) does not leave the
+    # embedder idle meanwhile (measured: benchmarks/README.md, sixth pass)
     lookahead = QUERY_BATCHES_HELD - 1
 
     def __init__(

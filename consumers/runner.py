@@ -174,6 +174,7 @@ class Service:
             make_consumer(s, s.labels_topic, s.labels_group),
             producer,
             s.dlq_topic,
+            expire_every_s=s.pending_label_expire_every_seconds,
         )
         self._producer = producer
         if s.metrics_port is not None:

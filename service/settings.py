@@ -82,6 +82,8 @@ class Settings(BaseSettings):
     context_task_buckets: int = Field(DEFAULT_TASK_BUCKETS, ge=1, le=4096)
     context_feature_buckets: int = Field(DEFAULT_FEATURE_BUCKETS, ge=1, le=4096)
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
+    # how often the label consumer drops the labels that waited longer than the TTL
+    pending_label_expire_every_seconds: float = Field(60.0, gt=0)
 
     # Operations
     metrics_port: int | None = Field(9400, ge=0, le=65535)  # None disables; 0 picks a free port

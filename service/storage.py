@@ -1,4 +1,5 @@
-"""Postgres access (SQLAlchemy 2 Core over psycopg 3). The schema itself is made by Alembic.
+"""Postgres access (SQLAlchemy 2 Core over psycopg 3). The schema is made by the Alembic
+migrations; :data:`metadata` declares the same tables, exactly (``tests/test_schema.py``).
 
 Every statement uses bound parameters. A ``schema`` puts all of metallm's tables in one
 Postgres schema (through ``search_path``), which is how tests keep to themselves.
@@ -19,31 +20,37 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 metadata = sa.MetaData()
+"""The tables as the migrations make them (``tests/test_schema.py`` compares the two)."""
+
+#: Numbers the rewards in the order they are committed (a policy applies them in that order).
+reward_sequence = sa.Sequence("reward_seq", data_type=sa.BigInteger, metadata=metadata)
 
 decisions = sa.Table(
     "decisions",
     metadata,
     sa.Column("query_id", sa.Text, primary_key=True),
-    sa.Column("task", sa.Text),
-    sa.Column("text", sa.Text),
-    sa.Column("options", postgresql.JSONB),
+    sa.Column("task", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("options", postgresql.JSONB, nullable=False),
     sa.Column("metadata", postgresql.JSONB),
     sa.Column("sent_at", sa.DateTime(timezone=True)),
-    sa.Column("decided_at", sa.DateTime(timezone=True)),
-    sa.Column("arm", sa.Text),
-    sa.Column("propensity", sa.Float),
-    sa.Column("probabilities", postgresql.JSONB),
-    sa.Column("policy", sa.Text),
-    sa.Column("status", sa.Text),
+    sa.Column(
+        "decided_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("arm", sa.Text, nullable=False),
+    sa.Column("propensity", sa.Float, nullable=False),
+    sa.Column("probabilities", postgresql.JSONB, nullable=False),
+    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
     sa.Column("prediction", sa.Text),
     sa.Column("raw_output", sa.Text),
     sa.Column("error", sa.Text),
     sa.Column("input_tokens", sa.Integer),
     sa.Column("output_tokens", sa.Integer),
-    sa.Column("cost_usd", sa.Float),
+    sa.Column("cost_usd", sa.Float, nullable=False, server_default="0"),
     sa.Column("latency_ms", sa.Float),
-    sa.Column("embedding_model", sa.Text),
-    sa.Column("context", sa.LargeBinary),
+    sa.Column("embedding_model", sa.Text, nullable=False),
+    sa.Column("context", sa.LargeBinary, nullable=False),
     sa.Column("kafka_partition", sa.Integer),
     sa.Column("kafka_offset", sa.BigInteger),
     sa.Column("label", sa.Text),
@@ -53,39 +60,53 @@ decisions = sa.Table(
     sa.Column("labeled_at", sa.DateTime(timezone=True)),
     sa.Column("reward_applied_at", sa.DateTime(timezone=True)),
     sa.Column("reward_seq", sa.BigInteger),
-    sa.Column("duplicate_labels", sa.Integer),
-    # 0002
-    sa.Column("attempts", sa.Integer),
+    sa.Column("duplicate_labels", sa.Integer, nullable=False, server_default="0"),
+    # requests sent for the decision: retries and the fallback's included
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="1"),
+    # the arm asked after the chosen arm failed (its answer, if any, is the prediction)
     sa.Column("fallback_arm", sa.Text),
+    # answer_mode "score": the (calibrated) log-score of each allowed answer
     sa.Column("answer_scores", postgresql.JSONB(none_as_null=True)),
-    # 0003
+    # every candidate arm's policy score at decision time
     sa.Column("arm_scores", postgresql.JSONB(none_as_null=True)),
-    # 0004
-    sa.Column("decision_seq", sa.BigInteger),
-    # 0006: the ContextLayout.spec of ``context`` (NULL: the raw embedding, "legacy")
+    # the order decisions' costs were observed in (budget pacing replays them after a restart)
+    sa.Column("decision_seq", sa.BigInteger, sa.Identity(always=False), nullable=False),
+    # the ContextLayout.spec of ``context`` (NULL: the raw embedding, "legacy")
     sa.Column("context_layout", sa.Text),
+    sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
+    sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
+    sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),
+    sa.CheckConstraint("status IN ('ok', 'parse_error', 'llm_error')", name="known_status"),
+    sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    sa.Index("decisions_decided_at", "decided_at"),
+    sa.Index("decisions_arm_task", "arm", "task"),
 )
 
 pending_labels = sa.Table(
     "pending_labels",
     metadata,
     sa.Column("query_id", sa.Text, primary_key=True),
-    sa.Column("label", sa.Text),
+    sa.Column("label", sa.Text, nullable=False),
     sa.Column("labeled_at", sa.DateTime(timezone=True)),
-    sa.Column("received_at", sa.DateTime(timezone=True)),
-    sa.Column("duplicates", sa.Integer),
+    sa.Column(
+        "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("duplicates", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("pending_labels_received_at", "received_at"),
 )
 
 policy_checkpoints = sa.Table(
     "policy_checkpoints",
     metadata,
-    sa.Column("id", sa.BigInteger, primary_key=True),
-    sa.Column("created_at", sa.DateTime(timezone=True)),
-    sa.Column("policy", sa.Text),
-    sa.Column("n_updates", sa.BigInteger),
-    sa.Column("reward_watermark", sa.BigInteger),
-    sa.Column("state", sa.LargeBinary),
-    sa.Column("decision_watermark", sa.BigInteger),
+    sa.Column("id", sa.BigInteger, sa.Identity(), primary_key=True),
+    sa.Column(
+        "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("policy", sa.Text, nullable=False),
+    sa.Column("n_updates", sa.BigInteger, nullable=False),
+    sa.Column("reward_watermark", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.LargeBinary, nullable=False),
+    sa.Column("decision_watermark", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 label_offsets = sa.Table(
@@ -94,15 +115,17 @@ label_offsets = sa.Table(
     sa.Column("consumer_group", sa.Text, primary_key=True),
     sa.Column("topic", sa.Text, primary_key=True),
     sa.Column("partition", sa.Integer, primary_key=True),
-    sa.Column("next_offset", sa.BigInteger),
-    sa.Column("updated_at", sa.DateTime(timezone=True)),
+    sa.Column("next_offset", sa.BigInteger, nullable=False),
+    sa.Column(
+        "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
 )
 
 service_counters = sa.Table(
     "service_counters",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
-    sa.Column("value", sa.BigInteger),
+    sa.Column("value", sa.BigInteger, nullable=False, server_default="0"),
 )
 
 
@@ -149,15 +172,6 @@ class LoggedDecision:
     task: str
     n_chars: int
     metadata: dict[str, Any] | None
-
-
-@dataclass(frozen=True)
-class LabelOutcome:
-    """What happened to one label event."""
-
-    query_id: str
-    kind: str  # applied | duplicate | pending | pending_duplicate
-    applied: AppliedReward | None = None
 
 
 def _one_of(column: sa.ColumnElement[str], values: Iterable[str]) -> sa.ColumnElement[bool]:
@@ -318,7 +332,7 @@ def record_reward(
             reward=reward,
             reward_lambda=lam,
             reward_applied_at=sa.func.now(),
-            reward_seq=sa.func.nextval("reward_seq"),
+            reward_seq=reward_sequence.next_value(),
             duplicate_labels=decisions.c.duplicate_labels + extra_duplicates,
         )
         .returning(decisions.c.reward_seq)
@@ -336,7 +350,7 @@ def record_failure_reward(conn: Connection, query_id: str, reward: float, lam: f
             reward=reward,
             reward_lambda=lam,
             reward_applied_at=sa.func.now(),
-            reward_seq=sa.func.nextval("reward_seq"),
+            reward_seq=reward_sequence.next_value(),
         )
         .returning(decisions.c.reward_seq)
     )

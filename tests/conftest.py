@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, model_fingerprint
+from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache
+from service.model_files import model_fingerprint
 from service.settings import isolated_stream_names
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -70,7 +71,8 @@ def embedding_cache_path(pytestconfig, tmp_path_factory) -> Path:
 def cached_embedder(embedder, embedding_cache_path) -> CachedEmbedder:
     """The real MiniLM behind the cache, under the key ``CachedEmbedder.for_model()`` uses,
     so a CLI run given ``--embedding-cache`` finds these vectors without loading the model."""
-    from service.embedding import DEFAULT_MODEL_NAME, default_model_path
+    from service.embedding import DEFAULT_MODEL_NAME
+    from service.model_files import default_model_path
 
     key = f"{DEFAULT_MODEL_NAME}@{model_fingerprint(default_model_path())}"
     cache = EmbeddingCache(embedding_cache_path)

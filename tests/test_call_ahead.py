@@ -8,6 +8,7 @@ import pytest
 from service.events import QueryEvent
 from service.learning import LivePolicy
 from service.pipeline import Decider, QueryRecord, RewardSettings
+from tests.conftest import wait_for
 from tests.helpers import (
     ARMS,
     CountingReplay,
@@ -63,14 +64,16 @@ def test_one_call_failing_keeps_the_others_calls(engine, embedder, tmp_path):
 
 
 def test_a_failed_ahead_job_is_started_again_by_the_next_call_ahead(engine, embedder, tmp_path):
+    """The embedder fails the first job; once that is known, the batch polled again (a
+    rewind) starts a job of its own, before ``decide``, which then only waits for it."""
     rows = demo_rows(6)
     decider = make_decider(engine, embedder, tmp_path, rows)
     embed = decider.vectors.embedder.embed
-    broken = [True]
+    embedded: list[list[str]] = []  # every batch of texts the embedder was given
 
     def failing_once(texts):
-        if broken:
-            broken.clear()
+        embedded.append(list(texts))
+        if len(embedded) == 1:
             raise RuntimeError("the embedder broke")
         return embed(texts)
 
@@ -78,14 +81,16 @@ def test_a_failed_ahead_job_is_started_again_by_the_next_call_ahead(engine, embe
     start = CountingReplay.calls
     try:
         decider.call_ahead(events(rows))
-        first = decider._started[rows[0]["query_id"]]
-        first.job.exception(timeout=30)
-        assert first.failed
-        decider.call_ahead(events(rows))  # the batch polled again (a rewind): started anew
-        again = decider._started[rows[0]["query_id"]]
-        assert again.job is not first.job
+        # polled again until the failure is known: then the rewound batch is started anew
+        wait_for(
+            lambda: decider.call_ahead(events(rows)) or len(embedded) == 2,
+            timeout=30,
+            interval=0.01,
+            message="a second job",
+        )
         decided = decider.decide([QueryRecord(e) for e in events(rows)])
         assert len(decided) == 6
+        assert len(embedded) == 2  # decide made no job of its own
         assert CountingReplay.calls - start == 6  # nothing called twice
     finally:
         decider.close()

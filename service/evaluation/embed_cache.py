@@ -33,9 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: Files larger than this are fingerprinted by size plus their first and last MiB.
-_FULL_HASH_LIMIT = 4 << 20
-_EDGE = 1 << 20
+from service.model_files import model_fingerprint
 
 
 def default_cache_path() -> Path:
@@ -48,29 +46,6 @@ def default_cache_path() -> Path:
 def text_key(text: str) -> str:
     """sha256 of the exact UTF-8 text."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def model_fingerprint(path: str | Path) -> str:
-    """A short hash of a model folder (or file): every file's relative path, size and content.
-
-    Large weight files contribute their size and first/last MiB, which changes whenever the
-    weights are replaced, without reading hundreds of MB on every run.
-    """
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for f in files:
-        rel = f.name if f == root else f.relative_to(root).as_posix()
-        size = f.stat().st_size
-        digest.update(f"{rel}\0{size}\0".encode())
-        with f.open("rb") as fh:
-            if size <= _FULL_HASH_LIMIT:
-                digest.update(fh.read())
-            else:
-                digest.update(fh.read(_EDGE))
-                fh.seek(size - _EDGE)
-                digest.update(fh.read(_EDGE))
-    return digest.hexdigest()[:16]
 
 
 class EmbeddingCache:
@@ -165,7 +140,8 @@ class CachedEmbedder:
     ) -> CachedEmbedder:
         """Cache in front of :class:`~service.embedding.Embedder` (``model`` and
         ``batch_size`` as its arguments: by default the backend's own batch size)."""
-        from service.embedding import DEFAULT_MODEL_NAME, default_model_path
+        from service.embedding import DEFAULT_MODEL_NAME
+        from service.model_files import default_model_path
 
         path = Path(model) if model else default_model_path()
         name = DEFAULT_MODEL_NAME if model is None else str(model)

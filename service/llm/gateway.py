@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+from tenacity.wait import wait_base, wait_random_exponential
 
 from service.config import AppConfig, ArmConfig
 from service.llm.base import CallRequest, Completion, LLMError, Provider
@@ -119,6 +121,39 @@ class CircuitBreaker:
         return False
 
 
+def _retryable(exc: BaseException) -> bool:
+    """Timeouts, lost connections, 429 and 5xx (what the adapters mark retryable); a call the
+    gateway refused (its circuit open) is not an attempt and is not retried."""
+    return isinstance(exc, LLMError) and exc.retryable and not isinstance(exc, CircuitOpen)
+
+
+class wait_retry_after(wait_base):  # noqa: N801 - named like tenacity's own wait strategies
+    """``wait``, but at least the Retry-After the failed attempt's server asked for, and never
+    more than ``cap`` seconds."""
+
+    def __init__(self, wait: wait_base, cap: float) -> None:
+        self.wait = wait
+        self.cap = cap
+
+    def __call__(self, retry_state: RetryCallState) -> float:
+        delay = self.wait(retry_state)
+        failed = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(failed, "retry_after", None)
+        if retry_after is not None:
+            delay = max(delay, retry_after)
+        return min(delay, self.cap)
+
+
+def backoff(arm: ArmConfig) -> wait_retry_after:
+    """The wait before each retry of ``arm``: after the n-th failed attempt, a uniform draw
+    from ``[0, min(retry_backoff_max_seconds, retry_backoff_seconds·2^(n-1))]`` (full
+    jitter), at least the server's Retry-After, capped at ``retry_backoff_max_seconds``."""
+    full_jitter = wait_random_exponential(
+        multiplier=arm.retry_backoff_seconds, max=arm.retry_backoff_max_seconds
+    )
+    return wait_retry_after(full_jitter, arm.retry_backoff_max_seconds)
+
+
 @dataclass
 class _Latency:
     """A call's latency: the time since it started, less the time it waited for a free slot
@@ -177,7 +212,7 @@ class Gateway:
         config: AppConfig,
         providers: dict[str, Provider] | None = None,
         clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self.arms = {arm.name: arm for arm in config.arms}
@@ -186,7 +221,7 @@ class Gateway:
             arm.name: CircuitBreaker(arm.breaker_failures, arm.breaker_cooldown_seconds, clock)
             for arm in config.arms
         }
-        self._rng = rng or random.Random()
+        self._sleep = sleep  # how the back-off between attempts waits
         self._loop: asyncio.AbstractEventLoop | None = None
         self._arm_slots: dict[str, asyncio.Semaphore] = {}
         self._slots: asyncio.Semaphore | None = None
@@ -232,15 +267,6 @@ class Gateway:
             self._slots = asyncio.Semaphore(self.config.gateway.max_in_flight)
         return self._arm_slots, self._slots
 
-    def backoff(self, arm: ArmConfig, retry: int, retry_after: float | None = None) -> float:
-        """Seconds to wait before retry number ``retry`` (0-based): full jitter, at least the
-        server's Retry-After, never more than ``retry_backoff_max_seconds``."""
-        cap = min(arm.retry_backoff_max_seconds, arm.retry_backoff_seconds * 2**retry)
-        delay = self._rng.uniform(0, cap)
-        if retry_after is not None:
-            delay = max(delay, retry_after)
-        return min(delay, arm.retry_backoff_max_seconds)
-
     async def _attempt(self, name: str, request: CallRequest, latency: _Latency) -> Completion:
         """One request; the time it waits for a free slot is kept out of ``latency``."""
         arm = self.arms[name]
@@ -272,33 +298,37 @@ class Gateway:
         breaker = self.breakers[name]
         if not breaker.acquire():
             return _ArmOutcome(None, f"{name}: circuit open", 0)
-        attempts = 0
-        error = "not called"
-        for retry in range(arm.max_retries + 1):
-            attempts += 1
-            try:
-                completion = await self._attempt(name, request, latency)
-            except CircuitOpen as exc:  # not sent: says nothing new about the arm
-                # other calls opened the circuit while this one backed off: keep the real error
-                reason = str(exc) if attempts == 1 else f"{error}; retry refused: {exc}"
-                return _ArmOutcome(None, reason, attempts - 1)
-            except LLMError as exc:
-                error = str(exc)
-                if not exc.retryable or retry == arm.max_retries:
-                    break
-                await asyncio.sleep(self.backoff(arm, retry, exc.retry_after))
-            else:
-                breaker.success()
-                return _ArmOutcome(completion, None, attempts)
-        if breaker.failure():
-            log.warning(
-                "arm %s: circuit opened for %g s after %d failed calls (last: %s)",
-                name,
-                arm.breaker_cooldown_seconds,
-                breaker.consecutive,
-                error,
-            )
-        return _ArmOutcome(None, error, attempts)
+        retried: list[str] = []  # the error of each attempt that was retried
+
+        def note(state: RetryCallState) -> None:
+            retried.append(str(state.outcome.exception() if state.outcome else None))
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(arm.max_retries + 1),
+            wait=backoff(arm),
+            retry=retry_if_exception(_retryable),
+            before_sleep=note,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        try:
+            completion = await retrying(self._attempt, name, request, latency)
+        except CircuitOpen as exc:  # not sent: says nothing new about the arm
+            # other calls opened the circuit while this one backed off: keep the real error
+            reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)
+            return _ArmOutcome(None, reason, len(retried))
+        except LLMError as exc:
+            if breaker.failure():
+                log.warning(
+                    "arm %s: circuit opened for %g s after %d failed calls (last: %s)",
+                    name,
+                    arm.breaker_cooldown_seconds,
+                    breaker.consecutive,
+                    exc,
+                )
+            return _ArmOutcome(None, str(exc), len(retried) + 1)
+        breaker.success()
+        return _ArmOutcome(completion, None, len(retried) + 1)
 
     async def call(self, arm_name: str, request: CallRequest) -> CallResult:
         """Call the chosen arm (falling back if it fails) and parse the answer."""

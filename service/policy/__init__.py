@@ -16,13 +16,16 @@ from __future__ import annotations
 from typing import Any
 
 from service.policy.base import Choice, Context, RoutingPolicy
-from service.policy.baselines import RiverThompson, RiverUCB
 from service.policy.checkpoint import CheckpointError, loads, read_header
+from service.policy.eps_greedy import EpsGreedy
 from service.policy.hybrid_linucb import HybridLinUCB
 from service.policy.lin_ts import LinTS
 from service.policy.linear import LinearPolicy
 from service.policy.linucb import LinUCB
-from service.policy.regressors import EpsGreedy, RegressorPolicy, Softmax
+from service.policy.regressors import RegressorPolicy
+from service.policy.softmax import Softmax
+from service.policy.thompson import RiverThompson
+from service.policy.ucb import RiverUCB
 
 #: ``make_policy`` names → classes (also the ``kind`` in checkpoint headers).
 POLICIES: dict[str, type[RoutingPolicy]] = {

@@ -1,24 +1,13 @@
-"""ε-greedy and softmax over one River regressor per arm (exact probabilities).
+"""Policies over one River regressor per arm: the shared part (exact probabilities).
 
 Each arm owns a clone of a River regressor (default: ``linear_model.LinearRegression`` with
-SGD) that predicts the reward from the context. Scores are the predictions; the choice
-distribution is computed in closed form, so the logged propensities are exact:
-
-* :class:`EpsGreedy` — ``(1−ε)·argmax(one-hot, ties split evenly) + ε/k``;
-* :class:`Softmax` — ``(1−ε)·softmax(scores / temperature) + ε/k``.
+SGD) that predicts the reward from the context. Scores are the predictions; subclasses turn
+them into the choice distribution in closed form, so the logged propensities are exact:
+:class:`~service.policy.eps_greedy.EpsGreedy` and :class:`~service.policy.softmax.Softmax`.
 
 Arms without any update yet share the ``1−ε`` mass (a new arm is explored first). These
 policies are not sufficient-statistics models, so :meth:`merge` is not supported. Contexts
 reach River as dicts keyed by feature name (dict contexts) or position (vectors).
-
-    >>> import numpy as np
-    >>> policy = EpsGreedy(epsilon=0.2, seed=0)
-    >>> x = {"length": 1.0, "digits": 0.0}
-    >>> for _ in range(30):
-    ...     policy.update("a", x, 1.0); policy.update("b", x, 0.0)
-    >>> choice = policy.choose(["a", "b"], x)
-    >>> choice.arm, round(choice.probabilities["b"], 3)
-    ('a', 0.1)
 """
 
 from __future__ import annotations
@@ -162,52 +151,3 @@ class RegressorPolicy(RoutingPolicy):
         models = _unpickle_array(arrays["pickle_models"])
         self._models = dict(zip(arms, models, strict=True))  # type: ignore[arg-type]
         self._arm_updates = dict(zip(arms, meta["arm_updates"], strict=True))
-
-
-class EpsGreedy(RegressorPolicy):
-    """ε-greedy over per-arm River regressors: ``(1−ε)·argmax + ε/k`` (exact).
-
-    Parameters: ``model`` (River regressor cloned per arm; default
-    :func:`default_regressor`), ``epsilon``, ``seed``, ``project_dim``.
-    """
-
-    kind = "eps_greedy"
-
-    def __init__(
-        self,
-        model: river_base.Regressor | None = None,
-        epsilon: float = 0.1,
-        seed: int | None = None,
-        project_dim: int | None = None,
-    ) -> None:
-        super().__init__(model=model, epsilon=epsilon, seed=seed, project_dim=project_dim)
-
-    def _probabilities(self, scores: np.ndarray) -> np.ndarray:
-        return mixed_greedy_probabilities(scores, self.epsilon)[0]
-
-
-class Softmax(RegressorPolicy):
-    """Softmax (Boltzmann) over per-arm River regressors, optionally ε-mixed (exact).
-
-    ``p = (1−ε)·softmax(scores / temperature) + ε/k``. Parameters: ``model``,
-    ``temperature`` > 0, ``epsilon`` (default 0), ``seed``, ``project_dim``.
-    """
-
-    kind = "softmax"
-
-    def __init__(
-        self,
-        model: river_base.Regressor | None = None,
-        temperature: float = 0.1,
-        epsilon: float = 0.0,
-        seed: int | None = None,
-        project_dim: int | None = None,
-    ) -> None:
-        super().__init__(model=model, epsilon=epsilon, seed=seed, project_dim=project_dim)
-        if temperature <= 0:
-            raise ValueError("temperature must be positive")
-        self.temperature = temperature
-
-    def _probabilities(self, scores: np.ndarray) -> np.ndarray:
-        z = np.exp((scores - scores.max()) / self.temperature)
-        return (1.0 - self.epsilon) * z / z.sum() + self.epsilon / len(scores)

@@ -7,12 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.evaluation.embed_cache import (
-    CachedEmbedder,
-    EmbeddingCache,
-    model_fingerprint,
-    text_key,
-)
+from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, text_key
+from service.model_files import default_model_path, model_fingerprint
 
 
 class Counting:
@@ -62,8 +58,6 @@ def test_changed_model_is_a_miss(tmp_path: Path) -> None:
 def test_fingerprint_follows_the_model_files(tmp_path: Path) -> None:
     """The key of a real model folder: same content → same key wherever it lives; any edited,
     added or resized file → a new key, so the old vectors are never served for it."""
-    from service.embedding import default_model_path
-
     original = default_model_path()
     copy = tmp_path / "model"
     copy.mkdir()

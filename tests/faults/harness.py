@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -39,6 +40,8 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 import yaml
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[2]
 QUERY_ID_IN_TEXT = re.compile(r"\[(q-[A-Za-z0-9_-]+)\]")
@@ -203,6 +206,15 @@ class ArmServer:
         class Server(ThreadingHTTPServer):
             request_queue_size = 512  # a batch opens dozens of connections at once
             allow_reuse_address = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """A connection the client dropped (a killed service resets its keep-alive
+                connections) is expected here: a debug line, not a traceback on stderr."""
+                failure = sys.exc_info()[1]
+                if isinstance(failure, ConnectionError):
+                    log.debug("arm server: %s dropped its connection: %s", client_address, failure)
+                    return
+                super().handle_error(request, client_address)
 
         httpd = Server(("127.0.0.1", self.port), Handler)
         httpd.daemon_threads = True

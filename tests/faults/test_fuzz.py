@@ -5,8 +5,8 @@ Every malformed one must land in the DLQ with a reason (matched by topic and off
 valid query must be decided and every valid label applied, and the service must keep running.
 The malformed events are bad by construction: broken bytes and JSON, wrong shapes and types,
 unknown fields and tasks, oversize values, and values JSON allows but Postgres cannot store
-(NUL characters, unpaired surrogates, NaN, deep nesting) — the last kind used to stall a
-partition forever.
+(NUL characters, unpaired surrogates, NaN, deep nesting) — one of the last kind, if it were
+not caught when validated, would fail every time it is stored and stall its partition.
 """
 
 from __future__ import annotations

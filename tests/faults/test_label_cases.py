@@ -37,7 +37,14 @@ TTL = 2.0
 def test_every_label_case_has_its_documented_outcome(broker, topics, pg_schema, engine, caplog):
     qs = make_queries(9, prefix="q-lab")
     early, dup, conflict, early_dup, early_conflict, unknown, after_ttl, failed, early_failed = qs
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, pending_label_ttl_seconds=TTL)
+    settings = settings_for(
+        broker,
+        topics,
+        pg_schema,
+        DATABASE_URL,
+        pending_label_ttl_seconds=TTL,
+        pending_label_expire_every_seconds=0.3,
+    )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
 
     def labels(*pairs) -> None:
@@ -55,7 +62,6 @@ def test_every_label_case_has_its_documented_outcome(broker, topics, pg_schema, 
         server.fail_ids = {failed.query_id, early_failed.query_id}
         service = build_service(settings, arm_config(server, ARMS))
         service.start()
-        service.labels.expire_every_s, service.labels._next_expiry = 0.3, 0.0
         caplog.set_level(logging.WARNING)
         try:
             # 1. labels whose query never comes in time: kept, then dropped after the TTL

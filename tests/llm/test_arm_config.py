@@ -61,5 +61,7 @@ def test_fallback_resolution() -> None:
 
 
 def test_score_mode_is_allowed_where_log_probabilities_exist() -> None:
-    config(arm(answer_mode="score", calibrate=True))
-    config({"name": "l", "provider": "llamacpp", "model": "gemma-3-270m", "answer_mode": "score"})
+    openai = config(arm(answer_mode="score", calibrate=True)).arm("a")
+    assert (openai.answer_mode, openai.calibrate) == ("score", True)
+    local = {"name": "l", "provider": "llamacpp", "model": "gemma-3-270m", "answer_mode": "score"}
+    assert config(local).arm("l").answer_mode == "score"

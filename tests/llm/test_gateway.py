@@ -5,7 +5,6 @@ is exercised exactly; the adapters are tested against real servers in the other 
 from __future__ import annotations
 
 import asyncio
-import random
 
 import pytest
 
@@ -291,15 +290,78 @@ def test_many_calls_run_concurrently_not_serially() -> None:
 
 
 def test_backoff_is_exponential_with_full_jitter_and_honours_retry_after() -> None:
-    cfg = config({"a": {"retry_backoff_seconds": 0.5, "retry_backoff_max_seconds": 4.0}})
-    gw = Gateway(cfg, {"a": Scripted()}, rng=random.Random(1))
-    arm = cfg.arm("a")
-    for retry, cap in [(0, 0.5), (1, 1.0), (2, 2.0), (3, 4.0), (6, 4.0)]:
-        delays = [gw.backoff(arm, retry) for _ in range(300)]
-        assert min(delays) >= 0 and max(delays) <= cap
-        assert max(delays) > 0.8 * cap  # spread over the whole range: jitter
-    assert gw.backoff(arm, 0, retry_after=3.0) == 3.0
-    assert gw.backoff(arm, 0, retry_after=60.0) == 4.0  # capped
+    """The waits between a call's attempts, as the gateway sleeps them: after the n-th failed
+    attempt a uniform draw below min(max, base·2^(n-1)), at least the server's Retry-After,
+    never more than the max."""
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    arm = {"retry_backoff_seconds": 0.5, "retry_backoff_max_seconds": 4.0, "max_retries": 5}
+    caps = [0.5, 1.0, 2.0, 4.0, 4.0]
+    waits: list[list[float]] = [[] for _ in caps]
+    for _ in range(300):
+        slept.clear()
+        failing = Scripted(default=LLMError("HTTP 503", retryable=True))
+        result = run(Gateway(config({"a": arm}), {"a": failing}, sleep=sleep).call("a", request()))
+        assert result.attempts == failing.calls == 6
+        assert len(slept) == 5  # one wait between each two attempts, none after the last
+        for seen, wait in zip(waits, slept, strict=True):
+            seen.append(wait)
+    for seen, cap in zip(waits, caps, strict=True):
+        assert min(seen) >= 0 and max(seen) <= cap
+        assert max(seen) > 0.8 * cap  # spread over the whole range: jitter
+
+    def waits_for(retry_after: float) -> list[float]:
+        slept.clear()
+        script = [LLMError("HTTP 429", retryable=True, retry_after=retry_after)]
+        run(Gateway(config({"a": arm}), {"a": Scripted(script)}, sleep=sleep).call("a", request()))
+        return list(slept)
+
+    assert waits_for(3.0) == [3.0]
+    assert waits_for(60.0) == [4.0]  # capped
+
+
+def test_only_retryable_errors_wait_and_the_last_attempt_does_not() -> None:
+    slept: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    script = [LLMError("HTTP 503", retryable=True), LLMError("HTTP 400", retryable=False)]
+    gw = Gateway(config({"a": {"max_retries": 4}}), {"a": Scripted(script)}, sleep=sleep)
+    result = run(gw.call("a", request()))
+    assert (result.status, result.attempts, result.error) == ("llm_error", 2, "HTTP 400")
+    assert len(slept) == 1
+
+
+def test_a_retry_the_circuit_refuses_keeps_the_real_error_and_counts_what_was_sent() -> None:
+    """A call backing off before its retry while another call opens the arm's circuit: the
+    retry is not sent, the recorded attempts are those sent, and the error is the arm's."""
+    backing_off = asyncio.Event()
+    release = asyncio.Event()
+
+    async def sleep(seconds: float) -> None:
+        backing_off.set()
+        await release.wait()
+
+    cfg = config({"a": {"max_retries": 1, "breaker_failures": 1}})
+    script = [LLMError("HTTP 503", retryable=True), LLMError("HTTP 401", retryable=False)]
+    gw = Gateway(cfg, {"a": Scripted(script)}, sleep=sleep)
+
+    async def scenario():
+        first = asyncio.ensure_future(gw.call("a", request("q1")))
+        await backing_off.wait()
+        second = await gw.call("a", request("q2"))  # fails, and opens the circuit
+        release.set()
+        return await first, second
+
+    first, second = run(scenario())
+    assert (second.error, second.attempts) == ("HTTP 401", 1)
+    assert gw.breakers["a"].state == "open"
+    assert first.status == "llm_error" and first.attempts == 1
+    assert first.error == "HTTP 503; retry refused: a: circuit open"
 
 
 def test_retry_after_headers() -> None:

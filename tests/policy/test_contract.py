@@ -7,6 +7,7 @@ import pytest
 from river import bandit
 
 from service.policy import POLICIES, Choice, RoutingPolicy, loads, make_policy
+from service.policy.checkpoint import registry
 
 D = 6
 ARMS = ["a", "b", "c"]
@@ -47,8 +48,11 @@ def _check_distribution(choice: Choice, arms: list[str], epsilon: float) -> None
     assert choice.arm in arms and choice.propensity > 0
 
 
-def test_every_name_is_covered() -> None:
-    assert set(NAMES) == set(PARAMS)
+def test_the_names_policies_are_made_by_are_the_kinds_checkpoints_load_by() -> None:
+    """``make_policy``'s names and the kinds a checkpoint is loaded by name the same classes,
+    and the contract below covers each of them."""
+    assert registry() == POLICIES
+    assert set(PARAMS) == set(POLICIES)
 
 
 @pytest.mark.parametrize("name", NAMES)

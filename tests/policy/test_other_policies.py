@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
-from river import bandit, linear_model, optim, stats
+from river import bandit, linear_model, optim
 
-from service.policy import EpsGreedy, LinTS, RiverThompson, RiverUCB, Softmax
+from service.policy import EpsGreedy, LinTS, RiverThompson, RiverUCB, Softmax, loads
 
 # --------------------------------------------------------------------------------- LinTS
 
@@ -103,15 +105,16 @@ def test_river_ucb_uses_rivers_statistics_and_rule() -> None:
     policy = RiverUCB(delta=0.3, epsilon=0.0, seed=0)
     twin = bandit.UCB(delta=0.3, seed=0)
     rng = np.random.default_rng(4)
+    rewards: dict[str, list[float]] = {"a": [], "b": [], "c": []}
     for _ in range(200):
         arm = str(rng.choice(["a", "b", "c"]))
         reward = float(rng.random() < {"a": 0.7, "b": 0.5, "c": 0.2}[arm])
         policy.update(arm, None, reward)
         twin.update(arm, reward)
-    n = twin._n
-    expected = {
-        arm: twin._rewards[arm].get() + 0.3 * math.sqrt(2 * math.log(n) / twin._counts[arm])
-        for arm in "abc"
+        rewards[arm].append(reward)
+    expected = {  # UCB1: the mean reward plus delta·sqrt(2·ln n / n_arm)
+        arm: np.mean(seen) + 0.3 * math.sqrt(2 * math.log(200) / len(seen))
+        for arm, seen in rewards.items()
     }
     choice = policy.choose(["a", "b", "c"], None)
     assert choice.scores == pytest.approx(expected, abs=1e-12)
@@ -130,7 +133,8 @@ def test_river_ucb_merge_sums_the_statistics() -> None:
     assert merged.choose(["a", "b"], None).scores == pytest.approx(
         full.choose(["a", "b"], None).scores, abs=1e-12
     )
-    assert merged.n_updates == 60 and isinstance(merged.river_policy._rewards["a"], stats.Mean)
+    assert merged.n_updates == 60
+    assert merged.river_policy.pull(["a", "b"]) == full.river_policy.pull(["a", "b"])
 
 
 def test_river_thompson_posteriors_and_merge() -> None:
@@ -160,3 +164,23 @@ def test_river_thompson_binarises_fractional_rewards_by_their_value() -> None:
     a_alpha, a_beta = policy.posterior("a")
     assert (a_alpha - 1) / (a_alpha + a_beta - 2) == pytest.approx(0.3, abs=0.03)
     assert policy.posterior("b") == (1, 2001)
+
+
+# ------------------------------------------------------------------ checkpoints on file
+CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints"
+
+
+@pytest.mark.parametrize("kind", ["eps_greedy", "softmax", "ucb", "thompson"])
+def test_checkpoints_on_file_load_and_choose_as_they_did(kind: str) -> None:
+    """``data/checkpoints/{kind}.ckpt``: each River-backed policy after 40 seeded updates,
+    dumped (format version 2) when the four policies shared two modules; ``expected.json``
+    holds the choices each made next. Loaded now, each makes the same choices with the same
+    probabilities: the River objects in them unpickle, whatever module the policy is in."""
+    recorded = json.loads((CHECKPOINTS / "expected.json").read_text())
+    expected = recorded["expected"][kind]
+    policy = loads((CHECKPOINTS / f"{kind}.ckpt").read_bytes())
+    assert policy.kind == kind and policy.n_updates == expected["n_updates"]
+    for x, want in zip(recorded["probe"], expected["choices"], strict=True):
+        choice = policy.choose(recorded["arms"], np.array(x))
+        assert choice.arm == want["arm"]
+        assert choice.probabilities == pytest.approx(want["probabilities"], abs=1e-12)

@@ -12,7 +12,8 @@ import pytest
 from pydantic import ValidationError
 
 from producers.demo_data import demo_rows
-from service.embedding import DEFAULT_MODEL_NAME, Embedder, default_model_path, usable_cores
+from service.embedding import DEFAULT_MODEL_NAME, Embedder, usable_cores
+from service.model_files import default_model_path
 from service.onnx_export import cache_root, onnx_model
 from service.settings import Settings
 

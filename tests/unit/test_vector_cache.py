@@ -59,9 +59,10 @@ def test_the_cache_is_bounded_and_keeps_the_most_recent(embedder):
     cache = VectorCache(rec, max_cached=16)
     for i in range(0, 40, 8):
         cache.embed(TEXTS[i : i + 8])
-    assert len(cache._ready) == 16
     cache.embed(TEXTS[24:40])  # the last two batches: all still cached
     assert len(rec.calls) == 5
+    cache.embed(TEXTS[16:24])  # the batch before them: evicted, embedded again
+    assert rec.calls[-1] == TEXTS[16:24]
 
 
 def test_a_batch_embedding_while_another_evicts_its_cached_texts(embedder):
@@ -90,4 +91,9 @@ def test_a_batch_embedding_while_another_evicts_its_cached_texts(embedder):
         vectors = got.result(30)
     assert np.allclose(vectors, embedder.embed(first), atol=1e-5)
     assert (cache.hits, cache.misses) == (4, 4 + 2 + 10)
-    assert len(cache._ready) == 8
+    # still bounded: the first batch's six texts, the latest stored, and two of the other's
+    embedded = len(rec.calls)
+    cache.embed(first)
+    assert len(rec.calls) == embedded
+    cache.embed(TEXTS[10:18])
+    assert rec.calls[-1] == TEXTS[10:18]

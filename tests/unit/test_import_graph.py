@@ -1,0 +1,124 @@
+"""The shape of the import graph, read from the source with ``ast``: every ``import`` counts,
+at module level or inside a function, so an import put off until a call still shows.
+
+The serving code (``service/`` outside ``service/evaluation``, and ``consumers/``) does not
+import the offline tools, and no two modules of the packages import each other, directly or
+round a longer loop."""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("service", "consumers", "producers")
+OFFLINE = "service.evaluation"
+SERVING = ("service.", "consumers.")
+
+#: Modules allowed to import the offline tools: the command line offers record, bench and
+#: evaluate as subcommands next to serve.
+OFFLINE_IMPORTERS = {"service.cli"}
+#: Cycles still in the tree, to be broken (issue 17): base's ``dumps`` calls checkpoint's
+#: ``dump_policy``, which is written against base's ``RoutingPolicy``.
+KNOWN_CYCLES = [{"service.policy.base", "service.policy.checkpoint"}]
+
+
+def module_files() -> dict[str, Path]:
+    """Every module of the packages by dotted name (a package by its ``__init__``)."""
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imported_names(name: str, path: Path) -> Iterator[str]:
+    """The dotted names an ``import`` of the module names: ``from a import b`` gives ``a``
+    and ``a.b`` (``b`` may be a module or a name in ``a``)."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                source = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                source = node.module or ""
+            yield source
+            yield from (f"{source}.{alias.name}" for alias in node.names)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module → the modules of the packages it imports."""
+    files = module_files()
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for imported in imported_names(name, path):
+            while imported and imported not in files:  # a name in a module: the module
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                targets.add(imported)
+        graph[name] = targets
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(component)
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_the_graph_sees_imports_at_every_level() -> None:
+    graph = import_graph()
+    assert {"service.pipeline", "service.storage"} <= graph["consumers.runner"]
+    assert "service.onnx_export" in graph["service.embedding"]  # imported inside a method
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
+
+
+def test_serving_does_not_import_the_offline_tools() -> None:
+    def offline(name: str) -> bool:
+        return name == OFFLINE or name.startswith(f"{OFFLINE}.")
+
+    importers = {
+        name
+        for name, targets in import_graph().items()
+        if name.startswith(SERVING) and not offline(name) and any(map(offline, targets))
+    }
+    assert importers <= OFFLINE_IMPORTERS, sorted(importers - OFFLINE_IMPORTERS)
+
+
+def test_no_import_cycles() -> None:
+    found = [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
+    assert found == [], [sorted(c) for c in found]
