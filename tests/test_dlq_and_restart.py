@@ -89,12 +89,9 @@ def test_malformed_events_go_to_the_dlq_and_valid_ones_around_them_are_decided(
     assert service.queries.stats.invalid == len(BAD)
 
 
-def test_restart_restores_the_policy_from_its_checkpoint(
-    broker, topics, pg_schema, engine, embedder, tmp_path
-):
-    rows = demo_rows(40)
-    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, checkpoint_every=1000)
+def _learn_every_row(broker, topics, settings, config, embedder, rows):
+    """Publish the rows' queries and labels, run a service until it learned them all, stop it
+    (it checkpoints on shutdown); returns the stopped service."""
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
     send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
     send(
@@ -102,13 +99,23 @@ def test_restart_restores_the_policy_from_its_checkpoint(
         topics["labels_topic"],
         [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in rows],
     )
-
-    first = build_service(settings, config, embedder)
-    first.start()
+    service = build_service(settings, config, embedder)
+    service.start()
     try:
-        wait_for(lambda: first.live.policy.n_updates == 40, message="40 updates")
+        wait_for(lambda: service.live.policy.n_updates == len(rows), message="every update")
     finally:
-        first.stop()  # checkpoints on shutdown (the interval of 1000 was never reached)
+        service.stop()
+    return service
+
+
+def test_restart_restores_the_policy_from_its_checkpoint(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    rows = demo_rows(40)
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, checkpoint_every=1000)
+    # checkpoints on shutdown (the interval of 1000 was never reached)
+    first = _learn_every_row(broker, topics, settings, config, embedder, rows)
     learned = first.live.policy
 
     second = build_service(settings, config, embedder)
@@ -217,26 +224,15 @@ def test_a_policy_learned_on_another_context_layout_stops_the_start(
     rows = demo_rows(12)
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
     settings = settings_for(broker, topics, pg_schema, DATABASE_URL)
-    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
-    send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
-    send(
-        broker,
-        topics["labels_topic"],
-        [(r["query_id"], label_bytes(r["query_id"], r["label"])) for r in rows],
-    )
-    first = build_service(settings, config, embedder)
-    first.start()
-    try:
-        wait_for(lambda: first.live.policy.n_updates == 12, message="12 updates")
-    finally:
-        first.stop()  # checkpoints on shutdown
+    first = _learn_every_row(broker, topics, settings, config, embedder, rows)
     spec = first.live.context.spec
 
-    raw = settings.model_copy(update={"context_embedding": "raw"})
+    other = "none" if settings.context_embedding != "none" else "raw"
+    changed = settings.model_copy(update={"context_embedding": other})
     with pytest.raises(ContextMismatch) as error:
-        build_service(raw, config, embedder)
+        build_service(changed, config, embedder)
     message = str(error.value)
-    assert repr(spec) in message and "emb:raw" in message
+    assert repr(spec) in message and f"emb:{other}" in message
     assert "METALLM_CONTEXT_EMBEDDING" in message
     # the same layout starts, and keeps the builder's statistics
     again = build_service(settings, config, embedder)

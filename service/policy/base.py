@@ -69,6 +69,16 @@ def greedy_mix(greedy: np.ndarray, epsilon: float) -> np.ndarray:
     return greedy * ((1.0 - epsilon) / n) + epsilon / k
 
 
+def check_ucb_params(alpha: float, epsilon: float, ridge: float = 1.0) -> None:
+    """Raise ValueError unless ``alpha`` ≥ 0, ``epsilon`` in [0, 1] and ``ridge`` > 0."""
+    if alpha < 0:
+        raise ValueError("alpha must be >= 0")
+    if not 0.0 <= epsilon <= 1.0:
+        raise ValueError("epsilon must be in [0, 1]")
+    if ridge <= 0:
+        raise ValueError("ridge must be positive")
+
+
 def draw(probabilities: np.ndarray, u: float) -> int:
     """Index drawn from a probability vector with one uniform ``u`` in [0, 1) (inverse CDF).
 

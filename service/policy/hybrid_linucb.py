@@ -40,7 +40,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.policy.base import ArmId, Choice, Context, RoutingPolicy, greedy_mix
+from service.policy.base import (
+    ArmId,
+    Choice,
+    Context,
+    RoutingPolicy,
+    check_ucb_params,
+    greedy_mix,
+)
 
 
 class HybridLinUCB(RoutingPolicy):
@@ -61,12 +68,7 @@ class HybridLinUCB(RoutingPolicy):
         project_dim: int | None = None,
     ) -> None:
         super().__init__(seed=seed, project_dim=project_dim)
-        if alpha < 0:
-            raise ValueError("alpha must be >= 0")
-        if ridge <= 0:
-            raise ValueError("ridge must be positive")
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError("epsilon must be in [0, 1]")
+        check_ucb_params(alpha, epsilon, ridge)
         self.alpha = alpha
         self.ridge = ridge
         self.epsilon = epsilon

@@ -26,7 +26,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.policy.base import ArmId, Choice, Context, draw, greedy_mix
+from service.policy.base import ArmId, Choice, Context, check_ucb_params, draw, greedy_mix
 from service.policy.linear import LinearPolicy
 
 
@@ -50,10 +50,7 @@ class LinUCB(LinearPolicy):
         project_dim: int | None = None,
     ) -> None:
         super().__init__(ridge=ridge, seed=seed, project_dim=project_dim)
-        if alpha < 0:
-            raise ValueError("alpha must be >= 0")
-        if not 0.0 <= epsilon <= 1.0:
-            raise ValueError("epsilon must be in [0, 1]")
+        check_ucb_params(alpha, epsilon)
         self.alpha = alpha
         self.epsilon = epsilon
 
