@@ -32,7 +32,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.evaluation.bench import BenchConfig, Problem, run_bench  # noqa: E402
+from service.evaluation.bench import (  # noqa: E402
+    BenchConfig,
+    Problem,
+    run_bench,
+    stream_contexts,
+)
 from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache  # noqa: E402
 from service.outcomes import read_outcomes  # noqa: E402
 
@@ -41,7 +46,8 @@ OUT = ROOT / "benchmarks" / "results" / "gsm8k-cold"
 GPT4, MIXTRAL = "gpt-4-1106-preview", "mixtral-8x7b-instruct"
 HEADLINE = [
     "bench", str(DATA.relative_to(ROOT)), "--delay", "100", "--seeds", "5",
-    "--policy", "linucb", "--policy-params", '{"alpha": 1.0, "epsilon": 0.05}',
+    "--policy", "linucb", "--policy-params", '{"alpha": 0.1, "epsilon": 0.02}',
+    "--context-embedding", "raw",
     "--lambda", "0.1", "--cost-unit", "0.001", "--out", str(OUT.relative_to(ROOT)),
 ]  # fmt: skip
 
@@ -63,17 +69,21 @@ def headline() -> tuple[float, dict]:
 
 def variants(problem: Problem) -> list[str]:
     rows = []
-    for name, params, warm in [
-        ("cold start, α 1.0, ε 0.05 (service default)", {"alpha": 1.0, "epsilon": 0.05}, 0.0),
-        ("cold start, α 0.1, ε 0.02", {"alpha": 0.1, "epsilon": 0.02}, 0.0),
-        ("warm start 50 %, α 1.0, ε 0.05", {"alpha": 1.0, "epsilon": 0.05}, 0.5),
-        ("warm start 50 %, α 0.1, ε 0.02", {"alpha": 0.1, "epsilon": 0.02}, 0.5),
+    default = {"alpha": 0.1, "epsilon": 0.02}
+    old = {"alpha": 1.0, "epsilon": 0.05}
+    for name, params, warm, embedding in [
+        ("cold start, the service default (α 0.1, ε 0.02, context raw)", default, 0.0, "raw"),
+        ("cold start, the previous default (α 1.0, embedding only)", old, 0.0, "legacy"),
+        ("cold start, α 0.1, ε 0.02, context with no embedding", default, 0.0, "none"),
+        ("warm start 50 %, the service default", default, 0.5, "raw"),
+        ("warm start 50 %, the previous default", old, 0.5, "legacy"),
     ]:
         config = BenchConfig(
             delay=100, lam=0.1, cost_unit=0.001, seeds=range(5), policy_params=params,
-            warm_start=warm,
+            warm_start=warm, context_embedding=embedding,
         )  # fmt: skip
-        r = run_bench(problem, config)
+        contexts = stream_contexts(problem.records, problem.embeddings, config.new_context())
+        r = run_bench(Problem.from_records(problem.records, contexts, problem.embeddings), config)
         c = r.curves
         rows.append(
             f"| {name} | {c['router']['apgr']:.3f} | {pct(c['router']['cost_at_95_pct'])} | "
@@ -95,7 +105,7 @@ def signal(problem: Problem) -> list[str]:
     cg, cm = problem.cost[:, g], problem.cost[:, m]
     needed = G & ~M
     model = LogisticRegression(C=1.0, max_iter=2000)
-    score = cross_val_predict(model, problem.contexts, needed, cv=5, method="predict_proba")[:, 1]
+    score = cross_val_predict(model, problem.embeddings, needed, cv=5, method="predict_proba")[:, 1]
     lengths = np.array([len(r.text) for r in problem.records])
     target = 0.95 * G.mean()
 
@@ -165,7 +175,7 @@ def through_service(n: int) -> list[str]:
     out = Path(tempfile.mkdtemp())
     args = [
         "bench", str(DATA), "--limit", str(n), "--delay", "100", "--no-sweep", "--no-baselines",
-        "--no-plots", "--policy", "linucb", "--policy-params", '{"alpha": 1.0, "epsilon": 0.05}',
+        "--no-plots", "--policy", "linucb", "--policy-params", '{"alpha": 0.1, "epsilon": 0.02}',
         "--lambda", "0.1", "--cost-unit", "0.001", "--through-service", "--local-broker",
         "--out", str(out), "--quiet",
     ]  # fmt: skip

@@ -45,7 +45,8 @@ pulls, estimates the arm's reward as their mean shrunk toward the arm's overall 
 UCB bonus ``α/sqrt(n)``, and mixes in ε like LinUCB. It is here, not in the service, unless it
 beats the linear routers.
 
-Writes benchmarks/results/tune_defaults.json and prints a markdown table.
+Writes benchmarks/results/tune_defaults.json and prints markdown tables (the run behind the
+current defaults: benchmarks/results/tune_defaults.md).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ FEATURE_KINDS: tuple[str, ...] = ("categorical", "numeric")
 LEGACY = "legacy"
 #: The defaults (chosen by benchmarks/tune_defaults.py; the buckets are wide so that a few
 #: dozen tasks or values rarely share one: unused buckets cost a linear policy nothing)
-DEFAULT_EMBEDDING = "project:32"
+DEFAULT_EMBEDDING = "raw"
 DEFAULT_TASK_BUCKETS = 64
 DEFAULT_FEATURE_BUCKETS = 256
 CLIP = 5.0

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
     cost_unit_usd: float = Field(0.001, gt=0)
     policy: str = "linucb"
     policy_params: dict[str, Any] = Field(
-        default_factory=lambda: {"alpha": 1.0, "epsilon": 0.05, "seed": 0}
+        default_factory=lambda: {"alpha": 0.1, "epsilon": 0.02, "seed": 0}
     )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
     checkpoint_every: int = Field(100, ge=1)
     # The policy's context (service.context): the embedding part (legacy | none | raw |
