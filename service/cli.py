@@ -336,15 +336,10 @@ STATS_COLUMNS = [
     Column("mean_latency_ms", "latency", report.duration_ms, priority=4, justify="right"),
     Column("failures", "failures", report.count, priority=5, justify="right"),
 ]
+HOURLY_KEYS = ("arm", "decisions", "share", "labeled", "accuracy", "cost_usd", "mean_reward")
 HOURLY_COLUMNS = [
     Column("hour", "hour", lambda v: v.strftime("%Y-%m-%d %H:00") if v else "", priority=0),
-    Column("arm", "arm", priority=0),
-    Column("decisions", "decisions", report.count, priority=1, justify="right"),
-    Column("share", "share", report.percent, priority=2, justify="right"),
-    Column("labeled", "labeled", report.count, priority=4, justify="right"),
-    Column("accuracy", "accuracy", report.percent, priority=1, justify="right"),
-    Column("cost_usd", "cost", report.usd, priority=2, justify="right"),
-    Column("mean_reward", "mean reward", report.decimal(3), priority=3, justify="right"),
+    *(c for c in STATS_COLUMNS if c.key in HOURLY_KEYS),
 ]
 
 
