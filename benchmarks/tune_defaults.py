@@ -177,8 +177,7 @@ def knn_summary(problem: Problem, config: BenchConfig, params: dict) -> dict:
     grid = sweep_lambdas(problem, 0, config)
     acc = problem.correct.mean(axis=0)
     total = problem.cost.sum(axis=0)
-    best = int(np.lexsort((total, -acc))[0])
-    cheapest = int(np.lexsort((-acc, total))[0])
+    best, cheapest = problem.best_and_cheapest()
     curve = []
     for lam in grid:
         accs, costs = [], []
@@ -201,9 +200,7 @@ def knn_summary(problem: Problem, config: BenchConfig, params: dict) -> dict:
 def routable(problem: Problem) -> tuple[bool, float]:
     """Whether the most accurate arm beats the cheapest significantly (z ≥ 2), and z."""
     acc = problem.correct.mean(axis=0)
-    total = problem.cost.sum(axis=0)
-    best = int(np.lexsort((total, -acc))[0])
-    cheapest = int(np.lexsort((-acc, total))[0])
+    best, cheapest = problem.best_and_cheapest()
     if best == cheapest:
         return False, 0.0
     n = problem.n
@@ -233,12 +230,14 @@ def evaluate(
     # a random projection is as good as its matrix: projections are scored over three of them
     projection_seeds = (0, 1, 2) if cand.embedding.startswith("project") else (0,)
     for name, (path, features) in problems.items():
+        loaded = {
+            seed: load(path, features, cand.embedding, cache, seed) for seed in projection_seeds
+        }
         for scenario, warm in (("cold", 0.0), ("warm", 0.5)):
             if cand.policy == "knn" and warm:
                 continue  # the kNN router is measured cold only
             runs = []
-            for projection_seed in projection_seeds:
-                problem = load(path, features, cand.embedding, cache, projection_seed)
+            for problem in loaded.values():
                 config = BenchConfig(
                     delay=args.delay,
                     seeds=list(range(args.seeds)),

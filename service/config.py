@@ -34,6 +34,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from service.context import ContextError, features_of
+
 
 class ConfigError(ValueError):
     """The YAML config is missing, unreadable or invalid; the message names the bad key."""
@@ -179,15 +181,10 @@ class AppConfig(BaseModel):
 
     @model_validator(mode="after")
     def _features_agree(self) -> AppConfig:
-        kinds: dict[str, tuple[str, str]] = {}
-        for name, task in self.tasks.items():
-            for key, kind in task.features.items():
-                other = kinds.setdefault(key, (kind, name))
-                if other[0] != kind:
-                    raise ValueError(
-                        f"metadata feature {key!r} is {other[0]} in task {other[1]!r} but "
-                        f"{kind} in task {name!r}"
-                    )
+        try:  # one metadata key has one kind, whichever tasks declare it
+            features_of(self.declared_features())
+        except ContextError as exc:
+            raise ValueError(str(exc)) from None
         return self
 
     def fallback_for(self, name: str) -> str | None:

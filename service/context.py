@@ -42,6 +42,7 @@ every Python version (``hash()`` is salted per process and would not be).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -139,6 +140,11 @@ class ContextLayout:
             raise ContextError(f"a feature is declared twice: {sorted(keys)}")
         object.__setattr__(self, "features", tuple(sorted(self.features, key=lambda f: f.key)))
 
+    @functools.cached_property
+    def reduction(self) -> tuple[str, int | None]:
+        """``parse_embedding(self.embedding)``, parsed once (it is read for every query)."""
+        return parse_embedding(self.embedding)
+
     @property
     def legacy(self) -> bool:
         return self.embedding == LEGACY
@@ -152,13 +158,13 @@ class ContextLayout:
         for f in self.features:
             width = f"/{self.feature_buckets}" if f.kind == "categorical" else ""
             parts.append(f"{f.key}:{f.kind}{width}")
-        mode, k = parse_embedding(self.embedding)
+        mode, k = self.reduction
         parts.append(f"emb:{mode}" + (f"/{k}@{self.seed}" if mode == "project" else ""))
         return " ".join(parts)
 
     def dim(self, embedding_dim: int) -> int:
         """Length of a context for embeddings of ``embedding_dim``."""
-        mode, k = parse_embedding(self.embedding)
+        mode, k = self.reduction
         emb = {"legacy": embedding_dim, "raw": embedding_dim, "none": 0}.get(mode, k or 0)
         if self.legacy:
             return emb
@@ -302,7 +308,7 @@ class ContextBuilder:
 
     # ------------------------------------------------------------------ building
     def _project(self, embedding: np.ndarray) -> np.ndarray:
-        mode, k = parse_embedding(self.layout.embedding)
+        mode, k = self.layout.reduction
         e = np.asarray(embedding, dtype=np.float64).ravel()
         if mode == LEGACY:
             return e
@@ -387,10 +393,14 @@ class ContextBuilder:
         embeddings: np.ndarray,
     ) -> np.ndarray:
         """Contexts of a stream decided one query at a time: build each, then observe it (what
-        the service does with one query in flight; the benchmark's protocol)."""
+        the service does with one query in flight; the benchmark's protocol). A value that does
+        not fit its feature is a :class:`ContextError` naming its line (from 1)."""
         out = []
-        for (task, text, metadata), e in zip(queries, embeddings, strict=True):
-            out.append(self.build(task, text, metadata, e))
+        for i, ((task, text, metadata), e) in enumerate(zip(queries, embeddings, strict=True), 1):
+            try:
+                out.append(self.build(task, text, metadata, e))
+            except ContextError as exc:
+                raise ContextError(f"line {i}: {exc}") from None
             self.observe(task, len(text), metadata)
         if not out:
             return np.zeros((0, self.layout.dim(embeddings.shape[-1])), dtype=np.float32)
@@ -401,7 +411,6 @@ class ContextBuilder:
         """JSON-able state and arrays, for the policy checkpoint."""
         meta = {
             "layout": self.layout.to_dict(),
-            "spec": self.layout.spec,
             "length": [self.length.n, self.length.mean, self.length.m2],
             "numeric": {k: [s.n, s.mean, s.m2] for k, s in self.numeric.items()},
         }

@@ -202,7 +202,7 @@ class LivePolicy:
                     log.exception("policy checkpoint failed; retrying after the next reward")
 
     def catch_up(self) -> int:
-        """Apply every committed reward this process has not (and in observe every stored
+        """Apply every committed reward this process has not (and observe every stored
         decision): rewards held back during an outage, and the tail a lost COMMIT
         acknowledgement leaves when no later reward reveals the gap. The service runs it every
         few seconds and before its last checkpoint. Returns how many rewards it applied."""

@@ -116,7 +116,7 @@ def _applied(seq: int, decision: dict[str, Any], r: float) -> AppliedReward:
         decision["arm"],
         storage.bytes_to_vector(decision["context"]),
         r,
-        decision.get("context_layout") or "legacy",
+        decision.get("context_layout"),
     )
 
 

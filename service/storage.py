@@ -19,6 +19,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
+from service.context import LEGACY
+
 metadata = sa.MetaData()
 """The tables as the migrations make them (``tests/test_schema.py`` compares the two)."""
 
@@ -159,7 +161,12 @@ class AppliedReward:
     arm: str
     context: np.ndarray
     reward: float
-    layout: str = "legacy"  # the context's layout (service.context.ContextLayout.spec)
+    #: the context's layout (``ContextLayout.spec``); a NULL ``context_layout`` is the legacy one
+    layout: str | None = LEGACY
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", LEGACY)
 
 
 @dataclass(frozen=True)
@@ -550,7 +557,7 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             r.arm,
             bytes_to_vector(r.context),
             r.reward,
-            r.context_layout or "legacy",
+            r.context_layout,
         )
         for r in rows
     ]

@@ -133,6 +133,13 @@ class Problem:
     def n(self) -> int:
         return len(self.records)
 
+    def best_and_cheapest(self, start: int = 0) -> tuple[int, int]:
+        """The arm indices of the most accurate arm (then the cheaper) and of the cheapest
+        (then the more accurate), on queries ``start..n-1``."""
+        acc = self.correct[start:].mean(axis=0)
+        total = self.cost[start:].sum(axis=0)
+        return int(np.lexsort((total, -acc))[0]), int(np.lexsort((-acc, total))[0])
+
     def rewards(self, lam: float, cost_unit: float) -> np.ndarray:
         """``1[correct] − λ·cost/cost_unit`` for every (query, arm): the reward we score with."""
         return self.correct.astype(np.float64) - lam * self.cost / cost_unit
@@ -211,18 +218,13 @@ def stream_contexts(
     records: Sequence[OutcomeRecord], embeddings: np.ndarray, builder: ContextBuilder
 ) -> np.ndarray:
     """The router's contexts of a stream, in order: each built from the statistics of the
-    queries before it, then observed (:meth:`ContextBuilder.stream`, one line at a time so a
-    bad metadata value is reported with its line)."""
-    out = []
-    for i, (record, e) in enumerate(zip(records, embeddings, strict=True), start=1):
-        try:
-            query = (record.task or DEFAULT_TASK, record.text, record.metadata)
-            out.append(builder.stream([query], e[None]))
-        except ContextError as exc:
-            raise BenchError(f"line {i}: {exc}") from None
-    if not out:
-        return np.zeros((0, builder.layout.dim(embeddings.shape[-1])), dtype=np.float32)
-    return np.concatenate(out)
+    queries before it, then observed (:meth:`ContextBuilder.stream`; a bad metadata value is
+    reported with its line)."""
+    queries = [(r.task or DEFAULT_TASK, r.text, r.metadata) for r in records]
+    try:
+        return builder.stream(queries, embeddings)
+    except ContextError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def context_after(builder: ContextBuilder, records: Sequence[OutcomeRecord]) -> ContextBuilder:
@@ -493,9 +495,8 @@ def sweep_lambdas(problem: Problem, start: int, config: BenchConfig) -> list[flo
     if config.lambdas:
         return sorted(float(v) for v in config.lambdas)
     rows = slice(start, problem.n)
-    acc = problem.correct[rows].mean(axis=0)
     mean_cost = problem.cost[rows].mean(axis=0)
-    best = int(np.lexsort((mean_cost, -acc))[0])
+    best, _ = problem.best_and_cheapest(start)
     scale = config.cost_unit / mean_cost[best] if mean_cost[best] > 0 else 1.0
     return [round(k * scale, 6) for k in DEFAULT_PENALTIES]
 
@@ -528,8 +529,7 @@ def _run_bench(
     C = problem.cost[rows]
     acc = problem.correct[rows].mean(axis=0)
     total = C.sum(axis=0)
-    best = int(np.lexsort((total, -acc))[0])  # most accurate, then cheaper
-    cheapest = int(np.lexsort((-acc, total))[0])  # cheapest, then more accurate
+    best, cheapest = problem.best_and_cheapest(start)
     oracle = metrics.oracle_choices(R, C)
     oracle_rewards = R[np.arange(len(rows)), oracle]
 

@@ -180,11 +180,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
         if args.budget is not None:
             value, relative = args.budget
             if relative:
-                rows = slice(start, problem.n)
-                acc = problem.correct[rows].mean(axis=0)
-                mean_cost = problem.cost[rows].mean(axis=0)
-                best = int(np.lexsort((mean_cost, -acc))[0])
-                value *= float(mean_cost[best])
+                best, _ = problem.best_and_cheapest(start)
+                value *= float(problem.cost[start:, best].mean())
             budget = value
         config = BenchConfig(
             delay=args.delay,

@@ -40,6 +40,8 @@ import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from service.context import LEGACY
+
 log = logging.getLogger(__name__)
 
 
@@ -161,7 +163,7 @@ def load_decisions(
         log.warning(
             "read the %d decisions of context layout %r, the newest; %d of other layouts skipped",
             len(kept),
-            layout or "legacy",
+            layout or LEGACY,
             len(rows) - len(kept),
         )
     rows = kept
