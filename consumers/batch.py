@@ -2,11 +2,16 @@
 
 Offsets are committed only after the batch's database transaction has committed and every
 message it produced (decisions, dead letters) is acknowledged by the broker, and only up to
-the last event handled. When handling fails because Postgres or the broker cannot be reached,
-the consumer seeks back to the start of the batch and retries with exponential backoff, so
-nothing is skipped. Any other failure is about the events themselves: the batch is retried one
-event at a time and an event that still fails on its own goes to the dead-letter topic with
-the reason (``processing failed: …``), so one poison event never stalls its partition.
+the last event handled. When a rebalance is about to take partitions away (the group's
+:class:`Rebalance` listener, inside a poll), the batches held — the one in hand and those
+polled ahead, whose calls have started — are handled and committed first, so the next owner
+starts after them and never calls for a query this consumer has stored.
+
+When handling fails because Postgres or the broker cannot be reached, the consumer seeks back
+to the start of the batch and retries with exponential backoff, so nothing is skipped. Any
+other failure is about the events themselves: the batch is retried one event at a time and an
+event that still fails on its own goes to the dead-letter topic with the reason
+(``processing failed: …``), so one poison event never stalls its partition.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy.exc as sa_exc
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
@@ -108,6 +113,25 @@ class Backoff:
         self.failures = 0
 
 
+class Rebalance(ConsumerRebalanceListener):
+    """Tells a :class:`BatchConsumer` of its group's rebalances (kafka-python calls it from
+    inside ``poll``, before partitions are revoked and after new ones are assigned)."""
+
+    def __init__(self, owner: BatchConsumer) -> None:
+        self.owner = owner
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.owner.revoking(set(revoked))
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if assigned:
+            log.info(
+                "%s: assigned %s",
+                self.owner.name,
+                ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned)),
+            )
+
+
 class BatchConsumer:
     """Subclasses give ``validate(raw) -> event`` and ``handle(items) -> list[Outgoing]``."""
 
@@ -132,6 +156,11 @@ class BatchConsumer:
         self.stop_event = threading.Event()
         # events validated when polled, by (topic, partition, offset), until processed
         self._validated: dict[tuple[str, int, int], Any] = {}
+        # the batches held while look_ahead polls: the one in hand first (see revoking)
+        self._held: list[list[ConsumerRecord]] = []
+        subscribed = getattr(consumer, "subscription", lambda: None)()
+        if subscribed:  # the same topics, with the listener that finishes revoked work
+            consumer.subscribe(topics=sorted(subscribed), listener=Rebalance(self))
 
     # -- to override -------------------------------------------------------------------------
     def validate(self, raw: bytes | None) -> Any:
@@ -151,6 +180,35 @@ class BatchConsumer:
     after another in poll order; offsets are committed as without it. On stop, the batches
     polled ahead are handled too (their work was started), in order, up to the first that
     fails."""
+
+    def abandon(self, records: list[ConsumerRecord]) -> None:
+        """Called with events whose partitions a rebalance took before they could be handled
+        (their prepared work is dropped; the next owner handles them)."""
+
+    def revoking(self, revoked: set[TopicPartition]) -> None:
+        """Before the group takes ``revoked`` away: handle and commit the batches held, in
+        order, so their offsets move past them while they are still ours. From a batch that
+        fails (Postgres down…), what is held is rewound and abandoned to the next owner."""
+        held, self._held = [b for b in self._held if b], []
+        if not held or not revoked:
+            self._held = held
+            return
+        log.info(
+            "%s: rebalance takes %d partitions; finishing the %d events held first",
+            self.name,
+            len(revoked),
+            len(flat(held)),
+        )
+        for i, records in enumerate(held):
+            try:
+                self.process(records)
+            except Exception:
+                self._failed(
+                    "a batch held at a rebalance failed; left to the next owner", len(records)
+                )
+                self.rewind(flat(held[i:]))
+                self.abandon(flat(held[i:]))
+                return
 
     def prepare(self, events: list[Any]) -> None:
         """Called with the valid events of each batch as soon as it is polled (with
@@ -245,7 +303,8 @@ class BatchConsumer:
         if len(ahead) >= self.lookahead:  # no poll, so no rebalance either
             return records, ahead
         polled: list[list[ConsumerRecord]] = []
-        while len(ahead) + len(polled) < self.lookahead:
+        self._held = [records, *ahead]  # a rebalance in these polls handles them (revoking)
+        while len(self._held) - 1 + len(polled) < self.lookahead:
             try:
                 batch = self.poll(0)
             except Exception:  # the regular poll after this batch tries again
@@ -254,11 +313,14 @@ class BatchConsumer:
             if not batch:
                 break
             polled.append(batch)
+        records, *ahead = self._held or [[]]
+        self._held = []
         owned = self.consumer.assignment()
         held = [[r for r in batch if partition_of(r) in owned] for batch in (records, *ahead)]
-        dropped = len(records) + len(flat(ahead)) - len(flat(held))
+        dropped = [r for r in (*records, *flat(ahead)) if partition_of(r) not in owned]
         if dropped:
-            log.info("%s: %d events of a revoked partition dropped", self.name, dropped)
+            log.info("%s: %d events of a revoked partition dropped", self.name, len(dropped))
+            self.abandon(dropped)
         last: dict[TopicPartition, int] = {}
         for r in flat(held):
             tp = partition_of(r)

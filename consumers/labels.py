@@ -49,10 +49,6 @@ class LabelConsumer(BatchConsumer):
         now = time.monotonic()
         if now >= self._next_gauge:
             self._next_gauge = now + 5.0
-            try:  # rewards held back or missed (a lost COMMIT reply), a failed checkpoint
-                self.learner.live.catch_up()
-            except Exception:
-                log.exception("catching up the policy failed; will retry")
             try:
                 metrics.PENDING_LABELS.set(self.learner.pending_count())
             except Exception:

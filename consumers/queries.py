@@ -37,6 +37,15 @@ class QueryConsumer(BatchConsumer):
     def prepare(self, events: list[QueryEvent]) -> None:
         self.decider.call_ahead(events)
 
+    def abandon(self, records: list[ConsumerRecord]) -> None:
+        ids = []
+        for record in records:
+            try:
+                ids.append(self._event(record).query_id)
+            except Exception:  # noqa: S112 - an invalid event has no call to abandon
+                continue
+        self.decider.abandon(ids)
+
     def handle(self, items: list[tuple[QueryEvent, ConsumerRecord]]) -> list[Outgoing]:
         decided = self.decider.decide(
             [QueryRecord(event, record.partition, record.offset) for event, record in items]

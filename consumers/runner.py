@@ -3,8 +3,12 @@
     service = Service.build(Settings())      # loads config, restores the policy
     service.start(); ...; service.stop()     # or service.run_forever() until SIGINT/SIGTERM
 
+Several instances may run on one database and in one consumer group: they learn one policy
+through Postgres (:mod:`service.learning`); a :class:`LogFollower` thread applies what the
+others store.
+
 On stop: both consumers stop polling and finish their batch (its calls, commits and offsets),
-then the policy is checkpointed.
+then the policy catches up with the log and, on the checkpoint writer, is checkpointed.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
-from service.learning import LivePolicy
+from service.learning import LivePolicy, LogFollower
 from service.llm.gateway import Gateway
 from service.metrics import MetricsServer
 from service.pacing import BudgetPacer
@@ -83,6 +87,7 @@ class Service:
     _threads: list[threading.Thread] = field(default_factory=list)
     _producer: KafkaProducer | None = None
     metrics_server: MetricsServer | None = None
+    follower: LogFollower | None = None
     checkpoint_failed: bool = False
     blas_limits: threadpool_limits | None = None  # BLAS pinned to one thread, until stop()
 
@@ -150,6 +155,7 @@ class Service:
             settings.checkpoint_every,
             budget,
             context=settings.context_builder(config.declared_features()),
+            instance=settings.instance_id,
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
@@ -180,6 +186,7 @@ class Service:
         if s.metrics_port is not None:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
             log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
+        self.follower = LogFollower(self.live, s.log_poll_seconds).start()
         self._threads = [
             run_in_thread(self._guard(self.queries), "metallm-queries"),
             run_in_thread(self._guard(self.labels), "metallm-labels"),
@@ -223,13 +230,16 @@ class Service:
             self._producer.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        if self.follower is not None:
+            self.follower.stop()
         try:
-            self.live.catch_up()  # rewards held back or missed while Postgres misbehaved
+            self.live.catch_up()  # what the log holds that this instance has not applied
             if self.live.policy.n_updates:
-                self.live.checkpoint()
+                self.live.checkpoint()  # on the checkpoint writer only
         except Exception:  # the rewards are in Postgres: the next start re-applies them
             self.checkpoint_failed = True
             log.exception("the final policy checkpoint failed")
+        self.live.close()
         self.decider.close()
         self.decider.gateway.close()
         self.engine.dispose()

@@ -1,28 +1,40 @@
-"""The live policy and its durability: applies committed rewards in order, checkpoints, restores.
+"""The live policy: a projection of the learning log in Postgres, which every instance computes.
 
-Rewards get a sequence number inside the database transaction that stores them, under the
-same lock that then applies them to the in-memory policy, so the policy always equals
-"checkpoint + every reward with seq > its watermark, in seq order". After a crash, restore
-loads the newest checkpoint and re-applies exactly those rewards from Postgres.
+The learning log is two sequences on the ``decisions`` table: ``reward_seq`` (a reward and
+the context it was earned on) and ``decision_seq`` (a decision's task, length, metadata and
+cost). Every transaction that appends to either takes :func:`storage.lock_learning_log`
+first, so both are numbered in commit order across every process on the database.
 
-The context builder's running statistics (``service.context``) and, in budget mode, λ (a
-:class:`BudgetPacer`) are a projection of the decision log the same way: both are kept in the
-policy's checkpoint, every stored decision is observed once in ``decision_seq`` order, and a
-restart re-observes the decisions stored after the checkpoint.
+Invariant: ``policy == checkpoint + every reward with seq > its watermark, applied in seq
+order`` — and the context builder's statistics and, in budget mode, λ (a
+:class:`BudgetPacer`) are the same projection of the decision log. Any instance, its own
+rewards or another's, applies each reward once, in seq order, so all instances converge to
+the same statistics. Rewards an instance stored itself are applied at once when they follow
+its watermark; otherwise (another instance appended meanwhile) the log is read from the
+watermark. A :class:`LogFollower` thread reads what other instances append (LISTEN/NOTIFY,
+a poll as the fallback). After a crash, restore loads the newest checkpoint and reads the
+log after it.
 
-A policy learns from contexts of one layout only: restoring a checkpoint (or replaying
-rewards) of another layout than the configured one stops the start with
-:class:`ContextMismatch`, rather than mixing vectors that mean different things.
+One instance writes checkpoints: the one holding the ``checkpoints`` session lock
+(:class:`storage.SessionLock`); when it dies, the next instance due to checkpoint takes over.
+Each instance draws its exploration from a random generator of its own (:func:`instance_seed`),
+recorded on each decision.
+
+A policy learns from contexts of one layout only: restoring a checkpoint (or reading rewards)
+of another layout than the configured one stops the start with :class:`ContextMismatch`,
+rather than mixing vectors that mean different things.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import threading
-from collections.abc import Iterable
+import time
+from collections.abc import Sequence
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from service import metrics, storage
 from service.context import LEGACY, ContextBuilder, ContextLayout
@@ -39,8 +51,25 @@ def labels_match(prediction: str | None, label: str) -> bool:
     return prediction is not None and prediction.strip().casefold() == label.strip().casefold()
 
 
+def instance_seed(policy_seed: int | None, instance: str, start: int) -> int:
+    """The seed of one instance's random draws: distinct per instance and per start (``start``
+    is the decision log's length then), and reproducible from what the decisions record.
+
+    >>> instance_seed(0, "a", 10) == instance_seed(0, "a", 10)
+    True
+    >>> len({instance_seed(0, "a", 10), instance_seed(0, "b", 10), instance_seed(0, "a", 11)})
+    3
+    """
+    digest = hashlib.blake2b(f"{policy_seed}|{instance}|{start}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big") >> 1  # fits a signed BIGINT
+
+
+def _contiguous(seqs: Sequence[int], after: int) -> bool:
+    return sorted(seqs) == list(range(after + 1, after + 1 + len(seqs)))
+
+
 class LivePolicy:
-    """The one policy of a running service, shared by the query and the label consumer."""
+    """The policy of a running service instance, shared by its query and label consumers."""
 
     def __init__(
         self,
@@ -50,9 +79,11 @@ class LivePolicy:
         checkpoint_every: int = 100,
         budget: BudgetPacer | None = None,
         context: ContextBuilder | None = None,
+        instance: str = "",
     ) -> None:
         self.engine = engine
         self.policy_name = policy_name
+        self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         self.checkpoint_every = checkpoint_every
         self.budget = budget  # the pacer to start from in budget mode (None: fixed λ)
@@ -60,11 +91,13 @@ class LivePolicy:
         #: the configured context layout (a fresh builder): what a restored policy must match
         self.configured_context = context or ContextBuilder(ContextLayout())
         self.policy.context = copy.deepcopy(self.configured_context)
+        self.instance = instance
+        self.rng_seed: int | None = None  # set by restore()
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
-        self._held: list[AppliedReward] = []  # committed, waiting for a gap to be checked
-        self.decision_watermark = 0  # highest decision_seq whose cost the pacer has seen
+        self.decision_watermark = 0  # highest decision_seq the builder and pacer have seen
         self._since_checkpoint = 0
+        self.writer = storage.SessionLock(engine, "checkpoints")
 
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
@@ -76,29 +109,92 @@ class LivePolicy:
         """The builder (with its running statistics) of the contexts the policy learns from."""
         return self.policy.context
 
-    def observe_decisions(self, logged: Iterable[LoggedDecision]) -> None:
-        """Feed committed decisions to the context builder and, in budget mode, the pacer:
-        once each, in ``decision_seq`` order. As in :meth:`apply`, a gap below them may hide
-        decisions committed although this process saw their COMMIT fail (or stored by a
-        rolled-back batch: then there is nothing): they are looked up and observed first."""
+    # ---------------------------------------------------------------- following the log
+    def sync_decisions(self, conn: Connection) -> None:
+        """Observe every decision logged after the watermark, in ``decision_seq`` order. Called
+        inside a transaction holding the log's lock, λ is then that of the log so far: the
+        same on every instance."""
         with self.lock:
-            todo = {d.seq: d for d in logged if d.seq > self.decision_watermark}
-            if todo and min(todo) > self.decision_watermark + 1:
-                try:
-                    with self.engine.connect() as conn:
-                        found = storage.decision_log(conn, after=self.decision_watermark)
-                    todo.update((d.seq, d) for d in found)
-                except Exception:
-                    log.warning("cannot look for unobserved decisions", exc_info=True)
-            for seq in sorted(todo):
-                d = todo[seq]
-                if self.policy.pacer is not None:
-                    self.policy.pacer.observe(d.cost_usd)
-                self.context.observe(d.task, d.n_chars, d.metadata)
-                self.decision_watermark = seq
+            self._observe(storage.decision_log(conn, after=self.decision_watermark))
 
+    def _observe(self, logged: Sequence[LoggedDecision]) -> None:
+        for d in sorted(logged, key=lambda d: d.seq):
+            if d.seq <= self.decision_watermark:
+                continue
+            if self.policy.pacer is not None:
+                self.policy.pacer.observe(d.cost_usd)
+            self.context.observe(d.task, d.n_chars, d.metadata)
+            self.decision_watermark = d.seq
+
+    def sync(self) -> int:
+        """Apply every reward and observe every decision committed after the watermarks (this
+        instance's and the others'). Returns how many rewards it applied."""
+        with self.lock, self.engine.connect() as conn:
+            self._observe(storage.decision_log(conn, after=self.decision_watermark))
+            return self._apply(storage.rewards_after(conn, self.watermark))
+
+    def stored(
+        self,
+        rewards: Sequence[AppliedReward],
+        decisions: Sequence[LoggedDecision] = (),
+        since: float | None = None,
+    ) -> None:
+        """Learn what this instance's transaction (started at monotonic ``since``) just
+        committed: directly when it follows the watermarks, else by reading the log from them
+        (another instance appended in between, or a transaction rolled back). If the log
+        cannot be read now, the :class:`LogFollower` reads it later: it is all in Postgres."""
+        with self.lock:
+            if not _contiguous([d.seq for d in decisions], self.decision_watermark) or not (
+                _contiguous([r.seq for r in rewards], self.watermark)
+            ):
+                try:
+                    self.sync()
+                except Exception:
+                    log.warning("cannot read the learning log now; will catch up", exc_info=True)
+                return
+            self._observe(decisions)
+            lag = None if since is None else time.monotonic() - since
+            self._apply([r if lag is None else _aged(r, lag) for r in rewards])
+
+    def _apply(self, rewards: Sequence[AppliedReward]) -> int:
+        """Apply rewards read from the log (in seq order, none missing above the watermark)."""
+        applied = 0
+        for r in sorted(rewards, key=lambda r: r.seq):
+            if r.seq <= self.watermark:
+                continue
+            if r.layout == self.context.spec:
+                self.policy.update(r.arm, r.context, r.reward)
+            else:  # decided before a change of layout (restart refuses those it replays)
+                log.warning(
+                    "reward %d of %s is on a context of layout %r, not %r: not learned",
+                    r.seq,
+                    r.query_id,
+                    r.layout,
+                    self.context.spec,
+                )
+            metrics.REWARD.labels(r.arm).observe(r.reward)
+            if r.age_s is not None:
+                metrics.LEARNING_LAG.observe(r.age_s)
+            self.watermark = r.seq
+            self._since_checkpoint += 1
+            applied += 1
+        if self._since_checkpoint >= self.checkpoint_every:
+            try:
+                self.checkpoint()
+            except Exception:
+                log.exception("policy checkpoint failed; retrying after the next rewards")
+        return applied
+
+    def catch_up(self) -> int:
+        """:meth:`sync`, logging what it found: run before the last checkpoint."""
+        applied = self.sync()
+        if applied:
+            log.info("applied %d rewards from the learning log", applied)
+        return applied
+
+    # ---------------------------------------------------------------- durability
     def restore(self) -> int:
-        """Load the newest checkpoint and re-apply the rewards stored after it.
+        """Load the newest checkpoint, read the log after it, and seed this instance's draws.
         Returns how many rewards were replayed."""
         with self.lock, self.engine.connect() as conn:
             checkpoint = storage.latest_checkpoint(conn)
@@ -120,9 +216,12 @@ class LivePolicy:
                 raise ContextMismatch(
                     _mismatch(f"{len(replay)} stored rewards", other[0], self.context.spec)
                 )
-            logged = storage.decision_log(conn, after=self.decision_watermark)
-        self.observe_decisions(logged)
-        self.apply(replay)
+            self._observe(storage.decision_log(conn, after=self.decision_watermark))
+            self._apply([_aged(r, None) for r in replay])
+            self.rng_seed = instance_seed(
+                self.policy_params.get("seed"), self.instance, self.decision_watermark
+            )
+            self.policy.reseed(self.rng_seed)
         if replay:
             log.info("re-applied %d rewards recorded after the checkpoint", len(replay))
         return len(replay)
@@ -150,76 +249,15 @@ class LivePolicy:
         else:
             saved.declared = wanted.declared
 
-    def apply(self, rewards: Iterable[AppliedReward]) -> None:
-        """Apply rewards already committed to Postgres. Call with the lock held since commit.
-
-        Every reward-storing transaction runs under this lock, so a reward sequence number
-        below the first one given that was never applied here is either a rolled-back
-        transaction (a gap) or one that committed although this process saw it fail (the
-        connection died after COMMIT was sent; the retried batch then finds its work done).
-        Such gaps are looked up in Postgres and applied first, so the policy never skips a
-        stored reward. A checkpoint that fails is retried later: the rewards are in Postgres.
-        """
+    def checkpoint(self) -> bool:
+        """Save the policy, if this instance is the checkpoint writer (taking the role if no
+        live instance has it). Returns whether it saved."""
         with self.lock:
-            todo = {r.seq: r for r in [*self._held, *rewards] if r.seq > self.watermark}
-            self._held = []
-            if todo and min(todo) > self.watermark + 1:
-                try:
-                    with self.engine.connect() as conn:
-                        committed = storage.rewards_after(conn, self.watermark)
-                except Exception:
-                    log.warning(
-                        "cannot look for unapplied rewards below seq %d yet; holding %d rewards",
-                        min(todo),
-                        len(todo),
-                        exc_info=True,
-                    )
-                    self._held = list(todo.values())
-                    return
-                missed = [r for r in committed if r.seq < min(todo)]
-                if missed:
-                    log.warning("applying %d committed rewards this process missed", len(missed))
-                todo.update((r.seq, r) for r in missed)
-            for seq in sorted(todo):
-                r = todo[seq]
-                if r.layout == self.context.spec:
-                    self.policy.update(r.arm, r.context, r.reward)
-                else:  # decided before a change of layout (restart refuses those it replays)
-                    log.warning(
-                        "reward %d of %s is on a context of layout %r, not %r: not learned",
-                        r.seq,
-                        r.query_id,
-                        r.layout,
-                        self.context.spec,
-                    )
-                metrics.REWARD.labels(r.arm).observe(r.reward)
-                self.watermark = r.seq
-                self._since_checkpoint += 1
-            if self._since_checkpoint >= self.checkpoint_every:
-                try:
-                    self.checkpoint()
-                except Exception:
-                    log.exception("policy checkpoint failed; retrying after the next reward")
-
-    def catch_up(self) -> int:
-        """Apply every committed reward this process has not (and observe every stored
-        decision): rewards held back during an outage, and the tail a lost COMMIT
-        acknowledgement leaves when no later reward reveals the gap. The service runs it every
-        few seconds and before its last checkpoint. Returns how many rewards it applied."""
-        with self.lock:
-            with self.engine.connect() as conn:
-                missed = storage.rewards_after(conn, self.watermark)
-                logged = storage.decision_log(conn, after=self.decision_watermark)
-            self.observe_decisions(logged)
-            before = self.policy.n_updates
-            self.apply(missed)
-            applied = self.policy.n_updates - before
-        if applied:
-            log.warning("applied %d committed rewards this process had missed", applied)
-        return applied
-
-    def checkpoint(self) -> None:
-        with self.lock:
+            self._since_checkpoint = 0
+            writer = self.writer.try_acquire()
+            metrics.CHECKPOINT_WRITER.set(1 if writer else 0)
+            if not writer:
+                return False
             state = self.policy.dumps()
             with self.engine.begin() as conn:
                 storage.save_checkpoint(
@@ -230,12 +268,17 @@ class LivePolicy:
                     state,
                     decision_watermark=self.decision_watermark,
                 )
-            self._since_checkpoint = 0
             log.info(
                 "policy checkpoint saved (%d updates, watermark %d)",
                 self.policy.n_updates,
                 self.watermark,
             )
+            return True
+
+    def close(self) -> None:
+        """Give up the checkpoint writer's role (another instance takes it)."""
+        self.writer.release()
+        metrics.CHECKPOINT_WRITER.set(0)
 
     def warm_start(self, records, contexts, lam: float, cost_unit: float) -> int:
         """Train a fresh policy with full information from an outcomes file (every arm learns
@@ -250,7 +293,11 @@ class LivePolicy:
                     "warm start is for a fresh one"
                 )
             n = warm_start(self.policy, records, contexts, lam, cost_unit)
-            self.checkpoint()
+            if not self.checkpoint():
+                raise WarmStartRefused(
+                    "another metallm instance is running on this database (it holds the "
+                    "checkpoint writer's lock); stop it to warm start"
+                )
             return n
 
 
@@ -271,3 +318,43 @@ def _mismatch(source: str, stored: str, configured: str) -> str:
         "METALLM_CONTEXT_EMBEDDING=legacy for a policy learned before layouts existed), or "
         "start a fresh policy in an empty database or schema"
     )
+
+
+def _aged(r: AppliedReward, age_s: float | None) -> AppliedReward:
+    return AppliedReward(r.seq, r.query_id, r.arm, r.context, r.reward, r.layout, age_s)
+
+
+class LogFollower:
+    """Keeps a :class:`LivePolicy` up with what other instances append to the learning log:
+    wakes on their NOTIFY (or every ``poll_s`` regardless) and syncs."""
+
+    def __init__(self, live: LivePolicy, poll_s: float = 1.0) -> None:
+        self.live = live
+        self.poll_s = poll_s
+        self.listener = storage.LogListener(live.engine)
+        self.stop_event = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self) -> None:
+        failures = 0
+        while not self.stop_event.is_set():
+            try:
+                self.listener.wait(self.poll_s)
+                self.live.sync()
+                failures = 0
+            except Exception:
+                failures += 1
+                level = logging.WARNING if failures == 1 else logging.DEBUG
+                log.log(level, "following the learning log failed; retrying", exc_info=True)
+                self.stop_event.wait(min(self.poll_s * 2**failures, 30.0))
+
+    def start(self) -> LogFollower:
+        self._thread = threading.Thread(target=self.run, name="metallm-log-follower", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self._thread is not None:
+            self._thread.join(self.poll_s + 30)
+        self.listener.close()

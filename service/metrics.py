@@ -62,6 +62,20 @@ POLICY_LAG = Gauge(
     "Rewards committed to Postgres that this process's policy has not applied yet",
 )
 POLICY_UPDATES = Gauge("metallm_policy_updates", "Rewards this process's policy has learned from")
+LEARNING_LAG = Histogram(
+    "metallm_learning_lag_seconds",
+    "Time from a reward's transaction to this process's policy applying it (any instance's)",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+CHECKPOINT_WRITER = Gauge(
+    "metallm_checkpoint_writer", "1 while this instance is the one that writes policy checkpoints"
+)
+CALLS_DISCARDED = Counter(
+    "metallm_calls_discarded",
+    "LLM calls whose decision this instance did not store: another instance stored the "
+    "query's decision first, or a rebalance took the query's partition away",
+    ["reason"],
+)
 LEARNING_REFRESH_S = 10.0
 
 

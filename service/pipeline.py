@@ -18,6 +18,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -36,7 +37,7 @@ from service.llm.gateway import CallResult, Gateway
 from service.policy.base import Choice
 from service.reward import RewardSettings, reward
 from service.settings import MAX_QUERIES_KEPT
-from service.storage import AppliedReward, LoggedDecision
+from service.storage import AppliedReward, LabelRow, LoggedDecision
 from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
@@ -98,18 +99,37 @@ class LabelStats:
     rewards: list[AppliedReward] = field(default_factory=list)
 
 
-def store_failure_reward(
-    conn: Connection, decision: dict[str, Any], rewards: RewardSettings
-) -> AppliedReward:
-    """The policy's reward for a chosen arm that failed, stored at decision time: wrong, at
-    the chosen arm's cost (a failed request returns no usage, so 0), whatever the label."""
-    r = reward(False, 0.0, rewards.lam, rewards.cost_unit)
-    seq = storage.record_failure_reward(conn, decision["query_id"], r, rewards.lam)
-    decision["reward_seq"] = seq
-    return _applied(seq, decision, r)
+def score_label(
+    decision: Mapping[str, Any],
+    label: str,
+    labeled_at: datetime | None,
+    rewards: RewardSettings,
+    duplicates: int = 0,
+) -> LabelRow:
+    """Score a decision against its label. A failed or unparseable call is wrong (and still
+    pays its cost). A decision rewarded at decision time (its arm failed) only gets its
+    label: no second policy update."""
+    qid = decision["query_id"]
+    correct = decision["status"] == "ok" and labels_match(decision["prediction"], label)
+    if decision.get("reward_seq") is not None:
+        return LabelRow(qid, label, labeled_at, correct, extra_duplicates=duplicates)
+    r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
+    return LabelRow(qid, label, labeled_at, correct, r, rewards.lam, duplicates)
 
 
-def _applied(seq: int, decision: dict[str, Any], r: float) -> AppliedReward:
+def store_labels(
+    conn: Connection, scored: list[tuple[Mapping[str, Any], LabelRow]]
+) -> list[AppliedReward]:
+    """Store scored labels on their decisions (one statement); returns the new rewards."""
+    seqs = storage.store_labels(conn, [row for _, row in scored])
+    return [
+        _applied(seqs[row.query_id], decision, row.reward)
+        for decision, row in scored
+        if row.query_id in seqs and row.reward is not None
+    ]
+
+
+def _applied(seq: int, decision: Mapping[str, Any], r: float) -> AppliedReward:
     return AppliedReward(
         seq,
         decision["query_id"],
@@ -118,28 +138,6 @@ def _applied(seq: int, decision: dict[str, Any], r: float) -> AppliedReward:
         r,
         decision.get("context_layout"),
     )
-
-
-def store_reward(
-    conn: Connection,
-    decision: dict[str, Any],
-    label: str,
-    labeled_at: datetime | None,
-    rewards: RewardSettings,
-    duplicates: int = 0,
-) -> AppliedReward | None:
-    """Score a decision against its label and store label, correctness and reward on its row.
-    A failed or unparseable call is wrong (and still pays its cost). A decision rewarded at
-    decision time (its arm failed) only gets its label: None, no second policy update."""
-    correct = decision["status"] == "ok" and labels_match(decision["prediction"], label)
-    if decision.get("reward_seq") is not None:
-        storage.record_label(conn, decision["query_id"], label, labeled_at, correct, duplicates)
-        return None
-    r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
-    seq = storage.record_reward(
-        conn, decision["query_id"], label, labeled_at, correct, r, rewards.lam, duplicates
-    )
-    return _applied(seq, decision, r)
 
 
 class Decider:
@@ -218,48 +216,71 @@ class Decider:
             return []
 
         calls = self._calls([r.event for r in todo])
-        results = [c.result for c in calls]
+        results = {r.event.query_id: c.result for r, c in zip(todo, calls, strict=True)}
         rows = [self._row(record, call) for record, call in zip(todo, calls, strict=True)]
-        with self.live.lock:
+        started = time.monotonic()
+        with self.engine.begin() as conn:
+            storage.lock_learning_log(conn)  # numbers the decisions and rewards in commit order
+            self.live.sync_decisions(conn)  # so λ is the log's, whichever instance stores
             rewards = self.live.reward_settings(self.rewards)
-            with self.engine.begin() as conn:
-                inserted = storage.insert_decisions(conn, rows)  # query id → decision_seq
-                by_id = {row["query_id"]: row for row in rows}
-                logged = [
-                    LoggedDecision(
-                        seq,
-                        float(by_id[q]["cost_usd"]),
-                        by_id[q]["task"],
-                        len(by_id[q]["text"]),
-                        by_id[q]["metadata"],
-                    )
-                    for q, seq in inserted.items()
-                ]
-                applied = [  # a failed arm is rewarded now; its label will not count again
-                    store_failure_reward(conn, row, rewards)
-                    for row, result in zip(rows, results, strict=True)
-                    if row["query_id"] in inserted and result.arm_failed
-                ]
-                early = storage.take_pending_labels(conn, inserted)
-                for pending in early:
-                    row = by_id[pending["query_id"]]
-                    stored = store_reward(
-                        conn,
-                        row,
-                        pending["label"],
-                        pending["labeled_at"],
-                        rewards,
-                        pending["duplicates"],
-                    )
-                    if stored is not None:
-                        applied.append(stored)
-            self.live.observe_decisions(logged)
-            self.live.apply(applied)
+            inserted = storage.insert_decisions(conn, rows)  # query id → decision_seq
+            by_id = {row["query_id"]: row for row in rows}
+            logged = [
+                LoggedDecision(
+                    seq,
+                    float(by_id[q]["cost_usd"]),
+                    by_id[q]["task"],
+                    len(by_id[q]["text"]),
+                    by_id[q]["metadata"],
+                )
+                for q, seq in inserted.items()
+            ]
+            # a failed arm is rewarded now (wrong, at no cost: a failed request returns no
+            # usage); its label, when it comes, does not count again
+            failed = [q for q in inserted if results[q].arm_failed]
+            r_failed = reward(False, 0.0, rewards.lam, rewards.cost_unit)
+            seqs = storage.store_failure_rewards(conn, failed, r_failed, rewards.lam)
+            applied = [_applied(seq, by_id[q], r_failed) for q, seq in seqs.items()]
+            early = storage.take_pending_labels(conn, inserted)
+            scored = [
+                (
+                    decision := {**by_id[p["query_id"]], "reward_seq": seqs.get(p["query_id"])},
+                    score_label(decision, p["label"], p["labeled_at"], rewards, p["duplicates"]),
+                )
+                for p in early
+            ]
+            applied += store_labels(conn, scored)
+        self.live.stored(applied, logged, since=started)
         for record in todo:
             self._started.pop(record.event.query_id, None)
         if early:
             log.info("stored %d labels that arrived before their decisions", len(early))
+        lost = len(rows) - len(inserted)
+        if lost:  # called for, but another instance stored these queries' decisions first
+            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
+            log.warning("%d calls discarded: their queries were decided elsewhere meanwhile", lost)
         return [self._event(row) for row in rows if row["query_id"] in inserted]
+
+    def abandon(self, query_ids: list[str]) -> int:
+        """Forget the calls started for queries this instance will not store (a rebalance
+        gave their partition to another instance, which calls again): counted in
+        ``metallm_calls_discarded{reason="rebalance"}`` and logged with their cost so far."""
+        dropped = [p for q in dict.fromkeys(query_ids) if (p := self._started.pop(q, None))]
+        if not dropped:
+            return 0
+        cost = sum(
+            c.result.cost_usd
+            for p in dropped
+            if p.job.done() and isinstance(c := p.result(), Called)
+        )
+        metrics.CALLS_DISCARDED.labels("rebalance").inc(len(dropped))
+        log.warning(
+            "%d calls discarded at a rebalance (their queries go to another instance; "
+            "USD %.6f spent on those that had answered)",
+            len(dropped),
+            cost,
+        )
+        return len(dropped)
 
     # ------------------------------------------------------------------ calling
     def _not_started(self, events: list[QueryEvent]) -> list[QueryEvent]:
@@ -398,6 +419,8 @@ class Decider:
             "context_layout": call.layout,
             "kafka_partition": record.partition,
             "kafka_offset": record.offset,
+            "instance": self.live.instance,
+            "rng_seed": self.live.rng_seed,
         }
 
     @staticmethod
@@ -467,57 +490,80 @@ class Learner:
         if not labels:
             return stats
         delays: list[float] = []  # decision → label, for labels that found their decision
-        with self.live.lock:
+        started = time.monotonic()
+        with self.engine.begin() as conn:
+            storage.lock_learning_log(conn)  # see storage.lock_learning_log: the join is safe
+            self.live.sync_decisions(conn)
             rewards = self.live.reward_settings(self.rewards)
-            with self.engine.begin() as conn:
-                again = [False] * len(labels)
-                if sources:
-                    done = storage.applied_label_offsets(conn, group, {s[:2] for s in sources})
-                    again = [o < done.get((t, p), 0) for t, p, o in sources]
-                for event, redelivered in zip(labels, again, strict=True):
-                    decision = storage.decision_for_label(conn, event.query_id)
-                    if redelivered and (
-                        storage.has_pending_label(conn, event.query_id)
-                        if decision is None
-                        else decision["label"] is not None
-                    ):
-                        stats.redelivered += 1  # its effect is already there
-                        continue
-                    if decision is None:
-                        if storage.add_pending_label(
-                            conn, event.query_id, event.label, event.labeled_at
-                        ):
-                            stats.pending += 1
-                        else:
-                            stats.pending_duplicates += 1
-                    elif decision["label"] is not None:
-                        storage.count_duplicate_label(conn, event.query_id)
-                        stats.duplicates += 1
-                        if not labels_match(decision["label"], event.label):
-                            log.warning(
-                                "conflicting label for %s: kept %r, ignored %r",
-                                event.query_id,
-                                decision["label"],
-                                event.label,
-                            )
-                    else:
-                        stored = store_reward(
-                            conn, decision, event.label, event.labeled_at, rewards
+            redelivered = [False] * len(labels)
+            if sources:
+                done = storage.applied_label_offsets(conn, group, {s[:2] for s in sources})
+                redelivered = [o < done.get((t, p), 0) for t, p, o in sources]
+            found = storage.decisions_for_labels(conn, [e.query_id for e in labels])
+            waiting = storage.pending_label_ids(  # redelivered labels already kept
+                conn,
+                [
+                    e.query_id
+                    for e, again in zip(labels, redelivered, strict=True)
+                    if again and e.query_id not in found
+                ],
+            )
+            by_query: dict[str, list[LabelEvent]] = {}  # the first label of a query wins
+            for event, again in zip(labels, redelivered, strict=True):
+                decision = found.get(event.query_id)
+                if again and (
+                    event.query_id in waiting if decision is None else decision["label"] is not None
+                ):
+                    stats.redelivered += 1  # its effect is already there
+                    continue
+                by_query.setdefault(event.query_id, []).append(event)
+            pending: list[tuple[str, str, datetime | None, int]] = []
+            duplicates: dict[str, int] = {}
+            scored: list[tuple[Mapping[str, Any], LabelRow]] = []
+            for qid, (first, *rest) in by_query.items():
+                decision = found.get(qid)
+                kept = first.label if decision is None or decision["label"] is None else None
+                for event in [first, *rest] if kept is None else rest:
+                    if not labels_match(kept or decision["label"], event.label):
+                        log.warning(
+                            "conflicting label for %s: kept %r, ignored %r",
+                            qid,
+                            kept or decision["label"],
+                            event.label,
                         )
-                        if stored is not None:
-                            stats.rewards.append(stored)
-                        stats.applied += 1
-                        delays.append((datetime.now(UTC) - decision["decided_at"]).total_seconds())
-                dupes = stats.duplicates + stats.pending_duplicates
-                if dupes:
-                    storage.bump_counter(conn, "duplicate_labels", dupes)
-                if sources:
-                    after: dict[tuple[str, int], int] = {}
-                    for topic, partition, offset in sources:
-                        tp = (topic, partition)
-                        after[tp] = max(after.get(tp, 0), offset + 1)
-                    storage.record_label_offsets(conn, group, after)
-            self.live.apply(stats.rewards)
+                if decision is None:
+                    pending.append((qid, first.label, first.labeled_at, len(rest)))
+                elif decision["label"] is not None:
+                    duplicates[qid] = 1 + len(rest)
+                    stats.duplicates += 1 + len(rest)
+                else:
+                    scored.append(
+                        (
+                            decision,
+                            score_label(
+                                decision, first.label, first.labeled_at, rewards, len(rest)
+                            ),
+                        )
+                    )
+                    stats.duplicates += len(rest)
+                    stats.applied += 1
+                    delays.append((datetime.now(UTC) - decision["decided_at"]).total_seconds())
+            new = storage.add_pending_labels(conn, pending)
+            for qid, _, _, extra in pending:
+                stats.pending += new[qid]
+                stats.pending_duplicates += extra + (not new[qid])
+            storage.count_duplicate_labels(conn, duplicates)
+            stats.rewards = store_labels(conn, scored)
+            dupes = stats.duplicates + stats.pending_duplicates
+            if dupes:
+                storage.bump_counter(conn, "duplicate_labels", dupes)
+            if sources:
+                after: dict[tuple[str, int], int] = {}
+                for topic, partition, offset in sources:
+                    tp = (topic, partition)
+                    after[tp] = max(after.get(tp, 0), offset + 1)
+                storage.record_label_offsets(conn, group, after)
+        self.live.stored(stats.rewards, since=started)
         if stats.redelivered:
             log.info("%d labels were redelivered and had been applied already", stats.redelivered)
         for delay in delays:

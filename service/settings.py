@@ -7,6 +7,8 @@ bare, as most tooling sets it). Tasks and arms live in the YAML file named by
 
 from __future__ import annotations
 
+import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +86,12 @@ class Settings(BaseSettings):
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
     # how often the label consumer drops the labels that waited longer than the TTL
     pending_label_expire_every_seconds: float = Field(60.0, gt=0)
+
+    # Several instances on one database learn one policy through it (service.learning)
+    # this instance's name on its decisions; default: host name and process id
+    instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # how often an instance reads the learning log when no NOTIFY woke it
+    log_poll_seconds: float = Field(1.0, gt=0)
 
     # Operations
     metrics_port: int | None = Field(9400, ge=0, le=65535)  # None disables; 0 picks a free port

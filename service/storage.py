@@ -7,6 +7,7 @@ Postgres schema (through ``search_path``), which is how tests keep to themselves
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -75,6 +76,9 @@ decisions = sa.Table(
     sa.Column("decision_seq", sa.BigInteger, sa.Identity(always=False), nullable=False),
     # the ContextLayout.spec of ``context`` (NULL: the raw embedding, "legacy")
     sa.Column("context_layout", sa.Text),
+    # the service instance that decided, and the seed of its random draws (NULL: before 0007)
+    sa.Column("instance", sa.Text),
+    sa.Column("rng_seed", sa.BigInteger),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),
@@ -163,6 +167,8 @@ class AppliedReward:
     reward: float
     #: the context's layout (``ContextLayout.spec``); a NULL ``context_layout`` is the legacy one
     layout: str | None = LEGACY
+    #: seconds from the reward's transaction to when it was read from the log (None: not read)
+    age_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -292,8 +298,38 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict
     return [dict(r._mapping) for r in conn.execute(stmt)]
 
 
-def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None:
-    row = conn.execute(
+#: NOTIFY channel (with the schema's name after it) that a learning-log append wakes
+LOG_CHANNEL_PREFIX = "metallm_log_"
+
+
+def lock_learning_log(conn: Connection) -> None:
+    """Take the learning log's lock for the rest of this transaction, and wake the other
+    instances when it commits.
+
+    Invariant: every transaction that gives out ``reward_seq`` or ``decision_seq`` values (or
+    joins labels to decisions) takes this lock first, and holds it until COMMIT or ROLLBACK.
+    So sequence numbers are given out in commit order across every process on the database:
+    once a reader sees seq ``n`` committed, every seq below ``n`` is committed (and visible)
+    or rolled back for good, and a reader can move its watermark to ``n``. It also makes the
+    label ↔ decision join safe: a label and its decision stored at once by two instances are
+    never both stored without seeing each other. The lock is one per schema (a
+    transaction-level advisory lock); hold it only for database work, never for an LLM call.
+    """
+    conn.execute(
+        sa.text(
+            "SELECT pg_advisory_xact_lock(hashtextextended('metallm-log:' || current_schema(), 0)),"
+            " pg_notify(:prefix || current_schema(), '')"
+        ),
+        {"prefix": LOG_CHANNEL_PREFIX},
+    )
+
+
+def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """The decisions these labels are for (what scoring needs), by id, locked until commit."""
+    ids = sorted(set(query_ids))
+    if not ids:
+        return {}
+    rows = conn.execute(
         sa.select(
             decisions.c.query_id,
             decisions.c.arm,
@@ -303,114 +339,168 @@ def decision_for_label(conn: Connection, query_id: str) -> dict[str, Any] | None
             decisions.c.context,
             decisions.c.context_layout,
             decisions.c.label,
-            decisions.c.options,
             decisions.c.reward_seq,
             decisions.c.decided_at,
         )
-        .where(decisions.c.query_id == query_id)
+        .where(_one_of(decisions.c.query_id, ids))
+        .order_by(decisions.c.query_id)
         .with_for_update()
-    ).first()
-    return None if row is None else dict(row._mapping)
+    )
+    return {r.query_id: dict(r._mapping) for r in rows}
 
 
-def record_reward(
-    conn: Connection,
-    query_id: str,
-    label: str,
-    labeled_at: datetime | None,
-    correct: bool,
-    reward: float,
-    lam: float,
-    extra_duplicates: int = 0,
-) -> int:
-    """Store the label and reward on the decision and give it the next reward sequence number.
-    Only for a decision not rewarded yet (each decision updates the policy at most once)."""
-    stmt = (
-        sa.update(decisions)
-        .where(
-            decisions.c.query_id == query_id,
-            decisions.c.label.is_(None),
-            decisions.c.reward_seq.is_(None),
+@dataclass(frozen=True)
+class LabelRow:
+    """A label stored on its decision: with a new reward (``reward`` set), or only the label
+    (the decision was rewarded when its arm failed)."""
+
+    query_id: str
+    label: str
+    labeled_at: datetime | None
+    correct: bool
+    reward: float | None = None
+    lam: float | None = None
+    extra_duplicates: int = 0
+
+
+def _arrays(**columns: tuple[sa.types.TypeEngine, list[Any]]) -> tuple[str, dict[str, Any]]:
+    """``unnest(...) AS v(name, ...)`` over bound arrays, one per column, and its parameters:
+    one statement for any number of rows."""
+    dialect = postgresql.dialect()
+    casts = ", ".join(f"CAST(:{n} AS {t.compile(dialect)}[])" for n, (t, _) in columns.items())
+    params = {name: values for name, (_, values) in columns.items()}
+    return f"unnest({casts}) AS v({', '.join(columns)})", params
+
+
+def _label_columns(rows: Sequence[LabelRow]) -> dict[str, tuple[sa.types.TypeEngine, list[Any]]]:
+    return {
+        "query_id": (sa.Text(), [r.query_id for r in rows]),
+        "label": (sa.Text(), [r.label for r in rows]),
+        "labeled_at": (sa.DateTime(timezone=True), [r.labeled_at for r in rows]),
+        "correct": (sa.Boolean(), [r.correct for r in rows]),
+        "dupes": (sa.Integer(), [r.extra_duplicates for r in rows]),
+    }
+
+
+def store_labels(conn: Connection, rows: Sequence[LabelRow]) -> dict[str, int]:
+    """Store labels on their decisions, one statement for all: a row with a reward gets the
+    next reward sequence number (a decision is rewarded at most once); a row without one gets
+    only its label. Returns the ``reward_seq`` of each reward stored, by id. Needs
+    :func:`lock_learning_log`."""
+    out: dict[str, int] = {}
+    rewarded = [r for r in rows if r.reward is not None]
+    if rewarded:
+        values, params = _arrays(
+            **_label_columns(rewarded),
+            reward=(sa.Float(), [r.reward for r in rewarded]),
+            lam=(sa.Float(), [r.lam for r in rewarded]),
         )
+        result = conn.execute(
+            sa.text(
+                "UPDATE decisions AS d SET label = v.label, labeled_at = v.labeled_at, "
+                "correct = v.correct, reward = v.reward, reward_lambda = v.lam, "
+                "reward_applied_at = now(), reward_seq = nextval('reward_seq'), "
+                "duplicate_labels = d.duplicate_labels + v.dupes "
+                f"FROM {values} WHERE d.query_id = v.query_id "
+                "AND d.label IS NULL AND d.reward_seq IS NULL "
+                "RETURNING d.query_id, d.reward_seq"
+            ),
+            params,
+        )
+        out.update((q, int(seq)) for q, seq in result)
+    label_only = [r for r in rows if r.reward is None]
+    if label_only:
+        values, params = _arrays(**_label_columns(label_only))
+        conn.execute(
+            sa.text(
+                "UPDATE decisions AS d SET label = v.label, labeled_at = v.labeled_at, "
+                "correct = v.correct, duplicate_labels = d.duplicate_labels + v.dupes "
+                f"FROM {values} WHERE d.query_id = v.query_id AND d.label IS NULL"
+            ),
+            params,
+        )
+    return out
+
+
+def store_failure_rewards(
+    conn: Connection, query_ids: Sequence[str], reward: float, lam: float
+) -> dict[str, int]:
+    """Store the reward of decisions whose arm failed, at decision time, each with the next
+    reward sequence number; returns them by id. Their labels, when they come, are stored by
+    :func:`store_labels` without a reward. Needs :func:`lock_learning_log`."""
+    if not query_ids:
+        return {}
+    result = conn.execute(
+        sa.update(decisions)
+        .where(_one_of(decisions.c.query_id, query_ids), decisions.c.reward_seq.is_(None))
         .values(
-            label=label,
-            labeled_at=labeled_at,
-            correct=correct,
             reward=reward,
             reward_lambda=lam,
             reward_applied_at=sa.func.now(),
             reward_seq=reward_sequence.next_value(),
-            duplicate_labels=decisions.c.duplicate_labels + extra_duplicates,
         )
-        .returning(decisions.c.reward_seq)
+        .returning(decisions.c.query_id, decisions.c.reward_seq)
     )
-    return int(conn.execute(stmt).scalar_one())
+    return {q: int(seq) for q, seq in result}
 
 
-def record_failure_reward(conn: Connection, query_id: str, reward: float, lam: float) -> int:
-    """Store the reward of a decision whose arm failed, at decision time, and give it the next
-    reward sequence number. Its label, when it comes, is stored by :func:`record_label`."""
-    stmt = (
-        sa.update(decisions)
-        .where(decisions.c.query_id == query_id, decisions.c.reward_seq.is_(None))
-        .values(
-            reward=reward,
-            reward_lambda=lam,
-            reward_applied_at=sa.func.now(),
-            reward_seq=reward_sequence.next_value(),
-        )
-        .returning(decisions.c.reward_seq)
+def count_duplicate_labels(conn: Connection, counts: dict[str, int]) -> None:
+    """Add to the duplicate-label count of decisions already labeled."""
+    if not counts:
+        return
+    values, params = _arrays(
+        query_id=(sa.Text(), list(counts)), n=(sa.Integer(), list(counts.values()))
     )
-    return int(conn.execute(stmt).scalar_one())
-
-
-def record_label(
-    conn: Connection,
-    query_id: str,
-    label: str,
-    labeled_at: datetime | None,
-    correct: bool,
-    extra_duplicates: int = 0,
-) -> None:
-    """Store a label on a decision that was already rewarded (its arm failed): no new reward."""
     conn.execute(
-        sa.update(decisions)
-        .where(decisions.c.query_id == query_id, decisions.c.label.is_(None))
-        .values(
-            label=label,
-            labeled_at=labeled_at,
-            correct=correct,
-            duplicate_labels=decisions.c.duplicate_labels + extra_duplicates,
-        )
+        sa.text(
+            "UPDATE decisions AS d SET duplicate_labels = d.duplicate_labels + v.n "
+            f"FROM {values} WHERE d.query_id = v.query_id"
+        ),
+        params,
     )
 
 
-def count_duplicate_label(conn: Connection, query_id: str) -> None:
-    conn.execute(
-        sa.update(decisions)
-        .where(decisions.c.query_id == query_id)
-        .values(duplicate_labels=decisions.c.duplicate_labels + 1)
+def add_pending_labels(
+    conn: Connection, labels: Sequence[tuple[str, str, datetime | None, int]]
+) -> dict[str, bool]:
+    """Keep labels whose decision does not exist yet: (query id, label, labeled_at, further
+    labels for it in the same batch). The first label kept wins; the others are counted as
+    duplicates. Returns, by id, whether the label is newly kept."""
+    if not labels:
+        return {}
+    values, params = _arrays(
+        query_id=(sa.Text(), [q for q, _, _, _ in labels]),
+        label=(sa.Text(), [lab for _, lab, _, _ in labels]),
+        labeled_at=(sa.DateTime(timezone=True), [t for _, _, t, _ in labels]),
+        dupes=(sa.Integer(), [n for _, _, _, n in labels]),
     )
+    result = conn.execute(
+        sa.text(
+            "INSERT INTO pending_labels (query_id, label, labeled_at, duplicates) "
+            f"SELECT v.query_id, v.label, v.labeled_at, v.dupes FROM {values} "
+            "ON CONFLICT (query_id) DO UPDATE "
+            "SET duplicates = pending_labels.duplicates + 1 + excluded.duplicates "
+            "RETURNING query_id, (xmax = 0) AS kept"
+        ),
+        params,
+    )
+    return {q: bool(kept) for q, kept in result}
 
 
 def add_pending_label(
     conn: Connection, query_id: str, label: str, labeled_at: datetime | None
 ) -> bool:
-    """Keep a label whose decision does not exist yet. Returns False when one was already kept
-    (the first label wins; the repeat is counted)."""
-    stmt = postgresql.insert(pending_labels).values(
-        query_id=query_id, label=label, labeled_at=labeled_at
-    )
-    stmt = stmt.on_conflict_do_update(
-        index_elements=["query_id"],
-        set_={"duplicates": pending_labels.c.duplicates + 1},
-    ).returning(pending_labels.c.duplicates)
-    return conn.execute(stmt).scalar_one() == 0
+    """Keep one label whose decision does not exist yet (see :func:`add_pending_labels`)."""
+    return add_pending_labels(conn, [(query_id, label, labeled_at, 0)])[query_id]
 
 
-def has_pending_label(conn: Connection, query_id: str) -> bool:
-    stmt = sa.select(pending_labels.c.query_id).where(pending_labels.c.query_id == query_id)
-    return conn.execute(stmt).first() is not None
+def pending_label_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
+    """Which of these queries have a label waiting for their decision."""
+    ids = list(set(query_ids))
+    if not ids:
+        return set()
+    stmt = sa.select(pending_labels.c.query_id).where(_one_of(pending_labels.c.query_id, ids))
+    return set(conn.execute(stmt).scalars())
 
 
 def applied_label_offsets(
@@ -436,18 +526,23 @@ def applied_label_offsets(
 
 def record_label_offsets(conn: Connection, group: str, after: dict[tuple[str, int], int]) -> None:
     """Record that every label before ``after[(topic, partition)]`` has been applied."""
-    for (topic, partition), next_offset in after.items():
-        stmt = postgresql.insert(label_offsets).values(
-            consumer_group=group, topic=topic, partition=partition, next_offset=next_offset
-        )
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["consumer_group", "topic", "partition"],
-            set_={
-                "next_offset": sa.func.greatest(label_offsets.c.next_offset, next_offset),
-                "updated_at": sa.func.now(),
-            },
-        )
-        conn.execute(stmt)
+    if not after:
+        return
+    values, params = _arrays(
+        topic=(sa.Text(), [t for t, _ in after]),
+        part=(sa.Integer(), [p for _, p in after]),
+        next_offset=(sa.BigInteger(), list(after.values())),
+    )
+    conn.execute(
+        sa.text(
+            "INSERT INTO label_offsets (consumer_group, topic, partition, next_offset) "
+            f"SELECT :group, v.topic, v.part, v.next_offset FROM {values} "
+            "ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET "
+            "next_offset = greatest(label_offsets.next_offset, excluded.next_offset), "
+            "updated_at = now()"
+        ),
+        {**params, "group": group},
+    )
 
 
 def count_pending_labels(conn: Connection) -> int:
@@ -537,7 +632,8 @@ def decision_log(conn: Connection, after: int) -> list[LoggedDecision]:
 
 
 def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
-    """Rewards committed after a checkpoint's watermark, in the order they were applied."""
+    """Rewards committed after a watermark, in ``reward_seq`` order: the order every instance
+    applies them in (see :func:`lock_learning_log`)."""
     rows = conn.execute(
         sa.select(
             decisions.c.reward_seq,
@@ -546,21 +642,102 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.context,
             decisions.c.reward,
             decisions.c.context_layout,
+            sa.func.extract("epoch", sa.func.clock_timestamp() - decisions.c.reward_applied_at),
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
     )
     return [
-        AppliedReward(
-            r.reward_seq,
-            r.query_id,
-            r.arm,
-            bytes_to_vector(r.context),
-            r.reward,
-            r.context_layout,
-        )
-        for r in rows
+        AppliedReward(seq, qid, arm, bytes_to_vector(ctx), r, layout, float(age or 0.0))
+        for seq, qid, arm, ctx, r, layout, age in rows
     ]
+
+
+class SessionLock:
+    """A session-level advisory lock of this schema, on a connection of its own: held for as
+    long as that connection lives (a process killed with -9 loses it at once). The service
+    elects its one checkpoint writer with it; the other instances only restore."""
+
+    def __init__(self, engine: Engine, name: str) -> None:
+        self.engine = engine
+        self.name = name
+        self._conn: Connection | None = None
+
+    def try_acquire(self) -> bool:
+        """Whether this process holds the lock now (taking it if it is free)."""
+        if self._conn is not None:
+            try:
+                self._conn.execute(sa.text("SELECT 1"))
+                return True
+            except sa.exc.SQLAlchemyError:  # the connection died, and the lock with it
+                self.release()
+        conn = self.engine.connect()
+        try:
+            got = conn.execute(
+                sa.text("SELECT pg_try_advisory_lock(hashtextextended(:n || current_schema(), 0))"),
+                {"n": f"metallm-{self.name}:"},
+            ).scalar_one()
+            conn.commit()  # a session lock outlives the transaction
+        except BaseException:
+            conn.close()
+            raise
+        if not got:
+            conn.close()
+            return False
+        self._conn = conn
+        return True
+
+    @property
+    def held(self) -> bool:
+        return self._conn is not None
+
+    def release(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):  # gone already
+                conn.invalidate()  # closed, not pooled: the session and its lock end
+                conn.close()
+
+
+class LogListener:
+    """Wakes when another transaction appended to the learning log (LISTEN/NOTIFY on this
+    schema's channel). A missed notification costs only time: callers poll as well."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._conn: Any = None
+
+    def _connect(self) -> Any:
+        raw = self.engine.raw_connection()
+        conn = raw.driver_connection
+        raw.detach()  # closed when done, never back to the pool in LISTEN mode
+        conn.autocommit = True
+        schema = conn.execute("SELECT current_schema()").fetchone()[0]
+        channel = conn.pgconn.escape_identifier(f"{LOG_CHANNEL_PREFIX}{schema}".encode()).decode()
+        conn.execute(f"LISTEN {channel}")
+        return conn
+
+    def wait(self, timeout_s: float) -> int:
+        """Wait up to ``timeout_s`` for appends; returns how many notifications came. Raises
+        the driver's error when Postgres cannot be reached (the next call reconnects)."""
+        if self._conn is None:
+            self._conn = self._connect()
+        try:
+            n = 0
+            for _ in self._conn.notifies(timeout=timeout_s, stop_after=1):
+                n += 1
+            if n:  # drain what else is queued, without waiting
+                n += sum(1 for _ in self._conn.notifies(timeout=0))
+            return n
+        except Exception:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):  # gone already
+                conn.close()
 
 
 def decision_details(conn: Connection, query_id: str) -> dict[str, Any] | None:

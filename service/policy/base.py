@@ -135,6 +135,12 @@ class RoutingPolicy(ContextualPolicy):
     def _pull(self, arm_ids, context):  # type: ignore[override]
         return self.choose(arm_ids, context).arm
 
+    def reseed(self, seed: int | None) -> None:
+        """Draw from a fresh generator seeded ``seed`` from now on. The statistics, and
+        ``seed`` (it also fixes the random projection), stay as they are: instances that share
+        one policy's statistics each draw their own exploration."""
+        self._rng = np.random.default_rng(seed)
+
     @property
     def n_updates(self) -> int:
         """Number of ``update`` calls applied (merges add the other policy's count)."""

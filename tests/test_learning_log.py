@@ -1,0 +1,205 @@
+"""Two instances on one database, against the real Postgres: the races that a second writer
+opens, each held open on purpose (a row lock taken by the test pauses one transaction at a
+chosen statement), and the roles only one instance may have.
+
+Each instance is what ``metallm serve`` builds: a :class:`LivePolicy` with its
+:class:`Learner` (and :class:`Decider`) on an engine of its own.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import sqlalchemy as sa
+
+from service import storage
+from service.events import LabelEvent, QueryEvent
+from service.learning import LivePolicy
+from service.llm.gateway import Gateway
+from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
+from tests.conftest import wait_for
+from tests.faults.harness import HashEmbedder, policy_difference, rebuild_policy
+from tests.helpers import ARMS, demo_rows, legacy_context, replay_config, write_outcomes
+from tests.test_labels import insert_decision
+
+pytestmark = pytest.mark.integration
+
+REWARDS = RewardSettings(lam=0.1, cost_unit=0.001)
+
+
+@pytest.fixture
+def instances(engine) -> Iterator[Callable[..., LivePolicy]]:
+    """Make instances (each a LivePolicy on an engine of its own), closed afterwards."""
+    made: list[tuple[LivePolicy, sa.Engine]] = []
+
+    def make(name: str, **kwargs) -> LivePolicy:
+        live = LivePolicy(
+            _same_schema(engine),
+            "linucb",
+            {"seed": 0, **kwargs.pop("params", {})},
+            context=kwargs.pop("context", legacy_context()),
+            instance=name,
+            **kwargs,
+        )
+        made.append((live, live.engine))
+        return live
+
+    yield make
+    for live, e in made:
+        live.close()
+        e.dispose()
+
+
+def _same_schema(engine: sa.Engine) -> sa.Engine:
+    """A second engine (a pool of its own, as another process has) on the test's schema."""
+    with engine.connect() as conn:
+        schema = conn.execute(sa.text("SELECT current_schema()")).scalar_one()
+    return storage.make_engine(engine.url.render_as_string(hide_password=False), schema)
+
+
+@contextmanager
+def row_locked(engine: sa.Engine, sql: str) -> Iterator[None]:
+    """Hold the row lock ``sql`` (a SELECT … FOR UPDATE) until the block ends."""
+    with engine.connect() as conn, conn.begin():
+        assert conn.execute(sa.text(sql)).first() is not None
+        yield
+
+
+def waiting_backends(engine: sa.Engine) -> int:
+    """Backends of this database waiting for a lock."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+                "WHERE NOT l.granted AND a.datname = current_database()"
+            )
+        ).scalar_one()
+
+
+def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list]:
+    out: list = []
+
+    def run() -> None:
+        try:
+            out.append(fn())
+        except BaseException as exc:  # reported by the test
+            out.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def labels(*pairs: tuple[str, str]) -> list[LabelEvent]:
+    return [LabelEvent(query_id=q, label=label) for q, label in pairs]
+
+
+def test_a_reward_committed_after_a_later_one_is_still_applied_by_every_instance(engine, instances):
+    """Instance A gives out reward seq 1 and pauses before COMMIT (its duplicate counter
+    waits for a row the test holds); instance B stores the next reward meanwhile. B must not
+    move past seq 1 while it is uncommitted: when A commits, both policies hold both rewards,
+    equal to a policy rebuilt from the log. (Numbering rewards outside one lock let B commit
+    seq 2 first, apply it, and skip seq 1 for ever.)"""
+    for q in ("q1", "q2"):
+        insert_decision(engine, q)
+    with engine.begin() as conn:
+        storage.bump_counter(conn, "duplicate_labels", 0)
+    a, b = instances("a"), instances("b")
+    learn_a = Learner(a.engine, a, REWARDS, pending_ttl_seconds=3600)
+    learn_b = Learner(b.engine, b, REWARDS, pending_ttl_seconds=3600)
+    with row_locked(engine, "SELECT * FROM service_counters FOR UPDATE"):
+        thread_a, _ = in_thread(lambda: learn_a.learn(labels(("q1", "a"), ("q1", "a"))))
+        wait_for(lambda: waiting_backends(engine) >= 1, 10, message="A paused before COMMIT")
+        thread_b, done_b = in_thread(lambda: learn_b.learn(labels(("q2", "a"))))
+        wait_for(lambda: done_b or waiting_backends(engine) >= 2, 10, message="B stored or waiting")
+        b.catch_up()  # what B can see of the log while A is still open
+    thread_a.join(10)
+    thread_b.join(10)
+    assert not thread_a.is_alive() and not thread_b.is_alive()
+    for live in (a, b):
+        live.catch_up()
+    expected = rebuild_policy(engine, params={"seed": 0})
+    for live in (a, b):
+        assert live.policy.n_updates == 2
+        assert policy_difference(live.policy, expected) < 1e-9
+
+
+def test_a_label_and_its_decision_stored_at_once_by_two_instances_meet(engine, instances, tmp_path):
+    """Instance B keeps an early label for q and pauses before COMMIT; instance A stores q's
+    decision meanwhile. Joined under one lock, A's transaction sees the label once B commits
+    and applies it; no label is left waiting beside its decision. (Under READ COMMITTED
+    without the lock, each missed the other: the label sat in pending_labels until the TTL.)"""
+    rows = demo_rows(1)
+    q = rows[0]["query_id"]
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
+    with engine.begin() as conn:
+        storage.bump_counter(conn, "duplicate_labels", 0)
+    a, b = instances("a"), instances("b")
+    decider = Decider(config, a.engine, a, HashEmbedder(), Gateway(config), REWARDS)
+    learner = Learner(b.engine, b, REWARDS, pending_ttl_seconds=3600)
+    label = rows[0]["label"]
+    event = QueryEvent(query_id=q, text=rows[0]["text"], task=rows[0]["task"])
+    try:
+        with row_locked(engine, "SELECT * FROM service_counters FOR UPDATE"):
+            # a label and its duplicate: kept, then counted, and the count waits for the test
+            thread_b, _ = in_thread(lambda: learner.learn(labels((q, label), (q, label))))
+            wait_for(lambda: waiting_backends(engine) >= 1, 10, message="B paused")
+            thread_a, done_a = in_thread(lambda: decider.decide([QueryRecord(event)]))
+            wait_for(
+                lambda: done_a or waiting_backends(engine) >= 2, 30, message="A stored or waiting"
+            )
+        thread_a.join(30)
+        thread_b.join(10)
+        assert not thread_a.is_alive() and not thread_b.is_alive()
+    finally:
+        decider.close()
+    with engine.connect() as conn:
+        left = conn.execute(sa.text("SELECT count(*) FROM pending_labels")).scalar_one()
+        stored = conn.execute(
+            sa.text("SELECT label, duplicate_labels, reward_seq FROM decisions")
+        ).one()
+    assert left == 0
+    assert stored.label == label and stored.duplicate_labels == 1 and stored.reward_seq == 1
+
+
+def test_one_instance_writes_checkpoints_and_another_takes_over_when_it_stops(engine, instances):
+    insert_decision(engine, "q1")
+    a, b = instances("a"), instances("b")
+    Learner(a.engine, a, REWARDS, 3600).learn(labels(("q1", "a")))
+    b.catch_up()
+    assert a.checkpoint() is True
+    assert b.checkpoint() is False  # a holds the writer's lock: b only restores
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT count(*) FROM policy_checkpoints")).scalar_one() == 1
+    a.close()  # as a stopped (or killed) instance's connection closes
+    assert b.checkpoint() is True
+    restored = instances("c")
+    restored.restore()
+    assert restored.watermark == 1
+    assert policy_difference(restored.policy, b.policy) < 1e-9
+
+
+def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engine, instances):
+    """Same statistics, different draws: each instance seeds its generator from its name
+    and start, not from the checkpoint's (where every instance would repeat the others)."""
+    params = {"epsilon": 1.0}  # every choice a uniform draw
+    first = instances("first", params=params)
+    first.policy.update("cheap", np.ones(4), 1.0)
+    first.policy.update("strong", np.ones(4), 0.0)
+    first.checkpoint()
+    first.close()
+    a, b = instances("a", params=params), instances("b", params=params)
+    for live in (a, b):
+        live.restore()
+    assert a.rng_seed != b.rng_seed
+    assert policy_difference(a.policy, b.policy) == 0
+    contexts = np.ones((64, 4))
+    draws = [[c.arm for c in live.policy.choose_many(list(ARMS), contexts)] for live in (a, b)]
+    assert draws[0] != draws[1]
+    again = instances("a", params=params)
+    again.restore()  # the same instance at the same point of the log: the same draws
+    assert [c.arm for c in again.policy.choose_many(list(ARMS), contexts)] == draws[0]
