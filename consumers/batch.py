@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy.exc as sa_exc
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
 from kafka.errors import KafkaError
+from kafka.future import Future as KafkaFuture
 from kafka.structs import OffsetAndMetadata
 from tenacity import RetryCallState
 from tenacity.wait import wait_exponential
@@ -113,23 +114,50 @@ class Backoff:
         self.failures = 0
 
 
-class Rebalance(ConsumerRebalanceListener):
-    """Tells a :class:`BatchConsumer` of its group's rebalances (kafka-python calls it from
-    inside ``poll``, before partitions are revoked and after new ones are assigned)."""
+class Rebalance(AsyncConsumerRebalanceListener):
+    """Tells a :class:`BatchConsumer` of its group's rebalances.
+
+    kafka-python runs these hooks on the consumer's IO thread (the one that sends heartbeats),
+    while the consumer's own thread waits in ``poll``; a hook there may not block on the
+    consumer (a commit would deadlock). So the owner's work runs on a thread of its own and
+    the hook awaits it, the IO loop going on meanwhile: the partitions move only once the
+    batches held have been stored and committed."""
 
     def __init__(self, owner: BatchConsumer) -> None:
         self.owner = owner
 
-    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.owner.revoking(set(revoked))
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._off_the_loop(self.owner.revoking, set(revoked))
 
-    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
+        await self._off_the_loop(self.owner.lost, set(lost))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         if assigned:
-            log.info(
-                "%s: assigned %s",
-                self.owner.name,
-                ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned)),
-            )
+            names = ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned))
+            log.info("%s: assigned %s", self.owner.name, names)
+
+    async def _off_the_loop(self, work: Callable[[set[TopicPartition]], None], arg) -> None:
+        done: KafkaFuture = KafkaFuture()
+        net = self.owner.consumer._net  # noqa: SLF001 - the loop to resume this hook on
+
+        def run() -> None:
+            try:
+                work(arg)
+                failure = None
+            except BaseException as exc:
+                failure = exc
+
+            async def resolve() -> None:
+                if failure is None:
+                    done.success(None)
+                else:
+                    done.failure(failure)
+
+            net.call_soon_threadsafe(resolve)
+
+        threading.Thread(target=run, name=f"metallm-{self.owner.name}-rebalance").start()
+        await done
 
 
 class BatchConsumer:
@@ -209,6 +237,14 @@ class BatchConsumer:
                 self.rewind(flat(held[i:]))
                 self.abandon(flat(held[i:]))
                 return
+
+    def lost(self, partitions: set[TopicPartition]) -> None:
+        """The group expelled this consumer (a missed session): its offsets can no longer be
+        committed, so what is held is abandoned to the partitions' next owners."""
+        held, self._held = flat(self._held), []
+        if held:
+            log.warning("%s: expelled from the group; %d events held left", self.name, len(held))
+            self.abandon(held)
 
     def prepare(self, events: list[Any]) -> None:
         """Called with the valid events of each batch as soon as it is polled (with

@@ -329,3 +329,50 @@ def test_on_stop_the_batches_polled_ahead_are_finished_in_order_up_to_the_first_
         assert handler.consumer.committed(tp) == 2  # the first batch, and no further
         assert handler.consumer.position(tp) == 2  # the next start polls the failed batch again
         assert handler.stats.failures == 1
+
+
+def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
+    broker, topics, pg_schema, engine, embedder, tmp_path
+):
+    """Instance A decides alone, with calls slow enough that it always holds the batch in hand
+    and two polled ahead (their calls in flight); instance B joins the group mid-stream and
+    takes one of the two partitions. Before A gives it up, it stores and commits what it
+    holds of it, so B starts after those queries: every query is called once, by one
+    instance. (Dropping the held events of the revoked partition instead let B call them a
+    second time.)"""
+    rows = demo_rows(N)
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH)
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]], partitions=2)
+    send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
+    called: list[str] = []
+    lock = threading.Lock()
+
+    def slow(service):
+        call = service.decider.gateway.call
+
+        async def slow_call(arm, request):
+            with lock:
+                called.append(request.query_id)
+            await asyncio.sleep(0.4)
+            return await call(arm, request)
+
+        service.decider.gateway.call = slow_call
+        return service
+
+    a = slow(build_service(settings.model_copy(update={"instance_id": "a"}), config, embedder))
+    b = slow(build_service(settings.model_copy(update={"instance_id": "b"}), config, embedder))
+    a.start()
+    try:
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") >= BATCH, message="A")
+        b.start()
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == N, message="all")
+    finally:
+        a.stop()
+        b.stop()
+    assert sorted(called) == sorted(r["query_id"] for r in rows)  # each once
+    with engine.connect() as conn:
+        by = dict(
+            conn.execute(sa.text("SELECT instance, count(*) FROM decisions GROUP BY 1")).all()
+        )
+    assert set(by) == {"a", "b"} and sum(by.values()) == N
