@@ -203,3 +203,60 @@ def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engin
     again = instances("a", params=params)
     again.restore()  # the same instance at the same point of the log: the same draws
     assert [c.arm for c in again.policy.choose_many(list(ARMS), contexts)] == draws[0]
+
+
+def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance(
+    engine, instances, tmp_path
+):
+    """Budget mode: instance A stores q1's decision (decision_seq 1) and pauses before COMMIT
+    (taking q1's early label waits for a row the test holds); instance B stores q2's decision
+    meanwhile. Every instance's pacer must see both costs, in decision_seq order, so λ is
+    the same whichever instance stores the next reward. (Numbered outside one lock, B
+    committed seq 2 first, moved past 1 and never saw q1's cost.)"""
+    from service.pacing import BudgetPacer
+
+    rows = demo_rows(2)
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
+
+    def pacer() -> BudgetPacer:
+        return BudgetPacer(target_cost_per_query=0.0001, cost_unit=0.001, lr=0.5)
+
+    a, b = (instances(name, budget=pacer()) for name in ("a", "b"))
+    deciders = [
+        Decider(config, x.engine, x, HashEmbedder(), Gateway(config), REWARDS) for x in (a, b)
+    ]
+    q1, q2 = (
+        QueryRecord(QueryEvent(query_id=r["query_id"], text=r["text"], task=r["task"]))
+        for r in rows
+    )
+    with engine.begin() as conn:  # q1's label came first: storing q1 takes it
+        storage.add_pending_label(conn, q1.event.query_id, rows[0]["label"], None)
+    try:
+        with row_locked(engine, "SELECT * FROM pending_labels FOR UPDATE"):
+            thread_a, _ = in_thread(lambda: deciders[0].decide([q1]))
+            wait_for(lambda: waiting_backends(engine) >= 1, 30, message="A paused")
+            thread_b, done_b = in_thread(lambda: deciders[1].decide([q2]))
+            wait_for(
+                lambda: done_b or waiting_backends(engine) >= 2, 30, message="B stored or waiting"
+            )
+            b.catch_up()
+        thread_a.join(30)
+        thread_b.join(30)
+        assert not thread_a.is_alive() and not thread_b.is_alive()
+    finally:
+        for decider in deciders:
+            decider.close()
+    with engine.connect() as conn:
+        costs = (
+            conn.execute(sa.text("SELECT cost_usd FROM decisions ORDER BY decision_seq"))
+            .scalars()
+            .all()
+        )
+    expected = pacer()
+    for cost in costs:
+        expected.observe(cost)
+    for live in (a, b):
+        live.catch_up()
+        assert live.decision_watermark == 2
+        assert live.policy.pacer.n_observed == 2
+        assert live.policy.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
