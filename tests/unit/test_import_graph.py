@@ -122,3 +122,20 @@ def test_serving_does_not_import_the_offline_tools() -> None:
 def test_no_import_cycles() -> None:
     found = [c for c in cycles(import_graph()) if c not in KNOWN_CYCLES]
     assert found == [], [sorted(c) for c in found]
+
+
+def test_the_core_does_not_import_the_edges_or_the_tools() -> None:
+    """Arrows point into the core: nothing in ``service/`` imports ``consumers/`` (Kafka) or
+    ``producers/``, but the command line, which offers every sub-command, and the offline
+    tools (``--through-service`` runs the real service)."""
+    edges = ("consumers", "producers")
+    allowed = {"service.cli"}
+    importers = {
+        name
+        for name, targets in import_graph().items()
+        if name.startswith("service")
+        and name not in allowed
+        and not name.startswith(f"{OFFLINE}")
+        and any(t.split(".")[0] in edges for t in targets)
+    }
+    assert importers == set(), sorted(importers)
