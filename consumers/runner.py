@@ -156,6 +156,7 @@ class Service:
             budget,
             context=settings.context_builder(config.declared_features()),
             instance=settings.instance_id,
+            draws_seed=settings.draws_seed,
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)

@@ -80,6 +80,7 @@ class LivePolicy:
         budget: BudgetPacer | None = None,
         context: ContextBuilder | None = None,
         instance: str = "",
+        draws_seed: int | None = None,
     ) -> None:
         self.engine = engine
         self.policy_name = policy_name
@@ -92,6 +93,7 @@ class LivePolicy:
         self.configured_context = context or ContextBuilder(ContextLayout())
         self.policy.context = copy.deepcopy(self.configured_context)
         self.instance = instance
+        self.draws_seed = draws_seed  # None: one of the instance's own (instance_seed)
         self.rng_seed: int | None = None  # set by restore()
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
@@ -218,9 +220,10 @@ class LivePolicy:
                 )
             self._observe(storage.decision_log(conn, after=self.decision_watermark))
             self._apply([_aged(r, None) for r in replay])
-            self.rng_seed = instance_seed(
-                self.policy_params.get("seed"), self.instance, self.decision_watermark
-            )
+            self.rng_seed = self.draws_seed
+            if self.rng_seed is None:
+                seed = self.policy_params.get("seed")
+                self.rng_seed = instance_seed(seed, self.instance, self.decision_watermark)
             self.policy.reseed(self.rng_seed)
         if replay:
             log.info("re-applied %d rewards recorded after the checkpoint", len(replay))
@@ -355,6 +358,6 @@ class LogFollower:
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.listener.shutdown()  # ends a wait in progress
         if self._thread is not None:
-            self._thread.join(self.poll_s + 30)
-        self.listener.close()
+            self._thread.join(30)

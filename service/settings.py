@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Several instances on one database learn one policy through it (service.learning)
     # this instance's name on its decisions; default: host name and process id
     instance_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    # the seed of this instance's exploration draws; default: one of its own per instance and
+    # start. Set it for a reproducible run of one instance (bench --through-service does)
+    draws_seed: int | None = None
     # how often an instance reads the learning log when no NOTIFY woke it
     log_poll_seconds: float = Field(1.0, gt=0)
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
+from psycopg import sql as psycopg_sql
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
@@ -706,6 +707,7 @@ class LogListener:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._conn: Any = None
+        self._shut = False
 
     def _connect(self) -> Any:
         raw = self.engine.raw_connection()
@@ -713,13 +715,20 @@ class LogListener:
         raw.detach()  # closed when done, never back to the pool in LISTEN mode
         conn.autocommit = True
         schema = conn.execute("SELECT current_schema()").fetchone()[0]
-        channel = conn.pgconn.escape_identifier(f"{LOG_CHANNEL_PREFIX}{schema}".encode()).decode()
-        conn.execute(f"LISTEN {channel}")
+        channel = psycopg_sql.Identifier(f"{LOG_CHANNEL_PREFIX}{schema}")
+        conn.execute(psycopg_sql.SQL("LISTEN {}").format(channel))
         return conn
+
+    @property
+    def listening(self) -> bool:
+        """Whether it is connected and listening (a NOTIFY from now on wakes it)."""
+        return self._conn is not None
 
     def wait(self, timeout_s: float) -> int:
         """Wait up to ``timeout_s`` for appends; returns how many notifications came. Raises
         the driver's error when Postgres cannot be reached (the next call reconnects)."""
+        if self._shut:
+            return 0
         if self._conn is None:
             self._conn = self._connect()
         try:
@@ -738,6 +747,11 @@ class LogListener:
             conn, self._conn = self._conn, None
             with contextlib.suppress(Exception):  # gone already
                 conn.close()
+
+    def shutdown(self) -> None:
+        """Close for good (from any thread): a wait in progress ends, none starts again."""
+        self._shut = True
+        self.close()
 
 
 def decision_details(conn: Connection, query_id: str) -> dict[str, Any] | None:

@@ -9,6 +9,7 @@ Each instance is what ``metallm serve`` builds: a :class:`LivePolicy` with its
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -260,3 +261,22 @@ def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance
         assert live.decision_watermark == 2
         assert live.policy.pacer.n_observed == 2
         assert live.policy.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
+
+
+def test_a_follower_applies_another_instances_reward_woken_by_its_notify(engine, instances):
+    """B's follower sleeps on LISTEN with a poll far longer than the test: only the NOTIFY of
+    A's transaction can wake it in time, and B then holds A's reward without being asked."""
+    from service.learning import LogFollower
+
+    insert_decision(engine, "q1")
+    a, b = instances("a"), instances("b")
+    follower = LogFollower(b, poll_s=120).start()
+    try:
+        wait_for(lambda: follower.listener.listening, 10, message="B listening")
+        Learner(a.engine, a, REWARDS, 3600).learn(labels(("q1", "a")))
+        wait_for(lambda: b.watermark == 1, 10, message="B woken and synced")
+    finally:
+        started = time.monotonic()
+        follower.stop()
+    assert time.monotonic() - started < 10  # stop ends the wait, not the 120 s poll
+    assert policy_difference(a.policy, b.policy) == 0

@@ -340,7 +340,7 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
     holds of it, so B starts after those queries: every query is called once, by one
     instance. (Dropping the held events of the revoked partition instead let B call them a
     second time.)"""
-    rows = demo_rows(N)
+    rows = demo_rows(80)  # ten batches at 0.8 s: A is still deciding when B has joined
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
     settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH)
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]], partitions=2)
@@ -354,7 +354,7 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
         async def slow_call(arm, request):
             with lock:
                 called.append(request.query_id)
-            await asyncio.sleep(0.4)
+            await asyncio.sleep(0.8)
             return await call(arm, request)
 
         service.decider.gateway.call = slow_call
@@ -366,7 +366,7 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
     try:
         wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") >= BATCH, message="A")
         b.start()
-        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == N, message="all")
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 80, message="all")
     finally:
         a.stop()
         b.stop()
@@ -375,4 +375,4 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
         by = dict(
             conn.execute(sa.text("SELECT instance, count(*) FROM decisions GROUP BY 1")).all()
         )
-    assert set(by) == {"a", "b"} and sum(by.values()) == N
+    assert set(by) == {"a", "b"} and sum(by.values()) == 80

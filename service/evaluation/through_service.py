@@ -145,6 +145,8 @@ def run_through_service(
             "database_schema": schema,
             "policy": config.policy,
             "policy_params": config.params(seed),
+            # the bench's draws: its policy's generator, seeded with the policy's seed
+            "draws_seed": config.params(seed).get("seed"),
             **config.context_settings(),
             "reward_lambda": config.lam,
             "cost_unit_usd": config.cost_unit,
