@@ -6,8 +6,7 @@ import logging
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.admin import NewTopic
-from kafka.errors import TopicAlreadyExistsError
+from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 
 from service.settings import Settings
 
@@ -51,8 +50,11 @@ def make_producer(settings: Settings) -> KafkaProducer:
     return KafkaProducer(acks="all", linger_ms=5, retries=5, **client_options(settings))
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) -> None:
-    """Create the topics that do not exist yet."""
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+    """Create the topics that do not exist yet, with ``partitions`` partitions (default
+    ``METALLM_TOPIC_PARTITIONS``), and wait until the broker shows them. A topic that exists is
+    left as it is: :func:`check_topics` tells whether the service can use it."""
+    partitions = settings.topic_partitions if partitions is None else partitions
     admin = KafkaAdminClient(**client_options(settings))
     try:
         existing = set(admin.list_topics())
@@ -60,13 +62,64 @@ def ensure_topics(settings: Settings, topics: list[str], partitions: int = 1) ->
         if missing:
             try:
                 admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in missing]
+                    {t: {"num_partitions": partitions, "replication_factor": 1} for t in missing}
                 )
-                log.info("created topics %s", ", ".join(missing))
+                log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
             except TopicAlreadyExistsError:
-                pass
+                pass  # made at the same moment by another process (the others still are)
+            # the broker acknowledges a creation before its metadata shows the partitions
+            admin.wait_for_topics(missing)
     finally:
         admin.close()
+
+
+class TopicMismatch(RuntimeError):
+    """The queries or the labels topic does not have ``METALLM_TOPIC_PARTITIONS`` partitions."""
+
+
+def partition_counts(settings: Settings, topics: list[str]) -> dict[str, int | None]:
+    """Each topic's number of partitions (None: no such topic)."""
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        described = {t["name"]: t for t in admin.describe_topics(topics)}
+    finally:
+        admin.close()
+    counts: dict[str, int | None] = {}
+    for topic in topics:
+        info = described.get(topic)
+        error = for_code(info["error_code"]) if info else UnknownTopicOrPartitionError
+        if error is UnknownTopicOrPartitionError:
+            counts[topic] = None
+        elif info["error_code"]:
+            raise error(f"describing topic {topic}")
+        else:
+            counts[topic] = len(info["partitions"])
+    return counts
+
+
+def check_topics(settings: Settings) -> None:
+    """Raise :class:`TopicMismatch` unless the queries and the labels topics both have
+    ``METALLM_TOPIC_PARTITIONS`` partitions. They must be co-partitioned: queries and labels
+    are keyed by ``query_id``, so a query and its label land in the same partition number,
+    and the instance given that partition of one topic is given it of the other."""
+    want = settings.topic_partitions
+    counts = partition_counts(settings, [settings.queries_topic, settings.labels_topic])
+    if all(n == want for n in counts.values()):
+        return
+    found = ", ".join(
+        f"{t} does not exist" if n is None else f"{t} has {n}" for t, n in counts.items()
+    )
+    (other, *rest) = set(counts.values())
+    if not rest and other is not None:  # the two agree with each other: the setting is off
+        fix = f"set METALLM_TOPIC_PARTITIONS={other}, or recreate both topics with {want}"
+    else:
+        wrong = {t: n for t, n in counts.items() if n != want}
+        verb = "create" if all(n is None for n in wrong.values()) else "recreate"
+        fix = f"{verb} {' and '.join(wrong)} with {want}"
+    raise TopicMismatch(
+        "the queries and labels topics must be co-partitioned, with "
+        f"METALLM_TOPIC_PARTITIONS={want} partitions each, but {found}: {fix}"
+    )
 
 
 #: How long a command waits for the Kafka broker to answer before it says it cannot reach it.

@@ -25,7 +25,7 @@ from sqlalchemy.engine import Engine
 from threadpoolctl import threadpool_limits
 
 from consumers.batch import run_in_thread
-from consumers.kafka_io import ensure_topics, make_consumer, make_producer
+from consumers.kafka_io import check_topics, ensure_topics, make_consumer, make_producer
 from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
@@ -168,6 +168,7 @@ class Service:
     def start(self) -> None:
         s = self.settings
         ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
+        check_topics(s)  # co-partitioned queries and labels, or TopicMismatch
         producer = make_producer(s)
         self.queries = QueryConsumer(
             self.decider,

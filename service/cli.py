@@ -32,8 +32,9 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "the command ran and failed (a consumer crashed, the final checkpoint failed, "
     "no such decision, the service decided differently in bench --through-service)",
-    EXIT_INPUT: "bad arguments, settings, config file or input file, or a database schema "
-    "missing or behind the code (run `metallm migrate`)",
+    EXIT_INPUT: "bad arguments, settings, config file or input file, a database schema "
+    "missing or behind the code (run `metallm migrate`), or queries and labels topics without "
+    "METALLM_TOPIC_PARTITIONS partitions",
     EXIT_UNREACHABLE: "the database or the Kafka broker cannot be reached",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
@@ -487,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     from kafka.errors import KafkaError
     from pydantic import ValidationError
 
-    from consumers.kafka_io import BrokerUnreachable
+    from consumers.kafka_io import BrokerUnreachable, TopicMismatch
     from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
@@ -508,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         ContextMismatch,
         InputFileError,
         SchemaMissing,
+        TopicMismatch,
         OutcomesError,
         WarmStartRefused,
     ) as exc:

@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     labels_topic: str = "metallm.labels"
     decisions_topic: str = "metallm.decisions"
     dlq_topic: str = "metallm.dlq"
+    # partitions of the topics the service creates; the queries and labels topics must have
+    # exactly this many (co-partitioned: a query and its label share a partition number)
+    topic_partitions: int = Field(6, ge=1)
     queries_group: str = "metallm-deciders"
     labels_group: str = "metallm-learners"
     session_timeout_ms: int = 10_000

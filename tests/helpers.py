@@ -133,12 +133,16 @@ def metallm_cli(
 
 
 def committed_offset(broker: str, topic: str, group: str) -> int | None:
-    """The offset ``group`` has committed on partition 0 of ``topic``."""
+    """How many events of ``topic`` ``group`` has committed: its committed offsets summed over
+    the topic's partitions (None: none committed)."""
     consumer = KafkaConsumer(bootstrap_servers=broker, group_id=group, enable_auto_commit=False)
     try:
-        return consumer.committed(TopicPartition(topic, 0))
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        offsets = [consumer.committed(TopicPartition(topic, p)) for p in partitions]
     finally:
         consumer.close()
+    committed = [offset for offset in offsets if offset is not None]
+    return sum(committed) if committed else None
 
 
 # ------------------------------------------------------------------ a service on replay arms

@@ -33,6 +33,13 @@ def test_compose_runs_kafka_in_kraft_mode_with_a_healthcheck(compose):
     assert any(v.endswith(":/var/lib/kafka/data") for v in kafka["volumes"])
 
 
+def compose_default(value: str) -> str:
+    """What compose makes of ``${NAME:-default}`` when NAME is not set."""
+    match = re.fullmatch(r"\$\{(\w+):-([^}]*)\}", value)
+    assert match, f"not a variable with a default: {value!r}"
+    return match.group(2)
+
+
 def test_compose_creates_every_topic_the_service_uses(compose):
     from service.settings import Settings
 
@@ -41,6 +48,34 @@ def test_compose_creates_every_topic_the_service_uses(compose):
     for name in ("queries_topic", "labels_topic", "decisions_topic", "dlq_topic"):
         assert defaults[name].default in script
     assert compose["services"]["topics"]["depends_on"]["kafka"]["condition"] == "service_healthy"
+
+    # made with the partition count the service is told to expect (or it refuses to start)
+    [made] = re.findall(r"--partitions (\S+)", script)
+    told = compose["services"]["metallm"]["environment"]["METALLM_TOPIC_PARTITIONS"]
+    assert made == told == "${METALLM_TOPIC_PARTITIONS:-6}"
+    assert int(compose_default(told)) == defaults["topic_partitions"].default
+
+
+def test_compose_scales_the_service_and_prometheus_finds_every_replica(compose):
+    """``docker compose up --scale metallm=N``: no fixed host port for replicas to clash on;
+    Prometheus finds each replica by the service name (compose's DNS answers it with one
+    address per replica) and scrapes it on the metrics port."""
+    app = compose["services"]["metallm"]
+    assert "ports" not in app
+    assert "container_name" not in app  # a fixed name cannot be scaled either
+    port = int(app["environment"]["METALLM_METRICS_PORT"])
+    assert [str(port)] == app["expose"]
+
+    prometheus = compose["services"]["prometheus"]
+    assert any(
+        v.startswith("./deploy/prometheus.yml:/etc/prometheus/prometheus.yml")
+        for v in prometheus["volumes"]
+    )
+    scrape = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())["scrape_configs"]
+    [job] = [j for j in scrape if j["job_name"] == "metallm"]
+    assert "static_configs" not in job
+    [dns] = job["dns_sd_configs"]
+    assert dns["names"] == ["metallm"] and dns["type"] == "A" and dns["port"] == port
 
 
 def test_compose_postgres_migrate_and_service_wiring(compose):
@@ -64,7 +99,7 @@ def test_compose_postgres_migrate_and_service_wiring(compose):
         "migrate": {"condition": "service_completed_successfully"},
     }
     assert "/readyz" in " ".join(app["healthcheck"]["test"])
-    assert f"{app['environment']['METALLM_METRICS_PORT']}:9400" in app["ports"]
+    assert f":{app['environment']['METALLM_METRICS_PORT']}/readyz" in app["healthcheck"]["test"][-1]
     # no secret is written into the file itself
     for value in app["environment"].values():
         assert "sk-" not in str(value)

@@ -45,7 +45,11 @@ BATCH = 8
 
 def start(broker, topics, pg_schema, embedder, tmp_path, rows):
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH)
+    # 1 partition: these tests follow batches by their offsets in one total order (the third
+    # batch starts at offset 2 * BATCH; decisions are stored in offset order 0..N-1)
+    settings = settings_for(
+        broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH, topic_partitions=1
+    )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
     send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
     return build_service(settings, config, embedder)

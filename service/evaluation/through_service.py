@@ -152,6 +152,7 @@ def run_through_service(
             "cost_unit_usd": config.cost_unit,
             "checkpoint_every": 1_000_000_000,
             "metrics_port": None,  # a replay next to a running service must not clash
+            "topic_partitions": 1,  # one total order of queries and labels, as the bench's
         }
     )
     app_config = replay_app_config(problem, outcomes, config.feature_kinds())

@@ -733,34 +733,36 @@ def build_service(settings, config_document: dict):
 def publish(
     bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes | None]]
 ) -> list[int]:
-    """Send messages in order; returns their offsets."""
+    """Send messages in order; returns where each landed, ``(partition, offset)``."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
     try:
         futures = [producer.send(topic, key=k, value=v) for k, v in messages]
         producer.flush()
-        return [f.get(timeout=60).offset for f in futures]
+        return [(m.partition, m.offset) for m in (f.get(timeout=60) for f in futures)]
     finally:
         producer.close()
 
 
 def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
-    """Every message of a topic's partition 0, from the start to its high-water mark."""
+    """Every message of a topic, from the start to the high-water mark of each partition."""
     from kafka import KafkaConsumer, TopicPartition
 
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
+    tps = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.assign(tps)
+    consumer.seek_to_beginning(*tps)
     out: list = []
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
             for records in consumer.poll(timeout_ms=500).values():
                 out.extend(records)
-            highwater = consumer.highwater(tp)
-            if highwater is not None and consumer.position(tp) >= highwater:
+            highwater = [consumer.highwater(tp) for tp in tps]
+            if None not in highwater and all(
+                consumer.position(tp) >= h for tp, h in zip(tps, highwater, strict=True)
+            ):
                 return out
         raise AssertionError(f"could not read {topic} to its end within {timeout} s")
     finally:

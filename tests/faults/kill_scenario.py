@@ -179,6 +179,7 @@ def run(
         config,
         poll_max_records=poll_max_records,
         checkpoint_every=checkpoint_every,
+        topic_partitions=1,  # as _create_topics made them (decision events read from partition 0)
     )
     stop_producing = threading.Event()
     produced = threading.Event()

@@ -198,8 +198,8 @@ def test_fuzzed_malformed_events_go_to_the_dlq_and_the_rest_is_processed(
                 (topics["labels_topic"], bad_labels, valid_labels, 2),
             ):
                 items = interleave(bad, good, seed)
-                offsets = publish(broker, topic, [(k, v) for _, k, v in items])
-                sent[topic] = {o: (ok, v) for o, (ok, _, v) in zip(offsets, items, strict=True)}
+                landed = publish(broker, topic, [(k, v) for _, k, v in items])
+                sent[topic] = {at: (ok, v) for at, (ok, _, v) in zip(landed, items, strict=True)}
             wait_until(
                 lambda: progress(engine) == (N_VALID, N_VALID, 0),
                 120,
@@ -220,16 +220,16 @@ def test_fuzzed_malformed_events_go_to_the_dlq_and_the_rest_is_processed(
             service.stop()
     assert not service.crashed.is_set()
 
-    seen: dict[tuple[str, int], dict] = {}
+    seen: dict[tuple[str, tuple[int, int]], dict] = {}
     for message in dead:
         body = json.loads(message.value)
-        seen[(body["topic"], body["offset"])] = body
-    expected = {(t, o) for t, offsets in sent.items() for o, (ok, _) in offsets.items() if not ok}
+        seen[(body["topic"], (body["partition"], body["offset"]))] = body
+    expected = {(t, at) for t, landed in sent.items() for at, (ok, _) in landed.items() if not ok}
     assert set(seen) == expected  # every bad event, and nothing else
     assert len(dead) == len(expected)  # once each
     for body in seen.values():
         assert body["reason"].strip()
-        ok, raw = sent[body["topic"]][body["offset"]]
+        ok, raw = sent[body["topic"]][body["partition"], body["offset"]]
         value = None if body["value_b64"] is None else base64.b64decode(body["value_b64"])
         assert value == raw
     # no bad event was "processed": the reasons come from validation, not from failing to store

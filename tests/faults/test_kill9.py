@@ -65,10 +65,20 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
     config = write_config(
         tmp_path / "metallm.yaml", arm_config(server, kill_scenario.PRICES, **room)
     )
+    # 1 partition: the three batches in flight must be the first 30 queries (those of the 10
+    # early labels among them), in the one order they were published in
     env = service_env(
-        broker, topics, DATABASE_URL, pg_schema, config, poll_max_records=10, checkpoint_every=1000
+        broker,
+        topics,
+        DATABASE_URL,
+        pg_schema,
+        config,
+        poll_max_records=10,
+        checkpoint_every=1000,
+        topic_partitions=1,
     )
-    ensure_topics(settings_for(broker, topics, pg_schema, DATABASE_URL), list(topics.values())[:4])
+    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, topic_partitions=1)
+    ensure_topics(settings, list(topics.values())[:4])
     first = ServiceProcess(env, tmp_path / "first.log").start()
     try:
         early = [(q.query_id.encode(), q.label_event()) for q in queries[:10]]
