@@ -346,6 +346,8 @@ class LogFollower:
                 self.live.sync()
                 failures = 0
             except Exception:
+                if self.stop_event.is_set():  # stop closed the listener under the wait
+                    break
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "following the learning log failed; retrying", exc_info=True)

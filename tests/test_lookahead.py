@@ -344,21 +344,27 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
     holds of it, so B starts after those queries: every query is called once, by one
     instance. (Dropping the held events of the revoked partition instead let B call them a
     second time.)"""
-    rows = demo_rows(80)  # ten batches at 0.8 s: A is still deciding when B has joined
+    rows = demo_rows(80)
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
-    settings = settings_for(broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH)
-    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]], partitions=2)
+    settings = settings_for(
+        broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH, topic_partitions=2
+    )
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
     send(broker, topics["queries_topic"], [(r["query_id"], query_bytes(r)) for r in rows])
     called: list[str] = []
     lock = threading.Lock()
 
     def slow(service):
         call = service.decider.gateway.call
+        one_batch_at_a_time: asyncio.Semaphore | None = None
 
         async def slow_call(arm, request):
+            nonlocal one_batch_at_a_time
             with lock:
                 called.append(request.query_id)
-            await asyncio.sleep(0.8)
+            one_batch_at_a_time = one_batch_at_a_time or asyncio.Semaphore(BATCH)
+            async with one_batch_at_a_time:  # ~8 s of work for A alone: B joins meanwhile
+                await asyncio.sleep(0.8)
             return await call(arm, request)
 
         service.decider.gateway.call = slow_call
