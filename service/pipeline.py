@@ -21,17 +21,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.engine import Engine
 
 from service import metrics, storage
 from service.call_ahead import CallAhead, Called
 from service.config import AppConfig
 from service.context import ContextError
+from service.decision import Decision, event_of
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.learning import LivePolicy, labels_match
 from service.llm.gateway import Gateway
 from service.reward import RewardSettings, reward
-from service.storage import AppliedReward, LabelRow, LoggedDecision
+from service.storage import AppliedReward, LabelRow
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -72,29 +73,6 @@ def score_label(
         return LabelRow(qid, label, labeled_at, correct, extra_duplicates=duplicates)
     r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
     return LabelRow(qid, label, labeled_at, correct, r, rewards.lam, duplicates)
-
-
-def store_labels(
-    conn: Connection, scored: list[tuple[Mapping[str, Any], LabelRow]]
-) -> list[AppliedReward]:
-    """Store scored labels on their decisions (one statement); returns the new rewards."""
-    seqs = storage.store_labels(conn, [row for _, row in scored])
-    return [
-        _applied(seqs[row.query_id], decision, row.reward)
-        for decision, row in scored
-        if row.query_id in seqs and row.reward is not None
-    ]
-
-
-def _applied(seq: int, decision: Mapping[str, Any], r: float) -> AppliedReward:
-    return AppliedReward(
-        seq,
-        decision["query_id"],
-        decision["arm"],
-        storage.bytes_to_vector(decision["context"]),
-        r,
-        decision.get("context_layout"),
-    )
 
 
 class Decider:
@@ -160,48 +138,33 @@ class Decider:
 
         calls = self.calling.calls([r.event for r in todo])
         results = {r.event.query_id: c.result for r, c in zip(todo, calls, strict=True)}
-        rows = [self._row(record, call) for record, call in zip(todo, calls, strict=True)]
+        batch = [self._decision(record, call) for record, call in zip(todo, calls, strict=True)]
         started = time.monotonic()
         with self.engine.begin() as conn:
             storage.lock_learning_log(conn)  # numbers the decisions and rewards in commit order
             self.live.sync_decisions(conn)  # so λ is the log's, whichever instance stores
             rewards = self.live.reward_settings(self.rewards)
-            inserted = storage.insert_decisions(conn, rows)  # query id → decision_seq
-            by_id = {row["query_id"]: row for row in rows}
-            logged = [
-                LoggedDecision(
-                    seq,
-                    float(by_id[q]["cost_usd"]),
-                    by_id[q]["task"],
-                    len(by_id[q]["text"]),
-                    by_id[q]["metadata"],
-                )
-                for q, seq in inserted.items()
-            ]
             # a failed arm is rewarded now (wrong, at no cost: a failed request returns no
             # usage); its label, when it comes, does not count again
-            failed = [q for q in inserted if results[q].arm_failed]
-            r_failed = reward(False, 0.0, rewards.lam, rewards.cost_unit)
-            seqs = storage.store_failure_rewards(conn, failed, r_failed, rewards.lam)
-            applied = [_applied(seq, by_id[q], r_failed) for q, seq in seqs.items()]
-            early = storage.take_pending_labels(conn, inserted)
-            scored = [
-                (
-                    decision := {**by_id[p["query_id"]], "reward_seq": seqs.get(p["query_id"])},
-                    score_label(decision, p["label"], p["labeled_at"], rewards, p["duplicates"]),
-                )
-                for p in early
-            ]
-            applied += store_labels(conn, scored)
-        self.live.stored(applied, logged, since=started)
+            stored = storage.store_decisions(
+                conn,
+                batch,
+                failed=[q for q, result in results.items() if result.arm_failed],
+                failure_reward=reward(False, 0.0, rewards.lam, rewards.cost_unit),
+                lam=rewards.lam,
+                score=lambda decision, label: score_label(
+                    decision, label["label"], label["labeled_at"], rewards, label["duplicates"]
+                ),
+            )
+        self.live.stored(stored.rewards, stored.logged, since=started)
         self.calling.forget(r.event.query_id for r in todo)
-        if early:
-            log.info("stored %d labels that arrived before their decisions", len(early))
-        lost = len(rows) - len(inserted)
+        if stored.early_labels:
+            log.info("stored %d labels that arrived before their decisions", stored.early_labels)
+        lost = len(batch) - len(stored.inserted)
         if lost:  # called for, but another instance stored these queries' decisions first
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
             log.warning("%d calls discarded: their queries were decided elsewhere meanwhile", lost)
-        return [self._event(row) for row in rows if row["query_id"] in inserted]
+        return [d.event() for d in batch if d.query_id in stored.inserted]
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""
@@ -213,60 +176,45 @@ class Decider:
         if not query_ids:
             return []
         with self.engine.connect() as conn:
-            rows = storage.decisions_by_id(conn, query_ids)
-        return [self._event(row) for row in rows]
+            rows = storage.decision_events(conn, query_ids)
+        return [event_of(row) for row in rows]
 
-    def _row(self, record: QueryRecord, call: Called) -> dict[str, Any]:
+    def _decision(self, record: QueryRecord, call: Called) -> Decision:
         choice, result = call.choice, call.result
         event = record.event
-        return {
-            "query_id": event.query_id,
-            "task": event.task,
-            "text": event.text,
-            "options": call.request.prompt.labels,
-            "metadata": event.metadata,
-            "sent_at": event.sent_at,
-            "decided_at": datetime.now(UTC),
-            "arm": choice.arm,
-            "propensity": choice.propensity,
-            "probabilities": choice.probabilities,
-            "policy": self.live.policy_name,
-            "status": result.status,
-            "prediction": result.prediction,
-            "raw_output": result.raw_output,
-            "error": result.error,
-            "input_tokens": result.input_tokens,
-            "output_tokens": result.output_tokens,
-            "cost_usd": result.cost_usd,
-            "latency_ms": result.latency_ms,
-            "attempts": result.attempts,
-            "fallback_arm": result.fallback_arm,
-            "answer_scores": result.answer_scores,
-            "arm_scores": choice.scores,
-            "embedding_model": self.vectors.name,
-            "context": storage.vector_to_bytes(call.context),
-            "context_layout": call.layout,
-            "kafka_partition": record.partition,
-            "kafka_offset": record.offset,
-            "instance": self.live.instance,
-            "rng_seed": self.live.rng_seed,
-        }
-
-    @staticmethod
-    def _event(row: dict[str, Any]) -> DecisionEvent:
-        return DecisionEvent(
-            query_id=row["query_id"],
-            task=row["task"],
-            arm=row["arm"],
-            propensity=row["propensity"],
-            probabilities=row["probabilities"],
-            prediction=row["prediction"],
-            status=row["status"],
-            cost_usd=row["cost_usd"],
-            latency_ms=row["latency_ms"],
-            decided_at=row["decided_at"],
-            attempts=row.get("attempts") or 1,
-            fallback_arm=row.get("fallback_arm"),
+        return Decision(
+            **{
+                "query_id": event.query_id,
+                "task": event.task,
+                "text": event.text,
+                "options": call.request.prompt.labels,
+                "metadata": event.metadata,
+                "sent_at": event.sent_at,
+                "decided_at": datetime.now(UTC),
+                "arm": choice.arm,
+                "propensity": choice.propensity,
+                "probabilities": choice.probabilities,
+                "policy": self.live.policy_name,
+                "status": result.status,
+                "prediction": result.prediction,
+                "raw_output": result.raw_output,
+                "error": result.error,
+                "input_tokens": result.input_tokens,
+                "output_tokens": result.output_tokens,
+                "cost_usd": result.cost_usd,
+                "latency_ms": result.latency_ms,
+                "attempts": result.attempts,
+                "fallback_arm": result.fallback_arm,
+                "answer_scores": result.answer_scores,
+                "arm_scores": choice.scores,
+                "embedding_model": self.vectors.name,
+                "context": storage.vector_to_bytes(call.context),
+                "context_layout": call.layout,
+                "kafka_partition": record.partition,
+                "kafka_offset": record.offset,
+                "instance": self.live.instance,
+                "rng_seed": self.live.rng_seed,
+            }
         )
 
     def close(self) -> None:
@@ -365,7 +313,7 @@ class Learner:
                 stats.pending += new[qid]
                 stats.pending_duplicates += extra + (not new[qid])
             storage.count_duplicate_labels(conn, duplicates)
-            stats.rewards = store_labels(conn, scored)
+            stats.rewards = storage.store_labels(conn, scored)
             dupes = stats.duplicates + stats.pending_duplicates
             if dupes:
                 storage.bump_counter(conn, "duplicate_labels", dupes)
