@@ -38,10 +38,11 @@ from sqlalchemy.engine import Connection, Engine
 
 from service import metrics, storage
 from service.context import LEGACY, ContextBuilder, ContextLayout
+from service.decision import LoggedDecision
 from service.pacing import BudgetPacer
 from service.policy import RoutingPolicy, loads, make_policy
 from service.reward import RewardSettings
-from service.storage import AppliedReward, LoggedDecision
+from service.storage import AppliedReward
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,6 +22,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from service.context import LEGACY
+from service.decision import EVENT_COLUMNS, Decision, LoggedDecision
 
 metadata = sa.MetaData()
 """The tables as the migrations make them (``tests/test_schema.py`` compares the two)."""
@@ -176,18 +177,6 @@ class AppliedReward:
             object.__setattr__(self, "layout", LEGACY)
 
 
-@dataclass(frozen=True)
-class LoggedDecision:
-    """What the context builder and the budget pacer learn from each stored decision, in
-    ``decision_seq`` order."""
-
-    seq: int
-    cost_usd: float
-    task: str
-    n_chars: int
-    metadata: dict[str, Any] | None
-
-
 def _one_of(column: sa.ColumnElement[str], values: Iterable[str]) -> sa.ColumnElement[bool]:
     """``column = ANY(%s)``, the values bound as one text array: the same statement for any
     number of values. ``IN`` binds a parameter each, and psycopg parses a statement of over 50
@@ -205,9 +194,9 @@ def existing_query_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
     return set(rows)
 
 
-def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[str, int]:
-    """Insert decision rows; a query already decided is left alone. Returns the ``decision_seq``
-    of each query inserted, by id.
+def insert_decisions(conn: Connection, rows: Sequence[Decision | dict[str, Any]]) -> dict[str, int]:
+    """Insert decisions (typed, or rows written by hand); a query already decided is left
+    alone. Returns the ``decision_seq`` of each query inserted, by id.
 
     Every row has the columns of the first (the others take their defaults). Sent as one short
     INSERT per row through psycopg's ``executemany`` (pipelined, one round trip a batch, and
@@ -216,6 +205,7 @@ def insert_decisions(conn: Connection, rows: Sequence[dict[str, Any]]) -> dict[s
     (``benchmarks/storage_writes.py``)."""
     if not rows:
         return {}
+    rows = [r.row() if isinstance(r, Decision) else r for r in rows]
     columns = tuple(rows[0])
     sql, to_driver = _insert_decisions_plan(columns, conn.dialect)
     pairs = list(zip(columns, to_driver, strict=True))
@@ -383,11 +373,33 @@ def _label_columns(rows: Sequence[LabelRow]) -> dict[str, tuple[sa.types.TypeEng
     }
 
 
-def store_labels(conn: Connection, rows: Sequence[LabelRow]) -> dict[str, int]:
-    """Store labels on their decisions, one statement for all: a row with a reward gets the
-    next reward sequence number (a decision is rewarded at most once); a row without one gets
-    only its label. Returns the ``reward_seq`` of each reward stored, by id. Needs
-    :func:`lock_learning_log`."""
+def store_labels(
+    conn: Connection, scored: Sequence[tuple[Mapping[str, Any], LabelRow]]
+) -> list[AppliedReward]:
+    """Store labels on their decisions (each given with its decision: its id, arm, context
+    and layout), one statement for all: a label with a reward gets the next reward sequence
+    number (a decision is rewarded at most once); one without gets only its label. Returns the
+    rewards stored. Needs :func:`lock_learning_log`."""
+    seqs = _store_labels(conn, [row for _, row in scored])
+    return [
+        _reward_of(seqs[row.query_id], decision, row.reward)
+        for decision, row in scored
+        if row.query_id in seqs and row.reward is not None
+    ]
+
+
+def _reward_of(seq: int, decision: Mapping[str, Any], reward: float) -> AppliedReward:
+    return AppliedReward(
+        seq,
+        decision["query_id"],
+        decision["arm"],
+        bytes_to_vector(decision["context"]),
+        reward,
+        decision.get("context_layout"),
+    )
+
+
+def _store_labels(conn: Connection, rows: Sequence[LabelRow]) -> dict[str, int]:
     out: dict[str, int] = {}
     rewarded = [r for r in rows if r.reward is not None]
     if rewarded:
@@ -421,6 +433,44 @@ def store_labels(conn: Connection, rows: Sequence[LabelRow]) -> dict[str, int]:
             params,
         )
     return out
+
+
+@dataclass
+class StoredDecisions:
+    """What :func:`store_decisions` stored."""
+
+    inserted: dict[str, int]  # decision_seq by query id (a query decided before is not)
+    logged: list[LoggedDecision]  # their entries in the decision log
+    rewards: list[AppliedReward]  # failure rewards, and the rewards of early labels
+    early_labels: int  # labels that had waited for these decisions
+
+
+def store_decisions(
+    conn: Connection,
+    batch: Sequence[Decision],
+    failed: Iterable[str],
+    failure_reward: float,
+    lam: float,
+    score: Callable[[Mapping[str, Any], Mapping[str, Any]], LabelRow],
+) -> StoredDecisions:
+    """A decided batch's writes, in one call: insert the decisions not stored yet; reward now,
+    with ``failure_reward``, those whose chosen arm ``failed``; take the labels that waited for
+    them, scored by ``score(decision row, waiting label)``, and store them with their rewards.
+    Needs :func:`lock_learning_log`."""
+    inserted = insert_decisions(conn, batch)
+    by_id = {d.query_id: d for d in batch}
+    logged = [by_id[q].logged(seq) for q, seq in inserted.items()]
+    failing = [q for q in dict.fromkeys(failed) if q in inserted]
+    seqs = store_failure_rewards(conn, failing, failure_reward, lam)
+    rows = {q: by_id[q].row() for q in inserted}
+    rewards = [_reward_of(seq, rows[q], failure_reward) for q, seq in seqs.items()]
+    early = take_pending_labels(conn, inserted)
+    scored = []
+    for label in early:
+        row = {**rows[label["query_id"]], "reward_seq": seqs.get(label["query_id"])}
+        scored.append((row, score(row, label)))
+    rewards += store_labels(conn, scored)
+    return StoredDecisions(inserted, logged, rewards, len(early))
 
 
 def store_failure_rewards(
@@ -798,25 +848,13 @@ def query_decisions(
     return [dict(r._mapping) for r in conn.execute(stmt)]
 
 
-def decisions_by_id(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
-    """Stored decisions (what the decision event carries), in the order of ``query_ids``."""
+def decision_events(conn: Connection, query_ids: Iterable[str]) -> list[dict[str, Any]]:
+    """What the decision events of these stored decisions carry (:data:`EVENT_COLUMNS`), in
+    the order of ``query_ids``."""
     ids = list(dict.fromkeys(query_ids))
     if not ids:
         return []
-    cols = [
-        decisions.c.query_id,
-        decisions.c.task,
-        decisions.c.arm,
-        decisions.c.propensity,
-        decisions.c.probabilities,
-        decisions.c.prediction,
-        decisions.c.status,
-        decisions.c.cost_usd,
-        decisions.c.latency_ms,
-        decisions.c.decided_at,
-        decisions.c.attempts,
-        decisions.c.fallback_arm,
-    ]
+    cols = [decisions.c[name] for name in EVENT_COLUMNS]
     found = {
         r.query_id: dict(r._mapping)
         for r in conn.execute(sa.select(*cols).where(_one_of(decisions.c.query_id, ids)))

@@ -1,0 +1,256 @@
+"""Calling the arms for a batch, ahead of storing it.
+
+The first half of deciding a batch — embed → build the context → choose an arm → call it —
+runs in the background: embedding and choosing on worker threads, the calls on an event loop
+of their own thread, so they go on while the consumer stores the batch before.
+``call_ahead(events)`` starts it for a batch that comes next; ``calls(events)`` returns each
+event's call (started ahead, or made now). A query is never sent twice by this process: the
+calls started are kept, by query id, until the decision is stored or the query is given up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+from sqlalchemy.engine import Engine
+
+from service import metrics, storage
+from service.config import AppConfig
+from service.events import QueryEvent
+from service.learning import LivePolicy
+from service.llm.base import CallRequest
+from service.llm.gateway import CallResult, Gateway
+from service.policy.base import Choice
+from service.settings import MAX_QUERIES_KEPT
+from service.tasks import build_prompt
+from service.vector_cache import TextEmbedder, VectorCache
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT_S = 60.0  # on close, how long calls still in flight may take to finish
+EMBED_WORKERS = 2  # batches embedded (and chosen for) at once: see CallAhead.__init__
+
+
+@dataclass(frozen=True)
+class Called:
+    """One query's call: the arm chosen for it, the context it was chosen on, the answer."""
+
+    choice: Choice
+    context: np.ndarray
+    layout: str  # the context's ContextLayout.spec
+    request: CallRequest
+    result: CallResult
+
+
+@dataclass(frozen=True)
+class Started:
+    """A query whose call was started: ``job`` gives the whole batch's, this one at ``row``
+    (None there: it was found decided before calling; an exception: that call failed)."""
+
+    event: QueryEvent
+    job: Future[list[Called | BaseException | None]]
+    row: int
+
+    def result(self) -> Called | BaseException | None:
+        """Its call (waiting for it), the error it failed with, or None (found decided)."""
+        try:
+            return self.job.result()[self.row]
+        except BaseException as exc:  # the whole job failed (embedding, Postgres, cancelled)
+            return exc
+
+    @property
+    def failed(self) -> bool:
+        """Whether it is known to have failed (a job not finished yet has not)."""
+        return self.job.done() and isinstance(self.result(), BaseException)
+
+
+class CallAhead:
+    """The calls of the batches being decided, started ahead of storing them."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        engine: Engine,
+        live: LivePolicy,
+        embedder: TextEmbedder,
+        gateway: Gateway,
+    ) -> None:
+        self.config = config
+        self.engine = engine
+        self.live = live
+        self.vectors = VectorCache(embedder)  # a cache: a retried batch is not embedded again
+        self.gateway = gateway
+        self.llm_calls = 0
+        # two embedding workers, so the next batch is read from Postgres, tokenized and queued
+        # for the embedder while the one before still embeds (the embedder never waits)
+        self._loop = asyncio.new_event_loop()
+        self._loop_thread = threading.Thread(
+            target=self._loop.run_forever, name="metallm-llm-calls", daemon=True
+        )
+        self._loop_thread.start()
+        self._worker = ThreadPoolExecutor(EMBED_WORKERS, thread_name_prefix="metallm-embed-choose")
+        # calls started for queries not stored yet (ahead of their batch, or for a batch that
+        # failed after calling: Postgres down, say). Only the consumer's thread reads or
+        # changes it.
+        self._started: dict[str, Started] = {}
+
+    def call_ahead(self, events: list[QueryEvent]) -> None:
+        """Start embedding, choosing an arm for and calling each query of a batch that comes
+        next, and return at once: its ``decide`` then finds the calls made or in flight.
+        Queries already decided (checked in Postgres first) or already called are skipped
+        (a query id called for with other content too: ``decide`` sorts that out)."""
+        fresh: dict[str, QueryEvent] = {}
+        for event in events:
+            pending = self._started.get(event.query_id)
+            if pending is None or pending.failed:  # a failed job (Postgres down…) starts anew
+                fresh.setdefault(event.query_id, event)
+        if fresh:
+            self._start(list(fresh.values()), skip_decided=True)
+
+    def forget(self, query_ids) -> None:
+        """Drop the calls of queries whose decision is stored (or was found stored)."""
+        for qid in query_ids:
+            self._started.pop(qid, None)
+
+    def abandon(self, query_ids: list[str]) -> int:
+        """Forget the calls started for queries this instance will not store (a rebalance
+        gave their partition to another instance, which calls again): counted in
+        ``metallm_calls_discarded{reason="rebalance"}`` and logged with their cost so far."""
+        dropped = [p for q in dict.fromkeys(query_ids) if (p := self._started.pop(q, None))]
+        if not dropped:
+            return 0
+        cost = sum(
+            c.result.cost_usd
+            for p in dropped
+            if p.job.done() and isinstance(c := p.result(), Called)
+        )
+        metrics.CALLS_DISCARDED.labels("rebalance").inc(len(dropped))
+        log.warning(
+            "%d calls discarded at a rebalance (their queries go to another instance; "
+            "USD %.6f spent on those that had answered)",
+            len(dropped),
+            cost,
+        )
+        return len(dropped)
+
+    def _not_started(self, events: list[QueryEvent]) -> list[QueryEvent]:
+        """The events (unique query ids) with no call started for that very event."""
+        return [
+            e
+            for e in events
+            if (pending := self._started.get(e.query_id)) is None or pending.event != e
+        ]
+
+    def _start(self, events: list[QueryEvent], skip_decided: bool) -> None:
+        # embedding starts at once on a worker thread, and the calls follow on the loop: the
+        # loop may be busy sending the batch before's calls, and the embedder must not wait
+        # for it (benchmarks/pipeline_throughput (a))
+        chosen = self._worker.submit(self._embed_and_choose, events, skip_decided)
+        job = asyncio.run_coroutine_threadsafe(self._call_chosen(events, chosen), self._loop)
+        for row, event in enumerate(events):
+            self._started.pop(event.query_id, None)
+            self._started[event.query_id] = Started(event, job, row)
+        while len(self._started) > MAX_QUERIES_KEPT:  # bounded: oldest first
+            self._started.pop(next(iter(self._started)))
+
+    def calls(self, events: list[QueryEvent]) -> list[Called]:
+        """The call of each event (unique query ids, none decided): the one started ahead or
+        by an earlier attempt at this batch, else one made now. A call started ahead that
+        could not be made (it failed, or found the query decided then) is made again now; a
+        call made now that fails fails the batch (its events are then retried one by one)."""
+        called: dict[str, Called] = {}
+        for attempt in ("started", "now"):
+            todo = [e for e in events if e.query_id not in called]
+            fresh = self._not_started(todo) if attempt == "started" else todo
+            if fresh:
+                self._start(fresh, skip_decided=False)
+            for event in todo:
+                pending = self._started.get(event.query_id)
+                call = pending.result() if pending is not None else None
+                if isinstance(call, Called):
+                    called[event.query_id] = call
+                elif isinstance(call, BaseException) and (attempt == "now" or event in fresh):
+                    raise call
+                elif call is not None:
+                    log.warning(
+                        "calling ahead for %s failed (%s); calling now", event.query_id, call
+                    )
+        missing = [e.query_id for e in events if e.query_id not in called]
+        if missing:  # not possible unless the calls made now were evicted at once
+            raise RuntimeError(f"no call for {len(missing)} queries (batch too large?)")
+        return [called[e.query_id] for e in events]
+
+    async def _call_chosen(
+        self,
+        events: list[QueryEvent],
+        embedded: Future[list[tuple[int, Choice, np.ndarray, str, CallRequest]]],
+    ) -> list[Called | BaseException | None]:
+        """Call the arm chosen for each event, once the worker has embedded and chosen."""
+        chosen = await asyncio.wrap_future(embedded)
+        results = await asyncio.gather(  # one call raising (a bug) must not lose the others
+            *(self.gateway.call(choice.arm, request) for _, choice, _, _, request in chosen),
+            return_exceptions=True,
+        )
+        self.llm_calls += len(results)
+        out: list[Called | BaseException | None] = [None] * len(events)
+        for (row, choice, context, layout, request), result in zip(chosen, results, strict=True):
+            out[row] = (
+                result
+                if isinstance(result, BaseException)
+                else Called(choice, context, layout, request, result)
+            )
+        return out
+
+    def _embed_and_choose(
+        self, events: list[QueryEvent], skip_decided: bool
+    ) -> list[tuple[int, Choice, np.ndarray, str, CallRequest]]:
+        """(row, choice, context, its layout, request) of each event to call for (on the
+        worker thread)."""
+        rows = list(range(len(events)))
+        if skip_decided:
+            with self.engine.connect() as conn:
+                done = storage.existing_query_ids(conn, [e.query_id for e in events])
+            rows = [i for i in rows if events[i].query_id not in done]
+        if not rows:
+            return []
+        embeddings = self.vectors.embed([events[i].text for i in rows])
+        arms = self.gateway.available_arms()
+        queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
+        with self.live.lock:  # the builder's statistics move as decisions are stored
+            contexts = self.live.context.build_many(queries, embeddings)
+            layout = self.live.context.spec
+            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
+        chosen = []
+        for i, choice, context in zip(rows, choices, contexts, strict=True):
+            event = events[i]
+            task = self.config.tasks[event.task]
+            prompt = build_prompt(task, event.text, event.options or task.labels)
+            chosen.append((i, choice, context, layout, CallRequest(event.query_id, prompt)))
+        return chosen
+
+    def close(self) -> None:
+        """Let calls still in flight finish (within ``CLOSE_TIMEOUT_S`` in all), then close the
+        HTTP clients (they live on the calls' loop) and stop the threads."""
+        deadline = time.monotonic() + CLOSE_TIMEOUT_S
+        jobs = {id(p.job): p.job for p in self._started.values()}
+        for job in jobs.values():
+            try:
+                job.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:  # noqa: S112 - their queries are decided again after a restart
+                job.cancel()
+        self._started.clear()
+        self._worker.shutdown(wait=True, cancel_futures=True)
+        try:
+            asyncio.run_coroutine_threadsafe(self.gateway.aclose(), self._loop).result(30)
+        except Exception:
+            log.warning("closing the LLM clients failed", exc_info=True)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop_thread.join(30)
+        if not self._loop.is_running():
+            self._loop.close()
