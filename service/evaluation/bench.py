@@ -235,35 +235,6 @@ def context_after(builder: ContextBuilder, records: Sequence[OutcomeRecord]) -> 
 
 
 # ------------------------------------------------------------------------------ the stream
-def reveal_order(n: int, delay: int, failed: Sequence[bool] | None = None) -> list[list[int]]:
-    """For each decision ``t``, the queries whose reward the policy learns right after it.
-
-    A failed call is learned at once; any other reward ``delay`` decisions later; whatever is
-    still pending after the last decision is learned at the end (appended to the last list).
-
-    >>> reveal_order(4, 1)
-    [[], [0], [1], [2, 3]]
-    >>> reveal_order(3, 0, failed=[False, True, False])
-    [[0], [1], [2]]
-    >>> reveal_order(4, 2, failed=[False, True, False, False])
-    [[], [1], [0], [2, 3]]
-    """
-    out: list[list[int]] = []
-    pending: deque[int] = deque()
-    for t in range(n):
-        now: list[int] = []
-        if failed is not None and failed[t]:
-            now.append(t)
-        else:
-            pending.append(t)
-        while pending and pending[0] <= t - delay:
-            now.append(pending.popleft())
-        out.append(now)
-    if out:
-        out[-1].extend(pending)
-    return out
-
-
 @dataclass
 class StreamResult:
     """What an online method did on each query of the evaluation part."""
