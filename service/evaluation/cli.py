@@ -396,6 +396,13 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Register ``record``, ``bench`` and ``evaluate``; returns their handlers by name."""
+    _add_record(sub)
+    _add_bench(sub)
+    _add_evaluate(sub)
+    return {"record": cmd_record, "bench": cmd_bench, "evaluate": cmd_evaluate}
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
     rec = sub.add_parser(
         "record",
         help="run every configured arm on a labeled dataset and write an outcomes file",
@@ -417,6 +424,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     rec.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="replay an outcomes file through the router and every baseline",
@@ -426,6 +435,18 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "sweep (APGR, AIQ, cost at 95%% of the best arm's accuracy), a markdown table, a JSON "
         "file and PNG plots.",
     )
+    # in the order --help lists them
+    _bench_stream_arguments(b)
+    _bench_router_arguments(b)
+    _bench_comparison_arguments(b)
+    _bench_context_arguments(b)
+    _bench_output_arguments(b)
+    _bench_through_service_arguments(b)
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _bench_stream_arguments(b: argparse.ArgumentParser) -> None:
+    """The stream and how its rewards are scored and revealed."""
     b.add_argument("outcomes", help="outcomes file (JSON Lines)")
     b.add_argument("--delay", type=int, default=100, help="reveal rewards N queries later (100)")
     b.add_argument(
@@ -451,10 +472,17 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         metavar="FRACTION",
         help="train on the first FRACTION with full information, then continue online (0)",
     )
+
+
+def _bench_router_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seeds", type=int, default=1, help="runs with seeds S..S+K-1 (1)")
     b.add_argument("--seed", type=int, default=0, help="first seed (0)")
     b.add_argument("--policy", help="routing policy (default: METALLM_POLICY)")
     b.add_argument("--policy-params", help="JSON parameters (default: METALLM_POLICY_PARAMS)")
+
+
+def _bench_comparison_arguments(b: argparse.ArgumentParser) -> None:
+    """The λ sweep and the baselines."""
     b.add_argument(
         "--lambdas",
         type=_floats,
@@ -469,6 +497,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         default=5,
         help="cold start: cross-fitting folds of the offline baselines (5)",
     )
+
+
+def _bench_context_arguments(b: argparse.ArgumentParser) -> None:
+    """What the router's context is made of."""
     b.add_argument(
         "--feature",
         action="append",
@@ -484,6 +516,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         help="the embedding part of the router's context: none, raw, project:K or legacy "
         "(default: METALLM_CONTEXT_EMBEDDING)",
     )
+
+
+def _bench_output_arguments(b: argparse.ArgumentParser) -> None:
+    """How much of the file, where the results go, and the embeddings' model and cache."""
     b.add_argument("--limit", type=int, help="only the first N queries")
     b.add_argument("--out", help="output folder (default: bench-<file name>)")
     b.add_argument("--no-plots", action="store_true")
@@ -491,6 +527,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     b.add_argument(
         "--embedding-cache", help="SQLite cache file (default: ~/.cache/metallm/embeddings.sqlite)"
     )
+
+
+def _bench_through_service_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--through-service",
         action="store_true",
@@ -500,8 +539,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "--local-broker", action="store_true", help="with --through-service: start a Tansu broker"
     )
     b.add_argument("--db-schema", help="with --through-service: Postgres schema (default: new)")
-    b.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="off-policy estimates (IPS, SNIPS, DR) from the logged decisions",
@@ -525,5 +565,3 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     ev.add_argument("--policy", help="only decisions made by this policy")
     ev.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
     ev.add_argument("--json", help="also write the estimates to this file")
-
-    return {"record": cmd_record, "bench": cmd_bench, "evaluate": cmd_evaluate}
