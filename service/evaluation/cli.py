@@ -18,9 +18,12 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.evaluation.bench import BenchConfig, BenchResult, Problem
 
 log = logging.getLogger(__name__)
 
@@ -140,141 +143,198 @@ def _progress(quiet: bool):
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    import numpy as np
-
     from service.config import ConfigError
-    from service.evaluation import plots, report
-    from service.evaluation.bench import (
-        BenchConfig,
-        BenchError,
-        context_after,
-        make_router,
-        one_blas_thread,
-        run_bench,
-        split,
-        warmed,
-    )
+    from service.evaluation.bench import BenchConfig, BenchError
     from service.outcomes import OutcomesError
 
     if args.through_service and args.budget is not None:
         return _fail("--through-service replays a fixed λ: drop --budget")
     if args.local_broker and not args.through_service:
         return _fail("--local-broker goes with --through-service")
-    params = dict(settings.policy_params)
-    params.pop("seed", None)
-    if args.policy_params:
-        try:
-            params.update(json.loads(args.policy_params))
-        except json.JSONDecodeError as exc:
-            return _fail(f"--policy-params is not JSON: {exc}")
     try:
-        context = {
-            "context_embedding": args.context_embedding or settings.context_embedding,
-            "task_buckets": settings.context_task_buckets,
-            "feature_buckets": settings.context_feature_buckets,
-            "features": _bench_features(args),
-        }
+        params = _policy_params(settings, args.policy_params)
+    except json.JSONDecodeError as exc:
+        return _fail(f"--policy-params is not JSON: {exc}")
+    try:
+        context = _bench_context(settings, args)
         problem, embedder = _load_problem(args, settings, BenchConfig(**context).new_context())
-        start = split(problem.n, args.warm_start)
-        budget = None
-        if args.budget is not None:
-            value, relative = args.budget
-            if relative:
-                best, _ = problem.best_and_cheapest(start)
-                value *= float(problem.cost[start:, best].mean())
-            budget = value
-        config = BenchConfig(
-            delay=args.delay,
-            lam=settings.reward_lambda if args.lam is None else args.lam,
-            cost_unit=settings.cost_unit_usd if args.cost_unit is None else args.cost_unit,
-            budget=budget,
-            budget_lr=args.budget_lr,
-            warm_start=args.warm_start,
-            seeds=list(range(args.seed, args.seed + args.seeds)),
-            policy=args.policy or settings.policy,
-            policy_params=params,
-            lambdas=None if args.no_sweep else (args.lambdas or ()),
-            knn_k=args.knn_k,
-            offline_folds=args.offline_folds,
-            baselines=not args.no_baselines,
-            **context,
-        )
-        with _progress(args.quiet) as bar, one_blas_thread():
-            tasks: dict[str, Any] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if bar is None:
-                    return
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
-
-            result = run_bench(problem, config, progress)
+        config = _bench_config(settings, args, problem, params, context)
+        result = _run_with_progress(problem, config, args.quiet)
     except (OutcomesError, BenchError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
 
     out = Path(args.out or f"bench-{Path(args.outcomes).stem}")
     out.mkdir(parents=True, exist_ok=True)
-    status = 0
     if args.through_service:
-        from service.evaluation.through_service import compare, run_through_service
+        try:
+            _check_through_service(settings, args, problem, config, result, embedder)
+        except _ReplayFailed as exc:
+            return _fail(str(exc))
+    _write_bench_report(result, args, out)
+    through = result.extra.get("through_service")
+    if through is not None and not through["identical"]:
+        mismatch = through.get("first_mismatch")
+        print(f"metallm: the service decided differently: {mismatch}", file=sys.stderr)
+        return 1
+    return 0
 
-        seed = config.seeds[0]
-        warm = None
-        if result.start:
-            with one_blas_thread():
-                policy = warmed(
-                    make_router(config, seed),
-                    problem,
-                    np.arange(result.start),
-                    config.lam,
-                    config.cost_unit,
-                )
-                policy.context = context_after(
-                    config.new_context(), problem.records[: result.start]
-                )
-                warm = policy.dumps()
-        with contextlib.ExitStack() as stack:
-            s = settings
-            if args.local_broker:
-                from producers.local_broker import LocalBroker
 
-                broker = stack.enter_context(LocalBroker())
-                s = settings.model_copy(
-                    update={
-                        "kafka_bootstrap": broker.bootstrap,
-                        "session_timeout_ms": 2000,
-                        "heartbeat_interval_ms": 500,
-                    }
-                )
-            bar = stack.enter_context(_progress(args.quiet))
-            task = None if bar is None else bar.add_task("through the service", total=None)
+def _policy_params(settings: Settings, given: str | None) -> dict[str, Any]:
+    """The router's parameters: the settings' (but their seed: the bench gives each run its
+    own), updated with ``--policy-params``."""
+    params = dict(settings.policy_params)
+    params.pop("seed", None)
+    if given:
+        params.update(json.loads(given))
+    return params
 
-            def tick(done: int, total: int) -> None:
-                if bar is not None:
-                    bar.update(task, completed=done, total=total)
 
-            try:
-                run = run_through_service(
-                    problem,
-                    Path(args.outcomes),
-                    s,
-                    config,
-                    seed,
-                    result.start,
-                    embedder,
-                    warm_state=warm,
-                    schema=args.db_schema,
-                    progress=tick,
-                )
-            except Exception as exc:
-                log.exception("the through-service replay failed")
-                return _fail(f"the through-service replay failed: {exc}")
-        result.extra["through_service"] = compare(
-            problem, result.start, result.router_runs[seed], run
+def _bench_context(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`BenchConfig` fields of the router's context: the flags, else the settings."""
+    return {
+        "context_embedding": args.context_embedding or settings.context_embedding,
+        "task_buckets": settings.context_task_buckets,
+        "feature_buckets": settings.context_feature_buckets,
+        "features": _bench_features(args),
+    }
+
+
+def _bench_config(
+    settings: Settings,
+    args: argparse.Namespace,
+    problem: Problem,
+    params: dict[str, Any],
+    context: dict[str, Any],
+) -> BenchConfig:
+    """What to run, from the flags and the settings; a relative ``--budget`` is resolved
+    against the most accurate arm's mean cost on the evaluated part."""
+    from service.evaluation.bench import BenchConfig, split
+
+    start = split(problem.n, args.warm_start)  # its message, for a --warm-start too large
+    budget = None
+    if args.budget is not None:
+        value, relative = args.budget
+        if relative:
+            best, _ = problem.best_and_cheapest(start)
+            value *= float(problem.cost[start:, best].mean())
+        budget = value
+    return BenchConfig(
+        delay=args.delay,
+        lam=settings.reward_lambda if args.lam is None else args.lam,
+        cost_unit=settings.cost_unit_usd if args.cost_unit is None else args.cost_unit,
+        budget=budget,
+        budget_lr=args.budget_lr,
+        warm_start=args.warm_start,
+        seeds=list(range(args.seed, args.seed + args.seeds)),
+        policy=args.policy or settings.policy,
+        policy_params=params,
+        lambdas=None if args.no_sweep else (args.lambdas or ()),
+        knn_k=args.knn_k,
+        offline_folds=args.offline_folds,
+        baselines=not args.no_baselines,
+        **context,
+    )
+
+
+def _run_with_progress(problem: Problem, config: BenchConfig, quiet: bool) -> BenchResult:
+    """:func:`~service.evaluation.bench.run_bench`, with a progress bar per stage."""
+    from service.evaluation.bench import one_blas_thread, run_bench
+
+    with _progress(quiet) as bar, one_blas_thread():
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if bar is None:
+                return
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        return run_bench(problem, config, progress)
+
+
+class _ReplayFailed(Exception):
+    """The through-service replay raised (the message says what)."""
+
+
+def _check_through_service(
+    settings: Settings,
+    args: argparse.Namespace,
+    problem: Problem,
+    config: BenchConfig,
+    result: BenchResult,
+    embedder,
+) -> None:
+    """Replay the first seed's run through the service (on a broker of its own with
+    ``--local-broker``), and put the query-by-query comparison in ``result.extra``."""
+    from service.evaluation.through_service import compare, run_through_service
+
+    seed = config.seeds[0]
+    warm = _warm_state(problem, config, seed, result.start)
+    with contextlib.ExitStack() as stack:
+        if args.local_broker:
+            settings = _on_local_broker(settings, stack)
+        bar = stack.enter_context(_progress(args.quiet))
+        task = None if bar is None else bar.add_task("through the service", total=None)
+
+        def tick(done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(task, completed=done, total=total)
+
+        try:
+            run = run_through_service(
+                problem,
+                Path(args.outcomes),
+                settings,
+                config,
+                seed,
+                result.start,
+                embedder,
+                warm_state=warm,
+                schema=args.db_schema,
+                progress=tick,
+            )
+        except Exception as exc:
+            log.exception("the through-service replay failed")
+            raise _ReplayFailed(f"the through-service replay failed: {exc}") from exc
+    result.extra["through_service"] = compare(problem, result.start, result.router_runs[seed], run)
+
+
+def _on_local_broker(settings: Settings, stack: contextlib.ExitStack) -> Settings:
+    """``settings`` on a Tansu broker of their own, which ``stack`` stops."""
+    from producers.local_broker import LocalBroker
+
+    broker = stack.enter_context(LocalBroker())
+    return settings.model_copy(
+        update={
+            "kafka_bootstrap": broker.bootstrap,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+        }
+    )
+
+
+def _warm_state(problem: Problem, config: BenchConfig, seed: int, start: int) -> bytes | None:
+    """The checkpoint the service starts from: the router of ``seed`` warm-started on the
+    first ``start`` queries, with its context builder having seen them (None: a cold start)."""
+    import numpy as np
+
+    from service.evaluation.bench import context_after, make_router, one_blas_thread, warmed
+
+    if not start:
+        return None
+    with one_blas_thread():
+        policy = warmed(
+            make_router(config, seed), problem, np.arange(start), config.lam, config.cost_unit
         )
-        if not result.extra["through_service"]["identical"]:
-            status = 1
+        policy.context = context_after(config.new_context(), problem.records[:start])
+        return policy.dumps()
+
+
+def _write_bench_report(result: BenchResult, args: argparse.Namespace, out: Path) -> None:
+    """results.md (also printed), results.json and, unless ``--no-plots``, the PNG plots."""
+    from service.evaluation import plots, report
+
     title = f"metallm bench {Path(args.outcomes).name}"
     text = report.markdown(result, title)
     (out / "results.md").write_text(text, encoding="utf-8")
@@ -285,10 +345,6 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     print(text)
     files = "results.md, results.json" + ("" if args.no_plots else ", 2 PNG plots")
     print(f"wrote {files} to {out}/", file=sys.stderr)
-    if status:
-        mismatch = result.extra["through_service"].get("first_mismatch")
-        print(f"metallm: the service decided differently: {mismatch}", file=sys.stderr)
-    return status
 
 
 # ------------------------------------------------------------------------------ evaluate
