@@ -1,6 +1,7 @@
 """The evaluation subcommands of ``metallm``: ``record``, ``bench`` and ``evaluate``.
 
-``service.cli`` registers them with :func:`add_commands`::
+``service.cli`` adds them with :func:`add_commands` (this module is one of its
+``COMMAND_MODULES``)::
 
     metallm record data.jsonl --out outcomes.jsonl          # or: metallm record --builtin ...
     metallm bench outcomes.jsonl --delay 100 --seeds 5 --out bench-out
