@@ -54,8 +54,7 @@ def two_topics(n: int, seed: int = 0, fail_every: int = 0) -> Problem:
 
 class Spy:
     """A real LinUCB behind a recorder that logs what it is asked, identifying queries by
-    their context. (A wrapper, not a subclass: a subclass would inherit LinUCB's checkpoint
-    ``kind`` and take its place in ``loads`` for the rest of the session.)"""
+    their context."""
 
     def __init__(self, **kw) -> None:
         self.policy = LinUCB(**kw)
