@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib
 import json
 import logging
 import os
@@ -436,12 +437,15 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--hours", type=int, default=24, help="hourly rows to show (0: none)")
     stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    from service.evaluation.cli import add_commands  # record, bench, evaluate
-
-    COMMANDS.update(add_commands(sub))
+    for module in COMMAND_MODULES:
+        COMMANDS.update(importlib.import_module(module).add_commands(sub))
     return p
 
 
+#: Modules whose ``add_commands(sub)`` adds subcommands of their own and returns their handlers
+#: by name. Named, not imported: the offline tools (record, bench, evaluate) are built on the
+#: service, and the service imports none of them.
+COMMAND_MODULES = ("service.evaluation.cli",)
 COMMANDS = {
     "migrate": cmd_migrate,
     "warm-start": cmd_warm_start,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -235,35 +236,6 @@ def context_after(builder: ContextBuilder, records: Sequence[OutcomeRecord]) -> 
 
 
 # ------------------------------------------------------------------------------ the stream
-def reveal_order(n: int, delay: int, failed: Sequence[bool] | None = None) -> list[list[int]]:
-    """For each decision ``t``, the queries whose reward the policy learns right after it.
-
-    A failed call is learned at once; any other reward ``delay`` decisions later; whatever is
-    still pending after the last decision is learned at the end (appended to the last list).
-
-    >>> reveal_order(4, 1)
-    [[], [0], [1], [2, 3]]
-    >>> reveal_order(3, 0, failed=[False, True, False])
-    [[0], [1], [2]]
-    >>> reveal_order(4, 2, failed=[False, True, False, False])
-    [[], [1], [0], [2, 3]]
-    """
-    out: list[list[int]] = []
-    pending: deque[int] = deque()
-    for t in range(n):
-        now: list[int] = []
-        if failed is not None and failed[t]:
-            now.append(t)
-        else:
-            pending.append(t)
-        while pending and pending[0] <= t - delay:
-            now.append(pending.popleft())
-        out.append(now)
-    if out:
-        out[-1].extend(pending)
-    return out
-
-
 @dataclass
 class StreamResult:
     """What an online method did on each query of the evaluation part."""
@@ -519,117 +491,34 @@ def _run_bench(
     config: BenchConfig,
     progress: Callable[[str, int, int], None] | None,
 ) -> BenchResult:
-    import time
-
-    timings: dict[str, float] = {}
-    start = split(problem.n, config.warm_start)
-    rows = np.arange(start, problem.n)
-    lam, unit = config.lam, config.cost_unit
-    R = problem.rewards(lam, unit)[rows]
-    C = problem.cost[rows]
-    acc = problem.correct[rows].mean(axis=0)
-    total = C.sum(axis=0)
-    best, cheapest = problem.best_and_cheapest(start)
-    oracle = metrics.oracle_choices(R, C)
-    oracle_rewards = R[np.arange(len(rows)), oracle]
-
     def tick(stage: str, done: int, of: int) -> None:
         if progress is not None:
             progress(stage, done, of)
 
-    runs: dict[str, list[dict[str, Any]]] = {}
-    kinds: dict[str, str] = {}
+    timings: dict[str, float] = {}
+    start = split(problem.n, config.warm_start)
+    best, cheapest = problem.best_and_cheapest(start)
+    scores = _Scores(problem, start, config.lam, config.cost_unit)
 
-    def add(name: str, kind: str, choices: np.ndarray) -> None:
-        runs.setdefault(name, []).append(score(problem, start, choices, lam, unit))
-        kinds[name] = kind
-
-    # the router, once per seed
     t0 = time.perf_counter()
-    router_runs: dict[int, StreamResult] = {}
-    for i, seed in enumerate(config.seeds):
-        result = run_online(problem, config, make_router(config, seed), start, lam)
-        router_runs[seed] = result
-        add(ROUTER, "router", result.choices)
-        tick("router", i + 1, len(config.seeds))
+    router_runs = _run_router(scores, config, tick)
     timings["router_per_seed"] = (time.perf_counter() - t0) / len(config.seeds)
-
-    # baselines
-    for j, arm in enumerate(problem.arms):
-        add(f"arm: {arm}", "arm", np.full(len(rows), j))
-    add(ORACLE, "oracle", oracle)
+    oracle_rewards = _add_arms_and_oracle(scores)
     if config.baselines:
         t0 = time.perf_counter()
-        add("always-cheapest", "baseline", np.full(len(rows), cheapest))
-        for seed in config.seeds:
-            rng = np.random.default_rng([seed, 7])
-            add("random", "baseline", rng.integers(len(problem.arms), size=len(rows)))
-        add("linucb-offline", "baseline", offline_linucb_choices(problem, start, config, lam))
-        add("knn-offline", "baseline", knn_choices(problem, start, config, [lam])[lam])
-        for name, kind in (("river-ucb", "ucb"), ("river-thompson", "thompson")):
-            for seed in config.seeds:
-                policy = make_policy(kind, seed=seed)
-                add(name, "baseline", run_online(problem, config, policy, start, lam).choices)
+        _run_baselines(scores, config, cheapest)
         timings["baselines"] = time.perf_counter() - t0
         tick("baselines", 1, 1)
+    total = problem.cost[start:].sum(axis=0)
+    methods = scores.summaries(oracle_rewards, float(total[best]))
 
-    methods = {
-        name: _summarise(r, oracle_rewards, float(total[best]), kinds[name])
-        for name, r in runs.items()
-    }
-    cumulative = {
-        name: np.cumsum(np.mean([x["rewards"] for x in r], axis=0)).round(6).tolist()
-        for name, r in runs.items()
-    }
-
-    # λ sweep: the router, the offline LinUCB and the kNN router
     sweep: dict[str, list[dict[str, float]]] = {}
     curves: dict[str, dict[str, Any]] = {}
     if config.lambdas is not None:
         t0 = time.perf_counter()
-        grid = sweep_lambdas(problem, start, config)
-        total_runs = len(grid) * len(config.seeds)
-        sweep[ROUTER] = []
-        done = 0
-        for value in grid:
-            accs, costs = [], []
-            for seed in config.seeds:
-                result = run_online(problem, config, make_router(config, seed), start, value)
-                s = score(problem, start, result.choices, value, unit)
-                accs.append(s["accuracy"])
-                costs.append(s["total_cost"])
-                done += 1
-                tick("sweep", done, total_runs)
-            sweep[ROUTER].append(_sweep_point(value, accs, costs))
-        if config.baselines:
-            knn = knn_choices(problem, start, config, grid)
-            sweep["knn-offline"] = []
-            sweep["linucb-offline"] = []
-            for value in grid:
-                s = score(problem, start, knn[value], value, unit)
-                sweep["knn-offline"].append(_sweep_point(value, [s["accuracy"]], [s["total_cost"]]))
-                s = score(
-                    problem,
-                    start,
-                    offline_linucb_choices(problem, start, config, value),
-                    value,
-                    unit,
-                )
-                sweep["linucb-offline"].append(
-                    _sweep_point(value, [s["accuracy"]], [s["total_cost"]])
-                )
+        sweep = _sweep(problem, start, config, tick)
         timings["sweep"] = time.perf_counter() - t0
-        cheap_pt = Point(float(total[cheapest]), float(acc[cheapest]))
-        best_pt = Point(float(total[best]), float(acc[best]))
-        for name, points in sweep.items():
-            curve = [Point(p["total_cost"], p["accuracy"]) for p in points]
-            curves[name] = curve_summary(
-                curve, cheap_pt, best_pt, float(total.min()), float(total.max())
-            )
-        # random mixing of the cheapest and the best arm: the line APGR 0.5 stands for
-        curves["random-mix"] = curve_summary(
-            [cheap_pt, best_pt], cheap_pt, best_pt, float(total.min()), float(total.max())
-        )
+        curves = _curves(problem, start, sweep)
 
     return BenchResult(
         n_queries=problem.n,
@@ -639,12 +528,154 @@ def _run_bench(
         best_arm=problem.arms[best],
         cheapest_arm=problem.arms[cheapest],
         methods=methods,
-        cumulative_reward=cumulative,
+        cumulative_reward=scores.cumulative(),
         sweep=sweep,
         curves=curves,
         router_runs=router_runs,
         timings=timings,
     )
+
+
+@dataclass
+class _Scores:
+    """The scored runs of each method on the evaluation part (at ``lam``), by name, in the
+    order the methods ran."""
+
+    problem: Problem
+    start: int
+    lam: float
+    cost_unit: float
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+
+    def add(self, name: str, kind: str, choices: np.ndarray) -> None:
+        run = score(self.problem, self.start, choices, self.lam, self.cost_unit)
+        self.runs.setdefault(name, []).append(run)
+        self.kinds[name] = kind
+
+    def summaries(self, oracle_rewards: np.ndarray, best_cost: float) -> dict[str, Any]:
+        return {
+            name: _summarise(runs, oracle_rewards, best_cost, self.kinds[name])
+            for name, runs in self.runs.items()
+        }
+
+    def cumulative(self) -> dict[str, list[float]]:
+        """Each method's cumulative reward, query by query (the mean over its runs)."""
+        return {
+            name: np.cumsum(np.mean([x["rewards"] for x in runs], axis=0)).round(6).tolist()
+            for name, runs in self.runs.items()
+        }
+
+
+def _run_router(
+    scores: _Scores, config: BenchConfig, tick: Callable[[str, int, int], None]
+) -> dict[int, StreamResult]:
+    """The router, once per seed: its runs by seed."""
+    router_runs: dict[int, StreamResult] = {}
+    for i, seed in enumerate(config.seeds):
+        router = make_router(config, seed)
+        result = run_online(scores.problem, config, router, scores.start, scores.lam)
+        router_runs[seed] = result
+        scores.add(ROUTER, "router", result.choices)
+        tick("router", i + 1, len(config.seeds))
+    return router_runs
+
+
+def _add_arms_and_oracle(scores: _Scores) -> np.ndarray:
+    """Every single arm, and the per-query oracle; returns the oracle's rewards."""
+    problem, rows = scores.problem, np.arange(scores.start, scores.problem.n)
+    R = problem.rewards(scores.lam, scores.cost_unit)[rows]
+    oracle = metrics.oracle_choices(R, problem.cost[rows])
+    for j, arm in enumerate(problem.arms):
+        scores.add(f"arm: {arm}", "arm", np.full(len(rows), j))
+    scores.add(ORACLE, "oracle", oracle)
+    return R[np.arange(len(rows)), oracle]
+
+
+def _run_baselines(scores: _Scores, config: BenchConfig, cheapest: int) -> None:
+    """Always-cheapest, uniform random, the offline LinUCB and kNN routers, and River's UCB
+    and Thompson sampling."""
+    problem, start, lam = scores.problem, scores.start, scores.lam
+    n_eval = problem.n - start
+    scores.add("always-cheapest", "baseline", np.full(n_eval, cheapest))
+    for seed in config.seeds:
+        rng = np.random.default_rng([seed, 7])
+        scores.add("random", "baseline", rng.integers(len(problem.arms), size=n_eval))
+    scores.add("linucb-offline", "baseline", offline_linucb_choices(problem, start, config, lam))
+    scores.add("knn-offline", "baseline", knn_choices(problem, start, config, [lam])[lam])
+    for name, kind in (("river-ucb", "ucb"), ("river-thompson", "thompson")):
+        for seed in config.seeds:
+            policy = make_policy(kind, seed=seed)
+            scores.add(name, "baseline", run_online(problem, config, policy, start, lam).choices)
+
+
+def _sweep(
+    problem: Problem, start: int, config: BenchConfig, tick: Callable[[str, int, int], None]
+) -> dict[str, list[dict[str, float]]]:
+    """The λ sweep: accuracy and cost at each λ of the grid, for the router and (with the
+    baselines) the offline kNN and LinUCB routers."""
+    grid = sweep_lambdas(problem, start, config)
+    sweep = {ROUTER: _sweep_router(problem, start, config, grid, tick)}
+    if config.baselines:
+        sweep.update(_sweep_offline(problem, start, config, grid))
+    return sweep
+
+
+def _sweep_router(
+    problem: Problem,
+    start: int,
+    config: BenchConfig,
+    grid: list[float],
+    tick: Callable[[str, int, int], None],
+) -> list[dict[str, float]]:
+    total_runs = len(grid) * len(config.seeds)
+    points = []
+    done = 0
+    for value in grid:
+        accs, costs = [], []
+        for seed in config.seeds:
+            result = run_online(problem, config, make_router(config, seed), start, value)
+            s = score(problem, start, result.choices, value, config.cost_unit)
+            accs.append(s["accuracy"])
+            costs.append(s["total_cost"])
+            done += 1
+            tick("sweep", done, total_runs)
+        points.append(_sweep_point(value, accs, costs))
+    return points
+
+
+def _sweep_offline(
+    problem: Problem, start: int, config: BenchConfig, grid: list[float]
+) -> dict[str, list[dict[str, float]]]:
+    knn = knn_choices(problem, start, config, grid)
+    sweep: dict[str, list[dict[str, float]]] = {"knn-offline": [], "linucb-offline": []}
+    for value in grid:
+        linucb = offline_linucb_choices(problem, start, config, value)
+        for name, choices in (("knn-offline", knn[value]), ("linucb-offline", linucb)):
+            s = score(problem, start, choices, value, config.cost_unit)
+            sweep[name].append(_sweep_point(value, [s["accuracy"]], [s["total_cost"]]))
+    return sweep
+
+
+def _curves(
+    problem: Problem, start: int, sweep: dict[str, list[dict[str, float]]]
+) -> dict[str, dict[str, Any]]:
+    """The curve metrics of each swept method, and of random mixing of the cheapest and the
+    best arm (the line APGR 0.5 stands for)."""
+    acc = problem.correct[start:].mean(axis=0)
+    total = problem.cost[start:].sum(axis=0)
+    best, cheapest = problem.best_and_cheapest(start)
+    cheap_pt = Point(float(total[cheapest]), float(acc[cheapest]))
+    best_pt = Point(float(total[best]), float(acc[best]))
+    c_min, c_max = float(total.min()), float(total.max())
+    curves = {
+        name: curve_summary(
+            [Point(p["total_cost"], p["accuracy"]) for p in points], cheap_pt, best_pt, c_min, c_max
+        )
+        for name, points in sweep.items()
+    }
+    curves["random-mix"] = curve_summary([cheap_pt, best_pt], cheap_pt, best_pt, c_min, c_max)
+    return curves
 
 
 def _sweep_point(lam: float, accs: list[float], costs: list[float]) -> dict[str, float]:

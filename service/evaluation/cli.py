@@ -1,6 +1,7 @@
 """The evaluation subcommands of ``metallm``: ``record``, ``bench`` and ``evaluate``.
 
-``service.cli`` registers them with :func:`add_commands`::
+``service.cli`` adds them with :func:`add_commands` (this module is one of its
+``COMMAND_MODULES``)::
 
     metallm record data.jsonl --out outcomes.jsonl          # or: metallm record --builtin ...
     metallm bench outcomes.jsonl --delay 100 --seeds 5 --out bench-out
@@ -18,9 +19,12 @@ import sys
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.evaluation.bench import BenchConfig, BenchResult, Problem
 
 log = logging.getLogger(__name__)
 
@@ -140,141 +144,198 @@ def _progress(quiet: bool):
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
-    import numpy as np
-
     from service.config import ConfigError
-    from service.evaluation import plots, report
-    from service.evaluation.bench import (
-        BenchConfig,
-        BenchError,
-        context_after,
-        make_router,
-        one_blas_thread,
-        run_bench,
-        split,
-        warmed,
-    )
+    from service.evaluation.bench import BenchConfig, BenchError
     from service.outcomes import OutcomesError
 
     if args.through_service and args.budget is not None:
         return _fail("--through-service replays a fixed λ: drop --budget")
     if args.local_broker and not args.through_service:
         return _fail("--local-broker goes with --through-service")
-    params = dict(settings.policy_params)
-    params.pop("seed", None)
-    if args.policy_params:
-        try:
-            params.update(json.loads(args.policy_params))
-        except json.JSONDecodeError as exc:
-            return _fail(f"--policy-params is not JSON: {exc}")
     try:
-        context = {
-            "context_embedding": args.context_embedding or settings.context_embedding,
-            "task_buckets": settings.context_task_buckets,
-            "feature_buckets": settings.context_feature_buckets,
-            "features": _bench_features(args),
-        }
+        params = _policy_params(settings, args.policy_params)
+    except json.JSONDecodeError as exc:
+        return _fail(f"--policy-params is not JSON: {exc}")
+    try:
+        context = _bench_context(settings, args)
         problem, embedder = _load_problem(args, settings, BenchConfig(**context).new_context())
-        start = split(problem.n, args.warm_start)
-        budget = None
-        if args.budget is not None:
-            value, relative = args.budget
-            if relative:
-                best, _ = problem.best_and_cheapest(start)
-                value *= float(problem.cost[start:, best].mean())
-            budget = value
-        config = BenchConfig(
-            delay=args.delay,
-            lam=settings.reward_lambda if args.lam is None else args.lam,
-            cost_unit=settings.cost_unit_usd if args.cost_unit is None else args.cost_unit,
-            budget=budget,
-            budget_lr=args.budget_lr,
-            warm_start=args.warm_start,
-            seeds=list(range(args.seed, args.seed + args.seeds)),
-            policy=args.policy or settings.policy,
-            policy_params=params,
-            lambdas=None if args.no_sweep else (args.lambdas or ()),
-            knn_k=args.knn_k,
-            offline_folds=args.offline_folds,
-            baselines=not args.no_baselines,
-            **context,
-        )
-        with _progress(args.quiet) as bar, one_blas_thread():
-            tasks: dict[str, Any] = {}
-
-            def progress(stage: str, done: int, total: int) -> None:
-                if bar is None:
-                    return
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                bar.update(tasks[stage], completed=done)
-
-            result = run_bench(problem, config, progress)
+        config = _bench_config(settings, args, problem, params, context)
+        result = _run_with_progress(problem, config, args.quiet)
     except (OutcomesError, BenchError, ConfigError, ValueError) as exc:
         return _fail(str(exc))
 
     out = Path(args.out or f"bench-{Path(args.outcomes).stem}")
     out.mkdir(parents=True, exist_ok=True)
-    status = 0
     if args.through_service:
-        from service.evaluation.through_service import compare, run_through_service
+        try:
+            _check_through_service(settings, args, problem, config, result, embedder)
+        except _ReplayFailed as exc:
+            return _fail(str(exc))
+    _write_bench_report(result, args, out)
+    through = result.extra.get("through_service")
+    if through is not None and not through["identical"]:
+        mismatch = through.get("first_mismatch")
+        print(f"metallm: the service decided differently: {mismatch}", file=sys.stderr)
+        return 1
+    return 0
 
-        seed = config.seeds[0]
-        warm = None
-        if result.start:
-            with one_blas_thread():
-                policy = warmed(
-                    make_router(config, seed),
-                    problem,
-                    np.arange(result.start),
-                    config.lam,
-                    config.cost_unit,
-                )
-                policy.context = context_after(
-                    config.new_context(), problem.records[: result.start]
-                )
-                warm = policy.dumps()
-        with contextlib.ExitStack() as stack:
-            s = settings
-            if args.local_broker:
-                from producers.local_broker import LocalBroker
 
-                broker = stack.enter_context(LocalBroker())
-                s = settings.model_copy(
-                    update={
-                        "kafka_bootstrap": broker.bootstrap,
-                        "session_timeout_ms": 2000,
-                        "heartbeat_interval_ms": 500,
-                    }
-                )
-            bar = stack.enter_context(_progress(args.quiet))
-            task = None if bar is None else bar.add_task("through the service", total=None)
+def _policy_params(settings: Settings, given: str | None) -> dict[str, Any]:
+    """The router's parameters: the settings' (but their seed: the bench gives each run its
+    own), updated with ``--policy-params``."""
+    params = dict(settings.policy_params)
+    params.pop("seed", None)
+    if given:
+        params.update(json.loads(given))
+    return params
 
-            def tick(done: int, total: int) -> None:
-                if bar is not None:
-                    bar.update(task, completed=done, total=total)
 
-            try:
-                run = run_through_service(
-                    problem,
-                    Path(args.outcomes),
-                    s,
-                    config,
-                    seed,
-                    result.start,
-                    embedder,
-                    warm_state=warm,
-                    schema=args.db_schema,
-                    progress=tick,
-                )
-            except Exception as exc:
-                log.exception("the through-service replay failed")
-                return _fail(f"the through-service replay failed: {exc}")
-        result.extra["through_service"] = compare(
-            problem, result.start, result.router_runs[seed], run
+def _bench_context(settings: Settings, args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`BenchConfig` fields of the router's context: the flags, else the settings."""
+    return {
+        "context_embedding": args.context_embedding or settings.context_embedding,
+        "task_buckets": settings.context_task_buckets,
+        "feature_buckets": settings.context_feature_buckets,
+        "features": _bench_features(args),
+    }
+
+
+def _bench_config(
+    settings: Settings,
+    args: argparse.Namespace,
+    problem: Problem,
+    params: dict[str, Any],
+    context: dict[str, Any],
+) -> BenchConfig:
+    """What to run, from the flags and the settings; a relative ``--budget`` is resolved
+    against the most accurate arm's mean cost on the evaluated part."""
+    from service.evaluation.bench import BenchConfig, split
+
+    start = split(problem.n, args.warm_start)  # its message, for a --warm-start too large
+    budget = None
+    if args.budget is not None:
+        value, relative = args.budget
+        if relative:
+            best, _ = problem.best_and_cheapest(start)
+            value *= float(problem.cost[start:, best].mean())
+        budget = value
+    return BenchConfig(
+        delay=args.delay,
+        lam=settings.reward_lambda if args.lam is None else args.lam,
+        cost_unit=settings.cost_unit_usd if args.cost_unit is None else args.cost_unit,
+        budget=budget,
+        budget_lr=args.budget_lr,
+        warm_start=args.warm_start,
+        seeds=list(range(args.seed, args.seed + args.seeds)),
+        policy=args.policy or settings.policy,
+        policy_params=params,
+        lambdas=None if args.no_sweep else (args.lambdas or ()),
+        knn_k=args.knn_k,
+        offline_folds=args.offline_folds,
+        baselines=not args.no_baselines,
+        **context,
+    )
+
+
+def _run_with_progress(problem: Problem, config: BenchConfig, quiet: bool) -> BenchResult:
+    """:func:`~service.evaluation.bench.run_bench`, with a progress bar per stage."""
+    from service.evaluation.bench import one_blas_thread, run_bench
+
+    with _progress(quiet) as bar, one_blas_thread():
+        tasks: dict[str, Any] = {}
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if bar is None:
+                return
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done)
+
+        return run_bench(problem, config, progress)
+
+
+class _ReplayFailed(Exception):
+    """The through-service replay raised (the message says what)."""
+
+
+def _check_through_service(
+    settings: Settings,
+    args: argparse.Namespace,
+    problem: Problem,
+    config: BenchConfig,
+    result: BenchResult,
+    embedder,
+) -> None:
+    """Replay the first seed's run through the service (on a broker of its own with
+    ``--local-broker``), and put the query-by-query comparison in ``result.extra``."""
+    from service.evaluation.through_service import compare, run_through_service
+
+    seed = config.seeds[0]
+    warm = _warm_state(problem, config, seed, result.start)
+    with contextlib.ExitStack() as stack:
+        if args.local_broker:
+            settings = _on_local_broker(settings, stack)
+        bar = stack.enter_context(_progress(args.quiet))
+        task = None if bar is None else bar.add_task("through the service", total=None)
+
+        def tick(done: int, total: int) -> None:
+            if bar is not None:
+                bar.update(task, completed=done, total=total)
+
+        try:
+            run = run_through_service(
+                problem,
+                Path(args.outcomes),
+                settings,
+                config,
+                seed,
+                result.start,
+                embedder,
+                warm_state=warm,
+                schema=args.db_schema,
+                progress=tick,
+            )
+        except Exception as exc:
+            log.exception("the through-service replay failed")
+            raise _ReplayFailed(f"the through-service replay failed: {exc}") from exc
+    result.extra["through_service"] = compare(problem, result.start, result.router_runs[seed], run)
+
+
+def _on_local_broker(settings: Settings, stack: contextlib.ExitStack) -> Settings:
+    """``settings`` on a Tansu broker of their own, which ``stack`` stops."""
+    from producers.local_broker import LocalBroker
+
+    broker = stack.enter_context(LocalBroker())
+    return settings.model_copy(
+        update={
+            "kafka_bootstrap": broker.bootstrap,
+            "session_timeout_ms": 2000,
+            "heartbeat_interval_ms": 500,
+        }
+    )
+
+
+def _warm_state(problem: Problem, config: BenchConfig, seed: int, start: int) -> bytes | None:
+    """The checkpoint the service starts from: the router of ``seed`` warm-started on the
+    first ``start`` queries, with its context builder having seen them (None: a cold start)."""
+    import numpy as np
+
+    from service.evaluation.bench import context_after, make_router, one_blas_thread, warmed
+
+    if not start:
+        return None
+    with one_blas_thread():
+        policy = warmed(
+            make_router(config, seed), problem, np.arange(start), config.lam, config.cost_unit
         )
-        if not result.extra["through_service"]["identical"]:
-            status = 1
+        policy.context = context_after(config.new_context(), problem.records[:start])
+        return policy.dumps()
+
+
+def _write_bench_report(result: BenchResult, args: argparse.Namespace, out: Path) -> None:
+    """results.md (also printed), results.json and, unless ``--no-plots``, the PNG plots."""
+    from service.evaluation import plots, report
+
     title = f"metallm bench {Path(args.outcomes).name}"
     text = report.markdown(result, title)
     (out / "results.md").write_text(text, encoding="utf-8")
@@ -285,10 +346,6 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     print(text)
     files = "results.md, results.json" + ("" if args.no_plots else ", 2 PNG plots")
     print(f"wrote {files} to {out}/", file=sys.stderr)
-    if status:
-        mismatch = result.extra["through_service"].get("first_mismatch")
-        print(f"metallm: the service decided differently: {mismatch}", file=sys.stderr)
-    return status
 
 
 # ------------------------------------------------------------------------------ evaluate
@@ -396,6 +453,13 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
 
 def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     """Register ``record``, ``bench`` and ``evaluate``; returns their handlers by name."""
+    _add_record(sub)
+    _add_bench(sub)
+    _add_evaluate(sub)
+    return {"record": cmd_record, "bench": cmd_bench, "evaluate": cmd_evaluate}
+
+
+def _add_record(sub: argparse._SubParsersAction) -> None:
     rec = sub.add_parser(
         "record",
         help="run every configured arm on a labeled dataset and write an outcomes file",
@@ -417,6 +481,8 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     rec.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
 
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser(
         "bench",
         help="replay an outcomes file through the router and every baseline",
@@ -426,6 +492,18 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "sweep (APGR, AIQ, cost at 95%% of the best arm's accuracy), a markdown table, a JSON "
         "file and PNG plots.",
     )
+    # in the order --help lists them
+    _bench_stream_arguments(b)
+    _bench_router_arguments(b)
+    _bench_comparison_arguments(b)
+    _bench_context_arguments(b)
+    _bench_output_arguments(b)
+    _bench_through_service_arguments(b)
+    b.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _bench_stream_arguments(b: argparse.ArgumentParser) -> None:
+    """The stream and how its rewards are scored and revealed."""
     b.add_argument("outcomes", help="outcomes file (JSON Lines)")
     b.add_argument("--delay", type=int, default=100, help="reveal rewards N queries later (100)")
     b.add_argument(
@@ -451,10 +529,17 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         metavar="FRACTION",
         help="train on the first FRACTION with full information, then continue online (0)",
     )
+
+
+def _bench_router_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument("--seeds", type=int, default=1, help="runs with seeds S..S+K-1 (1)")
     b.add_argument("--seed", type=int, default=0, help="first seed (0)")
     b.add_argument("--policy", help="routing policy (default: METALLM_POLICY)")
     b.add_argument("--policy-params", help="JSON parameters (default: METALLM_POLICY_PARAMS)")
+
+
+def _bench_comparison_arguments(b: argparse.ArgumentParser) -> None:
+    """The λ sweep and the baselines."""
     b.add_argument(
         "--lambdas",
         type=_floats,
@@ -469,6 +554,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         default=5,
         help="cold start: cross-fitting folds of the offline baselines (5)",
     )
+
+
+def _bench_context_arguments(b: argparse.ArgumentParser) -> None:
+    """What the router's context is made of."""
     b.add_argument(
         "--feature",
         action="append",
@@ -484,6 +573,10 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         help="the embedding part of the router's context: none, raw, project:K or legacy "
         "(default: METALLM_CONTEXT_EMBEDDING)",
     )
+
+
+def _bench_output_arguments(b: argparse.ArgumentParser) -> None:
+    """How much of the file, where the results go, and the embeddings' model and cache."""
     b.add_argument("--limit", type=int, help="only the first N queries")
     b.add_argument("--out", help="output folder (default: bench-<file name>)")
     b.add_argument("--no-plots", action="store_true")
@@ -491,6 +584,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     b.add_argument(
         "--embedding-cache", help="SQLite cache file (default: ~/.cache/metallm/embeddings.sqlite)"
     )
+
+
+def _bench_through_service_arguments(b: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--through-service",
         action="store_true",
@@ -500,8 +596,9 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
         "--local-broker", action="store_true", help="with --through-service: start a Tansu broker"
     )
     b.add_argument("--db-schema", help="with --through-service: Postgres schema (default: new)")
-    b.add_argument("--quiet", action="store_true", help="no progress output")
 
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser(
         "evaluate",
         help="off-policy estimates (IPS, SNIPS, DR) from the logged decisions",
@@ -525,5 +622,3 @@ def add_commands(sub: argparse._SubParsersAction) -> dict[str, Handler]:
     ev.add_argument("--policy", help="only decisions made by this policy")
     ev.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
     ev.add_argument("--json", help="also write the estimates to this file")
-
-    return {"record": cmd_record, "bench": cmd_bench, "evaluate": cmd_evaluate}

@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import sqlalchemy as sa
@@ -126,20 +126,45 @@ def run_through_service(
     """Stream queries ``start..n-1`` (and their labels) through a real service; see the module
     docstring. ``warm_state`` is a policy checkpoint stored before the service starts (the
     warm start); ``settings`` gives the Kafka and Postgres to use."""
-    from kafka import KafkaAdminClient
-
-    from consumers.kafka_io import client_options, make_producer
+    from consumers.kafka_io import make_producer
     from consumers.runner import Service
-    from service import storage
     from service.llm.gateway import Gateway
-    from service.migrate import upgrade
 
     if config.budget is not None:
         raise ThroughServiceError("--through-service replays a fixed λ; drop --budget")
     tag = uuid.uuid4().hex[:10]
     schema = schema or f"bench_{tag}"
     topics = isolated_stream_names(f"bench-{tag}")
-    s = settings.model_copy(
+    s = _replay_settings(settings, config, seed, schema, topics)
+    app_config = replay_app_config(problem, outcomes, config.feature_kinds())
+    events = [query_event(problem, t) for t in range(start, problem.n)]  # validate up front
+    engine, warm_updates = _prepare_schema(s, config.policy, warm_state)
+
+    service = Service.build(s, config=app_config, embedder=embedder, gateway=Gateway(app_config))
+    if service.live.policy.n_updates != warm_updates:
+        raise ThroughServiceError(f"schema {schema} is not fresh: it holds earlier rewards")
+    replay = _Replay(problem, s, service, make_producer(s), engine, timeout)
+    began = time.monotonic()
+    with one_blas_thread():  # as the fast path (and `metallm serve`) runs
+        service.start()
+        try:
+            arms, props = replay.stream(start, events, config.delay, warm_updates, progress)
+        finally:
+            replay.producer.close()
+            service.stop()
+            _delete_topics(s, topics)
+            engine.dispose()
+    return ServiceRun(
+        arms, props, schema, time.monotonic() - began, service.live.policy.n_updates, topics
+    )
+
+
+def _replay_settings(
+    settings: Settings, config: BenchConfig, seed: int, schema: str, topics: dict[str, str]
+) -> Settings:
+    """``settings`` for the service of a replay: its own topics and schema, the bench's
+    policy, seed, context, λ and cost unit, and no checkpoints or metrics port of its own."""
+    return settings.model_copy(
         update={
             **topics,
             "database_schema": schema,
@@ -155,89 +180,124 @@ def run_through_service(
             "topic_partitions": 1,  # one total order of queries and labels, as the bench's
         }
     )
-    app_config = replay_app_config(problem, outcomes, config.feature_kinds())
-    events = [query_event(problem, t) for t in range(start, problem.n)]  # validate up front
-    upgrade(s.database_url, schema)
-    engine = storage.make_engine(s.database_url, schema)
-    warm_updates = 0
-    if warm_state is not None:
-        from service.policy import loads
 
-        warm_updates = loads(warm_state).n_updates
-        with engine.begin() as conn:
-            storage.save_checkpoint(conn, config.policy, warm_updates, 0, warm_state)
 
-    service = Service.build(s, config=app_config, embedder=embedder, gateway=Gateway(app_config))
-    if service.live.policy.n_updates != warm_updates:
-        raise ThroughServiceError(f"schema {schema} is not fresh: it holds earlier rewards")
-    producer = make_producer(s)
-    lookup = sa.text("SELECT arm, propensity FROM decisions WHERE query_id = :q")
-    index = {a: j for j, a in enumerate(problem.arms)}
-    arms: list[str] = []
-    props: list[float] = []
-    chosen: dict[int, int] = {}
-    pending: list[int] = []
-    expected = warm_updates
-    began = time.monotonic()
+def _prepare_schema(
+    settings: Settings, policy: str, warm_state: bytes | None
+) -> tuple[sa.Engine, int]:
+    """Migrate the replay's schema and store ``warm_state`` as its first checkpoint; an
+    engine on it, and the warm start's number of updates (0 without one)."""
+    from service import storage
+    from service.migrate import upgrade
 
-    def send(topic: str, key: str, value: bytes) -> None:
-        producer.send(topic, key=key.encode(), value=value).get(timeout=30)
+    upgrade(settings.database_url, settings.database_schema)
+    engine = storage.make_engine(settings.database_url, settings.database_schema)
+    if warm_state is None:
+        return engine, 0
+    from service.policy import loads
 
-    def label(t: int) -> None:
-        record = problem.records[t]
+    warm_updates = loads(warm_state).n_updates
+    with engine.begin() as conn:
+        storage.save_checkpoint(conn, policy, warm_updates, 0, warm_state)
+    return engine, warm_updates
+
+
+@dataclass
+class _Replay:
+    """The events of a stream, sent one at a time to a running service, each followed by a
+    wait until the service has acted on it (the decision stored, the reward applied)."""
+
+    DECISION: ClassVar = sa.text("SELECT arm, propensity FROM decisions WHERE query_id = :q")
+
+    problem: Problem
+    settings: Settings
+    service: Any
+    producer: Any
+    engine: sa.Engine
+    timeout: float
+    expected: int = 0  # the policy updates the service should have applied by now
+
+    def stream(
+        self,
+        start: int,
+        events: list[QueryEvent],
+        delay: int,
+        updates: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> tuple[list[str], list[float]]:
+        """Queries ``start..n-1``, their labels as :func:`~service.evaluation.bench.simulate`
+        reveals them; the arm and propensity of each decision. ``updates``: the policy's to
+        begin with."""
+        index = {a: j for j, a in enumerate(self.problem.arms)}
+        arms: list[str] = []
+        props: list[float] = []
+        pending: list[int] = []
+        self.expected = updates
+        for i, t in enumerate(range(start, self.problem.n)):
+            row = self.decision(events[i])
+            arms.append(row.arm)
+            props.append(float(row.propensity))
+            if self.problem.failed[t, index[row.arm]]:
+                self.expected += 1  # rewarded by the service at decision time
+            else:
+                pending.append(t)
+            while pending and pending[0] <= t - delay:
+                self.label(pending.pop(0))
+            self.wait_applied()
+            if progress is not None:
+                progress(i + 1, len(events))
+        for t in pending:
+            self.label(t)
+        self.wait_applied()
+        return arms, props
+
+    def decision(self, event: QueryEvent):
+        """Publish ``event``; its decision row (arm, propensity), once stored."""
+        self.send(self.settings.queries_topic, event.query_id, event.to_bytes())
+
+        def decided():
+            with self.engine.connect() as conn:
+                return conn.execute(self.DECISION, {"q": event.query_id}).first()
+
+        return self.wait(decided, f"the decision of {event.query_id}")
+
+    def label(self, t: int) -> None:
+        """Publish query ``t``'s label: one more update for the policy to apply."""
+        record = self.problem.records[t]
         event = LabelEvent(query_id=record.query_id, label=record.label)
-        send(s.labels_topic, record.query_id, event.to_bytes())
+        self.send(self.settings.labels_topic, record.query_id, event.to_bytes())
+        self.expected += 1
 
-    def applied() -> bool:
-        return service.live.policy.n_updates >= expected
+    def wait_applied(self) -> None:
+        def applied() -> bool:
+            return self.service.live.policy.n_updates >= self.expected
 
-    with one_blas_thread():  # as the fast path (and `metallm serve`) runs
-        service.start()
-        try:
-            for i, t in enumerate(range(start, problem.n)):
-                event = events[i]
-                send(s.queries_topic, event.query_id, event.to_bytes())
+        self.wait(applied, f"{self.expected} policy updates")
 
-                def decided(qid: str = event.query_id):
-                    with engine.connect() as conn:
-                        return conn.execute(lookup, {"q": qid}).first()
+    def send(self, topic: str, key: str, value: bytes) -> None:
+        self.producer.send(topic, key=key.encode(), value=value).get(timeout=30)
 
-                row = _wait(decided, f"the decision of {event.query_id}", timeout, service.crashed)
-                arms.append(row.arm)
-                props.append(float(row.propensity))
-                j = index[row.arm]
-                chosen[t] = j
-                if problem.failed[t, j]:
-                    expected += 1  # rewarded by the service at decision time
-                else:
-                    pending.append(t)
-                while pending and pending[0] <= t - config.delay:
-                    label(pending.pop(0))
-                    expected += 1
-                _wait(applied, f"{expected} policy updates", timeout, service.crashed)
-                if progress is not None:
-                    progress(i + 1, len(events))
-            for t in pending:
-                label(t)
-            expected += len(pending)
-            _wait(applied, f"{expected} policy updates", timeout, service.crashed)
-        finally:
-            producer.close()
-            service.stop()
-            admin = KafkaAdminClient(**client_options(s))
-            try:
-                existing = set(admin.list_topics())
-                doomed = [v for k, v in topics.items() if k.endswith("_topic") and v in existing]
-                if doomed:
-                    admin.delete_topics(doomed)
-            except Exception:  # cleaning up must not hide the run's own error
-                log.warning("could not delete the bench topics", exc_info=True)
-            finally:
-                admin.close()
-            engine.dispose()
-    return ServiceRun(
-        arms, props, schema, time.monotonic() - began, service.live.policy.n_updates, topics
-    )
+    def wait(self, condition: Callable[[], Any], what: str) -> Any:
+        return _wait(condition, what, self.timeout, self.service.crashed)
+
+
+def _delete_topics(settings: Settings, topics: dict[str, str]) -> None:
+    """Delete the replay's topics; a failure is logged, not raised (cleaning up must not hide
+    the run's own error)."""
+    from kafka import KafkaAdminClient
+
+    from consumers.kafka_io import client_options
+
+    admin = KafkaAdminClient(**client_options(settings))
+    try:
+        existing = set(admin.list_topics())
+        doomed = [v for k, v in topics.items() if k.endswith("_topic") and v in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    except Exception:  # cleaning up must not hide the run's own error
+        log.warning("could not delete the bench topics", exc_info=True)
+    finally:
+        admin.close()
 
 
 def compare(problem: Problem, start: int, fast: StreamResult, run: ServiceRun) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from itertools import accumulate
 import numpy as np
 from river.bandit.base import ContextualPolicy
 
+from service.policy.checkpoint import PolicyState, dump_policy, register
+
 Context = np.ndarray | Mapping[str, float]
 
 
@@ -96,9 +98,10 @@ def draw(probabilities: np.ndarray, u: float) -> int:
 class RoutingPolicy(ContextualPolicy):
     """Base class of metallm policies: a River ``ContextualPolicy`` plus propensities.
 
-    Subclasses implement ``choose``, ``update``, ``merge`` and the state hooks used by
-    :mod:`service.policy.checkpoint`. This class handles contexts (numpy vector or dict), the
-    optional random projection, the seeded numpy ``Generator`` and the update counter.
+    Subclasses implement ``choose``, ``update``, ``merge`` and the state hooks behind
+    :meth:`checkpoint_state` (what :mod:`service.policy.checkpoint` writes). This class handles
+    contexts (numpy vector or dict), the optional random projection, the seeded numpy
+    ``Generator`` and the update counter.
 
     Dict contexts are mapped to a vector by the **sorted key order of the first dict seen**;
     that key list is frozen (and checkpointed). Later dicts may omit keys (read as 0.0) but
@@ -122,6 +125,10 @@ class RoutingPolicy(ContextualPolicy):
         #: The ``service.context.ContextBuilder`` whose contexts this policy learns from, with
         #: its running statistics (None: contexts come from elsewhere); checkpointed.
         self.context = None
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        register(cls)  # so that checkpoint.loads finds it by its kind
 
     def __repr__(self) -> str:
         params = ", ".join(f"{k}={v!r}" for k, v in self._get_params().items())
@@ -177,11 +184,46 @@ class RoutingPolicy(ContextualPolicy):
 
     def dumps(self) -> bytes:
         """Versioned checkpoint; see :mod:`service.policy.checkpoint` for the format."""
-        from service.policy.checkpoint import dump_policy
-
         return dump_policy(self)
 
-    # ---------------------------------------------------------------- checkpoint hooks
+    # ---------------------------------------------------------------- checkpoint state
+    def checkpoint_state(self) -> PolicyState:
+        """Everything a checkpoint keeps of this policy: its kind, parameters, arms, update
+        count, random state, context space, pacer and context builder, and its statistics."""
+        params, param_arrays = self._checkpoint_params()
+        meta, arrays = self._state()
+        return PolicyState(
+            kind=self.kind,
+            params=params,
+            arms=list(self.arms),
+            n_updates=self._n_updates,
+            rng=self._rng.bit_generator.state,
+            input_dim=self._input_dim,
+            feature_names=self._feature_names,
+            projection=self._projection,
+            meta=meta,
+            arrays={**param_arrays, **arrays},
+            pacer=getattr(self, "pacer", None),
+            context=getattr(self, "context", None),
+        )
+
+    @classmethod
+    def from_checkpoint_state(cls, state: PolicyState) -> RoutingPolicy:
+        """The policy :meth:`checkpoint_state` gave ``state``: it makes the same choices."""
+        policy = cls._from_checkpoint_params(state.params, state.arrays)
+        policy._rng.bit_generator.state = state.rng
+        policy._n_updates = state.n_updates
+        policy._input_dim = state.input_dim
+        policy._feature_names = state.feature_names
+        policy._projection = state.projection
+        if state.pacer is not None:
+            policy.pacer = state.pacer
+        if state.context is not None:
+            policy.context = state.context
+        policy._load_state(state.meta, state.arms, state.arrays)
+        return policy
+
+    # ---------------------------------------------------------------- hooks per subclass
     def _checkpoint_params(self) -> tuple[dict, dict[str, np.ndarray]]:
         """Constructor kwargs as JSON, plus any that need to travel as arrays."""
         return self._get_params(), {}

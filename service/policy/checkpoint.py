@@ -51,10 +51,11 @@ from __future__ import annotations
 import io
 import json
 import struct
+import weakref
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-
-from service.policy.base import RoutingPolicy
 
 MAGIC = b"MLLMPOL\x00"
 FORMAT_VERSION = 2
@@ -66,15 +67,46 @@ class CheckpointError(ValueError):
     """The bytes are not a policy checkpoint this code can read."""
 
 
-def registry() -> dict[str, type[RoutingPolicy]]:
+@dataclass
+class PolicyState:
+    """What a checkpoint keeps of a policy: what ``RoutingPolicy.checkpoint_state`` gives and
+    ``RoutingPolicy.from_checkpoint_state`` rebuilds a policy from. This module alone knows how
+    it is laid out in bytes."""
+
+    kind: str
+    params: dict[str, Any]  # constructor keyword arguments (JSON values)
+    arms: list
+    n_updates: int
+    rng: dict[str, Any]  # the decision Generator's bit_generator.state
+    input_dim: int | None
+    feature_names: list[str] | None
+    projection: np.ndarray | None
+    meta: dict[str, Any]  # kind-specific JSON
+    arrays: dict[str, np.ndarray]  # constructor arrays and kind-specific statistics
+    pacer: Any = None  # a service.pacing.BudgetPacer
+    context: Any = None  # a service.context.ContextBuilder
+
+
+class Checkpointable(Protocol):
+    def checkpoint_state(self) -> PolicyState: ...
+
+
+#: The policy classes, each added as it is defined (``RoutingPolicy.__init_subclass__``);
+#: held weakly, as ``type.__subclasses__`` holds them.
+_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+
+
+def register(cls: type) -> None:
+    """Make ``cls`` one of the classes :func:`loads` may rebuild (by its own ``kind``)."""
+    _CLASSES.add(cls)
+
+
+def registry() -> dict[str, type]:
     """Policy classes by ``kind``: each class that declares a ``kind`` of its own. A subclass
     that merely inherits its parent's ``kind`` does not take the parent's place; two classes
     declaring the same ``kind`` are an error."""
-    out: dict[str, type[RoutingPolicy]] = {}
-    stack = list(RoutingPolicy.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
+    out: dict[str, type] = {}
+    for cls in list(_CLASSES):
         kind = cls.__dict__.get("kind")
         if not kind:
             continue
@@ -87,28 +119,25 @@ def registry() -> dict[str, type[RoutingPolicy]]:
     return out
 
 
-def dump_policy(policy: RoutingPolicy) -> bytes:
+def dump_policy(policy: Checkpointable) -> bytes:
     """Serialise ``policy`` (format version 2, see module docstring)."""
-    params, param_arrays = policy._checkpoint_params()
-    meta, arrays = policy._state()
-    pacer = getattr(policy, "pacer", None)
-    context = getattr(policy, "context", None)
-    context_meta, context_arrays = (None, {}) if context is None else context.state()
+    state = policy.checkpoint_state()
+    context_meta, context_arrays = (None, {}) if state.context is None else state.context.state()
     header = {
-        "kind": policy.kind,
-        "params": params,
-        "arms": list(policy.arms),
-        "n_updates": policy._n_updates,
-        "rng": policy._rng.bit_generator.state,
-        "input_dim": policy._input_dim,
-        "feature_names": policy._feature_names,
-        "pacer": None if pacer is None else pacer.to_dict(),
+        "kind": state.kind,
+        "params": state.params,
+        "arms": state.arms,
+        "n_updates": state.n_updates,
+        "rng": state.rng,
+        "input_dim": state.input_dim,
+        "feature_names": state.feature_names,
+        "pacer": None if state.pacer is None else state.pacer.to_dict(),
         "context": context_meta,
-        "state": meta,
+        "state": state.meta,
     }
-    payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in {**param_arrays, **arrays}.items()}
-    if policy._projection is not None:
-        payload["projection"] = policy._projection
+    payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in state.arrays.items()}
+    if state.projection is not None:
+        payload["projection"] = state.projection
     payload.update({f"c_{k}": v for k, v in context_arrays.items()})
     buf = io.BytesIO()
     np.savez(buf, **payload)
@@ -131,31 +160,35 @@ def read_header(data: bytes) -> dict:
         raise CheckpointError(f"corrupt checkpoint header: {exc}") from exc
 
 
-def loads(data: bytes) -> RoutingPolicy:
-    """Rebuild a policy from :func:`dump_policy` bytes, dispatching on the header's ``kind``."""
+def loads(data: bytes) -> Any:
+    """Rebuild a policy (a ``RoutingPolicy``) from :func:`dump_policy` bytes, dispatching on
+    the header's ``kind``."""
     header = read_header(data)
     _, _, length = _PREFIX.unpack_from(data)
     kinds = registry()
     if header["kind"] not in kinds:
         raise CheckpointError(f"unknown policy kind {header['kind']!r}")
-    cls = kinds[header["kind"]]
     with np.load(io.BytesIO(data[_PREFIX.size + length :]), allow_pickle=False) as npz:
         payload = {name: npz[name] for name in npz.files}
-    arrays = {k[2:]: v for k, v in payload.items() if k.startswith("s_")}
-    policy = cls._from_checkpoint_params(header["params"], arrays)
-    policy._rng.bit_generator.state = header["rng"]
-    policy._n_updates = header["n_updates"]
-    policy._input_dim = header["input_dim"]
-    policy._feature_names = header["feature_names"]
-    policy._projection = payload.get("projection")
+    state = PolicyState(
+        kind=header["kind"],
+        params=header["params"],
+        arms=header["arms"],
+        n_updates=header["n_updates"],
+        rng=header["rng"],
+        input_dim=header["input_dim"],
+        feature_names=header["feature_names"],
+        projection=payload.get("projection"),
+        meta=header["state"],
+        arrays={k[2:]: v for k, v in payload.items() if k.startswith("s_")},
+    )
     if header["pacer"] is not None:
         from service.pacing import BudgetPacer
 
-        policy.pacer = BudgetPacer.from_dict(header["pacer"])
+        state.pacer = BudgetPacer.from_dict(header["pacer"])
     if header.get("context") is not None:
         from service.context import ContextBuilder
 
         context_arrays = {k[2:]: v for k, v in payload.items() if k.startswith("c_")}
-        policy.context = ContextBuilder.from_state(header["context"], context_arrays)
-    policy._load_state(header["state"], header["arms"], arrays)
-    return policy
+        state.context = ContextBuilder.from_state(header["context"], context_arrays)
+    return kinds[header["kind"]].from_checkpoint_state(state)

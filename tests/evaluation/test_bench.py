@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 import numpy as np
 import pytest
 
@@ -9,7 +11,6 @@ from service.evaluation.bench import (
     BenchConfig,
     BenchError,
     Problem,
-    reveal_order,
     run_bench,
     simulate,
 )
@@ -51,24 +52,9 @@ def two_topics(n: int, seed: int = 0, fail_every: int = 0) -> Problem:
     return Problem.from_records(records, X)
 
 
-def test_reveal_order_by_hand() -> None:
-    assert reveal_order(5, 2) == [[], [], [0], [1], [2, 3, 4]]
-    assert reveal_order(3, 0) == [[0], [1], [2]]
-    assert reveal_order(3, 10) == [[], [], [0, 1, 2]]
-    # a failed call is learned at once; the others keep their place in the queue
-    assert reveal_order(5, 1, failed=[False, False, True, False, False]) == [
-        [],
-        [0],
-        [2, 1],
-        [],
-        [3, 4],
-    ]
-
-
 class Spy:
     """A real LinUCB behind a recorder that logs what it is asked, identifying queries by
-    their context. (A wrapper, not a subclass: a subclass would inherit LinUCB's checkpoint
-    ``kind`` and take its place in ``loads`` for the rest of the session.)"""
+    their context."""
 
     def __init__(self, **kw) -> None:
         self.policy = LinUCB(**kw)
@@ -83,6 +69,48 @@ class Spy:
         self.policy.update(arm_id, context, reward)
 
 
+def learned_after_each_decision(log: list[tuple[str, int, float | None]]) -> list[list[int]]:
+    """A spy's log as, for each decision in turn, the queries it learned before the next."""
+    out: list[list[int]] = []
+    for kind, t, _ in log:
+        if kind == "choose":
+            out.append([])
+        else:
+            out[-1].append(t)
+    return out
+
+
+def simulated_reveal_order(n: int, delay: int, failed: Collection[int] = ()) -> list[list[int]]:
+    """What :func:`simulate` has a policy learn after each decision, on a stream of ``n``
+    queries where every arm's call failed on the queries in ``failed`` (and on no other)."""
+    records = []
+    for i in range(n):
+        outcome = {"prediction": None if i in failed else "yes", "cost_usd": 0.0}
+        records.append(
+            OutcomeRecord.model_validate(
+                {
+                    "query_id": f"q{i}",
+                    "text": f"query {i}",
+                    "label": "yes",
+                    "arms": {"a": outcome, "b": outcome},
+                }
+            )
+        )
+    problem = Problem.from_records(records, np.arange(n, dtype=np.float32)[:, None])
+    spy = Spy(seed=0)
+    simulate(problem, spy, 0, delay, 0.1, 0.001)
+    return learned_after_each_decision(spy.log)
+
+
+def test_reveal_order_by_hand() -> None:
+    assert simulated_reveal_order(5, 2) == [[], [], [0], [1], [2, 3, 4]]
+    assert simulated_reveal_order(3, 0) == [[0], [1], [2]]
+    assert simulated_reveal_order(3, 10) == [[], [], [0, 1, 2]]
+    # a failed call is learned at once; the others keep their place in the queue
+    assert simulated_reveal_order(5, 1, failed={2}) == [[], [0], [2, 1], [], [3, 4]]
+    assert simulated_reveal_order(4, 2, failed={1}) == [[], [1], [0], [2, 3]]
+
+
 @pytest.mark.parametrize("delay", [0, 1, 7])
 def test_rewards_are_revealed_delay_queries_later_in_order(delay: int) -> None:
     problem = two_topics(40, fail_every=6)
@@ -92,11 +120,14 @@ def test_rewards_are_revealed_delay_queries_later_in_order(delay: int) -> None:
     result = simulate(problem, spy, 0, delay, lam, unit)
 
     failed = problem.failed[np.arange(problem.n), result.choices]
-    expected: list[tuple[str, int]] = []
-    for t, revealed in enumerate(reveal_order(problem.n, delay, failed.tolist())):
-        expected.append(("choose", t))
-        expected.extend(("update", s) for s in revealed)
-    assert [(kind, t) for kind, t, _ in spy.log] == expected
+    learned_after = learned_after_each_decision(spy.log)
+    assert len(learned_after) == problem.n
+    last = problem.n - 1
+    for t, learned in enumerate(learned_after):
+        # a failed call's reward right after its own decision, then the others delay
+        # decisions later (the rest after the last decision), oldest first
+        due = [s for s in range(problem.n) if (s if failed[s] else min(s + delay, last)) == t]
+        assert learned == sorted(due, key=lambda s: not failed[s]), t
     assert failed.any()  # the failure path really ran
     for kind, s, r in spy.log:
         if kind == "update":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from river import bandit
@@ -53,6 +55,26 @@ def test_the_names_policies_are_made_by_are_the_kinds_checkpoints_load_by() -> N
     and the contract below covers each of them."""
     assert registry() == POLICIES
     assert set(PARAMS) == set(POLICIES)
+
+
+def test_a_class_is_loaded_by_the_kind_it_declares_itself() -> None:
+    from service.policy import CheckpointError, LinUCB
+
+    class Tuned(LinUCB):  # inherits LinUCB's kind: does not take LinUCB's place
+        pass
+
+    assert registry()["linucb"] is LinUCB
+
+    class Rival(LinUCB):
+        kind = "linucb"
+
+    try:
+        with pytest.raises(CheckpointError, match="two policy classes declare kind 'linucb'"):
+            registry()
+    finally:
+        del Rival
+        gc.collect()
+    assert registry() == POLICIES  # gone with the class
 
 
 @pytest.mark.parametrize("name", NAMES)
