@@ -335,7 +335,9 @@ class LogFollower:
     def __init__(self, live: LivePolicy, poll_s: float = 1.0) -> None:
         self.live = live
         self.poll_s = poll_s
-        self.listener = storage.LogListener(live.engine)
+        # its own appends it applies itself (LivePolicy.stored): woken by them, it took the
+        # policy's lock from the consumer that had just stored them (benchmarks/scale_out.py)
+        self.listener = storage.LogListener(live.engine, ignore=live.instance or None)
         self.stop_event = threading.Event()
         self._thread: threading.Thread | None = None
 

@@ -141,7 +141,8 @@ class Decider:
         batch = [self._decision(record, call) for record, call in zip(todo, calls, strict=True)]
         started = time.monotonic()
         with self.engine.begin() as conn:
-            storage.lock_learning_log(conn)  # numbers the decisions and rewards in commit order
+            # numbers the decisions and rewards in commit order
+            storage.lock_learning_log(conn, self.live.instance)
             self.live.sync_decisions(conn)  # so λ is the log's, whichever instance stores
             rewards = self.live.reward_settings(self.rewards)
             # a failed arm is rewarded now (wrong, at no cost: a failed request returns no
@@ -252,7 +253,8 @@ class Learner:
         delays: list[float] = []  # decision → label, for labels that found their decision
         started = time.monotonic()
         with self.engine.begin() as conn:
-            storage.lock_learning_log(conn)  # see storage.lock_learning_log: the join is safe
+            # see storage.lock_learning_log: the join is safe
+            storage.lock_learning_log(conn, self.live.instance)
             self.live.sync_decisions(conn)
             rewards = self.live.reward_settings(self.rewards)
             redelivered = [False] * len(labels)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -293,7 +294,7 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[dict
 LOG_CHANNEL_PREFIX = "metallm_log_"
 
 
-def lock_learning_log(conn: Connection) -> None:
+def lock_learning_log(conn: Connection, sender: str = "") -> None:
     """Take the learning log's lock for the rest of this transaction, and wake the other
     instances when it commits.
 
@@ -305,13 +306,16 @@ def lock_learning_log(conn: Connection) -> None:
     label ↔ decision join safe: a label and its decision stored at once by two instances are
     never both stored without seeing each other. The lock is one per schema (a
     transaction-level advisory lock); hold it only for database work, never for an LLM call.
+
+    The notification's payload is ``sender`` (the instance's id): an instance's own
+    :class:`LogListener` ignores its own appends, which the instance applies itself.
     """
     conn.execute(
         sa.text(
             "SELECT pg_advisory_xact_lock(hashtextextended('metallm-log:' || current_schema(), 0)),"
-            " pg_notify(:prefix || current_schema(), '')"
+            " pg_notify(:prefix || current_schema(), :sender)"
         ),
-        {"prefix": LOG_CHANNEL_PREFIX},
+        {"prefix": LOG_CHANNEL_PREFIX, "sender": sender},
     )
 
 
@@ -758,10 +762,12 @@ class SessionLock:
 
 class LogListener:
     """Wakes when another transaction appended to the learning log (LISTEN/NOTIFY on this
-    schema's channel). A missed notification costs only time: callers poll as well."""
+    schema's channel). A missed notification costs only time: callers poll as well.
+    Notifications sent by ``ignore`` (an instance's id: its own appends) do not wake it."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, ignore: str | None = None) -> None:
         self.engine = engine
+        self.ignore = ignore
         self._conn: Any = None
         self._shut = False
 
@@ -787,12 +793,14 @@ class LogListener:
             return 0
         if self._conn is None:
             self._conn = self._connect()
+        deadline = time.monotonic() + timeout_s
         try:
             n = 0
-            for _ in self._conn.notifies(timeout=timeout_s, stop_after=1):
-                n += 1
+            while not n and (left := deadline - time.monotonic()) > 0:
+                for note in self._conn.notifies(timeout=left, stop_after=1):
+                    n += note.payload != self.ignore
             if n:  # drain what else is queued, without waiting
-                n += sum(1 for _ in self._conn.notifies(timeout=0))
+                n += sum(note.payload != self.ignore for note in self._conn.notifies(timeout=0))
             return n
         except Exception:
             self.close()

@@ -280,3 +280,22 @@ def test_a_follower_applies_another_instances_reward_woken_by_its_notify(engine,
         follower.stop()
     assert time.monotonic() - started < 10  # stop ends the wait, not the 120 s poll
     assert policy_difference(a.policy, b.policy) == 0
+
+
+def test_a_listener_is_not_woken_by_its_own_instance(engine):
+    """An instance applies its own appends as it stores them; only the others' wake its
+    follower (woken by its own, the follower took the policy's lock from the consumer that had
+    just stored them: benchmarks/scale_out.py, part 2)."""
+    listener = storage.LogListener(_same_schema(engine), ignore="a")
+    try:
+        listener.wait(0.01)  # LISTEN from here on
+        for sender in ("a", "b", "a"):
+            with engine.begin() as conn:
+                storage.lock_learning_log(conn, sender)
+        assert listener.wait(2.0) == 1  # b's; a's own two are skipped
+        with engine.begin() as conn:
+            storage.lock_learning_log(conn, "a")
+        assert listener.wait(0.5) == 0
+    finally:
+        listener.close()
+        listener.engine.dispose()
