@@ -1,0 +1,1055 @@
+"""Scale-out (issue 16): several ``metallm serve`` instances in one consumer group on one database.
+
+(1) Decisions/s with 1, 2 and 3 instances. The arms are OpenAI-compatible endpoints that answer
+    after 200 ms (``ArmServer`` in "slow" mode), ``max_in_flight`` 8 per arm per instance, so
+    one instance is bound by its calls in flight, not by the 2 cores. The instances are started
+    and the script waits until the group has settled (every instance's last assignment covers
+    the 6 partitions, disjointly, twice in a row) before it publishes; the steady-state rate is
+    taken from ``decided_at`` in Postgres between the 10th and the 90th percentile of the
+    decisions (start-up, group joins and the tail are outside it). Queries per run scale with
+    the number of instances (``--queries-per-instance``), so every run lasts about as long.
+    Targets: ≥ 1.8× one instance's rate with 2, ≥ 2.5× with 3.
+(2) Labels applied per second on one instance, Kafka → Postgres → policy at d = 384. 20,000
+    decisions with 384-dim contexts are stored first (layout ``legacy``: the context is the
+    384-dim vector itself, d = 384; ``default``: the default context builder on a 384-dim
+    embedding, d = 450), their labels published, and one in-process
+    :class:`consumers.runner.Service` (the real LabelConsumer, Learner, LivePolicy and
+    LogFollower) started. Rate = labels / (first ``Learner.learn`` call → last reward applied to
+    the policy). The first configuration is the service's defaults; the others change
+    ``poll_max_records`` (the most events a consumer takes per batch) and ``checkpoint_every``
+    (``--label-configs``), to show where the time goes. Target: ≥ 5,000/s.
+(3) Learning lag with 3 instances: a reward's commit → applied by every instance. Each instance
+    here is the real ``metallm serve`` with two methods wrapped to write timestamps: when
+    ``LivePolicy.stored`` is entered (the owner's transaction has just committed) and when
+    ``LivePolicy._apply`` applied each reward seq (any instance, any path). Lag of a reward on
+    an instance = its apply time − the reward's commit time (the earliest of the two stamps:
+    the owner's follower may apply it, on its NOTIFY, before ``stored`` gets the lock). Labels
+    of pre-stored decisions are published at a steady rate while queries stream through, and
+    p50/p99 are printed over every reward of "applied by all three" (the slowest instance) and
+    per instance for the rewards other instances stored. The instances' own
+    ``metallm_learning_lag_seconds`` histograms are scraped too and their bucket-interpolated
+    quantiles printed next to it: coarse, and measured from the reward transaction's *start*
+    (``reward_applied_at`` is ``now()``), so they include the transaction itself.
+
+The instances use :class:`tests.faults.harness.HashEmbedder` (16 dims), not MiniLM: this
+benchmark is about the LLM-bound regime, where more instances mean more calls in flight. Three
+MiniLM instances on 2 cores would measure the embedding's CPU instead (≈150-250 texts/s for the
+whole machine, ``pipeline_throughput.py``), and each would take ~15 s and ~0.5 GB to load.
+
+Every figure is a median over ``--repeats`` runs, configurations interleaved, printed with the
+machine's load average (other engineers' runs share the 2 cores); targets are printed, never
+asserted. The results go to ``benchmarks/results/scale_out.md`` (``--no-write``: not).
+
+    .venv/bin/python benchmarks/scale_out.py                 # all three parts, ~15 minutes
+    .venv/bin/python benchmarks/scale_out.py --parts 2 --repeats 1 --no-write
+    PY_SPY=/path/to/py-spy .venv/bin/python benchmarks/scale_out.py --parts 2 --repeats 1 \
+        --profile /tmp/labels.txt        # + a py-spy profile of (2)
+
+Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
+starts its own Tansu broker, and creates every topic itself with 6 partitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PARTITIONS = 6
+DATABASE_URL = os.environ.get(
+    "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+ARM_DELAY_S = 0.2
+IN_FLIGHT_PER_ARM = 8
+ARMS = {"small": (0.1, 0.4), "large": (1.0, 4.0)}  # price in / out per 1M tokens
+ACCURACY = {"small": 0.7, "large": 0.9}
+RESULTS = ROOT / "benchmarks" / "results" / "scale_out.md"
+log = logging.getLogger("scale_out")
+
+
+# ------------------------------------------------------------------------ an instrumented serve
+def serve() -> int:
+    """``--serve``: ``metallm serve`` as ``tests/faults/serve.py`` runs it (HashEmbedder), with
+    ``LivePolicy.stored`` and ``LivePolicy._apply`` writing "c SEQ T" (committed: the owner
+    learns of its transaction) and "a SEQ T" (applied) lines to ``$SCALE_OUT_STAMPS``."""
+    import consumers.runner
+    from service.cli import main
+    from service.learning import LivePolicy
+    from tests.faults.harness import HashEmbedder
+
+    consumers.runner.Embedder = HashEmbedder  # type: ignore[misc, assignment]
+    out = open(os.environ["SCALE_OUT_STAMPS"], "a", buffering=1 << 16)  # noqa: SIM115
+    write = threading.Lock()
+    stored, apply = LivePolicy.stored, LivePolicy._apply
+
+    def stamped_stored(self, rewards, decisions=(), since=None):
+        if rewards:
+            now = time.time()
+            with write:
+                out.write("".join(f"c {r.seq} {now:.6f}\n" for r in rewards))
+        return stored(self, rewards, decisions, since)
+
+    def stamped_apply(self, rewards):
+        before = self.watermark
+        n = apply(self, rewards)
+        if n:
+            now = time.time()
+            seqs = sorted({r.seq for r in rewards if before < r.seq <= self.watermark})
+            with write:
+                out.write("".join(f"a {s} {now:.6f}\n" for s in seqs))
+                out.flush()
+        return n
+
+    LivePolicy.stored = stamped_stored  # type: ignore[method-assign]
+    LivePolicy._apply = stamped_apply  # type: ignore[method-assign]
+    try:
+        return main(["serve"])
+    finally:
+        out.close()
+
+
+# ------------------------------------------------------------------------ helpers
+def load() -> str:
+    return " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (linear between order statistics)."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def runs(values: list[float], fmt: str = "{:.1f}") -> str:
+    return ", ".join(fmt.format(v) for v in values)
+
+
+def create_topics(bootstrap: str, names: list[str]) -> None:
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.create_topics(
+            [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in names]
+        )
+    finally:
+        admin.close()
+
+
+def delete_topics(bootstrap: str, names: list[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        admin.delete_topics(names)
+    except Exception:  # memory only: a topic left behind costs the broker's RAM, nothing else
+        log.warning("could not delete topics %s", names, exc_info=True)
+    finally:
+        admin.close()
+
+
+def publish_spread(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> None:
+    """Send (key, value) pairs round-robin over the partitions (an even load per instance)."""
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
+    try:
+        for i, (key, value) in enumerate(values):
+            producer.send(topic, key=key.encode(), value=value, partition=i % PARTITIONS)
+        producer.flush()
+    finally:
+        producer.close()
+
+
+@dataclass
+class Stream:
+    """A run's own topics, groups and schema."""
+
+    bootstrap: str
+    tag: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+    def __post_init__(self) -> None:
+        from service.settings import isolated_stream_names
+
+        self.names = isolated_stream_names(f"scale-{self.tag}")
+        self.schema = f"scale_{self.tag}"
+        self.topics = [v for k, v in self.names.items() if k.endswith("_topic")]
+
+    def __enter__(self) -> Stream:
+        from service.migrate import upgrade
+
+        upgrade(DATABASE_URL, self.schema)
+        create_topics(self.bootstrap, self.topics)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        from service.migrate import drop_schema
+
+        delete_topics(self.bootstrap, self.topics)
+        drop_schema(DATABASE_URL, self.schema)
+
+    def engine(self):
+        from service.storage import make_engine
+
+        return make_engine(DATABASE_URL, self.schema)
+
+
+def arm_server():
+    from tests.faults.harness import ArmServer
+
+    server = ArmServer({}, ACCURACY).start()
+    for arm in ARMS:
+        server.modes[arm] = "slow"
+        server.delay[arm] = ARM_DELAY_S
+    return server
+
+
+def write_arm_config(server, path: Path) -> Path:
+    from tests.faults.harness import arm_config, write_config
+
+    limits = {arm: {"max_in_flight": IN_FLIGHT_PER_ARM} for arm in ARMS}
+    return write_config(path, arm_config(server, ARMS, **limits))
+
+
+# ------------------------------------------------------------------------ instances
+class Instance:
+    """One instrumented ``metallm serve`` subprocess (see :func:`serve`)."""
+
+    def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
+        self.name = name
+        self.log_path = folder / f"{name}.log"
+        self.stamps_path = folder / f"{name}.stamps"
+        self.env = {**env, "METALLM_INSTANCE_ID": name, "SCALE_OUT_STAMPS": str(self.stamps_path)}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> Instance:
+        with open(self.log_path, "ab") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), "--serve"],
+                env=self.env,
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def check_alive(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            raise RuntimeError(f"instance {self.name} exited; its log ends:\n{self.log()[-3000:]}")
+
+    def metrics_port(self) -> int | None:
+        found = re.search(r"metrics on :(\d+)", self.log())
+        return int(found.group(1)) if found else None
+
+    def get(self, path: str) -> tuple[int, str]:
+        port = self.metrics_port()
+        if port is None:
+            return 0, ""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+        except OSError:
+            return 0, ""
+
+    def assigned(self, consumer: str) -> frozenset[int]:
+        """The partitions of this consumer's last assignment (as its log tells it)."""
+        lines = re.findall(rf"{consumer}: assigned (.*)", self.log())
+        if not lines:
+            return frozenset()
+        return frozenset(int(p) for p in re.findall(r"\[(\d+)\]", lines[-1]))
+
+    def terminate(self) -> int:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return -9
+
+    def stamps(self) -> tuple[dict[int, float], dict[int, float]]:
+        """(committed, applied): seq → time, from this instance's stamps file."""
+        committed: dict[int, float] = {}
+        applied: dict[int, float] = {}
+        if not self.stamps_path.exists():
+            return committed, applied
+        for line in self.stamps_path.read_text().splitlines():
+            kind, seq, at = line.split()
+            target = committed if kind == "c" else applied
+            target.setdefault(int(seq), float(at))
+        return committed, applied
+
+
+def settled(instances: list[Instance]) -> bool:
+    """Every instance ready, and both groups' last assignments cover the partitions disjointly."""
+    for inst in instances:
+        inst.check_alive()
+        if inst.get("/readyz")[0] != 200:
+            return False
+    for consumer in ("queries", "labels"):
+        parts = [inst.assigned(consumer) for inst in instances]
+        if any(not p for p in parts) or sum(len(p) for p in parts) != PARTITIONS:
+            return False
+        if frozenset().union(*parts) != frozenset(range(PARTITIONS)):
+            return False
+    return True
+
+
+def start_instances(n: int, env: dict[str, str], folder: Path, timeout: float = 120) -> list:
+    instances = [Instance(f"inst{i + 1}", env, folder).start() for i in range(n)]
+    deadline = time.monotonic() + timeout
+    stable = 0
+    while time.monotonic() < deadline:
+        stable = stable + 1 if settled(instances) else 0
+        if stable >= 3:  # settled three checks (1 s) in a row: no rebalance under way
+            return instances
+        time.sleep(0.5 if stable == 0 else 0.5)
+    for inst in instances:
+        inst.terminate()
+    raise RuntimeError(f"{n} instances did not settle within {timeout} s")
+
+
+def service_env_for(stream: Stream, config: Path, **settings) -> dict[str, str]:
+    from tests.faults.harness import service_env
+
+    env = service_env(
+        stream.bootstrap, stream.names, DATABASE_URL, stream.schema, config, **settings
+    )
+    env.pop("METALLM_POLICY_PARAMS")  # the service's defaults, not the fault tests'
+    env["PYTHONPATH"] = str(ROOT)
+    return env
+
+
+def wait_count(engine, sql: str, n: int, timeout: float, instances: list[Instance]) -> float:
+    """Poll ``sql`` (a count) until it reaches ``n``; returns the wall time it did."""
+    import sqlalchemy as sa
+
+    deadline = time.monotonic() + timeout
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watch:
+        while True:
+            done = watch.execute(sa.text(sql)).scalar_one()
+            if done >= n:
+                return time.time()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {done}/{n} after {timeout} s ({sql})")
+            for inst in instances:
+                inst.check_alive()
+            time.sleep(0.25)
+
+
+# ------------------------------------------------------------------------ (1) decisions/s
+def decisions_run(bootstrap: str, server, k: int, n: int, folder: Path) -> dict:
+    """Start ``k`` instances, wait until the group settled, publish ``n`` queries, and measure
+    the steady-state decisions/s from ``decided_at``."""
+    import sqlalchemy as sa
+
+    from tests.faults.harness import make_queries
+
+    with Stream(bootstrap) as stream:
+        config = write_arm_config(server, folder / f"arms-{stream.tag}.yaml")
+        env = service_env_for(stream, config)
+        queries = make_queries(n, prefix=f"q-{stream.tag}")
+        server.truth.clear()
+        server.truth.update({q.query_id: q for q in queries})
+        run_dir = folder / stream.tag
+        run_dir.mkdir()
+        started = time.monotonic()
+        instances = start_instances(k, env, run_dir)
+        settle_s = time.monotonic() - started
+        engine = stream.engine()
+        try:
+            published = time.time()
+            publish_spread(
+                bootstrap, stream.names["queries_topic"], [(q.query_id, q.event()) for q in queries]
+            )
+            wait_count(engine, "SELECT count(*) FROM decisions", n, 600, instances)
+            with engine.connect() as conn:
+                times = [
+                    t.timestamp()
+                    for (t,) in conn.execute(
+                        sa.text("SELECT decided_at FROM decisions ORDER BY decided_at")
+                    )
+                ]
+                per_instance = {
+                    a: b
+                    for a, b in conn.execute(
+                        sa.text("SELECT instance, count(*) FROM decisions GROUP BY 1")
+                    )
+                }
+                per_arm = {
+                    a: b
+                    for a, b in conn.execute(
+                        sa.text("SELECT arm, count(*) FROM decisions GROUP BY 1")
+                    )
+                }
+                statuses = {
+                    a: b
+                    for a, b in conn.execute(
+                        sa.text("SELECT status, count(*) FROM decisions GROUP BY 1")
+                    )
+                }
+        finally:
+            codes = [inst.terminate() for inst in instances]
+            engine.dispose()
+    lo, hi = int(0.1 * (n - 1)), int(0.9 * (n - 1))
+    return {
+        "instances": k,
+        "queries": n,
+        "rate": (hi - lo) / (times[hi] - times[lo]),
+        "end_to_end": n / (times[-1] - published),
+        "settle_s": settle_s,
+        "per_instance": per_instance,
+        "per_arm": per_arm,
+        "statuses": statuses,
+        "exit_codes": codes,
+        "load": load(),
+    }
+
+
+def part_decisions(bootstrap: str, folder: Path, counts: list[int], repeats: int, per: int) -> dict:
+    server = arm_server()
+    results: dict[int, list[dict]] = {k: [] for k in counts}
+    try:
+        for repeat in range(repeats):
+            order = counts if repeat % 2 == 0 else list(reversed(counts))
+            for k in order:
+                r = decisions_run(bootstrap, server, k, per * k, folder)
+                results[k].append(r)
+                print(
+                    f"  run {repeat + 1}, {k} instance(s): {r['rate']:.1f} decisions/s steady "
+                    f"({r['end_to_end']:.1f} end to end, settled in {r['settle_s']:.1f} s); "
+                    f"per instance {sorted(r['per_instance'].values())}, arms {r['per_arm']}, "
+                    f"statuses {r['statuses']}, exits {r['exit_codes']}; load {r['load']}",
+                    flush=True,
+                )
+    finally:
+        server.stop()
+    return results
+
+
+# ------------------------------------------------------------------------ (2) labels/s
+def stored_decision_rows(
+    tag: str, n: int, dim: int, layout: str, builder=None, seed: int = 0
+) -> tuple[list[dict], list[tuple[str, bytes]]]:
+    """``n`` decision rows with ``dim``-dim unit contexts (random, seeded) and their labels."""
+    import numpy as np
+
+    from service import storage
+    from tests.faults.harness import make_queries
+
+    rng = np.random.default_rng(seed)
+    queries = make_queries(n, prefix=f"q-{tag}", seed=seed)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    arms = list(ARMS)
+    rows, labels = [], []
+    for i, q in enumerate(queries):
+        if builder is None:
+            context, spec = vectors[i], None
+        else:
+            context = builder.build(q.task, q.text, None, vectors[i])
+            builder.observe(q.task, len(q.text), None)
+            spec = builder.spec
+        arm = arms[i % len(arms)]
+        right = rng.random() < ACCURACY[arm]
+        rows.append(
+            {
+                "query_id": q.query_id,
+                "task": q.task,
+                "text": q.text,
+                "options": ["positive", "negative"] if q.task == "sentiment" else ["yes", "no"],
+                "metadata": None,
+                "arm": arm,
+                "propensity": 0.5,
+                "probabilities": {a: 0.5 for a in arms},
+                "policy": "linucb",
+                "status": "ok",
+                "prediction": q.label if right else q.wrong,
+                "input_tokens": 50,
+                "output_tokens": 1,
+                "cost_usd": 50 * ARMS[arm][0] / 1e6 + ARMS[arm][1] / 1e6,
+                "latency_ms": 200.0,
+                "embedding_model": f"bench-{dim}",
+                "context": storage.vector_to_bytes(context),
+                "context_layout": spec,
+                "instance": "bench-prestored",
+            }
+        )
+        labels.append((q.query_id, q.label_event()))
+    return rows, labels
+
+
+def prestore(engine, rows: list[dict], chunk: int = 2000) -> None:
+    from service import storage
+
+    for i in range(0, len(rows), chunk):
+        with engine.begin() as conn:
+            storage.insert_decisions(conn, rows[i : i + chunk])
+
+
+def labels_run(
+    bootstrap: str, n: int, layout: str, poll_max: int, every: int, profile: Path | None
+) -> dict:
+    """One in-process Service applying ``n`` labels of pre-stored decisions."""
+    import sqlalchemy as sa
+
+    from service.config import parse_config
+    from service.settings import Settings
+    from tests.faults.harness import TASKS, HashEmbedder
+
+    with Stream(bootstrap) as stream:
+        settings = Settings(
+            kafka_bootstrap=bootstrap,
+            database_url=DATABASE_URL,
+            database_schema=stream.schema,
+            **stream.names,
+            session_timeout_ms=1500,
+            heartbeat_interval_ms=400,
+            metrics_port=None,
+            context_embedding="legacy" if layout == "legacy" else "raw",
+            poll_max_records=poll_max,
+            checkpoint_every=every,
+            instance_id="labels-bench",
+        )
+        config_doc = {
+            "tasks": TASKS,
+            "arms": [
+                {"name": a, "provider": "openai", "model": a, "base_url": "http://127.0.0.1:9/v1"}
+                for a in ARMS
+            ],
+        }
+        config = parse_config(config_doc)
+        builder = (
+            None if layout == "legacy" else settings.context_builder(config.declared_features())
+        )
+        rows, labels = stored_decision_rows(stream.tag, n, 384, layout, builder)
+        d = len(rows[0]["context"]) // 4
+        engine = stream.engine()
+        prestore(engine, rows)
+        publish_spread(bootstrap, stream.names["labels_topic"], labels)
+
+        from consumers.runner import Service
+
+        service = Service.build(settings, config=config, embedder=HashEmbedder(384))
+        live, learner = service.live, service.learner
+        first: list[float] = []
+        done = threading.Event()
+        last: list[float] = []
+        learn, apply = learner.learn, live._apply
+
+        def timed_learn(*args, **kwargs):
+            if not first:
+                first.append(time.perf_counter())
+            return learn(*args, **kwargs)
+
+        def timed_apply(rewards):
+            applied = apply(rewards)
+            if applied and live.watermark >= n and not done.is_set():
+                last.append(time.perf_counter())
+                done.set()
+            return applied
+
+        learner.learn = timed_learn  # type: ignore[method-assign]
+        live._apply = timed_apply  # type: ignore[method-assign]
+        spy = None
+        if profile is not None:  # every thread of this process, sampled from outside
+            spy = subprocess.Popen(
+                [
+                    os.environ.get("PY_SPY", "py-spy"),
+                    "record",
+                    "--pid",
+                    str(os.getpid()),
+                    "--threads",
+                    *(["--idle"] if os.environ.get("PY_SPY_IDLE") else []),
+                    "--rate",
+                    "250",
+                    "--format",
+                    "raw",
+                    "--output",
+                    str(
+                        profile.with_name(
+                            f"{profile.stem}-{layout}-{poll_max}-{every}{profile.suffix}"
+                        )
+                    ),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            time.sleep(1.0)  # attached before the labels flow
+        service.start()
+        try:
+            if not done.wait(600):
+                raise RuntimeError(f"only {live.watermark}/{n} labels applied after 600 s")
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+                spy.wait(60)
+            service.stop()
+        with engine.connect() as conn:
+            rewarded = conn.execute(
+                sa.text("SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL")
+            ).scalar_one()
+            batches = conn.execute(
+                sa.text("SELECT count(DISTINCT reward_applied_at) FROM decisions")
+            ).scalar_one()
+        engine.dispose()
+    return {
+        "layout": layout,
+        "d": d,
+        "labels": n,
+        "rewarded": rewarded,
+        "transactions": batches,
+        "rate": n / (last[0] - first[0]),
+        "seconds": last[0] - first[0],
+        "poll_max": poll_max,
+        "checkpoint_every": every,
+        "load": load(),
+    }
+
+
+DEFAULT_LABEL_CONFIGS = (
+    "legacy:64:100,default:64:100,legacy:1000:100,legacy:5000:100,"
+    "legacy:64:off,legacy:1000:off,legacy:5000:off"
+)
+NO_CHECKPOINTS = 10**9  # "off": only the one at stop, after the measured window
+
+
+def label_configs(spec: str) -> list[tuple[str, int, int]]:
+    """``LAYOUT:POLL:CHECKPOINT_EVERY,…`` (``off``: no checkpoint in the window)."""
+    out = []
+    for item in spec.split(","):
+        layout, poll, every = item.split(":")
+        out.append((layout, int(poll), NO_CHECKPOINTS if every == "off" else int(every)))
+    return out
+
+
+def every_label(every: int) -> str:
+    return "off" if every >= NO_CHECKPOINTS else str(every)
+
+
+def part_labels(
+    bootstrap: str, n: int, configs: list[tuple[str, int, int]], repeats: int, profile: Path | None
+) -> dict:
+    results: dict[tuple[str, int, int], list[dict]] = {c: [] for c in configs}
+    for repeat in range(repeats):
+        for key in results if repeat % 2 == 0 else list(reversed(list(results))):
+            r = labels_run(bootstrap, n, *key, profile)
+            results[key].append(r)
+            print(
+                f"  run {repeat + 1}, layout {r['layout']} (d = {r['d']}), poll {r['poll_max']}, "
+                f"checkpoint every {every_label(r['checkpoint_every'])}: "
+                f"{r['rate']:,.0f} labels/s ({r['labels']} in {r['seconds']:.2f} s, "
+                f"{r['transactions']} transactions, {r['rewarded']} rewards stored); "
+                f"load {r['load']}",
+                flush=True,
+            )
+    return results
+
+
+# ------------------------------------------------------------------------ (3) learning lag
+def histogram_quantiles(text: str) -> tuple[dict[float, float], int]:
+    """Cumulative ``metallm_learning_lag_seconds`` buckets of one scrape: {le: count}, total."""
+    buckets: dict[float, float] = {}
+    for le, value in re.findall(
+        r'^metallm_learning_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', text, re.M
+    ):
+        buckets[float("inf") if le == "+Inf" else float(le)] = float(value)
+    return buckets, int(buckets.get(float("inf"), 0))
+
+
+def bucket_quantile(buckets: dict[float, float], q: float) -> float:
+    """Prometheus' histogram_quantile: linear within the bucket the rank falls in."""
+    edges = sorted(buckets)
+    total = buckets[edges[-1]]
+    rank = q * total
+    prev_le, prev_count = 0.0, 0.0
+    for le in edges:
+        count = buckets[le]
+        if count >= rank:
+            if le == float("inf"):
+                return prev_le
+            if count == prev_count:
+                return le
+            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+        prev_le, prev_count = le, count
+    return float("nan")
+
+
+def lag_run(
+    bootstrap: str, folder: Path, k: int, labels_n: int, label_rate: float, queries_n: int
+) -> dict:
+    """``k`` instances; labels of pre-stored decisions published at ``label_rate``/s while
+    ``queries_n`` queries stream through; per reward, commit → applied on each instance."""
+    from kafka import KafkaProducer
+
+    from service.config import parse_config
+    from service.settings import Settings
+    from tests.faults.harness import HashEmbedder, make_queries
+
+    server = arm_server()
+    try:
+        with Stream(bootstrap) as stream:
+            config_path = write_arm_config(server, folder / f"arms-{stream.tag}.yaml")
+            env = service_env_for(stream, config_path)
+            # decisions stored before the instances start, in the layout they are configured
+            # with (the default builder on HashEmbedder's 16 dims), for the labels to reward
+            import yaml
+
+            config = parse_config(yaml.safe_load(config_path.read_text()))
+            builder = Settings(_env_file=None).context_builder(config.declared_features())
+            rows, labels = stored_decision_rows(
+                stream.tag, labels_n, HashEmbedder().dim, "default", builder
+            )
+            engine = stream.engine()
+            prestore(engine, rows)
+            queries = make_queries(queries_n, prefix=f"q-{stream.tag}x")
+            server.truth.clear()
+            server.truth.update({q.query_id: q for q in queries})
+            run_dir = folder / stream.tag
+            run_dir.mkdir()
+            instances = start_instances(k, env, run_dir)
+            try:
+                publish_spread(
+                    bootstrap,
+                    stream.names["queries_topic"],
+                    [(q.query_id, q.event()) for q in queries],
+                )
+                producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+                t0 = time.monotonic()
+                for i, (key, value) in enumerate(labels):
+                    wait = t0 + i / label_rate - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                    producer.send(
+                        stream.names["labels_topic"],
+                        key=key.encode(),
+                        value=value,
+                        partition=i % PARTITIONS,
+                    )
+                producer.flush()
+                producer.close()
+                publish_s = time.monotonic() - t0
+                wait_count(
+                    engine,
+                    "SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL",
+                    labels_n,
+                    300,
+                    instances,
+                )
+                # every instance applies every reward (the followers poll at least every second)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    if all(len(inst.stamps()[1]) >= labels_n for inst in instances):
+                        break
+                    time.sleep(0.5)
+                scrapes = [inst.get("/metrics")[1] for inst in instances]
+                decided = wait_count(
+                    engine, "SELECT count(*) FROM decisions", labels_n + queries_n, 300, instances
+                )
+                del decided
+            finally:
+                codes = [inst.terminate() for inst in instances]
+                engine.dispose()
+    finally:
+        server.stop()
+
+    stamps = [inst.stamps() for inst in instances]
+    committed: dict[int, float] = {}
+    owner: dict[int, int] = {}
+    for i, (c, _) in enumerate(stamps):
+        for seq, at in c.items():
+            if seq not in committed or at < committed[seq]:
+                committed[seq], owner[seq] = at, i
+    seqs = sorted(committed)
+    every, others = [], {inst.name: [] for inst in instances}
+    missing = 0
+    for seq in seqs:
+        applied = [s[1].get(seq) for s in stamps]
+        if any(a is None for a in applied):
+            missing += 1
+            continue
+        start = min(committed[seq], *applied)
+        every.append(max(applied) - start)
+        for i, a in enumerate(applied):
+            if i != owner[seq]:
+                others[instances[i].name].append(a - start)
+    histogram: dict[float, float] = {}
+    for text in scrapes:
+        buckets, _ = histogram_quantiles(text)
+        for le, count in buckets.items():
+            histogram[le] = histogram.get(le, 0.0) + count
+    per_owner = {instances[i].name: sum(1 for o in owner.values() if o == i) for i in range(k)}
+    return {
+        "instances": k,
+        "rewards": len(seqs),
+        "missing": missing,
+        "every": every,
+        "others": others,
+        "per_owner": per_owner,
+        "histogram": histogram,
+        "label_rate": label_rate,
+        "publish_s": publish_s,
+        "exit_codes": codes,
+        "load": load(),
+    }
+
+
+def part_lag(
+    bootstrap: str, folder: Path, repeats: int, labels_n: int, rate: float, queries_n: int
+) -> list:
+    out = []
+    for repeat in range(repeats):
+        r = lag_run(bootstrap, folder, 3, labels_n, rate, queries_n)
+        out.append(r)
+        every = r["every"]
+        hq = {q: bucket_quantile(r["histogram"], q) for q in (0.5, 0.99)} if r["histogram"] else {}
+        print(
+            f"  run {repeat + 1}: {r['rewards']} rewards (stored per instance {r['per_owner']}, "
+            f"{r['missing']} not applied everywhere); applied by all 3: "
+            f"p50 {1000 * quantile(every, 0.5):.1f} ms, p99 {1000 * quantile(every, 0.99):.1f} ms, "
+            f"max {1000 * max(every):.1f} ms; histogram p50 {1000 * hq.get(0.5, float('nan')):.1f} "
+            f"ms, p99 {1000 * hq.get(0.99, float('nan')):.1f} ms; exits {r['exit_codes']}; "
+            f"load {r['load']}",
+            flush=True,
+        )
+    return out
+
+
+# ------------------------------------------------------------------------ report
+def report(
+    decisions: dict | None, labels: dict | None, lag: list | None, args, started: str
+) -> str:
+    import platform
+
+    lines = [
+        "# Scale-out (issue 16): `benchmarks/scale_out.py`",
+        "",
+        f"Run of {started} at commit {commit()}, {os.cpu_count()} cores ({cpu_model()}), "
+        f"Python {platform.python_version()}; load average at the start {args.load_start}, "
+        f"at the end {load()}. Medians of {args.repeats} runs per configuration, "
+        "configurations interleaved. Arms: OpenAI-compatible endpoints answering after "
+        f"{int(ARM_DELAY_S * 1000)} ms, `max_in_flight` {IN_FLIGHT_PER_ARM} per arm per "
+        "instance, 2 arms; embedder: HashEmbedder (16 dims; the LLM-bound regime); topics of "
+        f"{PARTITIONS} partitions.",
+        "",
+    ]
+    if decisions:
+        base = median([r["rate"] for r in decisions[min(decisions)]])
+        lines += [
+            "## (1) Decisions/s by number of instances",
+            "",
+            "Steady state: decisions between the 10th and 90th percentile of `decided_at`, "
+            f"{args.queries_per_instance} queries per instance, published once the group has "
+            "settled.",
+            "",
+            "| instances | queries | decisions/s (median) | runs | × 1 instance | target |",
+            "|---|---|---|---|---|---|",
+        ]
+        targets = {2: 1.8, 3: 2.5}
+        for k, rs in decisions.items():
+            rate = median([r["rate"] for r in rs])
+            t = targets.get(k)
+            verdict = "" if t is None else f"≥ {t}× — {'met' if rate / base >= t else 'NOT met'}"
+            lines.append(
+                f"| {k} | {rs[0]['queries']} | {rate:.1f} | {runs([r['rate'] for r in rs])} | "
+                f"{rate / base:.2f}× | {verdict} |"
+            )
+        lines += [
+            "",
+            "Per run: decisions per instance, per arm, and end to end (first publish → last "
+            "decision) rate:",
+            "",
+        ]
+        for k, rs in decisions.items():
+            for r in rs:
+                lines.append(
+                    f"- {k}: per instance {sorted(r['per_instance'].values())}, arms "
+                    f"{r['per_arm']}, end to end {r['end_to_end']:.1f}/s, statuses "
+                    f"{r['statuses']}, exit codes {r['exit_codes']}, load {r['load']}"
+                )
+        lines.append("")
+    if labels:
+        lines += [
+            "## (2) Labels applied per second, one instance",
+            "",
+            f"{args.labels:,} pre-stored decisions, their labels published first; one in-process "
+            "Service; first `Learner.learn` → last reward applied to the policy.",
+            "",
+            "The first row is the service's defaults (`METALLM_POLL_MAX_RECORDS` 64, "
+            "`METALLM_CHECKPOINT_EVERY` 100); the others change one or both settings to show "
+            "where the time goes (`off`: no checkpoint inside the measured window).",
+            "",
+            "| layout | d | poll_max_records | checkpoint_every | labels/s (median) | runs | "
+            "target ≥ 5,000/s |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for (layout, poll, every), rs in labels.items():
+            rate = median([r["rate"] for r in rs])
+            lines.append(
+                f"| {layout} | {rs[0]['d']} | {poll} | {every_label(every)} | {rate:,.0f} | "
+                f"{runs([r['rate'] for r in rs], '{:,.0f}')} | "
+                f"{'met' if rate >= 5000 else 'NOT met'} |"
+            )
+        lines.append("")
+    if lag:
+        every = [quantile(r["every"], q) for r in lag for q in (0.5, 0.99)]
+        p50s = [quantile(r["every"], 0.5) for r in lag]
+        p99s = [quantile(r["every"], 0.99) for r in lag]
+        del every
+        lines += [
+            "## (3) Learning lag, 3 instances",
+            "",
+            f"{args.lag_labels:,} labels published at {args.lag_rate:.0f}/s while "
+            f"{args.lag_queries:,} queries stream through. Lag of a reward = applied on an "
+            "instance − committed (stamped in each instance's process).",
+            "",
+            "| measure | p50 (median of runs) | p99 (median of runs) | runs p50 / p99 |",
+            "|---|---|---|---|",
+            f"| applied by all 3 (direct) | {1000 * median(p50s):.1f} ms | "
+            f"{1000 * median(p99s):.1f} ms | "
+            f"{runs([1000 * x for x in p50s])} / {runs([1000 * x for x in p99s])} ms |",
+        ]
+        names = list(lag[0]["others"])
+        for name in names:
+            a = [quantile(r["others"][name], 0.5) for r in lag]
+            b = [quantile(r["others"][name], 0.99) for r in lag]
+            lines.append(
+                f"| {name}, others' rewards (direct) | {1000 * median(a):.1f} ms | "
+                f"{1000 * median(b):.1f} ms | {runs([1000 * x for x in a])} / "
+                f"{runs([1000 * x for x in b])} ms |"
+            )
+        h50 = [bucket_quantile(r["histogram"], 0.5) for r in lag]
+        h99 = [bucket_quantile(r["histogram"], 0.99) for r in lag]
+        lines.append(
+            f"| `metallm_learning_lag_seconds`, 3 instances summed (buckets) | "
+            f"{1000 * median(h50):.1f} ms | {1000 * median(h99):.1f} ms | "
+            f"{runs([1000 * x for x in h50])} / {runs([1000 * x for x in h99])} ms |"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return "?"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "?"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--instances", default="1,2,3")
+    parser.add_argument("--queries-per-instance", type=int, default=1600)
+    parser.add_argument("--labels", type=int, default=20_000)
+    parser.add_argument(
+        "--label-configs",
+        default=DEFAULT_LABEL_CONFIGS,
+        help="(2): LAYOUT:POLL_MAX_RECORDS:CHECKPOINT_EVERY,… (layout legacy: d = 384, "
+        "default: the default builder on 384 dims, d = 450; checkpoint off: none in the window)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="(2): py-spy (raw, by thread) of each run's measured window, named after this path",
+    )
+    parser.add_argument("--lag-labels", type=int, default=6000)
+    parser.add_argument("--lag-rate", type=float, default=200.0)
+    parser.add_argument("--lag-queries", type=int, default=4800)
+    parser.add_argument("--no-write", action="store_true", help="do not write results/scale_out.md")
+    args = parser.parse_args()
+    if args.serve:
+        return serve()
+
+    logging.basicConfig(level=logging.WARNING)
+    parts = {int(p) for p in args.parts.split(",")}
+    args.load_start = load()
+    started = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"cores: {os.cpu_count()}; repeats: {args.repeats}; load: {args.load_start}", flush=True)
+    from producers.local_broker import LocalBroker
+
+    decisions = labels = lag = None
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="scale-out-") as tmp:
+        folder = Path(tmp)
+        if 1 in parts:
+            print("\n(1) decisions/s by instances", flush=True)
+            counts = [int(k) for k in args.instances.split(",")]
+            decisions = part_decisions(
+                broker.bootstrap, folder, counts, args.repeats, args.queries_per_instance
+            )
+        if 2 in parts:
+            print("\n(2) labels applied per second, one instance", flush=True)
+            labels = part_labels(
+                broker.bootstrap,
+                args.labels,
+                label_configs(args.label_configs),
+                args.repeats,
+                args.profile,
+            )
+        if 3 in parts:
+            print("\n(3) learning lag, 3 instances", flush=True)
+            lag = part_lag(
+                broker.bootstrap,
+                folder,
+                args.repeats,
+                args.lag_labels,
+                args.lag_rate,
+                args.lag_queries,
+            )
+    text = report(decisions, labels, lag, args, started)
+    print("\n" + text)
+    if not args.no_write:
+        RESULTS.write_text(text + "\n")
+        print(f"written to {RESULTS.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
