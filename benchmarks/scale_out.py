@@ -889,6 +889,10 @@ def report(
             )
         lines += [
             "",
+            f"One instance can have {2 * IN_FLIGHT_PER_ARM} calls in flight (2 arms × "
+            f"{IN_FLIGHT_PER_ARM}), so at most {2 * IN_FLIGHT_PER_ARM / ARM_DELAY_S:.0f} "
+            "decisions/s; each instance added brings its own calls in flight.",
+            "",
             "Per run: decisions per instance, per arm, and end to end (first publish → last "
             "decision) rate:",
             "",
@@ -958,7 +962,18 @@ def report(
             f"{1000 * median(h50):.1f} ms | {1000 * median(h99):.1f} ms | "
             f"{runs([1000 * x for x in h50])} / {runs([1000 * x for x in h99])} ms |"
         )
-        lines.append("")
+        lines += [
+            "",
+            "Direct: each instance stamps the wall time when `LivePolicy.stored` is entered "
+            "(its transaction has just committed) and when `LivePolicy._apply` applied each "
+            "reward seq; a reward's commit time is the earliest of its stamps, and *applied by "
+            "all 3* is the slowest instance's apply time minus it. The histogram is what the "
+            "instances export: it counts from the reward transaction's start (`reward_applied_at`"
+            " is `now()`; the owner's own rewards from `Learner.learn`'s start), so it includes "
+            "the transaction itself, waiting for the learning log's lock among them, and its "
+            "quantiles are interpolated within coarse buckets.",
+            "",
+        ]
     return "\n".join(lines)
 
 
