@@ -344,7 +344,7 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
     holds of it, so B starts after those queries: every query is called once, by one
     instance. (Dropping the held events of the revoked partition instead let B call them a
     second time.)"""
-    rows = demo_rows(80)
+    rows = demo_rows(160)  # twenty batches, one at a time: ~16 s for A alone
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
     settings = settings_for(
         broker, topics, pg_schema, DATABASE_URL, poll_max_records=BATCH, topic_partitions=2
@@ -376,7 +376,7 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
     try:
         wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") >= BATCH, message="A")
         b.start()
-        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 80, message="all")
+        wait_for(lambda: count(engine, "SELECT count(*) FROM decisions") == 160, message="all")
     finally:
         a.stop()
         b.stop()
@@ -385,4 +385,4 @@ def test_a_rebalance_finishes_the_batches_held_so_no_query_is_called_twice(
         by = dict(
             conn.execute(sa.text("SELECT instance, count(*) FROM decisions GROUP BY 1")).all()
         )
-    assert set(by) == {"a", "b"} and sum(by.values()) == 80
+    assert set(by) == {"a", "b"} and sum(by.values()) == 160
