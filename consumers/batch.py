@@ -197,8 +197,9 @@ class BatchConsumer:
     def handle(self, items: list[tuple[Any, ConsumerRecord]]) -> list[Outgoing]:
         raise NotImplementedError
 
-    def idle(self) -> None:
-        """Called after each poll; for periodic work."""
+    def periodic(self) -> None:
+        """Called after each poll (and each batch), for work done every so often: it keeps
+        its own clock."""
 
     # -- the loop ---------------------------------------------------------------------------
     lookahead = 0
@@ -479,7 +480,7 @@ class BatchConsumer:
         except Exception:
             log.debug("%s: could not read the consumer lag", self.name, exc_info=True)
         try:
-            self.idle()
+            self.periodic()
         except Exception:
             log.exception("%s: periodic work failed; will retry", self.name)
 

@@ -45,7 +45,7 @@ class LabelConsumer(BatchConsumer):
         )
         return []
 
-    def idle(self) -> None:
+    def periodic(self) -> None:
         now = time.monotonic()
         if now >= self._next_gauge:
             self._next_gauge = now + 5.0

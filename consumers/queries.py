@@ -53,7 +53,7 @@ class QueryConsumer(BatchConsumer):
         # a redelivered query's decision was stored before, but its event may not have reached
         # the broker (a crash between the two): publish it again (consumers dedupe by query_id)
         new = {d.query_id for d in decided}
-        again = self.decider.stored_events(
+        republished = self.decider.stored_events(
             list(dict.fromkeys(e.query_id for e, _ in items if e.query_id not in new))
         )
         for d in decided:
@@ -63,5 +63,5 @@ class QueryConsumer(BatchConsumer):
                 metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
         return [
             Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes())
-            for d in [*again, *decided]
+            for d in [*republished, *decided]
         ]

@@ -88,7 +88,7 @@ class LivePolicy:
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         self.checkpoint_every = checkpoint_every
-        self.budget = budget  # the pacer to start from in budget mode (None: fixed λ)
+        self.configured_pacer = budget  # budget mode's pacer to start from (None: fixed λ)
         self.policy.pacer = budget
         #: the configured context layout (a fresh builder): what a restored policy must match
         self.configured_context = context or ContextBuilder(ContextLayout())
@@ -233,7 +233,7 @@ class LivePolicy:
     def _reconcile_budget(self) -> None:
         """A checkpoint's pacer continues, unless budget mode was switched off or its target
         changed since (then the configured pacer starts afresh)."""
-        saved, wanted = self.policy.pacer, self.budget
+        saved, wanted = self.policy.pacer, self.configured_pacer
         if wanted is None:
             if saved is not None:
                 log.info("budget mode is off: the checkpoint's λ pacer is dropped")
