@@ -131,7 +131,9 @@ class Call:
     epoch: int
     arm: str
     query_id: str | None
-    at: float
+    at: float  # time.monotonic() when the arm took the request
+    caller: str | None = None  # the ``caller`` of :meth:`ArmServer.base_url`, if any
+    wall: float = 0.0  # time.time() then: to compare with times the service records
 
 
 def _unit(*parts: str) -> float:
@@ -145,8 +147,9 @@ class ArmServer:
     ``modes[arm]``: ``ok`` (answer; right with probability ``accuracy[arm]``, decided by a hash
     of arm and query id), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
-    ``error`` (HTTP 500). :meth:`kill` closes the listening socket and every open connection,
-    as a crashed server would; :meth:`start` brings it back on the same port.
+    ``error`` (HTTP 500). A caller given a base URL of its own (``base_url(arm, caller)``)
+    has its calls recorded with its name. :meth:`kill` closes the listening socket and every
+    open connection, as a crashed server would; :meth:`start` brings it back on the same port.
     """
 
     def __init__(
@@ -244,8 +247,10 @@ class ArmServer:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    def base_url(self, arm: str) -> str:
-        return f"{self.url}/{arm}/v1"
+    def base_url(self, arm: str, caller: str | None = None) -> str:
+        """The arm's endpoint; with ``caller``, one whose calls are recorded as that caller's
+        (several service processes on one arm server, each told apart)."""
+        return f"{self.url}/{arm}/v1" if caller is None else f"{self.url}/from-{caller}/{arm}/v1"
 
     def wait_idle(self, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -256,12 +261,14 @@ class ArmServer:
     def _serve(self, h: BaseHTTPRequestHandler) -> None:
         length = int(h.headers.get("content-length") or 0)
         body = json.loads(h.rfile.read(length) or b"{}")
-        arm = h.path.strip("/").split("/", 1)[0]
+        parts = h.path.strip("/").split("/")
+        caller = parts.pop(0)[len("from-") :] if parts[0].startswith("from-") else None
+        arm = parts[0]
         prompt = body["messages"][-1]["content"] if "messages" in body else body.get("prompt", "")
         found = QUERY_ID_IN_TEXT.search(prompt)
         qid = found.group(1) if found else None
         with self._lock:
-            self.calls.append(Call(self.epoch, arm, qid, time.monotonic()))
+            self.calls.append(Call(self.epoch, arm, qid, time.monotonic(), caller, time.time()))
         mode = self.modes.get(arm, "ok")
         if mode == "slow":
             time.sleep(self.delay[arm])
@@ -325,10 +332,11 @@ def arm_config(
     arms: dict[str, tuple[float, float]],
     *,
     fallback: dict[str, str] | None = None,
+    caller: str | None = None,
     **arm_overrides: Any,
 ) -> dict:
     """A config document: ``arms[name] = (input, output price per 1M tokens)``, each arm an
-    ``openai`` arm on ``server``."""
+    ``openai`` arm on ``server`` (its calls recorded as ``caller``'s, if given)."""
     fallback = fallback or {}
     return {
         "tasks": TASKS,
@@ -337,7 +345,7 @@ def arm_config(
                 "name": name,
                 "provider": "openai",
                 "model": name,
-                "base_url": server.base_url(name),
+                "base_url": server.base_url(name, caller),
                 "input_price_per_1m": price_in,
                 "output_price_per_1m": price_out,
                 "timeout_seconds": 10.0,
