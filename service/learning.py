@@ -344,13 +344,17 @@ class LogFollower:
     def run(self) -> None:
         failures = 0
         while not self.stop_event.is_set():
-            try:
+            try:  # a listener that cannot LISTEN (Postgres away) leaves the poll to sync
                 self.listener.wait(self.poll_s)
-                self.live.sync()
-                failures = 0
             except Exception:
                 if self.stop_event.is_set():  # stop closed the listener under the wait
                     break
+                log.debug("listening for the learning log failed; polling", exc_info=True)
+                self.stop_event.wait(self.poll_s)
+            try:
+                self.live.sync()
+                failures = 0
+            except Exception:
                 failures += 1
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "following the learning log failed; retrying", exc_info=True)

@@ -493,7 +493,12 @@ def store_failure_rewards(
         return {}
     result = conn.execute(
         sa.update(decisions)
-        .where(_one_of(decisions.c.query_id, query_ids), decisions.c.reward_seq.is_(None))
+        .where(
+            _one_of(decisions.c.query_id, query_ids),
+            # not `reward_seq IS NULL`, which the planner may serve from the reward_seq index
+            # (every unrewarded decision) instead of the primary key: see store_labels
+            sa.func.num_nulls(decisions.c.reward_seq) == 1,
+        )
         .values(
             reward=reward,
             reward_lambda=lam,
