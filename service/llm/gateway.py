@@ -5,10 +5,11 @@ arms = gateway.available_arms()               # arms whose circuit breaker lets 
 result = await gateway.call("gemma-3-270m", request)
 result.status, result.prediction, result.cost_usd, result.attempts, result.fallback_arm
 
-For each call: at most ``max_in_flight`` calls per arm and ``gateway.max_in_flight`` overall
-run at once; each attempt has ``timeout_seconds``; timeouts, lost connections, 429 and 5xx are
-retried up to ``max_retries`` times after ``uniform(0, min(max, base·2^n))`` seconds (full
-jitter; at least the server's Retry-After, capped at the max); other errors are not retried.
+For each call: at most ``max_in_flight`` calls per arm (a call keeps its arm's slot through
+its retries) and ``gateway.max_in_flight`` requests overall run at once; each attempt has
+``timeout_seconds``; timeouts, lost connections, 429 and 5xx are retried up to
+``max_retries`` times after ``uniform(0, min(max, base·2^n))`` seconds (full jitter; at
+least the server's Retry-After, capped at the max); other errors are not retried.
 ``breaker_failures`` consecutive failed calls open the arm's circuit for
 ``breaker_cooldown_seconds``: it leaves the candidate set, calls to it go straight to the
 fallback; after the cool-down one probe call decides whether it closes again.
@@ -268,11 +269,12 @@ class Gateway:
         return self._arm_slots, self._slots
 
     async def _attempt(self, name: str, request: CallRequest, latency: _Latency) -> Completion:
-        """One request; the time it waits for a free slot is kept out of ``latency``."""
+        """One request, in one of the gateway's slots (the caller holds the arm's); the time
+        it waits for the slot is kept out of ``latency``."""
         arm = self.arms[name]
-        arm_slots, slots = self._limits()
+        _, slots = self._limits()
         waiting = time.perf_counter()
-        async with arm_slots[name], slots:
+        async with slots:
             latency.queued += time.perf_counter() - waiting
             if self.breakers[name].state == "open":  # opened while this call was queued
                 raise CircuitOpen(f"{name}: circuit open")
@@ -311,8 +313,15 @@ class Gateway:
             sleep=self._sleep,
             reraise=True,
         )
+        arm_slots, _ = self._limits()
+        waiting = time.perf_counter()
         try:
-            completion = await retrying(self._attempt, name, request, latency)
+            # The arm's slot is held from the first attempt to the last: a retry goes before
+            # the calls queued behind this one, so a dead arm costs one call's attempts
+            # before its circuit opens, not an attempt of every call queued meanwhile.
+            async with arm_slots[name]:
+                latency.queued += time.perf_counter() - waiting
+                completion = await retrying(self._attempt, name, request, latency)
         except CircuitOpen as exc:  # not sent: says nothing new about the arm
             # other calls opened the circuit while this one backed off: keep the real error
             reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)

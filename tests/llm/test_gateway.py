@@ -10,7 +10,7 @@ import pytest
 
 from service.config import parse_config
 from service.llm.base import CallRequest, Completion, LLMError, retry_after_seconds
-from service.llm.gateway import CircuitBreaker, Gateway
+from service.llm.gateway import CallResult, CircuitBreaker, Gateway
 from service.tasks import build_prompt
 
 TASK = {"kind": "classification", "labels": ["yes", "no"]}
@@ -184,7 +184,9 @@ def test_circuit_breaker_takes_a_failing_arm_out_for_a_cool_down() -> None:
     run(scenario())
 
 
-def test_calls_queued_behind_a_dead_arm_go_to_the_fallback_once_the_circuit_opens() -> None:
+def five_calls_to_a_dead_arm(max_retries: int) -> tuple[Gateway, Scripted, list[CallResult]]:
+    """Five calls at once to arm a (one slot, timing out, its circuit opened by one failed
+    call), which falls back to b."""
     dead = Scripted(default=("sleep", 5.0, Completion("yes")))
     backup = Scripted(default=Completion("no"))
     cfg = config(
@@ -192,7 +194,9 @@ def test_calls_queued_behind_a_dead_arm_go_to_the_fallback_once_the_circuit_open
             "a": {
                 "max_in_flight": 1,
                 "timeout_seconds": 0.05,
-                "max_retries": 0,
+                "max_retries": max_retries,
+                "retry_backoff_seconds": 0.001,
+                "retry_backoff_max_seconds": 0.001,
                 "breaker_failures": 1,
                 "fallback": "b",
             },
@@ -204,11 +208,25 @@ def test_calls_queued_behind_a_dead_arm_go_to_the_fallback_once_the_circuit_open
     async def five():
         return await asyncio.gather(*(gw.call("a", request(f"q{i}")) for i in range(5)))
 
-    results = run(five())
+    return gw, dead, run(five())
+
+
+def test_calls_queued_behind_a_dead_arm_go_to_the_fallback_once_the_circuit_opens() -> None:
+    gw, dead, results = five_calls_to_a_dead_arm(max_retries=0)
     assert dead.calls == 1  # the first timed out and opened the circuit; the rest never went
     assert [r.prediction for r in results] == ["no"] * 5
     assert [r.attempts for r in results] == [2, 1, 1, 1, 1]
     assert gw.breakers["a"].consecutive == 1
+
+
+def test_a_retry_goes_before_the_calls_queued_behind_it() -> None:
+    """With a retry per call, the first call's two attempts open the circuit; the four
+    queued behind it never reach the arm (each waited a whole timeout at the dead arm first
+    when a retry queued behind them)."""
+    _, dead, results = five_calls_to_a_dead_arm(max_retries=1)
+    assert dead.calls == 2
+    assert [r.prediction for r in results] == ["no"] * 5
+    assert [r.attempts for r in results] == [3, 1, 1, 1, 1]
 
 
 def test_a_failed_probe_opens_the_circuit_again() -> None:
