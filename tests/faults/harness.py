@@ -51,6 +51,8 @@ TASKS = {
     "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
 }
 POLICY_PARAMS = {"alpha": 1.0, "epsilon": 0.1, "seed": 0}
+#: Set to a path, a clean stop of ``tests/faults/serve.py`` writes the instance's policy there.
+POLICY_DUMP = "METALLM_TEST_POLICY_DUMP"
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -436,6 +438,12 @@ class ServiceProcess:
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    @property
+    def serving(self) -> bool:
+        """Past start-up: its signal handlers are set and its consumers run (a SIGTERM before
+        ``metallm serve`` set its handlers ends the process with the default action)."""
+        return "consumers.runner: serving:" in self.log()
 
     def kill(self) -> None:
         """kill -9: no handler runs, nothing is flushed."""

@@ -286,6 +286,8 @@ def run(
             alive=lambda: proc.alive and not producer_error,
         )
         wait_consumed(bootstrap, topics, n, figures.labels_published)
+        # the last restart may find the work done: stop it once it serves, as an operator would
+        wait_until(lambda: proc.serving, 60, "the last start serving", alive=lambda: proc.alive)
         figures.final_exit_code = proc.terminate()
         if producer_error:
             raise producer_error[0]

@@ -55,6 +55,7 @@ from service.policy import loads, make_policy
 from service.settings import isolated_stream_names
 from service.storage import latest_checkpoint, make_engine, rewards_after
 from tests.faults.harness import (
+    POLICY_DUMP,
     POLICY_PARAMS,
     ArmServer,
     ServiceProcess,
@@ -71,7 +72,6 @@ from tests.faults.harness import (
     write_config,
 )
 from tests.faults.kill_scenario import ACCURACY, PRICES
-from tests.faults.serve import POLICY_DUMP
 
 PARTITIONS = 6
 CHUNK = 100  # queries published at a time
@@ -324,7 +324,7 @@ class Fleet:
     def serving(self, names: list[str]) -> bool:
         """Whether these instances are serving (past start-up, their signal handlers set)."""
         for name in set(names) - self._serving:
-            if "consumers.runner: serving:" not in self.live[name].log():
+            if not self.live[name].serving:
                 return False
             self._serving.add(name)
         return True

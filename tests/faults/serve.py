@@ -26,11 +26,8 @@ from pathlib import Path
 
 import consumers.runner
 from service.cli import main
-from tests.faults.harness import HashEmbedder
+from tests.faults.harness import POLICY_DUMP, HashEmbedder
 
-consumers.runner.Embedder = HashEmbedder  # type: ignore[misc, assignment]
-
-POLICY_DUMP = "METALLM_TEST_POLICY_DUMP"
 _stop = consumers.runner.Service.stop
 
 
@@ -52,7 +49,11 @@ def stop_and_dump(self: consumers.runner.Service) -> None:
         tmp.replace(path)  # whole or absent
 
 
-consumers.runner.Service.stop = stop_and_dump  # type: ignore[method-assign]
+def swap_in_test_parts() -> None:
+    """The hash embedder and the dumping stop, in this process only (done here, not on
+    import, so that a test importing this module keeps the real service)."""
+    consumers.runner.Embedder = HashEmbedder  # type: ignore[misc, assignment]
+    consumers.runner.Service.stop = stop_and_dump  # type: ignore[method-assign]
 
 
 def warm_up() -> None:
@@ -68,6 +69,7 @@ def warm_up() -> None:
 
 
 if __name__ == "__main__":
+    swap_in_test_parts()
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks to the log, on demand
     if "--standby" in sys.argv:
         warm_up()
