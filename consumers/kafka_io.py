@@ -31,14 +31,17 @@ def client_options(settings: Settings) -> dict[str, Any]:
     return options
 
 
-def make_consumer(settings: Settings, topic: str, group_id: str) -> KafkaConsumer:
-    """A consumer that commits only when told to (after the database commit)."""
+def make_consumer(
+    settings: Settings, topic: str, group_id: str, max_poll_records: int | None = None
+) -> KafkaConsumer:
+    """A consumer that commits only when told to (after the database commit), taking at most
+    ``max_poll_records`` events a poll (default ``METALLM_POLL_MAX_RECORDS``)."""
     return KafkaConsumer(
         topic,
         group_id=group_id,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_poll_records=settings.poll_max_records,
+        max_poll_records=max_poll_records or settings.poll_max_records,
         session_timeout_ms=settings.session_timeout_ms,
         heartbeat_interval_ms=settings.heartbeat_interval_ms,
         max_poll_interval_ms=600_000,

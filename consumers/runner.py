@@ -5,7 +5,7 @@
 
 Several instances may run on one database and in one consumer group: they learn one policy
 through Postgres (:mod:`service.learning`); a :class:`LogFollower` thread applies what the
-others store.
+others store, and a :class:`Checkpointer` thread stores the policy's checkpoints.
 
 On stop: both consumers stop polling and finish their batch (its calls, commits and offsets),
 then the policy catches up with the log and, on the checkpoint writer, is checkpointed.
@@ -30,7 +30,7 @@ from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
-from service.learning import LivePolicy, LogFollower
+from service.learning import Checkpointer, LivePolicy, LogFollower
 from service.llm.gateway import Gateway
 from service.metrics import MetricsServer
 from service.pacing import BudgetPacer
@@ -88,6 +88,7 @@ class Service:
     _producer: KafkaProducer | None = None
     metrics_server: MetricsServer | None = None
     follower: LogFollower | None = None
+    checkpointer: Checkpointer | None = None
     checkpoint_failed: bool = False
     blas_limits: threadpool_limits | None = None  # BLAS pinned to one thread, until stop()
 
@@ -157,6 +158,7 @@ class Service:
             context=settings.context_builder(config.declared_features()),
             instance=settings.instance_id,
             draws_seed=settings.draws_seed,
+            checkpoint_min_seconds=settings.checkpoint_min_seconds,
         )
         live.restore()
         rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
@@ -179,7 +181,7 @@ class Service:
         )
         self.labels = LabelConsumer(
             self.learner,
-            make_consumer(s, s.labels_topic, s.labels_group),
+            make_consumer(s, s.labels_topic, s.labels_group, s.labels_poll_max_records),
             producer,
             s.dlq_topic,
             expire_every_s=s.pending_label_expire_every_seconds,
@@ -189,6 +191,7 @@ class Service:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
             log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
         self.follower = LogFollower(self.live, s.log_poll_seconds).start()
+        self.checkpointer = Checkpointer(self.live).start()
         self._threads = [
             run_in_thread(self._guard(self.queries), "metallm-queries"),
             run_in_thread(self._guard(self.labels), "metallm-labels"),
@@ -234,6 +237,8 @@ class Service:
             self.metrics_server.stop()
         if self.follower is not None:
             self.follower.stop()
+        if self.checkpointer is not None:
+            self.checkpointer.stop()  # the final checkpoint is taken here, after it
         try:
             self.live.catch_up()  # what the log holds that this instance has not applied
             if self.live.policy.n_updates:

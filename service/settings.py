@@ -59,7 +59,9 @@ class Settings(BaseSettings):
     labels_group: str = "metallm-learners"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
-    poll_max_records: int = Field(64, ge=1, le=MAX_POLL_RECORDS)
+    poll_max_records: int = Field(64, ge=1, le=MAX_POLL_RECORDS)  # queries decided together
+    # labels applied together (one transaction each): a label costs far less than a query
+    labels_poll_max_records: int = Field(1000, ge=1, le=MAX_POLL_RECORDS)
 
     # Postgres
     database_url: str = Field(
@@ -81,6 +83,8 @@ class Settings(BaseSettings):
         default_factory=lambda: {"alpha": 0.1, "epsilon": 0.02, "seed": 0}
     )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
     checkpoint_every: int = Field(100, ge=1)
+    # and at most one checkpoint per this many seconds (besides the one at shutdown)
+    checkpoint_min_seconds: float = Field(5.0, ge=0)
     # The policy's context (service.context): the embedding part (legacy | none | raw |
     # project:K) and how many hash buckets the task and each categorical feature get
     context_embedding: str = DEFAULT_EMBEDDING

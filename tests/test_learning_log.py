@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from service import storage
 from service.events import LabelEvent, QueryEvent
-from service.learning import LivePolicy
+from service.learning import Checkpointer, LivePolicy
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
 from tests.conftest import wait_for
@@ -182,6 +182,52 @@ def test_one_instance_writes_checkpoints_and_another_takes_over_when_it_stops(en
     restored.restore()
     assert restored.watermark == 1
     assert policy_difference(restored.policy, b.policy) < 1e-9
+
+
+def checkpoints(engine: sa.Engine) -> list[int]:
+    """The reward watermarks of the stored checkpoints, oldest first."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT reward_watermark FROM policy_checkpoints ORDER BY id"))
+        return [r[0] for r in rows]
+
+
+def test_rewards_are_applied_while_a_checkpoint_is_being_stored(engine, instances):
+    """With a Checkpointer, the thread that applies rewards never waits for a checkpoint to
+    be stored: the test locks the checkpoint table, so that the checkpoint due after 2
+    rewards cannot be written, and the learner goes on applying rewards; once the table is
+    free the checkpoint lands, holding the rewards applied before it was taken."""
+    for q in ("q1", "q2", "q3", "q4"):
+        insert_decision(engine, q)
+    live = instances("a", checkpoint_every=2)
+    learner = Learner(live.engine, live, REWARDS, 3600)
+    checkpointer = Checkpointer(live).start()
+    try:
+        with engine.connect() as conn, conn.begin():
+            conn.execute(sa.text("LOCK TABLE policy_checkpoints IN ACCESS EXCLUSIVE MODE"))
+            learner.learn(labels(("q1", "a"), ("q2", "a")))  # a checkpoint is due
+            wait_for(lambda: waiting_backends(engine) >= 1, 10, message="the checkpoint waiting")
+            thread, done = in_thread(lambda: learner.learn(labels(("q3", "a"), ("q4", "a"))))
+            thread.join(10)
+            assert done and not isinstance(done[0], BaseException), done
+            assert live.watermark == 4  # applied while the checkpoint still waits
+        wait_for(lambda: checkpoints(engine), 10, message="the checkpoint stored")
+        assert checkpoints(engine)[0] == 2
+    finally:
+        checkpointer.stop()
+
+
+def test_checkpoints_are_spaced_by_checkpoint_min_seconds(engine, instances):
+    """Due after every reward, but at most one per 60 s: one checkpoint for four rewards."""
+    for q in ("q1", "q2", "q3", "q4"):
+        insert_decision(engine, q)
+    live = instances("a", checkpoint_every=1, checkpoint_min_seconds=60)
+    learner = Learner(live.engine, live, REWARDS, 3600)
+    for q in ("q1", "q2", "q3", "q4"):
+        learner.learn(labels((q, "a")))
+    assert checkpoints(engine) == [1]
+    assert not live.checkpoint_due()
+    assert live.checkpoint() is True  # asked for (as at shutdown): taken at once
+    assert checkpoints(engine) == [1, 4]
 
 
 def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engine, instances):

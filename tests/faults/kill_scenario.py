@@ -178,7 +178,9 @@ def run(
         schema,
         config,
         poll_max_records=poll_max_records,
+        labels_poll_max_records=poll_max_records,  # small label batches too: kills land amid them
         checkpoint_every=checkpoint_every,
+        checkpoint_min_seconds=0,  # a checkpoint every checkpoint_every rewards, kills between
         topic_partitions=1,  # as _create_topics made them (decision events read from partition 0)
     )
     stop_producing = threading.Event()

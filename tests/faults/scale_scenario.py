@@ -417,7 +417,9 @@ def run(
         schema,
         workdir / "unused.yaml",  # each process has a config of its own (Fleet.spawn)
         poll_max_records=poll_max_records,
+        labels_poll_max_records=poll_max_records,  # small label batches too: kills land amid them
         checkpoint_every=checkpoint_every,
+        checkpoint_min_seconds=0,  # a checkpoint every checkpoint_every rewards, kills between
         log_poll_seconds=1.0,
     )
     fleet = Fleet(env, server, workdir)
