@@ -40,6 +40,9 @@ from service.settings import Settings
 from service.storage import make_engine
 
 log = logging.getLogger(__name__)
+#: How long stopping waits for a checkpoint the Checkpointer is storing, and then the final
+#: checkpoint for it (still not done: the final checkpoint fails, and serve exits 1).
+FINAL_CHECKPOINT_WAIT_S = 60.0
 
 
 class SchemaMissing(RuntimeError):
@@ -238,11 +241,12 @@ class Service:
         if self.follower is not None:
             self.follower.stop()
         if self.checkpointer is not None:
-            self.checkpointer.stop()  # the final checkpoint is taken here, after it
+            self.checkpointer.stop(FINAL_CHECKPOINT_WAIT_S)
         try:
             self.live.catch_up()  # what the log holds that this instance has not applied
             if self.live.policy.n_updates:
-                self.live.checkpoint()  # on the checkpoint writer only
+                # on the checkpoint writer only, after the one being stored (if any)
+                self.live.checkpoint(wait_s=FINAL_CHECKPOINT_WAIT_S)
         except Exception:  # the rewards are in Postgres: the next start re-applies them
             self.checkpoint_failed = True
             log.exception("the final policy checkpoint failed")

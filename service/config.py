@@ -142,7 +142,7 @@ class ArmConfig(BaseModel):
 
 
 class GatewayConfig(BaseModel):
-    """Limits shared by all arms: ``max_in_flight`` calls at once over every arm (64) and the
+    """Limits shared by all arms: ``max_in_flight`` requests at once over every arm (64) and the
     default ``fallback_arm`` for arms without their own ``fallback`` (none)."""
 
     model_config = ConfigDict(extra="forbid")

@@ -198,7 +198,7 @@ class LivePolicy:
                 try:
                     self.checkpoint()
                 except Exception:
-                    log.exception("policy checkpoint failed; retrying after the next rewards")
+                    log.exception("policy checkpoint failed; retrying when the next one is due")
         return applied
 
     def checkpoint_due(self) -> bool:
@@ -274,21 +274,32 @@ class LivePolicy:
         else:
             saved.declared = wanted.declared
 
-    def checkpoint(self) -> bool:
+    def checkpoint(self, wait_s: float = 0.0) -> bool:
         """Save the policy, if this instance is the checkpoint writer (taking the role if no
         live instance has it). Returns whether it saved: not when another instance is the
-        writer, nor when another thread of this one is saving a checkpoint right now.
+        writer, nor when another thread of this one is saving a checkpoint and does not finish
+        within ``wait_s`` (0: do not wait; a caller that waits must not hold :attr:`lock`).
+        A failed save raises (and counts in ``metallm_checkpoint_failures_total``); a
+        checkpoint is then due again once ``checkpoint_min_seconds`` have passed.
 
-        The policy's lock is held only while its state is taken (~10 ms at d = 384), not
-        while the state is stored: rewards go on being applied meanwhile."""
-        if not self._saving.acquire(blocking=False):
+        The policy's lock is held only while its state and watermarks are copied (~10 ms at
+        d = 384), not while they are stored: on the :class:`Checkpointer`'s thread, rewards
+        go on being applied meanwhile (a caller already holding the lock holds it through)."""
+        if wait_s > 0:
+            acquired = self._saving.acquire(timeout=wait_s)
+        else:
+            acquired = self._saving.acquire(blocking=False)
+        if not acquired:
+            if wait_s > 0:
+                raise TimeoutError(f"a checkpoint being stored did not finish in {wait_s:g} s")
             return False  # that checkpoint is as good; the next one is due again later
         try:
+            with self.lock:  # spaced by checkpoint_min_seconds, whether it is saved or not
+                self._checkpointed_at = time.monotonic()
+            writer = self.writer.try_acquire()  # a query on its own connection: not under lock
+            metrics.CHECKPOINT_WRITER.set(1 if writer else 0)
             with self.lock:
                 self._since_checkpoint = 0
-                self._checkpointed_at = time.monotonic()
-                writer = self.writer.try_acquire()
-                metrics.CHECKPOINT_WRITER.set(1 if writer else 0)
                 if not writer:
                     return False
                 state = self.policy.dumps()
@@ -303,6 +314,11 @@ class LivePolicy:
                     state,
                     decision_watermark=decision_watermark,
                 )
+        except Exception:
+            metrics.CHECKPOINT_FAILURES.inc()
+            with self.lock:  # due again once checkpoint_min_seconds have passed
+                self._since_checkpoint = max(self._since_checkpoint, self.checkpoint_every)
+            raise
         finally:
             self._saving.release()
         log.info("policy checkpoint saved (%d updates, watermark %d)", n_updates, watermark)
@@ -404,8 +420,8 @@ class LogFollower:
 class Checkpointer:
     """Takes a :class:`LivePolicy`'s checkpoints on a thread of its own, so that the thread
     applying rewards does not wait while a checkpoint of several MB is stored: woken when
-    one is due (:meth:`LivePolicy.checkpoint_due`), and every ``checkpoint_min_seconds`` to
-    see whether one became due meanwhile."""
+    one is due (:meth:`LivePolicy.checkpoint_due`), and every ``checkpoint_min_seconds`` (at
+    least every second) to see whether one became due meanwhile (after a failed one, say)."""
 
     def __init__(self, live: LivePolicy) -> None:
         self.live = live
@@ -425,7 +441,9 @@ class Checkpointer:
             try:
                 self.live.checkpoint()
             except Exception:
-                log.exception("policy checkpoint failed; retrying when the next one is due")
+                log.exception(
+                    "policy checkpoint failed; retrying in %g s", self.live.checkpoint_min_seconds
+                )
 
     def start(self) -> Checkpointer:
         self.live.checkpointer = self
@@ -433,11 +451,12 @@ class Checkpointer:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
-        """Stop, after the checkpoint being stored (if any); the policy checkpoints on the
-        caller's thread again."""
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop, after the checkpoint being stored (if any, for up to ``timeout_s``; the final
+        checkpoint then waits for it: ``checkpoint(wait_s=…)``). The policy checkpoints on
+        the caller's thread again."""
         self.stop_event.set()
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(60)
+            self._thread.join(timeout_s)
         self.live.checkpointer = None

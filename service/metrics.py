@@ -70,6 +70,11 @@ LEARNING_LAG = Histogram(
 CHECKPOINT_WRITER = Gauge(
     "metallm_checkpoint_writer", "1 while this instance is the one that writes policy checkpoints"
 )
+CHECKPOINT_FAILURES = Counter(
+    "metallm_checkpoint_failures",
+    "Policy checkpoints that could not be stored (the rewards are in Postgres: a restart "
+    "replays them from the previous checkpoint)",
+)
 CALLS_DISCARDED = Counter(
     "metallm_calls_discarded",
     "LLM calls whose decision this instance did not store: another instance stored the "

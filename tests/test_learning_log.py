@@ -81,6 +81,17 @@ def waiting_backends(engine: sa.Engine) -> int:
         ).scalar_one()
 
 
+def waiting_for_table(engine: sa.Engine, table: str) -> int:
+    """Backends waiting for a lock on ``table`` of the test's schema."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass(:t)"
+            ),
+            {"t": table},
+        ).scalar_one()
+
+
 def in_thread(fn: Callable[[], object]) -> tuple[threading.Thread, list]:
     out: list = []
 
@@ -204,11 +215,17 @@ def test_rewards_are_applied_while_a_checkpoint_is_being_stored(engine, instance
     try:
         with engine.connect() as conn, conn.begin():
             conn.execute(sa.text("LOCK TABLE policy_checkpoints IN ACCESS EXCLUSIVE MODE"))
-            learner.learn(labels(("q1", "a"), ("q2", "a")))  # a checkpoint is due
-            wait_for(lambda: waiting_backends(engine) >= 1, 10, message="the checkpoint waiting")
-            thread, done = in_thread(lambda: learner.learn(labels(("q3", "a"), ("q4", "a"))))
-            thread.join(10)
-            assert done and not isinstance(done[0], BaseException), done
+            for batch in (("q1", "q2"), ("q3", "q4")):  # a checkpoint is due after the first
+                thread, done = in_thread(
+                    lambda b=batch: learner.learn(labels(*[(q, "a") for q in b]))
+                )
+                thread.join(10)
+                assert done and not isinstance(done[0], BaseException), done
+                wait_for(
+                    lambda: waiting_for_table(engine, "policy_checkpoints") >= 1,
+                    10,
+                    message="the checkpoint waiting for the table",
+                )
             assert live.watermark == 4  # applied while the checkpoint still waits
         wait_for(lambda: checkpoints(engine), 10, message="the checkpoint stored")
         assert checkpoints(engine)[0] == 2
@@ -228,6 +245,33 @@ def test_checkpoints_are_spaced_by_checkpoint_min_seconds(engine, instances):
     assert not live.checkpoint_due()
     assert live.checkpoint() is True  # asked for (as at shutdown): taken at once
     assert checkpoints(engine) == [1, 4]
+
+
+def test_a_checkpoint_that_cannot_be_stored_is_counted_and_due_again(engine, instances):
+    """The checkpoint table renamed away: the save fails, counts in
+    metallm_checkpoint_failures_total, and the checkpoint stays due; with the table back the
+    next one holds every reward."""
+    from prometheus_client import REGISTRY
+
+    def failures() -> float:
+        return REGISTRY.get_sample_value("metallm_checkpoint_failures_total") or 0.0
+
+    insert_decision(engine, "q1")
+    live = instances("a", checkpoint_every=1000)
+    Learner(live.engine, live, REWARDS, 3600).learn(labels(("q1", "a")))
+    before = failures()
+    with engine.begin() as conn:
+        conn.execute(sa.text("ALTER TABLE policy_checkpoints RENAME TO checkpoints_away"))
+    try:
+        with pytest.raises(sa.exc.ProgrammingError):
+            live.checkpoint()
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sa.text("ALTER TABLE checkpoints_away RENAME TO policy_checkpoints"))
+    assert failures() == before + 1
+    assert live.checkpoint_due()  # 1 reward of 1000, yet due: the failed one is owed
+    assert live.checkpoint() is True
+    assert checkpoints(engine) == [1]
 
 
 def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engine, instances):
