@@ -42,7 +42,14 @@ def test_broker_stopped_for_10_s_mid_stream(own_broker, pg_schema, engine):
     }
     queries = make_queries(400, prefix="q-br")
     settings = settings_for(
-        bootstrap, topics, pg_schema, DATABASE_URL, poll_max_records=25, checkpoint_every=20
+        bootstrap,
+        topics,
+        pg_schema,
+        DATABASE_URL,
+        poll_max_records=25,
+        labels_poll_max_records=25,
+        checkpoint_every=20,
+        checkpoint_min_seconds=0,  # checkpoints taken while the broker is away too
     )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
     with ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}) as server:

@@ -56,6 +56,7 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
         DATABASE_URL,
         poll_max_records=8,
         checkpoint_every=25,
+        checkpoint_min_seconds=0,
         policy_params={"alpha": 1.0, "epsilon": 1.0, "seed": 3},  # uniform over candidates
     )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])

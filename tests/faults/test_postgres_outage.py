@@ -137,7 +137,14 @@ def test_postgres_stopped_and_crashed_mid_stream(broker, topics, private_pg, tmp
     engine = make_engine(private_pg.url, "faults")
     queries = make_queries(400, prefix="q-pg")
     settings = settings_for(
-        broker, topics, "faults", private_pg.url, poll_max_records=25, checkpoint_every=20
+        broker,
+        topics,
+        "faults",
+        private_pg.url,
+        poll_max_records=25,
+        labels_poll_max_records=25,
+        checkpoint_every=20,
+        checkpoint_min_seconds=0,  # a checkpoint may be on its way when Postgres goes
     )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
     with ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}) as server:
@@ -226,7 +233,9 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
         pg_schema,
         proxy.url(),
         poll_max_records=20,
+        labels_poll_max_records=20,
         checkpoint_every=15,
+        checkpoint_min_seconds=0,
         budget_usd_per_query=5e-5,
     )
     ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
