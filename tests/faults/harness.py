@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -535,6 +536,90 @@ class PrivatePostgres:
 def scalar(engine: sa.Engine, sql: str, **params: Any) -> Any:
     with engine.connect() as conn:
         return conn.execute(sa.text(sql), params).scalar_one()
+
+
+class StreamProducer:
+    """Publishes ``queries`` in chunks of ``chunk`` on a thread of its own, chunk ``i`` once
+    ``may_publish(i)``; with chunk ``i`` the labels of chunk ``i - 1``, 8 early labels of
+    chunk ``i + 1`` (published before their query) and 3 repeats of labels of chunk
+    ``i - 2``; the last chunk's labels at the end. Counts what it publishes on ``figures``
+    (``labels_published``, ``early_labels``, ``duplicate_labels_published``). ``done`` is set
+    once all is published; an error is kept in ``errors`` for the test's thread to raise."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: dict[str, str],
+        queries: list,
+        chunk: int,
+        seed: int,
+        figures: Any,
+        may_publish: Callable[[int], bool],
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topics = topics
+        self.chunks = [queries[i : i + chunk] for i in range(0, len(queries), chunk)]
+        self.rng = random.Random(seed)
+        self.figures = figures
+        self.may_publish = may_publish
+        self.stop = threading.Event()
+        self.done = threading.Event()
+        self.errors: list[BaseException] = []
+        self._thread = threading.Thread(target=self.run, name="fault-producer", daemon=True)
+
+    def start(self) -> StreamProducer:
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        self._thread.join(timeout)
+
+    def run(self) -> None:
+        from kafka import KafkaProducer
+
+        producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=5)
+        chunks, f = self.chunks, self.figures
+        queries_topic, labels_topic = self.topics["queries_topic"], self.topics["labels_topic"]
+        labeled: set[str] = set()
+
+        def label(q: Any, count_as: str = "") -> None:
+            producer.send(labels_topic, key=q.query_id.encode(), value=q.label_event())
+            f.labels_published += 1
+            if count_as == "early":
+                f.early_labels += 1
+            elif count_as == "duplicate":
+                f.duplicate_labels_published += 1
+
+        try:
+            for i, chunk in enumerate(chunks):
+                while not self.stop.is_set() and not self.may_publish(i):
+                    time.sleep(0.05)
+                if self.stop.is_set():
+                    return
+                for q in chunk:
+                    producer.send(queries_topic, key=q.query_id.encode(), value=q.event())
+                if i >= 1:
+                    for q in chunks[i - 1]:
+                        if q.query_id not in labeled:
+                            label(q)
+                            labeled.add(q.query_id)
+                if i + 1 < len(chunks):
+                    for q in self.rng.sample(chunks[i + 1], 8):
+                        label(q, "early")
+                        labeled.add(q.query_id)
+                if i >= 2:
+                    for q in self.rng.sample(chunks[i - 2], 3):
+                        label(q, "duplicate")
+                producer.flush()
+            for q in chunks[-1]:
+                if q.query_id not in labeled:
+                    label(q)
+            producer.flush()
+            self.done.set()
+        except BaseException as exc:  # surfaced by the test's thread
+            self.errors.append(exc)
+        finally:
+            producer.close()
 
 
 def progress(engine: sa.Engine) -> tuple[int, int, int]:

@@ -11,7 +11,6 @@ asserts on them and ``benchmarks/faults_report.py`` prints them.
 from __future__ import annotations
 
 import random
-import threading
 import time
 import uuid
 from collections import Counter
@@ -20,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
 from service.settings import isolated_stream_names
@@ -29,6 +28,7 @@ from tests.faults.harness import (
     ArmServer,
     ServiceProcess,
     Stopwatch,
+    StreamProducer,
     arm_config,
     make_queries,
     policy_difference,
@@ -183,57 +183,11 @@ def run(
         checkpoint_min_seconds=0,  # a checkpoint every checkpoint_every rewards, kills between
         topic_partitions=1,  # as _create_topics made them (decision events read from partition 0)
     )
-    stop_producing = threading.Event()
-    produced = threading.Event()
-    producer_error: list[BaseException] = []
 
-    def produce() -> None:
-        """Queries in chunks, each chunk once the one before it is mostly decided; with it the
-        labels of the previous chunk, a few early labels (before their query) and a few
-        duplicates."""
-        rng = random.Random(seed + 1)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        chunks = [queries[i : i + CHUNK] for i in range(0, n, CHUNK)]
-        labeled: set[str] = set()
+    def may_publish(i: int) -> bool:  # each chunk once the one before it is mostly decided
+        return progress(engine)[0] >= CHUNK * (i - 1)
 
-        def label(q, count_as: str = "") -> None:
-            producer.send(topics["labels_topic"], key=q.query_id.encode(), value=q.label_event())
-            figures.labels_published += 1
-            if count_as == "early":
-                figures.early_labels += 1
-            elif count_as == "duplicate":
-                figures.duplicate_labels_published += 1
-
-        try:
-            for i, chunk in enumerate(chunks):
-                while not stop_producing.is_set() and progress(engine)[0] < CHUNK * (i - 1):
-                    time.sleep(0.05)
-                if stop_producing.is_set():
-                    return
-                for q in chunk:
-                    producer.send(topics["queries_topic"], key=q.query_id.encode(), value=q.event())
-                if i >= 1:
-                    for q in chunks[i - 1]:
-                        if q.query_id not in labeled:
-                            label(q)
-                            labeled.add(q.query_id)
-                if i + 1 < len(chunks):
-                    for q in rng.sample(chunks[i + 1], 8):
-                        label(q, "early")
-                        labeled.add(q.query_id)
-                if i >= 2:
-                    for q in rng.sample(chunks[i - 2], 3):
-                        label(q, "duplicate")
-                producer.flush()
-            for q in chunks[-1]:
-                if q.query_id not in labeled:
-                    label(q)
-            producer.flush()
-            produced.set()
-        except BaseException as exc:  # surfaced by the main thread
-            producer_error.append(exc)
-        finally:
-            producer.close()
+    stream = StreamProducer(bootstrap, topics, queries, CHUNK, seed + 1, figures, may_publish)
 
     def moved() -> int:
         decided, rewarded, _ = progress(engine)
@@ -253,8 +207,7 @@ def run(
 
     proc = spare(0).go()
     standby = spare(1)
-    producer = threading.Thread(target=produce, name="fault-producer", daemon=True)
-    producer.start()
+    stream.start()
     try:
         for point in plan:
             if point.kind == "startup":
@@ -282,17 +235,17 @@ def run(
             proc, standby = standby.go(), spare(epoch + 1)
             figures.restarts += 1
         wait_until(
-            lambda: produced.is_set() and progress(engine) == (n, n, 0),
+            lambda: stream.done.is_set() and progress(engine) == (n, n, 0),
             timeout=300,
             message=f"{n} decisions with their rewards",
-            alive=lambda: proc.alive and not producer_error,
+            alive=lambda: proc.alive and not stream.errors,
         )
         wait_consumed(bootstrap, topics, n, figures.labels_published)
         # the last restart may find the work done: stop it once it serves, as an operator would
         wait_until(lambda: proc.serving, 60, "the last start serving", alive=lambda: proc.alive)
         figures.final_exit_code = proc.terminate()
-        if producer_error:
-            raise producer_error[0]
+        if stream.errors:
+            raise stream.errors[0]
 
         # --- what happened -----------------------------------------------------------------
         decided = decided_ids()
@@ -326,11 +279,11 @@ def run(
         figures.seconds = round(clock(), 1)
         return figures
     finally:
-        stop_producing.set()
+        stream.stop.set()
         for p in (proc, standby):
             if p.alive:
                 p.kill()
-        producer.join(timeout=10)
+        stream.join(timeout=10)
         server.kill()
         engine.dispose()
         _delete_topics(bootstrap, topic_names)

@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
 from service.policy import loads, make_policy
@@ -60,6 +60,7 @@ from tests.faults.harness import (
     ArmServer,
     ServiceProcess,
     Stopwatch,
+    StreamProducer,
     arm_config,
     make_queries,
     missing_work,
@@ -423,60 +424,12 @@ def run(
         log_poll_seconds=1.0,
     )
     fleet = Fleet(env, server, workdir)
-    stop_producing = threading.Event()
     hold = threading.Event()  # set: no new chunk (the fleet is catching up with the plan)
-    produced = threading.Event()
-    producer_error: list[BaseException] = []
 
-    def produce() -> None:
-        """Queries in chunks, each once the chunk CHUNKS_AHEAD before it is decided; with it
-        the labels of the chunk before, a few early labels (published before their query) of
-        the next chunk and a few repeats of labels published before."""
-        rng = random.Random(seed + 1)
-        producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5)
-        chunks = [queries[i : i + CHUNK] for i in range(0, n, CHUNK)]
-        labeled: set[str] = set()
+    def may_publish(i: int) -> bool:  # each chunk once the chunk CHUNKS_AHEAD before it is decided
+        return not hold.is_set() and progress(engine)[0] >= CHUNK * (i - CHUNKS_AHEAD + 1)
 
-        def label(q, count_as: str = "") -> None:
-            producer.send(topics["labels_topic"], key=q.query_id.encode(), value=q.label_event())
-            figures.labels_published += 1
-            if count_as == "early":
-                figures.early_labels += 1
-            elif count_as == "duplicate":
-                figures.duplicate_labels_published += 1
-
-        try:
-            for i, chunk in enumerate(chunks):
-                while not stop_producing.is_set() and (
-                    hold.is_set() or progress(engine)[0] < CHUNK * (i - CHUNKS_AHEAD + 1)
-                ):
-                    time.sleep(0.05)
-                if stop_producing.is_set():
-                    return
-                for q in chunk:
-                    producer.send(topics["queries_topic"], key=q.query_id.encode(), value=q.event())
-                if i >= 1:
-                    for q in chunks[i - 1]:
-                        if q.query_id not in labeled:
-                            label(q)
-                            labeled.add(q.query_id)
-                if i + 1 < len(chunks):
-                    for q in rng.sample(chunks[i + 1], 8):
-                        label(q, "early")
-                        labeled.add(q.query_id)
-                if i >= 2:
-                    for q in rng.sample(chunks[i - 2], 3):
-                        label(q, "duplicate")
-                producer.flush()
-            for q in chunks[-1]:
-                if q.query_id not in labeled:
-                    label(q)
-            producer.flush()
-            produced.set()
-        except BaseException as exc:  # surfaced by the main thread
-            producer_error.append(exc)
-        finally:
-            producer.close()
+    stream = StreamProducer(bootstrap, topics, queries, CHUNK, seed + 1, figures, may_publish)
 
     def moved() -> int:
         decided, rewarded, _ = progress(engine)
@@ -500,7 +453,7 @@ def run(
         fleet.tend(starts_ahead())
         if not fleet.all_alive():
             raise AssertionError(f"an instance exited by itself:\n{fleet.exited()}")
-        return not producer_error
+        return not stream.errors
 
     def explain() -> str:
         return f"{missing_work(engine, truth)}\n{fleet.dump_stacks()}"
@@ -512,8 +465,7 @@ def run(
     first = fleet.start()  # the spares follow (Fleet.tend), once it has imported
     say(f"started {first}")
     figures.max_instances = 1
-    producer = threading.Thread(target=produce, name="fault-producer", daemon=True)
-    producer.start()
+    stream.start()
     try:
         restarted = first
         for next_step, step in enumerate(plan):  # noqa: B007 - starts_ahead() reads it
@@ -561,7 +513,7 @@ def run(
             figures.max_instances = max(figures.max_instances, len(fleet.live))
         next_step = len(plan)  # no spares wanted any more
         wait_until(
-            lambda: produced.is_set() and progress(engine) == (n, n, 0),
+            lambda: stream.done.is_set() and progress(engine) == (n, n, 0),
             timeout=150,
             message=f"{n} decisions with their rewards",
             alive=alive,
@@ -578,8 +530,8 @@ def run(
             interval=0.5,
             alive=alive,
         )
-        if producer_error:
-            raise producer_error[0]
+        if stream.errors:
+            raise stream.errors[0]
         final = sorted(fleet.live)
         figures.final_instances = len(final)
         wait_serving(final)
@@ -594,9 +546,9 @@ def run(
         figures.seconds = round(clock(), 1)
         return figures
     finally:
-        stop_producing.set()
+        stream.stop.set()
         fleet.close()
-        producer.join(timeout=10)
+        stream.join(timeout=10)
         server.kill()
         engine.dispose()
         delete_topics(bootstrap, topic_names)
