@@ -163,10 +163,15 @@ class Service:
             draws_seed=settings.draws_seed,
             checkpoint_min_seconds=settings.checkpoint_min_seconds,
         )
-        live.restore()
-        rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
-        embedder = embedder or Embedder.from_settings(settings)
-        decider = Decider(config, engine, live, embedder, gateway, rewards)
+        live.claim_instance()  # or InstanceNameTaken
+        try:
+            live.restore()
+            rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
+            embedder = embedder or Embedder.from_settings(settings)
+            decider = Decider(config, engine, live, embedder, gateway, rewards)
+        except BaseException:
+            live.close()  # its name (and any role) to the next start
+            raise
         learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)
         return cls(settings, config, engine, live, decider, learner, blas_limits=blas)
 

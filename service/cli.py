@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
-    from service.learning import ContextMismatch, WarmStartRefused
+    from service.learning import ContextMismatch, InstanceNameTaken, WarmStartRefused
     from service.outcomes import OutcomesError
 
     # libpq's own wait for a database that does not answer (none by default: for ever)
@@ -512,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         ConfigError,
         ContextMismatch,
         InputFileError,
+        InstanceNameTaken,
         SchemaMissing,
         TopicMismatch,
         OutcomesError,

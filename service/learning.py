@@ -111,6 +111,7 @@ class LivePolicy:
         self._saving = threading.Lock()  # held while a checkpoint is taken and stored
         self.checkpointer: Checkpointer | None = None  # set: checkpoints off the caller's thread
         self.writer = storage.SessionLock(engine, "checkpoints")
+        self._name = storage.SessionLock(engine, f"instance:{instance}")  # claim_instance
 
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
@@ -324,9 +325,21 @@ class LivePolicy:
         log.info("policy checkpoint saved (%d updates, watermark %d)", n_updates, watermark)
         return True
 
+    def claim_instance(self) -> None:
+        """Take this instance's name on the database for as long as it runs, or raise
+        :class:`InstanceNameTaken`: two live instances of one name would each skip the
+        other's notifications of the learning log (and draw from alike seeds)."""
+        if not self._name.try_acquire():
+            raise InstanceNameTaken(
+                f"another metallm instance is running as {self.instance!r} on this database: "
+                "give each instance a METALLM_INSTANCE_ID of its own (the default, host name "
+                "and process id, is)"
+            )
+
     def close(self) -> None:
-        """Give up the checkpoint writer's role (another instance takes it)."""
+        """Give up the checkpoint writer's role (another instance takes it) and the name."""
         self.writer.release()
+        self._name.release()
         metrics.CHECKPOINT_WRITER.set(0)
 
     def warm_start(self, records, contexts, lam: float, cost_unit: float) -> int:
@@ -352,6 +365,10 @@ class LivePolicy:
 
 class WarmStartRefused(RuntimeError):
     pass
+
+
+class InstanceNameTaken(RuntimeError):
+    """Another live instance on the database has this instance's name."""
 
 
 class ContextMismatch(RuntimeError):

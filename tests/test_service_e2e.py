@@ -190,6 +190,31 @@ def settings_without_a_model(schema: str, tmp_path) -> Settings:
     )
 
 
+def test_a_second_instance_of_one_name_is_refused_until_the_first_stops(
+    pg_schema, tmp_path, embedder
+):
+    """Two live instances of one name would each skip the other's learning-log notifications:
+    the second build is refused, naming METALLM_INSTANCE_ID, and leaves nothing held; once
+    the first has stopped, the name is free."""
+    from service.learning import InstanceNameTaken
+
+    config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
+    settings = Settings(
+        database_url=DATABASE_URL, database_schema=pg_schema, instance_id="same", metrics_port=None
+    )
+    first = Service.build(settings, config=config, embedder=embedder)
+    try:
+        with pytest.raises(InstanceNameTaken, match="METALLM_INSTANCE_ID"):
+            Service.build(settings, config=config, embedder=embedder)
+        other = Service.build(
+            settings.model_copy(update={"instance_id": "other"}), config=config, embedder=embedder
+        )
+        other.stop()
+    finally:
+        first.stop()
+    Service.build(settings, config=config, embedder=embedder).stop()
+
+
 def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, monkeypatch):
     """The arms are built first: an unset API key fails the build at once, naming its
     variable, not after the policy is restored and the embedding model loaded (here the model
