@@ -593,8 +593,8 @@ def labels_run(
         taken: list[float] = []  # checkpoints stored before the last reward was applied
         checkpoint = live.checkpoint
 
-        def counted_checkpoint() -> bool:
-            saved = checkpoint()
+        def counted_checkpoint(wait_s: float = 0.0) -> bool:
+            saved = checkpoint(wait_s=wait_s)
             if saved and not done.is_set():
                 taken.append(time.perf_counter())
             return saved

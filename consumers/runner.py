@@ -231,6 +231,18 @@ class Service:
 
     def stop(self) -> None:
         """Stop polling, finish the batch in hand, commit, checkpoint, close."""
+        try:
+            self._stop_consuming()
+        finally:  # the instance's name and roles, the arms and the connections, come what may
+            self.live.close()
+            self.decider.close()
+            self.decider.gateway.close()
+            self.engine.dispose()
+            if self.blas_limits is not None:
+                self.blas_limits.restore_original_limits()
+        log.info("stopped")
+
+    def _stop_consuming(self) -> None:
         for consumer in (self.queries, self.labels):
             if consumer is not None:
                 consumer.stop()
@@ -255,13 +267,6 @@ class Service:
         except Exception:  # the rewards are in Postgres: the next start re-applies them
             self.checkpoint_failed = True
             log.exception("the final policy checkpoint failed")
-        self.live.close()
-        self.decider.close()
-        self.decider.gateway.close()
-        self.engine.dispose()
-        if self.blas_limits is not None:
-            self.blas_limits.restore_original_limits()
-        log.info("stopped")
 
     def run_forever(self, stop: threading.Event | None = None) -> int:
         """Serve until SIGINT/SIGTERM (or ``stop`` is set), then stop cleanly. Exit code 1 if

@@ -112,6 +112,7 @@ class LivePolicy:
         self.checkpointer: Checkpointer | None = None  # set: checkpoints off the caller's thread
         self.writer = storage.SessionLock(engine, "checkpoints")
         self._name = storage.SessionLock(engine, f"instance:{instance}")  # claim_instance
+        self._claimed = self._name_lost = False
 
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
@@ -292,6 +293,7 @@ class LivePolicy:
             acquired = self._saving.acquire(blocking=False)
         if not acquired:
             if wait_s > 0:
+                metrics.CHECKPOINT_FAILURES.inc()
                 raise TimeoutError(f"a checkpoint being stored did not finish in {wait_s:g} s")
             return False  # that checkpoint is as good; the next one is due again later
         try:
@@ -329,17 +331,36 @@ class LivePolicy:
         """Take this instance's name on the database for as long as it runs, or raise
         :class:`InstanceNameTaken`: two live instances of one name would each skip the
         other's notifications of the learning log (and draw from alike seeds)."""
+        self._claimed = True
         if not self._name.try_acquire():
+            self._claimed = False
             raise InstanceNameTaken(
-                f"another metallm instance is running as {self.instance!r} on this database: "
+                f"another metallm instance is running as {self.instance!r} on this database "
+                "and schema: "
                 "give each instance a METALLM_INSTANCE_ID of its own (the default, host name "
                 "and process id, is)"
             )
+
+    def keep_name(self) -> None:
+        """Hold the claimed name again if its session ended (a Postgres restart), logging once
+        if another instance took it meanwhile (:class:`LogFollower` calls it every poll)."""
+        if not self._claimed:
+            return
+        held = self._name.try_acquire()
+        if not held and not self._name_lost:
+            log.error(
+                "another metallm instance now runs as %r on this database and schema (this one "
+                "lost the name when its Postgres session ended): give each instance a "
+                "METALLM_INSTANCE_ID of its own",
+                self.instance,
+            )
+        self._name_lost = not held
 
     def close(self) -> None:
         """Give up the checkpoint writer's role (another instance takes it) and the name."""
         self.writer.release()
         self._name.release()
+        self._claimed = False
         metrics.CHECKPOINT_WRITER.set(0)
 
     def warm_start(self, records, contexts, lam: float, cost_unit: float) -> int:
@@ -415,6 +436,7 @@ class LogFollower:
                 self.stop_event.wait(self.poll_s)
             try:
                 self.live.sync()
+                self.live.keep_name()
                 failures = 0
             except Exception:
                 failures += 1
@@ -459,7 +481,8 @@ class Checkpointer:
                 self.live.checkpoint()
             except Exception:
                 log.exception(
-                    "policy checkpoint failed; retrying in %g s", self.live.checkpoint_min_seconds
+                    "policy checkpoint failed; retrying in %g s",
+                    max(self.live.checkpoint_min_seconds, 1.0),
                 )
 
     def start(self) -> Checkpointer:

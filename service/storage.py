@@ -745,6 +745,8 @@ class SessionLock:
             ).scalar_one()
             conn.commit()  # a session lock outlives the transaction
         except BaseException:
+            with contextlib.suppress(Exception):
+                conn.invalidate()  # never back to the pool: it may hold the lock
             conn.close()
             raise
         if not got:

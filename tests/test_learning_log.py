@@ -274,6 +274,48 @@ def test_a_checkpoint_that_cannot_be_stored_is_counted_and_due_again(engine, ins
     assert checkpoints(engine) == [1]
 
 
+def end_session_holding(engine: sa.Engine, lock_name: str) -> None:
+    """Terminate the backend holding the session advisory lock ``lock_name`` of the test's
+    schema (as a Postgres restart ends every session)."""
+    with engine.connect() as conn:
+        key = conn.execute(
+            sa.text("SELECT hashtextextended(:n || current_schema(), 0)"),
+            {"n": f"metallm-{lock_name}:"},
+        ).scalar_one()
+        unsigned = key & (2**64 - 1)
+        ended = conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
+                "AND classid = :c AND objid = :o AND objsubid = 1 AND granted"
+            ),
+            {"c": unsigned >> 32, "o": unsigned & (2**32 - 1)},
+        ).all()
+    assert ended == [(True,)]
+
+
+def test_an_instance_name_lost_with_its_session_is_taken_back(engine, instances, caplog):
+    """A name is one live instance's: a second claim is refused. When the holder's session
+    ends (a Postgres restart), another instance may claim it, and the first says so; once
+    that one is gone the first holds its name again."""
+    from service.learning import InstanceNameTaken
+
+    first, second, third = instances("same"), instances("same"), instances("same")
+    first.claim_instance()
+    with pytest.raises(InstanceNameTaken):
+        second.claim_instance()
+    end_session_holding(engine, "instance:same")
+    second.claim_instance()  # the name was free
+    with caplog.at_level("ERROR", logger="service.learning"):
+        first.keep_name()
+        first.keep_name()  # told once
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and "METALLM_INSTANCE_ID" in errors[0]
+    second.close()
+    first.keep_name()
+    with pytest.raises(InstanceNameTaken):
+        third.claim_instance()
+
+
 def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engine, instances):
     """Same statistics, different draws: each instance seeds its generator from its name
     and start, not from the checkpoint's (where every instance would repeat the others)."""

@@ -142,6 +142,7 @@ def run_through_service(
 
     service = Service.build(s, config=app_config, embedder=embedder, gateway=Gateway(app_config))
     if service.live.policy.n_updates != warm_updates:
+        service.stop()
         raise ThroughServiceError(f"schema {schema} is not fresh: it holds earlier rewards")
     replay = _Replay(problem, s, service, make_producer(s), engine, timeout)
     began = time.monotonic()
