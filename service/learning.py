@@ -284,14 +284,10 @@ class LivePolicy:
         A failed save raises (and counts in ``metallm_checkpoint_failures_total``); a
         checkpoint is then due again once ``checkpoint_min_seconds`` have passed.
 
-        The policy's lock is held only while its state and watermarks are copied (~10 ms at
-        d = 384), not while they are stored: on the :class:`Checkpointer`'s thread, rewards
-        go on being applied meanwhile (a caller already holding the lock holds it through)."""
-        if wait_s > 0:
-            acquired = self._saving.acquire(timeout=wait_s)
-        else:
-            acquired = self._saving.acquire(blocking=False)
-        if not acquired:
+        The policy's lock is held only while its state and watermarks are copied, not while
+        they are stored: on the :class:`Checkpointer`'s thread, rewards go on being applied
+        meanwhile (a caller already holding the lock holds it through)."""
+        if not self._saving.acquire(timeout=wait_s):  # timeout 0: does not wait
             if wait_s > 0:
                 metrics.CHECKPOINT_FAILURES.inc()
                 raise TimeoutError(f"a checkpoint being stored did not finish in {wait_s:g} s")

@@ -724,10 +724,26 @@ class SessionLock:
     long as that connection lives (a process killed with -9 loses it at once). The service
     elects its one checkpoint writer with it; the other instances only restore."""
 
+    _KEY = "hashtextextended(:n || current_schema(), 0)"  # this schema's lock of that name
+
     def __init__(self, engine: Engine, name: str) -> None:
         self.engine = engine
         self.name = name
+        self._key_name = f"metallm-{name}:"
         self._conn: Connection | None = None
+
+    def holder_pid(self, conn: Connection) -> int | None:
+        """The backend (``pg_backend_pid``) holding this lock now, from any connection."""
+        return conn.execute(
+            sa.text(
+                f"WITH k AS (SELECT {self._KEY} & ((1::bigint << 32) - 1) AS lo, "
+                f"({self._KEY} >> 32) & ((1::bigint << 32) - 1) AS hi) "
+                "SELECT l.pid FROM pg_locks l, k WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.objsubid = 1 AND l.classid::bigint = k.hi AND l.objid::bigint = k.lo "
+                "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ),
+            {"n": self._key_name},
+        ).scalar_one_or_none()
 
     def try_acquire(self) -> bool:
         """Whether this process holds the lock now (taking it if it is free)."""
@@ -740,8 +756,7 @@ class SessionLock:
         conn = self.engine.connect()
         try:
             got = conn.execute(
-                sa.text("SELECT pg_try_advisory_lock(hashtextextended(:n || current_schema(), 0))"),
-                {"n": f"metallm-{self.name}:"},
+                sa.text(f"SELECT pg_try_advisory_lock({self._KEY})"), {"n": self._key_name}
             ).scalar_one()
             conn.commit()  # a session lock outlives the transaction
         except BaseException:

@@ -70,23 +70,15 @@ def row_locked(engine: sa.Engine, sql: str) -> Iterator[None]:
         yield
 
 
-def waiting_backends(engine: sa.Engine) -> int:
-    """Backends of this database waiting for a lock."""
+def waiting_backends(engine: sa.Engine, table: str | None = None) -> int:
+    """Backends of this database waiting for a lock (on ``table`` of the test's schema, if
+    given)."""
     with engine.connect() as conn:
         return conn.execute(
             sa.text(
                 "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                "WHERE NOT l.granted AND a.datname = current_database()"
-            )
-        ).scalar_one()
-
-
-def waiting_for_table(engine: sa.Engine, table: str) -> int:
-    """Backends waiting for a lock on ``table`` of the test's schema."""
-    with engine.connect() as conn:
-        return conn.execute(
-            sa.text(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = to_regclass(:t)"
+                "WHERE NOT l.granted AND a.datname = current_database() "
+                "AND (CAST(:t AS text) IS NULL OR l.relation = to_regclass(:t))"
             ),
             {"t": table},
         ).scalar_one()
@@ -222,7 +214,7 @@ def test_rewards_are_applied_while_a_checkpoint_is_being_stored(engine, instance
                 thread.join(10)
                 assert done and not isinstance(done[0], BaseException), done
                 wait_for(
-                    lambda: waiting_for_table(engine, "policy_checkpoints") >= 1,
+                    lambda: waiting_backends(engine, "policy_checkpoints") >= 1,
                     10,
                     message="the checkpoint waiting for the table",
                 )
@@ -274,23 +266,12 @@ def test_a_checkpoint_that_cannot_be_stored_is_counted_and_due_again(engine, ins
     assert checkpoints(engine) == [1]
 
 
-def end_session_holding(engine: sa.Engine, lock_name: str) -> None:
-    """Terminate the backend holding the session advisory lock ``lock_name`` of the test's
-    schema (as a Postgres restart ends every session)."""
+def end_session_holding(engine: sa.Engine, lock: storage.SessionLock) -> None:
+    """Terminate the backend holding ``lock`` (as a Postgres restart ends every session)."""
     with engine.connect() as conn:
-        key = conn.execute(
-            sa.text("SELECT hashtextextended(:n || current_schema(), 0)"),
-            {"n": f"metallm-{lock_name}:"},
-        ).scalar_one()
-        unsigned = key & (2**64 - 1)
-        ended = conn.execute(
-            sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_locks WHERE locktype = 'advisory' "
-                "AND classid = :c AND objid = :o AND objsubid = 1 AND granted"
-            ),
-            {"c": unsigned >> 32, "o": unsigned & (2**32 - 1)},
-        ).all()
-    assert ended == [(True,)]
+        pid = lock.holder_pid(conn)
+        assert pid is not None
+        assert conn.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid}).scalar_one()
 
 
 def test_an_instance_name_lost_with_its_session_is_taken_back(engine, instances, caplog):
@@ -303,7 +284,7 @@ def test_an_instance_name_lost_with_its_session_is_taken_back(engine, instances,
     first.claim_instance()
     with pytest.raises(InstanceNameTaken):
         second.claim_instance()
-    end_session_holding(engine, "instance:same")
+    end_session_holding(engine, storage.SessionLock(engine, "instance:same"))
     second.claim_instance()  # the name was free
     with caplog.at_level("ERROR", logger="service.learning"):
         first.keep_name()
