@@ -39,7 +39,7 @@ RUNS = [
 
 def bench(path: str, extra: list[str], out: Path) -> dict:
     delay = "32" if "--limit" in extra else "100"
-    cmd = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "bench", path]
+    cmd = [sys.executable, "-m", "app.cli", "--log-level", "WARNING", "bench", path]
     cmd += ["--delay", delay, "--seeds", "5", "--no-plots", "--quiet", "--out", str(out), *extra]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())

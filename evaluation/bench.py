@@ -44,6 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from evaluation import metrics
+from evaluation.metrics import Point
 from service.context import (
     DEFAULT_EMBEDDING,
     DEFAULT_FEATURE_BUCKETS,
@@ -53,8 +55,6 @@ from service.context import (
     ContextLayout,
     Feature,
 )
-from service.evaluation import metrics
-from service.evaluation.metrics import Point
 from service.outcomes import DEFAULT_TASK, OutcomeRecord
 from service.pacing import BudgetPacer
 from service.policy import RoutingPolicy, loads, make_policy
