@@ -1,4 +1,4 @@
-"""The README's "Running it for real" without Docker, as a user types it: `metallm broker`,
+"""The README's five-minute tour, as a user types it: `metallm broker`,
 `migrate`, `serve`, `produce queries`, `produce labels`, `stats` — each a real process."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The README's settings table names every setting the service reads, and nothing else."""
+"""The settings table of docs/configuration.md names every setting the service reads, and
+nothing else."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "configuration.md"
 #: read from the environment before any Settings exist (the model files' cache: make install)
 READ_ELSEWHERE = {"METALLM_MODEL_CACHE": ROOT / "service" / "onnx_export.py"}
 
@@ -18,8 +19,8 @@ def documented_settings() -> set[str]:
     ``LABELS_TOPIC`` after ``METALLM_QUERIES_TOPIC`` means ``METALLM_LABELS_TOPIC``, and
     ``_SASL_USERNAME`` after ``METALLM_KAFKA_SASL_MECHANISM`` means
     ``METALLM_KAFKA_SASL_USERNAME`` (the first name with its part from ``_SASL`` replaced)."""
-    text = README.read_text()
-    section = text[text.index("### Settings (environment or `.env`)") :]
+    text = PAGE.read_text()
+    section = text[text.index("## Settings (environment or `.env`)") :]
     table = section[section.index("| setting |") :]
     table = table[: table.index("\n\n")]
     names: set[str] = set()
@@ -37,7 +38,7 @@ def documented_settings() -> set[str]:
     return names
 
 
-def test_every_setting_is_in_the_readme_table_and_every_row_is_a_setting():
+def test_every_setting_is_in_the_table_and_every_row_is_a_setting():
     prefix = Settings.model_config["env_prefix"]
     read = {f"{prefix}{name}".upper() for name in Settings.model_fields} - {"METALLM_DATABASE_URL"}
     read.add("DATABASE_URL")  # read bare (METALLM_DATABASE_URL too)
@@ -45,5 +46,5 @@ def test_every_setting_is_in_the_readme_table_and_every_row_is_a_setting():
         assert f'os.environ.get("{name}")' in reader.read_text()
         read.add(name)
     documented = documented_settings()
-    assert read - documented == set(), "settings missing from the README's table"
-    assert documented - read == set(), "README rows that are not settings"
+    assert read - documented == set(), "settings missing from the table"
+    assert documented - read == set(), "table rows that are not settings"
