@@ -8,7 +8,8 @@ shell code block (or an inline code span in the prose) that starts with ``metall
   ``metallm`` entry point of pyproject.toml), every ``--flag`` shown is one of its options, a
   positional with fixed choices (``produce queries``) takes one of them; a concrete command typed
   in a code block (no ``[…]``, ``|``, ``…`` or UPPER-CASE placeholder) must parse as a whole;
-- ``make X``: ``make -n X`` succeeds (it only prints the recipes);
+- ``make X``: the Makefile has a rule for X, and ``make -n X`` succeeds (it only prints the
+  recipes);
 - ``python -m M``: ``python -m M --help`` runs and lists every flag shown (a module without
   options: it imports);
 - ``python path/to/script.py``: the file exists and every flag shown is declared by its parser
@@ -257,9 +258,18 @@ def make_dry_run(target: str, variables: tuple[str, ...]) -> subprocess.Complete
     )
 
 
+@cache
+def make_rules() -> frozenset[str]:
+    """The targets the Makefile has rules for (a folder of the same name is not one)."""
+    text = (ROOT / "Makefile").read_text()
+    heads = re.findall(r"^([^\s#=:][^:=]*?)\s*::?(?!=)", text, flags=re.M)
+    return frozenset(name for head in heads for name in head.split())
+
+
 def check_make(shown: Shown, tokens: list[str]) -> None:
     variables = tuple(t for t in tokens[1:] if "=" in t)
     for target in [t for t in tokens[1:] if "=" not in t and not t.startswith("-")]:
+        assert target in make_rules(), f"{shown}: the Makefile has no rule for {target}"
         run = make_dry_run(target, variables)
         assert run.returncode == 0, f"{shown}: `make -n {target}` fails: {run.stderr.strip()}"
 
