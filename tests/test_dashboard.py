@@ -281,15 +281,8 @@ def test_a_real_prometheus_answers_every_panel_query_with_data_of_its_type(
         tmp_path / "metallm.yaml",
         replay_arms(write_outcomes(tmp_path / "outcomes.jsonl", rows, ARMS)),
     )
-    env = service_env(
-        broker,
-        topics,
-        DATABASE_URL,
-        pg_schema,
-        config,
-        checkpoint_every=4,
-        checkpoint_min_seconds=0,
-    )
+    # a checkpoint due every 4 rewards: one of the instances takes the writer's role
+    env = service_env(broker, topics, DATABASE_URL, pg_schema, config, checkpoint_every=4)
     services = [ServiceProcess(env, tmp_path / f"service-{i}.log").start() for i in range(2)]
     prometheus: Prometheus | None = None
     try:
