@@ -18,19 +18,22 @@ through the same storage functions, in the same order, as ``service/pipeline.py`
 
 It times, per transaction, the **hold**: from the lock granted (``lock_learning_log``
 returned) to COMMIT returned, and the **wait** before it (transaction start → lock granted).
-First one writer, ``--repeats`` transactions back to back (after 2 unmeasured), then 2 writer
-processes at once (two instances), each ``--repeats`` / 2, to show the serialisation: the
-second one's wait is the first one's hold, and both together commit no more transactions a
-second than the lock's hold allows. The ceiling printed is ``batch size / median hold``: the
-most decisions/s (only decisions) and labels/s (only labels) all instances together can reach;
-decisions and labels share the lock, so together ``decisions/s ÷ D + labels/s ÷ L ≤ 1``.
+For each kind, one writer running ``--repeats`` transactions back to back (after 2
+unmeasured), and 2 writer processes at once (two instances) running ``--repeats`` / 2 each,
+to show the serialisation: one's wait is the other's hold, and both together commit no more
+transactions a second than the lock's hold allows. Each run starts on a freshly vacuumed table
+(:func:`settle`); ``--rounds`` rounds, one writer and two alternating first, pooled.
+
+The ceiling printed is ``batch size / median hold`` of one writer: the most decisions/s (only
+decisions) and labels/s (only labels) all instances together can reach; decisions and labels
+share the lock, so together ``decisions/s ÷ D + labels/s ÷ L ≤ 1``.
 
 The policy update after COMMIT (``LivePolicy.stored``) and the LLM calls are outside the lock
 and not timed here. Postgres shares the machine's cores with the writers (and with anyone
 else's runs: the load average is printed).
 
-    .venv/bin/python benchmarks/log_ceiling.py                  # ~2 minutes
-    .venv/bin/python benchmarks/log_ceiling.py --repeats 20 --no-write
+    .venv/bin/python benchmarks/log_ceiling.py                  # ~5 minutes
+    .venv/bin/python benchmarks/log_ceiling.py --rounds 1 --repeats 10 --no-write
 
 Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
 works in a schema of its own, dropped at the end. Writes ``benchmarks/results/log_ceiling.md``.
@@ -176,19 +179,23 @@ def decisions(tag: str, start: int, n: int, seed: int) -> list:
 
 
 def prestore(engine, tag: str, n: int, chunk: int = 2000) -> None:
-    """Store ``n`` unlabelled decisions (ids ``{tag}-0`` …) for the label batches, then
-    ANALYZE the table, as autovacuum has by the time a table has grown that much: on the
-    statistics of the empty table the planner reads the decision log (``decision_seq >
-    watermark``) by a scan of the whole table instead of its index (~20 ms a transaction at
-    20,000 rows, growing with the table)."""
-    import sqlalchemy as sa
-
+    """Store ``n`` unlabelled decisions (ids ``{tag}-0`` …) for the label batches."""
     api = log_api()
     for start in range(0, n, chunk):
         with engine.begin() as conn:
             api.insert_decisions(conn, decisions(tag, start, min(chunk, n - start), seed=1))
-    with engine.begin() as conn:
-        conn.execute(sa.text("ANALYZE decisions"))
+
+
+def settle(engine) -> None:
+    """VACUUM ANALYZE the decisions, so that every run starts from a table as autovacuum
+    keeps it, not amid its work on the run before (a label run updates 50,000 rows). Without
+    statistics (a table filled a moment ago) the planner reads the decision log
+    (``decision_seq > watermark``) by a scan of the whole table instead of its index: ~20 ms
+    a transaction at 20,000 rows, growing with the table."""
+    import sqlalchemy as sa
+
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sa.text("VACUUM ANALYZE decisions"))
 
 
 # ------------------------------------------------------------------------ the transactions
@@ -312,7 +319,19 @@ class Run:
     kind: str
     writers: int
     timings: list[Timing]
-    seconds: float  # first measured transaction's start → last COMMIT, all writers
+    seconds: float  # first measured transaction's start → last COMMIT, all writers (summed)
+    rates: tuple[float, ...] = ()  # committed/s of each round pooled in
+
+    @classmethod
+    def pooled(cls, runs: list[Run]) -> Run:
+        """The rounds of one configuration as one run (their transactions and times)."""
+        return cls(
+            runs[0].kind,
+            runs[0].writers,
+            [t for r in runs for t in r.timings],
+            sum(r.seconds for r in runs),
+            tuple(r.per_second for r in runs),
+        )
 
     @property
     def batch(self) -> int:
@@ -359,8 +378,36 @@ def run(schema: str, tag: str, kind: str, writers: int, repeats: int, label_star
     return Run(kind, writers, timings, last - first)
 
 
-def label_rows_needed(repeats: int, concurrent: int) -> int:
+def label_rows_per_round(repeats: int, concurrent: int) -> int:
     return ((WARMUP + repeats) + 2 * (WARMUP + concurrent)) * LABEL_BATCH
+
+
+def measure(schema: str, engine, tag: str, args) -> list[Run]:
+    """``args.rounds`` rounds of the four configurations, one writer and two alternating
+    first (other people's work on the machine comes and goes), pooled per configuration."""
+    per_round = label_rows_per_round(args.repeats, args.concurrent)
+    done: dict[tuple[str, int], list[Run]] = {}
+    for i in range(args.rounds):
+        base = i * per_round  # the round's stored decisions: one writer's, then the two's
+        order = [
+            (1, args.repeats, base),
+            (2, args.concurrent, base + (WARMUP + args.repeats) * LABEL_BATCH),
+        ]
+        if i % 2:
+            order.reverse()
+        for kind in ("decisions", "labels"):
+            for writers, repeats, start in order:
+                settle(engine)
+                r = run(schema, tag, kind, writers, repeats, start)
+                done.setdefault((kind, writers), []).append(r)
+                print(
+                    f"round {i + 1}: {r.batch:>5} {kind:<9} {writers} writer(s): hold p50 "
+                    f"{ms(r.hold(0.5))} ms, p99 {ms(r.hold(0.99))} ms; wait p50 "
+                    f"{ms(r.wait(0.5))} ms; {r.per_second:.1f} committed/s, lock busy "
+                    f"{100 * r.busy:.0f} %; load {load()}",
+                    flush=True,
+                )
+    return [Run.pooled(runs) for runs in done.values()]
 
 
 # ------------------------------------------------------------------------ report
@@ -377,26 +424,37 @@ def report(runs: list[Run], args, started: str, load_start: str, table_rows: int
         f"Python {platform.python_version()}, Postgres on the same machine; load average at "
         f"the start {load_start}, at the end {load()}. Decision batches of {DECISION_BATCH} "
         f"(context d = 450, the default layout), label batches of {LABEL_BATCH:,}; "
-        f"{args.repeats} transactions with one writer, {args.concurrent} each with two; "
-        f"{table_rows:,} decisions in the table at the end.",
+        f"{args.rounds} rounds (one writer and two alternating first), each of "
+        f"{args.repeats} transactions with one writer and {args.concurrent} each with two, "
+        f"pooled; {table_rows:,} decisions in the table at the end.",
         "",
         "Hold: the learning log's lock granted → COMMIT returned. Wait: transaction start → "
         "lock granted. Committed/s: transactions of all writers together a second; busy: "
-        "the sum of the holds over the run's time. Both are seen from the writer: Postgres "
-        "releases the lock before the writer sees COMMIT return, and another writer may be "
-        "granted it in between, so with two writers busy can pass 100 % (by a round trip "
-        "and the scheduling delays of a loaded machine per transaction).",
+        "the sum of the holds over the runs' time (committed/s of each round after it). "
+        "Both are seen from the writer: Postgres releases the lock before the writer sees "
+        "COMMIT return, and another writer may be granted it in between, so with two writers "
+        "busy can pass 100 % (by a round trip and the scheduling delays of a loaded machine "
+        "per transaction).",
         "",
-        "| batch | writers | hold p50 | hold p99 | wait p50 | wait p99 | committed/s | busy |",
-        "|---|---|---|---|---|---|---|---|",
+        "| batch | writers | hold p50 | hold p99 | wait p50 | wait p99 | committed/s | busy "
+        "| rounds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
         lines.append(
             f"| {r.batch:,} {r.kind} | {r.writers} | {ms(r.hold(0.5))} ms | {ms(r.hold(0.99))} ms"
             f" | {ms(r.wait(0.5))} ms | {ms(r.wait(0.99))} ms | {r.per_second:.1f} | "
-            f"{100 * r.busy:.0f} % |"
+            f"{100 * r.busy:.0f} % | {', '.join(f'{x:.1f}' for x in r.rates)} |"
         )
     d, lab = single["decisions"], single["labels"]
+    double = {r.kind: r for r in runs if r.writers == 2}
+
+    def ratio(kind: str) -> str:
+        return f"{double[kind].per_second / single[kind].per_second:.2f}"
+
+    def hold_ratio(kind: str) -> str:
+        return f"{double[kind].hold(0.5) / single[kind].hold(0.5):.2f}"
+
     lines += [
         "",
         "## The ceiling",
@@ -414,8 +472,12 @@ def report(runs: list[Run], args, started: str, load_start: str, table_rows: int
         f"labels/s ÷ {lab.batch / lab.hold(0.5):,.0f} ≤ 1.",
         "",
         "With two writers the lock is busy almost all the time and each transaction waits "
-        "about one hold of the other's: the two instances together commit about as many "
-        "transactions a second as the lock's hold allows, not twice one writer's. Smaller "
+        "about one hold of the other's: the two instances together commit "
+        f"{ratio('decisions')}× one writer's decision transactions a second and "
+        f"{ratio('labels')}× its label transactions, not twice as many (their median holds "
+        f"are {hold_ratio('decisions')}× and {hold_ratio('labels')}× one writer's; with two, "
+        "a decision transaction first reads the other's decisions from the log, the "
+        "catch-up that keeps λ and the context statistics the log's). Smaller "
         "batches (a poll that brings fewer records) pay the per-transaction cost (lock, "
         "round trips, COMMIT's flush) for fewer rows and lower the ceiling in rows/s.",
         "",
@@ -449,9 +511,10 @@ def report(runs: list[Run], args, started: str, load_start: str, table_rows: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=50, help="transactions, one writer")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=20, help="transactions a round, one writer")
     parser.add_argument(
-        "--concurrent", type=int, default=None, help="transactions per writer with two"
+        "--concurrent", type=int, default=None, help="transactions a round per writer, two"
     )
     parser.add_argument("--no-write", action="store_true", help=f"do not write {RESULTS}")
     args = parser.parse_args()
@@ -465,24 +528,10 @@ def main() -> int:
     upgrade(DATABASE_URL, schema)
     try:
         engine = log_api().make_engine(DATABASE_URL, schema)
-        n = label_rows_needed(args.repeats, args.concurrent)
+        n = args.rounds * label_rows_per_round(args.repeats, args.concurrent)
         print(f"storing {n:,} decisions for the label batches …", flush=True)
         prestore(engine, tag, n)
-        runs = []
-        for kind, writers, repeats, start in (
-            ("decisions", 1, args.repeats, 0),
-            ("labels", 1, args.repeats, 0),
-            ("decisions", 2, args.concurrent, 0),
-            ("labels", 2, args.concurrent, (WARMUP + args.repeats) * LABEL_BATCH),
-        ):
-            r = run(schema, tag, kind, writers, repeats, start)
-            runs.append(r)
-            print(
-                f"{r.batch:>5} {kind:<9} {writers} writer(s): hold p50 {ms(r.hold(0.5))} ms, "
-                f"p99 {ms(r.hold(0.99))} ms; wait p50 {ms(r.wait(0.5))} ms; "
-                f"{r.per_second:.1f} committed/s, lock busy {100 * r.busy:.0f} %; load {load()}",
-                flush=True,
-            )
+        runs = measure(schema, engine, tag, args)
         import sqlalchemy as sa
 
         with engine.connect() as conn:
