@@ -81,25 +81,12 @@ TEXT = "the acting was fine but the plot dragged on for far too long, said the r
 
 
 # ------------------------------------------------------------------------ the service's calls
-def log_api() -> SimpleNamespace:
-    """The learning-log calls the transactions below make (one place to retarget them)."""
+def log_api():
+    """The module of the learning-log calls the transactions below make: the one place to
+    retarget when they move (the calls used are listed in the module docstring)."""
     from service import storage
 
-    return SimpleNamespace(
-        make_engine=storage.make_engine,
-        lock=storage.lock_learning_log,
-        decision_log=storage.decision_log,
-        store_decisions=storage.store_decisions,
-        insert_decisions=storage.insert_decisions,
-        applied_offsets=storage.applied_label_offsets,
-        decisions_for_labels=storage.decisions_for_labels,
-        pending_label_ids=storage.pending_label_ids,
-        add_pending_labels=storage.add_pending_labels,
-        count_duplicate_labels=storage.count_duplicate_labels,
-        store_labels=storage.store_labels,
-        record_offsets=storage.record_label_offsets,
-        vector_to_bytes=storage.vector_to_bytes,
-    )
+    return storage
 
 
 def score_api() -> SimpleNamespace:
@@ -220,7 +207,7 @@ class Writer:
         s = self.score.settings
         began = time.perf_counter()
         with self.engine.begin() as conn:
-            self.api.lock(conn, self.name)
+            self.api.lock_learning_log(conn, self.name)
             locked = time.perf_counter()
             self._catch_up(conn)
             stored = self.api.store_decisions(
@@ -251,10 +238,10 @@ class Writer:
             self.offsets[p] += 1
         began = time.perf_counter()
         with self.engine.begin() as conn:
-            self.api.lock(conn, self.name)
+            self.api.lock_learning_log(conn, self.name)
             locked = time.perf_counter()
             self._catch_up(conn)
-            done = self.api.applied_offsets(conn, GROUP, {s[:2] for s in sources})
+            done = self.api.applied_label_offsets(conn, GROUP, {s[:2] for s in sources})
             redelivered = [o < done.get((t, p), 0) for t, p, o in sources]
             found = self.api.decisions_for_labels(conn, ids)
             again = [q for q, r in zip(ids, redelivered, strict=True) if r]
@@ -269,7 +256,7 @@ class Writer:
             after: dict[tuple[str, int], int] = {}
             for topic, partition, offset in sources:
                 after[(topic, partition)] = max(after.get((topic, partition), 0), offset + 1)
-            self.api.record_offsets(conn, GROUP, after)
+            self.api.record_label_offsets(conn, GROUP, after)
         ended = time.perf_counter()
         if len(rewards) != len(ids):
             raise RuntimeError(f"stored {len(rewards)} rewards for {len(ids)} labels")
