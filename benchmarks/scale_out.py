@@ -14,23 +14,22 @@
     384-dim vector itself, d = 384; ``default``: the default context builder on a 384-dim
     embedding, d = 450), their labels published, and one in-process
     :class:`app.application.Application` (the real LabelConsumer, Learner, LivePolicy and
-    LogFollower) started. Rate = labels / (first ``Learner.learn`` call → last reward applied to
-    the policy). The first configuration is the service's defaults; the others change
+    LogFollower) started. Rate = rewards applied to the policy after its first label
+    transaction / the time from that transaction's end to the last reward applied (the
+    policy's watermark, polled every 2 ms: the first transaction's start-up is outside it).
+    The first configuration is the service's defaults; the others change
     ``labels_poll_max_records`` (the most labels applied in one transaction),
     ``checkpoint_every`` and ``checkpoint_min_seconds`` (``--label-configs``), to show where
     the time goes. Target: ≥ 5,000/s.
-(3) Learning lag with 3 instances: a reward's commit → applied by every instance. Each instance
-    here is the real ``metallm serve`` with two methods wrapped to write timestamps: when
-    ``LivePolicy.stored`` is entered (the owner's transaction has just committed) and when
-    ``LivePolicy._apply`` applied each reward seq (any instance, any path). Lag of a reward on
-    an instance = its apply time − the reward's commit time (the earliest of the two stamps:
-    the owner's follower may apply it, on its NOTIFY, before ``stored`` gets the lock). Labels
-    of pre-stored decisions are published at a steady rate while queries stream through, and
-    p50/p99 are printed over every reward of "applied by all three" (the slowest instance) and
-    per instance for the rewards other instances stored. The instances' own
-    ``metallm_learning_lag_seconds`` histograms are scraped too and their bucket-interpolated
-    quantiles printed next to it: coarse, and measured from the reward transaction's *start*
-    (``reward_applied_at`` is ``now()``), so they include the transaction itself.
+(3) Learning lag with 3 instances, as the instances export it: each is ``metallm serve`` with
+    the fault tests' embedder (``tests/faults/serve.py``), and the lag is its
+    ``metallm_learning_lag_seconds`` histogram (a reward's transaction → this instance's
+    policy applying it, whichever instance stored it), scraped from each instance's
+    ``/metrics`` once every instance has applied every reward (its histogram's count reached
+    the rewards in Postgres). Labels of pre-stored decisions are published at a steady rate
+    while queries stream through; p50/p99 are interpolated within the histogram's buckets
+    (as Prometheus' ``histogram_quantile``), per instance and over the three, with the mean
+    (``_sum / _count``, exact).
 
 The instances use :class:`tests.faults.harness.HashEmbedder` (16 dims), not MiniLM: this
 benchmark is about the LLM-bound regime, where more instances mean more calls in flight. Three
@@ -84,47 +83,6 @@ RESULTS = ROOT / "benchmarks" / "results" / "scale_out.md"
 log = logging.getLogger("scale_out")
 
 
-# ------------------------------------------------------------------------ an instrumented serve
-def serve() -> int:
-    """``--serve``: ``metallm serve`` as ``tests/faults/serve.py`` runs it (HashEmbedder), with
-    ``LivePolicy.stored`` and ``LivePolicy._apply`` writing "c SEQ T" (committed: the owner
-    learns of its transaction) and "a SEQ T" (applied) lines to ``$SCALE_OUT_STAMPS``."""
-    import app.application
-    from app.cli import main
-    from service.learning import LivePolicy
-    from tests.faults.harness import HashEmbedder
-
-    app.application.Embedder = HashEmbedder  # type: ignore[misc, assignment]
-    out = open(os.environ["SCALE_OUT_STAMPS"], "a", buffering=1 << 16)  # noqa: SIM115
-    write = threading.Lock()
-    stored, apply = LivePolicy.stored, LivePolicy._apply
-
-    def stamped_stored(self, rewards, decisions=(), since=None):
-        if rewards:
-            now = time.time()
-            with write:
-                out.write("".join(f"c {r.seq} {now:.6f}\n" for r in rewards))
-        return stored(self, rewards, decisions, since)
-
-    def stamped_apply(self, rewards):
-        before = self.watermark
-        n = apply(self, rewards)
-        if n:
-            now = time.time()
-            seqs = sorted({r.seq for r in rewards if before < r.seq <= self.watermark})
-            with write:
-                out.write("".join(f"a {s} {now:.6f}\n" for s in seqs))
-                out.flush()
-        return n
-
-    LivePolicy.stored = stamped_stored  # type: ignore[method-assign]
-    LivePolicy._apply = stamped_apply  # type: ignore[method-assign]
-    try:
-        return main(["serve"])
-    finally:
-        out.close()
-
-
 # ------------------------------------------------------------------------ helpers
 def load() -> str:
     return " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -147,31 +105,6 @@ def quantile(values: list[float], q: float) -> float:
 
 def runs(values: list[float], fmt: str = "{:.1f}") -> str:
     return ", ".join(fmt.format(v) for v in values)
-
-
-def create_topics(bootstrap: str, names: list[str]) -> None:
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics(
-            [NewTopic(t, num_partitions=PARTITIONS, replication_factor=1) for t in names]
-        )
-    finally:
-        admin.close()
-
-
-def delete_topics(bootstrap: str, names: list[str]) -> None:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.delete_topics(names)
-    except Exception:  # memory only: a topic left behind costs the broker's RAM, nothing else
-        log.warning("could not delete topics %s", names, exc_info=True)
-    finally:
-        admin.close()
 
 
 def publish_spread(bootstrap: str, topic: str, values: list[tuple[str, bytes]]) -> None:
@@ -202,16 +135,21 @@ class Stream:
         self.topics = [v for k, v in self.names.items() if k.endswith("_topic")]
 
     def __enter__(self) -> Stream:
+        from consumers.kafka_io import create_topics
         from service.migrate import upgrade
 
         upgrade(DATABASE_URL, self.schema)
-        create_topics(self.bootstrap, self.topics)
+        create_topics(self.bootstrap, self.topics, PARTITIONS)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        from consumers.kafka_io import delete_topics
         from service.migrate import drop_schema
 
-        delete_topics(self.bootstrap, self.topics)
+        try:
+            delete_topics(self.bootstrap, self.topics)
+        except Exception:  # memory only: a topic left behind costs the broker's RAM, nothing else
+            log.warning("could not delete topics %s", self.topics, exc_info=True)
         drop_schema(DATABASE_URL, self.schema)
 
     def engine(self):
@@ -239,19 +177,18 @@ def write_arm_config(server, path: Path) -> Path:
 
 # ------------------------------------------------------------------------ instances
 class Instance:
-    """One instrumented ``metallm serve`` subprocess (see :func:`serve`)."""
+    """One ``metallm serve`` subprocess, with the fault tests' embedder."""
 
     def __init__(self, name: str, env: dict[str, str], folder: Path) -> None:
         self.name = name
         self.log_path = folder / f"{name}.log"
-        self.stamps_path = folder / f"{name}.stamps"
-        self.env = {**env, "METALLM_INSTANCE_ID": name, "SCALE_OUT_STAMPS": str(self.stamps_path)}
+        self.env = {**env, "METALLM_INSTANCE_ID": name}
         self.process: subprocess.Popen | None = None
 
     def start(self) -> Instance:
         with open(self.log_path, "ab") as out:
             self.process = subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--serve"],
+                [sys.executable, str(ROOT / "tests" / "faults" / "serve.py")],
                 env=self.env,
                 cwd=ROOT,
                 stdin=subprocess.DEVNULL,
@@ -301,17 +238,9 @@ class Instance:
             self.process.wait()
             return -9
 
-    def stamps(self) -> tuple[dict[int, float], dict[int, float]]:
-        """(committed, applied): seq → time, from this instance's stamps file."""
-        committed: dict[int, float] = {}
-        applied: dict[int, float] = {}
-        if not self.stamps_path.exists():
-            return committed, applied
-        for line in self.stamps_path.read_text().splitlines():
-            kind, seq, at = line.split()
-            target = committed if kind == "c" else applied
-            target.setdefault(int(seq), float(at))
-        return committed, applied
+    def lag_histogram(self) -> Histogram:
+        """This instance's ``metallm_learning_lag_seconds``, scraped now."""
+        return Histogram.parse(self.get("/metrics")[1], "metallm_learning_lag_seconds")
 
 
 def settled(instances: list[Instance]) -> bool:
@@ -521,6 +450,47 @@ def prestore(engine, rows: list[dict], chunk: int = 2000) -> None:
             storage.insert_decisions(conn, rows[i : i + chunk])
 
 
+class WatermarkWatch:
+    """Polls a :class:`LivePolicy`'s reward watermark every 2 ms from a thread of its own: when
+    it first moves (the first label transaction is applied) and when it reaches ``n``."""
+
+    def __init__(self, live, n: int) -> None:
+        self.live, self.n = live, n
+        self.done = threading.Event()
+        self._stopped = threading.Event()
+        self.first_at = self.last_at = 0.0
+        self.first_seq = 0
+        self._thread = threading.Thread(target=self._run, daemon=True, name="watermark-watch")
+
+    def start(self) -> WatermarkWatch:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stopped.wait(0.002):
+            seq = self.live.watermark
+            if seq and not self.first_seq:
+                self.first_at, self.first_seq = time.perf_counter(), seq
+            if seq >= self.n:
+                self.last_at = time.perf_counter()
+                self.done.set()
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
+
+
+def last_checkpoint_id(engine) -> int:
+    """The newest policy checkpoint's id (ids grow with each one stored; 0: none yet)."""
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.text("SELECT coalesce(max(id), 0) FROM policy_checkpoints")
+        ).scalar_one()
+
+
 def labels_run(
     bootstrap: str,
     n: int,
@@ -572,36 +542,8 @@ def labels_run(
         from app.application import Application
 
         service = Application.build(settings, config=config, embedder=HashEmbedder(384))
-        live, learner = service.live, service.learner
-        first: list[float] = []
-        done = threading.Event()
-        last: list[float] = []
-        learn, apply = learner.learn, live._apply
-
-        def timed_learn(*args, **kwargs):
-            if not first:
-                first.append(time.perf_counter())
-            return learn(*args, **kwargs)
-
-        def timed_apply(rewards):
-            applied = apply(rewards)
-            if applied and live.watermark >= n and not done.is_set():
-                last.append(time.perf_counter())
-                done.set()
-            return applied
-
-        taken: list[float] = []  # checkpoints stored before the last reward was applied
-        checkpoint = live.checkpoint
-
-        def counted_checkpoint(wait_s: float = 0.0) -> bool:
-            saved = checkpoint(wait_s=wait_s)
-            if saved and not done.is_set():
-                taken.append(time.perf_counter())
-            return saved
-
-        learner.learn = timed_learn  # type: ignore[method-assign]
-        live._apply = timed_apply  # type: ignore[method-assign]
-        live.checkpoint = counted_checkpoint  # type: ignore[method-assign]
+        checkpoints_before = last_checkpoint_id(engine)
+        watch = WatermarkWatch(service.live, n).start()
         spy = None
         if profile is not None:  # every thread of this process, sampled from outside
             spy = subprocess.Popen(
@@ -629,9 +571,11 @@ def labels_run(
             time.sleep(1.0)  # attached before the labels flow
         service.start()
         try:
-            if not done.wait(600):
-                raise RuntimeError(f"only {live.watermark}/{n} labels applied after 600 s")
+            if not watch.done.wait(600):
+                raise RuntimeError(f"only {service.live.watermark}/{n} labels applied after 600 s")
+            taken = last_checkpoint_id(engine) - checkpoints_before  # before the stop's own
         finally:
+            watch.stop()
             if spy is not None:
                 spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
                 spy.wait(60)
@@ -650,12 +594,12 @@ def labels_run(
         "labels": n,
         "rewarded": rewarded,
         "transactions": batches,
-        "rate": n / (last[0] - first[0]),
-        "seconds": last[0] - first[0],
+        "rate": (n - watch.first_seq) / (watch.last_at - watch.first_at),
+        "seconds": watch.last_at - watch.first_at,
         "poll_max": poll_max,
         "checkpoint_every": every,
         "checkpoint_min_seconds": min_seconds,
-        "checkpoints": len(taken),
+        "checkpoints": taken,
         "load": load(),
     }
 
@@ -708,39 +652,68 @@ def part_labels(
 
 
 # ------------------------------------------------------------------------ (3) learning lag
-def histogram_quantiles(text: str) -> tuple[dict[float, float], int]:
-    """Cumulative ``metallm_learning_lag_seconds`` buckets of one scrape: {le: count}, total."""
-    buckets: dict[float, float] = {}
-    for le, value in re.findall(
-        r'^metallm_learning_lag_seconds_bucket\{le="([^"]+)"\} ([0-9.e+]+)$', text, re.M
-    ):
-        buckets[float("inf") if le == "+Inf" else float(le)] = float(value)
-    return buckets, int(buckets.get(float("inf"), 0))
+@dataclass(frozen=True)
+class Histogram:
+    """One Prometheus histogram of a scrape: cumulative counts by upper bound, count and sum."""
 
+    buckets: dict[float, float]
+    count: float
+    total: float
 
-def bucket_quantile(buckets: dict[float, float], q: float) -> float:
-    """Prometheus' histogram_quantile: linear within the bucket the rank falls in."""
-    edges = sorted(buckets)
-    total = buckets[edges[-1]]
-    rank = q * total
-    prev_le, prev_count = 0.0, 0.0
-    for le in edges:
-        count = buckets[le]
-        if count >= rank:
-            if le == float("inf"):
-                return prev_le
-            if count == prev_count:
-                return le
-            return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
-        prev_le, prev_count = le, count
-    return float("nan")
+    @classmethod
+    def parse(cls, text: str, name: str) -> Histogram:
+        """``name``'s series in a ``/metrics`` text (no labels); empty if it is not there."""
+        buckets = {
+            float("inf") if le == "+Inf" else float(le): float(value)
+            for le, value in re.findall(
+                rf'^{name}_bucket\{{le="([^"]+)"\}} ([0-9.e+-]+)$', text, re.M
+            )
+        }
+        count = re.search(rf"^{name}_count ([0-9.e+-]+)$", text, re.M)
+        total = re.search(rf"^{name}_sum ([0-9.e+-]+)$", text, re.M)
+        return cls(
+            buckets,
+            float(count.group(1)) if count else 0.0,
+            float(total.group(1)) if total else 0.0,
+        )
+
+    def __add__(self, other: Histogram) -> Histogram:
+        edges = set(self.buckets) | set(other.buckets)
+        return Histogram(
+            {le: self.buckets.get(le, 0.0) + other.buckets.get(le, 0.0) for le in edges},
+            self.count + other.count,
+            self.total + other.total,
+        )
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    def quantile(self, q: float) -> float:
+        """Prometheus' ``histogram_quantile``: linear within the bucket the rank falls in."""
+        if not self.count:
+            return float("nan")
+        rank = q * self.count
+        prev_le, prev_count = 0.0, 0.0
+        for le in sorted(self.buckets):
+            count = self.buckets[le]
+            if count >= rank:
+                if le == float("inf"):
+                    return prev_le
+                if count == prev_count:
+                    return le
+                return prev_le + (le - prev_le) * (rank - prev_count) / (count - prev_count)
+            prev_le, prev_count = le, count
+        return float("nan")
 
 
 def lag_run(
     bootstrap: str, folder: Path, k: int, labels_n: int, label_rate: float, queries_n: int
 ) -> dict:
     """``k`` instances; labels of pre-stored decisions published at ``label_rate``/s while
-    ``queries_n`` queries stream through; per reward, commit → applied on each instance."""
+    ``queries_n`` queries stream through; each instance's learning-lag histogram once every
+    instance has applied every reward."""
+    import sqlalchemy as sa
     from kafka import KafkaProducer
 
     from service.config import parse_config
@@ -790,69 +763,41 @@ def lag_run(
                 producer.flush()
                 producer.close()
                 publish_s = time.monotonic() - t0
+                rewarded = "SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL"
+                wait_count(engine, rewarded, labels_n, 300, instances)
                 wait_count(
-                    engine,
-                    "SELECT count(*) FROM decisions WHERE reward_seq IS NOT NULL",
-                    labels_n,
-                    300,
-                    instances,
-                )
-                # every instance applies every reward (the followers poll at least every second)
-                deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if all(len(inst.stamps()[1]) >= labels_n for inst in instances):
-                        break
-                    time.sleep(0.5)
-                scrapes = [inst.get("/metrics")[1] for inst in instances]
-                decided = wait_count(
                     engine, "SELECT count(*) FROM decisions", labels_n + queries_n, 300, instances
                 )
-                del decided
+                with engine.connect() as conn:  # with any failure rewards of the queries
+                    rewards = int(conn.execute(sa.text(rewarded)).scalar_one())
+                # every instance applies every reward (the followers poll at least every second)
+                deadline = time.monotonic() + 60
+                while True:
+                    histograms = [inst.lag_histogram() for inst in instances]
+                    if all(h.count >= rewards for h in histograms) or time.monotonic() > deadline:
+                        break
+                    time.sleep(0.5)
             finally:
                 codes = [inst.terminate() for inst in instances]
                 engine.dispose()
     finally:
         server.stop()
-
-    stamps = [inst.stamps() for inst in instances]
-    committed: dict[int, float] = {}
-    owner: dict[int, int] = {}
-    for i, (c, _) in enumerate(stamps):
-        for seq, at in c.items():
-            if seq not in committed or at < committed[seq]:
-                committed[seq], owner[seq] = at, i
-    seqs = sorted(committed)
-    every, others = [], {inst.name: [] for inst in instances}
-    missing = 0
-    for seq in seqs:
-        applied = [s[1].get(seq) for s in stamps]
-        if any(a is None for a in applied):
-            missing += 1
-            continue
-        start = min(committed[seq], *applied)
-        every.append(max(applied) - start)
-        for i, a in enumerate(applied):
-            if i != owner[seq]:
-                others[instances[i].name].append(a - start)
-    histogram: dict[float, float] = {}
-    for text in scrapes:
-        buckets, _ = histogram_quantiles(text)
-        for le, count in buckets.items():
-            histogram[le] = histogram.get(le, 0.0) + count
-    per_owner = {instances[i].name: sum(1 for o in owner.values() if o == i) for i in range(k)}
     return {
         "instances": k,
-        "rewards": len(seqs),
-        "missing": missing,
-        "every": every,
-        "others": others,
-        "per_owner": per_owner,
-        "histogram": histogram,
+        "rewards": rewards,
+        "histograms": {inst.name: h for inst, h in zip(instances, histograms, strict=True)},
         "label_rate": label_rate,
         "publish_s": publish_s,
         "exit_codes": codes,
         "load": load(),
     }
+
+
+def summed(histograms: dict[str, Histogram]) -> Histogram:
+    first, *rest = histograms.values()
+    for h in rest:
+        first = first + h
+    return first
 
 
 def part_lag(
@@ -862,15 +807,13 @@ def part_lag(
     for repeat in range(repeats):
         r = lag_run(bootstrap, folder, 3, labels_n, rate, queries_n)
         out.append(r)
-        every = r["every"]
-        hq = {q: bucket_quantile(r["histogram"], q) for q in (0.5, 0.99)} if r["histogram"] else {}
+        every = summed(r["histograms"])
+        counts = {name: int(h.count) for name, h in r["histograms"].items()}
         print(
-            f"  run {repeat + 1}: {r['rewards']} rewards (stored per instance {r['per_owner']}, "
-            f"{r['missing']} not applied everywhere); applied by all 3: "
-            f"p50 {1000 * quantile(every, 0.5):.1f} ms, p99 {1000 * quantile(every, 0.99):.1f} ms, "
-            f"max {1000 * max(every):.1f} ms; histogram p50 {1000 * hq.get(0.5, float('nan')):.1f} "
-            f"ms, p99 {1000 * hq.get(0.99, float('nan')):.1f} ms; exits {r['exit_codes']}; "
-            f"load {r['load']}",
+            f"  run {repeat + 1}: {r['rewards']} rewards, applied per instance {counts}; lag "
+            f"over the 3: p50 {1000 * every.quantile(0.5):.1f} ms, p99 "
+            f"{1000 * every.quantile(0.99):.1f} ms, mean {1000 * every.mean:.1f} ms; exits "
+            f"{r['exit_codes']}; load {r['load']}",
             flush=True,
         )
     return out
@@ -938,7 +881,8 @@ def report(
             "## (2) Labels applied per second, one instance",
             "",
             f"{args.labels:,} pre-stored decisions, their labels published first; one in-process "
-            "Application; first `Learner.learn` → last reward applied to the policy.",
+            "Application; rewards applied after the first label transaction / its end → the last "
+            "reward applied to the policy (the policy's watermark, polled every 2 ms).",
             "",
             "The first row is the service's defaults (`METALLM_LABELS_POLL_MAX_RECORDS` 1000, "
             "`METALLM_CHECKPOINT_EVERY` 100, `METALLM_CHECKPOINT_MIN_SECONDS` 5, checkpoints "
@@ -961,49 +905,34 @@ def report(
             )
         lines.append("")
     if lag:
-        every = [quantile(r["every"], q) for r in lag for q in (0.5, 0.99)]
-        p50s = [quantile(r["every"], 0.5) for r in lag]
-        p99s = [quantile(r["every"], 0.99) for r in lag]
-        del every
         lines += [
             "## (3) Learning lag, 3 instances",
             "",
             f"{args.lag_labels:,} labels published at {args.lag_rate:.0f}/s while "
-            f"{args.lag_queries:,} queries stream through. Lag of a reward = applied on an "
-            "instance − committed (stamped in each instance's process).",
+            f"{args.lag_queries:,} queries stream through. Lag of a reward on an instance: "
+            "`metallm_learning_lag_seconds`, scraped from each instance once every instance "
+            "had applied every reward.",
             "",
-            "| measure | p50 (median of runs) | p99 (median of runs) | runs p50 / p99 |",
-            "|---|---|---|---|",
-            f"| applied by all 3 (direct) | {1000 * median(p50s):.1f} ms | "
-            f"{1000 * median(p99s):.1f} ms | "
-            f"{runs([1000 * x for x in p50s])} / {runs([1000 * x for x in p99s])} ms |",
+            "| instance | p50 (median of runs) | p99 (median of runs) | mean | runs p50 / p99 |",
+            "|---|---|---|---|---|",
         ]
-        names = list(lag[0]["others"])
-        for name in names:
-            a = [quantile(r["others"][name], 0.5) for r in lag]
-            b = [quantile(r["others"][name], 0.99) for r in lag]
+        rows = {name: [r["histograms"][name] for r in lag] for name in lag[0]["histograms"]}
+        rows["the 3 together"] = [summed(r["histograms"]) for r in lag]
+        for name, hs in rows.items():
+            p50s = [1000 * h.quantile(0.5) for h in hs]
+            p99s = [1000 * h.quantile(0.99) for h in hs]
+            means = [1000 * h.mean for h in hs]
             lines.append(
-                f"| {name}, others' rewards (direct) | {1000 * median(a):.1f} ms | "
-                f"{1000 * median(b):.1f} ms | {runs([1000 * x for x in a])} / "
-                f"{runs([1000 * x for x in b])} ms |"
+                f"| {name} | {median(p50s):.1f} ms | {median(p99s):.1f} ms | "
+                f"{median(means):.1f} ms | {runs(p50s)} / {runs(p99s)} ms |"
             )
-        h50 = [bucket_quantile(r["histogram"], 0.5) for r in lag]
-        h99 = [bucket_quantile(r["histogram"], 0.99) for r in lag]
-        lines.append(
-            f"| `metallm_learning_lag_seconds`, 3 instances summed (buckets) | "
-            f"{1000 * median(h50):.1f} ms | {1000 * median(h99):.1f} ms | "
-            f"{runs([1000 * x for x in h50])} / {runs([1000 * x for x in h99])} ms |"
-        )
         lines += [
             "",
-            "Direct: each instance stamps the wall time when `LivePolicy.stored` is entered "
-            "(its transaction has just committed) and when `LivePolicy._apply` applied each "
-            "reward seq; a reward's commit time is the earliest of its stamps, and *applied by "
-            "all 3* is the slowest instance's apply time minus it. The histogram is what the "
-            "instances export: it counts from the reward transaction's start (`reward_applied_at`"
-            " is `now()`; the owner's own rewards from `Learner.learn`'s start), so it includes "
-            "the transaction itself, waiting for the learning log's lock among them, and its "
-            "quantiles are interpolated within coarse buckets.",
+            "The histogram counts from the reward transaction's start (`reward_applied_at` is "
+            "`now()`; the owner's own rewards from `Learner.learn`'s start), so it includes "
+            "the transaction itself, waiting for the learning log's lock among them; it mixes "
+            "an instance's own rewards with those it follows from the others, and its "
+            "quantiles are interpolated within its buckets (the mean is exact).",
             "",
         ]
     return "\n".join(lines)
@@ -1030,7 +959,6 @@ def cpu_model() -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--parts", default="1,2,3", help="which parts to run (1,2,3)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--instances", default="1,2,3")
@@ -1053,9 +981,6 @@ def main() -> int:
     parser.add_argument("--lag-queries", type=int, default=4800)
     parser.add_argument("--no-write", action="store_true", help="do not write results/scale_out.md")
     args = parser.parse_args()
-    if args.serve:
-        return serve()
-
     logging.basicConfig(level=logging.WARNING)
     parts = {int(p) for p in args.parts.split(",")}
     args.load_start = load()

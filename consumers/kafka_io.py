@@ -1,8 +1,15 @@
-"""Kafka clients configured from settings (kafka-python)."""
+"""Kafka clients configured from settings (kafka-python), and the topic helpers that the
+service, the bench, the benchmarks and the tests share.
+
+The topic helpers take a :data:`KafkaTarget`: the service's settings (with their SASL/SSL
+options), or bootstrap servers as a string (plaintext, as a test's or a benchmark's own broker).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
@@ -53,40 +60,71 @@ def make_producer(settings: Settings) -> KafkaProducer:
     return KafkaProducer(acks="all", linger_ms=5, retries=5, **client_options(settings))
 
 
-def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
-    """Create the topics that do not exist yet, with ``partitions`` partitions (default
-    ``METALLM_TOPIC_PARTITIONS``), and wait until the broker shows them. A topic that exists is
-    left as it is: :func:`check_topics` tells whether the service can use it."""
-    partitions = settings.topic_partitions if partitions is None else partitions
-    admin = KafkaAdminClient(**client_options(settings))
+#: Where an admin helper connects: settings, or bootstrap servers ``"host:port[,host:port…]"``
+KafkaTarget = Settings | str
+
+
+@contextmanager
+def admin_client(target: KafkaTarget) -> Iterator[KafkaAdminClient]:
+    """An admin client for ``target``, closed on leaving."""
+    if isinstance(target, Settings):
+        options = client_options(target)
+    else:
+        options = {"bootstrap_servers": target.split(",")}
+    admin = KafkaAdminClient(**options)
     try:
-        existing = set(admin.list_topics())
-        missing = [t for t in topics if t not in existing]
-        if missing:
-            try:
-                admin.create_topics(
-                    {t: {"num_partitions": partitions, "replication_factor": 1} for t in missing}
-                )
-                log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
-            except TopicAlreadyExistsError:
-                pass  # made at the same moment by another process (the others still are)
-            # the broker acknowledges a creation before its metadata shows the partitions
-            admin.wait_for_topics(missing)
+        yield admin
     finally:
         admin.close()
+
+
+def create_topics(target: KafkaTarget, topics: Iterable[str], partitions: int) -> list[str]:
+    """Create those of ``topics`` that do not exist yet, with ``partitions`` partitions each, and
+    wait until the broker shows them; returns the ones this call created. A topic that exists
+    is left as it is (:func:`check_topics` tells whether the service can use it)."""
+    wanted = list(dict.fromkeys(topics))
+    with admin_client(target) as admin:
+        existing = set(admin.list_topics())
+        missing = [t for t in wanted if t not in existing]
+        if not missing:
+            return []
+        try:
+            admin.create_topics(
+                {t: {"num_partitions": partitions, "replication_factor": 1} for t in missing}
+            )
+            log.info("created topics %s (%d partitions)", ", ".join(missing), partitions)
+        except TopicAlreadyExistsError:
+            pass  # made at the same moment by another process (the others still are)
+        # the broker acknowledges a creation before its metadata shows the partitions
+        admin.wait_for_topics(missing)
+    return missing
+
+
+def delete_topics(target: KafkaTarget, topics: Iterable[str]) -> list[str]:
+    """Delete those of ``topics`` that exist; returns them."""
+    wanted = list(dict.fromkeys(topics))
+    with admin_client(target) as admin:
+        existing = set(admin.list_topics())
+        doomed = [t for t in wanted if t in existing]
+        if doomed:
+            admin.delete_topics(doomed)
+    return doomed
+
+
+def ensure_topics(settings: Settings, topics: list[str], partitions: int | None = None) -> None:
+    """Create the service's topics that do not exist yet, with ``partitions`` partitions
+    (default ``METALLM_TOPIC_PARTITIONS``): :func:`create_topics` with the settings'."""
+    create_topics(settings, topics, settings.topic_partitions if partitions is None else partitions)
 
 
 class TopicMismatch(RuntimeError):
     """The queries or the labels topic does not have ``METALLM_TOPIC_PARTITIONS`` partitions."""
 
 
-def partition_counts(settings: Settings, topics: list[str]) -> dict[str, int | None]:
+def partition_counts(target: KafkaTarget, topics: list[str]) -> dict[str, int | None]:
     """Each topic's number of partitions (None: no such topic)."""
-    admin = KafkaAdminClient(**client_options(settings))
-    try:
+    with admin_client(target) as admin:
         described = {t["name"]: t for t in admin.describe_topics(topics)}
-    finally:
-        admin.close()
     counts: dict[str, int | None] = {}
     for topic in topics:
         info = described.get(topic)

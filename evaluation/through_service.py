@@ -287,20 +287,12 @@ class _Replay:
 def _delete_topics(settings: Settings, topics: dict[str, str]) -> None:
     """Delete the replay's topics; a failure is logged, not raised (cleaning up must not hide
     the run's own error)."""
-    from kafka import KafkaAdminClient
+    from consumers.kafka_io import delete_topics
 
-    from consumers.kafka_io import client_options
-
-    admin = KafkaAdminClient(**client_options(settings))
     try:
-        existing = set(admin.list_topics())
-        doomed = [v for k, v in topics.items() if k.endswith("_topic") and v in existing]
-        if doomed:
-            admin.delete_topics(doomed)
+        delete_topics(settings, [v for k, v in topics.items() if k.endswith("_topic")])
     except Exception:  # cleaning up must not hide the run's own error
         log.warning("could not delete the bench topics", exc_info=True)
-    finally:
-        admin.close()
 
 
 def compare(problem: Problem, start: int, fast: StreamResult, run: ServiceRun) -> dict[str, Any]:

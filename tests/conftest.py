@@ -85,16 +85,9 @@ def topics(broker: str) -> Iterator[dict[str, str]]:
     tag = uuid.uuid4().hex[:10]
     names = isolated_stream_names(f"t-{tag}")
     yield names
-    from kafka import KafkaAdminClient
+    from consumers.kafka_io import delete_topics
 
-    admin = KafkaAdminClient(bootstrap_servers=broker)
-    try:
-        existing = set(admin.list_topics())
-        doomed = [t for k, t in names.items() if k.endswith("_topic") and t in existing]
-        if doomed:
-            admin.delete_topics(doomed)
-    finally:
-        admin.close()
+    delete_topics(broker, [t for k, t in names.items() if k.endswith("_topic")])
 
 
 def wait_for(

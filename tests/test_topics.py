@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from kafka import KafkaAdminClient
 
 from app.cli import EXIT_INPUT
 from consumers.kafka_io import (
     TopicMismatch,
     check_topics,
+    create_topics,
+    delete_topics,
     ensure_topics,
     make_producer,
     partition_counts,
@@ -35,14 +36,6 @@ LOG_LINE = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (INFO|WARNING) ")
 
 def stream_topics(topics: dict[str, str]) -> list[str]:
     return [topics[k] for k in ("queries_topic", "labels_topic", "decisions_topic", "dlq_topic")]
-
-
-def make_topic(broker: str, topic: str, partitions: int) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=broker)
-    try:
-        admin.create_topics({topic: {"num_partitions": partitions, "replication_factor": 1}})
-    finally:
-        admin.close()
 
 
 def test_the_default_is_six_partitions_and_at_least_one(monkeypatch):
@@ -70,6 +63,20 @@ def test_topics_are_created_with_the_settings_partition_count(broker, topics, pg
     assert set(partition_counts(settings, stream_topics(topics)).values()) == {4, 2}
 
 
+def test_the_shared_helpers_create_and_delete_only_what_they_must(broker, topics):
+    """``create_topics`` / ``delete_topics``, which the bench, the benchmarks and the tests
+    share, given bootstrap servers: each says what it changed, and doing it again changes
+    nothing."""
+    first, second = topics["queries_topic"], topics["labels_topic"]
+    assert create_topics(broker, [first, second], 3) == [first, second]
+    assert partition_counts(broker, [first, second]) == {first: 3, second: 3}
+    assert create_topics(broker, [first], 5) == []  # there already: left as it is
+    assert partition_counts(broker, [first]) == {first: 3}
+    assert delete_topics(broker, [first, topics["dlq_topic"]]) == [first]  # the dlq never was
+    assert delete_topics(broker, [first]) == []
+    assert partition_counts(broker, [second]) == {second: 3}
+
+
 def test_topics_of_another_count_are_refused_naming_the_setting(broker, topics, pg_schema):
     settings = settings_for(broker, topics, pg_schema, DATABASE_URL)  # the default, 6
     queries, labels = topics["queries_topic"], topics["labels_topic"]
@@ -78,8 +85,8 @@ def test_topics_of_another_count_are_refused_naming_the_setting(broker, topics, 
         check_topics(settings)
 
     # both made with 1 partition (a deployment from before the setting): the setting is off
-    make_topic(broker, queries, 1)
-    make_topic(broker, labels, 1)
+    create_topics(broker, [queries], 1)
+    create_topics(broker, [labels], 1)
     ensure_topics(settings, [queries, labels])  # existing: left alone
     with pytest.raises(TopicMismatch) as refused:
         check_topics(settings)
@@ -93,7 +100,7 @@ def test_topics_of_another_count_are_refused_naming_the_setting(broker, topics, 
 def test_queries_and_labels_of_different_counts_are_refused(broker, topics, pg_schema):
     settings = settings_for(broker, topics, pg_schema, DATABASE_URL)
     queries, labels = topics["queries_topic"], topics["labels_topic"]
-    make_topic(broker, labels, 2)
+    create_topics(broker, [labels], 2)
     ensure_topics(settings, [queries, labels])  # queries made with 6
     for partitions in (6, 2):  # no setting fits both
         with pytest.raises(TopicMismatch) as refused:
@@ -143,7 +150,7 @@ def test_serve_refuses_topics_of_another_count_in_one_line(broker, topics, pg_sc
     ]
     config.write_text(yaml.safe_dump({"tasks": TASKS, "arms": arms}))
     for topic in (topics["queries_topic"], topics["labels_topic"]):
-        make_topic(broker, topic, 1)
+        create_topics(broker, [topic], 1)
     env = {f"METALLM_{k.upper()}": v for k, v in topics.items()}
     env |= {
         "METALLM_KAFKA_BOOTSTRAP": broker,

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from service.policy.base import Choice, Context, RoutingPolicy
-from service.policy.checkpoint import CheckpointError, loads, read_header
+from service.policy.checkpoint import POLICIES, CheckpointError, loads, read_header
 from service.policy.eps_greedy import EpsGreedy
 from service.policy.hybrid_linucb import HybridLinUCB
 from service.policy.lin_ts import LinTS
@@ -27,20 +27,10 @@ from service.policy.softmax import Softmax
 from service.policy.thompson import RiverThompson
 from service.policy.ucb import RiverUCB
 
-#: ``make_policy`` names → classes (also the ``kind`` in checkpoint headers).
-POLICIES: dict[str, type[RoutingPolicy]] = {
-    "linucb": LinUCB,
-    "lin_ts": LinTS,
-    "hybrid_linucb": HybridLinUCB,
-    "eps_greedy": EpsGreedy,
-    "softmax": Softmax,
-    "ucb": RiverUCB,
-    "thompson": RiverThompson,
-}
-
 
 def make_policy(name: str, **params: Any) -> RoutingPolicy:
-    """Build a policy by name (one of :data:`POLICIES`) with constructor ``params``.
+    """Build a policy by name (its ``kind``, a key of :data:`POLICIES`, the registry that
+    checkpoints are loaded by) with constructor ``params``.
 
     >>> type(make_policy("thompson", seed=0)).__name__
     'RiverThompson'

@@ -30,9 +30,12 @@ order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
 ``numpy.triu_indices`` order), ``s_b`` (float64), ``s_counts`` (int64), ``s_reward_sum``
 (float64) and ``s_scorer`` (float32, the approximate ``A⁻¹`` that scores decisions). Version 1
 kept the full ``s_A`` plus ``s_A_inv`` and ``s_theta`` (float64) and no scorer; loading it
-re-derives the scorer from ``A``. The River-backed policies ("eps_greedy", "softmax", "ucb",
-"thompson") store their River objects as a pickle in the uint8 array ``s_pickle``: only load
-those from a trusted store.
+re-derives the scorer from ``A``. The River baselines keep per-arm arrays: ``s_pulls`` (int64)
+and ``s_means`` (float64, "ucb") or ``s_wins`` (int64, "thompson"), with the total pull count
+``n`` in ``state``; checkpoints written before kept the River policy object instead, pickled
+in the uint8 array ``s_pickle_river``, and still load. The regressor policies ("eps_greedy",
+"softmax") store their River regressors as pickles in uint8 arrays: only load those from a
+trusted store.
 
 ``dumps`` → ``loads`` round-trips exactly: same statistics bit for bit, same random state, so
 the loaded policy makes the same future choices.
@@ -51,7 +54,6 @@ from __future__ import annotations
 import io
 import json
 import struct
-import weakref
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -91,32 +93,25 @@ class Checkpointable(Protocol):
     def checkpoint_state(self) -> PolicyState: ...
 
 
-#: The policy classes, each added as it is defined (``RoutingPolicy.__init_subclass__``);
-#: held weakly, as ``type.__subclasses__`` holds them.
-_CLASSES: weakref.WeakSet[type] = weakref.WeakSet()
+#: The one registry of policy classes, by ``kind``: ``make_policy`` builds from it and
+#: :func:`loads` dispatches on it. A class enters it as it is defined
+#: (``RoutingPolicy.__init_subclass__`` calls :func:`register`).
+POLICIES: dict[str, type] = {}
 
 
 def register(cls: type) -> None:
-    """Make ``cls`` one of the classes :func:`loads` may rebuild (by its own ``kind``)."""
-    _CLASSES.add(cls)
-
-
-def registry() -> dict[str, type]:
-    """Policy classes by ``kind``: each class that declares a ``kind`` of its own. A subclass
-    that merely inherits its parent's ``kind`` does not take the parent's place; two classes
-    declaring the same ``kind`` are an error."""
-    out: dict[str, type] = {}
-    for cls in list(_CLASSES):
-        kind = cls.__dict__.get("kind")
-        if not kind:
-            continue
-        if kind in out and out[kind] is not cls:
-            raise CheckpointError(
-                f"two policy classes declare kind {kind!r}: {out[kind].__qualname__} and "
-                f"{cls.__qualname__}"
-            )
-        out[kind] = cls
-    return out
+    """Make ``cls`` the class of its own ``kind``. A class without a ``kind`` of its own (a
+    base class, or a subclass that merely inherits its parent's) is not registered; a second
+    class declaring a ``kind`` already taken is an error."""
+    kind = cls.__dict__.get("kind")
+    if not kind:
+        return
+    taken = POLICIES.get(kind)
+    if taken is not None and taken is not cls:
+        raise CheckpointError(
+            f"two policy classes declare kind {kind!r}: {taken.__qualname__} and {cls.__qualname__}"
+        )
+    POLICIES[kind] = cls
 
 
 def dump_policy(policy: Checkpointable) -> bytes:
@@ -165,8 +160,7 @@ def loads(data: bytes) -> Any:
     the header's ``kind``."""
     header = read_header(data)
     _, _, length = _PREFIX.unpack_from(data)
-    kinds = registry()
-    if header["kind"] not in kinds:
+    if header["kind"] not in POLICIES:
         raise CheckpointError(f"unknown policy kind {header['kind']!r}")
     with np.load(io.BytesIO(data[_PREFIX.size + length :]), allow_pickle=False) as npz:
         payload = {name: npz[name] for name in npz.files}
@@ -191,4 +185,4 @@ def loads(data: bytes) -> Any:
 
         context_arrays = {k[2:]: v for k, v in payload.items() if k.startswith("c_")}
         state.context = ContextBuilder.from_state(header["context"], context_arrays)
-    return kinds[header["kind"]].from_checkpoint_state(state)
+    return POLICIES[header["kind"]].from_checkpoint_state(state)

@@ -1,5 +1,8 @@
 """River's ``bandit.ThompsonSampling`` with ``proba.Beta`` posteriors, as a baseline.
 
+Each arm's posterior is ``Beta(alpha + wins, beta + pulls − wins)``, as River's ``proba.Beta``
+counts it; the wins are kept here.
+
 Rewards in [0, 1] are fed as Bernoulli trials ``1[u < r]`` (rewards are clipped to [0, 1]
 first; the standard binarisation of Agrawal & Goyal 2012). **Probabilities are estimated by
 sampling** (``n_samples`` posterior draws per decision); the arm is drawn from exactly the
@@ -8,18 +11,19 @@ logged ``(1−ε)·p̂ + ε/k``. Never-pulled arms share the ``1−ε`` mass.
 
 from __future__ import annotations
 
-import pickle
+from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
-from river import bandit, proba
 
 from service.policy.base import ArmId, Choice, Context, draw
 from service.policy.baselines import RiverBaseline
 
 
 class RiverThompson(RiverBaseline):
-    """``river.bandit.ThompsonSampling(proba.Beta(alpha, beta))`` with sampled probabilities."""
+    """River's ``bandit.ThompsonSampling(proba.Beta(alpha, beta))`` with sampled
+    probabilities."""
 
     kind = "thompson"
 
@@ -37,16 +41,16 @@ class RiverThompson(RiverBaseline):
         self.alpha = alpha
         self.beta = beta
         self.n_samples = n_samples
-        self._river = bandit.ThompsonSampling(reward_obj=proba.Beta(alpha, beta), seed=seed)
+        self._wins: Counter[ArmId] = Counter()  # Bernoulli successes per arm
 
     def _learn(self, arm_id: ArmId, reward: float) -> None:
-        success = self._rng.random() < min(max(reward, 0.0), 1.0)
-        self._river.update(arm_id, success)
+        if self._rng.random() < min(max(reward, 0.0), 1.0):
+            self._wins[arm_id] += 1
 
     def posterior(self, arm_id: ArmId) -> tuple[float, float]:
         """Beta posterior ``(alpha, beta)`` of ``arm_id`` (the prior for unknown arms)."""
-        dist = self._river._rewards.get(arm_id)
-        return (self.alpha, self.beta) if dist is None else (dist.alpha, dist.beta)
+        wins = self._wins[arm_id]
+        return self.alpha + wins, self.beta + self._pulls[arm_id] - wins
 
     def choose(self, arm_ids: Sequence[ArmId], context: Context | None = None) -> Choice:
         """Draw an arm among ``arm_ids`` (context ignored); probabilities by sampling."""
@@ -54,7 +58,7 @@ class RiverThompson(RiverBaseline):
         k = len(arm_ids)
         params = np.array([self.posterior(a) for a in arm_ids])
         means = params[:, 0] / params.sum(axis=1)
-        unexplored = np.array([self._river._counts[a] == 0 for a in arm_ids])
+        unexplored = np.array([self._pulls[a] == 0 for a in arm_ids])
         if unexplored.any():
             p = (1.0 - self.epsilon) * unexplored / unexplored.sum() + self.epsilon / k
         else:
@@ -68,11 +72,21 @@ class RiverThompson(RiverBaseline):
             scores=dict(zip(arm_ids, means.tolist(), strict=True)),
         )
 
-    def _merge_into(self, new: RiverBaseline, other: RiverBaseline) -> None:
-        for arm, dist in other._river._rewards.items():
-            mine = new._river._rewards.get(arm)
-            if mine is None:
-                new._river._rewards[arm] = pickle.loads(pickle.dumps(dist))  # noqa: S301
-            else:
-                mine.alpha += dist.alpha - dist._alpha
-                mine.beta += dist.beta - dist._beta
+    def _forget(self, arm_id: ArmId) -> None:
+        self._wins.pop(arm_id, None)
+
+    def _add_stats(self, other: RiverBaseline) -> None:
+        assert isinstance(other, RiverThompson)
+        self._wins.update(other._wins)
+
+    def _stats(self) -> dict[str, np.ndarray]:
+        return {"wins": np.array([self._wins[a] for a in self._arm_list], dtype=np.int64)}
+
+    def _load_stats(self, arms: list, arrays: dict[str, np.ndarray]) -> None:
+        self._wins = Counter(
+            {a: w for a, w in zip(arms, arrays["wins"].tolist(), strict=True) if w}
+        )
+
+    def _load_river_stats(self, rewards: dict[ArmId, Any]) -> None:
+        # a River Beta counts a success as alpha + 1 from the prior alpha
+        self._wins = Counter({a: round(dist.alpha - self.alpha) for a, dist in rewards.items()})

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, TopicPartition
 
+from consumers.kafka_io import create_topics, delete_topics
 from service.settings import isolated_stream_names
 from service.storage import latest_checkpoint, make_engine
 from tests.faults.harness import (
@@ -107,25 +107,6 @@ class KillFigures:
         return asdict(self)
 
 
-def _create_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in topics])
-    finally:
-        admin.close()
-
-
-def _delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        existing = set(admin.list_topics())
-        doomed = [t for t in topics if t in existing]
-        if doomed:
-            admin.delete_topics(doomed)
-    finally:
-        admin.close()
-
-
 def _decision_event_ids(bootstrap: str, topic: str) -> Counter:
     """Query ids of every event on the decisions topic (read to its high-water mark)."""
     consumer = KafkaConsumer(
@@ -167,7 +148,7 @@ def run(
     tag = uuid.uuid4().hex[:8]
     topics = isolated_stream_names(f"kill-{tag}")
     topic_names = [v for k, v in topics.items() if k.endswith("_topic")]
-    _create_topics(bootstrap, topic_names)
+    create_topics(bootstrap, topic_names, 1)
     engine = make_engine(database_url, schema)
     server = ArmServer(truth, ACCURACY, parse_errors=0.02).start()
     config = write_config(workdir / "metallm.yaml", arm_config(server, PRICES))
@@ -181,7 +162,7 @@ def run(
         labels_poll_max_records=poll_max_records,  # small label batches too: kills land amid them
         checkpoint_every=checkpoint_every,
         checkpoint_min_seconds=0,  # a checkpoint every checkpoint_every rewards, kills between
-        topic_partitions=1,  # as _create_topics made them (decision events read from partition 0)
+        topic_partitions=1,  # as they were made (decision events read from partition 0)
     )
 
     def may_publish(i: int) -> bool:  # each chunk once the one before it is mostly decided
@@ -286,4 +267,4 @@ def run(
         stream.join(timeout=10)
         server.kill()
         engine.dispose()
-        _delete_topics(bootstrap, topic_names)
+        delete_topics(bootstrap, topic_names)

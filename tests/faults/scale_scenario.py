@@ -48,9 +48,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
-from kafka.admin import NewTopic
+from kafka import KafkaConsumer, TopicPartition
 
+from consumers.kafka_io import create_topics, delete_topics
 from service.policy import loads, make_policy
 from service.settings import isolated_stream_names
 from service.storage import latest_checkpoint, make_engine, rewards_after
@@ -192,27 +192,6 @@ class ScaleFigures:
 
 
 # --------------------------------------------------------------------------- Kafka
-def create_topics(bootstrap: str, topics: list[str], partitions: int = PARTITIONS) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        admin.create_topics(
-            [NewTopic(t, num_partitions=partitions, replication_factor=1) for t in topics]
-        )
-    finally:
-        admin.close()
-
-
-def delete_topics(bootstrap: str, topics: list[str]) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-    try:
-        existing = set(admin.list_topics())
-        doomed = [t for t in topics if t in existing]
-        if doomed:
-            admin.delete_topics(doomed)
-    finally:
-        admin.close()
-
-
 def committed_total(bootstrap: str, topic: str, group: str, partitions: int = PARTITIONS) -> int:
     """The offsets ``group`` committed, summed over the topic's partitions (= events consumed)."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=group, enable_auto_commit=False)
@@ -408,7 +387,7 @@ def run(
     truth = {q.query_id: q for q in queries}
     topics = isolated_stream_names(f"scale-{uuid.uuid4().hex[:8]}")
     topic_names = [v for k, v in topics.items() if k.endswith("_topic")]
-    create_topics(bootstrap, topic_names)
+    create_topics(bootstrap, topic_names, PARTITIONS)
     engine = make_engine(database_url, schema)
     server = ArmServer(truth, ACCURACY, parse_errors=0.02).start()
     env = service_env(

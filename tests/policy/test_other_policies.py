@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -118,7 +120,8 @@ def test_river_ucb_uses_rivers_statistics_and_rule() -> None:
     }
     choice = policy.choose(["a", "b", "c"], None)
     assert choice.scores == pytest.approx(expected, abs=1e-12)
-    assert choice.arm == twin.pull(["a", "b", "c"]) == policy.river_policy.pull(["a", "b", "c"])
+    assert choice.arm == twin.pull(["a", "b", "c"])
+    assert [policy.pulls(a) for a in "abc"] == [len(rewards[a]) for a in "abc"]
     assert choice.probabilities[choice.arm] == 1.0
 
 
@@ -134,7 +137,7 @@ def test_river_ucb_merge_sums_the_statistics() -> None:
         full.choose(["a", "b"], None).scores, abs=1e-12
     )
     assert merged.n_updates == 60
-    assert merged.river_policy.pull(["a", "b"]) == full.river_policy.pull(["a", "b"])
+    assert [merged.pulls(a) for a in "ab"] == [full.pulls(a) for a in "ab"] == [30, 30]
 
 
 def test_river_thompson_posteriors_and_merge() -> None:
@@ -175,12 +178,34 @@ def test_checkpoints_on_file_load_and_choose_as_they_did(kind: str) -> None:
     """``data/checkpoints/{kind}.ckpt``: each River-backed policy after 40 seeded updates,
     dumped (format version 2) when the four policies shared two modules; ``expected.json``
     holds the choices each made next. Loaded now, each makes the same choices with the same
-    probabilities: the River objects in them unpickle, whatever module the policy is in."""
+    probabilities: the River objects in them unpickle, whatever module the policy is in, and
+    the baselines ("ucb", "thompson"), which now keep their own statistics, take River's.
+    Stored again in today's format, they still make those choices."""
     recorded = json.loads((CHECKPOINTS / "expected.json").read_text())
     expected = recorded["expected"][kind]
-    policy = loads((CHECKPOINTS / f"{kind}.ckpt").read_bytes())
-    assert policy.kind == kind and policy.n_updates == expected["n_updates"]
+    stored = (CHECKPOINTS / f"{kind}.ckpt").read_bytes()
+    policy = loads(stored)
+    again = loads(policy.dumps())
+    assert policy.kind == again.kind == kind
+    assert policy.n_updates == again.n_updates == expected["n_updates"]
     for x, want in zip(recorded["probe"], expected["choices"], strict=True):
-        choice = policy.choose(recorded["arms"], np.array(x))
-        assert choice.arm == want["arm"]
-        assert choice.probabilities == pytest.approx(want["probabilities"], abs=1e-12)
+        for p in (policy, again):
+            choice = p.choose(recorded["arms"], np.array(x))
+            assert choice.arm == want["arm"]
+            assert choice.probabilities == pytest.approx(want["probabilities"], abs=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ucb", "thompson"])
+def test_baseline_checkpoints_hold_arrays_not_river_objects(kind: str) -> None:
+    """Today's baseline checkpoints keep the statistics as plain arrays (no pickle), and the
+    statistics read from an older checkpoint's River object are the ones River kept."""
+    old = loads((CHECKPOINTS / f"{kind}.ckpt").read_bytes())
+    payload = old.dumps()
+    _, _, length = struct.unpack_from(">8sHI", payload)
+    with np.load(io.BytesIO(payload[14 + length :]), allow_pickle=False) as npz:
+        assert sorted(npz.files) == sorted(["s_pulls", "s_means" if kind == "ucb" else "s_wins"])
+    assert sum(old.pulls(a) for a in old.arms) == old.n_updates == 40
+    if kind == "thompson":  # the posterior counts every pull as a win or a loss
+        for arm in old.arms:
+            a, b = old.posterior(arm)
+            assert a + b == old.alpha + old.beta + old.pulls(arm)
