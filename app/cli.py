@@ -22,7 +22,7 @@ from pathlib import Path
 from evaluation.cli import add_commands as evaluation_commands
 from service import report
 from service.report import Column
-from service.settings import Settings
+from service.settings import Settings, describe_settings_error, shown_url
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and failed (a consumer crashed, no such decision, …)
@@ -471,21 +471,12 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _redacted(url: str) -> str:
-    """The database URL as it can be shown: its password replaced by ``***``."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not even a URL: show nothing of it
-        return "(DATABASE_URL, not a valid URL)"
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     import sqlalchemy.exc as sa_exc
     from kafka.errors import KafkaError
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from app.application import SchemaMissing
     from consumers.kafka_io import BrokerUnreachable, TopicMismatch
@@ -498,8 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PGCONNECT_TIMEOUT", "10")
     try:
         settings = Settings()
-    except ValidationError as exc:
-        return _fail(f"invalid settings: {exc}", EXIT_INPUT)
+    except (ValidationError, SettingsError) as exc:
+        return _fail(describe_settings_error(exc), EXIT_INPUT)
     try:
         _setup_logging(args.log_level, settings.log_format)
         return COMMANDS[args.command](settings, args)
@@ -515,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ) as exc:
         return _fail(str(exc), EXIT_INPUT)
     except ValidationError as exc:
-        return _fail(f"invalid settings: {exc}", EXIT_INPUT)
+        return _fail(describe_settings_error(exc), EXIT_INPUT)
     except BrokerUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
     except KafkaError as exc:
@@ -527,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
         reason = _first_line(exc.orig if exc.orig is not None else exc)
         return _fail(
-            f"cannot use the database at {_redacted(settings.database_url)}: {reason}",
+            f"cannot use the database at {shown_url(settings.database_url)}: {reason}",
             EXIT_UNREACHABLE,
         )
     except sa_exc.ProgrammingError as exc:

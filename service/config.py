@@ -41,6 +41,11 @@ class ConfigError(ValueError):
     """The YAML config is missing, unreadable or invalid; the message names the bad key."""
 
 
+class ArmError(ConfigError):
+    """An arm of a valid config cannot be built (a model that is neither known nor a file, an
+    API key's variable not set, an SDK not installed); the message names the arm."""
+
+
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

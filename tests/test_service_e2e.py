@@ -220,10 +220,10 @@ def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, m
     variable, not after the policy is restored and the embedding model loaded (here the model
     path does not exist, so loading it first would fail with another error)."""
     pytest.importorskip("openai")
-    from service.config import parse_config
+    from service.config import ArmError, parse_config
 
     config = parse_config({"tasks": TASKS, "arms": [arm_with_an_unset_key(monkeypatch)]})
-    with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
+    with pytest.raises(ArmError, match="METALLM_TEST_UNSET_KEY is not set"):
         Application.build(settings_without_a_model(pg_schema, tmp_path), config=config)
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 from tenacity.wait import wait_base, wait_random_exponential
 
-from service.config import AppConfig, ArmConfig
+from service.config import AppConfig, ArmConfig, ArmError
 from service.llm.base import CallRequest, Completion, LLMError, Provider
 from service.tasks import parse_answer
 
@@ -236,7 +236,10 @@ class Gateway:
         built: dict[str, Provider] = {}
         try:
             for arm in config.arms:
-                built[arm.name] = build_provider(arm)
+                try:
+                    built[arm.name] = build_provider(arm)
+                except (RuntimeError, ValueError, OSError) as exc:  # told as the arm's, once
+                    raise ArmError(f"arm {arm.name!r} cannot start: {exc}") from exc
         except BaseException:
             for provider in built.values():
                 try:

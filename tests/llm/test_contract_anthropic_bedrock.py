@@ -10,7 +10,7 @@ from urllib.parse import unquote
 
 import pytest
 
-from service.config import TaskConfig, parse_config
+from service.config import ArmError, TaskConfig, parse_config
 from service.llm.base import CallRequest
 from service.llm.gateway import Gateway
 from service.tasks import build_prompt
@@ -78,7 +78,7 @@ def test_anthropic_overloaded_is_retried_and_auth_error_is_not(monkeypatch):
 
 def test_anthropic_key_must_be_in_the_named_variable(monkeypatch):
     monkeypatch.delenv("TEST_ANTHROPIC_KEY", raising=False)
-    with pytest.raises(RuntimeError, match="TEST_ANTHROPIC_KEY is not set"):
+    with pytest.raises(ArmError, match="TEST_ANTHROPIC_KEY is not set"):
         gateway(anthropic_arm("http://127.0.0.1:9"))
 
 
@@ -158,12 +158,10 @@ def test_bedrock_unreachable_endpoint_is_retried_then_fails(aws_env):
 def test_missing_sdk_names_the_extra(monkeypatch):
     import sys
 
-    from service.llm.base import MissingExtra
-
     monkeypatch.setitem(sys.modules, "anthropic", None)  # as if not installed
     monkeypatch.setenv("TEST_ANTHROPIC_KEY", KEY)
-    with pytest.raises(MissingExtra, match=r"pip install 'metallm\[anthropic\]'"):
+    with pytest.raises(ArmError, match=r"pip install 'metallm\[anthropic\]'"):
         gateway(anthropic_arm("http://127.0.0.1:9"))
     monkeypatch.setitem(sys.modules, "boto3", None)
-    with pytest.raises(MissingExtra, match=r"pip install 'metallm\[bedrock\]'"):
+    with pytest.raises(ArmError, match=r"pip install 'metallm\[bedrock\]'"):
         gateway(bedrock_arm("http://127.0.0.1:9"))

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from service.config import parse_config
+from service.config import ArmError, parse_config
 from service.llm.base import CallRequest, Completion, LLMError, retry_after_seconds
 from service.llm.gateway import CallResult, CircuitBreaker, Gateway
 from service.tasks import build_prompt
@@ -417,6 +417,6 @@ def test_arms_built_before_one_that_cannot_be_are_closed(tmp_path, monkeypatch) 
     broken = parse_config(
         {"tasks": {"t": TASK}, "arms": [first, arm_with_an_unset_key(monkeypatch)]}
     )
-    with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
+    with pytest.raises(ArmError, match="METALLM_TEST_UNSET_KEY is not set"):
         Gateway(broken)
     assert closed == ["first"]

@@ -122,14 +122,14 @@ def test_a_prompt_over_the_context_window_is_a_non_retryable_400(server, monkeyp
 def test_the_aiohttp_transport_missing_names_the_extra(monkeypatch):
     import openai
 
-    from service.llm.base import MissingExtra
+    from service.config import ArmError
 
     def missing(**_kwargs):  # what the SDK's DefaultAioHttpClient does without its extra
         raise RuntimeError("To use the aiohttp client you must have installed the package")
 
     monkeypatch.setattr(openai, "DefaultAioHttpClient", missing)
     arm = {"name": "a", "provider": "openai", "model": "m", "base_url": "http://127.0.0.1:9/v1"}
-    with pytest.raises(MissingExtra, match=r"pip install 'metallm\[openai\]'.*http_client: httpx"):
+    with pytest.raises(ArmError, match=r"pip install 'metallm\[openai\]'.*http_client: httpx"):
         Gateway(parse_config({"tasks": {"s": TASK.model_dump()}, "arms": [arm]}))
     # the SDK's own httpx transport needs nothing more
     Gateway(

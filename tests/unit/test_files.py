@@ -41,3 +41,39 @@ def test_bad_rows_are_listed_with_line_numbers_and_nothing_is_returned(tmp_path)
     assert "2 bad rows, nothing was sent" in message
     assert f"{path}:2: not JSON" in message
     assert f"{path}:3: query_id" in message
+
+
+def test_an_unknown_field_is_a_bad_row_named_with_the_nearest_field(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"query_id": "a", "text": "hi", "task": "s", "metdata": {"tier": "gold"}}\n'
+        '{"query_id": "b", "text": "yo", "task": "s", "label": "x"}\n'
+    )
+    for kind in ("queries", "labels"):  # a typo loses data whichever file reads the row
+        with pytest.raises(InputFileError) as info:
+            read_events(path, kind)
+        assert f"{path}:1: unknown field 'metdata' (did you mean 'metadata'?)" in str(info.value)
+        assert "1 bad rows" in str(info.value)
+
+
+def test_an_unknown_csv_column_is_told_once_for_the_header(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("query_id,text,task,lable\na,hi,s,x\nb,yo,s,y\n")
+    with pytest.raises(InputFileError) as info:
+        read_events(path, "labels")
+    message = str(info.value)
+    assert "1 bad rows" in message
+    assert f"{path}:1: unknown column 'lable' (did you mean 'label'?)" in message
+
+
+def test_a_repeated_id_is_a_bad_row_naming_the_first(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        '{"query_id": "a", "text": "hi", "task": "s", "label": "x"}\n'
+        '{"query_id": "b", "text": "yo", "task": "s"}\n'
+        '{"query_id": "a", "text": "another text", "task": "s", "label": "y"}\n'
+    )
+    for kind in ("queries", "labels"):
+        with pytest.raises(InputFileError) as info:
+            read_events(path, kind)
+        assert f"{path}:3: query_id 'a' repeats line 1" in str(info.value)
