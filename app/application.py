@@ -13,6 +13,7 @@ then the policy catches up with the log and, on the checkpoint writer, is checkp
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
@@ -28,6 +29,13 @@ from consumers.batch import run_in_thread
 from consumers.kafka_io import check_topics, ensure_topics, make_consumer, make_producer
 from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
+from consumers.status import (
+    ProgressLogger,
+    current_counts,
+    silence_known_noise,
+    start_block,
+    waiting_for,
+)
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
 from service.learning import Checkpointer, LivePolicy, LogFollower
@@ -93,6 +101,7 @@ class Application:
     follower: LogFollower | None = None
     checkpointer: Checkpointer | None = None
     checkpoint_failed: bool = False
+    progress: ProgressLogger | None = None
     blas_limits: threadpool_limits | None = None  # BLAS pinned to one thread, until stop()
 
     @classmethod
@@ -177,6 +186,7 @@ class Application:
 
     def start(self) -> None:
         s = self.settings
+        silence_known_noise()
         ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
         check_topics(s)  # co-partitioned queries and labels, or TopicMismatch
         producer = make_producer(s)
@@ -197,14 +207,32 @@ class Application:
         self._producer = producer
         if s.metrics_port is not None:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
-            log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
         self.follower = LogFollower(self.live, s.log_poll_seconds).start()
         self.checkpointer = Checkpointer(self.live).start()
         self._threads = [
             run_in_thread(self._guard(self.queries), "metallm-queries"),
             run_in_thread(self._guard(self.labels), "metallm-labels"),
         ]
-        log.info("serving: queries from %s, labels from %s", s.queries_topic, s.labels_topic)
+        log.info(self.describe())
+        labels = self.labels
+        self.progress = ProgressLogger(
+            lambda: current_counts(lambda: labels.stats.events, lambda: self.live.policy.n_updates),
+            s.progress_seconds,
+        ).start()
+
+    def describe(self) -> str:
+        """The start block: config, tasks, arms, database, topics, instance, policy, metrics."""
+        s = self.settings
+        return start_block(
+            s,
+            self.config,
+            policy=(
+                f"{s.policy} {json.dumps(s.policy_params)}, restored with "
+                f"{self.live.policy.n_updates} rewards learned"
+            ),
+            context=self.live.context.spec,
+            metrics_port=None if self.metrics_server is None else self.metrics_server.port,
+        )
 
     def _guard(self, consumer):
         def run() -> None:
@@ -243,25 +271,37 @@ class Application:
         log.info("stopped")
 
     def _stop_consuming(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
         for consumer in (self.queries, self.labels):
             if consumer is not None:
                 consumer.stop()
-        for thread in self._threads:
-            thread.join()
-        for consumer in (self.queries, self.labels):
-            if consumer is not None:
-                consumer.consumer.close()
+        if self._threads:
+            log.info(
+                "stopping: the consumers finish the batches in hand (their calls, decisions, "
+                "rewards and offsets)"
+            )
+        for thread in self._threads:  # named metallm-queries and metallm-labels
+            with waiting_for(f"the {thread.name.removeprefix('metallm-')} consumer's batch"):
+                thread.join()
+        with waiting_for("the Kafka consumers to leave their groups"):
+            for consumer in (self.queries, self.labels):
+                if consumer is not None:
+                    consumer.consumer.close()
         if self._producer is not None:
-            self._producer.close()
+            with waiting_for("the producer to deliver what it holds"):
+                self._producer.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
         if self.follower is not None:
             self.follower.stop()
         if self.checkpointer is not None:
-            self.checkpointer.stop(FINAL_CHECKPOINT_WAIT_S)
+            with waiting_for("the policy checkpoint being stored"):
+                self.checkpointer.stop(FINAL_CHECKPOINT_WAIT_S)
         try:
             self.live.catch_up()  # what the log holds that this instance has not applied
             if self.live.policy.n_updates:
+                log.info("stopping: storing the final policy checkpoint (on the writer)")
                 # on the checkpoint writer only, after the one being stored (if any)
                 self.live.checkpoint(wait_s=FINAL_CHECKPOINT_WAIT_S)
         except Exception:  # the rewards are in Postgres: the next start re-applies them

@@ -33,7 +33,8 @@ EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "the command ran and failed (a consumer crashed, the final checkpoint failed, "
     "no such decision, the service decided differently in bench --through-service)",
-    EXIT_INPUT: "bad arguments, settings, config file or input file, a database schema "
+    EXIT_INPUT: "bad arguments, settings, config file (or an arm of it that cannot start) or "
+    "input file, METALLM_METRICS_PORT taken, a database schema "
     "missing or behind the code (run `metallm migrate`), or queries and labels topics without "
     "METALLM_TOPIC_PARTITIONS partitions",
     EXIT_UNREACHABLE: "the database or the Kafka broker cannot be reached",
@@ -483,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
     from producers.files import InputFileError
     from service.config import ConfigError
     from service.learning import ContextMismatch, InstanceNameTaken, WarmStartRefused
+    from service.metrics import MetricsPortUnavailable
     from service.outcomes import OutcomesError
 
     # libpq's own wait for a database that does not answer (none by default: for ever)
@@ -499,6 +501,7 @@ def main(argv: list[str] | None = None) -> int:
         ContextMismatch,
         InputFileError,
         InstanceNameTaken,
+        MetricsPortUnavailable,
         SchemaMissing,
         TopicMismatch,
         OutcomesError,
@@ -507,6 +510,12 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc), EXIT_INPUT)
     except ValidationError as exc:
         return _fail(describe_settings_error(exc), EXIT_INPUT)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # a file named on the command line or in a setting (an input, outcomes or model file)
+        return _fail(
+            f"cannot read {exc.filename}: {exc.strerror}" if exc.filename else str(exc),
+            EXIT_INPUT,
+        )
     except BrokerUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
     except KafkaError as exc:

@@ -111,12 +111,22 @@ class _Handler(BaseHTTPRequestHandler):
         pass  # scrapes every few seconds would drown the service's own logs
 
 
+class MetricsPortUnavailable(RuntimeError):
+    """The metrics port cannot be bound (another process has it); the message says what to do."""
+
+
 class MetricsServer:
     """Serves /metrics, /healthz and /readyz on ``host:port`` in a daemon thread."""
 
     def __init__(self, port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> None:
         handler = type("Handler", (_Handler,), {"ready": staticmethod(ready)})
-        self.server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self.server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            raise MetricsPortUnavailable(
+                f"cannot serve metrics on port {port}: {exc.strerror}; set METALLM_METRICS_PORT "
+                "to another port, 0 for any free one, or off for none (no /healthz, /readyz)"
+            ) from None
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(
             target=self.server.serve_forever, daemon=True, name="metallm-metrics"

@@ -7,13 +7,22 @@ bare, as most tooling sets it). Tasks and arms live in the YAML file named by
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    FilePath,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from service.context import (
@@ -42,13 +51,15 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
-    kafka_security_protocol: str = "PLAINTEXT"
+    kafka_security_protocol: str = Field(
+        "PLAINTEXT", pattern="^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$"
+    )
     kafka_sasl_mechanism: str | None = None
     kafka_sasl_username: str | None = None
     kafka_sasl_password: SecretStr | None = None  # hidden from repr and logs
-    kafka_ssl_cafile: Path | None = None  # CA bundle for a private certificate authority
-    kafka_ssl_certfile: Path | None = None  # client certificate (mutual TLS)
-    kafka_ssl_keyfile: Path | None = None
+    kafka_ssl_cafile: FilePath | None = None  # CA bundle for a private certificate authority
+    kafka_ssl_certfile: FilePath | None = None  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: FilePath | None = None
     queries_topic: str = "metallm.queries"
     labels_topic: str = "metallm.labels"
     decisions_topic: str = "metallm.decisions"
@@ -138,6 +149,29 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, value: str) -> str:
+        from service.policy import POLICIES
+
+        if value not in POLICIES:
+            raise ValueError(f"no such policy; choose from {', '.join(sorted(POLICIES))}")
+        return value
+
+    @model_validator(mode="after")
+    def _policy_takes_its_params(self) -> Settings:
+        """The default parameters too: another policy may not take LinUCB's ``alpha``."""
+        from service.policy import make_policy
+
+        try:
+            make_policy(self.policy, **self.policy_params)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"METALLM_POLICY_PARAMS={json.dumps(self.policy_params)} for METALLM_POLICY="
+                f"{self.policy}: {exc}"
+            ) from None
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _database_url(cls, value: str) -> str:
@@ -208,6 +242,10 @@ def describe_settings_error(exc: ValidationError | SettingsError) -> str:
     parts = []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else ""
+        message = err["msg"].removeprefix("Value error, ")
+        if not name:  # a check of several settings: its message names them
+            parts.append(message)
+            continue
         field = Settings.model_fields.get(name)
         if name.upper() == "DATABASE_URL":
             variable, value = "DATABASE_URL", shown_url(err.get("input"))
@@ -215,7 +253,6 @@ def describe_settings_error(exc: ValidationError | SettingsError) -> str:
             variable = f"{Settings.model_config['env_prefix']}{name.upper()}"
             secret = field is not None and "SecretStr" in str(field.annotation)
             value = "(hidden)" if secret else repr(err.get("input"))
-        message = err["msg"].removeprefix("Value error, ")
         parts.append(f"{variable}={value}: {message}")
     return f"invalid setting{'s' if len(parts) > 1 else ''}: {'; '.join(parts)}"
 
