@@ -14,7 +14,7 @@ import argparse
 import contextlib
 import logging
 import os
-import re
+import sys
 import threading
 import time
 from pathlib import Path
@@ -30,11 +30,12 @@ from app.application import Application, stop_on_signals
 from consumers.kafka_io import ensure_topics, make_producer
 from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
+from producers.demo_schema import PLAIN_NAME, SchemaRefused, prepare_demo_schema
 from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
+from service.cli import EXIT_INPUT
 from service.config import AppConfig, load_config
-from service.migrate import drop_schema, upgrade
 from service.outcomes import read_outcomes
 from service.report import percent, usd
 from service.settings import Settings
@@ -227,7 +228,7 @@ def replay_config() -> AppConfig:
 
 
 def schema_name(value: str) -> str:
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", value):
+    if not PLAIN_NAME.fullmatch(value):
         raise argparse.ArgumentTypeError(f"not a plain schema name: {value!r}")
     return value
 
@@ -245,7 +246,8 @@ def main() -> None:
         "--schema",
         default="metallm_demo",
         type=schema_name,
-        help="Postgres schema for the demo (dropped and recreated on each run)",
+        help="Postgres schema for the demo, dropped and recreated on each run: only one the "
+        "demo made (never public, nor a schema holding anything else)",
     )
     parser.add_argument(
         "--output",
@@ -272,6 +274,9 @@ def main() -> None:
             run(stack, queries, labels, args, out, stop)
     except KeyboardInterrupt:
         console.print("interrupted: everything the demo started has been stopped")
+    except SchemaRefused as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        raise SystemExit(EXIT_INPUT) from None
 
 
 def run(
@@ -283,16 +288,15 @@ def run(
     stop: threading.Event,
 ) -> None:
     """Start everything on ``stack`` (so it is all stopped on exit or Ctrl-C), then stream."""
-    with console.status("starting a local Kafka broker (Tansu)…"):
-        broker = stack.enter_context(LocalBroker(log_path=out / "broker.log"))
     default_url = "postgresql://postgres@127.0.0.1:5432/postgres"
     with console.status("finding a Postgres…"):
         database_url, origin = stack.enter_context(
             demo_database(os.environ.get("DATABASE_URL", default_url))
         )
-    drop_schema(database_url, args.schema)  # each demo run starts from a clean slate
-    with console.status("migrating the database…"):
-        upgrade(database_url, args.schema)
+    with console.status("migrating the database…"):  # (a refused schema: before the broker)
+        prepare_demo_schema(database_url, args.schema)  # each run starts from a clean slate
+    with console.status("starting a local Kafka broker (Tansu)…"):
+        broker = stack.enter_context(LocalBroker(log_path=out / "broker.log"))
     settings = Settings(
         kafka_bootstrap=broker.bootstrap,
         database_url=database_url,
