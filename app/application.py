@@ -207,6 +207,7 @@ class Application:
         self._producer = producer
         if s.metrics_port is not None:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
+            log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
         self.follower = LogFollower(self.live, s.log_poll_seconds).start()
         self.checkpointer = Checkpointer(self.live).start()
         self._threads = [

@@ -34,8 +34,8 @@ DEFAULT_TASK = "default"
 class OutcomesError(ValueError):
     """A malformed outcomes line; ``line`` is 1-based."""
 
-    def __init__(self, line: int, reason: str) -> None:
-        super().__init__(f"line {line}: {reason}")
+    def __init__(self, line: int, reason: str, source: str | None = None) -> None:
+        super().__init__(f"{source}: line {line}: {reason}" if source else f"line {line}: {reason}")
         self.line = line
         self.reason = reason
 
@@ -111,7 +111,10 @@ def iter_outcomes(source: str | Path | IO[str]) -> Iterator[OutcomeRecord]:
     """
     if isinstance(source, str | Path):
         with open(source, encoding="utf-8") as fh:
-            yield from iter_outcomes(fh)
+            try:
+                yield from iter_outcomes(fh)
+            except OutcomesError as exc:  # named with its file: a command may read several
+                raise OutcomesError(exc.line, exc.reason, str(source)) from None
         return
     seen: dict[str, int] = {}
     for line_no, line in enumerate(source, start=1):

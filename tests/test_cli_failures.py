@@ -278,3 +278,13 @@ def test_a_misspelt_model_names_the_arm(pg_schema, broker, tmp_path):
     line = one_line_error(metallm_cli(pg_schema, "serve", env=env), EXIT_INPUT)
     assert line.startswith("metallm: arm 'small' cannot start: llamacpp model 'gemma-3-27m' is ")
     assert "neither a known model (gemma-3-270m" in line
+
+
+def test_an_input_file_that_cannot_be_read_is_named(tmp_path):
+    missing = tmp_path / "nope.jsonl"
+    line = one_line_error(metallm_cli("public", "produce", "queries", str(missing)), EXIT_INPUT)
+    assert line == f"metallm: cannot read {missing}: No such file or directory"
+    not_outcomes = tmp_path / "notes.txt"
+    not_outcomes.write_text("these are notes\n")
+    line = one_line_error(metallm_cli("public", "bench", str(not_outcomes)), EXIT_INPUT)
+    assert line == f"metallm: {not_outcomes}: line 1: invalid JSON: Expecting value (column 1)"
