@@ -117,6 +117,7 @@ class Application:
         gateway passed in belongs to the service once built (:meth:`stop` closes it); if the
         build fails, it is left to the caller, and everything the build made is closed."""
         config = config or load_config(settings.config)
+        silence_known_noise(config)  # before the arms: loading a local model logs
         engine = make_engine(settings.database_url, settings.database_schema)  # connects lazily
         # The policy's rank-one updates are small BLAS calls: extra BLAS threads only contend
         # (measured 20x slower with 2 threads on a busy 2-core machine), and OpenBLAS's idle

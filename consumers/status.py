@@ -178,19 +178,55 @@ class _DropMessages(logging.Filter):
 #: Library log records that say nothing an operator can act on, by logger and message start:
 #: kafka-python warns when a consumer subscribes again to its topics (the consumers do, to
 #: add their rebalance listener), and logs an error for the metadata refresh a closing client
-#: cancels on its way out.
+#: cancels on its way out; llama.cpp warns that a model with a sliding attention window gets
+#: a full-size cache (a note on memory, which a 2,048-token context keeps small).
 KNOWN_NOISE = {
     "kafka.consumer.subscription_state": ("subscription unchanged by change_subscription",),
     "kafka.cluster": ("Metadata refresh: failed Cancelled",),
+    "llama_cpp": ("llama_kv_cache_iswa: using full-size SWA cache",),
 }
+#: llama.cpp's log levels (ggml_log_level: NONE, DEBUG, INFO, WARN, ERROR, CONT)
+_GGML_LEVELS = {3: logging.WARNING, 4: logging.ERROR}
+_llama_log_callback = None  # the ctypes callback, kept alive while llama.cpp may call it
 
 
-def silence_known_noise() -> None:
-    """Filter :data:`KNOWN_NOISE` from the loggers that emit it (once per process)."""
+def silence_known_noise(config: AppConfig | None = None) -> None:
+    """Filter :data:`KNOWN_NOISE` from the loggers that emit it (once per process). With a
+    ``config`` that has llama.cpp arms, llama.cpp's own log goes through the ``llama_cpp``
+    logger too (warnings and errors only): llama-cpp-python prints it to stderr, at levels
+    its table of an older llama.cpp misreads (a warning shows as an error)."""
     for name, starts in KNOWN_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(*starts))
+    if config is not None and any(arm.provider == "llamacpp" for arm in config.arms):
+        _route_llama_cpp_log()
+
+
+def _route_llama_cpp_log() -> None:
+    global _llama_log_callback
+    if _llama_log_callback is not None:
+        return
+    try:
+        import ctypes
+
+        import llama_cpp
+        import llama_cpp._logger  # noqa: F401 - installs its callback on import: ours replaces it
+    except ImportError:  # the arm's build tells which extra is missing
+        return
+    logger = logging.getLogger("llama_cpp")
+    last = [logging.DEBUG]
+
+    @llama_cpp.llama_log_callback
+    def callback(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
+        if level != 5:  # 5: the continuation of the previous message
+            last[0] = _GGML_LEVELS.get(level, logging.DEBUG)
+        message = text.decode("utf-8", errors="replace").strip()
+        if message and last[0] >= logging.WARNING:
+            logger.log(last[0], message)
+
+    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+    _llama_log_callback = callback
 
 
 @contextlib.contextmanager
