@@ -25,17 +25,17 @@ from kafka import KafkaProducer
 from sqlalchemy.engine import Engine
 from threadpoolctl import threadpool_limits
 
-from consumers.batch import run_in_thread
-from consumers.kafka_io import check_topics, ensure_topics, make_consumer, make_producer
-from consumers.labels import LabelConsumer
-from consumers.queries import QueryConsumer
-from consumers.status import (
+from app.status import (
     ProgressLogger,
     current_counts,
     silence_known_noise,
     start_block,
     waiting_for,
 )
+from consumers.batch import run_in_thread
+from consumers.kafka_io import check_topics, ensure_topics, make_consumer, make_producer
+from consumers.labels import LabelConsumer
+from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
 from service.learning import Checkpointer, LivePolicy, LogFollower

@@ -27,6 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from app.application import Application, stop_on_signals
+from app.cli import EXIT_INPUT
 from consumers.kafka_io import ensure_topics, make_producer
 from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
@@ -34,7 +35,6 @@ from producers.demo_schema import PLAIN_NAME, SchemaRefused, prepare_demo_schema
 from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
-from service.cli import EXIT_INPUT
 from service.config import AppConfig, load_config
 from service.outcomes import read_outcomes
 from service.report import percent, usd

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
+from app.cli import EXIT_INPUT
 from producers.demo_schema import SchemaRefused, prepare_demo_schema
-from service.cli import EXIT_INPUT
 from service.migrate import drop_schema, upgrade
 from service.storage import make_engine
 from tests.conftest import DATABASE_URL

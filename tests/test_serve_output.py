@@ -50,7 +50,7 @@ def test_serve_with_metrics_off_says_what_it_runs_and_does(broker, topics, pg_sc
     log_path = tmp_path / "serve.log"
     with log_path.open("w") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve"],
+            [sys.executable, "-m", "app.cli", "serve"],
             env=env,
             stdout=log_file,
             stderr=subprocess.STDOUT,
