@@ -149,13 +149,11 @@ def test_config_missing_or_invalid(pg_schema, tmp_path, config_file):
     assert out.returncode == EXIT_INPUT and f"config {not_yaml} is not valid YAML" in out.stderr
 
 
-def test_produce_lists_unknown_tasks_and_sends_nothing(broker, topics, config_file, tmp_path):
-    rows = [
-        {"query_id": "q1", "text": "a fine film", "task": "sentiment"},
-        {"query_id": "q2", "text": "what is the weather", "task": "weather"},
-        {"query_id": "q3", "text": "is it", "task": "yes_no"},
-        {"query_id": "q4", "text": "x", "task": "sentimnet"},
-    ]
+def produce_queries(
+    rows: list[dict], broker: str, topics: dict[str, str], config_file: Path, tmp_path: Path
+) -> tuple[Path, dict[str, str], subprocess.CompletedProcess]:
+    """``metallm produce queries`` of ``rows`` written to a file: (the file, the environment
+    given, the outcome)."""
     data = tmp_path / "queries.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {
@@ -163,7 +161,17 @@ def test_produce_lists_unknown_tasks_and_sends_nothing(broker, topics, config_fi
         "METALLM_CONFIG": str(config_file),
         "METALLM_QUERIES_TOPIC": topics["queries_topic"],
     }
-    out = metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+    return data, env, metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+
+
+def test_produce_lists_unknown_tasks_and_sends_nothing(broker, topics, config_file, tmp_path):
+    rows = [
+        {"query_id": "q1", "text": "a fine film", "task": "sentiment"},
+        {"query_id": "q2", "text": "what is the weather", "task": "weather"},
+        {"query_id": "q3", "text": "is it", "task": "yes_no"},
+        {"query_id": "q4", "text": "x", "task": "sentimnet"},
+    ]
+    data, env, out = produce_queries(rows, broker, topics, config_file, tmp_path)
     assert out.returncode == EXIT_INPUT, out.stderr
     assert "2 bad rows, nothing was sent" in out.stderr
     tasks = "intent, sentiment, yes_no"
@@ -208,14 +216,7 @@ def test_explain_of_an_unknown_query_exits_1(pg_schema):
 def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
     rows, expected, broker, topics, config_file, tmp_path
 ):
-    data = tmp_path / "queries.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    env = {
-        "METALLM_KAFKA_BOOTSTRAP": broker,
-        "METALLM_CONFIG": str(config_file),
-        "METALLM_QUERIES_TOPIC": topics["queries_topic"],
-    }
-    out = metallm_cli("public", "produce", "queries", str(data), "--quiet", env=env)
+    data, _, out = produce_queries(rows, broker, topics, config_file, tmp_path)
     assert out.returncode == EXIT_INPUT, out.stderr
     assert "1 bad rows, nothing was sent" in out.stderr and f"{data}{expected}" in out.stderr
     queries = topics["queries_topic"]
