@@ -69,16 +69,18 @@ def test_sasl_ssl_settings_reach_every_kafka_client(monkeypatch):
         assert options["sasl_plain_password"] == SECRET, kind
 
 
-def test_sasl_settings_come_from_the_environment(monkeypatch):
+def test_sasl_settings_come_from_the_environment(monkeypatch, tmp_path):
+    cafile = tmp_path / "private-ca.pem"  # a TLS file setting must name a file that exists
+    cafile.write_text("-----BEGIN CERTIFICATE-----\n")
     monkeypatch.setenv("METALLM_KAFKA_SECURITY_PROTOCOL", "SSL")
     monkeypatch.setenv("METALLM_KAFKA_SASL_MECHANISM", "PLAIN")
     monkeypatch.setenv("METALLM_KAFKA_SASL_USERNAME", "u")
     monkeypatch.setenv("METALLM_KAFKA_SASL_PASSWORD", SECRET)
-    monkeypatch.setenv("METALLM_KAFKA_SSL_CAFILE", "/etc/ssl/private-ca.pem")
+    monkeypatch.setenv("METALLM_KAFKA_SSL_CAFILE", str(cafile))
     settings = Settings(_env_file=None)
     options = kafka_io.client_options(settings)
     assert (options["security_protocol"], options["sasl_plain_password"]) == ("SSL", SECRET)
-    assert options["ssl_cafile"] == "/etc/ssl/private-ca.pem"
+    assert options["ssl_cafile"] == str(cafile)
     assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
 
 
