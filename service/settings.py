@@ -145,8 +145,11 @@ class Settings(BaseSettings):
     @field_validator("metrics_port", mode="before")
     @classmethod
     def _metrics_off(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().lower() == "off":
-            return None
+        if isinstance(value, str):
+            if value.strip().lower() == "off":
+                return None
+            if not value.strip().isdigit():
+                raise ValueError("a port number, 0 for any free port, or off for none")
         return value
 
     @field_validator("policy")

@@ -258,8 +258,21 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
             "metallm needs PostgreSQL, not 'mysql': expected "
             "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
         ),
+        (
+            {"METALLM_METRICS_PORT": "none"},
+            "metallm: invalid setting: METALLM_METRICS_PORT='none': a port number, 0 for any "
+            "free port, or off for none",
+        ),
     ],
-    ids=["not-an-int", "not-json", "schema-name", "no-scheme", "driver-missing", "not-postgres"],
+    ids=[
+        "not-an-int",
+        "not-json",
+        "schema-name",
+        "no-scheme",
+        "driver-missing",
+        "not-postgres",
+        "metrics-port",
+    ],
 )
 def test_a_bad_setting_is_one_line_naming_it(env, expected, monkeypatch, capsys):
     """Through the CLI's main in this process (a subprocess each costs seconds)."""
