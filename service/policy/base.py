@@ -81,6 +81,27 @@ class Pricing:
         return self.lam * c / self.cost_unit
 
 
+class RunningCosts:
+    """Each arm's running mean of its own recorded call costs: the cost estimate a priced
+    choice uses (what the decision log says each arm costs; sums, so it merges and replays).
+
+    >>> costs = RunningCosts(); costs.observe("a", 0.002); costs.observe("a", 0.004)
+    >>> costs.means()
+    {'a': 0.003}
+    """
+
+    def __init__(self) -> None:
+        self.n: dict[str, int] = {}
+        self.total: dict[str, float] = {}
+
+    def observe(self, arm: str, cost_usd: float) -> None:
+        self.n[arm] = self.n.get(arm, 0) + 1
+        self.total[arm] = self.total.get(arm, 0.0) + float(cost_usd)
+
+    def means(self) -> dict[str, float]:
+        return {arm: self.total[arm] / n for arm, n in self.n.items()}
+
+
 # --------------------------------------------------------------------------------------------
 # Shared machinery for the concrete policies (extension of the contract above).
 # --------------------------------------------------------------------------------------------
