@@ -14,8 +14,9 @@ The protocol (:func:`simulate`), for each query ``t`` in file order:
 
 A policy that ``learns_correctness`` (the priced path of :mod:`service.policy.base`) is taught
 correctness and cost instead of a reward, and chooses with ``Pricing(λ, cost_unit, est_cost)``
-where ``est_cost`` is each arm's running mean of the costs of the calls the router itself made
-(known when a call returns). Choosing never reads the recorded cost of an arm the router did
+where ``est_cost`` is each arm's expected cost for the query's length, fitted on the calls the
+router itself made (:class:`~service.policy.base.RunningCosts`; a call's cost is known when it
+returns). Choosing never reads the recorded cost of an arm the router did
 not call; the recorded cost only scores what it chose.
 
 Methods measured on the same stream (the evaluation part: after the warm-start part, if any):
@@ -278,6 +279,7 @@ def simulate(
     pending: deque[tuple[int, int, float]] = deque()
     priced = getattr(policy, "learns_correctness", False)
     costs = RunningCosts()  # what the router knows of each arm's cost: its own calls
+    sizes = [len(r.text) for r in problem.records]
 
     def learn(s: int, j: int, lam_s: float) -> None:
         ok = bool(problem.correct[s, j])
@@ -290,7 +292,7 @@ def simulate(
     for i, t in enumerate(range(start, problem.n)):
         lam_t = pacer.lam if pacer is not None else lam
         if priced:
-            pricing = Pricing(lam_t, cost_unit, costs.means())
+            pricing = Pricing(lam_t, cost_unit, costs.estimate(sizes[t]))
             choice = policy.choose_many(arms, X64[t : t + 1], pricing=pricing)[0]
         else:
             choice = policy.choose_many(arms, X64[t : t + 1])[0]
@@ -302,7 +304,7 @@ def simulate(
             else:
                 policy.update(arms[j], X32[t], reward(False, 0.0, lam_t, cost_unit))
         else:
-            costs.observe(arms[j], float(problem.cost[t, j]))  # known when the call returns
+            costs.observe(arms[j], float(problem.cost[t, j]), sizes[t])  # known on return
             pending.append((t, j, lam_t))
         if pacer is not None:
             pacer.observe(float(problem.cost[t, j]))

@@ -82,24 +82,49 @@ class Pricing:
 
 
 class RunningCosts:
-    """Each arm's running mean of its own recorded call costs: the cost estimate a priced
-    choice uses (what the decision log says each arm costs; sums, so it merges and replays).
+    """What each arm's call is expected to cost, from the arm's own recorded calls: the cost
+    estimate a priced choice uses (sums only, so it merges and a replay of the log rebuilds it).
 
-    >>> costs = RunningCosts(); costs.observe("a", 0.002); costs.observe("a", 0.004)
-    >>> costs.means()
-    {'a': 0.003}
+    A call's cost is the arm's prices times its tokens, and its input tokens grow with the
+    prompt, so the estimate is each arm's least-squares line ``cost ≈ a + b·size`` over its
+    calls (``size``: the prompt's length in characters), which is the arm's running mean cost
+    when the sizes do not vary (or were not given).
+
+    >>> costs = RunningCosts()
+    >>> costs.observe("a", 0.002, 100); costs.observe("a", 0.004, 300)
+    >>> costs.observe("b", 0.001)
+    >>> {arm: round(c, 6) for arm, c in costs.estimate(200).items()}
+    {'a': 0.003, 'b': 0.001}
+    >>> round(costs.estimate(500)["a"], 6), round(costs.means()["a"], 6)
+    (0.006, 0.003)
     """
 
     def __init__(self) -> None:
-        self.n: dict[str, int] = {}
-        self.total: dict[str, float] = {}
+        self._sums: dict[str, np.ndarray] = {}  # arm → [n, Σs, Σs², Σc, Σs·c]
 
-    def observe(self, arm: str, cost_usd: float) -> None:
-        self.n[arm] = self.n.get(arm, 0) + 1
-        self.total[arm] = self.total.get(arm, 0.0) + float(cost_usd)
+    def observe(self, arm: str, cost_usd: float, size: float = 0.0) -> None:
+        sums = self._sums.get(arm)
+        if sums is None:
+            sums = self._sums[arm] = np.zeros(5)
+        c, s = float(cost_usd), float(size)
+        sums += (1.0, s, s * s, c, s * c)
 
     def means(self) -> dict[str, float]:
-        return {arm: self.total[arm] / n for arm, n in self.n.items()}
+        """Each arm's mean recorded cost."""
+        return {arm: float(v[3] / v[0]) for arm, v in self._sums.items()}
+
+    def estimate(self, size: float = 0.0) -> dict[str, float]:
+        """Each arm's expected cost for a prompt of ``size`` characters (never below 0)."""
+        out = {}
+        for arm, (n, s1, s2, c1, sc) in self._sums.items():
+            var = s2 / n - (s1 / n) ** 2
+            mean_c = c1 / n
+            if var <= 1e-9 * max(1.0, s2 / n):
+                out[arm] = float(mean_c)
+                continue
+            slope = (sc / n - (s1 / n) * mean_c) / var
+            out[arm] = float(max(0.0, mean_c + slope * (size - s1 / n)))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
