@@ -45,11 +45,16 @@ FILES = [
     ("demo outcomes", "producers/data/demo_outcomes.jsonl"),
 ]
 POLICIES = ("linucb", "correctness_ucb")
+#: On top of the service's METALLM_POLICY_PARAMS (α 0.1 and ε 0.02, chosen for LinUCB), the
+#: parameters a policy needs (correctness_ucb's α is in units of a right/wrong outcome's noise:
+#: its own default, 0.5, adds about one posterior standard deviation)
+PARAMS = {"correctness_ucb": {"alpha": 0.5}}
 
 
 def bench(path: str, policy: str, seeds: int, out: Path) -> dict:
     cmd = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "bench", path]
     cmd += ["--delay", "100", "--seeds", str(seeds), "--policy", policy]
+    cmd += ["--policy-params", json.dumps(PARAMS.get(policy, {}))]
     cmd += ["--no-plots", "--quiet", "--no-baselines", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
@@ -115,7 +120,7 @@ def main() -> int:
         "worst margin at the default λ (points) | on the curve (points) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    layout = ""
+    layout, params = "", {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, path) in enumerate(files):
             for policy in policies:
@@ -123,11 +128,12 @@ def main() -> int:
                 lines.append(row(name, policy, result))
                 print(lines[-1], file=sys.stderr, flush=True)
                 layout = result["config"]["context_layout"]
-                params = json.dumps(result["config"]["policy_params"])
+                params[policy] = result["config"]["policy_params"]
     text = (
         "# Routing targets, measured\n\n"
-        f"Cold start, delay 100, {args.seeds} seed(s), the λ sweep; each policy with the "
-        f"service's parameters ({params}, its own defaults otherwise); context `{layout}`. "
+        f"Cold start, delay 100, {args.seeds} seed(s), the λ sweep; parameters "
+        f"{json.dumps(params)} (the service's, plus correctness_ucb's α; its other defaults); "
+        f"context `{layout}`. "
         "Margins: see `benchmarks/routing_targets.py` (≥ 0 at the default λ and ≥ −1 on the "
         "curve is never dominated).\n\n" + "\n".join(lines) + "\n"
     )

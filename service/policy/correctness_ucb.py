@@ -54,8 +54,10 @@ from service.policy.linucb import LinUCB
 class CorrectnessUCB(LinUCB):
     """LinUCB on correctness with a per-block prior and decision-time pricing (module doc).
 
-    Parameters: ``alpha`` (width of the optimism), ``epsilon`` (uniform mixing), ``ridge`` (the
-    prior precision of the bias, and of every coordinate when no layout is known),
+    Parameters: ``alpha`` (width of the optimism: ``sqrt(xᵀA⁻¹x)`` is the posterior standard
+    deviation in units of the outcome's noise, and a right/wrong outcome's noise is at most 0.5,
+    so the default 0.5 adds about one standard deviation), ``epsilon`` (uniform mixing),
+    ``ridge`` (the prior precision of the bias, and of every coordinate when no layout is known),
     ``task_ridge`` (task and categorical one-hots), ``length_ridge`` (length and numeric
     features), ``embedding_ridge`` (the embedding), ``prior_mean`` (the accuracy every arm
     starts from), ``seed``, ``project_dim``. Precisions are in units of the noise variance.
@@ -66,7 +68,7 @@ class CorrectnessUCB(LinUCB):
 
     def __init__(
         self,
-        alpha: float = 0.1,
+        alpha: float = 0.5,
         ridge: float = 1.0,
         epsilon: float = 0.02,
         task_ridge: float = 10.0,
