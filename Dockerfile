@@ -7,9 +7,11 @@ WORKDIR /app
 RUN useradd --create-home --uid 10001 metallm
 
 COPY pyproject.toml README.md ./
+COPY app ./app
 COPY service ./service
 COPY consumers ./consumers
 COPY producers ./producers
+COPY evaluation ./evaluation
 COPY migrations ./migrations
 COPY config ./config
 # PIP_EXTRA_INDEX_URL may point at a CPU-only torch index to keep the image small.

@@ -17,14 +17,14 @@ PG_HOST     ?= 127.0.0.1
 PG_PORT     ?= 5432
 PYTEST_ARGS ?=
 
-.PHONY: demo test install llama-wheel postgres lint bench clean
+.PHONY: demo test install llama-wheel postgres prometheus-bin lint bench clean
 
 demo: install
 	@# the local Postgres if this machine has one (started if down); else the demo embeds one
 	-@[ ! -d /etc/postgresql ] || $(MAKE) --no-print-directory postgres
 	$(BIN)/python -m producers.demo
 
-test: install postgres
+test: install postgres prometheus-bin
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 install: $(VENV)/.installed
@@ -53,6 +53,18 @@ postgres:
 		pg_ctlcluster --skip-systemctl-redirect $$(ls /etc/postgresql) main start; \
 		for i in $$(seq 30); do pg_isready -q -h $(PG_HOST) -p $(PG_PORT) && break; sleep 1; done; \
 		pg_isready -h $(PG_HOST) -p $(PG_PORT); }
+
+# Debian's prometheus for the dashboard test (tests/test_dashboard.py runs its own server on a
+# free port; without one it skips, saying so). Where apt is not at hand, this only says so.
+prometheus-bin:
+	@command -v prometheus >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo "sudo -n"); \
+		if command -v apt-get >/dev/null; then \
+			echo "installing Debian's prometheus (the dashboard test queries a real one)"; \
+			$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install \
+				-y -qq --no-install-recommends prometheus >/dev/null || \
+			echo "could not install prometheus: the dashboard test will skip"; \
+		else echo "no prometheus and no apt-get: the dashboard test will skip"; fi; }
 
 lint: install
 	$(BIN)/ruff check .

@@ -32,13 +32,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.evaluation.bench import (  # noqa: E402
+from evaluation.bench import (  # noqa: E402
     BenchConfig,
     Problem,
     run_bench,
     stream_contexts,
 )
-from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache  # noqa: E402
+from evaluation.embed_cache import CachedEmbedder, EmbeddingCache  # noqa: E402
 from service.outcomes import read_outcomes  # noqa: E402
 
 DATA = ROOT / "tests" / "policy" / "data" / "gsm8k_outcomes.jsonl"
@@ -59,7 +59,7 @@ def pct(v: float | None) -> str:
 def headline() -> tuple[float, dict]:
     start = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "--log-level", "WARNING", *HEADLINE, "--quiet"],
+        [sys.executable, "-m", "app.cli", "--log-level", "WARNING", *HEADLINE, "--quiet"],
         cwd=ROOT,
         check=True,
         stdout=subprocess.DEVNULL,
@@ -166,8 +166,8 @@ def through_service(n: int) -> list[str]:
     decisions it logged, checked against the truth the outcomes file knows (every arm's
     outcome on every query). The schema is dropped afterwards."""
 
+    from evaluation import ope
     from service import storage
-    from service.evaluation import ope
     from service.migrate import drop_schema
     from service.policy import loads
 
@@ -181,7 +181,7 @@ def through_service(n: int) -> list[str]:
     ]  # fmt: skip
     t0 = time.perf_counter()
     subprocess.run(
-        [sys.executable, "-m", "service.cli", "--log-level", "WARNING", *args],
+        [sys.executable, "-m", "app.cli", "--log-level", "WARNING", *args],
         cwd=ROOT,
         env={**os.environ, "DATABASE_URL": url},
         check=False,
@@ -244,7 +244,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--through-service", type=int, default=0, metavar="N")
     args = parser.parse_args()
-    from service.evaluation.bench import one_blas_thread
+    from evaluation.bench import one_blas_thread
 
     records = read_outcomes(DATA)
     lines = ["# gsm8k evaluation figures", ""]

@@ -262,7 +262,7 @@ def run_pipeline(
     import sqlalchemy as sa
     from kafka import KafkaProducer
 
-    from consumers.runner import Service
+    from app.application import Application
     from service.config import parse_config
     from service.migrate import drop_schema, upgrade
     from service.settings import Settings, isolated_stream_names
@@ -313,7 +313,7 @@ def run_pipeline(
         from service.llm.gateway import Gateway
 
         gateway = Gateway(config, {a.name: plain_post_provider(a) for a in config.arms})
-    service = Service.build(settings, config=config, embedder=embedder, gateway=gateway)
+    service = Application.build(settings, config=config, embedder=embedder, gateway=gateway)
     started: list[float] = []
     call_ahead = service.decider.call_ahead
 

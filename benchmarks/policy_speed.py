@@ -171,7 +171,7 @@ def speed(rounds: int) -> None:
 def _embeddings(texts: list[str]) -> np.ndarray:
     """MiniLM embeddings of ``texts`` through the shared embedding cache (as the tests and
     ``metallm bench`` use it), so the model runs only on the first call."""
-    from service.evaluation.embed_cache import CachedEmbedder
+    from evaluation.embed_cache import CachedEmbedder
 
     return CachedEmbedder.for_model().embed(texts)
 

@@ -52,7 +52,7 @@ PARAMS = {"correctness_ucb": {"alpha": 0.5}}
 
 
 def bench(path: str, policy: str, seeds: int, out: Path) -> dict:
-    cmd = [sys.executable, "-m", "service.cli", "--log-level", "WARNING", "bench", path]
+    cmd = [sys.executable, "-m", "app.cli", "--log-level", "WARNING", "bench", path]
     cmd += ["--delay", "100", "--seeds", str(seeds), "--policy", policy]
     cmd += ["--policy-params", json.dumps(PARAMS.get(policy, {}))]
     cmd += ["--no-plots", "--quiet", "--no-baselines", "--out", str(out)]

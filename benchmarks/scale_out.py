@@ -13,7 +13,7 @@
     decisions with 384-dim contexts are stored first (layout ``legacy``: the context is the
     384-dim vector itself, d = 384; ``default``: the default context builder on a 384-dim
     embedding, d = 450), their labels published, and one in-process
-    :class:`consumers.runner.Service` (the real LabelConsumer, Learner, LivePolicy and
+    :class:`app.application.Application` (the real LabelConsumer, Learner, LivePolicy and
     LogFollower) started. Rate = labels / (first ``Learner.learn`` call → last reward applied to
     the policy). The first configuration is the service's defaults; the others change
     ``labels_poll_max_records`` (the most labels applied in one transaction),
@@ -89,12 +89,12 @@ def serve() -> int:
     """``--serve``: ``metallm serve`` as ``tests/faults/serve.py`` runs it (HashEmbedder), with
     ``LivePolicy.stored`` and ``LivePolicy._apply`` writing "c SEQ T" (committed: the owner
     learns of its transaction) and "a SEQ T" (applied) lines to ``$SCALE_OUT_STAMPS``."""
-    import consumers.runner
-    from service.cli import main
+    import app.application
+    from app.cli import main
     from service.learning import LivePolicy
     from tests.faults.harness import HashEmbedder
 
-    consumers.runner.Embedder = HashEmbedder  # type: ignore[misc, assignment]
+    app.application.Embedder = HashEmbedder  # type: ignore[misc, assignment]
     out = open(os.environ["SCALE_OUT_STAMPS"], "a", buffering=1 << 16)  # noqa: SIM115
     write = threading.Lock()
     stored, apply = LivePolicy.stored, LivePolicy._apply
@@ -530,7 +530,7 @@ def labels_run(
     min_seconds: float,
     profile: Path | None,
 ) -> dict:
-    """One in-process Service applying ``n`` labels of pre-stored decisions."""
+    """One in-process Application applying ``n`` labels of pre-stored decisions."""
     import sqlalchemy as sa
 
     from service.config import parse_config
@@ -569,9 +569,9 @@ def labels_run(
         prestore(engine, rows)
         publish_spread(bootstrap, stream.names["labels_topic"], labels)
 
-        from consumers.runner import Service
+        from app.application import Application
 
-        service = Service.build(settings, config=config, embedder=HashEmbedder(384))
+        service = Application.build(settings, config=config, embedder=HashEmbedder(384))
         live, learner = service.live, service.learner
         first: list[float] = []
         done = threading.Event()
@@ -938,7 +938,7 @@ def report(
             "## (2) Labels applied per second, one instance",
             "",
             f"{args.labels:,} pre-stored decisions, their labels published first; one in-process "
-            "Service; first `Learner.learn` → last reward applied to the policy.",
+            "Application; first `Learner.learn` → last reward applied to the policy.",
             "",
             "The first row is the service's defaults (`METALLM_LABELS_POLL_MAX_RECORDS` 1000, "
             "`METALLM_CHECKPOINT_EVERY` 100, `METALLM_CHECKPOINT_MIN_SECONDS` 5, checkpoints "

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/tune_defaults.py                  # ~15-30 min on 2 cores
     .venv/bin/python benchmarks/tune_defaults.py --files A.jsonl B.jsonl --seeds 3
 
-Every candidate runs the product's own benchmark (:func:`service.evaluation.bench.run_bench`:
+Every candidate runs the product's own benchmark (:func:`evaluation.bench.run_bench`:
 rewards delayed ``--delay`` queries, the λ sweep, ``--seeds`` seeds) with the service's
 context builder, on every file, in two scenarios: a **cold start**, and a **warm start** on the
 first half (the MetaLLM paper's setting). The second stands for a service that has run for a
@@ -65,8 +65,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from service.context import ContextBuilder  # noqa: E402
-from service.evaluation.bench import (  # noqa: E402
+from evaluation.bench import (  # noqa: E402
     BenchConfig,
     Problem,
     run_bench,
@@ -74,7 +73,8 @@ from service.evaluation.bench import (  # noqa: E402
     stream_contexts,
     sweep_lambdas,
 )
-from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache  # noqa: E402
+from evaluation.embed_cache import CachedEmbedder, EmbeddingCache  # noqa: E402
+from service.context import ContextBuilder  # noqa: E402
 from service.outcomes import read_outcomes  # noqa: E402
 from service.policy.base import Choice, greedy_mix  # noqa: E402
 
@@ -132,7 +132,7 @@ def stage2(best: Candidate) -> list[Candidate]:
 
 class OnlineKNN:
     """The online kNN router of the module docstring. It duck-types the two methods of the
-    policy interface that :func:`service.evaluation.bench.simulate` calls, on contexts that are
+    policy interface that :func:`evaluation.bench.simulate` calls, on contexts that are
     the unit-normalised embeddings."""
 
     def __init__(self, k: int = 20, alpha: float = 0.3, epsilon: float = 0.05, seed: int = 0):
@@ -167,8 +167,8 @@ class OnlineKNN:
 
 def knn_summary(problem: Problem, config: BenchConfig, params: dict) -> dict:
     """The online kNN router's curve summary, through the bench's protocol and curve code."""
-    from service.evaluation import metrics
-    from service.evaluation.bench import curve_summary, score
+    from evaluation import metrics
+    from evaluation.bench import curve_summary, score
 
     E = problem.embeddings / np.maximum(
         np.linalg.norm(problem.embeddings, axis=1, keepdims=True), 1e-12

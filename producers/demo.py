@@ -26,8 +26,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from app.application import Application, stop_on_signals
 from consumers.kafka_io import ensure_topics, make_producer
-from consumers.runner import Service, stop_on_signals
 from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
 from producers.files import read_events
@@ -306,7 +306,7 @@ def run(
     )
     config = replay_config() if args.replay else load_config(CONFIG)
     with console.status("loading the embedding model and two local LLMs…"):
-        service = Service.build(settings, config=config)
+        service = Application.build(settings, config=config)
         stack.callback(service.stop)
         service.start()
     ensure_topics(settings, [settings.queries_topic, settings.labels_topic])

@@ -81,6 +81,8 @@ CALLS_DISCARDED = Counter(
     "query's decision first, or a rebalance took the query's partition away",
     ["reason"],
 )
+for _reason in ("decided_elsewhere", "rebalance"):  # exported as 0 before the first discard
+    CALLS_DISCARDED.labels(_reason)
 LEARNING_REFRESH_S = 10.0
 
 

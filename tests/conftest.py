@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache
+from evaluation.embed_cache import CachedEmbedder, EmbeddingCache
 from service.model_files import model_fingerprint
 from service.settings import isolated_stream_names
 

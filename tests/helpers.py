@@ -12,7 +12,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
-from consumers.runner import Service
+from app.application import Application
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
 from service.context import ContextBuilder, ContextLayout
@@ -123,7 +123,7 @@ def metallm_cli(
 
     full = {**os.environ, "DATABASE_URL": DATABASE_URL, "METALLM_DATABASE_SCHEMA": schema}
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "app.cli", *args],
         env={**full, **(env or {})},
         capture_output=True,
         text=True,
@@ -199,9 +199,9 @@ def record_closes(monkeypatch) -> list[str]:
     return closed
 
 
-def build_service(settings: Settings, config: AppConfig, embedder) -> Service:
+def build_service(settings: Settings, config: AppConfig, embedder) -> Application:
     """The real service, its arms replay arms that count their calls."""
-    return Service.build(
+    return Application.build(
         settings, config=config, embedder=embedder, gateway=counting_gateway(config)
     )
 

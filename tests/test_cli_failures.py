@@ -15,9 +15,9 @@ import sqlalchemy as sa
 import yaml
 from kafka import KafkaAdminClient
 
+from app.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE
 from producers.demo_data import TASKS
 from producers.local_broker import free_port
-from service.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE
 from service.migrate import drop_schema, head_revision, upgrade
 from service.storage import make_engine
 from tests.conftest import DATABASE_URL

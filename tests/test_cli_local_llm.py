@@ -75,7 +75,7 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
     assert "up to date" in metallm("migrate").stdout
     metallm("migrate")  # idempotent
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve"],
+        [sys.executable, "-m", "app.cli", "serve"],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

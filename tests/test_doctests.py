@@ -1,5 +1,5 @@
-"""The runnable examples in the docstrings of every module of the service, its consumers and
-its producers (one runner for all, so a module's examples are checked wherever it lives)."""
+"""The runnable examples in the docstrings of every module of every package (one runner for
+all, so a module's examples are checked wherever it lives)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,23 @@ from pathlib import Path
 
 import pytest
 
+import app
 import consumers
+import evaluation
 import producers
 import service
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = [
     module.name
-    for package in (service, consumers, producers)
+    for package in (app, consumers, service, evaluation, producers)
     for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
 ]
 
 
 def test_every_module_is_found() -> None:
-    assert {"service.policy.linucb", "service.reward", "consumers.batch"} <= set(MODULES)
+    assert {"service.policy.linucb", "service.reward", "consumers.batch", "app.cli"} <= set(MODULES)
+    assert "evaluation.metrics" in MODULES
 
 
 @pytest.mark.parametrize("name", MODULES)

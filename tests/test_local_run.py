@@ -1,4 +1,4 @@
-"""The README's "Running it for real" without Docker, as a user types it: `metallm broker`,
+"""The README's five-minute tour, as a user types it: `metallm broker`,
 `migrate`, `serve`, `produce queries`, `produce labels`, `stats` — each a real process."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.cli import EXIT_INPUT
 from producers.demo_data import TASKS, demo_rows
 from producers.local_broker import free_port
-from service.cli import EXIT_INPUT
 from service.migrate import drop_schema
 from tests.conftest import DATABASE_URL, wait_for
 
@@ -27,7 +27,7 @@ OUTCOMES = Path(__file__).parents[1] / "producers" / "data" / "demo_outcomes.jso
 
 def metallm(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "app.cli", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -38,7 +38,7 @@ def metallm(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedPr
 
 def start(*args: str, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args],
+        [sys.executable, "-m", "app.cli", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

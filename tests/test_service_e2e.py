@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from threadpoolctl import threadpool_limits
 
+from app.application import Application, SchemaMissing
 from consumers.kafka_io import ensure_topics
-from consumers.runner import SchemaMissing, Service
 from service import storage
 from service.llm.gateway import Gateway
 from service.settings import Settings
@@ -170,7 +170,7 @@ def test_a_build_that_fails_leaves_blas_and_postgres_as_they_were(tmp_path, embe
     watch = storage.make_engine(DATABASE_URL)
     with threadpool_limits(2, user_api="blas"):
         with pytest.raises(SchemaMissing, match="metallm migrate"):
-            Service.build(settings, config=config, embedder=embedder)
+            Application.build(settings, config=config, embedder=embedder)
         assert blas_threads() == 2
     with watch.connect() as conn:
         open_connections = conn.execute(
@@ -202,17 +202,17 @@ def test_a_second_instance_of_one_name_is_refused_until_the_first_stops(
     settings = Settings(
         database_url=DATABASE_URL, database_schema=pg_schema, instance_id="same", metrics_port=None
     )
-    first = Service.build(settings, config=config, embedder=embedder)
+    first = Application.build(settings, config=config, embedder=embedder)
     try:
         with pytest.raises(InstanceNameTaken, match="METALLM_INSTANCE_ID"):
-            Service.build(settings, config=config, embedder=embedder)
-        other = Service.build(
+            Application.build(settings, config=config, embedder=embedder)
+        other = Application.build(
             settings.model_copy(update={"instance_id": "other"}), config=config, embedder=embedder
         )
         other.stop()
     finally:
         first.stop()
-    Service.build(settings, config=config, embedder=embedder).stop()
+    Application.build(settings, config=config, embedder=embedder).stop()
 
 
 def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, monkeypatch):
@@ -224,7 +224,7 @@ def test_a_missing_api_key_is_told_before_the_model_loads(pg_schema, tmp_path, m
 
     config = parse_config({"tasks": TASKS, "arms": [arm_with_an_unset_key(monkeypatch)]})
     with pytest.raises(RuntimeError, match="METALLM_TEST_UNSET_KEY is not set"):
-        Service.build(settings_without_a_model(pg_schema, tmp_path), config=config)
+        Application.build(settings_without_a_model(pg_schema, tmp_path), config=config)
 
 
 def test_a_build_failing_after_the_arms_closes_the_arms_it_built(pg_schema, tmp_path, monkeypatch):
@@ -234,24 +234,24 @@ def test_a_build_failing_after_the_arms_closes_the_arms_it_built(pg_schema, tmp_
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
     settings = settings_without_a_model(pg_schema, tmp_path)
     with pytest.raises(FileNotFoundError, match="METALLM_EMBEDDING_MODEL"):
-        Service.build(settings, config=config)
+        Application.build(settings, config=config)
     assert sorted(closed) == sorted(ARMS)
 
     closed.clear()
     passed_in = Gateway(config)
     with pytest.raises(FileNotFoundError, match="METALLM_EMBEDDING_MODEL"):
-        Service.build(settings, config=config, gateway=passed_in)
+        Application.build(settings, config=config, gateway=passed_in)
     assert closed == []
     passed_in.close()
 
 
-def metrics_text(service: Service) -> str:
+def metrics_text(service: Application) -> str:
     url = f"http://127.0.0.1:{service.metrics_server.port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         return response.read().decode()
 
 
-def http_status(service: Service, path: str) -> int:
+def http_status(service: Application, path: str) -> int:
     url = f"http://127.0.0.1:{service.metrics_server.port}{path}"
     try:
         with urllib.request.urlopen(url, timeout=5) as response:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 from kafka import KafkaAdminClient
 
+from app.cli import EXIT_INPUT
 from consumers.kafka_io import (
     TopicMismatch,
     check_topics,
@@ -21,7 +22,6 @@ from consumers.kafka_io import (
 )
 from producers.demo_data import TASKS
 from producers.publish import publish
-from service.cli import EXIT_INPUT
 from service.events import LabelEvent, QueryEvent
 from service.settings import Settings
 from tests.conftest import DATABASE_URL

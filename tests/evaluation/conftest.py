@@ -14,7 +14,7 @@ GSM8K = Path(__file__).resolve().parents[1] / "policy" / "data" / "gsm8k_outcome
 
 @pytest.fixture(scope="session")
 def gsm8k_problem(cached_embedder):
-    from service.evaluation.bench import Problem
+    from evaluation.bench import Problem
 
     records = read_outcomes(GSM8K)
     return Problem.from_records(records, cached_embedder.embed([r.text for r in records]))

@@ -7,7 +7,7 @@ from collections.abc import Collection
 import numpy as np
 import pytest
 
-from service.evaluation.bench import (
+from evaluation.bench import (
     BenchConfig,
     BenchError,
     Problem,
@@ -232,7 +232,7 @@ def test_sweep_curve_and_summaries() -> None:
 
 
 def test_default_grid_spans_the_best_arms_cost(gsm8k_problem) -> None:
-    from service.evaluation.bench import DEFAULT_PENALTIES, sweep_lambdas
+    from evaluation.bench import DEFAULT_PENALTIES, sweep_lambdas
 
     config = BenchConfig(cost_unit=0.001)
     grid = sweep_lambdas(gsm8k_problem, 0, config)

@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from service.cli import main
+from app.cli import main
 from service.outcomes import read_outcomes
 from tests.conftest import DATABASE_URL
 from tests.helpers import TASKS, demo_rows, write_outcomes
@@ -91,8 +91,8 @@ def test_bench_command_writes_table_json_and_plots(
 def test_evaluate_from_db(engine, pg_schema, tmp_path: Path, monkeypatch, capsys) -> None:
     """Decisions logged by a uniform policy over two arms: 'big' is right 90 % of the time at
     $0.001, 'small' 50 % at $0.0001. The estimates recover each arm's value at two λ."""
+    from evaluation.ope import load_decisions
     from service import storage
-    from service.evaluation.ope import load_decisions
 
     rng = np.random.default_rng(0)
     rows = []

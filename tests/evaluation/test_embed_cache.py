@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, text_key
+from evaluation.embed_cache import CachedEmbedder, EmbeddingCache, text_key
 from service.model_files import default_model_path, model_fingerprint
 
 

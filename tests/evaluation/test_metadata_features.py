@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import main
+from app.cli import main
 from tests.conftest import DATABASE_URL
 from tests.helpers import demo_rows
 

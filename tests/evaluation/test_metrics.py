@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from service.evaluation.metrics import (
+from evaluation.metrics import (
     Point,
     accuracy,
     aiq,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.evaluation import ope
-from service.evaluation.ope import LoggedData
+from evaluation import ope
+from evaluation.ope import LoggedData
 
 COSTS = np.array([0.0001, 0.0005, 0.002])
 UNIT = 0.001

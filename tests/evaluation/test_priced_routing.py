@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.evaluation.bench import BenchConfig, Problem, run_bench, stream_contexts
+from evaluation.bench import BenchConfig, Problem, run_bench, stream_contexts
 from service.outcomes import OutcomeRecord
 
 PRICES = {"cheap": 1e-4, "mid": 4e-4, "dear": 1e-3}

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from service.config import parse_config
-from service.evaluation.record import (
+from evaluation.record import (
     RecordError,
     builtin_dataset,
     load_dataset,
     record,
     recording_config,
 )
+from service.config import parse_config
 from service.outcomes import read_outcomes
 from tests.helpers import TASKS, demo_rows, replay_config, write_outcomes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from service.cli import main
+from app.cli import main
 from service.outcomes import read_outcomes
 from tests.helpers import TASKS, demo_rows
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
-from service.cli import main
+from app.cli import main
 from service.migrate import drop_schema
 from tests.conftest import DATABASE_URL
 from tests.helpers import demo_rows, write_outcomes

@@ -444,7 +444,7 @@ class ServiceProcess:
     def serving(self) -> bool:
         """Past start-up: its signal handlers are set and its consumers run (a SIGTERM before
         ``metallm serve`` set its handlers ends the process with the default action)."""
-        return "consumers.runner: serving:" in self.log()
+        return "app.application: serving:" in self.log()
 
     def kill(self) -> None:
         """kill -9: no handler runs, nothing is flushed."""
@@ -824,11 +824,13 @@ class PgProxy:
 
 # --------------------------------------------------------------------------- in process
 def build_service(settings, config_document: dict):
-    """The real :class:`~consumers.runner.Service` in this process, with the hash embedder."""
-    from consumers.runner import Service
+    """The real :class:`~app.application.Application` in this process, with the hash embedder."""
+    from app.application import Application
     from service.config import parse_config
 
-    return Service.build(settings, config=parse_config(config_document), embedder=HashEmbedder())
+    return Application.build(
+        settings, config=parse_config(config_document), embedder=HashEmbedder()
+    )
 
 
 def publish(

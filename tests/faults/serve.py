@@ -7,7 +7,7 @@ builds the service: the tests keep one such warm process ready so that a restart
 does not wait for Python imports (the service itself, its restore included, starts on "go").
 
 With ``METALLM_TEST_POLICY_DUMP=path``, a clean stop (SIGTERM) writes what the instance's
-in-memory policy was when it stopped (after :meth:`Service.stop` caught up with the learning
+in-memory policy was when it stopped (after :meth:`Application.stop` caught up with the learning
 log) to ``path`` as JSON: its state (``RoutingPolicy.dumps``, base64), watermarks and update
 count. The multi-instance scenario compares every instance's policy with the log's replay.
 SIGUSR1 writes every thread's stack to the log (for a test that timed out waiting).
@@ -24,14 +24,14 @@ import signal
 import sys
 from pathlib import Path
 
-import consumers.runner
-from service.cli import main
+import app.application
+from app.cli import main
 from tests.faults.harness import POLICY_DUMP, HashEmbedder
 
-_stop = consumers.runner.Service.stop
+_stop = app.application.Application.stop
 
 
-def stop_and_dump(self: consumers.runner.Service) -> None:
+def stop_and_dump(self: app.application.Application) -> None:
     _stop(self)
     path = os.environ.get(POLICY_DUMP)
     if path:
@@ -52,8 +52,8 @@ def stop_and_dump(self: consumers.runner.Service) -> None:
 def swap_in_test_parts() -> None:
     """The hash embedder and the dumping stop, in this process only (done here, not on
     import, so that a test importing this module keeps the real service)."""
-    consumers.runner.Embedder = HashEmbedder  # type: ignore[misc, assignment]
-    consumers.runner.Service.stop = stop_and_dump  # type: ignore[method-assign]
+    app.application.Embedder = HashEmbedder  # type: ignore[misc, assignment]
+    app.application.Application.stop = stop_and_dump  # type: ignore[method-assign]
 
 
 def warm_up() -> None:

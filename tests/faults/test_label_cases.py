@@ -1,7 +1,7 @@
 """Every label case of issue 6 through the running service on the real broker and Postgres:
 before its decision, duplicated, conflicting (before and after the decision), for an unknown
 id, after the pending-label TTL, and for a decision whose arm failed. Each case's outcome is
-the one documented in the README (unit-level versions: ``tests/test_labels.py``)."""
+the one documented in docs/interface.md (unit-level versions: ``tests/test_labels.py``)."""
 
 from __future__ import annotations
 

@@ -204,13 +204,13 @@ def test_private_postgres_keeps_acknowledged_commits_across_a_crash(private_pg):
 
 
 def test_the_service_warns_when_postgres_may_lose_acknowledged_commits(caplog):
-    from consumers.runner import commits_are_durable
+    from app.application import commits_are_durable
     from tests.conftest import DATABASE_URL
 
     durable = make_engine(DATABASE_URL)
     lossy = make_engine(DATABASE_URL, connect_args={"options": "-csynchronous_commit=off"})
     try:
-        with caplog.at_level(logging.WARNING, logger="consumers.runner"):
+        with caplog.at_level(logging.WARNING, logger="app.application"):
             assert commits_are_durable(durable)
             assert not caplog.records
             assert not commits_are_durable(lossy)

@@ -11,8 +11,8 @@ import time
 import pytest
 import sqlalchemy as sa
 
+from app.application import Application
 from consumers.kafka_io import ensure_topics
-from consumers.runner import Service
 from service.config import parse_config
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
@@ -91,7 +91,7 @@ def test_server_stopped_mid_stream_times_out_falls_back_and_recovers(
                 ],
             }
         )
-        service = Service.build(settings, config=config, embedder=embedder)
+        service = Application.build(settings, config=config, embedder=embedder)
         service.start()
         try:
             # 1. healthy

@@ -83,7 +83,7 @@ def test_int8_stays_close_to_float32_and_says_so_in_its_name(vectors):
 
 def test_each_backend_has_its_own_default_batch_size(monkeypatch):
     """PyTorch splits a batch over every core; the ONNX backends run a batch on one core,
-    which is cheaper per text in smaller batches (benchmarks/README.md, fifth pass)."""
+    which is cheaper per text in smaller batches (benchmarks/README.md, embedding_backends)."""
     assert Embedder(backend="torch").batch_size == 8
     assert Embedder(backend="onnx").batch_size == 4
     assert Embedder(backend="onnx-int8").batch_size == 4

@@ -1,9 +1,16 @@
 """The shape of the import graph, read from the source with ``ast``: every ``import`` counts,
 at module level or inside a function, so an import put off until a call still shows.
 
-The serving code (``service/`` outside ``service/evaluation``, and ``consumers/``) does not
-import the offline tools (the command line names the modules of their subcommands instead),
-and no two modules of the packages import each other, directly or round a longer loop."""
+The floors, top to bottom, each importing only the floors below it:
+
+* ``app`` — the application: lifecycle, signals and the command line;
+* ``consumers`` — the Kafka edge;
+* ``service`` — the core (context, policies, llm, learning) with storage at its bottom.
+
+The tools stand beside them — ``evaluation`` (record, bench, off-policy estimates) and
+``producers`` (publishers, the demo) — and use the floors; no floor imports a tool, except the
+command line, which offers every sub-command. No two modules import each other, directly or
+round a longer loop."""
 
 from __future__ import annotations
 
@@ -12,9 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("service", "consumers", "producers")
-OFFLINE = "service.evaluation"
-SERVING = ("service.", "consumers.")
+PACKAGES = ("app", "consumers", "service", "evaluation", "producers")
+#: each floor and what it may import of the packages (besides itself)
+FLOORS = {"app": {"consumers", "service"}, "consumers": {"service"}, "service": set()}
+TOOLS = {"evaluation", "producers"}
+#: the one module of a floor that may import the tools: it offers their sub-commands
+OFFERS_THE_TOOLS = "app.cli"
 
 
 def module_files() -> dict[str, Path]:
@@ -95,33 +105,9 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
 
 def test_the_graph_sees_imports_at_every_level() -> None:
     graph = import_graph()
-    assert {"service.pipeline", "service.storage"} <= graph["consumers.runner"]
+    assert {"service.pipeline", "service.storage"} <= graph["app.application"]
     assert "service.onnx_export" in graph["service.embedding"]  # imported inside a method
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [{"a", "b", "c"}]
-
-
-def test_serving_does_not_import_the_offline_tools() -> None:
-    def offline(name: str) -> bool:
-        return name == OFFLINE or name.startswith(f"{OFFLINE}.")
-
-    importers = {
-        name
-        for name, targets in import_graph().items()
-        if name.startswith(SERVING) and not offline(name) and any(map(offline, targets))
-    }
-    assert importers == set(), sorted(importers)
-
-
-def test_the_command_line_names_its_offline_subcommands_one_way() -> None:
-    """``service.cli`` offers record, bench and evaluate by naming their module: a module of
-    the offline tools, which does not lead back to the command line, so that counting the
-    named modules as imports of ``service.cli`` still makes no cycle."""
-    from service.cli import COMMAND_MODULES
-
-    graph = import_graph()
-    assert set(COMMAND_MODULES) <= {name for name in graph if name.startswith(f"{OFFLINE}.")}
-    graph["service.cli"] |= set(COMMAND_MODULES)
-    assert [c for c in cycles(graph) if "service.cli" in c] == []
 
 
 def test_no_import_cycles() -> None:
@@ -129,18 +115,32 @@ def test_no_import_cycles() -> None:
     assert found == [], [sorted(c) for c in found]
 
 
-def test_the_core_does_not_import_the_edges_or_the_tools() -> None:
-    """Arrows point into the core: nothing in ``service/`` imports ``consumers/`` (Kafka) or
-    ``producers/``, but the command line, which offers every sub-command, and the offline
-    tools (``--through-service`` runs the real service)."""
-    edges = ("consumers", "producers")
-    allowed = {"service.cli"}
+def test_each_floor_imports_only_the_floors_below_it() -> None:
+    wrong = set()
+    for name, targets in import_graph().items():
+        floor = name.split(".")[0]
+        if floor not in FLOORS:
+            continue
+        allowed = FLOORS[floor] | {floor}
+        if name == OFFERS_THE_TOOLS:
+            allowed |= TOOLS
+        wrong |= {(name, t) for t in targets if t.split(".")[0] not in allowed}
+    assert wrong == set(), sorted(wrong)
+
+
+def test_the_tools_stand_beside_the_floors() -> None:
+    """The tools use the floors (the demo and ``--through-service`` run the real
+    application); the floors below the command line import none of them."""
+    graph = import_graph()
+    users = {
+        t.split(".")[0] for name, ts in graph.items() if name.split(".")[0] in TOOLS for t in ts
+    }
+    assert {"service", "app"} <= users
     importers = {
         name
-        for name, targets in import_graph().items()
-        if name.startswith("service")
-        and name not in allowed
-        and not name.startswith(f"{OFFLINE}")
-        and any(t.split(".")[0] in edges for t in targets)
+        for name, targets in graph.items()
+        if name.split(".")[0] in FLOORS
+        and name != OFFERS_THE_TOOLS
+        and any(t.split(".")[0] in TOOLS for t in targets)
     }
     assert importers == set(), sorted(importers)

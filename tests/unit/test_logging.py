@@ -1,7 +1,7 @@
 import json
 import logging
 
-from service.cli import _setup_logging
+from app.cli import _setup_logging
 
 
 def test_json_log_lines_are_json_objects(capsys):

@@ -220,7 +220,7 @@ def fixed_arm(data: LoggedData, arm: str) -> np.ndarray:
 def from_policy(data: LoggedData, policy) -> np.ndarray:
     """The distribution a (frozen) routing policy gives each row's context over its
     candidates — e.g. the service's latest checkpoint. The policy is not updated."""
-    from service.evaluation.bench import one_blas_thread
+    from evaluation.bench import one_blas_thread
 
     pi = np.zeros((data.n, len(data.arms)))
     groups: dict[tuple[int, ...], list[int]] = {}

@@ -1,6 +1,6 @@
 """Owns the service's lifecycle: build everything, run both consumers, stop cleanly.
 
-    service = Service.build(Settings())      # loads config, restores the policy
+    service = Application.build(Settings())      # loads config, restores the policy
     service.start(); ...; service.stop()     # or service.run_forever() until SIGINT/SIGTERM
 
 Several instances may run on one database and in one consumer group: they learn one policy
@@ -77,7 +77,7 @@ def commits_are_durable(engine: Engine) -> bool:
 
 
 @dataclass
-class Service:
+class Application:
     settings: Settings
     config: AppConfig
     engine: Engine
@@ -102,7 +102,7 @@ class Service:
         config: AppConfig | None = None,
         embedder: Embedder | None = None,
         gateway: Gateway | None = None,
-    ) -> Service:
+    ) -> Application:
         """Check the schema, build the arms, restore the policy, load the embedding model.
         ``config``, ``embedder`` and ``gateway`` default to those the settings describe. A
         gateway passed in belongs to the service once built (:meth:`stop` closes it); if the
@@ -143,7 +143,7 @@ class Service:
         embedder: Embedder | None,
         gateway: Gateway,
         blas: threadpool_limits,
-    ) -> Service:
+    ) -> Application:
         budget = None
         if settings.budget_usd_per_query is not None:
             budget = BudgetPacer(

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from service.evaluation.bench import BenchResult
+from evaluation.bench import BenchResult
 
 
 def _num(stats: dict[str, float], fmt: str, scale: float = 1.0) -> str:

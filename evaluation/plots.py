@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.evaluation.bench import ORACLE, ROUTER, BenchResult
+from evaluation.bench import ORACLE, ROUTER, BenchResult
 
 _MARKERS = {"arm": "s", "oracle": "*", "baseline": "o", "router": "D"}
 

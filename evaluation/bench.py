@@ -16,8 +16,8 @@ A policy that ``learns_correctness`` (the priced path of :mod:`service.policy.ba
 correctness and cost instead of a reward, and chooses with ``Pricing(λ, cost_unit, est_cost)``
 where ``est_cost`` is each arm's expected cost for the query's length, fitted on the calls the
 router itself made (:class:`~service.policy.base.RunningCosts`; a call's cost is known when it
-returns). Choosing never reads the recorded cost of an arm the router did
-not call; the recorded cost only scores what it chose.
+returns). Choosing never reads the recorded cost of an arm the router did not call; the
+recorded cost only scores what it chose.
 
 Methods measured on the same stream (the evaluation part: after the warm-start part, if any):
 the router (``--policy``, learning online), every single arm, uniform random, always-cheapest,
@@ -51,6 +51,8 @@ from typing import Any
 
 import numpy as np
 
+from evaluation import metrics
+from evaluation.metrics import Point
 from service.context import (
     DEFAULT_EMBEDDING,
     DEFAULT_FEATURE_BUCKETS,
@@ -60,8 +62,6 @@ from service.context import (
     ContextLayout,
     Feature,
 )
-from service.evaluation import metrics
-from service.evaluation.metrics import Point
 from service.outcomes import DEFAULT_TASK, OutcomeRecord
 from service.pacing import BudgetPacer
 from service.policy import Pricing, RoutingPolicy, loads, make_policy

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import json
 import logging
 import os
@@ -20,6 +19,7 @@ import textwrap
 from datetime import datetime
 from pathlib import Path
 
+from evaluation.cli import add_commands as evaluation_commands
 from service import report
 from service.report import Column
 from service.settings import Settings
@@ -66,7 +66,7 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     """Train the policy offline on an outcomes file and store it as the first checkpoint."""
-    from consumers.runner import check_schema
+    from app.application import check_schema
     from service.config import load_config
     from service.embedding import Embedder
     from service.learning import LivePolicy
@@ -111,8 +111,8 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
+    from app.application import Application, stop_on_signals
     from consumers.kafka_io import check_broker
-    from consumers.runner import Service, stop_on_signals
     from service.config import load_config
 
     stop = stop_on_signals()  # before the slow start-up, so a SIGTERM then exits cleanly
@@ -121,7 +121,7 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("metallm").info(
         "starting: loading the embedding model and the arms, restoring the policy"
     )
-    return Service.build(settings, config=config).run_forever(stop)
+    return Application.build(settings, config=config).run_forever(stop)
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
@@ -172,7 +172,7 @@ def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
     import socket
     import time
 
-    from consumers.runner import stop_on_signals
+    from app.application import stop_on_signals
     from producers.local_broker import LocalBroker
 
     with socket.socket() as probe:
@@ -211,7 +211,7 @@ def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
 
 def _schema_checked_engine(settings: Settings):
     """An engine on the configured database, once its schema is known to be this code's."""
-    from consumers.runner import check_schema
+    from app.application import check_schema
     from service.storage import make_engine
 
     engine = make_engine(settings.database_url, settings.database_schema)
@@ -437,15 +437,10 @@ def parser() -> argparse.ArgumentParser:
     stats.add_argument("--hours", type=int, default=24, help="hourly rows to show (0: none)")
     stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    for module in COMMAND_MODULES:
-        COMMANDS.update(importlib.import_module(module).add_commands(sub))
+    COMMANDS.update(evaluation_commands(sub))
     return p
 
 
-#: Modules whose ``add_commands(sub)`` adds subcommands of their own and returns their handlers
-#: by name. Named, not imported: the offline tools (record, bench, evaluate) are built on the
-#: service, and the service imports none of them.
-COMMAND_MODULES = ("service.evaluation.cli",)
 COMMANDS = {
     "migrate": cmd_migrate,
     "warm-start": cmd_warm_start,
@@ -492,8 +487,8 @@ def main(argv: list[str] | None = None) -> int:
     from kafka.errors import KafkaError
     from pydantic import ValidationError
 
+    from app.application import SchemaMissing
     from consumers.kafka_io import BrokerUnreachable, TopicMismatch
-    from consumers.runner import SchemaMissing
     from producers.files import InputFileError
     from service.config import ConfigError
     from service.learning import ContextMismatch, InstanceNameTaken, WarmStartRefused

@@ -3,7 +3,7 @@
 The same stream as the in-process benchmark goes through Kafka → the query consumer →
 embedding → the policy → ``replay`` arms (answering from the outcomes file) → Postgres, and
 labels come back through the label consumer. To make the service's decisions reproducible the
-events are interleaved exactly as :func:`~service.evaluation.bench.simulate` orders them: publish
+events are interleaved exactly as :func:`~evaluation.bench.simulate` orders them: publish
 query ``t``, wait for its decision row; publish the label that falls due (query ``t − delay``),
 wait until the policy has applied it; then query ``t + 1``. Failed recorded calls are rewarded by
 the service itself at decision time, as in the fast path. With the same policy, parameters and
@@ -26,8 +26,8 @@ from typing import Any, ClassVar
 import numpy as np
 import sqlalchemy as sa
 
+from evaluation.bench import BenchConfig, Problem, StreamResult, one_blas_thread
 from service.config import AppConfig, parse_config
-from service.evaluation.bench import BenchConfig, Problem, StreamResult, one_blas_thread
 from service.events import LabelEvent, QueryEvent
 from service.outcomes import DEFAULT_TASK
 from service.settings import Settings, isolated_stream_names
@@ -126,8 +126,8 @@ def run_through_service(
     """Stream queries ``start..n-1`` (and their labels) through a real service; see the module
     docstring. ``warm_state`` is a policy checkpoint stored before the service starts (the
     warm start); ``settings`` gives the Kafka and Postgres to use."""
+    from app.application import Application
     from consumers.kafka_io import make_producer
-    from consumers.runner import Service
     from service.llm.gateway import Gateway
 
     if config.budget is not None:
@@ -140,7 +140,9 @@ def run_through_service(
     events = [query_event(problem, t) for t in range(start, problem.n)]  # validate up front
     engine, warm_updates = _prepare_schema(s, config.policy, warm_state)
 
-    service = Service.build(s, config=app_config, embedder=embedder, gateway=Gateway(app_config))
+    service = Application.build(
+        s, config=app_config, embedder=embedder, gateway=Gateway(app_config)
+    )
     if service.live.policy.n_updates != warm_updates:
         service.stop()
         raise ThroughServiceError(f"schema {schema} is not fresh: it holds earlier rewards")
@@ -226,7 +228,7 @@ class _Replay:
         updates: int,
         progress: Callable[[int, int], None] | None,
     ) -> tuple[list[str], list[float]]:
-        """Queries ``start..n-1``, their labels as :func:`~service.evaluation.bench.simulate`
+        """Queries ``start..n-1``, their labels as :func:`~evaluation.bench.simulate`
         reveals them; the arm and propensity of each decision. ``updates``: the policy's to
         begin with."""
         index = {a: j for j, a in enumerate(self.problem.arms)}

@@ -1,6 +1,6 @@
 """The evaluation subcommands of ``metallm``: ``record``, ``bench`` and ``evaluate``.
 
-``service.cli`` adds them with :func:`add_commands` (this module is one of its
+``app.cli`` adds them with :func:`add_commands` (this module is one of its
 ``COMMAND_MODULES``)::
 
     metallm record data.jsonl --out outcomes.jsonl          # or: metallm record --builtin ...
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from service.settings import Settings
 
 if TYPE_CHECKING:
-    from service.evaluation.bench import BenchConfig, BenchResult, Problem
+    from evaluation.bench import BenchConfig, BenchResult, Problem
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,8 @@ def _fail(message: str) -> int:
 
 # ------------------------------------------------------------------------------ record
 def cmd_record(settings: Settings, args: argparse.Namespace) -> int:
+    from evaluation.record import RecordError, builtin_dataset, load_dataset, record
     from service.config import load_config
-    from service.evaluation.record import RecordError, builtin_dataset, load_dataset, record
 
     if bool(args.dataset) == bool(args.builtin):
         return _fail("give a dataset file or --builtin (not both)")
@@ -111,8 +111,8 @@ def _bench_features(args: argparse.Namespace) -> list[str]:
 def _load_problem(args: argparse.Namespace, settings: Settings, context):
     import numpy as np
 
-    from service.evaluation.bench import Problem, stream_contexts
-    from service.evaluation.embed_cache import CachedEmbedder, EmbeddingCache, default_cache_path
+    from evaluation.bench import Problem, stream_contexts
+    from evaluation.embed_cache import CachedEmbedder, EmbeddingCache, default_cache_path
     from service.outcomes import read_outcomes
 
     records = read_outcomes(args.outcomes)
@@ -144,8 +144,8 @@ def _progress(quiet: bool):
 
 
 def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from evaluation.bench import BenchConfig, BenchError
     from service.config import ConfigError
-    from service.evaluation.bench import BenchConfig, BenchError
     from service.outcomes import OutcomesError
 
     if args.through_service and args.budget is not None:
@@ -209,7 +209,7 @@ def _bench_config(
 ) -> BenchConfig:
     """What to run, from the flags and the settings; a relative ``--budget`` is resolved
     against the most accurate arm's mean cost on the evaluated part."""
-    from service.evaluation.bench import BenchConfig, split
+    from evaluation.bench import BenchConfig, split
 
     start = split(problem.n, args.warm_start)  # its message, for a --warm-start too large
     budget = None
@@ -238,8 +238,8 @@ def _bench_config(
 
 
 def _run_with_progress(problem: Problem, config: BenchConfig, quiet: bool) -> BenchResult:
-    """:func:`~service.evaluation.bench.run_bench`, with a progress bar per stage."""
-    from service.evaluation.bench import one_blas_thread, run_bench
+    """:func:`~evaluation.bench.run_bench`, with a progress bar per stage."""
+    from evaluation.bench import one_blas_thread, run_bench
 
     with _progress(quiet) as bar, one_blas_thread():
         tasks: dict[str, Any] = {}
@@ -268,7 +268,7 @@ def _check_through_service(
 ) -> None:
     """Replay the first seed's run through the service (on a broker of its own with
     ``--local-broker``), and put the query-by-query comparison in ``result.extra``."""
-    from service.evaluation.through_service import compare, run_through_service
+    from evaluation.through_service import compare, run_through_service
 
     seed = config.seeds[0]
     warm = _warm_state(problem, config, seed, result.start)
@@ -320,7 +320,7 @@ def _warm_state(problem: Problem, config: BenchConfig, seed: int, start: int) ->
     first ``start`` queries, with its context builder having seen them (None: a cold start)."""
     import numpy as np
 
-    from service.evaluation.bench import context_after, make_router, one_blas_thread, warmed
+    from evaluation.bench import context_after, make_router, one_blas_thread, warmed
 
     if not start:
         return None
@@ -334,7 +334,7 @@ def _warm_state(problem: Problem, config: BenchConfig, seed: int, start: int) ->
 
 def _write_bench_report(result: BenchResult, args: argparse.Namespace, out: Path) -> None:
     """results.md (also printed), results.json and, unless ``--no-plots``, the PNG plots."""
-    from service.evaluation import plots, report
+    from evaluation import plots, report
 
     title = f"metallm bench {Path(args.outcomes).name}"
     text = report.markdown(result, title)
@@ -358,8 +358,8 @@ def _datetime(value: str) -> datetime:
 
 def _targets(specs: list[str] | None, data, engine) -> dict[str, Any]:
     """Target policies by name: logged, uniform, arm:NAME, greedy, checkpoint, file:PATH."""
+    from evaluation import ope
     from service import storage
-    from service.evaluation import ope
     from service.policy import loads
 
     checkpoint = None
@@ -397,7 +397,7 @@ def _targets(specs: list[str] | None, data, engine) -> dict[str, Any]:
 def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
     import numpy as np
 
-    from service.evaluation import ope
+    from evaluation import ope
     from service.storage import make_engine
 
     if not args.from_db:
