@@ -330,3 +330,22 @@ def test_a_priced_router_learns_correctness_once_for_every_lambda() -> None:
     assert problem.correct[np.arange(300, 600), late].mean() > 0.9
     costs = [p["total_cost"] for p in result.sweep["router"]]
     assert costs[1] < costs[0]
+
+
+def test_a_priced_router_holds_the_budget_within_ten_percent(gsm8k_problem) -> None:
+    """Budget mode with a router that prices each choice at the pacer's current λ (and learns
+    nothing priced at a stale one): over the second half it spends within ±10 % of the target."""
+    mean_gpt4 = float(gsm8k_problem.cost[:, 0].mean())
+    target = 0.4 * mean_gpt4
+    config = BenchConfig(
+        delay=100,
+        budget=target,
+        cost_unit=mean_gpt4,
+        lambdas=None,
+        baselines=False,
+        policy="correctness_ucb",
+    )
+    run = run_bench(gsm8k_problem, config).router_runs[0]
+    spent = gsm8k_problem.cost[np.arange(gsm8k_problem.n), run.choices]
+    assert spent[660:].mean() == pytest.approx(target, rel=0.10)
+    assert run.lams.max() > 0.1
