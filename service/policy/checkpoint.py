@@ -30,9 +30,11 @@ order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
 ``numpy.triu_indices`` order), ``s_b`` (float64), ``s_counts`` (int64), ``s_reward_sum``
 (float64) and ``s_scorer`` (float32, the approximate ``A⁻¹`` that scores decisions). Version 1
 kept the full ``s_A`` plus ``s_A_inv`` and ``s_theta`` (float64) and no scorer; loading it
-re-derives the scorer from ``A``. The River-backed policies ("eps_greedy", "softmax", "ucb",
-"thompson") store their River objects as a pickle in the uint8 array ``s_pickle``: only load
-those from a trusted store.
+re-derives the scorer from ``A``. ``correctness_ucb`` adds ``s_scale`` (float64, the
+per-coordinate rescaling its block prior fixed at the first context), ``s_cost_n`` (int64) and
+``s_cost_sum`` (float64: each arm's count and sum of the costs it learned). The River-backed
+policies ("eps_greedy", "softmax", "ucb", "thompson") store their River objects as a pickle in
+the uint8 array ``s_pickle``: only load those from a trusted store.
 
 ``dumps`` → ``loads`` round-trips exactly: same statistics bit for bit, same random state, so
 the loaded policy makes the same future choices.
