@@ -12,6 +12,13 @@ The protocol (:func:`simulate`), for each query ``t`` in file order:
 3. otherwise its reward ``1[correct] − λ·cost/cost_unit`` is revealed after the decision of
    query ``t + delay`` (``delay = 0``: right after its own decision), oldest first.
 
+A policy that ``learns_correctness`` (the priced path of :mod:`service.policy.base`) is taught
+correctness and cost instead of a reward, and chooses with ``Pricing(λ, cost_unit, est_cost)``
+where ``est_cost`` is each arm's expected cost for the query's length, fitted on the calls the
+router itself made (:class:`~service.policy.base.RunningCosts`; a call's cost is known when it
+returns). Choosing never reads the recorded cost of an arm the router did not call; the
+recorded cost only scores what it chose.
+
 Methods measured on the same stream (the evaluation part: after the warm-start part, if any):
 the router (``--policy``, learning online), every single arm, uniform random, always-cheapest,
 the per-query oracle, the paper's LinUCB trained offline with full information and frozen, a
@@ -57,7 +64,8 @@ from service.context import (
 )
 from service.outcomes import DEFAULT_TASK, OutcomeRecord
 from service.pacing import BudgetPacer
-from service.policy import RoutingPolicy, loads, make_policy
+from service.policy import Pricing, RoutingPolicy, loads, make_policy
+from service.policy.base import RunningCosts
 from service.policy.warm_start import warm_start
 from service.reward import reward
 
@@ -269,19 +277,34 @@ def simulate(
     props = np.empty(n_eval)
     lams = np.empty(n_eval)
     pending: deque[tuple[int, int, float]] = deque()
+    priced = getattr(policy, "learns_correctness", False)
+    costs = RunningCosts()  # what the router knows of each arm's cost: its own calls
+    sizes = [len(r.text) for r in problem.records]
 
     def learn(s: int, j: int, lam_s: float) -> None:
         ok = bool(problem.correct[s, j])
-        policy.update(arms[j], X32[s], reward(ok, float(problem.cost[s, j]), lam_s, cost_unit))
+        cost = float(problem.cost[s, j])
+        if priced:
+            policy.learn(arms[j], X32[s], float(ok), cost)
+        else:
+            policy.update(arms[j], X32[s], reward(ok, cost, lam_s, cost_unit))
 
     for i, t in enumerate(range(start, problem.n)):
         lam_t = pacer.lam if pacer is not None else lam
-        choice = policy.choose_many(arms, X64[t : t + 1])[0]
+        if priced:
+            pricing = Pricing(lam_t, cost_unit, costs.estimate(sizes[t]))
+            choice = policy.choose_many(arms, X64[t : t + 1], pricing=pricing)[0]
+        else:
+            choice = policy.choose_many(arms, X64[t : t + 1])[0]
         j = index[choice.arm]
         choices[i], props[i], lams[i] = j, choice.propensity, lam_t
         if problem.failed[t, j]:  # the service rewards a failed arm at decision time, cost 0
-            policy.update(arms[j], X32[t], reward(False, 0.0, lam_t, cost_unit))
+            if priced:
+                policy.learn(arms[j], X32[t], 0.0, None)
+            else:
+                policy.update(arms[j], X32[t], reward(False, 0.0, lam_t, cost_unit))
         else:
+            costs.observe(arms[j], float(problem.cost[t, j]), sizes[t])  # known on return
             pending.append((t, j, lam_t))
         if pacer is not None:
             pacer.observe(float(problem.cost[t, j]))
@@ -319,7 +342,11 @@ def offline_splits(n: int, start: int, folds: int) -> list[tuple[np.ndarray, np.
 
 
 def make_router(config: BenchConfig, seed: int) -> RoutingPolicy:
-    return make_policy(config.policy, **config.params(seed))
+    """The router as the service builds it: the configured policy, given the context builder
+    whose layout its contexts follow (a policy may shape its prior by that layout)."""
+    policy = make_policy(config.policy, **config.params(seed))
+    policy.context = config.new_context()
+    return policy
 
 
 def warmed(

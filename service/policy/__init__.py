@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from service.policy.base import Choice, Context, RoutingPolicy
+from service.policy.base import Choice, Context, Pricing, RoutingPolicy
 from service.policy.checkpoint import POLICIES, CheckpointError, loads, read_header
+from service.policy.correctness_ucb import CorrectnessUCB
 from service.policy.eps_greedy import EpsGreedy
 from service.policy.hybrid_linucb import HybridLinUCB
 from service.policy.lin_ts import LinTS
@@ -47,11 +48,13 @@ __all__ = [
     "CheckpointError",
     "Choice",
     "Context",
+    "CorrectnessUCB",
     "EpsGreedy",
     "HybridLinUCB",
     "LinTS",
     "LinUCB",
     "LinearPolicy",
+    "Pricing",
     "RegressorPolicy",
     "RiverThompson",
     "RiverUCB",

@@ -9,6 +9,20 @@ each arm was, because the service logs the propensity of every decision::
 
 Policies are pure: no I/O. ``dumps``/``loads`` give a versioned byte serialisation that the
 storage layer keeps in Postgres.
+
+**Two ways to learn.** Every policy learns a scalar reward (``update(arm, context, r)`` with
+``r = 1[correct] − λ·cost/cost_unit`` at the λ in force when the decision was made). A policy
+whose ``learns_correctness`` is True also offers the *priced* path: it learns correctness and
+cost apart and applies the price when choosing, so one learned state serves every λ::
+
+    pricing = Pricing(lam=0.1, cost_unit=0.001, est_cost={"small": 2e-5, "large": 4e-4})
+    choice = policy.choose(["small", "large"], context, pricing=pricing)
+    policy.learn(choice.arm, context, correct=1.0, cost_usd=3.8e-4)
+
+``est_cost`` is what each arm's call is expected to cost *before* it is made (for example each
+arm's running mean of its own recorded costs: a projection of the log). Left out, the policy
+uses the running means of the costs it was taught through ``learn``. A policy is taught
+through one path only: mixing the two would mix correctness with rewards.
 """
 
 from __future__ import annotations
@@ -37,6 +51,80 @@ class Choice:
     @property
     def propensity(self) -> float:
         return self.probabilities[self.arm]
+
+
+@dataclass(frozen=True)
+class Pricing:
+    """What a priced choice charges: ``λ · est_cost[arm] / cost_unit`` (in correct answers).
+
+    ``est_cost`` maps arm → expected cost of its call in USD (None: the policy's own running
+    means); an arm missing from it is charged nothing (a new arm is explored first anyway).
+
+    >>> Pricing(0.1, 0.001, {"a": 0.0005}).penalties(["a", "b"]).tolist()
+    [0.05, 0.0]
+    """
+
+    lam: float
+    cost_unit: float
+    est_cost: Mapping[str, float] | None = None
+
+    def __post_init__(self) -> None:
+        if self.cost_unit <= 0:
+            raise ValueError("cost_unit must be positive")
+
+    def penalties(
+        self, arm_ids: Sequence[str], fallback: Mapping[str, float] | None = None
+    ) -> np.ndarray:
+        """``λ·ĉ/cost_unit`` per arm, with ``ĉ`` from ``est_cost`` (else ``fallback``)."""
+        costs = self.est_cost if self.est_cost is not None else (fallback or {})
+        c = np.array([costs.get(a, 0.0) for a in arm_ids], dtype=np.float64)
+        return self.lam * c / self.cost_unit
+
+
+class RunningCosts:
+    """What each arm's call is expected to cost, from the arm's own recorded calls: the cost
+    estimate a priced choice uses (sums only, so it merges and a replay of the log rebuilds it).
+
+    A call's cost is the arm's prices times its tokens, and its input tokens grow with the
+    prompt, so the estimate is each arm's least-squares line ``cost ≈ a + b·size`` over its
+    calls (``size``: the prompt's length in characters), which is the arm's running mean cost
+    when the sizes do not vary (or were not given).
+
+    >>> costs = RunningCosts()
+    >>> costs.observe("a", 0.002, 100); costs.observe("a", 0.004, 300)
+    >>> costs.observe("b", 0.001)
+    >>> {arm: round(c, 6) for arm, c in costs.estimate(200).items()}
+    {'a': 0.003, 'b': 0.001}
+    >>> round(costs.estimate(500)["a"], 6), round(costs.means()["a"], 6)
+    (0.006, 0.003)
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[str, np.ndarray] = {}  # arm → [n, Σs, Σs², Σc, Σs·c]
+
+    def observe(self, arm: str, cost_usd: float, size: float = 0.0) -> None:
+        sums = self._sums.get(arm)
+        if sums is None:
+            sums = self._sums[arm] = np.zeros(5)
+        c, s = float(cost_usd), float(size)
+        sums += (1.0, s, s * s, c, s * c)
+
+    def means(self) -> dict[str, float]:
+        """Each arm's mean recorded cost."""
+        return {arm: float(v[3] / v[0]) for arm, v in self._sums.items()}
+
+    def estimate(self, size: float = 0.0) -> dict[str, float]:
+        """Each arm's expected cost for a prompt of ``size`` characters (never below 0)."""
+        out = {}
+        for arm, (n, s1, s2, c1, sc) in self._sums.items():
+            var = s2 / n - (s1 / n) ** 2
+            mean_c = c1 / n
+            if var <= 1e-9 * max(1.0, s2 / n):
+                out[arm] = float(mean_c)
+                continue
+            slope = (sc / n - (s1 / n) * mean_c) / var
+            out[arm] = float(max(0.0, mean_c + slope * (size - s1 / n)))
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +198,9 @@ class RoutingPolicy(ContextualPolicy):
 
     #: Name used by ``make_policy`` and in the checkpoint header.
     kind: str = ""
+    #: True when the policy offers the priced path (module docstring): ``learn`` and
+    #: ``choose(..., pricing=...)``; False policies learn scalar rewards only.
+    learns_correctness: bool = False
 
     def __init__(self, seed: int | None = None, project_dim: int | None = None) -> None:
         super().__init__(reward_obj=None, reward_scaler=None, burn_in=0)
@@ -170,6 +261,13 @@ class RoutingPolicy(ContextualPolicy):
             raise ValueError(f"{len(contexts)} contexts but {len(rewards)} rewards")
         for x, r in zip(contexts, rewards, strict=True):
             self.update(arm_id, x, float(r))
+
+    def learn(
+        self, arm_id: ArmId, context: Context, correct: float, cost_usd: float | None
+    ) -> None:
+        """The priced path: learn whether ``arm_id`` was right (1.0/0.0, or a score in [0, 1])
+        on ``context`` and what its call cost (None: not known, e.g. a failed call)."""
+        raise TypeError(f"{type(self).__name__} learns scalar rewards only (use update)")
 
     def merge(self, other):  # pragma: no cover - overridden
         raise NotImplementedError

@@ -30,10 +30,13 @@ order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
 ``numpy.triu_indices`` order), ``s_b`` (float64), ``s_counts`` (int64), ``s_reward_sum``
 (float64) and ``s_scorer`` (float32, the approximate ``A⁻¹`` that scores decisions). Version 1
 kept the full ``s_A`` plus ``s_A_inv`` and ``s_theta`` (float64) and no scorer; loading it
-re-derives the scorer from ``A``. The River baselines keep per-arm arrays: ``s_pulls`` (int64)
-and ``s_means`` (float64, "ucb") or ``s_wins`` (int64, "thompson"), with the total pull count
-``n`` in ``state``; checkpoints written before kept the River policy object instead, pickled
-in the uint8 array ``s_pickle_river``, and still load. The regressor policies ("eps_greedy",
+re-derives the scorer from ``A``. ``correctness_ucb`` adds ``s_scale`` (float64, the
+per-coordinate rescaling its block prior fixed at the first context), ``s_cost_n`` (int64) and
+``s_cost_sum`` (float64: each arm's count and sum of the costs it learned). The River
+baselines keep per-arm arrays: ``s_pulls`` (int64) and ``s_means`` (float64, "ucb") or
+``s_wins`` (int64, "thompson"), with the total pull count ``n`` in ``state``; checkpoints
+written before kept the River policy object instead, pickled in the uint8 array
+``s_pickle_river``, and still load. The regressor policies ("eps_greedy",
 "softmax") store their River regressors as pickles in uint8 arrays: only load those from a
 trusted store.
 

@@ -66,6 +66,18 @@ class LinUCB(LinearPolicy):
 
     def choose(self, arm_ids: Sequence[ArmId], context: Context) -> Choice:
         """Draw an arm among ``arm_ids`` for ``context``; returns it with all probabilities."""
+        return self._choose(arm_ids, context, None)
+
+    def choose_many(self, arm_ids: Sequence[ArmId], contexts: np.ndarray) -> list[Choice]:
+        """Vectorised :meth:`choose` for each row of ``contexts`` (n, d), against the current
+        statistics. Uses the random stream exactly as ``n`` successive ``choose`` calls do."""
+        return self._choose_many(arm_ids, contexts, None)
+
+    def _choose(
+        self, arm_ids: Sequence[ArmId], context: Context, shift: np.ndarray | None
+    ) -> Choice:
+        """:meth:`choose` with ``shift`` (one number per arm of ``arm_ids``) added to the
+        scores: how a subclass prices arms or moves the prior mean."""
         if not arm_ids:
             raise ValueError("arm_ids is empty")
         x = self._vector(context)
@@ -73,6 +85,8 @@ class LinUCB(LinearPolicy):
         slots = stats.slots(arm_ids)
         mean, variance = stats.mean_and_variance(x)
         ucb = mean[slots] + self.alpha * np.sqrt(variance[slots])
+        if shift is not None:
+            ucb = ucb + shift
         p = self._probabilities(ucb, stats.counts[slots])
         j = draw(p, self._rng.random())
         return Choice(
@@ -81,9 +95,9 @@ class LinUCB(LinearPolicy):
             scores=dict(zip(arm_ids, ucb.tolist(), strict=True)),
         )
 
-    def choose_many(self, arm_ids: Sequence[ArmId], contexts: np.ndarray) -> list[Choice]:
-        """Vectorised :meth:`choose` for each row of ``contexts`` (n, d), against the current
-        statistics. Uses the random stream exactly as ``n`` successive ``choose`` calls do."""
+    def _choose_many(
+        self, arm_ids: Sequence[ArmId], contexts: np.ndarray, shift: np.ndarray | None
+    ) -> list[Choice]:
         if not arm_ids:
             raise ValueError("arm_ids is empty")
         X = self._matrix(contexts)
@@ -93,6 +107,8 @@ class LinUCB(LinearPolicy):
         slots = stats.slots(arm_ids)
         mean, variance = stats.mean_and_variance_many(X, slots)
         ucb = mean + self.alpha * np.sqrt(variance)
+        if shift is not None:
+            ucb = ucb + shift
         P = self._probabilities(ucb, stats.counts[slots])
         if P.ndim == 1:  # unexplored arms: the same distribution on every row
             P = np.broadcast_to(P, ucb.shape)

@@ -53,9 +53,18 @@ def warm_start(
     """Full-information updates: each arm of each record learns its own reward.
 
     ``contexts[i]`` is the context (embedding) of ``records[i]``. Arms are taken from the
-    records (new ones get fresh statistics). Returns the number of updates applied.
+    records (new ones get fresh statistics). A policy that ``learns_correctness`` learns each
+    arm's correctness and cost instead (``lam`` then plays no part). Returns the number of
+    updates applied.
     """
     contexts = _check(records, contexts)
+    if policy.learns_correctness:  # the priced path: correctness and cost, no λ
+        for i, record in enumerate(records):
+            for arm, outcome in record.arms.items():
+                failed = outcome.prediction is None
+                cost = None if failed else outcome.cost_usd
+                policy.learn(arm, contexts[i], float(record.correct(arm)), cost)
+        return sum(len(r.arms) for r in records)
     rows: dict[str, list[int]] = {}
     rewards: dict[str, list[float]] = {}
     for i, record in enumerate(records):

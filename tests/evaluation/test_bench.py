@@ -11,6 +11,7 @@ from evaluation.bench import (
     BenchConfig,
     BenchError,
     Problem,
+    make_router,
     run_bench,
     simulate,
 )
@@ -278,3 +279,73 @@ def test_arms_must_match_on_every_line() -> None:
     )
     with pytest.raises(BenchError, match="line 2"):
         Problem.from_records([a, b], np.zeros((2, 3)))
+
+
+class ReadLog(np.ndarray):
+    """A cost matrix that records every cell read by (row, column) integer indexing."""
+
+    reads: list[tuple[int, int]]
+
+    def __getitem__(self, key):
+        if (
+            isinstance(key, tuple)
+            and len(key) == 2
+            and all(isinstance(k, int | np.integer) for k in key)
+        ):
+            self.reads.append((int(key[0]), int(key[1])))
+        elif not (isinstance(key, tuple) and all(isinstance(k, int | np.integer) for k in key)):
+            raise AssertionError(f"the stream read the cost matrix by {key!r}, not cell by cell")
+        return super().__getitem__(key)
+
+
+@pytest.mark.parametrize("policy", ["linucb", "correctness_ucb"])
+def test_the_router_never_reads_the_cost_of_an_arm_it_did_not_choose(policy: str) -> None:
+    """Choosing uses what the router's own calls cost (their running means); the recorded cost
+    of an arm it did not call is never read, neither for choosing nor for learning."""
+    problem = two_topics(300, fail_every=7)
+    problem.cost = problem.cost.view(ReadLog)
+    problem.cost.reads = []
+    config = BenchConfig(delay=10, lam=0.5, policy=policy, lambdas=None)
+    router = make_router(config, 0)
+    result = simulate(problem, router, 0, config.delay, config.lam, config.cost_unit)
+    chosen = set(enumerate(result.choices.tolist()))
+    assert problem.cost.reads  # the chosen calls' costs were read
+    assert set(problem.cost.reads) <= chosen
+
+
+def test_a_priced_router_learns_correctness_once_for_every_lambda() -> None:
+    """The priced router (correctness_ucb) finds each topic's right arm, and a higher λ moves
+    traffic to the cheap arm where the expensive one is right too."""
+    problem = two_topics(600)
+    config = BenchConfig(
+        delay=10,
+        lam=0.05,
+        seeds=[0],
+        lambdas=[0.0, 50.0],
+        policy="correctness_ucb",
+        baselines=False,
+    )
+    result = run_bench(problem, config)
+    late = result.router_runs[0].choices[300:]
+    assert problem.correct[np.arange(300, 600), late].mean() > 0.9
+    costs = [p["total_cost"] for p in result.sweep["router"]]
+    assert costs[1] < costs[0]
+
+
+def test_a_priced_router_holds_the_budget_within_ten_percent(gsm8k_problem) -> None:
+    """Budget mode with a router that prices each choice at the pacer's current λ (and learns
+    nothing priced at a stale one): over the second half it spends within ±10 % of the target."""
+    mean_gpt4 = float(gsm8k_problem.cost[:, 0].mean())
+    target = 0.4 * mean_gpt4
+    config = BenchConfig(
+        delay=100,
+        budget=target,
+        cost_unit=mean_gpt4,
+        lambdas=None,
+        baselines=False,
+        policy="correctness_ucb",
+    )
+    run = run_bench(gsm8k_problem, config).router_runs[0]
+    spent = gsm8k_problem.cost[np.arange(gsm8k_problem.n), run.choices]
+    assert spent[660:].mean() == pytest.approx(target, rel=0.10)
+    assert run.lams.max() > 0.1

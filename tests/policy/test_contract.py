@@ -19,6 +19,7 @@ PARAMS: dict[str, dict] = {
     "softmax": {"epsilon": 0.1, "temperature": 0.5},
     "ucb": {"epsilon": 0.1},
     "thompson": {"epsilon": 0.1, "n_samples": 64},
+    "correctness_ucb": {"epsilon": 0.1},
 }
 NAMES = sorted(POLICIES)
 

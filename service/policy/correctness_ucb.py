@@ -1,0 +1,223 @@
+"""LinUCB on correctness, shrunk level by level, priced when choosing.
+
+Each arm ``a`` learns the probability that it answers right, ``P(correct | a, x)``, as a
+Gaussian (ridge) model whose prior is tighter the finer the level::
+
+    P̂_a(x) = m + θ_aᵀ x        θ_a ~ N(0, σ² · diag(1/ρ))       (m = ``prior_mean``)
+
+with one prior precision ``ρ`` per block of the service's context layout
+(:mod:`service.context`): the **bias** (the arm's overall accuracy: a weak prior, learnt from a
+handful of pulls), the **task** one-hot and each declared **categorical feature** (a task's
+deviation from the arm's overall accuracy: shrunk toward 0 until the task has seen about
+``task_ridge`` pulls, as in a Beta–Bernoulli hierarchy with that many pseudo-counts), the
+standardised **length** and numeric features, and the **embedding** (a linear residual, the most
+strongly shrunk). That is one ridge regression on a rescaled context (each block ``×
+sqrt(ridge / ρ_block)``), so the statistics are :class:`~service.policy.linear.LinearArmStats`:
+sums that merge exactly and checkpoint bit for bit. Without a context layout (a policy used on
+plain vectors) every coordinate gets ``ridge``.
+
+The choice prices each arm at decision time::
+
+    score_a(x) = P̂_a(x) + α·sqrt(xᵀA_a⁻¹x) − λ·ĉ_a / cost_unit
+
+with λ and the cost estimates ``ĉ`` of :class:`~service.policy.base.Pricing` (by default each
+arm's running mean of the costs :meth:`CorrectnessUCB.learn` was given), so one learned state
+serves every λ. The draw is ε-mixed over the argmax as in :class:`~service.policy.linucb.LinUCB`
+(arms never taught first), so every propensity is exact; an arm whose optimistic estimate stays
+below another's, once priced, is only ever drawn by the ε share.
+
+    >>> import numpy as np
+    >>> from service.policy.base import Pricing
+    >>> policy = CorrectnessUCB(alpha=0.0, epsilon=0.0, seed=0)
+    >>> x = np.array([1.0])
+    >>> for _ in range(50):
+    ...     policy.learn("small", x, 0.0, 0.0001); policy.learn("small", x, 1.0, 0.0001)
+    ...     policy.learn("large", x, 1.0, 0.0009)
+    >>> {a: round(p, 3) for a, p in policy.estimates(["small", "large"], x).items()}
+    {'small': 0.5, 'large': 0.99}
+    >>> policy.choose(["small", "large"], x, pricing=Pricing(0.1, 0.001)).arm
+    'large'
+    >>> policy.choose(["small", "large"], x, pricing=Pricing(1.0, 0.001)).arm
+    'small'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from service.policy.base import ArmId, Choice, Context, Pricing
+from service.policy.linucb import LinUCB
+
+
+class CorrectnessUCB(LinUCB):
+    """LinUCB on correctness with a per-block prior and decision-time pricing (module doc).
+
+    Parameters: ``alpha`` (width of the optimism: ``sqrt(xᵀA⁻¹x)`` is the posterior standard
+    deviation in units of the outcome's noise, and a right/wrong outcome's noise is at most 0.5,
+    so the default 0.5 adds about one standard deviation), ``epsilon`` (uniform mixing),
+    ``ridge`` (the prior precision of the bias, and of every coordinate when no layout is known),
+    ``task_ridge`` (task and categorical one-hots), ``length_ridge`` (length and numeric
+    features), ``embedding_ridge`` (the embedding), ``prior_mean`` (the accuracy every arm
+    starts from), ``seed``, ``project_dim``. Precisions are in units of the noise variance.
+    """
+
+    kind = "correctness_ucb"
+    learns_correctness = True
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        ridge: float = 1.0,
+        epsilon: float = 0.02,
+        task_ridge: float = 10.0,
+        length_ridge: float = 10.0,
+        embedding_ridge: float = 10.0,
+        prior_mean: float = 0.5,
+        seed: int | None = None,
+        project_dim: int | None = None,
+    ) -> None:
+        super().__init__(
+            alpha=alpha, ridge=ridge, epsilon=epsilon, seed=seed, project_dim=project_dim
+        )
+        for name, value in (
+            ("task_ridge", task_ridge),
+            ("length_ridge", length_ridge),
+            ("embedding_ridge", embedding_ridge),
+        ):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive")
+        self.task_ridge = task_ridge
+        self.length_ridge = length_ridge
+        self.embedding_ridge = embedding_ridge
+        self.prior_mean = prior_mean
+        self._scale: np.ndarray | None = None  # per-coordinate rescaling, fixed at first use
+        self._cost_n: dict[ArmId, int] = {}
+        self._cost_sum: dict[ArmId, float] = {}
+
+    # ------------------------------------------------------------------ the prior per block
+    def block_precisions(self, dim: int) -> np.ndarray:
+        """The prior precision of each of ``dim`` coordinates, from the context layout of
+        ``self.context`` (a :class:`~service.context.ContextBuilder`) when it fits ``dim``."""
+        rho = np.full(dim, float(self.ridge))
+        layout = getattr(self.context, "layout", None)
+        if layout is None or layout.legacy or self.project_dim is not None:
+            return rho
+        fixed = layout.dim(0)
+        if dim < fixed:
+            return rho
+        rho[1] = self.length_ridge  # [0] is the bias
+        i = 2 + layout.task_buckets
+        rho[2:i] = self.task_ridge
+        for feature in layout.features:
+            width = layout.feature_buckets if feature.kind == "categorical" else 2
+            rho[i : i + width] = self.task_ridge if width > 2 else self.length_ridge
+            i += width
+        rho[i:] = self.embedding_ridge
+        return rho
+
+    def _scaled(self, X: np.ndarray) -> np.ndarray:
+        """Contexts (in the policy's space) rescaled block by block; the scale is fixed by
+        the first context seen."""
+        if self._scale is None:
+            self._scale = np.sqrt(self.ridge / self.block_precisions(X.shape[-1]))
+        return X * self._scale
+
+    def _vector(self, context: Context) -> np.ndarray:
+        return self._scaled(super()._vector(context))
+
+    def _matrix(self, contexts: np.ndarray) -> np.ndarray:
+        return self._scaled(super()._matrix(contexts))
+
+    # ------------------------------------------------------------------ learning
+    def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
+        """The scalar path: learn ``reward`` (then chosen by without a price)."""
+        super().update(arm_id, context, float(reward) - self.prior_mean)
+
+    def update_many(self, arm_id: ArmId, contexts: np.ndarray, rewards: Sequence[float]) -> None:
+        shifted = np.asarray(rewards, dtype=np.float64) - self.prior_mean
+        super().update_many(arm_id, contexts, shifted)
+
+    def learn(
+        self, arm_id: ArmId, context: Context, correct: float, cost_usd: float | None
+    ) -> None:
+        """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost."""
+        super().update(arm_id, context, float(correct) - self.prior_mean)
+        if cost_usd is not None:
+            self._cost_n[arm_id] = self._cost_n.get(arm_id, 0) + 1
+            self._cost_sum[arm_id] = self._cost_sum.get(arm_id, 0.0) + float(cost_usd)
+
+    def mean_costs(self) -> dict[ArmId, float]:
+        """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
+        return {a: self._cost_sum[a] / n for a, n in self._cost_n.items() if n}
+
+    def estimates(self, arm_ids: Sequence[ArmId], context: Context) -> dict[ArmId, float]:
+        """The estimated probability that each arm answers right on ``context`` (closed form
+        ``m + θᵀx`` from the exact statistics, unclipped)."""
+        x = self._vector(context)
+        stats = self._stats_for(x.shape[0])
+        out = {}
+        for arm in arm_ids:
+            i = stats.index.get(arm)
+            theta = None if i is None else stats.exact(i)[1]
+            out[arm] = self.prior_mean + (0.0 if theta is None else float(theta @ x))
+        return out
+
+    # ------------------------------------------------------------------ choosing
+    def _shift(self, arm_ids: Sequence[ArmId], pricing: Pricing | None) -> np.ndarray:
+        shift = np.full(len(arm_ids), self.prior_mean)
+        if pricing is not None:
+            shift -= pricing.penalties(arm_ids, self.mean_costs())
+        return shift
+
+    def choose(  # type: ignore[override]
+        self, arm_ids: Sequence[ArmId], context: Context, pricing: Pricing | None = None
+    ) -> Choice:
+        """Draw an arm for ``context``; priced by ``pricing`` (None: correctness alone, or
+        the scalar rewards taught through ``update``)."""
+        return self._choose(arm_ids, context, self._shift(arm_ids, pricing))
+
+    def choose_many(  # type: ignore[override]
+        self, arm_ids: Sequence[ArmId], contexts: np.ndarray, pricing: Pricing | None = None
+    ) -> list[Choice]:
+        """Vectorised :meth:`choose` (the same draws as successive calls)."""
+        return self._choose_many(arm_ids, contexts, self._shift(arm_ids, pricing))
+
+    # ------------------------------------------------------------------ arms, merge, state
+    def remove_arm(self, arm_id: ArmId) -> None:
+        super().remove_arm(arm_id)
+        self._cost_n.pop(arm_id, None)
+        self._cost_sum.pop(arm_id, None)
+
+    def merge(self, other: CorrectnessUCB) -> CorrectnessUCB:
+        """Summed statistics and cost sums of both (see :meth:`LinearPolicy.merge`)."""
+        new = super().merge(other)
+        scales = [s for s in (self._scale, other._scale) if s is not None]
+        if len(scales) == 2 and not np.array_equal(*scales):
+            raise ValueError("cannot merge policies with different context layouts")
+        new._scale = None if not scales else scales[0].copy()
+        for src in (self, other):
+            for arm, n in src._cost_n.items():
+                new._cost_n[arm] = new._cost_n.get(arm, 0) + n
+                new._cost_sum[arm] = new._cost_sum.get(arm, 0.0) + src._cost_sum[arm]
+        return new
+
+    def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
+        meta, arrays = super()._state()
+        arms = self.arms
+        arrays = {
+            **arrays,
+            "cost_n": np.array([self._cost_n.get(a, 0) for a in arms], dtype=np.int64),
+            "cost_sum": np.array([self._cost_sum.get(a, 0.0) for a in arms], dtype=np.float64),
+        }
+        if self._scale is not None:
+            arrays["scale"] = self._scale
+        return meta, arrays
+
+    def _load_state(self, meta: dict, arms: list, arrays: Mapping[str, np.ndarray]) -> None:
+        super()._load_state(meta, arms, dict(arrays))
+        self._scale = arrays.get("scale")
+        for arm, n, total in zip(arms, arrays["cost_n"], arrays["cost_sum"], strict=True):
+            if n:
+                self._cost_n[arm], self._cost_sum[arm] = int(n), float(total)
