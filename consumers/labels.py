@@ -11,6 +11,7 @@ from kafka.consumer.fetcher import ConsumerRecord
 from consumers.batch import BatchConsumer, Outgoing
 from service import metrics
 from service.events import LabelEvent
+from service.log.labels import Source
 from service.log.read_models import labeled_by_arm
 from service.log.transaction import last_reward_seq
 from service.pipeline import Learner
@@ -42,7 +43,7 @@ class LabelConsumer(BatchConsumer):
     def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
         self.learner.learn(
             [event for event, _ in items],
-            [(r.topic, r.partition, r.offset) for _, r in items],
+            [Source(r.topic, r.partition, r.offset) for _, r in items],
             self.consumer.config["group_id"],
         )
         return []

@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
-from consumers.batch import is_transient
+from consumers.failures import is_transient
 from service import storage
 from service.log import decisions as decision_sql
 from service.log import labels as label_sql

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
@@ -18,8 +19,13 @@ from service.log.rows import AppliedReward, ExpiredLabel, FoundDecision, Pending
 from service.storage import arrays, decisions, label_offsets, one_of, pending_labels
 from service.storage import service_counters as counters_table
 
-#: A label event's place in Kafka: (topic, partition, offset)
-Source = tuple[str, int, int]
+
+class Source(NamedTuple):
+    """A label event's place in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
 
 
 @dataclass

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import consumers.kafka_io as kafka_io
-from consumers.batch import describe
+from consumers.failures import describe
 from service.config import parse_config
 from service.events import LabelEvent, QueryEvent
 from service.llm.base import CallRequest, Completion, LLMError
