@@ -11,6 +11,10 @@ rewards or another's, applies each reward once, in seq order, so all instances c
 the same statistics. :class:`LivePolicy` is that projection and nothing else: it neither reads
 the log nor stores checkpoints (the learning log's wing, :mod:`service.log`, does both).
 
+Its checkpoint holds the policy's state with the pacer and the context builder beside it (the
+header fields ``pacer`` and ``context`` of :mod:`service.policy.checkpoint`); the policy
+object itself carries neither, so a policy is only a policy.
+
 A policy learns from contexts of one layout only: loading a checkpoint (or replaying rewards)
 of another layout than the configured one raises :class:`ContextMismatch`, rather than mixing
 vectors that mean different things.
@@ -46,7 +50,8 @@ from service.context import LEGACY, ContextBuilder, ContextLayout
 from service.decision import LoggedDecision
 from service.log.rows import AppliedReward
 from service.pacing import BudgetPacer
-from service.policy import RoutingPolicy, loads, make_policy
+from service.policy import RoutingPolicy, make_policy
+from service.policy.checkpoint import dump_state, from_state, load_state
 from service.reward import RewardSettings
 
 log = logging.getLogger(__name__)
@@ -96,23 +101,19 @@ class LivePolicy:
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         self.configured_pacer = budget  # budget mode's pacer to start from (None: fixed λ)
-        self.policy.pacer = budget
+        self.pacer = budget  # budget mode's λ, a projection of the decision log
         #: the configured context layout (a fresh builder): what a restored policy must match
         self.configured_context = context or ContextBuilder(ContextLayout())
-        self.policy.context = copy.deepcopy(self.configured_context)
+        #: the builder (with its running statistics) of the contexts the policy learns from
+        self.context = copy.deepcopy(self.configured_context)
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self.decision_watermark = 0  # highest decision_seq the builder and pacer have seen
 
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
-        pacer = self.policy.pacer
+        pacer = self.pacer
         return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
-
-    @property
-    def context(self) -> ContextBuilder:
-        """The builder (with its running statistics) of the contexts the policy learns from."""
-        return self.policy.context
 
     def follows(
         self, rewards: Sequence[AppliedReward], decisions: Sequence[LoggedDecision]
@@ -128,8 +129,8 @@ class LivePolicy:
         for d in sorted(logged, key=lambda d: d.seq):
             if d.seq <= self.decision_watermark:
                 continue
-            if self.policy.pacer is not None:
-                self.policy.pacer.observe(d.cost_usd)
+            if self.pacer is not None:
+                self.pacer.observe(d.cost_usd)
             self.context.observe(d.task, d.n_chars, d.metadata)
             self.decision_watermark = d.seq
 
@@ -166,48 +167,55 @@ class LivePolicy:
             )
 
     def snapshot(self) -> Snapshot:
-        """The policy's state and watermarks, copied under :attr:`lock`."""
+        """The policy's state, its pacer and context builder, and the watermarks, copied under
+        :attr:`lock`."""
         with self.lock:
+            state = self.policy.checkpoint_state()
+            state.pacer, state.context = self.pacer, self.context
             return Snapshot(
                 self.policy_name,
                 self.policy.n_updates,
                 self.watermark,
                 self.decision_watermark,
-                self.policy.dumps(),
+                dump_state(state),
             )
 
     def load(self, state: bytes, watermark: int, decision_watermark: int, source: str) -> None:
         """Continue from a stored state (a checkpoint, named ``source`` in errors), keeping its
-        pacer and context builder if the configuration still matches them."""
+        pacer and context builder if the configuration still matches them. A checkpoint stored
+        before they were kept beside the policy reads the same: they were in the same fields."""
         with self.lock:
-            self.policy = loads(state)
+            stored = load_state(state)
+            pacer, context = stored.pacer, stored.context
+            stored.pacer = stored.context = None
+            policy = from_state(stored)
+            self.context = self._reconciled_context(context, source)
+            self.policy, self.pacer = policy, self._reconciled_pacer(pacer)
             self.watermark = watermark
             self.decision_watermark = decision_watermark
-            self._reconcile_budget()
-            self._reconcile_context(source)
 
-    def _reconcile_budget(self) -> None:
+    def _reconciled_pacer(self, saved: BudgetPacer | None) -> BudgetPacer | None:
         """A checkpoint's pacer continues, unless budget mode was switched off or its target
         changed since (then the configured pacer starts afresh)."""
-        saved, wanted = self.policy.pacer, self.configured_pacer
+        wanted = self.configured_pacer
         if wanted is None:
             if saved is not None:
                 log.info("budget mode is off: the checkpoint's λ pacer is dropped")
-            self.policy.pacer = None
-        elif saved is None or saved.target_cost_per_query != wanted.target_cost_per_query:
-            self.policy.pacer = wanted
+            return None
+        if saved is None or saved.target_cost_per_query != wanted.target_cost_per_query:
+            return wanted
+        return saved
 
-    def _reconcile_context(self, source: str) -> None:
-        """Keep a restored policy's context builder if its layout is the configured one."""
-        saved: ContextBuilder | None = self.policy.context
+    def _reconciled_context(self, saved: ContextBuilder | None, source: str) -> ContextBuilder:
+        """A restored context builder, if its layout is the configured one."""
         wanted = self.configured_context
         spec = LEGACY if saved is None else saved.spec
         if spec != wanted.spec:
             raise ContextMismatch(_mismatch(source, spec, wanted.spec))
         if saved is None:  # a checkpoint from before layouts: its contexts are embeddings
-            self.policy.context = copy.deepcopy(wanted)
-        else:
-            saved.declared = wanted.declared
+            return copy.deepcopy(wanted)
+        saved.declared = wanted.declared
+        return saved
 
 
 class ContextMismatch(RuntimeError):

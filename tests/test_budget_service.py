@@ -78,7 +78,7 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
             )
         }
     n = len(rows)
-    assert live.policy.pacer.n_observed == n == len(costs)
+    assert live.pacer.n_observed == n == len(costs)
     assert len(lambdas) > 3  # λ moved while rewards were being stored
     second_half = costs[n // 2 :]
     # never over the budget by more than the pacer's window allows; under it when λ sits at
@@ -95,12 +95,12 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
     recovering.restore()
     recovered = recovering.live
     assert recovered.decision_watermark == live.decision_watermark
-    assert recovered.policy.pacer.lam == pytest.approx(live.policy.pacer.lam, abs=1e-12)
-    assert recovered.policy.pacer.n_observed == n
+    assert recovered.pacer.lam == pytest.approx(live.pacer.lam, abs=1e-12)
+    assert recovered.pacer.n_observed == n
     assert recovered.reward_settings(BASE).lam == pytest.approx(live.reward_settings(BASE).lam)
 
     # switching budget mode off on restart goes back to the fixed λ
     restarted = open_learning_log(engine, "linucb", {"seed": 3}, checkpoint_every=400)
     restarted.restore()
     fixed = restarted.live
-    assert fixed.policy.pacer is None and fixed.reward_settings(BASE) == BASE
+    assert fixed.pacer is None and fixed.reward_settings(BASE) == BASE

@@ -381,8 +381,8 @@ def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance
     for live in (a, b):
         live.catch_up()
         assert live.live.decision_watermark == 2
-        assert live.live.policy.pacer.n_observed == 2
-        assert live.live.policy.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
+        assert live.live.pacer.n_observed == 2
+        assert live.live.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
 
 
 def test_a_follower_applies_another_instances_reward_woken_by_its_notify(engine, instances):

@@ -256,7 +256,7 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
     expected = BudgetPacer(5e-5, settings.cost_unit_usd, settings.budget_lr, settings.reward_lambda)
     for cost in costs:
         expected.observe(cost)
-    pacer = service.live.policy.pacer
+    pacer = service.live.pacer
     assert pacer.n_observed == len(costs) == 300
     assert abs(pacer.lam - expected.lam) <= 1e-9
     engine.dispose()
