@@ -146,36 +146,38 @@ class Decider:
         choice, result = call.choice, call.result
         event = record.event
         return Decision(
-            query_id=event.query_id,
-            task=event.task,
-            text=event.text,
-            options=call.request.prompt.labels,
-            metadata=event.metadata,
-            sent_at=event.sent_at,
-            decided_at=datetime.now(UTC),
-            arm=choice.arm,
-            propensity=choice.propensity,
-            probabilities=choice.probabilities,
-            policy=self.learning_log.live.policy_name,
-            status=result.status,
-            prediction=result.prediction,
-            raw_output=result.raw_output,
-            error=result.error,
-            input_tokens=result.input_tokens,
-            output_tokens=result.output_tokens,
-            cost_usd=result.cost_usd,
-            latency_ms=result.latency_ms,
-            attempts=result.attempts,
-            fallback_arm=result.fallback_arm,
-            answer_scores=result.answer_scores,
-            arm_scores=choice.scores,
-            embedding_model=self.vectors.name,
-            context=vector_to_bytes(call.context),
-            context_layout=call.layout,
-            kafka_partition=record.partition,
-            kafka_offset=record.offset,
-            instance=self.learning_log.instance,
-            rng_seed=self.learning_log.rng_seed,
+            **{
+                "query_id": event.query_id,
+                "task": event.task,
+                "text": event.text,
+                "options": call.request.prompt.labels,
+                "metadata": event.metadata,
+                "sent_at": event.sent_at,
+                "decided_at": datetime.now(UTC),
+                "arm": choice.arm,
+                "propensity": choice.propensity,
+                "probabilities": choice.probabilities,
+                "policy": self.learning_log.live.policy_name,
+                "status": result.status,
+                "prediction": result.prediction,
+                "raw_output": result.raw_output,
+                "error": result.error,
+                "input_tokens": result.input_tokens,
+                "output_tokens": result.output_tokens,
+                "cost_usd": result.cost_usd,
+                "latency_ms": result.latency_ms,
+                "attempts": result.attempts,
+                "fallback_arm": result.fallback_arm,
+                "answer_scores": result.answer_scores,
+                "arm_scores": choice.scores,
+                "embedding_model": self.vectors.name,
+                "context": vector_to_bytes(call.context),
+                "context_layout": call.layout,
+                "kafka_partition": record.partition,
+                "kafka_offset": record.offset,
+                "instance": self.learning_log.instance,
+                "rng_seed": self.learning_log.rng_seed,
+            }
         )
 
     def close(self) -> None:
@@ -204,7 +206,7 @@ class Learner:
         progress of ``group`` is then stored in the same transaction, and an event applied
         before (redelivered after a crash) changes nothing, not even the duplicate counters."""
         if not labels:
-            return LabelStats()
+            return LabelStats(0, 0, 0, 0, 0, [])
         with self.learning_log.append(self.rewards) as tx:  # the join is safe under its lock
             conn = tx.conn
             again = (

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import NamedTuple
 
@@ -28,16 +28,18 @@ class Source(NamedTuple):
     offset: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class LabelStats:
-    """What a batch of labels did."""
+    """What a batch of labels did: labels scored (``applied``, with the ``rewards`` stored),
+    duplicates counted on decisions, labels kept waiting and their duplicates, and labels
+    ``redelivered`` by Kafka whose effect was stored before (no effect this time)."""
 
-    applied: int = 0
-    duplicates: int = 0
-    pending: int = 0
-    pending_duplicates: int = 0
-    redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
-    rewards: list[AppliedReward] = field(default_factory=list)
+    applied: int
+    duplicates: int
+    pending: int
+    pending_duplicates: int
+    redelivered: int
+    rewards: list[AppliedReward]
 
 
 def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str, FoundDecision]:
@@ -76,22 +78,26 @@ def apply_plan(
 ) -> LabelStats:
     """Write a plan: keep the early labels, count the duplicates, store the scored labels with
     their rewards, and record the progress of ``group`` over ``sources``."""
-    stats = LabelStats(applied=plan.applied, redelivered=plan.redelivered)
-    stats.duplicates = plan.duplicate_count
-    new = add_pending_labels(conn, plan.pending)
-    for p in plan.pending:
-        stats.pending += new[p.query_id]
-        stats.pending_duplicates += p.duplicates + (not new[p.query_id])
+    kept = add_pending_labels(conn, plan.pending)
+    pending = sum(kept[p.query_id] for p in plan.pending)
+    pending_duplicates = sum(p.duplicates + (not kept[p.query_id]) for p in plan.pending)
     count_duplicate_labels(conn, plan.duplicates)
-    stats.rewards = store_labels(conn, plan.scored)
-    if stats.duplicates + stats.pending_duplicates:
-        bump_counter(conn, "duplicate_labels", stats.duplicates + stats.pending_duplicates)
+    rewards = store_labels(conn, plan.scored)
+    if plan.duplicate_count + pending_duplicates:
+        bump_counter(conn, "duplicate_labels", plan.duplicate_count + pending_duplicates)
     if sources:
         after: dict[tuple[str, int], int] = {}
         for topic, partition, offset in sources:
             after[topic, partition] = max(after.get((topic, partition), 0), offset + 1)
         record_label_offsets(conn, group, after)
-    return stats
+    return LabelStats(
+        plan.applied,
+        plan.duplicate_count,
+        pending,
+        pending_duplicates,
+        plan.redelivered,
+        rewards,
+    )
 
 
 def _label_columns(rows: Sequence[ScoredLabel]) -> dict[str, tuple[sa.types.TypeEngine, list]]:
