@@ -1,9 +1,11 @@
 """Deciding and learning, independent of Kafka: the consumers hand batches of events in here.
 
-Deciding a batch: skip queries already decided → embed → the policy picks an arm (with its
+Deciding a batch: skip queries already decided (a committed decision is never called again:
+its stored event is published again instead) → embed → the policy picks an arm (with its
 propensity) → call the arms concurrently → one transaction stores the decisions and applies any
 labels that arrived before them. Learning: join each label to its decision, store the reward,
-update the policy; a label with no decision yet waits in ``pending_labels``.
+update the policy; a label with no decision yet waits in ``pending_labels``. Both write through
+the learning log's one append transaction (:meth:`LearningLog.append`).
 
 Calls ahead (:mod:`service.call_ahead`): ``call_ahead(events)`` starts the first half (embed
 → choose → call) of a batch that comes next, in the background, while the batch before it is

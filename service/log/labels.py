@@ -1,6 +1,14 @@
 """The labels' SQL: reading what a batch of labels is joined to, applying the plan
 (:func:`service.log.join.join_labels`), and the labels waiting for their decision
 (``pending_labels``). The writes need :func:`service.log.transaction.lock_learning_log`.
+
+Invariant: exactly once per label. A decision is rewarded at most once (the UPDATE of
+:func:`store_labels` takes only a decision without label and reward), and at least once once
+it exists: an early label waits in ``pending_labels`` and is taken by the transaction that
+stores its decision (:func:`service.log.decisions.store_decisions`; both under the log's lock,
+so neither misses the other). A label event's effect is recorded with its offset
+(``label_offsets``, :func:`apply_plan`) in the same transaction, so a redelivered label
+changes nothing.
 """
 
 from __future__ import annotations
