@@ -4,7 +4,7 @@
     service.start(); ...; service.stop()     # or service.run_forever() until SIGINT/SIGTERM
 
 Several instances may run on one database and in one consumer group: they learn one policy
-through Postgres (:mod:`service.learning`); a :class:`LogFollower` thread applies what the
+through Postgres (:mod:`service.log`); a :class:`LogFollower` thread applies what the
 others store, and a :class:`Checkpointer` thread stores the policy's checkpoints.
 
 On stop: both consumers stop polling and finish their batch (its calls, commits and offsets),
@@ -38,8 +38,11 @@ from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
-from service.learning import Checkpointer, LivePolicy, LogFollower
+from service.learning import LivePolicy
 from service.llm.gateway import Gateway
+from service.log.checkpoints import Checkpointer
+from service.log.follower import LogFollower
+from service.log.transaction import LearningLog
 from service.metrics import MetricsServer
 from service.pacing import BudgetPacer
 from service.pipeline import Decider, Learner
@@ -92,6 +95,7 @@ class Application:
     live: LivePolicy
     decider: Decider
     learner: Learner
+    learning_log: LearningLog  # the engine-holding side of `live`: appends, restore, checkpoints
     queries: QueryConsumer | None = None
     labels: LabelConsumer | None = None
     crashed: threading.Event = field(default_factory=threading.Event)
@@ -163,27 +167,30 @@ class Application:
                 lam0=settings.reward_lambda,
             )
         live = LivePolicy(
-            engine,
             settings.policy,
             settings.policy_params,
-            settings.checkpoint_every,
             budget,
             context=settings.context_builder(config.declared_features()),
-            instance=settings.instance_id,
-            draws_seed=settings.draws_seed,
-            checkpoint_min_seconds=settings.checkpoint_min_seconds,
         )
-        live.claim_instance()  # or InstanceNameTaken
+        learning_log = LearningLog(
+            engine,
+            live,
+            instance=settings.instance_id,
+            checkpoint_every=settings.checkpoint_every,
+            checkpoint_min_seconds=settings.checkpoint_min_seconds,
+            draws_seed=settings.draws_seed,
+        )
+        learning_log.name.claim()  # or InstanceNameTaken
         try:
-            live.restore()
+            learning_log.restore()
             rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
             embedder = embedder or Embedder.from_settings(settings)
-            decider = Decider(config, engine, live, embedder, gateway, rewards)
+            decider = Decider(config, learning_log, embedder, gateway, rewards)
         except BaseException:
-            live.close()  # its name (and any role) to the next start
+            learning_log.close()  # its name (and any role) to the next start
             raise
-        learner = Learner(engine, live, rewards, settings.pending_label_ttl_seconds)
-        return cls(settings, config, engine, live, decider, learner, blas_limits=blas)
+        learner = Learner(learning_log, rewards, settings.pending_label_ttl_seconds)
+        return cls(settings, config, engine, live, decider, learner, learning_log, blas_limits=blas)
 
     def start(self) -> None:
         s = self.settings
@@ -209,8 +216,8 @@ class Application:
         if s.metrics_port is not None:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
             log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
-        self.follower = LogFollower(self.live, s.log_poll_seconds).start()
-        self.checkpointer = Checkpointer(self.live).start()
+        self.follower = LogFollower(self.learning_log, s.log_poll_seconds).start()
+        self.checkpointer = Checkpointer(self.learning_log.checkpoints).start()
         self._threads = [
             run_in_thread(self._guard(self.queries), "metallm-queries"),
             run_in_thread(self._guard(self.labels), "metallm-labels"),
@@ -264,7 +271,7 @@ class Application:
         try:
             self._stop_consuming()
         finally:  # the instance's name and roles, the arms and the connections, come what may
-            self.live.close()
+            self.learning_log.close()
             self.decider.close()
             self.decider.gateway.close()
             self.engine.dispose()
@@ -301,11 +308,11 @@ class Application:
             with waiting_for("the policy checkpoint being stored"):
                 self.checkpointer.stop(FINAL_CHECKPOINT_WAIT_S)
         try:
-            self.live.catch_up()  # what the log holds that this instance has not applied
+            self.learning_log.catch_up()  # what the log holds that this instance has not applied
             if self.live.policy.n_updates:
                 log.info("stopping: storing the final policy checkpoint (on the writer)")
                 # on the checkpoint writer only, after the one being stored (if any)
-                self.live.checkpoint(wait_s=FINAL_CHECKPOINT_WAIT_S)
+                self.learning_log.checkpoints.save(wait_s=FINAL_CHECKPOINT_WAIT_S)
         except Exception:  # the rewards are in Postgres: the next start re-applies them
             self.checkpoint_failed = True
             log.exception("the final policy checkpoint failed")

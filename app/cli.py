@@ -71,6 +71,7 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     from service.config import load_config
     from service.embedding import Embedder
     from service.learning import LivePolicy
+    from service.log.transaction import LearningLog
     from service.outcomes import read_outcomes
     from service.storage import make_engine
 
@@ -82,18 +83,17 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url, settings.database_schema)
     check_schema(engine)
     live = LivePolicy(
-        engine,
-        settings.policy,
-        settings.policy_params,
-        settings.checkpoint_every,
-        context=settings.context_builder(declared),
+        settings.policy, settings.policy_params, context=settings.context_builder(declared)
     )
-    live.restore()
+    learning_log = LearningLog(engine, live, checkpoint_every=settings.checkpoint_every)
+    learning_log.restore()
     print(f"embedding {len(records)} queries…", file=sys.stderr)
     embedder = Embedder.from_settings(settings)
     embeddings = embedder.embed([r.text for r in records])
     contexts = live.context.stream([(r.task, r.text, r.metadata) for r in records], embeddings)
-    n = live.warm_start(records, contexts, settings.reward_lambda, settings.cost_unit_usd)
+    n = learning_log.checkpoints.warm_start(
+        records, contexts, settings.reward_lambda, settings.cost_unit_usd
+    )
     engine.dispose()
     arms = sorted({a for r in records for a in r.arms})
     print(
@@ -244,7 +244,7 @@ COLUMNS = [c.key for c in DECISION_COLUMNS]
 
 
 def cmd_decisions(settings: Settings, args: argparse.Namespace) -> int:
-    from service.storage import query_decisions
+    from service.log.read_models import query_decisions
 
     if args.explain:
         return explain(settings, args.explain)
@@ -289,7 +289,7 @@ def explain(settings: Settings, query_id: str) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from service.storage import decision_details
+    from service.log.read_models import decision_details
 
     engine = _schema_checked_engine(settings)
     try:
@@ -348,7 +348,7 @@ HOURLY_COLUMNS = [
 
 def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     """The arm_summary view, and hourly_stats for the last ``--hours``."""
-    from service.storage import hourly_stats, stats_summary
+    from service.log.read_models import hourly_stats, stats_summary
 
     engine = _schema_checked_engine(settings)
     try:
@@ -483,7 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     from consumers.kafka_io import BrokerUnreachable, TopicMismatch
     from producers.files import InputFileError
     from service.config import ConfigError
-    from service.learning import ContextMismatch, InstanceNameTaken, WarmStartRefused
+    from service.learning import ContextMismatch
+    from service.log.checkpoints import WarmStartRefused
+    from service.log.session import InstanceNameTaken
     from service.metrics import MetricsPortUnavailable
     from service.outcomes import OutcomesError
 

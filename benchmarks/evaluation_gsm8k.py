@@ -168,6 +168,7 @@ def through_service(n: int) -> list[str]:
 
     from evaluation import ope
     from service import storage
+    from service.log.checkpoints import latest_checkpoint
     from service.migrate import drop_schema
     from service.policy import loads
 
@@ -207,7 +208,7 @@ def through_service(n: int) -> list[str]:
     try:
         data = ope.load_decisions(engine)
         with engine.connect() as conn:
-            checkpoint = storage.latest_checkpoint(conn)["state"]
+            checkpoint = latest_checkpoint(conn).state
         targets = {
             "uniform": ope.uniform(data),
             **{f"arm: {a}": ope.fixed_arm(data, a) for a in data.arms},

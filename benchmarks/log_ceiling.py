@@ -2,10 +2,10 @@
 log's lock, and so the most decisions/s and labels/s all instances together can reach.
 
 Every transaction that gives out ``decision_seq`` or ``reward_seq`` values takes the one
-advisory lock of the learning log (``storage.lock_learning_log``) and holds it to COMMIT, on
+advisory lock of the learning log (``lock_learning_log``) and holds it to COMMIT, on
 every instance: the log is a single writer at a time, whatever the number of instances. This
 script runs the service's locked transactions on the real Postgres, in a schema of its own,
-through the same storage functions, in the same order, as ``service/pipeline.py``:
+through the same learning-log functions, in the same order, as ``service/pipeline.py``:
 
 - a **decision batch**: 64 decisions (``METALLM_POLL_MAX_RECORDS``' default), each with a
   context of the default layout (d = 450: bias, length, 64 task buckets, a 384-dim embedding):
@@ -13,7 +13,7 @@ through the same storage functions, in the same order, as ``service/pipeline.py`
   labels), commit (``Decider.decide``);
 - a **label batch**: 1,000 labels (``METALLM_LABELS_POLL_MAX_RECORDS``' default) of decisions
   stored before, from 3 partitions: lock, catch up, the group's applied offsets, the decisions
-  (locked), waiting labels, scoring, ``store_labels``, the new offsets, commit
+  (locked), waiting labels, the join, ``apply_plan`` (labels, rewards, the new offsets), commit
   (``Learner.learn``).
 
 It times, per transaction, the **hold**: from the lock granted (``lock_learning_log``
@@ -28,7 +28,7 @@ The ceiling printed is ``batch size / median hold`` of one writer: the most deci
 decisions) and labels/s (only labels) all instances together can reach; decisions and labels
 share the lock, so together ``decisions/s ÷ D + labels/s ÷ L ≤ 1``.
 
-The policy update after COMMIT (``LivePolicy.stored``) and the LLM calls are outside the lock
+The policy update after COMMIT (``LearningLog.stored``) and the LLM calls are outside the lock
 and not timed here. Postgres shares the machine's cores with the writers (and with anyone
 else's runs: the load average is printed).
 
@@ -38,13 +38,12 @@ else's runs: the load average is printed).
 Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
 works in a schema of its own, dropped at the end. Writes ``benchmarks/results/log_ceiling.md``.
 
-The storage calls (from ``service.storage`` unless named): ``make_engine``,
-``lock_learning_log``, ``decision_log``, ``store_decisions``, ``insert_decisions`` (to store
-the labelled decisions first), ``applied_label_offsets``, ``decisions_for_labels``,
-``pending_label_ids``, ``add_pending_labels``, ``count_duplicate_labels``, ``store_labels``,
-``record_label_offsets``, ``vector_to_bytes``; ``service.pipeline.score_label``,
-``service.reward.reward``, ``service.migrate.upgrade`` / ``drop_schema``. They are imported
-in :func:`log_api` and :func:`score_api` only.
+The learning-log calls (``service.log``): ``lock_learning_log``, ``decision_log``,
+``store_decisions``, ``insert_decisions`` (to store the labelled decisions first),
+``redelivered``, ``decisions_for_labels``, ``pending_label_ids``, ``join_labels``,
+``apply_plan``; with ``service.storage``'s ``make_engine`` and ``vector_to_bytes``,
+``service.reward.RewardSettings``, ``service.migrate.upgrade`` / ``drop_schema``. They are
+imported in :func:`log_api` and :func:`score_api` only.
 """
 
 from __future__ import annotations
@@ -84,18 +83,30 @@ TEXT = "the acting was fine but the plot dragged on for far too long, said the r
 def log_api():
     """The module of the learning-log calls the transactions below make: the one place to
     retarget when they move (the calls used are listed in the module docstring)."""
-    from service import storage
+    from service.log import decisions, labels, transaction
+    from service.log.join import join_labels
+    from service.storage import make_engine, vector_to_bytes
 
-    return storage
+    return SimpleNamespace(
+        make_engine=make_engine,
+        vector_to_bytes=vector_to_bytes,
+        lock_learning_log=transaction.lock_learning_log,
+        decision_log=transaction.decision_log,
+        store_decisions=decisions.store_decisions,
+        insert_decisions=decisions.insert_decisions,
+        redelivered=labels.redelivered,
+        decisions_for_labels=labels.decisions_for_labels,
+        pending_label_ids=labels.pending_label_ids,
+        apply_plan=labels.apply_plan,
+        join_labels=join_labels,
+    )
 
 
 def score_api() -> SimpleNamespace:
-    from service.pipeline import score_label
-    from service.reward import RewardSettings, reward
+    from service.events import LabelEvent
+    from service.reward import RewardSettings
 
-    return SimpleNamespace(
-        score_label=score_label, settings=RewardSettings(0.0, 1e-3), reward=reward
-    )
+    return SimpleNamespace(settings=RewardSettings(0.0, 1e-3), label=LabelEvent)
 
 
 @dataclass(frozen=True)
@@ -204,22 +215,12 @@ class Writer:
 
     def decide(self, batch: list) -> Timing:
         """``Decider.decide``'s transaction for one batch."""
-        s = self.score.settings
         began = time.perf_counter()
         with self.engine.begin() as conn:
             self.api.lock_learning_log(conn, self.name)
             locked = time.perf_counter()
             self._catch_up(conn)
-            stored = self.api.store_decisions(
-                conn,
-                batch,
-                failed=[],
-                failure_reward=self.score.reward(False, 0.0, s.lam, s.cost_unit),
-                lam=s.lam,
-                score=lambda decision, label: self.score.score_label(
-                    decision, label["label"], label["labeled_at"], s, label["duplicates"]
-                ),
-            )
+            stored = self.api.store_decisions(conn, batch, [], self.score.settings)
         ended = time.perf_counter()
         if len(stored.inserted) != len(batch):
             raise RuntimeError(f"stored {len(stored.inserted)} of {len(batch)} decisions")
@@ -230,7 +231,10 @@ class Writer:
         """``Learner.learn``'s transaction for one poll of labels (none redelivered, none
         early, none duplicate: the common case)."""
         now = dt.datetime.now(dt.UTC)
-        labels = [(q, "positive" if i % 4 else "negative") for i, q in enumerate(ids)]
+        labels = [
+            self.score.label(query_id=q, label="positive" if i % 4 else "negative", labeled_at=now)
+            for i, q in enumerate(ids)
+        ]
         sources = []
         for i in range(len(labels)):
             p = self.partitions[i % len(self.partitions)]
@@ -241,25 +245,15 @@ class Writer:
             self.api.lock_learning_log(conn, self.name)
             locked = time.perf_counter()
             self._catch_up(conn)
-            done = self.api.applied_label_offsets(conn, GROUP, {s[:2] for s in sources})
-            redelivered = [o < done.get((t, p), 0) for t, p, o in sources]
+            redelivered = self.api.redelivered(conn, GROUP, sources)
             found = self.api.decisions_for_labels(conn, ids)
             again = [q for q, r in zip(ids, redelivered, strict=True) if r]
-            self.api.pending_label_ids(conn, [q for q in again if q not in found])
-            scored = [
-                (found[q], self.score.score_label(found[q], label, now, self.score.settings))
-                for q, label in labels
-            ]
-            self.api.add_pending_labels(conn, [])
-            self.api.count_duplicate_labels(conn, {})
-            rewards = self.api.store_labels(conn, scored)
-            after: dict[tuple[str, int], int] = {}
-            for topic, partition, offset in sources:
-                after[(topic, partition)] = max(after.get((topic, partition), 0), offset + 1)
-            self.api.record_label_offsets(conn, GROUP, after)
+            waiting = self.api.pending_label_ids(conn, [q for q in again if q not in found])
+            plan = self.api.join_labels(labels, found, waiting, redelivered, self.score.settings)
+            stats = self.api.apply_plan(conn, plan, GROUP, sources)
         ended = time.perf_counter()
-        if len(rewards) != len(ids):
-            raise RuntimeError(f"stored {len(rewards)} rewards for {len(ids)} labels")
+        if len(stats.rewards) != len(ids):
+            raise RuntimeError(f"stored {len(stats.rewards)} rewards for {len(ids)} labels")
         return Timing(locked - began, ended - locked, ended)
 
     def close(self) -> None:

@@ -13,7 +13,7 @@
     decisions with 384-dim contexts are stored first (layout ``legacy``: the context is the
     384-dim vector itself, d = 384; ``default``: the default context builder on a 384-dim
     embedding, d = 450), their labels published, and one in-process
-    :class:`app.application.Application` (the real LabelConsumer, Learner, LivePolicy and
+    :class:`app.application.Application` (the real LabelConsumer, Learner, LearningLog and
     LogFollower) started. Rate = rewards applied to the policy after its first label
     transaction / the time from that transaction's end to the last reward applied (the
     policy's watermark, polled every 2 ms: the first transaction's start-up is outside it).
@@ -443,11 +443,11 @@ def stored_decision_rows(
 
 
 def prestore(engine, rows: list[dict], chunk: int = 2000) -> None:
-    from service import storage
+    from service.log.decisions import insert_decisions
 
     for i in range(0, len(rows), chunk):
         with engine.begin() as conn:
-            storage.insert_decisions(conn, rows[i : i + chunk])
+            insert_decisions(conn, rows[i : i + chunk])
 
 
 class WatermarkWatch:

@@ -37,6 +37,8 @@ import sqlalchemy as sa  # noqa: E402
 from sqlalchemy.dialects import postgresql  # noqa: E402
 
 from service import storage  # noqa: E402
+from service.log import decisions as decision_sql  # noqa: E402
+from service.log import labels as label_sql  # noqa: E402
 from service.migrate import drop_schema, upgrade  # noqa: E402
 
 BATCH = 64
@@ -98,8 +100,8 @@ def lookups_in(conn: sa.Connection, ids: list[str]) -> None:
 
 # --------------------------------------------------------------- the service's way
 def lookups_any(conn: sa.Connection, ids: list[str]) -> None:
-    storage.existing_query_ids(conn, ids)
-    storage.take_pending_labels(conn, ids)  # (the costs come back with the insert)
+    decision_sql.existing_query_ids(conn, ids)
+    label_sql.take_pending_labels(conn, ids)  # (the costs come back with the insert)
 
 
 def backend_cpu(pid: int) -> float:
@@ -121,7 +123,7 @@ def main() -> int:
             pid = conn.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
         ways: dict[str, Callable[[sa.Connection, list[dict]], object]] = {
             "insert: multi-row VALUES (SQLAlchemy default)": insert_multirow,
-            "insert: storage.insert_decisions": storage.insert_decisions,
+            "insert: insert_decisions": decision_sql.insert_decisions,
             "lookups: 3 with IN (SQLAlchemy default)": lambda c, b: lookups_in(c, ids_of(b)),
             "lookups: 2 with = ANY(array)": lambda c, b: lookups_any(c, ids_of(b)),
         }
@@ -133,7 +135,7 @@ def main() -> int:
                 batch = rows(uuid.uuid4().hex[:8])
                 if name.startswith("lookups"):
                     with engine.begin() as conn:
-                        storage.insert_decisions(conn, batch)
+                        decision_sql.insert_decisions(conn, batch)
                 s, c = backend_cpu(pid), time.thread_time()
                 with engine.begin() as conn:
                     way(conn, batch)

@@ -9,8 +9,11 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.batch import BatchConsumer, Outgoing
-from service import metrics, storage
+from service import metrics
 from service.events import LabelEvent
+from service.log.labels import Source
+from service.log.read_models import labeled_by_arm
+from service.log.transaction import last_reward_seq
 from service.pipeline import Learner
 
 log = logging.getLogger(__name__)
@@ -40,7 +43,7 @@ class LabelConsumer(BatchConsumer):
     def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
         self.learner.learn(
             [event for event, _ in items],
-            [(r.topic, r.partition, r.offset) for _, r in items],
+            [Source(r.topic, r.partition, r.offset) for _, r in items],
             self.consumer.config["group_id"],
         )
         return []
@@ -68,16 +71,17 @@ class LabelConsumer(BatchConsumer):
 
     def export_learning(self) -> None:
         """Set the per-arm labeled/correct/reward gauges, and how far the policy is behind."""
-        with self.learner.engine.connect() as conn:
-            outcomes = storage.labeled_by_arm(conn)
-            last = storage.last_reward_seq(conn)
+        learning_log = self.learner.learning_log
+        with learning_log.engine.connect() as conn:
+            outcomes = labeled_by_arm(conn)
+            last = last_reward_seq(conn)
         for gauge in (metrics.LABELED, metrics.CORRECT, metrics.MEAN_REWARD):
             gauge.clear()  # only this database's arms (not those of a service before it)
-        for arm, labeled, correct, mean_reward in outcomes:
-            metrics.LABELED.labels(arm).set(labeled)
-            metrics.CORRECT.labels(arm).set(correct)
-            if mean_reward is not None:
-                metrics.MEAN_REWARD.labels(arm).set(mean_reward)
-        live = self.learner.live
+        for o in outcomes:
+            metrics.LABELED.labels(o.arm).set(o.labeled)
+            metrics.CORRECT.labels(o.arm).set(o.correct)
+            if o.mean_reward is not None:
+                metrics.MEAN_REWARD.labels(o.arm).set(o.mean_reward)
+        live = learning_log.live
         metrics.POLICY_LAG.set(max(0, last - live.watermark))
         metrics.POLICY_UPDATES.set(live.policy.n_updates)

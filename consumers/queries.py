@@ -52,16 +52,12 @@ class QueryConsumer(BatchConsumer):
         )
         # a redelivered query's decision was stored before, but its event may not have reached
         # the broker (a crash between the two): publish it again (consumers dedupe by query_id)
-        new = {d.query_id for d in decided}
-        republished = self.decider.stored_events(
-            list(dict.fromkeys(e.query_id for e, _ in items if e.query_id not in new))
-        )
-        for d in decided:
+        for d in decided.new:
             metrics.DECISIONS.labels(d.arm, d.status).inc()
             metrics.COST.labels(d.arm).inc(d.cost_usd)
             if d.latency_ms is not None:
                 metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
         return [
             Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes())
-            for d in [*republished, *decided]
+            for d in [*decided.again, *decided.new]
         ]

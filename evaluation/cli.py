@@ -359,14 +359,14 @@ def _datetime(value: str) -> datetime:
 def _targets(specs: list[str] | None, data, engine) -> dict[str, Any]:
     """Target policies by name: logged, uniform, arm:NAME, greedy, checkpoint, file:PATH."""
     from evaluation import ope
-    from service import storage
+    from service.log.checkpoints import latest_checkpoint
     from service.policy import loads
 
     checkpoint = None
     with engine.connect() as conn:
-        row = storage.latest_checkpoint(conn)
+        row = latest_checkpoint(conn)
     if row is not None:
-        checkpoint = row["state"]
+        checkpoint = row.state
     if not specs:
         specs = ["logged", "uniform", *(f"arm:{a}" for a in data.arms), "greedy"]
         if checkpoint is not None:

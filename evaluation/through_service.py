@@ -191,6 +191,8 @@ def _prepare_schema(
     """Migrate the replay's schema and store ``warm_state`` as its first checkpoint; an
     engine on it, and the warm start's number of updates (0 without one)."""
     from service import storage
+    from service.learning import Snapshot
+    from service.log.checkpoints import save_checkpoint
     from service.migrate import upgrade
 
     upgrade(settings.database_url, settings.database_schema)
@@ -201,7 +203,7 @@ def _prepare_schema(
 
     warm_updates = loads(warm_state).n_updates
     with engine.begin() as conn:
-        storage.save_checkpoint(conn, policy, warm_updates, 0, warm_state)
+        save_checkpoint(conn, Snapshot(policy, warm_updates, 0, 0, warm_state))
     return engine, warm_updates
 
 

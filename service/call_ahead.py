@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from service import metrics, storage
+from service import metrics
 from service.config import AppConfig
 from service.events import QueryEvent
 from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
+from service.log.decisions import existing_query_ids
 from service.policy.base import Choice
 from service.settings import MAX_QUERIES_KEPT
 from service.tasks import build_prompt
@@ -215,7 +216,7 @@ class CallAhead:
         rows = list(range(len(events)))
         if skip_decided:
             with self.engine.connect() as conn:
-                done = storage.existing_query_ids(conn, [e.query_id for e in events])
+                done = existing_query_ids(conn, [e.query_id for e in events])
             rows = [i for i in rows if events[i].query_id not in done]
         if not rows:
             return []

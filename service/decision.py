@@ -8,11 +8,23 @@ event tells and the learning log records.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
+
 from service.events import DecisionEvent
+
+
+def vector_to_bytes(vector: np.ndarray) -> bytes:
+    """Contexts are stored as little-endian float32."""
+    return np.asarray(vector, dtype="<f4").tobytes()
+
+
+def bytes_to_vector(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f4")
 
 
 @dataclass(frozen=True)
@@ -56,7 +68,7 @@ class Decision:
     answer_scores: dict[str, float] | None
     arm_scores: dict[str, float] | None
     embedding_model: str
-    context: bytes  # little-endian float32 (storage.vector_to_bytes)
+    context: bytes  # little-endian float32 (vector_to_bytes)
     context_layout: str
     kafka_partition: int | None
     kafka_offset: int | None
@@ -118,7 +130,7 @@ COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Decision))
 EVENT_COLUMNS: tuple[str, ...] = tuple(DecisionEvent.model_fields)
 
 
-def event_of(row: dict[str, Any]) -> DecisionEvent:
+def event_of(row: Mapping[str, Any]) -> DecisionEvent:
     """The decision event of a stored row (any mapping with :data:`EVENT_COLUMNS`)."""
     values = {name: row[name] for name in EVENT_COLUMNS if name in row}
     values["attempts"] = values.get("attempts") or 1

@@ -1,9 +1,11 @@
 """Deciding and learning, independent of Kafka: the consumers hand batches of events in here.
 
-Deciding a batch: skip queries already decided → embed → the policy picks an arm (with its
+Deciding a batch: skip queries already decided (a committed decision is never called again:
+its stored event is published again instead) → embed → the policy picks an arm (with its
 propensity) → call the arms concurrently → one transaction stores the decisions and applies any
 labels that arrived before them. Learning: join each label to its decision, store the reward,
-update the policy; a label with no decision yet waits in ``pending_labels``.
+update the policy; a label with no decision yet waits in ``pending_labels``. Both write through
+the learning log's one append transaction (:meth:`LearningLog.append`).
 
 Calls ahead (:mod:`service.call_ahead`): ``call_ahead(events)`` starts the first half (embed
 → choose → call) of a batch that comes next, in the background, while the batch before it is
@@ -15,24 +17,22 @@ committed, and in which order, does not change.
 from __future__ import annotations
 
 import logging
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
-from sqlalchemy.engine import Engine
-
-from service import metrics, storage
+from service import metrics
 from service.call_ahead import CallAhead, Called
 from service.config import AppConfig
 from service.context import ContextError
-from service.decision import Decision, event_of
+from service.decision import Decision, vector_to_bytes
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
-from service.learning import LivePolicy, labels_match
 from service.llm.gateway import Gateway
-from service.reward import RewardSettings, reward
-from service.storage import AppliedReward, LabelRow
+from service.log import decisions as decision_sql
+from service.log import labels as label_sql
+from service.log.join import join_labels
+from service.log.labels import LabelStats, Source
+from service.log.transaction import LearningLog
+from service.reward import RewardSettings
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -47,49 +47,28 @@ class QueryRecord:
     offset: int | None = None
 
 
-@dataclass
-class LabelStats:
-    applied: int = 0
-    duplicates: int = 0
-    pending: int = 0
-    pending_duplicates: int = 0
-    redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
-    rewards: list[AppliedReward] = field(default_factory=list)
+@dataclass(frozen=True)
+class Decided:
+    """What deciding a batch gives to publish: the new decisions, and the stored ones of
+    queries decided before (redelivered: their first publication may have been lost)."""
 
-
-def score_label(
-    decision: Mapping[str, Any],
-    label: str,
-    labeled_at: datetime | None,
-    rewards: RewardSettings,
-    duplicates: int = 0,
-) -> LabelRow:
-    """Score a decision against its label. A failed or unparseable call is wrong (and still
-    pays its cost). A decision rewarded at decision time (its arm failed) only gets its
-    label: no second policy update."""
-    qid = decision["query_id"]
-    correct = decision["status"] == "ok" and labels_match(decision["prediction"], label)
-    if decision.get("reward_seq") is not None:
-        return LabelRow(qid, label, labeled_at, correct, extra_duplicates=duplicates)
-    r = reward(correct, decision["cost_usd"], rewards.lam, rewards.cost_unit)
-    return LabelRow(qid, label, labeled_at, correct, r, rewards.lam, duplicates)
+    new: list[DecisionEvent]
+    again: list[DecisionEvent]
 
 
 class Decider:
     def __init__(
         self,
         config: AppConfig,
-        engine: Engine,
-        live: LivePolicy,
+        learning_log: LearningLog,
         embedder: TextEmbedder,
         gateway: Gateway,
         rewards: RewardSettings,
     ) -> None:
         self.config = config
-        self.engine = engine
-        self.live = live
+        self.learning_log = learning_log
         self.rewards = rewards
-        self.calling = CallAhead(config, engine, live, embedder, gateway)
+        self.calling = CallAhead(config, learning_log.engine, learning_log.live, embedder, gateway)
 
     @property
     def gateway(self) -> Gateway:
@@ -113,7 +92,7 @@ class Decider:
         if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
             raise InvalidEvent("multiple choice takes at most 26 options")
         try:
-            self.live.context.check(event.task, event.metadata)
+            self.learning_log.live.context.check(event.task, event.metadata)
         except ContextError as exc:
             raise InvalidEvent(str(exc)) from None
         return event
@@ -122,63 +101,48 @@ class Decider:
         """Start the calls of a batch that comes next (see :class:`CallAhead`)."""
         self.calling.call_ahead(events)
 
-    def decide(self, records: list[QueryRecord]) -> list[DecisionEvent]:
-        """Decide every query of the batch not decided before; returns the new decisions."""
+    def decide(self, records: list[QueryRecord]) -> Decided:
+        """Decide every query of the batch not decided before. Returns the new decisions and
+        the stored decisions of the queries decided before (in the batch's order)."""
         unique: dict[str, QueryRecord] = {}
         for record in records:
             unique.setdefault(record.event.query_id, record)
-        with self.engine.connect() as conn:
-            done = storage.existing_query_ids(conn, unique)
+        engine = self.learning_log.engine
+        with engine.connect() as conn:
+            again = decision_sql.decision_events(conn, unique)
+        done = {e.query_id for e in again}
         todo = [r for qid, r in unique.items() if qid not in done]
         if done:
             log.info("skipped %d queries already decided (redelivery)", len(done))
             self.calling.forget(done)
         if not todo:
-            return []
+            return Decided([], again)
 
         calls = self.calling.calls([r.event for r in todo])
-        results = {r.event.query_id: c.result for r, c in zip(todo, calls, strict=True)}
         batch = [self._decision(record, call) for record, call in zip(todo, calls, strict=True)]
-        started = time.monotonic()
-        with self.engine.begin() as conn:
-            # numbers the decisions and rewards in commit order
-            storage.lock_learning_log(conn, self.live.instance)
-            self.live.sync_decisions(conn)  # so λ is the log's, whichever instance stores
-            rewards = self.live.reward_settings(self.rewards)
-            # a failed arm is rewarded now (wrong, at no cost: a failed request returns no
-            # usage); its label, when it comes, does not count again
-            stored = storage.store_decisions(
-                conn,
-                batch,
-                failed=[q for q, result in results.items() if result.arm_failed],
-                failure_reward=reward(False, 0.0, rewards.lam, rewards.cost_unit),
-                lam=rewards.lam,
-                score=lambda decision, label: score_label(
-                    decision, label["label"], label["labeled_at"], rewards, label["duplicates"]
-                ),
-            )
-        self.live.stored(stored.rewards, stored.logged, since=started)
+        failed = [d.query_id for d, c in zip(batch, calls, strict=True) if c.result.arm_failed]
+        with self.learning_log.append(self.rewards) as tx:
+            stored = decision_sql.store_decisions(tx.conn, batch, failed, tx.rewards)
+            tx.applied += stored.rewards
+            tx.logged += stored.logged
         self.calling.forget(r.event.query_id for r in todo)
         if stored.early_labels:
             log.info("stored %d labels that arrived before their decisions", stored.early_labels)
-        lost = len(batch) - len(stored.inserted)
+        lost = [d.query_id for d in batch if d.query_id not in stored.inserted]
         if lost:  # called for, but another instance stored these queries' decisions first
-            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
-            log.warning("%d calls discarded: their queries were decided elsewhere meanwhile", lost)
-        return [d.event() for d in batch if d.query_id in stored.inserted]
+            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(len(lost))
+            log.warning(
+                "%d calls discarded: their queries were decided elsewhere meanwhile", len(lost)
+            )
+            with engine.connect() as conn:
+                again += decision_sql.decision_events(conn, lost)
+            order = {qid: i for i, qid in enumerate(unique)}
+            again.sort(key=lambda e: order[e.query_id])
+        return Decided([d.event() for d in batch if d.query_id in stored.inserted], again)
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""
         return self.calling.abandon(query_ids)
-
-    def stored_events(self, query_ids: list[str]) -> list[DecisionEvent]:
-        """The decision events of queries already decided, from Postgres (to publish again
-        when their query is redelivered: the first publication may have been lost)."""
-        if not query_ids:
-            return []
-        with self.engine.connect() as conn:
-            rows = storage.decision_events(conn, query_ids)
-        return [event_of(row) for row in rows]
 
     def _decision(self, record: QueryRecord, call: Called) -> Decision:
         choice, result = call.choice, call.result
@@ -195,7 +159,7 @@ class Decider:
                 "arm": choice.arm,
                 "propensity": choice.propensity,
                 "probabilities": choice.probabilities,
-                "policy": self.live.policy_name,
+                "policy": self.learning_log.live.policy_name,
                 "status": result.status,
                 "prediction": result.prediction,
                 "raw_output": result.raw_output,
@@ -209,12 +173,12 @@ class Decider:
                 "answer_scores": result.answer_scores,
                 "arm_scores": choice.scores,
                 "embedding_model": self.vectors.name,
-                "context": storage.vector_to_bytes(call.context),
+                "context": vector_to_bytes(call.context),
                 "context_layout": call.layout,
                 "kafka_partition": record.partition,
                 "kafka_offset": record.offset,
-                "instance": self.live.instance,
-                "rng_seed": self.live.rng_seed,
+                "instance": self.learning_log.instance,
+                "rng_seed": self.learning_log.rng_seed,
             }
         )
 
@@ -227,10 +191,9 @@ class Learner:
     """Applies label events: exactly once per decision, early labels kept until it lands."""
 
     def __init__(
-        self, engine: Engine, live: LivePolicy, rewards: RewardSettings, pending_ttl_seconds: float
+        self, learning_log: LearningLog, rewards: RewardSettings, pending_ttl_seconds: float
     ) -> None:
-        self.engine = engine
-        self.live = live
+        self.learning_log = learning_log
         self.rewards = rewards
         self.pending_ttl_seconds = pending_ttl_seconds
 
@@ -239,114 +202,57 @@ class Learner:
         return LabelEvent.from_bytes(raw)
 
     def learn(
-        self,
-        labels: list[LabelEvent],
-        sources: list[tuple[str, int, int]] | None = None,
-        group: str = "",
+        self, labels: list[LabelEvent], sources: list[Source] | None = None, group: str = ""
     ) -> LabelStats:
         """Apply label events. ``sources`` gives each one's (topic, partition, offset): the
         progress of ``group`` is then stored in the same transaction, and an event applied
         before (redelivered after a crash) changes nothing, not even the duplicate counters."""
-        stats = LabelStats()
         if not labels:
-            return stats
-        delays: list[float] = []  # decision → label, for labels that found their decision
-        started = time.monotonic()
-        with self.engine.begin() as conn:
-            # see storage.lock_learning_log: the join is safe
-            storage.lock_learning_log(conn, self.live.instance)
-            self.live.sync_decisions(conn)
-            rewards = self.live.reward_settings(self.rewards)
-            redelivered = [False] * len(labels)
-            if sources:
-                done = storage.applied_label_offsets(conn, group, {s[:2] for s in sources})
-                redelivered = [o < done.get((t, p), 0) for t, p, o in sources]
-            found = storage.decisions_for_labels(conn, [e.query_id for e in labels])
-            waiting = storage.pending_label_ids(  # redelivered labels already kept
+            return LabelStats(0, 0, 0, 0, 0, [])
+        with self.learning_log.append(self.rewards) as tx:  # the join is safe under its lock
+            conn = tx.conn
+            again = (
+                label_sql.redelivered(conn, group, sources) if sources else [False] * len(labels)
+            )
+            found = label_sql.decisions_for_labels(conn, [e.query_id for e in labels])
+            waiting = label_sql.pending_label_ids(  # redelivered labels already kept
                 conn,
                 [
                     e.query_id
-                    for e, again in zip(labels, redelivered, strict=True)
-                    if again and e.query_id not in found
+                    for e, a in zip(labels, again, strict=True)
+                    if a and e.query_id not in found
                 ],
             )
-            by_query: dict[str, list[LabelEvent]] = {}  # the first label of a query wins
-            for event, again in zip(labels, redelivered, strict=True):
-                decision = found.get(event.query_id)
-                if again and (
-                    event.query_id in waiting if decision is None else decision["label"] is not None
-                ):
-                    stats.redelivered += 1  # its effect is already there
-                    continue
-                by_query.setdefault(event.query_id, []).append(event)
-            pending: list[tuple[str, str, datetime | None, int]] = []
-            duplicates: dict[str, int] = {}
-            scored: list[tuple[Mapping[str, Any], LabelRow]] = []
-            for qid, (first, *rest) in by_query.items():
-                decision = found.get(qid)
-                kept = first.label if decision is None or decision["label"] is None else None
-                for event in [first, *rest] if kept is None else rest:
-                    if not labels_match(kept or decision["label"], event.label):
-                        log.warning(
-                            "conflicting label for %s: kept %r, ignored %r",
-                            qid,
-                            kept or decision["label"],
-                            event.label,
-                        )
-                if decision is None:
-                    pending.append((qid, first.label, first.labeled_at, len(rest)))
-                elif decision["label"] is not None:
-                    duplicates[qid] = 1 + len(rest)
-                    stats.duplicates += 1 + len(rest)
-                else:
-                    scored.append(
-                        (
-                            decision,
-                            score_label(
-                                decision, first.label, first.labeled_at, rewards, len(rest)
-                            ),
-                        )
-                    )
-                    stats.duplicates += len(rest)
-                    stats.applied += 1
-                    delays.append((datetime.now(UTC) - decision["decided_at"]).total_seconds())
-            new = storage.add_pending_labels(conn, pending)
-            for qid, _, _, extra in pending:
-                stats.pending += new[qid]
-                stats.pending_duplicates += extra + (not new[qid])
-            storage.count_duplicate_labels(conn, duplicates)
-            stats.rewards = storage.store_labels(conn, scored)
-            dupes = stats.duplicates + stats.pending_duplicates
-            if dupes:
-                storage.bump_counter(conn, "duplicate_labels", dupes)
-            if sources:
-                after: dict[tuple[str, int], int] = {}
-                for topic, partition, offset in sources:
-                    tp = (topic, partition)
-                    after[tp] = max(after.get(tp, 0), offset + 1)
-                storage.record_label_offsets(conn, group, after)
-        self.live.stored(stats.rewards, since=started)
+            plan = join_labels(labels, found, waiting, again, tx.rewards)
+            now = datetime.now(UTC)
+            delays = [(now - s.decision.decided_at).total_seconds() for s in plan.scored]
+            stats = label_sql.apply_plan(conn, plan, group, sources)
+            tx.applied += stats.rewards
+        for c in plan.conflicts:
+            log.warning(
+                "conflicting label for %s: kept %r, ignored %r", c.query_id, c.kept, c.ignored
+            )
         if stats.redelivered:
             log.info("%d labels were redelivered and had been applied already", stats.redelivered)
-        for delay in delays:
+        for delay in delays:  # decision → label, for labels that found their decision
             metrics.LABEL_DELAY.observe(delay)
         return stats
 
     def pending_count(self) -> int:
-        with self.engine.connect() as conn:
-            return storage.count_pending_labels(conn)
+        with self.learning_log.engine.connect() as conn:
+            return label_sql.count_pending_labels(conn)
 
     def expire_pending(self) -> int:
         """Drop labels that waited longer than the TTL for their decision."""
-        with self.engine.begin() as conn:
-            dropped = storage.expire_pending_labels(conn, self.pending_ttl_seconds)
+        with self.learning_log.engine.begin() as conn:
+            dropped = label_sql.expire_pending_labels(conn, self.pending_ttl_seconds)
             if dropped:
-                storage.bump_counter(conn, "labels_expired", len(dropped))
+                label_sql.bump_counter(conn, "labels_expired", len(dropped))
         for row in dropped:
             log.warning(
                 "dropped label for %s: no decision within %.0f s (received %s)",
-                row["query_id"],
+                row.query_id,
                 self.pending_ttl_seconds,
-                row["received_at"].isoformat(),
+                row.received_at.isoformat(),
             )
         return len(dropped)

@@ -16,8 +16,11 @@ from app.application import Application
 from producers.demo_data import TASKS, demo_rows  # noqa: F401 (re-exported for the tests)
 from service.config import AppConfig, parse_config
 from service.context import ContextBuilder, ContextLayout
+from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.llm.replay import ReplayProvider
+from service.log.transaction import LearningLog
+from service.pacing import BudgetPacer
 from service.settings import Settings
 
 
@@ -25,6 +28,19 @@ def legacy_context() -> ContextBuilder:
     """The raw-embedding context layout: for tests that store decision rows by hand, with
     contexts of their own (rows of a NULL ``context_layout`` are in this layout)."""
     return ContextBuilder(ContextLayout(embedding="legacy"))
+
+
+def open_learning_log(
+    engine: sa.Engine,
+    policy: str = "linucb",
+    params: dict | None = None,
+    budget: BudgetPacer | None = None,
+    context: ContextBuilder | None = None,
+    **kwargs,
+) -> LearningLog:
+    """An instance's learning log over a fresh live policy, as ``metallm serve`` builds them
+    (``kwargs``: the instance, checkpoint cadence and draws seed)."""
+    return LearningLog(engine, LivePolicy(policy, params or {}, budget, context), **kwargs)
 
 
 def write_outcomes(

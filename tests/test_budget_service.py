@@ -10,12 +10,12 @@ import sqlalchemy as sa
 
 from service.config import parse_config
 from service.events import LabelEvent, QueryEvent
-from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.outcomes import read_outcomes
 from service.pacing import BudgetPacer
 from service.pipeline import Decider, Learner, QueryRecord
 from service.reward import RewardSettings
+from tests.helpers import open_learning_log
 
 pytestmark = pytest.mark.integration
 
@@ -42,11 +42,12 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
             ],
         }
     )
-    live = LivePolicy(
+    learning_log = open_learning_log(
         engine, "linucb", {"seed": 3, "epsilon": 0.1}, checkpoint_every=400, budget=pacer()
     )
-    decider = Decider(config, engine, live, embedder, Gateway(config), BASE)
-    learner = Learner(engine, live, BASE, pending_ttl_seconds=60)
+    live = learning_log.live
+    decider = Decider(config, learning_log, embedder, Gateway(config), BASE)
+    learner = Learner(learning_log, BASE, pending_ttl_seconds=60)
     for start in range(0, len(rows), 20):  # decide a batch, then label the previous one
         batch = rows[start : start + 20]
         decider.decide(
@@ -77,7 +78,7 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
             )
         }
     n = len(rows)
-    assert live.policy.pacer.n_observed == n == len(costs)
+    assert live.pacer.n_observed == n == len(costs)
     assert len(lambdas) > 3  # λ moved while rewards were being stored
     second_half = costs[n // 2 :]
     # never over the budget by more than the pacer's window allows; under it when λ sits at
@@ -88,16 +89,18 @@ def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
 
     # "crash": a new process restores the last checkpoint (up to 400 rewards old) and
     # re-observes the costs after its decision watermark
-    recovered = LivePolicy(
+    recovering = open_learning_log(
         engine, "linucb", {"seed": 3, "epsilon": 0.1}, checkpoint_every=400, budget=pacer()
     )
-    recovered.restore()
+    recovering.restore()
+    recovered = recovering.live
     assert recovered.decision_watermark == live.decision_watermark
-    assert recovered.policy.pacer.lam == pytest.approx(live.policy.pacer.lam, abs=1e-12)
-    assert recovered.policy.pacer.n_observed == n
+    assert recovered.pacer.lam == pytest.approx(live.pacer.lam, abs=1e-12)
+    assert recovered.pacer.n_observed == n
     assert recovered.reward_settings(BASE).lam == pytest.approx(live.reward_settings(BASE).lam)
 
     # switching budget mode off on restart goes back to the fixed λ
-    fixed = LivePolicy(engine, "linucb", {"seed": 3}, checkpoint_every=400)
-    fixed.restore()
-    assert fixed.policy.pacer is None and fixed.reward_settings(BASE) == BASE
+    restarted = open_learning_log(engine, "linucb", {"seed": 3}, checkpoint_every=400)
+    restarted.restore()
+    fixed = restarted.live
+    assert fixed.pacer is None and fixed.reward_settings(BASE) == BASE

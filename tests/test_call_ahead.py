@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from service.events import QueryEvent
-from service.learning import LivePolicy
 from service.pipeline import Decider, QueryRecord, RewardSettings
 from tests.conftest import wait_for
 from tests.helpers import (
@@ -14,6 +13,7 @@ from tests.helpers import (
     CountingReplay,
     counting_gateway,
     demo_rows,
+    open_learning_log,
     replay_config,
     write_outcomes,
 )
@@ -23,9 +23,9 @@ pytestmark = pytest.mark.integration
 
 def make_decider(engine, embedder, tmp_path, rows) -> Decider:
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
-    live = LivePolicy(engine, "linucb", {"alpha": 1.0})
+    learning_log = open_learning_log(engine, "linucb", {"alpha": 1.0})
     gateway = counting_gateway(config)
-    return Decider(config, engine, live, embedder, gateway, RewardSettings(0.1, 0.001))
+    return Decider(config, learning_log, embedder, gateway, RewardSettings(0.1, 0.001))
 
 
 def events(rows) -> list[QueryEvent]:
@@ -57,7 +57,7 @@ def test_one_call_failing_keeps_the_others_calls(engine, embedder, tmp_path):
                 with pytest.raises(RuntimeError, match="a bug"):
                     decider.decide([record])
             else:
-                assert [d.query_id for d in decider.decide([record])] == [record.event.query_id]
+                assert [d.query_id for d in decider.decide([record]).new] == [record.event.query_id]
         assert CountingReplay.calls - start == 8  # the five others were called once each
     finally:
         decider.close()
@@ -88,7 +88,7 @@ def test_a_failed_ahead_job_is_started_again_by_the_next_call_ahead(engine, embe
             interval=0.01,
             message="a second job",
         )
-        decided = decider.decide([QueryRecord(e) for e in events(rows)])
+        decided = decider.decide([QueryRecord(e) for e in events(rows)]).new
         assert len(decided) == 6
         assert len(embedded) == 2  # decide made no job of its own
         assert CountingReplay.calls - start == 6  # nothing called twice

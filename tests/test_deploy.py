@@ -132,11 +132,11 @@ def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
     """Run deploy/postgres-init.sh against a fresh database, migrate as the owner, then act as
     the service's role: reads and writes work, DDL is refused."""
     from service.events import LabelEvent
-    from service.learning import LivePolicy
+    from service.log.decisions import insert_decisions
     from service.migrate import upgrade
     from service.pipeline import Learner, RewardSettings
-    from service.storage import insert_decisions, make_engine, vector_to_bytes
-    from tests.helpers import legacy_context
+    from service.storage import make_engine, vector_to_bytes
+    from tests.helpers import legacy_context, open_learning_log
 
     db = f"roles_{uuid.uuid4().hex[:8]}"
     admin = make_engine(
@@ -184,8 +184,11 @@ def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
                     }
                 ],
             )
-        live = LivePolicy(app, "linucb", {"seed": 0}, checkpoint_every=1, context=legacy_context())
-        Learner(app, live, RewardSettings(0.1, 0.001), 60).learn(
+        learning_log = open_learning_log(
+            app, "linucb", {"seed": 0}, checkpoint_every=1, context=legacy_context()
+        )
+        live = learning_log.live
+        Learner(learning_log, RewardSettings(0.1, 0.001), 60).learn(
             [LabelEvent(query_id="q1", label="a"), LabelEvent(query_id="q2", label="b")]
         )
         assert live.policy.n_updates == 1  # reward stored, sequence used, checkpoint written

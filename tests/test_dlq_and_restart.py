@@ -11,7 +11,6 @@ import sqlalchemy as sa
 
 from consumers.kafka_io import ensure_topics
 from service.events import MAX_TEXT_CHARS
-from service.learning import LivePolicy
 from service.pipeline import Learner, RewardSettings
 from service.storage import vector_to_bytes
 from tests.conftest import DATABASE_URL, wait_for
@@ -22,6 +21,7 @@ from tests.helpers import (
     demo_rows,
     label_bytes,
     legacy_context,
+    open_learning_log,
     query_bytes,
     read_topic,
     replay_config,
@@ -162,8 +162,11 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
                     "ctx": vector_to_bytes(rng.normal(size=8)),
                 },
             )
-    live = LivePolicy(engine, "linucb", params, checkpoint_every=10, context=legacy_context())
-    learner = Learner(engine, live, RewardSettings(0.1, 0.001), pending_ttl_seconds=60)
+    learning_log = open_learning_log(
+        engine, "linucb", params, checkpoint_every=10, context=legacy_context()
+    )
+    live = learning_log.live
+    learner = Learner(learning_log, RewardSettings(0.1, 0.001), pending_ttl_seconds=60)
     from service.events import LabelEvent
 
     labels = [LabelEvent(query_id=f"q{i}", label="a" if i % 4 else "b") for i in range(20)]
@@ -171,8 +174,11 @@ def test_crash_after_commit_replays_rewards_recorded_after_the_checkpoint(engine
     learner.learn(labels[12:])  # 8 more rewards committed, not checkpointed
     assert live.policy.n_updates == 20
     # "crash": this process's memory is gone; a new one restores checkpoint + later rewards
-    recovered = LivePolicy(engine, "linucb", params, checkpoint_every=10, context=legacy_context())
-    assert recovered.restore() == 8
+    recovering = open_learning_log(
+        engine, "linucb", params, checkpoint_every=10, context=legacy_context()
+    )
+    assert recovering.restore() == 8
+    recovered = recovering.live
     assert recovered.policy.n_updates == 20
     assert recovered.watermark == live.watermark
     x = rng.normal(size=8)

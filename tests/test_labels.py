@@ -11,11 +11,12 @@ import sqlalchemy as sa
 
 from service import storage
 from service.events import LabelEvent, QueryEvent
-from service.learning import LivePolicy
 from service.llm.gateway import Gateway
+from service.log import decisions as decision_sql
+from service.log import read_models
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
 from tests.faults.harness import HashEmbedder
-from tests.helpers import legacy_context, replay_config, write_outcomes
+from tests.helpers import legacy_context, open_learning_log, replay_config, write_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +38,15 @@ def insert_decision(engine, query_id: str, prediction: str = "a", status: str = 
         "context": storage.vector_to_bytes(np.arange(4, dtype=np.float32)),
     }
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [row]).keys() == {query_id}
+        assert decision_sql.insert_decisions(conn, [row]).keys() == {query_id}
 
 
 @pytest.fixture
 def learner(engine):
-    live = LivePolicy(
+    learning_log = open_learning_log(
         engine, "linucb", {"seed": 0}, checkpoint_every=1000, context=legacy_context()
     )
-    return Learner(engine, live, RewardSettings(lam=0.1, cost_unit=0.001), pending_ttl_seconds=1)
+    return Learner(learning_log, RewardSettings(lam=0.1, cost_unit=0.001), pending_ttl_seconds=1)
 
 
 def decision(engine, query_id: str) -> dict:
@@ -71,9 +72,9 @@ def test_label_then_duplicate_then_conflict(engine, learner, caplog):
     assert "conflicting label for q1: kept 'A ', ignored 'b'" in caplog.text
     row = decision(engine, "q1")
     assert row["label"] == "A " and row["duplicate_labels"] == 2
-    assert learner.live.policy.n_updates == 1
+    assert learner.learning_log.live.policy.n_updates == 1
     with engine.connect() as conn:
-        assert storage.counters(conn)["duplicate_labels"] == 2
+        assert read_models.counters(conn)["duplicate_labels"] == 2
 
 
 def test_failed_call_is_rewarded_as_wrong(engine, learner):
@@ -97,31 +98,33 @@ def test_early_label_waits_then_applies_once_with_its_duplicates(engine, learner
     )
     config = replay_config(outcomes, ["cheap"])  # always right: the label scores as correct
     decider = Decider(
-        config, engine, learner.live, HashEmbedder(), Gateway(config), learner.rewards
+        config, learner.learning_log, HashEmbedder(), Gateway(config), learner.rewards
     )
 
     early = LabelEvent(query_id="q3", label="positive")
     stats = learner.learn([early, early])
     assert (stats.pending, stats.pending_duplicates) == (1, 1)
-    assert learner.live.policy.n_updates == 0
+    assert learner.learning_log.live.policy.n_updates == 0
     try:
         (event,) = decider.decide(
             [QueryRecord(QueryEvent(query_id="q3", text=query["text"], task="sentiment"))]
-        )
+        ).new
     finally:
         decider.close()
     assert event.query_id == "q3"
     row = decision(engine, "q3")
     assert row["label"] == "positive" and row["duplicate_labels"] == 1 and row["correct"] is True
-    assert row["reward_seq"] is not None and row["reward_seq"] == learner.live.watermark
-    assert learner.live.policy.n_updates == 1
+    assert (
+        row["reward_seq"] is not None and row["reward_seq"] == learner.learning_log.live.watermark
+    )
+    assert learner.learning_log.live.policy.n_updates == 1
     assert learner.pending_count() == 0
 
     # the same label once more, now that its decision exists: one more duplicate, no update
     stats = learner.learn([early])
     assert (stats.applied, stats.duplicates) == (0, 1)
     assert decision(engine, "q3")["duplicate_labels"] == 2
-    assert learner.live.policy.n_updates == 1
+    assert learner.learning_log.live.policy.n_updates == 1
 
 
 def test_unknown_label_expires_after_the_ttl_with_a_log_line(engine, learner, caplog):
@@ -133,4 +136,4 @@ def test_unknown_label_expires_after_the_ttl_with_a_log_line(engine, learner, ca
     assert "dropped label for never: no decision within 1 s" in caplog.text
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM pending_labels")).scalar_one() == 0
-        assert storage.counters(conn)["labels_expired"] == 1
+        assert read_models.counters(conn)["labels_expired"] == 1

@@ -2,8 +2,8 @@
 opens, each held open on purpose (a row lock taken by the test pauses one transaction at a
 chosen statement), and the roles only one instance may have.
 
-Each instance is what ``metallm serve`` builds: a :class:`LivePolicy` with its
-:class:`Learner` (and :class:`Decider`) on an engine of its own.
+Each instance is what ``metallm serve`` builds: a :class:`LearningLog` (and its live policy)
+with its :class:`Learner` (and :class:`Decider`) on an engine of its own.
 """
 
 from __future__ import annotations
@@ -19,12 +19,23 @@ import sqlalchemy as sa
 
 from service import storage
 from service.events import LabelEvent, QueryEvent
-from service.learning import Checkpointer, LivePolicy
 from service.llm.gateway import Gateway
+from service.log import labels as label_sql
+from service.log import session, transaction
+from service.log.checkpoints import Checkpointer
+from service.log.follower import LogFollower, LogListener
+from service.log.transaction import LearningLog
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
 from tests.conftest import wait_for
 from tests.faults.harness import HashEmbedder, policy_difference, rebuild_policy
-from tests.helpers import ARMS, demo_rows, legacy_context, replay_config, write_outcomes
+from tests.helpers import (
+    ARMS,
+    demo_rows,
+    legacy_context,
+    open_learning_log,
+    replay_config,
+    write_outcomes,
+)
 from tests.test_labels import insert_decision
 
 pytestmark = pytest.mark.integration
@@ -33,12 +44,12 @@ REWARDS = RewardSettings(lam=0.1, cost_unit=0.001)
 
 
 @pytest.fixture
-def instances(engine) -> Iterator[Callable[..., LivePolicy]]:
-    """Make instances (each a LivePolicy on an engine of its own), closed afterwards."""
-    made: list[tuple[LivePolicy, sa.Engine]] = []
+def instances(engine) -> Iterator[Callable[..., LearningLog]]:
+    """Make instances (each a LearningLog on an engine of its own), closed afterwards."""
+    made: list[tuple[LearningLog, sa.Engine]] = []
 
-    def make(name: str, **kwargs) -> LivePolicy:
-        live = LivePolicy(
+    def make(name: str, **kwargs) -> LearningLog:
+        live = open_learning_log(
             _same_schema(engine),
             "linucb",
             {"seed": 0, **kwargs.pop("params", {})},
@@ -111,10 +122,10 @@ def test_a_reward_committed_after_a_later_one_is_still_applied_by_every_instance
     for q in ("q1", "q2"):
         insert_decision(engine, q)
     with engine.begin() as conn:
-        storage.bump_counter(conn, "duplicate_labels", 0)
+        label_sql.bump_counter(conn, "duplicate_labels", 0)
     a, b = instances("a"), instances("b")
-    learn_a = Learner(a.engine, a, REWARDS, pending_ttl_seconds=3600)
-    learn_b = Learner(b.engine, b, REWARDS, pending_ttl_seconds=3600)
+    learn_a = Learner(a, REWARDS, pending_ttl_seconds=3600)
+    learn_b = Learner(b, REWARDS, pending_ttl_seconds=3600)
     with row_locked(engine, "SELECT * FROM service_counters FOR UPDATE"):
         thread_a, _ = in_thread(lambda: learn_a.learn(labels(("q1", "a"), ("q1", "a"))))
         wait_for(lambda: waiting_backends(engine) >= 1, 10, message="A paused before COMMIT")
@@ -128,8 +139,8 @@ def test_a_reward_committed_after_a_later_one_is_still_applied_by_every_instance
         live.catch_up()
     expected = rebuild_policy(engine, params={"seed": 0})
     for live in (a, b):
-        assert live.policy.n_updates == 2
-        assert policy_difference(live.policy, expected) < 1e-9
+        assert live.live.policy.n_updates == 2
+        assert policy_difference(live.live.policy, expected) < 1e-9
 
 
 def test_a_label_and_its_decision_stored_at_once_by_two_instances_meet(engine, instances, tmp_path):
@@ -141,10 +152,10 @@ def test_a_label_and_its_decision_stored_at_once_by_two_instances_meet(engine, i
     q = rows[0]["query_id"]
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", rows, ARMS), list(ARMS))
     with engine.begin() as conn:
-        storage.bump_counter(conn, "duplicate_labels", 0)
+        label_sql.bump_counter(conn, "duplicate_labels", 0)
     a, b = instances("a"), instances("b")
-    decider = Decider(config, a.engine, a, HashEmbedder(), Gateway(config), REWARDS)
-    learner = Learner(b.engine, b, REWARDS, pending_ttl_seconds=3600)
+    decider = Decider(config, a, HashEmbedder(), Gateway(config), REWARDS)
+    learner = Learner(b, REWARDS, pending_ttl_seconds=3600)
     label = rows[0]["label"]
     event = QueryEvent(query_id=q, text=rows[0]["text"], task=rows[0]["task"])
     try:
@@ -173,18 +184,18 @@ def test_a_label_and_its_decision_stored_at_once_by_two_instances_meet(engine, i
 def test_one_instance_writes_checkpoints_and_another_takes_over_when_it_stops(engine, instances):
     insert_decision(engine, "q1")
     a, b = instances("a"), instances("b")
-    Learner(a.engine, a, REWARDS, 3600).learn(labels(("q1", "a")))
+    Learner(a, REWARDS, 3600).learn(labels(("q1", "a")))
     b.catch_up()
-    assert a.checkpoint() is True
-    assert b.checkpoint() is False  # a holds the writer's lock: b only restores
+    assert a.checkpoints.save() is True
+    assert b.checkpoints.save() is False  # a holds the writer's lock: b only restores
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM policy_checkpoints")).scalar_one() == 1
     a.close()  # as a stopped (or killed) instance's connection closes
-    assert b.checkpoint() is True
+    assert b.checkpoints.save() is True
     restored = instances("c")
     restored.restore()
-    assert restored.watermark == 1
-    assert policy_difference(restored.policy, b.policy) < 1e-9
+    assert restored.live.watermark == 1
+    assert policy_difference(restored.live.policy, b.live.policy) < 1e-9
 
 
 def checkpoints(engine: sa.Engine) -> list[int]:
@@ -202,8 +213,8 @@ def test_rewards_are_applied_while_a_checkpoint_is_being_stored(engine, instance
     for q in ("q1", "q2", "q3", "q4"):
         insert_decision(engine, q)
     live = instances("a", checkpoint_every=2)
-    learner = Learner(live.engine, live, REWARDS, 3600)
-    checkpointer = Checkpointer(live).start()
+    learner = Learner(live, REWARDS, 3600)
+    checkpointer = Checkpointer(live.checkpoints).start()
     try:
         with engine.connect() as conn, conn.begin():
             conn.execute(sa.text("LOCK TABLE policy_checkpoints IN ACCESS EXCLUSIVE MODE"))
@@ -218,7 +229,7 @@ def test_rewards_are_applied_while_a_checkpoint_is_being_stored(engine, instance
                     10,
                     message="the checkpoint waiting for the table",
                 )
-            assert live.watermark == 4  # applied while the checkpoint still waits
+            assert live.live.watermark == 4  # applied while the checkpoint still waits
         wait_for(lambda: checkpoints(engine), 10, message="the checkpoint stored")
         assert checkpoints(engine)[0] == 2
     finally:
@@ -230,12 +241,12 @@ def test_checkpoints_are_spaced_by_checkpoint_min_seconds(engine, instances):
     for q in ("q1", "q2", "q3", "q4"):
         insert_decision(engine, q)
     live = instances("a", checkpoint_every=1, checkpoint_min_seconds=60)
-    learner = Learner(live.engine, live, REWARDS, 3600)
+    learner = Learner(live, REWARDS, 3600)
     for q in ("q1", "q2", "q3", "q4"):
         learner.learn(labels((q, "a")))
     assert checkpoints(engine) == [1]
-    assert not live.checkpoint_due()
-    assert live.checkpoint() is True  # asked for (as at shutdown): taken at once
+    assert not live.checkpoints.due()
+    assert live.checkpoints.save() is True  # asked for (as at shutdown): taken at once
     assert checkpoints(engine) == [1, 4]
 
 
@@ -250,23 +261,23 @@ def test_a_checkpoint_that_cannot_be_stored_is_counted_and_due_again(engine, ins
 
     insert_decision(engine, "q1")
     live = instances("a", checkpoint_every=1000)
-    Learner(live.engine, live, REWARDS, 3600).learn(labels(("q1", "a")))
+    Learner(live, REWARDS, 3600).learn(labels(("q1", "a")))
     before = failures()
     with engine.begin() as conn:
         conn.execute(sa.text("ALTER TABLE policy_checkpoints RENAME TO checkpoints_away"))
     try:
         with pytest.raises(sa.exc.ProgrammingError):
-            live.checkpoint()
+            live.checkpoints.save()
     finally:
         with engine.begin() as conn:
             conn.execute(sa.text("ALTER TABLE checkpoints_away RENAME TO policy_checkpoints"))
     assert failures() == before + 1
-    assert live.checkpoint_due()  # 1 reward of 1000, yet due: the failed one is owed
-    assert live.checkpoint() is True
+    assert live.checkpoints.due()  # 1 reward of 1000, yet due: the failed one is owed
+    assert live.checkpoints.save() is True
     assert checkpoints(engine) == [1]
 
 
-def end_session_holding(engine: sa.Engine, lock: storage.SessionLock) -> None:
+def end_session_holding(engine: sa.Engine, lock: session.SessionLock) -> None:
     """Terminate the backend holding ``lock`` (as a Postgres restart ends every session)."""
     with engine.connect() as conn:
         pid = lock.holder_pid(conn)
@@ -278,23 +289,23 @@ def test_an_instance_name_lost_with_its_session_is_taken_back(engine, instances,
     """A name is one live instance's: a second claim is refused. When the holder's session
     ends (a Postgres restart), another instance may claim it, and the first says so; once
     that one is gone the first holds its name again."""
-    from service.learning import InstanceNameTaken
+    from service.log.session import InstanceNameTaken
 
     first, second, third = instances("same"), instances("same"), instances("same")
-    first.claim_instance()
+    first.name.claim()
     with pytest.raises(InstanceNameTaken):
-        second.claim_instance()
-    end_session_holding(engine, storage.SessionLock(engine, "instance:same"))
-    second.claim_instance()  # the name was free
-    with caplog.at_level("ERROR", logger="service.learning"):
-        first.keep_name()
-        first.keep_name()  # told once
+        second.name.claim()
+    end_session_holding(engine, session.SessionLock(engine, "instance:same"))
+    second.name.claim()  # the name was free
+    with caplog.at_level("ERROR", logger="service.log.session"):
+        first.name.keep()
+        first.name.keep()  # told once
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and "METALLM_INSTANCE_ID" in errors[0]
     second.close()
-    first.keep_name()
+    first.name.keep()
     with pytest.raises(InstanceNameTaken):
-        third.claim_instance()
+        third.name.claim()
 
 
 def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engine, instances):
@@ -302,21 +313,21 @@ def test_instances_restored_from_one_checkpoint_draw_their_own_exploration(engin
     and start, not from the checkpoint's (where every instance would repeat the others)."""
     params = {"epsilon": 1.0}  # every choice a uniform draw
     first = instances("first", params=params)
-    first.policy.update("cheap", np.ones(4), 1.0)
-    first.policy.update("strong", np.ones(4), 0.0)
-    first.checkpoint()
+    first.live.policy.update("cheap", np.ones(4), 1.0)
+    first.live.policy.update("strong", np.ones(4), 0.0)
+    first.checkpoints.save()
     first.close()
     a, b = instances("a", params=params), instances("b", params=params)
     for live in (a, b):
         live.restore()
     assert a.rng_seed != b.rng_seed
-    assert policy_difference(a.policy, b.policy) == 0
+    assert policy_difference(a.live.policy, b.live.policy) == 0
     contexts = np.ones((64, 4))
-    draws = [[c.arm for c in live.policy.choose_many(list(ARMS), contexts)] for live in (a, b)]
+    draws = [[c.arm for c in live.live.policy.choose_many(list(ARMS), contexts)] for live in (a, b)]
     assert draws[0] != draws[1]
     again = instances("a", params=params)
     again.restore()  # the same instance at the same point of the log: the same draws
-    assert [c.arm for c in again.policy.choose_many(list(ARMS), contexts)] == draws[0]
+    assert [c.arm for c in again.live.policy.choose_many(list(ARMS), contexts)] == draws[0]
 
 
 def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance(
@@ -336,15 +347,13 @@ def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance
         return BudgetPacer(target_cost_per_query=0.0001, cost_unit=0.001, lr=0.5)
 
     a, b = (instances(name, budget=pacer()) for name in ("a", "b"))
-    deciders = [
-        Decider(config, x.engine, x, HashEmbedder(), Gateway(config), REWARDS) for x in (a, b)
-    ]
+    deciders = [Decider(config, x, HashEmbedder(), Gateway(config), REWARDS) for x in (a, b)]
     q1, q2 = (
         QueryRecord(QueryEvent(query_id=r["query_id"], text=r["text"], task=r["task"]))
         for r in rows
     )
     with engine.begin() as conn:  # q1's label came first: storing q1 takes it
-        storage.add_pending_label(conn, q1.event.query_id, rows[0]["label"], None)
+        label_sql.add_pending_label(conn, q1.event.query_id, rows[0]["label"], None)
     try:
         with row_locked(engine, "SELECT * FROM pending_labels FOR UPDATE"):
             thread_a, _ = in_thread(lambda: deciders[0].decide([q1]))
@@ -371,43 +380,42 @@ def test_a_decision_committed_after_a_later_one_is_still_paced_by_every_instance
         expected.observe(cost)
     for live in (a, b):
         live.catch_up()
-        assert live.decision_watermark == 2
-        assert live.policy.pacer.n_observed == 2
-        assert live.policy.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
+        assert live.live.decision_watermark == 2
+        assert live.live.pacer.n_observed == 2
+        assert live.live.pacer.lam == pytest.approx(expected.lam, abs=1e-12)
 
 
 def test_a_follower_applies_another_instances_reward_woken_by_its_notify(engine, instances):
     """B's follower sleeps on LISTEN with a poll far longer than the test: only the NOTIFY of
     A's transaction can wake it in time, and B then holds A's reward without being asked."""
-    from service.learning import LogFollower
 
     insert_decision(engine, "q1")
     a, b = instances("a"), instances("b")
     follower = LogFollower(b, poll_s=120).start()
     try:
         wait_for(lambda: follower.listener.listening, 10, message="B listening")
-        Learner(a.engine, a, REWARDS, 3600).learn(labels(("q1", "a")))
-        wait_for(lambda: b.watermark == 1, 10, message="B woken and synced")
+        Learner(a, REWARDS, 3600).learn(labels(("q1", "a")))
+        wait_for(lambda: b.live.watermark == 1, 10, message="B woken and synced")
     finally:
         started = time.monotonic()
         follower.stop()
     assert time.monotonic() - started < 10  # stop ends the wait, not the 120 s poll
-    assert policy_difference(a.policy, b.policy) == 0
+    assert policy_difference(a.live.policy, b.live.policy) == 0
 
 
 def test_a_listener_is_not_woken_by_its_own_instance(engine):
     """An instance applies its own appends as it stores them; only the others' wake its
     follower (woken by its own, the follower took the policy's lock from the consumer that had
     just stored them: benchmarks/scale_out.py, part 2)."""
-    listener = storage.LogListener(_same_schema(engine), ignore="a")
+    listener = LogListener(_same_schema(engine), ignore="a")
     try:
         listener.wait(0.01)  # LISTEN from here on
         for sender in ("a", "b", "a"):
             with engine.begin() as conn:
-                storage.lock_learning_log(conn, sender)
+                transaction.lock_learning_log(conn, sender)
         assert listener.wait(2.0) == 1  # b's; a's own two are skipped
         with engine.begin() as conn:
-            storage.lock_learning_log(conn, "a")
+            transaction.lock_learning_log(conn, "a")
         assert listener.wait(0.5) == 0
     finally:
         listener.close()

@@ -13,6 +13,7 @@ import pytest
 from rich.cells import cell_len
 
 from service import storage
+from service.log import decisions as decision_sql
 from service.report import duration_ms, percent, usd
 from tests.helpers import metallm_cli
 
@@ -55,7 +56,7 @@ def decided(engine):
             }
         )
     with engine.begin() as conn:
-        storage.insert_decisions(conn, rows)
+        decision_sql.insert_decisions(conn, rows)
     return engine
 
 

@@ -15,6 +15,7 @@ from app.application import Application, SchemaMissing
 from consumers.kafka_io import ensure_topics
 from service import storage
 from service.llm.gateway import Gateway
+from service.log import checkpoints
 from service.settings import Settings
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import (
@@ -123,12 +124,12 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
             sa.text("SELECT min(propensity), max(propensity) FROM decisions")
         ).one()
         assert 0 < props[0] <= props[1] <= 1
-        checkpoint = storage.latest_checkpoint(conn)
+        checkpoint = checkpoints.latest_checkpoint(conn)
 
     # the policy learned from every label, and was checkpointed
     assert service.live.policy.n_updates == 200
     assert service.live.policy.dumps() != before
-    assert checkpoint is not None and checkpoint["n_updates"] == 200
+    assert checkpoint is not None and checkpoint.n_updates == 200
 
     # offsets committed after the database commit, decision events published
     assert committed_offset(broker, topics["queries_topic"], topics["queries_group"]) == 200
@@ -196,7 +197,7 @@ def test_a_second_instance_of_one_name_is_refused_until_the_first_stops(
     """Two live instances of one name would each skip the other's learning-log notifications:
     the second build is refused, naming METALLM_INSTANCE_ID, and leaves nothing held; once
     the first has stopped, the name is free."""
-    from service.learning import InstanceNameTaken
+    from service.log.session import InstanceNameTaken
 
     config = replay_config(write_outcomes(tmp_path / "o.jsonl", demo_rows(4), ARMS), list(ARMS))
     settings = Settings(

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from service import storage
+from service.log import decisions as decision_sql
+from service.log import read_models
 from tests.helpers import metallm_cli
 
 pytestmark = pytest.mark.integration
@@ -24,7 +26,7 @@ ROWS = [  # arm, status, cost, correct (None: no label yet), reward
 def decided(engine):
     with engine.begin() as conn:
         for i, (arm, status, cost, correct, reward) in enumerate(ROWS):
-            storage.insert_decisions(
+            decision_sql.insert_decisions(
                 conn,
                 [
                     {
@@ -54,8 +56,8 @@ def decided(engine):
 
 def test_arm_summary_view(decided):
     with decided.connect() as conn:
-        rows = {r["arm"]: r for r in storage.stats_summary(conn)}
-        hourly = storage.hourly_stats(conn, 1)
+        rows = {r["arm"]: r for r in read_models.stats_summary(conn)}
+        hourly = read_models.hourly_stats(conn, 1)
     cheap, strong = rows["cheap"], rows["strong"]
     assert (cheap["decisions"], cheap["labeled"], cheap["failures"]) == (3, 2, 1)
     assert cheap["share"] == pytest.approx(0.75) and strong["share"] == pytest.approx(0.25)

@@ -10,8 +10,11 @@ import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.dialects import postgresql
 
-from consumers.batch import is_transient
+from consumers.failures import is_transient
 from service import storage
+from service.log import decisions as decision_sql
+from service.log import labels as label_sql
+from service.log import transaction
 
 pytestmark = pytest.mark.integration
 
@@ -84,7 +87,7 @@ def test_rows_are_stored_as_sqlalchemy_stores_them(engine, changes):
     the same, column by column (JSON null and SQL NULL told apart)."""
     ours, reference = full_row("ours", **changes), full_row("reference", **changes)
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [ours]).keys() == {"ours"}
+        assert decision_sql.insert_decisions(conn, [ours]).keys() == {"ours"}
         conn.execute(postgresql.insert(storage.decisions), [reference])
     a, b = stored(engine, "ours"), stored(engine, "reference")
     for column in ("query_id", "decision_seq"):
@@ -97,9 +100,9 @@ def test_rows_are_stored_as_sqlalchemy_stores_them(engine, changes):
 
 def test_a_query_decided_before_is_left_alone_and_not_returned(engine):
     with engine.begin() as conn:
-        first = storage.insert_decisions(conn, [full_row("q1"), full_row("q2")])
+        first = decision_sql.insert_decisions(conn, [full_row("q1"), full_row("q2")])
     with engine.begin() as conn:
-        inserted = storage.insert_decisions(
+        inserted = decision_sql.insert_decisions(
             conn,
             [full_row("q0"), full_row("q1", arm="large"), full_row("q2"), full_row("q3")],
         )
@@ -117,7 +120,7 @@ def test_a_query_decided_before_is_left_alone_and_not_returned(engine):
 def test_rows_written_in_a_transaction_roll_back_with_it(engine):
     """The insert takes part in the caller's transaction, like every other statement."""
     with pytest.raises(RuntimeError), engine.begin() as conn:
-        storage.insert_decisions(conn, [full_row("q1")])
+        decision_sql.insert_decisions(conn, [full_row("q1")])
         raise RuntimeError("the batch failed after its insert")
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM decisions")).scalar_one() == 0
@@ -127,12 +130,12 @@ def test_columns_left_out_take_their_defaults_and_unknown_ones_are_named(engine)
     left_out = ("decided_at", "attempts", "duplicate_labels")
     row = {k: v for k, v in full_row("q1").items() if k not in left_out}
     with engine.begin() as conn:
-        storage.insert_decisions(conn, [row])
+        decision_sql.insert_decisions(conn, [row])
     got = stored(engine, "q1")
     assert got["decided_at"] is not None and got["decision_seq"] is not None
     assert (got["attempts"], got["duplicate_labels"]) == (1, 0)
     with pytest.raises(KeyError, match="no column colour"), engine.begin() as conn:
-        storage.insert_decisions(conn, [{**row, "query_id": "q2", "colour": "red"}])
+        decision_sql.insert_decisions(conn, [{**row, "query_id": "q2", "colour": "red"}])
 
 
 def test_lookups_by_id_take_any_number_of_ids(engine):
@@ -140,20 +143,22 @@ def test_lookups_by_id_take_any_number_of_ids(engine):
     statement's parsing for (50): they are bound as one array."""
     ids = [f"q{i}" for i in range(300)]
     with engine.begin() as conn:
-        seqs = storage.insert_decisions(conn, [full_row(q, cost_usd=i) for i, q in enumerate(ids)])
+        seqs = decision_sql.insert_decisions(
+            conn, [full_row(q, cost_usd=i) for i, q in enumerate(ids)]
+        )
         for q in ("q4", "elsewhere"):
-            storage.add_pending_label(conn, q, "positive", datetime.now(UTC))
+            label_sql.add_pending_label(conn, q, "positive", datetime.now(UTC))
     asked = [*ids[::2], "missing", "it's"]
     with engine.begin() as conn:
-        assert storage.existing_query_ids(conn, asked) == set(ids[::2])
-        assert storage.existing_query_ids(conn, []) == set()
-        logged = storage.decision_log(conn, after=seqs["q99"])
+        assert decision_sql.existing_query_ids(conn, asked) == set(ids[::2])
+        assert decision_sql.existing_query_ids(conn, []) == set()
+        logged = transaction.decision_log(conn, after=seqs["q99"])
         assert [d.cost_usd for d in logged] == [float(i) for i in range(100, 300)]
         text = full_row("x")["text"]
         assert {(d.task, d.n_chars) for d in logged} == {("sentiment", len(text))}
         assert all(d.metadata == full_row("x")["metadata"] for d in logged)
-        assert [p["query_id"] for p in storage.take_pending_labels(conn, asked)] == ["q4"]
-        assert storage.take_pending_labels(conn, asked) == []  # taken: deleted
+        assert [p.query_id for p in label_sql.take_pending_labels(conn, asked)] == ["q4"]
+        assert label_sql.take_pending_labels(conn, asked) == []  # taken: deleted
 
 
 def test_a_lost_connection_is_a_transient_sqlalchemy_error(engine):
@@ -165,16 +170,16 @@ def test_a_lost_connection_is_a_transient_sqlalchemy_error(engine):
         with storage.make_engine(str(engine.url)).connect() as killer:
             killer.execute(sa.text("SELECT pg_terminate_backend(:p, 5000)"), {"p": pid})  # gone
         with pytest.raises(sa_exc.DBAPIError) as caught:
-            storage.insert_decisions(conn, [full_row("q1")])
+            decision_sql.insert_decisions(conn, [full_row("q1")])
     assert caught.value.connection_invalidated
     assert is_transient(caught.value)
     with engine.begin() as conn:
-        assert storage.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
+        assert decision_sql.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
 
 
 def test_a_bad_row_is_an_integrity_error_and_not_transient(engine):
     with pytest.raises(sa_exc.IntegrityError) as caught, engine.begin() as conn:
-        storage.insert_decisions(conn, [full_row("q1", text=None)])  # text is NOT NULL
+        decision_sql.insert_decisions(conn, [full_row("q1", text=None)])  # text is NOT NULL
     assert not caught.value.connection_invalidated
     assert not is_transient(caught.value)
     assert "text" in str(caught.value.orig)  # the driver's message names the column
@@ -184,6 +189,6 @@ def test_rows_are_committed_by_a_plain_connection_commit(engine):
     """Like any statement, the insert starts the connection's transaction, so commit() keeps
     it (the driver's cursor alone would not tell SQLAlchemy a transaction was begun)."""
     with engine.connect() as conn:
-        assert storage.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
+        assert decision_sql.insert_decisions(conn, [full_row("q1")]).keys() == {"q1"}
         conn.commit()
     assert stored(engine, "q1")["arm"] == "small"

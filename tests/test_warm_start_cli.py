@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service import storage
+from service.log import checkpoints
 from service.policy import loads
 from tests.helpers import metallm_cli
 
@@ -20,10 +20,10 @@ def test_warm_start_stores_a_checkpoint_the_service_restores(engine, pg_schema, 
     assert out.returncode == 0, out.stderr
     assert "80 updates over 40 queries" in out.stdout
     with engine.connect() as conn:
-        checkpoint = storage.latest_checkpoint(conn)
-    policy = loads(checkpoint["state"])
+        checkpoint = checkpoints.latest_checkpoint(conn)
+    policy = loads(checkpoint.state)
     assert policy.n_updates == 80 and sorted(policy.arms) == ["gemma-3-270m", "qwen2.5-0.5b"]
-    assert checkpoint["reward_watermark"] == 0  # no live rewards yet
+    assert checkpoint.reward_watermark == 0  # no live rewards yet
 
     again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES))
     assert again.returncode == 2 and "already has a learned policy" in again.stderr

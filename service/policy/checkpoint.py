@@ -119,7 +119,12 @@ def register(cls: type) -> None:
 
 def dump_policy(policy: Checkpointable) -> bytes:
     """Serialise ``policy`` (format version 2, see module docstring)."""
-    state = policy.checkpoint_state()
+    return dump_state(policy.checkpoint_state())
+
+
+def dump_state(state: PolicyState) -> bytes:
+    """Serialise a policy's checkpoint state, with the pacer and context builder it carries
+    (format version 2, see module docstring)."""
     context_meta, context_arrays = (None, {}) if state.context is None else state.context.state()
     header = {
         "kind": state.kind,
@@ -161,10 +166,20 @@ def read_header(data: bytes) -> dict:
 def loads(data: bytes) -> Any:
     """Rebuild a policy (a ``RoutingPolicy``) from :func:`dump_policy` bytes, dispatching on
     the header's ``kind``."""
+    return from_state(load_state(data))
+
+
+def from_state(state: PolicyState) -> Any:
+    """The policy of a checkpoint's state, by its ``kind``."""
+    if state.kind not in POLICIES:
+        raise CheckpointError(f"unknown policy kind {state.kind!r}")
+    return POLICIES[state.kind].from_checkpoint_state(state)
+
+
+def load_state(data: bytes) -> PolicyState:
+    """The state :func:`dump_state` serialised (the policy not built yet)."""
     header = read_header(data)
     _, _, length = _PREFIX.unpack_from(data)
-    if header["kind"] not in POLICIES:
-        raise CheckpointError(f"unknown policy kind {header['kind']!r}")
     with np.load(io.BytesIO(data[_PREFIX.size + length :]), allow_pickle=False) as npz:
         payload = {name: npz[name] for name in npz.files}
     state = PolicyState(
@@ -188,4 +203,4 @@ def loads(data: bytes) -> Any:
 
         context_arrays = {k[2:]: v for k, v in payload.items() if k.startswith("c_")}
         state.context = ContextBuilder.from_state(header["context"], context_arrays)
-    return POLICIES[header["kind"]].from_checkpoint_state(state)
+    return state

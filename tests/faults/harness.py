@@ -638,8 +638,8 @@ def progress(engine: sa.Engine) -> tuple[int, int, int]:
 def rebuild_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
     """The policy of an uninterrupted run over the same decisions: a fresh policy, every
     stored reward applied once, in reward_seq order."""
+    from service.log.transaction import rewards_after
     from service.policy import make_policy
-    from service.storage import rewards_after
 
     policy = make_policy(name, **(params or POLICY_PARAMS))
     with engine.connect() as conn:
@@ -650,11 +650,11 @@ def rebuild_policy(engine: sa.Engine, name: str = "linucb", params: dict | None 
 
 def restored_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
     """What a restarted service has: the newest checkpoint plus the rewards after it."""
-    from service.learning import LivePolicy
+    from tests.helpers import open_learning_log
 
-    live = LivePolicy(engine, name, params or POLICY_PARAMS, checkpoint_every=10**12)
-    live.restore()
-    return live
+    learning_log = open_learning_log(engine, name, params or POLICY_PARAMS, checkpoint_every=10**12)
+    learning_log.restore()
+    return learning_log
 
 
 def policy_difference(a, b) -> float:

@@ -22,8 +22,9 @@ import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
 from consumers.kafka_io import create_topics, delete_topics
+from service.log.checkpoints import latest_checkpoint
 from service.settings import isolated_stream_names
-from service.storage import latest_checkpoint, make_engine
+from service.storage import make_engine
 from tests.faults.harness import (
     ArmServer,
     ServiceProcess,
@@ -249,12 +250,12 @@ def run(
             ).scalar_one()
             final = latest_checkpoint(conn)
         figures.lost_rewards = n - figures.rewards_stored
-        figures.final_checkpoint_updates = int(final["n_updates"]) if final else 0
+        figures.final_checkpoint_updates = int(final.n_updates) if final else 0
         restored = restored_policy(engine)
         rebuilt = rebuild_policy(engine)
-        figures.policy_updates = restored.policy.n_updates
+        figures.policy_updates = restored.live.policy.n_updates
         figures.double_applied_rewards = max(0, figures.policy_updates - figures.rewards_stored)
-        figures.max_policy_difference = policy_difference(restored.policy, rebuilt)
+        figures.max_policy_difference = policy_difference(restored.live.policy, rebuilt)
         events = _decision_event_ids(bootstrap, topics["decisions_topic"])
         figures.decision_events_missing = len(set(truth) - set(events))
         figures.seconds = round(clock(), 1)

@@ -51,9 +51,11 @@ import sqlalchemy as sa
 from kafka import KafkaConsumer, TopicPartition
 
 from consumers.kafka_io import create_topics, delete_topics
+from service.log.checkpoints import latest_checkpoint
+from service.log.transaction import rewards_after
 from service.policy import loads, make_policy
 from service.settings import isolated_stream_names
-from service.storage import latest_checkpoint, make_engine, rewards_after
+from service.storage import make_engine
 from tests.faults.harness import (
     POLICY_DUMP,
     POLICY_PARAMS,
@@ -572,7 +574,7 @@ def _count(
     figures.lost_rewards = figures.queries - figures.rewards_stored
     figures.duplicate_reward_seqs = len(reward_seqs) - len(set(reward_seqs))
     last_seq = max(reward_seqs, default=0)
-    figures.final_checkpoint_updates = int(checkpoint["n_updates"]) if checkpoint else 0
+    figures.final_checkpoint_updates = int(checkpoint.n_updates) if checkpoint else 0
 
     # -- the calls -------------------------------------------------------------------------
     calls = [c for c in server.calls if c.query_id in truth]
@@ -641,6 +643,6 @@ def _count(
     figures.max_stopped_policy_difference = stopped_worst
     restored = restored_policy(engine)
     try:
-        figures.restored_policy_difference = policy_difference(restored.policy, rebuilt)
+        figures.restored_policy_difference = policy_difference(restored.live.policy, rebuilt)
     finally:
         restored.close()

@@ -37,8 +37,8 @@ def stop_and_dump(self: app.application.Application) -> None:
     if path:
         live = self.live
         dump = {
-            "instance": live.instance,
-            "rng_seed": live.rng_seed,
+            "instance": self.learning_log.instance,
+            "rng_seed": self.learning_log.rng_seed,
             "watermark": live.watermark,
             "decision_watermark": live.decision_watermark,
             "n_updates": live.policy.n_updates,

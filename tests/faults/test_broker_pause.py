@@ -10,7 +10,7 @@ import time
 import pytest
 
 from consumers.kafka_io import ensure_topics
-from service import storage
+from service.log import read_models
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
     ArmServer,
@@ -81,4 +81,4 @@ def test_broker_stopped_for_10_s_mid_stream(own_broker, pg_schema, engine):
     assert published == {q.query_id for q in queries}
     assert read_all(bootstrap, topics["dlq_topic"]) == []
     with engine.connect() as conn:  # labels redelivered after the pause are not duplicates
-        assert storage.counters(conn).get("duplicate_labels", 0) == 0
+        assert read_models.counters(conn).get("duplicate_labels", 0) == 0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from consumers.kafka_io import ensure_topics
-from service.storage import latest_checkpoint
+from service.log.checkpoints import latest_checkpoint
 from tests.conftest import DATABASE_URL
 from tests.faults import kill_scenario
 from tests.faults.harness import (
@@ -103,8 +103,8 @@ def test_sigterm_finishes_in_flight_calls_commits_checkpoints_and_exits_0(
     assert committed_offset(broker, topics["labels_topic"], topics["labels_group"]) == 10
     with engine.connect() as conn:
         checkpoint = latest_checkpoint(conn)
-    assert checkpoint["n_updates"] == 10
-    assert checkpoint["reward_watermark"] == scalar(engine, "SELECT max(reward_seq) FROM decisions")
+    assert checkpoint.n_updates == 10
+    assert checkpoint.reward_watermark == scalar(engine, "SELECT max(reward_seq) FROM decisions")
     assert "policy checkpoint saved (10 updates" in log
 
     server.modes = {"cheap": "ok", "strong": "ok"}

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from consumers.kafka_io import ensure_topics
-from service import storage
+from service.log import read_models
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
     ArmServer,
@@ -132,7 +132,7 @@ def test_every_label_case_has_its_documented_outcome(broker, topics, pg_schema, 
     )
     assert f"dropped label for {unknown.query_id}: no decision within 2 s" in caplog.text
     with engine.connect() as conn:
-        counters = storage.counters(conn)
+        counters = read_models.counters(conn)
     assert counters["labels_expired"] == 2 and counters["duplicate_labels"] == 4
     assert progress(engine) == (8, 8, 0)
     # one policy update per decision, whatever the labels did
@@ -145,14 +145,14 @@ def test_a_redelivered_label_event_changes_nothing(engine):
     its labels are recognised by their offsets and change nothing, not even the counters. The
     same label sent again (a new offset) is a duplicate, counted once."""
     from service.events import LabelEvent
-    from service.learning import LivePolicy
     from service.pipeline import Learner
     from service.reward import RewardSettings
-    from tests.helpers import legacy_context
+    from tests.helpers import legacy_context, open_learning_log
     from tests.test_labels import insert_decision
 
-    live = LivePolicy(engine, "linucb", {"seed": 0}, context=legacy_context())
-    learner = Learner(engine, live, RewardSettings(0.1, 0.001), 60)
+    learning_log = open_learning_log(engine, "linucb", {"seed": 0}, context=legacy_context())
+    live = learning_log.live
+    learner = Learner(learning_log, RewardSettings(0.1, 0.001), 60)
     insert_decision(engine, "r1")
     batch = [LabelEvent(query_id="r1", label="a"), LabelEvent(query_id="r2", label="b")]
     where = [("labels", 0, 10), ("labels", 0, 11)]
@@ -165,5 +165,5 @@ def test_a_redelivered_label_event_changes_nothing(engine):
     other_group = learner.learn(batch[:1], where[:1], "another-group")  # its own progress
     assert other_group.duplicates == 1
     with engine.connect() as conn:
-        assert storage.counters(conn)["duplicate_labels"] == 3
-    assert learner.live.policy.n_updates == 1
+        assert read_models.counters(conn)["duplicate_labels"] == 3
+    assert live.policy.n_updates == 1

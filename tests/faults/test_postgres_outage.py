@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 
 from consumers.kafka_io import ensure_topics
-from service import storage
+from service.log import read_models
 from service.migrate import upgrade
 from service.pacing import BudgetPacer
 from service.storage import make_engine
@@ -93,11 +93,11 @@ def check_exactly_once(service, engine, server, queries, broker, topics) -> None
     assert service.live.policy.n_updates == n
     assert policy_difference(service.live.policy, rebuilt) <= 1e-9
     restored = restored_policy(engine)
-    assert restored.policy.n_updates == n
-    assert policy_difference(restored.policy, rebuilt) <= 1e-9
+    assert restored.live.policy.n_updates == n
+    assert policy_difference(restored.live.policy, rebuilt) <= 1e-9
     # a label retried or redelivered is not counted as a duplicate (none were sent)
     with engine.connect() as conn:
-        assert storage.counters(conn).get("duplicate_labels", 0) == 0
+        assert read_models.counters(conn).get("duplicate_labels", 0) == 0
     # nothing went to the DLQ for want of a database; every decision was published
     assert read_all(broker, topics["dlq_topic"]) == []
     published = {m.key.decode() for m in read_all(broker, topics["decisions_topic"])}
@@ -256,7 +256,7 @@ def test_commit_acknowledgements_lost(broker, topics, pg_schema, tmp_path):
     expected = BudgetPacer(5e-5, settings.cost_unit_usd, settings.budget_lr, settings.reward_lambda)
     for cost in costs:
         expected.observe(cost)
-    pacer = service.live.policy.pacer
+    pacer = service.live.pacer
     assert pacer.n_observed == len(costs) == 300
     assert abs(pacer.lam - expected.lam) <= 1e-9
     engine.dispose()

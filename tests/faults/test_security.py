@@ -14,17 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import consumers.kafka_io as kafka_io
-from consumers.batch import describe
-from service import storage
+from consumers.failures import describe
 from service.config import parse_config
 from service.events import LabelEvent, QueryEvent
-from service.learning import LivePolicy
 from service.llm.base import CallRequest, Completion, LLMError
 from service.llm.gateway import Gateway
+from service.log import read_models
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
 from service.settings import Settings
 from service.storage import make_engine
 from tests.faults.harness import HashEmbedder
+from tests.helpers import open_learning_log
 
 SECRET = "pa55-w0rd-that-must-not-leak"
 
@@ -157,10 +157,10 @@ def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
         }
     )
     arm = Answers()
-    live = LivePolicy(engine, "linucb", {"seed": 0}, checkpoint_every=10_000)
+    learning_log = open_learning_log(engine, "linucb", {"seed": 0}, checkpoint_every=10_000)
     rewards = RewardSettings(lam=0.1, cost_unit=0.001)
-    learner = Learner(engine, live, rewards, pending_ttl_seconds=3600)
-    decider = Decider(config, engine, live, HashEmbedder(), Gateway(config, {"a": arm}), rewards)
+    learner = Learner(learning_log, rewards, pending_ttl_seconds=3600)
+    decider = Decider(config, learning_log, HashEmbedder(), Gateway(config, {"a": arm}), rewards)
     examples = itertools.count()
 
     @settings(max_examples=60, deadline=None, database=None)
@@ -182,11 +182,11 @@ def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
         event = QueryEvent(
             query_id=query_id, text=text, task="t", options=choices, metadata=metadata
         )
-        assert [d.query_id for d in decider.decide([QueryRecord(event)])] == [query_id]
+        assert [d.query_id for d in decider.decide([QueryRecord(event)]).new] == [query_id]
         if not label_first:
             learner.learn([LabelEvent(query_id=query_id, label=label)])
         with engine.connect() as conn:
-            row = storage.decision_details(conn, query_id)
+            row = read_models.decision_details(conn, query_id)
         assert row is not None
         assert (row["query_id"], row["text"], row["options"]) == (
             query_id,

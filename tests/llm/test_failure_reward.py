@@ -12,10 +12,9 @@ import sqlalchemy as sa
 
 from service.config import parse_config
 from service.events import LabelEvent, QueryEvent
-from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
-from tests.helpers import TASKS, demo_rows, write_outcomes
+from tests.helpers import TASKS, demo_rows, open_learning_log, write_outcomes
 
 pytestmark = pytest.mark.integration
 
@@ -68,9 +67,10 @@ def test_failed_arm_is_rewarded_at_decision_time_and_labels_count_once(engine, e
         tmp_path / "o.jsonl", data, {"backup": (1.0, 0.0002), "unused": (0.5, 0.0)}
     )
     config = make_config(outcomes, fallback=True)
-    live = LivePolicy(engine, "linucb", {"alpha": 1.0, "epsilon": 1.0, "seed": 3})
-    decider = Decider(config, engine, live, embedder, Gateway(config), REWARDS)
-    learner = Learner(engine, live, REWARDS, pending_ttl_seconds=3600)
+    learning_log = open_learning_log(engine, "linucb", {"alpha": 1.0, "epsilon": 1.0, "seed": 3})
+    live = learning_log.live
+    decider = Decider(config, learning_log, embedder, Gateway(config), REWARDS)
+    learner = Learner(learning_log, REWARDS, pending_ttl_seconds=3600)
     try:
         early = data[0]
         learner.learn([LabelEvent(query_id=early["query_id"], label=early["label"])])
@@ -116,9 +116,9 @@ def test_failed_arm_is_rewarded_at_decision_time_and_labels_count_once(engine, e
             assert row["label"] == truth[qid]
             assert row["correct"] == (row["prediction"] == truth[qid])
         # the policy equals the replay of the stored rewards
-        restored = LivePolicy(engine, "linucb", {"alpha": 1.0, "epsilon": 1.0, "seed": 3})
+        restored = open_learning_log(engine, "linucb", {"alpha": 1.0, "epsilon": 1.0, "seed": 3})
         assert restored.restore() == 16
-        assert restored.policy.n_updates == 16
+        assert restored.live.policy.n_updates == 16
     finally:
         decider.close()
 
@@ -128,11 +128,12 @@ def test_without_fallback_the_decision_is_an_llm_error_with_a_failure_reward(
 ):
     data = demo_rows(5)
     config = make_config(None, fallback=False)
-    live = LivePolicy(engine, "linucb", {"seed": 0})
-    decider = Decider(config, engine, live, embedder, Gateway(config), REWARDS)
-    learner = Learner(engine, live, REWARDS, pending_ttl_seconds=3600)
+    learning_log = open_learning_log(engine, "linucb", {"seed": 0})
+    live = learning_log.live
+    decider = Decider(config, learning_log, embedder, Gateway(config), REWARDS)
+    learner = Learner(learning_log, REWARDS, pending_ttl_seconds=3600)
     try:
-        events = decider.decide(records(data))
+        events = decider.decide(records(data)).new
     finally:
         decider.close()
     assert [e.status for e in events] == ["llm_error"] * 5

@@ -9,10 +9,9 @@ import sqlalchemy as sa
 
 from service.config import parse_config
 from service.events import QueryEvent
-from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, QueryRecord, RewardSettings
-from tests.helpers import TASKS, demo_rows
+from tests.helpers import TASKS, demo_rows, open_learning_log
 from tests.llm.wire import WireServer
 
 pytestmark = pytest.mark.integration
@@ -70,9 +69,9 @@ def test_keys_stay_out_of_logs_and_rows(engine, embedder, monkeypatch, caplog):
                 ],
             }
         )  # fmt: skip
-        live = LivePolicy(engine, "linucb", {"epsilon": 1.0, "seed": 0})
+        learning_log = open_learning_log(engine, "linucb", {"epsilon": 1.0, "seed": 0})
         decider = Decider(
-            config, engine, live, embedder, Gateway(config), RewardSettings(0.1, 0.001)
+            config, learning_log, embedder, Gateway(config), RewardSettings(0.1, 0.001)
         )
         caplog.set_level(logging.DEBUG)  # everything, the SDK's and httpx's debug lines too
         try:

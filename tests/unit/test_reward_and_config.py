@@ -1,8 +1,7 @@
 import pytest
 
 from service.config import ConfigError, load_config, parse_config
-from service.learning import labels_match
-from service.reward import reward
+from service.reward import labels_match, reward
 
 
 def test_reward_is_correctness_minus_priced_cost():

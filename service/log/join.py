@@ -1,0 +1,123 @@
+"""Joining a batch of labels to their decisions: a pure function from what the database holds
+to what to write (:func:`join_labels`); :mod:`service.log.labels` reads the inputs and applies
+the plan, in one transaction under the learning log's lock.
+
+The rules: the first label of a query wins, and the others count as its duplicates; a label
+whose decision is not stored yet (*early*) waits for it; one whose decision is stored (*late*)
+is scored against it; one whose decision already has a label is a duplicate; a label unlike the
+one kept is a conflict (logged, ignored); a label *redelivered* by Kafka whose effect is already
+stored changes nothing.
+
+    >>> from service.events import LabelEvent
+    >>> settings = RewardSettings(lam=0.1, cost_unit=0.001)
+    >>> def plan(labels, found=(), waiting=(), redelivered=None):
+    ...     found = {d.query_id: d for d in found}
+    ...     again = redelivered or [False] * len(labels)
+    ...     return join_labels(labels, found, set(waiting), again, settings)
+
+An early label waits; a late one is scored:
+
+    >>> plan([LabelEvent(query_id="q9", label="a")]).pending
+    [PendingLabel(query_id='q9', label='a', labeled_at=None, duplicates=0)]
+    >>> late = plan([LabelEvent(query_id="q1", label="positive")], [FoundDecision.example()])
+    >>> [(s.query_id, s.correct, s.reward) for s in late.scored], late.applied
+    ([('q1', True, 0.99)], 1)
+
+A second label for a query is a duplicate (and a conflict when it differs); so is a label for
+a decision labeled before:
+
+    >>> twice = plan([LabelEvent(query_id="q1", label="positive"),
+    ...               LabelEvent(query_id="q1", label="negative")], [FoundDecision.example()])
+    >>> twice.duplicate_count, twice.scored[0].label, twice.conflicts
+    (1, 'positive', [Conflict(query_id='q1', kept='positive', ignored='negative')])
+    >>> labeled = FoundDecision.example(label="positive", reward_seq=4)
+    >>> again = plan([LabelEvent(query_id="q1", label="positive")], [labeled])
+    >>> again.duplicates, again.scored
+    ({'q1': 1}, [])
+
+A redelivered label whose effect is stored (its decision labeled, or it waits already)
+changes nothing; one whose effect is not there is applied as if new:
+
+    >>> redone = plan([LabelEvent(query_id="q1", label="positive"),
+    ...                LabelEvent(query_id="q9", label="a"), LabelEvent(query_id="q8", label="b")],
+    ...               [labeled], waiting=["q9"], redelivered=[True, True, True])
+    >>> redone.redelivered, redone.duplicates, [p.query_id for p in redone.pending]
+    (2, {}, ['q8'])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence, Set
+from dataclasses import dataclass, field
+
+from service.events import LabelEvent
+from service.log.rows import FoundDecision, PendingLabel, ScoredLabel
+from service.reward import RewardSettings, labels_match, score_label
+
+
+@dataclass(frozen=True)
+class Conflict:
+    """A label unlike the one kept for its query (ignored)."""
+
+    query_id: str
+    kept: str
+    ignored: str
+
+
+@dataclass
+class LabelPlan:
+    """What a batch of labels writes: labels to keep until their decision, duplicates to count
+    on decisions labeled before, labels scored against their decisions."""
+
+    pending: list[PendingLabel] = field(default_factory=list)
+    duplicates: dict[str, int] = field(default_factory=dict)  # by query id: labeled before
+    scored: list[ScoredLabel] = field(default_factory=list)
+    conflicts: list[Conflict] = field(default_factory=list)
+    redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
+
+    @property
+    def applied(self) -> int:
+        return len(self.scored)
+
+    @property
+    def duplicate_count(self) -> int:
+        """Duplicates of labels on decisions (those of pending labels are counted on writing)."""
+        return sum(self.duplicates.values()) + sum(s.extra_duplicates for s in self.scored)
+
+
+def join_labels(
+    labels: Sequence[LabelEvent],
+    found: Mapping[str, FoundDecision],
+    waiting: Set[str],
+    redelivered: Sequence[bool],
+    settings: RewardSettings,
+) -> LabelPlan:
+    """The plan for ``labels`` given their stored decisions (``found``, by query id), which of
+    the redelivered ones' queries have a label ``waiting`` already, and which labels were
+    ``redelivered`` (applied before, by their Kafka offsets)."""
+    plan = LabelPlan()
+    by_query: dict[str, list[LabelEvent]] = {}
+    for event, again in zip(labels, redelivered, strict=True):
+        decision = found.get(event.query_id)
+        if again and (
+            event.query_id in waiting if decision is None else decision.label is not None
+        ):
+            plan.redelivered += 1  # its effect is already there
+            continue
+        by_query.setdefault(event.query_id, []).append(event)
+    for qid, (first, *rest) in by_query.items():
+        decision = found.get(qid)
+        labeled = None if decision is None else decision.label
+        kept = labeled if labeled is not None else first.label
+        for event in rest if labeled is None else [first, *rest]:
+            if not labels_match(kept, event.label):
+                plan.conflicts.append(Conflict(qid, kept, event.label))
+        if decision is None:
+            plan.pending.append(PendingLabel(qid, first.label, first.labeled_at, len(rest)))
+        elif labeled is not None:
+            plan.duplicates[qid] = 1 + len(rest)
+        else:
+            plan.scored.append(
+                score_label(decision, first.label, first.labeled_at, settings, len(rest))
+            )
+    return plan

@@ -1,0 +1,143 @@
+"""The learning log's rows, typed: what the core reads from Postgres (plain frozen dataclasses,
+no SQLAlchemy, so the projection and the label join can use them without a database).
+
+    >>> FoundDecision.example().label is None
+    True
+    >>> AppliedReward(1, "q1", "cheap", np.zeros(2), 1.0, layout=None).layout
+    'legacy'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+
+from service.context import LEGACY
+from service.decision import Decision, bytes_to_vector
+
+
+@dataclass(frozen=True)
+class AppliedReward:
+    """A reward committed to the database, to be applied to the policy in ``seq`` order."""
+
+    seq: int
+    query_id: str
+    arm: str
+    context: np.ndarray
+    reward: float
+    #: the context's layout (``ContextLayout.spec``); a NULL ``context_layout`` is the legacy one
+    layout: str | None = LEGACY
+    #: seconds from the reward's transaction to when it was read from the log (None: not read)
+    age_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            object.__setattr__(self, "layout", LEGACY)
+
+    def aged(self, age_s: float | None) -> AppliedReward:
+        return replace(self, age_s=age_s)
+
+
+@dataclass(frozen=True)
+class FoundDecision:
+    """A stored decision as a label is scored against it."""
+
+    query_id: str
+    arm: str
+    prediction: str | None
+    status: str
+    cost_usd: float
+    context: bytes
+    context_layout: str | None
+    label: str | None
+    reward_seq: int | None
+    decided_at: datetime
+
+    @classmethod
+    def of(cls, decision: Decision, reward_seq: int | None) -> FoundDecision:
+        """A decision just inserted (unlabeled), rewarded already as ``reward_seq`` if any."""
+        return cls(
+            decision.query_id,
+            decision.arm,
+            decision.prediction,
+            decision.status,
+            decision.cost_usd,
+            decision.context,
+            decision.context_layout,
+            None,
+            reward_seq,
+            decision.decided_at,
+        )
+
+    def reward(self, seq: int, reward: float) -> AppliedReward:
+        """Its reward, stored as ``reward_seq`` ``seq``."""
+        context = bytes_to_vector(self.context)
+        return AppliedReward(seq, self.query_id, self.arm, context, reward, self.context_layout)
+
+    @classmethod
+    def example(cls, **changes: Any) -> FoundDecision:
+        """A made-up decision (for examples and tests)."""
+        return replace(cls.of(Decision.example(), None), **changes)
+
+
+@dataclass(frozen=True)
+class PendingLabel:
+    """A label kept until its decision is stored, with the further labels counted for it."""
+
+    query_id: str
+    label: str
+    labeled_at: datetime | None
+    duplicates: int = 0
+
+
+@dataclass(frozen=True)
+class ExpiredLabel:
+    """A pending label dropped: no decision came for it in time."""
+
+    query_id: str
+    label: str
+    received_at: datetime
+
+
+@dataclass(frozen=True)
+class ScoredLabel:
+    """A label to store on its decision: with a new reward (``reward`` set), or only the label
+    (the decision was rewarded when its arm failed)."""
+
+    decision: FoundDecision
+    label: str
+    labeled_at: datetime | None
+    correct: bool
+    reward: float | None = None
+    lam: float | None = None
+    extra_duplicates: int = 0
+
+    @property
+    def query_id(self) -> str:
+        return self.decision.query_id
+
+
+@dataclass(frozen=True)
+class StoredCheckpoint:
+    """A ``policy_checkpoints`` row: a policy's state and the watermarks it was taken at."""
+
+    id: int
+    created_at: datetime
+    policy: str
+    n_updates: int
+    reward_watermark: int
+    decision_watermark: int
+    state: bytes
+
+
+@dataclass(frozen=True)
+class ArmOutcomes:
+    """Per arm, for the metrics: decisions with a label, of which correct, the mean reward."""
+
+    arm: str
+    labeled: int
+    correct: int
+    mean_reward: float | None
