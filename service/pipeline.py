@@ -31,6 +31,7 @@ from service.log import decisions as decision_sql
 from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
+from service.log.rows import RejectedLabel
 from service.log.transaction import LearningLog
 from service.reward import RewardSettings
 from service.vector_cache import TextEmbedder, VectorCache
@@ -128,6 +129,7 @@ class Decider:
         self.calling.forget(r.event.query_id for r in todo)
         if stored.early_labels:
             log.info("stored %d labels that arrived before their decisions", stored.early_labels)
+        _log_rejected_early(stored.rejected_labels)
         lost = [d.query_id for d in batch if d.query_id not in stored.inserted]
         if lost:  # called for, but another instance stored these queries' decisions first
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(len(lost))
@@ -187,6 +189,18 @@ class Decider:
         self.calling.close()
 
 
+def _log_rejected_early(rejected: list[RejectedLabel]) -> None:
+    for r in rejected:
+        where = (
+            ""
+            if r.source is None
+            else f" ({r.source.topic}[{r.source.partition}]@{r.source.offset})"
+        )
+        log.warning(
+            "label for %s rejected when its decision arrived%s: %s", r.query_id, where, r.reason
+        )
+
+
 class Learner:
     """Applies label events: exactly once per decision, early labels kept until it lands."""
 
@@ -223,7 +237,7 @@ class Learner:
                     if a and e.query_id not in found
                 ],
             )
-            plan = join_labels(labels, found, waiting, again, tx.rewards)
+            plan = join_labels(labels, found, waiting, again, tx.rewards, sources)
             now = datetime.now(UTC)
             delays = [(now - s.decision.decided_at).total_seconds() for s in plan.scored]
             stats = label_sql.apply_plan(conn, plan, group, sources)
