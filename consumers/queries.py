@@ -57,7 +57,9 @@ class QueryConsumer(BatchConsumer):
             metrics.COST.labels(d.arm).inc(d.cost_usd)
             if d.latency_ms is not None:
                 metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
-        return [
+        # an id taken by another query: to the DLQ, so an app never gets another's answer
+        rejected = [self.dead_letter(items[i][1], reason) for i, reason in decided.rejected]
+        return rejected + [
             Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes())
             for d in [*decided.again, *decided.new]
         ]

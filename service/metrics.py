@@ -83,6 +83,14 @@ CALLS_DISCARDED = Counter(
 )
 for _reason in ("decided_elsewhere", "rebalance"):  # exported as 0 before the first discard
     CALLS_DISCARDED.labels(_reason)
+QUERIES_AGAIN = Counter(
+    "metallm_queries_again",
+    "Query events whose id was decided before: the same query (its decision published "
+    "again) or another query (rejected to the DLQ: the id is taken)",
+    ["outcome"],
+)
+for _outcome in ("republished", "rejected"):
+    QUERIES_AGAIN.labels(_outcome)
 LEARNING_REFRESH_S = 10.0
 
 

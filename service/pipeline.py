@@ -17,7 +17,7 @@ committed, and in which order, does not change.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from service import metrics
@@ -31,8 +31,9 @@ from service.log import decisions as decision_sql
 from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
-from service.log.rows import RejectedLabel
+from service.log.rows import RejectedLabel, StoredQuery
 from service.log.transaction import LearningLog
+from service.query_checks import difference, query_of
 from service.reward import RewardSettings
 from service.vector_cache import TextEmbedder, VectorCache
 
@@ -50,11 +51,19 @@ class QueryRecord:
 
 @dataclass(frozen=True)
 class Decided:
-    """What deciding a batch gives to publish: the new decisions, and the stored ones of
-    queries decided before (redelivered: their first publication may have been lost)."""
+    """What deciding a batch gives to publish: the new decisions, the stored ones of queries
+    decided before (redelivered or sent again: their first publication may have been lost),
+    and the events (by index in the batch) rejected with the reason: their id is taken."""
 
     new: list[DecisionEvent]
     again: list[DecisionEvent]
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _repeated(events: list[DecisionEvent], query_ids: list[str]) -> list[DecisionEvent]:
+    """The decision of each id in ``query_ids`` (of those among ``events``), in that order."""
+    by_id = {e.query_id: e for e in events}
+    return [by_id[q] for q in query_ids if q in by_id]
 
 
 class Decider:
@@ -103,21 +112,23 @@ class Decider:
         self.calling.call_ahead(events)
 
     def decide(self, records: list[QueryRecord]) -> Decided:
-        """Decide every query of the batch not decided before. Returns the new decisions and
-        the stored decisions of the queries decided before (in the batch's order)."""
-        unique: dict[str, QueryRecord] = {}
-        for record in records:
-            unique.setdefault(record.event.query_id, record)
+        """Decide every query of the batch not decided before. Returns the new decisions, the
+        stored decisions of the queries decided before or repeated in the batch (in the
+        batch's order), and the events whose id is taken by another query."""
         engine = self.learning_log.engine
         with engine.connect() as conn:
-            again = decision_sql.decision_events(conn, unique)
+            taken = decision_sql.stored_queries(conn, {r.event.query_id for r in records})
+        unique, repeats, rejected = self._check_ids(records, taken)
+        with engine.connect() as conn:
+            again = decision_sql.decision_events(conn, [q for q in unique if q in taken])
         done = {e.query_id for e in again}
         todo = [r for qid, r in unique.items() if qid not in done]
         if done:
             log.info("skipped %d queries already decided (redelivery)", len(done))
+            metrics.QUERIES_AGAIN.labels("republished").inc(len(done))
             self.calling.forget(done)
         if not todo:
-            return Decided([], again)
+            return Decided([], again + _repeated(again, repeats), rejected)
 
         calls = self.calling.calls([r.event for r in todo])
         batch = [self._decision(record, call) for record, call in zip(todo, calls, strict=True)]
@@ -140,7 +151,40 @@ class Decider:
                 again += decision_sql.decision_events(conn, lost)
             order = {qid: i for i, qid in enumerate(unique)}
             again.sort(key=lambda e: order[e.query_id])
-        return Decided([d.event() for d in batch if d.query_id in stored.inserted], again)
+        new = [d.event() for d in batch if d.query_id in stored.inserted]
+        return Decided(new, again + _repeated(again + new, repeats), rejected)
+
+    def _check_ids(
+        self, records: list[QueryRecord], taken: dict[str, StoredQuery]
+    ) -> tuple[dict[str, QueryRecord], list[str], list[tuple[int, str]]]:
+        """Each id's query is the one stored (``taken``), else its first event in the batch.
+        Returns the events to decide or publish again (the first of each id that is its
+        query), the ids of the further events of the same query (published again), and the
+        events (by index) whose id is taken by another query, with the reason."""
+        unique: dict[str, QueryRecord] = {}
+        repeats: list[str] = []
+        rejected: list[tuple[int, str]] = []
+        for i, record in enumerate(records):
+            qid = record.event.query_id
+            query = query_of(record.event, self.config)
+            known = taken.get(qid)
+            if known is None and qid in unique:
+                known = query_of(unique[qid].event, self.config)
+            reason = None if known is None else difference(known, query, qid)
+            if reason is not None:
+                rejected.append((i, reason))
+            elif qid in unique:
+                repeats.append(qid)
+            else:
+                unique[qid] = record
+        if repeats:
+            log.info(
+                "%d queries repeated in their batch: their decision is published again",
+                len(repeats),
+            )
+        metrics.QUERIES_AGAIN.labels("republished").inc(len(repeats))
+        metrics.QUERIES_AGAIN.labels("rejected").inc(len(rejected))
+        return unique, repeats, rejected
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""

@@ -18,7 +18,7 @@ from service.decision import EVENT_COLUMNS, Decision, LoggedDecision, event_of
 from service.events import DecisionEvent
 from service.log.join import check_early_labels
 from service.log.labels import record_rejected_labels, store_labels, take_pending_labels
-from service.log.rows import AppliedReward, FoundDecision, RejectedLabel
+from service.log.rows import AppliedReward, FoundDecision, RejectedLabel, StoredQuery
 from service.reward import RewardSettings, failure_reward, score_label
 from service.storage import decisions, one_of, reward_sequence
 
@@ -45,6 +45,20 @@ def decision_events(conn: Connection, query_ids: Iterable[str]) -> list[Decision
         for r in conn.execute(sa.select(*cols).where(one_of(decisions.c.query_id, ids)))
     }
     return [found[q] for q in ids if q in found]
+
+
+def stored_queries(conn: Connection, query_ids: Iterable[str]) -> dict[str, StoredQuery]:
+    """The queries behind those of these ids already decided, by id."""
+    ids = list(set(query_ids))
+    if not ids:
+        return {}
+    c = decisions.c
+    rows = conn.execute(
+        sa.select(c.query_id, c.task, c.text, c.options, c["metadata"]).where(
+            one_of(c.query_id, ids)
+        )
+    )
+    return {r.query_id: StoredQuery(r.task, r.text, tuple(r.options), r.metadata) for r in rows}
 
 
 @dataclass(frozen=True)

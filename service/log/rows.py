@@ -95,6 +95,16 @@ class FoundDecision:
 
 
 @dataclass(frozen=True)
+class StoredQuery:
+    """What identifies a query behind its id: task, text, label set and metadata."""
+
+    task: str
+    text: str
+    options: tuple[str, ...]
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class PendingLabel:
     """A label kept until its decision is stored, with the further labels counted for it."""
 
