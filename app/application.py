@@ -185,7 +185,9 @@ class Application:
             learning_log.restore()
             rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
             embedder = embedder or Embedder.from_settings(settings)
-            decider = Decider(config, learning_log, embedder, gateway, rewards)
+            decider = Decider(
+                config, learning_log, embedder, gateway, rewards, settings.too_long_text
+            )
         except BaseException:
             learning_log.close()  # its name (and any role) to the next start
             raise

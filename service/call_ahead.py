@@ -28,8 +28,9 @@ from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
 from service.policy.base import Choice
+from service.query_checks import choose_among, offered_arms
 from service.settings import MAX_QUERIES_KEPT
-from service.tasks import build_prompt
+from service.tasks import Prompt, build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -221,19 +222,21 @@ class CallAhead:
         if not rows:
             return []
         embeddings = self.vectors.embed([events[i].text for i in rows])
-        arms = self.gateway.available_arms()
+        prompts = [self._prompt(events[i]) for i in rows]
+        offered = offered_arms(self.config, self.gateway.available_arms(), prompts)
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
         with self.live.lock:  # the builder's statistics move as decisions are stored
             contexts = self.live.context.build_many(queries, embeddings)
             layout = self.live.context.spec
-            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
-        chosen = []
-        for i, choice, context in zip(rows, choices, contexts, strict=True):
-            event = events[i]
-            task = self.config.tasks[event.task]
-            prompt = build_prompt(task, event.text, event.options or task.labels)
-            chosen.append((i, choice, context, layout, CallRequest(event.query_id, prompt)))
-        return chosen
+            choices = choose_among(self.live.policy, offered, contexts.astype(np.float64))
+        return [
+            (i, choice, context, layout, CallRequest(events[i].query_id, prompt))
+            for i, choice, context, prompt in zip(rows, choices, contexts, prompts, strict=True)
+        ]
+
+    def _prompt(self, event: QueryEvent) -> Prompt:
+        task = self.config.tasks[event.task]
+        return build_prompt(task, event.text, event.options or task.labels)
 
     def close(self) -> None:
         """Let calls still in flight finish (within ``CLOSE_TIMEOUT_S`` in all), then close the

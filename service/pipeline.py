@@ -33,8 +33,9 @@ from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
 from service.log.rows import RejectedLabel, StoredQuery
 from service.log.transaction import LearningLog
-from service.query_checks import difference, query_of
+from service.query_checks import difference, query_of, too_long_reason, truncated
 from service.reward import RewardSettings
+from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -74,10 +75,12 @@ class Decider:
         embedder: TextEmbedder,
         gateway: Gateway,
         rewards: RewardSettings,
+        too_long_text: str = "dlq",
     ) -> None:
         self.config = config
         self.learning_log = learning_log
         self.rewards = rewards
+        self.too_long_text = too_long_text  # a text that fits no arm: "dlq" or "truncate"
         self.calling = CallAhead(config, learning_log.engine, learning_log.live, embedder, gateway)
 
     @property
@@ -105,7 +108,23 @@ class Decider:
             self.learning_log.live.context.check(event.task, event.metadata)
         except ContextError as exc:
             raise InvalidEvent(str(exc)) from None
-        return event
+        return self._fitting(event)
+
+    def _fitting(self, event: QueryEvent) -> QueryEvent:
+        """The event if some arm's context window holds its prompt; else, by the setting,
+        rejected with the reason or its text cut to fit the largest window."""
+        task = self.config.tasks[event.task]
+        prompt = build_prompt(task, event.text, event.options or task.labels).text
+        reason = too_long_reason(self.config, prompt)
+        if reason is None:
+            return event
+        if self.too_long_text != "truncate":
+            raise InvalidEvent(reason)
+        text = truncated(event.text, prompt, self.config)
+        log.info(
+            "%s: text cut from %d to %d characters", event.query_id, len(event.text), len(text)
+        )
+        return event.model_copy(update={"text": text})
 
     def call_ahead(self, events: list[QueryEvent]) -> None:
         """Start the calls of a batch that comes next (see :class:`CallAhead`)."""

@@ -29,7 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_base, wait_random_exponential
 
 from service.config import AppConfig, ArmConfig, ArmError
-from service.llm.base import CallRequest, Completion, LLMError, Provider
+from service.llm.base import CallRequest, Completion, InputTooLong, LLMError, Provider
 from service.tasks import parse_answer
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class CallResult:
     then says why the chosen arm failed.
     """
 
-    status: str  # ok | parse_error | llm_error
+    status: str  # ok | parse_error | llm_error | input_too_long
     prediction: str | None
     raw_output: str | None
     input_tokens: int | None
@@ -172,6 +172,23 @@ class _ArmOutcome:
     completion: Completion | None
     error: str | None
     attempts: int
+    too_long: bool = False  # the arm refused the prompt: longer than its context window
+
+
+def _too_long(outcome: _ArmOutcome, latency_ms: float) -> CallResult:
+    """A call the chosen arm refused for the prompt's length: no fallback (the prompt is the
+    problem, not the arm), no cost, and nothing for the policy to learn."""
+    return CallResult(
+        status="input_too_long",
+        prediction=None,
+        raw_output=None,
+        input_tokens=None,
+        output_tokens=None,
+        cost_usd=0.0,
+        latency_ms=latency_ms,
+        error=outcome.error,
+        attempts=outcome.attempts,
+    )
 
 
 def build_provider(arm: ArmConfig) -> Provider:
@@ -329,6 +346,9 @@ class Gateway:
             # other calls opened the circuit while this one backed off: keep the real error
             reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)
             return _ArmOutcome(None, reason, len(retried))
+        except InputTooLong as exc:  # the arm answered: it is up, the prompt was too long
+            breaker.success()
+            return _ArmOutcome(None, str(exc), len(retried) + 1, too_long=True)
         except LLMError as exc:
             if breaker.failure():
                 log.warning(
@@ -349,6 +369,8 @@ class Gateway:
         answered_by, fallback = arm_name, None
         error = outcome.error
         attempts = outcome.attempts
+        if outcome.too_long:
+            return _too_long(outcome, latency.ms())
         if outcome.completion is None:
             fallback = self.config.fallback_for(arm_name)
             log.warning(
