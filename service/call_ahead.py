@@ -223,7 +223,9 @@ class CallAhead:
             return []
         embeddings = self.vectors.embed([events[i].text for i in rows])
         prompts = [self._prompt(events[i]) for i in rows]
-        offered = offered_arms(self.config, self.gateway.available_arms(), prompts)
+        offered = offered_arms(
+            self.config, self.gateway.available_arms(), [p.text for p in prompts]
+        )
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
         with self.live.lock:  # the builder's statistics move as decisions are stored
             contexts = self.live.context.build_many(queries, embeddings)

@@ -86,8 +86,10 @@ class LabelPlan:
     scored: list[ScoredLabel] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
-    #: labels outside their decision's label set, by their index in the batch
+    #: labels outside their decision's label set, by their index in the batch (a redelivered
+    #: one is dead-lettered again, its first may not have reached the broker, but not counted)
     rejected: list[tuple[int, RejectedLabel]] = field(default_factory=list)
+    rejected_again: int = 0
 
     @property
     def applied(self) -> int:
@@ -147,15 +149,16 @@ def join_labels(
     by_query: dict[str, list[tuple[int, LabelEvent]]] = {}
     for i, (event, again) in enumerate(zip(labels, redelivered, strict=True)):
         decision = found.get(event.query_id)
-        if again and (
-            event.query_id in waiting if decision is None else decision.label is not None
-        ):
-            plan.redelivered += 1  # its effect is already there
-            continue
         source = sources[i] if sources else None
         reason = None if decision is None else outside_label_set(decision, event.label)
         if reason is not None:
             plan.rejected.append((i, RejectedLabel(event.query_id, event.label, reason, source)))
+            plan.rejected_again += again
+            continue
+        if again and (
+            event.query_id in waiting if decision is None else decision.label is not None
+        ):
+            plan.redelivered += 1  # its effect is already there
             continue
         by_query.setdefault(event.query_id, []).append((i, event))
     for qid, indexed in by_query.items():

@@ -98,8 +98,8 @@ def apply_plan(
     pending_duplicates = sum(p.duplicates + (not kept[p.query_id]) for p in plan.pending)
     count_duplicate_labels(conn, plan.duplicates)
     rewards = store_labels(conn, plan.scored)
-    if plan.rejected:
-        bump_counter(conn, "labels_rejected", len(plan.rejected))
+    if len(plan.rejected) > plan.rejected_again:
+        bump_counter(conn, "labels_rejected", len(plan.rejected) - plan.rejected_again)
     if plan.duplicate_count + pending_duplicates:
         bump_counter(conn, "duplicate_labels", plan.duplicate_count + pending_duplicates)
     if sources:
