@@ -286,6 +286,7 @@ class Learner:
         before (redelivered after a crash) changes nothing, not even the duplicate counters."""
         if not labels:
             return LabelStats(0, 0, 0, 0, 0, [])
+        sources = [Source(*s) for s in sources] if sources else None
         with self.learning_log.append(self.rewards) as tx:  # the join is safe under its lock
             conn = tx.conn
             again = (
