@@ -11,7 +11,11 @@ import json
 import pytest
 
 from consumers.kafka_io import ensure_topics
+from service.config import parse_config
+from service.events import InvalidEvent
 from service.log import read_models
+from service.query_checks import fits
+from service.tasks import build_prompt
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
     ArmServer,
@@ -242,3 +246,29 @@ def test_a_call_refused_for_length_is_not_learnt_from(broker, topics, pg_schema,
     assert found["reward"] is None and found["reward_seq"] is None and found["cost_usd"] == 0.0
     assert found["attempts"] == 1  # not retried
     assert service.live.policy.n_updates == 0
+
+
+def test_with_truncate_a_text_that_fits_no_arm_is_cut_to_fit_the_largest(
+    broker, topics, pg_schema, engine
+):
+    (q,) = make_queries(1, prefix="q-cut")
+    raw = json.dumps({"query_id": q.query_id, "text": q.text + " x" * 6000, "task": q.task})
+    windows = {"cheap": {"context_tokens": 400}, "strong": {"context_tokens": 2000}}
+    with ArmServer({q.query_id: q}, {"cheap": 1.0, "strong": 1.0}) as server:
+        config = arm_config(server, ARMS, **windows)
+        by_setting = {}
+        for setting in ("dlq", "truncate"):
+            settings = settings_for(broker, topics, pg_schema, DATABASE_URL, too_long_text=setting)
+            service = build_service(settings, config)
+            try:
+                by_setting[setting] = service.decider.validate(raw.encode())
+            except InvalidEvent as exc:
+                by_setting[setting] = exc
+            finally:
+                service.stop()
+    assert str(by_setting["dlq"]).startswith("text too long: ")
+    cut = by_setting["truncate"]
+    assert q.text + " x" * 100 in cut.text  # the start is kept, the end is dropped
+    parsed = parse_config(config)
+    prompt = build_prompt(parsed.tasks[q.task], cut.text, parsed.tasks[q.task].labels).text
+    assert fits(parsed.arm("strong"), prompt) and not fits(parsed.arm("cheap"), prompt)
