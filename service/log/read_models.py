@@ -5,6 +5,7 @@ display are mappings of the columns shown (``metallm decisions``, ``metallm stat
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -76,3 +77,53 @@ def labeled_by_arm(conn: Connection) -> list[ArmOutcomes]:
     return [
         ArmOutcomes(r[0], int(r[1]), int(r[2]), None if r[3] is None else float(r[3])) for r in rows
     ]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a stream has got: decisions, labels, correct ones, spend, decisions per arm."""
+
+    decided: int
+    labeled: int
+    correct: int
+    cost_usd: float
+    arms: tuple[tuple[str, int], ...]
+
+
+def progress(conn: Connection) -> Progress:
+    decided, labeled, correct, cost = conn.execute(
+        sa.select(
+            sa.func.count(),
+            sa.func.count(decisions.c.label),
+            sa.func.count().filter(decisions.c.correct.is_(True)),
+            sa.func.coalesce(sa.func.sum(decisions.c.cost_usd), 0.0),
+        )
+    ).one()
+    arms = conn.execute(
+        sa.select(decisions.c.arm, sa.func.count())
+        .group_by(decisions.c.arm)
+        .order_by(decisions.c.arm)
+    ).all()
+    return Progress(
+        int(decided), int(labeled), int(correct), float(cost), tuple((a, int(n)) for a, n in arms)
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One decision's arm and, once labelled, whether it was right; its cost."""
+
+    query_id: str
+    arm: str
+    correct: bool | None
+    cost_usd: float
+
+
+def outcomes(conn: Connection, labeled_only: bool = False) -> list[Outcome]:
+    """Decisions in the order they were made (with a label only, if asked)."""
+    stmt = sa.select(
+        decisions.c.query_id, decisions.c.arm, decisions.c.correct, decisions.c.cost_usd
+    ).order_by(decisions.c.decided_at, decisions.c.query_id)
+    if labeled_only:
+        stmt = stmt.where(decisions.c.label.is_not(None))
+    return [Outcome(r.query_id, r.arm, r.correct, float(r.cost_usd)) for r in conn.execute(stmt)]
