@@ -110,27 +110,25 @@ def explain(settings: Settings, query_id: str) -> int:
     if row is None:
         print(f"metallm: no decision for query {query_id!r}", file=sys.stderr)
         return EXIT_FAILED
-    scores = row["arm_scores"] or {}
+    scores = row.arm_scores or {}
     arms = [
         {"arm": arm, "score": scores.get(arm), "probability": p}
-        | {"chosen": "← chosen" if arm == row["arm"] else ""}
-        for arm, p in sorted(row["probabilities"].items(), key=lambda kv: -kv[1])
+        | {"chosen": "← chosen" if arm == row.arm else ""}
+        for arm, p in sorted(row.probabilities.items(), key=lambda kv: -kv[1])
     ]
     title = (
-        f"{query_id}: {row['policy']} chose {row['arm']} "
-        f"(p = {report.percent(row['propensity'])}) at {report.timestamp(row['decided_at'])}"
+        f"{query_id}: {row.policy} chose {row.arm} "
+        f"(p = {report.percent(row.propensity)}) at {report.timestamp(row.decided_at)}"
     )
     report.print_report(arms, EXPLAIN_COLUMNS, title)
-    outcome = (
-        f"status {row['status']}, answer {row['prediction']!r}, cost {report.usd(row['cost_usd'])}"
-    )
-    if row["latency_ms"] is not None:
-        outcome += f", latency {report.duration_ms(row['latency_ms'])}"
-    if row["fallback_arm"]:
-        outcome += f", answered by fallback {row['fallback_arm']}"
-    if row["label"] is not None:
-        verdict = "correct" if row["correct"] else "wrong"
-        outcome += f"; label {row['label']!r}: {verdict}, reward {report.decimal(3)(row['reward'])}"
+    outcome = f"status {row.status}, answer {row.prediction!r}, cost {report.usd(row.cost_usd)}"
+    if row.latency_ms is not None:
+        outcome += f", latency {report.duration_ms(row.latency_ms)}"
+    if row.fallback_arm:
+        outcome += f", answered by fallback {row.fallback_arm}"
+    if row.label is not None:
+        verdict = "correct" if row.correct else "wrong"
+        outcome += f"; label {row.label!r}: {verdict}, reward {report.decimal(3)(row.reward)}"
     else:
         outcome += "; no label yet"
     Console().print(Text(outcome))

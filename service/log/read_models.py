@@ -1,10 +1,16 @@
 """Read models for people and the metrics: the decisions listing, one decision in full, the
-per-arm and hourly statistics (views of the migrations), and the service's counters. Rows for
-display are mappings of the columns shown (``metallm decisions``, ``metallm stats``).
+per-arm and hourly statistics (views of the migrations), the service's counters, and a stream's
+progress and outcomes (the demo).
+
+The listings (``metallm decisions``, ``metallm stats``) are :data:`DisplayRow` mappings: every
+column of the table or view, as stored, because they go to a printer that shows the columns
+that fit and writes every column as CSV or JSON; a new column shows up there without a change
+here. Everything the code itself reads is a typed row.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -20,19 +26,51 @@ def counters(conn: Connection) -> dict[str, int]:
     return {r.name: int(r.value) for r in conn.execute(sa.select(service_counters))}
 
 
-def decision_details(conn: Connection, query_id: str) -> dict[str, Any] | None:
+#: A row for people: column → value, every column of a table or view.
+DisplayRow = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class DecisionDetails:
+    """One decision with what a person needs to see why it was made and how it went."""
+
+    query_id: str
+    task: str
+    text: str
+    options: list[str]
+    metadata: dict[str, Any] | None
+    policy: str
+    arm: str
+    propensity: float
+    probabilities: dict[str, float]
+    arm_scores: dict[str, float] | None
+    decided_at: datetime
+    status: str
+    prediction: str | None
+    raw_output: str | None
+    error: str | None
+    cost_usd: float
+    latency_ms: float | None
+    fallback_arm: str | None
+    label: str | None
+    correct: bool | None
+    reward: float | None
+
+
+def decision_details(conn: Connection, query_id: str) -> DecisionDetails | None:
     """One decision with everything a person needs to see why it was made."""
-    cols = [c for c in decisions.c if c.name != "context"]
+    names = DecisionDetails.__dataclass_fields__
+    cols = [decisions.c[name] for name in names]
     row = conn.execute(sa.select(*cols).where(decisions.c.query_id == query_id)).first()
-    return None if row is None else dict(row._mapping)
+    return None if row is None else DecisionDetails(**row._mapping)
 
 
-def stats_summary(conn: Connection) -> list[dict[str, Any]]:
+def stats_summary(conn: Connection) -> list[DisplayRow]:
     rows = conn.execute(sa.text("SELECT * FROM arm_summary ORDER BY arm"))
     return [dict(r._mapping) for r in rows]
 
 
-def hourly_stats(conn: Connection, hours: int) -> list[dict[str, Any]]:
+def hourly_stats(conn: Connection, hours: int) -> list[DisplayRow]:
     rows = conn.execute(
         sa.text(
             "SELECT * FROM hourly_stats WHERE hour >= date_trunc('hour', now()) "
@@ -49,7 +87,7 @@ def query_decisions(
     arm: str | None = None,
     task: str | None = None,
     limit: int | None = None,
-) -> list[dict[str, Any]]:
+) -> list[DisplayRow]:
     """Decision rows for people (without the context vector), newest last."""
     cols = [c for c in decisions.c if c.name not in ("context", "text")]
     stmt = sa.select(*cols).order_by(decisions.c.decided_at, decisions.c.query_id)
