@@ -16,7 +16,7 @@ class QueryConsumer(BatchConsumer):
     name = "queries"
     # the next batches' LLMs are called while this one is stored. Two, so that a batch slow to
     # store or publish (Postgres, the broker: 50–350 ms now and then) does not leave the
-    # embedder idle meanwhile (measured: benchmarks/README.md, "the embedder's idle moments")
+    # embedder idle meanwhile
     lookahead = QUERY_BATCHES_HELD - 1
 
     def __init__(

@@ -41,8 +41,9 @@ class LoggedDecision:
 
 @dataclass(frozen=True)
 class Decision:
-    """A ``decisions`` row as the pipeline writes it (the columns are the README's table; the
-    label, the reward and the sequence numbers are set later, by Postgres and the learner)."""
+    """A ``decisions`` row as the pipeline writes it (the columns are docs/interface.md's
+    table; the label, the reward and the sequence numbers are set later, by Postgres and the
+    learner)."""
 
     query_id: str
     task: str

@@ -194,22 +194,22 @@ def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
         with engine.connect() as conn:
             row = read_models.decision_details(conn, query_id)
         assert row is not None
-        assert (row["query_id"], row["text"], row["options"]) == (
+        assert (row.query_id, row.text, row.options) == (
             query_id,
             text,
             choices or ["yes", "no"],
         )
-        assert row["metadata"] == metadata
-        assert row["label"] == (label if in_set else None)
+        assert row.metadata == metadata
+        assert row.label == (label if in_set else None)
         if label_first and not in_set:  # recorded as rejected when its decision arrived
             rejected = scalar(
                 engine, "SELECT label FROM rejected_labels WHERE query_id = :q", q=query_id
             )
             assert rejected == label
         if error is None:
-            assert (row["raw_output"], row["error"]) == (output, None)
+            assert (row.raw_output, row.error) == (output, None)
         else:
-            assert (row["status"], row["raw_output"], row["error"]) == ("llm_error", None, error)
+            assert (row.status, row.raw_output, row.error) == ("llm_error", None, error)
 
     try:
         example()
