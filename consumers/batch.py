@@ -59,6 +59,21 @@ def flat(batches: list[list[ConsumerRecord]]) -> list[ConsumerRecord]:
     return [r for batch in batches for r in batch]
 
 
+def io_loop(consumer: KafkaConsumer) -> Any:
+    """The consumer's IO loop, on which a rebalance hook resumes once its work (on another
+    thread) is done. kafka-python 3.0 offers no public way to schedule work on it from another
+    thread (a :class:`KafkaFuture` resolved there would wake the hook without waking the loop):
+    this reads its private ``_net``, so kafka-python is pinned to 3.0 (pyproject.toml) and this
+    raises at start, not at the first rebalance, if another version dropped it."""
+    net = getattr(consumer, "_net", None)
+    if not callable(getattr(net, "call_soon_threadsafe", None)):
+        raise RuntimeError(
+            "this kafka-python has no KafkaConsumer._net.call_soon_threadsafe, which the "
+            "rebalance hooks need: install the version pyproject.toml pins (3.0)"
+        )
+    return net
+
+
 class Rebalance(AsyncConsumerRebalanceListener):
     """Tells a :class:`BatchConsumer` of its group's rebalances.
 
@@ -84,7 +99,7 @@ class Rebalance(AsyncConsumerRebalanceListener):
 
     async def _off_the_loop(self, work: Callable[[set[TopicPartition]], None], arg) -> None:
         done: KafkaFuture = KafkaFuture()
-        net = self.owner.consumer._net  # noqa: SLF001 - the loop to resume this hook on
+        net = io_loop(self.owner.consumer)
 
         def run() -> None:
             try:
@@ -133,6 +148,7 @@ class BatchConsumer:
         self._held: list[list[ConsumerRecord]] = []
         subscribed = getattr(consumer, "subscription", lambda: None)()
         if subscribed:  # the same topics, with the listener that finishes revoked work
+            io_loop(consumer)  # checked now, not at the first rebalance
             consumer.subscribe(topics=sorted(subscribed), listener=Rebalance(self))
 
     # -- to override -------------------------------------------------------------------------
