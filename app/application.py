@@ -60,6 +60,8 @@ from service.settings import Settings
 from service.storage import make_engine
 
 log = logging.getLogger(__name__)
+#: How long stopping lets a consumer finish a rebalance it is in before it leaves its group.
+REBALANCE_BEFORE_LEAVING_S = 10.0
 #: What readiness waits for: the broker (both consumers use it) and Postgres (everything does).
 DEPENDENCIES = ("kafka", "postgres")
 #: How long stopping waits for a checkpoint the Checkpointer is storing, and then the final
@@ -345,6 +347,7 @@ class Application:
         with waiting_for("the Kafka consumers to leave their groups"):
             for consumer in (self.queries, self.labels):
                 if consumer is not None:
+                    consumer.finish_rebalance(REBALANCE_BEFORE_LEAVING_S)
                     consumer.consumer.close()
         if self._producer is not None:
             with waiting_for("the producer to deliver what it holds"):

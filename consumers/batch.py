@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -87,12 +88,14 @@ class Rebalance(AsyncConsumerRebalanceListener):
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.owner.rebalancing = True
         await self._off_the_loop(self.owner.revoking, set(revoked))
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         await self._off_the_loop(self.owner.lost, set(lost))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owner.rebalancing = False
         if assigned:
             names = ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned))
             log.info("%s: assigned %s", self.owner.name, names)
@@ -146,6 +149,7 @@ class BatchConsumer:
         self._validated: dict[tuple[str, int, int], Any] = {}
         # the batches held while look_ahead polls: the one in hand first (see revoking)
         self._held: list[list[ConsumerRecord]] = []
+        self.rebalancing = False  # between a rebalance's revocation and its assignment
         subscribed = getattr(consumer, "subscription", lambda: None)()
         if subscribed:  # the same topics, with the listener that finishes revoked work
             io_loop(consumer)  # checked now, not at the first rebalance
@@ -469,6 +473,20 @@ class BatchConsumer:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def finish_rebalance(self, timeout_s: float) -> None:
+        """On stop, after the loop: complete a rebalance this consumer is in the middle of
+        (its partitions revoked, none assigned yet) before it leaves the group. Tansu stalls a
+        group whose member leaves between the two: the others' join waits for the rebalance
+        timeout (minutes). What these polls return is dropped, uncommitted: the partitions'
+        next owner reads it."""
+        deadline = time.monotonic() + timeout_s
+        while self.rebalancing and time.monotonic() < deadline:
+            try:
+                self.consumer.poll(timeout_ms=200)
+            except Exception:  # the broker is away: leave as things are
+                log.debug("%s: polling to finish a rebalance failed", self.name, exc_info=True)
+                return
 
 
 def run_in_thread(target: Callable[[], None], name: str) -> threading.Thread:
