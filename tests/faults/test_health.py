@@ -18,6 +18,7 @@ import pytest
 from consumers.kafka_io import create_topics, delete_topics, ensure_topics
 from service.metrics import DEPENDENCY_UP
 from service.migrate import upgrade
+from service.settings import isolated_stream_names
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
     ArmServer,
@@ -37,14 +38,7 @@ from tests.helpers import settings_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-TOPICS = {
-    "queries_topic": "q",
-    "labels_topic": "l",
-    "decisions_topic": "d",
-    "dlq_topic": "x",
-    "queries_group": "gq",
-    "labels_group": "gl",
-}
+TOPICS = isolated_stream_names("health")  # on a broker of the test's own
 
 
 def status(port: int, path: str) -> int:
@@ -80,7 +74,11 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
         pid = own_broker.process.pid
         try:
             assert status(port, "/readyz") == 200
-            publish(bootstrap, "q", [(q.query_id.encode(), q.event()) for q in queries[:40]])
+            publish(
+                bootstrap,
+                TOPICS["queries_topic"],
+                [(q.query_id.encode(), q.event()) for q in queries[:40]],
+            )
             wait_until(lambda: progress(engine)[0] == 40, 60, "40 decisions")
             os.kill(pid, signal.SIGSTOP)
             try:
@@ -98,7 +96,11 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
                 os.kill(pid, signal.SIGCONT)
             wait_until(service.ready, 20, "readiness true again")
             assert status(port, "/readyz") == 200 and up("kafka") == 1
-            publish(bootstrap, "q", [(q.query_id.encode(), q.event()) for q in queries[40:]])
+            publish(
+                bootstrap,
+                TOPICS["queries_topic"],
+                [(q.query_id.encode(), q.event()) for q in queries[40:]],
+            )
             wait_until(lambda: progress(engine)[0] == 80, 60, "the work resumed")
         finally:
             os.kill(pid, signal.SIGCONT)
