@@ -103,7 +103,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from app.application import Application, stop_on_signals
+    from app.application import Application, health_endpoint, stop_on_signals
     from consumers.kafka_io import check_broker
     from service.config import load_config
 
@@ -113,7 +113,14 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
     logging.getLogger("metallm").info(
         "starting: loading the embedding model and the arms, restoring the policy"
     )
-    return Application.build(settings, config=config).run_forever(stop)
+    endpoint = health_endpoint(settings)  # /readyz says "not ready" while restoring
+    try:
+        service = Application.build(settings, config=config, health_endpoint=endpoint)
+    except BaseException:
+        if endpoint[1] is not None:
+            endpoint[1].stop()
+        raise
+    return service.run_forever(stop)
 
 
 def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:

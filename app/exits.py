@@ -14,6 +14,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1  # the command ran and failed (a consumer crashed, no such decision, …)
 EXIT_INPUT = 2  # fix something first: arguments, settings, config or input file, the schema
 EXIT_UNREACHABLE = 3  # the database or the Kafka broker did not answer
+EXIT_TOPICS_CHANGED = 4  # serve: the queries or labels topic changed under it (broker restart)
 EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES = {
     EXIT_OK: "success",
@@ -24,6 +25,8 @@ EXIT_CODES = {
     "missing or behind the code (run `metallm migrate`), or queries and labels topics without "
     "METALLM_TOPIC_PARTITIONS partitions",
     EXIT_UNREACHABLE: "the database or the Kafka broker cannot be reached",
+    EXIT_TOPICS_CHANGED: "serve stopped: the queries or labels topic was deleted or recreated "
+    "with other partitions while it served (a broker restarted without its data)",
     EXIT_INTERRUPTED: "interrupted (Ctrl-C)",
 }
 
@@ -51,7 +54,7 @@ def run_told(settings: Settings, command: Callable[[], int]) -> int:
     from pydantic import ValidationError
 
     from app.application import SchemaMissing
-    from consumers.kafka_io import BrokerUnreachable, TopicMismatch
+    from consumers.kafka_io import BrokerUnreachable, TopicMismatch, TopicsChanged
     from producers.files import InputFileError
     from service.config import ConfigError
     from service.learning import ContextMismatch
@@ -85,6 +88,8 @@ def run_told(settings: Settings, command: Callable[[], int]) -> int:
         )
     except BrokerUnreachable as exc:
         return fail(str(exc), EXIT_UNREACHABLE)
+    except TopicsChanged as exc:
+        return fail(str(exc), EXIT_TOPICS_CHANGED)
     except KafkaError as exc:
         return fail(
             f"Kafka broker at {settings.kafka_bootstrap}: {first_line(exc)} "

@@ -95,6 +95,23 @@ class CircuitBreaker:
         state = self.state
         return state == "closed" or (state == "half_open" and not self.probing)
 
+    def admits(self, probe: bool) -> bool:
+        """Whether a call acquired earlier may still be sent (each attempt asks, after waiting
+        for its slot): the probe while half-open; any other call only while closed, so one
+        that passed a closed circuit never reaches a half-open arm beside the probe.
+
+        >>> now = [0.0]
+        >>> breaker = CircuitBreaker(failures=1, cooldown=10, clock=lambda: now[0])
+        >>> breaker.acquire(), breaker.admits(probe=False)  # acquired while closed
+        (True, True)
+        >>> breaker.failure(); now[0] = 11.0  # opened by another call, then cooled down
+        True
+        >>> breaker.acquire(), breaker.admits(probe=True), breaker.admits(probe=False)
+        (True, True, False)
+        """
+        state = self.state
+        return state == "closed" or (probe and state == "half_open" and self.probing)
+
     def acquire(self) -> bool:
         """Whether a call may go to the arm now (in half-open, only the one probe)."""
         state = self.state
@@ -288,15 +305,18 @@ class Gateway:
             self._slots = asyncio.Semaphore(self.config.gateway.max_in_flight)
         return self._arm_slots, self._slots
 
-    async def _attempt(self, name: str, request: CallRequest, latency: _Latency) -> Completion:
+    async def _attempt(
+        self, name: str, request: CallRequest, latency: _Latency, probe: bool
+    ) -> Completion:
         """One request, in one of the gateway's slots (the caller holds the arm's); the time
-        it waits for the slot is kept out of ``latency``."""
+        it waits for the slot is kept out of ``latency``. ``probe``: the call is the arm's
+        half-open probe."""
         arm = self.arms[name]
         _, slots = self._limits()
         waiting = time.perf_counter()
         async with slots:
             latency.queued += time.perf_counter() - waiting
-            if self.breakers[name].state == "open":  # opened while this call was queued
+            if not self.breakers[name].admits(probe):  # opened while this call was queued
                 raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -320,6 +340,7 @@ class Gateway:
         breaker = self.breakers[name]
         if not breaker.acquire():
             return _ArmOutcome(None, f"{name}: circuit open", 0)
+        probe = breaker.state == "half_open"  # acquired as the probe (only it gets through)
         retried: list[str] = []  # the error of each attempt that was retried
 
         def note(state: RetryCallState) -> None:
@@ -341,7 +362,7 @@ class Gateway:
             # before its circuit opens, not an attempt of every call queued meanwhile.
             async with arm_slots[name]:
                 latency.queued += time.perf_counter() - waiting
-                completion = await retrying(self._attempt, name, request, latency)
+                completion = await retrying(self._attempt, name, request, latency, probe)
         except CircuitOpen as exc:  # not sent: says nothing new about the arm
             # other calls opened the circuit while this one backed off: keep the real error
             reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)
