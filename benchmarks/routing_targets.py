@@ -44,11 +44,11 @@ FILES = [
     ("9-arm (LLMRouter)", "benchmarks/data/llmrouter_outcomes.jsonl"),
     ("demo outcomes", "producers/data/demo_outcomes.jsonl"),
 ]
-POLICIES = ("linucb", "correctness_ucb")
+POLICIES = ("linucb", "correctness_ucb", "auto")
 #: On top of the service's METALLM_POLICY_PARAMS (α 0.1 and ε 0.02, chosen for LinUCB), the
 #: parameters a policy needs (correctness_ucb's α is in units of a right/wrong outcome's noise:
 #: its own default, 0.5, adds about one posterior standard deviation)
-PARAMS = {"correctness_ucb": {"alpha": 0.5}}
+PARAMS = {"correctness_ucb": {"alpha": 0.5}, "auto": {"alpha": 0.5}}
 
 
 def bench(path: str, policy: str, seeds: int, out: Path) -> dict:
