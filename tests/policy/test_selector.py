@@ -3,6 +3,8 @@ gain and never on noise, the same choice on every instance fed the same log, exa
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -157,3 +159,19 @@ def test_an_outcome_without_propensity_teaches_but_scores_nothing() -> None:
     assert all(policy.candidate(s.name).n_updates == 1 for s in policy.scores())
     with pytest.raises(ValueError, match="propensity"):
         policy.learn("a", x, 1.0, 1e-4, 0.0, PRICING)
+
+
+def test_the_bench_gives_every_outcome_its_propensity_and_pricing() -> None:
+    """``metallm bench`` teaches the selector as the service does: every outcome, failed calls
+    included, comes with the decision's propensity and λ, so every one is scored."""
+    from evaluation.bench import Problem, simulate
+    from service.outcomes import read_outcomes
+
+    records = read_outcomes(Path(__file__).parent / "data" / "gsm8k_outcomes.jsonl")[:300]
+    contexts = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    problem = Problem.from_records(records, contexts)
+    policy = Selector(seed=0, min_scored=50)
+    result = simulate(problem, policy, 0, delay=20, lam=0.1, cost_unit=0.001)
+    assert policy.n_scored == policy.n_updates == 300
+    assert all(s.n == 300 for s in policy.scores())
+    assert len(result.choices) == 300
