@@ -205,6 +205,10 @@ class Selector(RoutingPolicy):
         """The candidate called ``name`` (one of :data:`CANDIDATES`)."""
         return self._candidates[name]
 
+    def mean_costs(self) -> dict[ArmId, float]:
+        """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
+        return self._candidates[CANDIDATES[0]].mean_costs()  # type: ignore[attr-defined]
+
     @property
     def switches(self) -> tuple[Switch, ...]:
         """Every change of the serving candidate, oldest first."""

@@ -156,6 +156,7 @@ def test_an_outcome_without_propensity_teaches_but_scores_nothing() -> None:
     x = _context(np.random.default_rng(0), 0, 4)
     policy.learn("a", x, 1.0, 1e-4)  # e.g. a full-information warm start
     assert policy.n_scored == 0 and policy.n_updates == 1
+    assert policy.mean_costs() == {"a": 1e-4}
     assert all(policy.candidate(s.name).n_updates == 1 for s in policy.scores())
     with pytest.raises(ValueError, match="propensity"):
         policy.learn("a", x, 1.0, 1e-4, 0.0, PRICING)
