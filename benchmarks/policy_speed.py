@@ -11,12 +11,18 @@ Modes:
 * ``batch`` — the service's loop: ``choose_many`` on a batch of contexts, then one
   ``update_many`` per arm with its rewards (delayed feedback within a batch).
 
+``--priced`` times the priced policies on the service's context (d = 450: bias, length, 64
+task buckets, a 384-d embedding; 8 arms): ``choose`` with a ``Pricing`` then ``learn`` the
+outcome with its propensity and λ, beside LinUCB (``choose`` + ``update``) in the same run, at
+growing history lengths (the selector's cost per query must not grow with the history).
+
 ``--reward`` also replays ``tests/policy/data/gsm8k_outcomes.jsonl`` (MiniLM embeddings, fixed
 λ) to measure what the random projection of the 384-d embedding costs in reward, and compares
 cold start with the paper's offline/online warm-start settings.
 
     .venv/bin/python benchmarks/policy_speed.py                 # speed table (~1-2 min)
     .venv/bin/python benchmarks/policy_speed.py --reward        # + gsm8k reward vs dimension
+    .venv/bin/python benchmarks/policy_speed.py --priced-only   # the priced policies, d = 450
 """
 
 from __future__ import annotations
@@ -165,6 +171,77 @@ def speed(rounds: int) -> None:
         print(f"  {mode} {rate:>9,.0f}/s ({verdict}), {rate / river:6.1f}× River ({ratio})")
 
 
+# ------------------------------------------------------------------------ priced policies
+
+
+def _service_contexts(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Contexts of the service's default layout (d = 450) over 14 tasks, and correctness."""
+    from service.context import ContextLayout
+
+    layout = ContextLayout("raw", task_buckets=64)
+    rng = np.random.default_rng(seed)
+    X = np.zeros((n, layout.dim(384)), dtype=np.float32)
+    X[:, 0], X[:, 1] = 1.0, rng.normal(size=n)
+    X[np.arange(n), 2 + rng.integers(14, size=n)] = 1.0
+    E = rng.normal(size=(n, 384))
+    X[:, 66:] = E / np.linalg.norm(E, axis=1, keepdims=True)
+    return X, (rng.random(n) < 0.6).astype(np.float64)
+
+
+class PricedCase:
+    """One policy on the service's contexts: ``choose`` (priced when the policy learns
+    correctness) then ``learn`` with the propensity and λ (``update`` for LinUCB)."""
+
+    def __init__(self, name: str, params: dict):
+        from service.context import ContextBuilder, ContextLayout
+        from service.policy import Pricing
+
+        self.label = name
+        self.policy = make_policy(name, seed=0, **params)
+        self.policy.context = ContextBuilder(ContextLayout("raw", task_buckets=64))
+        self.X, self.correct = _service_contexts(4096)
+        self.pricing = Pricing(0.1, 0.001)
+        self.costs = {a: 1e-4 * (i + 1) for i, a in enumerate(ARMS)}
+        self.t = 0  # the history: queries decided and learnt so far
+
+    def run(self, n: int) -> float:
+        p, X, ok, pricing = self.policy, self.X, self.correct, self.pricing
+        start = time.perf_counter()
+        for _ in range(n):
+            i = self.t % len(X)
+            if p.learns_correctness:
+                choice = p.choose(ARMS, X[i], pricing=pricing)
+                cost = self.costs[choice.arm]
+                p.learn(choice.arm, X[i], ok[i], cost, choice.propensity, pricing)
+            else:
+                choice = p.choose(ARMS, X[i])
+                p.update(choice.arm, X[i], ok[i] - 0.1 * self.costs[choice.arm] / 0.001)
+            self.t += 1
+        return n / (time.perf_counter() - start)
+
+
+def priced_speed(history: int) -> None:
+    """Queries (a decision and its update) per second at growing history lengths."""
+    cases = [
+        PricedCase("linucb", {"alpha": 0.1, "epsilon": 0.02}),
+        PricedCase("correctness_ucb", {"alpha": 0.5, "epsilon": 0.02}),
+        PricedCase("auto", {"alpha": 0.5, "epsilon": 0.02}),
+    ]
+    marks = [m for m in (1_000, 5_000, 20_000, 50_000) if m <= history]
+    print(f"\npriced policies: decision + update per second, d=450, {K} arms, one core")
+    print(f"{'policy':<18} " + " ".join(f"{'at ' + format(m, ','):>11}" for m in marks))
+    rates: dict[str, list[float]] = {c.label: [] for c in cases}
+    for mark in marks:
+        while any(case.t < mark for case in cases):  # in slices: all share the machine's noise
+            for case in cases:
+                if case.t < mark:
+                    case.run(min(500, mark - case.t))
+        for case in cases:
+            rates[case.label].append(case.run(500))  # timed: 500 queries from the mark
+    for label, values in rates.items():
+        print(f"{label:<18} " + " ".join(f"{v:>11,.0f}" for v in values))
+
+
 # ------------------------------------------------------------------------ reward vs projection
 
 
@@ -276,10 +353,15 @@ def main() -> None:
     parser.add_argument("--reward", action="store_true", help="also run the gsm8k reward table")
     parser.add_argument("--reward-only", action="store_true")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--priced", action="store_true", help="also time the priced policies")
+    parser.add_argument("--priced-only", action="store_true")
+    parser.add_argument("--history", type=int, default=20_000, help="longest history timed")
     args = parser.parse_args()
     print(f"numpy {np.__version__}, python {sys.version.split()[0]}, cores: {os.cpu_count()}")
-    if not args.reward_only:
+    if not (args.reward_only or args.priced_only):
         speed(args.rounds)
+    if args.priced or args.priced_only:
+        priced_speed(args.history)
     if args.reward or args.reward_only:
         reward_vs_projection(args.seeds)
         warm_vs_cold(args.seeds)

@@ -1,12 +1,14 @@
 """The routing targets, measured with the service's defaults, today's policy next to the new one.
 
-    .venv/bin/python benchmarks/routing_targets.py            # ~20-30 min on 2 cores
+    .venv/bin/python benchmarks/routing_targets.py            # ~1 h on 2 cores
     .venv/bin/python benchmarks/routing_targets.py --seeds 1 --policies correctness_ucb
 
 Each file goes through `metallm bench` exactly as a user runs it — cold start, rewards delayed
 100 queries, 5 seeds, the λ sweep, the service's defaults (METALLM_POLICY_PARAMS, the context
-layout, λ and cost unit) — once per policy: LinUCB (today's default) and correctness_ucb (learns
-correctness, prices each arm with its running mean cost at decision time). Per file and policy
+layout, λ and cost unit) — once per policy: LinUCB (today's default), correctness_ucb (learns
+correctness, prices each arm with its running mean cost at decision time) and auto (the selector
+of service/policy/selector.py: correctness_ucb, LinUCB and the per-task and overall arm means
+learn together, scored off-policy; the confidently best serves). Per file and policy
 it prints the APGR, the cost at 95 % of the best arm's accuracy, and the "never dominated"
 margins, by the mean over seeds:
 
@@ -44,11 +46,11 @@ FILES = [
     ("9-arm (LLMRouter)", "benchmarks/data/llmrouter_outcomes.jsonl"),
     ("demo outcomes", "producers/data/demo_outcomes.jsonl"),
 ]
-POLICIES = ("linucb", "correctness_ucb")
+POLICIES = ("linucb", "correctness_ucb", "auto")
 #: On top of the service's METALLM_POLICY_PARAMS (α 0.1 and ε 0.02, chosen for LinUCB), the
 #: parameters a policy needs (correctness_ucb's α is in units of a right/wrong outcome's noise:
 #: its own default, 0.5, adds about one posterior standard deviation)
-PARAMS = {"correctness_ucb": {"alpha": 0.5}}
+PARAMS = {"correctness_ucb": {"alpha": 0.5}, "auto": {"alpha": 0.5}}
 
 
 def bench(path: str, policy: str, seeds: int, out: Path) -> dict:
@@ -132,7 +134,7 @@ def main() -> int:
     text = (
         "# Routing targets, measured\n\n"
         f"Cold start, delay 100, {args.seeds} seed(s), the λ sweep; parameters "
-        f"{json.dumps(params)} (the service's, plus correctness_ucb's α; its other defaults); "
+        f"{json.dumps(params)} (the service's, plus the priced policies' α; their other defaults); "
         f"context `{layout}`. "
         "Margins: see `benchmarks/routing_targets.py` (≥ 0 at the default λ and ≥ −1 on the "
         "curve is never dominated).\n\n" + "\n".join(lines) + "\n"

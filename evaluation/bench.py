@@ -276,16 +276,16 @@ def simulate(
     choices = np.empty(n_eval, dtype=np.intp)
     props = np.empty(n_eval)
     lams = np.empty(n_eval)
-    pending: deque[tuple[int, int, float]] = deque()
+    pending: deque[tuple[int, int, float, float]] = deque()
     priced = getattr(policy, "learns_correctness", False)
     costs = RunningCosts()  # what the router knows of each arm's cost: its own calls
     sizes = [len(r.text) for r in problem.records]
 
-    def learn(s: int, j: int, lam_s: float) -> None:
+    def learn(s: int, j: int, lam_s: float, p: float) -> None:
         ok = bool(problem.correct[s, j])
         cost = float(problem.cost[s, j])
-        if priced:
-            policy.learn(arms[j], X32[s], float(ok), cost)
+        if priced:  # with what the service stores on the decision: propensity and λ
+            policy.learn(arms[j], X32[s], float(ok), cost, p, Pricing(lam_s, cost_unit))
         else:
             policy.update(arms[j], X32[s], reward(ok, cost, lam_s, cost_unit))
 
@@ -300,12 +300,13 @@ def simulate(
         choices[i], props[i], lams[i] = j, choice.propensity, lam_t
         if problem.failed[t, j]:  # the service rewards a failed arm at decision time, cost 0
             if priced:
-                policy.learn(arms[j], X32[t], 0.0, None)
+                priced_at = Pricing(lam_t, cost_unit)
+                policy.learn(arms[j], X32[t], 0.0, None, choice.propensity, priced_at)
             else:
                 policy.update(arms[j], X32[t], reward(False, 0.0, lam_t, cost_unit))
         else:
             costs.observe(arms[j], float(problem.cost[t, j]), sizes[t])  # known on return
-            pending.append((t, j, lam_t))
+            pending.append((t, j, lam_t, choice.propensity))
         if pacer is not None:
             pacer.observe(float(problem.cost[t, j]))
         while pending and pending[0][0] <= t - delay:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from service.policy.arm_means import ArmMeans
 from service.policy.base import Choice, Context, Pricing, RoutingPolicy
 from service.policy.checkpoint import POLICIES, CheckpointError, loads, read_header
 from service.policy.correctness_ucb import CorrectnessUCB
@@ -24,6 +25,7 @@ from service.policy.lin_ts import LinTS
 from service.policy.linear import LinearPolicy
 from service.policy.linucb import LinUCB
 from service.policy.regressors import RegressorPolicy
+from service.policy.selector import Selector
 from service.policy.softmax import Softmax
 from service.policy.thompson import RiverThompson
 from service.policy.ucb import RiverUCB
@@ -44,6 +46,7 @@ def make_policy(name: str, **params: Any) -> RoutingPolicy:
 
 
 __all__ = [
+    "ArmMeans",
     "POLICIES",
     "CheckpointError",
     "Choice",
@@ -59,6 +62,7 @@ __all__ = [
     "RiverThompson",
     "RiverUCB",
     "RoutingPolicy",
+    "Selector",
     "Softmax",
     "loads",
     "make_policy",

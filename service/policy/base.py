@@ -17,7 +17,8 @@ cost apart and applies the price when choosing, so one learned state serves ever
 
     pricing = Pricing(lam=0.1, cost_unit=0.001, est_cost={"small": 2e-5, "large": 4e-4})
     choice = policy.choose(["small", "large"], context, pricing=pricing)
-    policy.learn(choice.arm, context, correct=1.0, cost_usd=3.8e-4)
+    policy.learn(choice.arm, context, correct=1.0, cost_usd=3.8e-4,
+                 propensity=choice.propensity, pricing=pricing)   # the last two: optional
 
 ``est_cost`` is what each arm's call is expected to cost *before* it is made (for example each
 arm's running mean of its own recorded costs: a projection of the log). Left out, the policy
@@ -263,10 +264,22 @@ class RoutingPolicy(ContextualPolicy):
             self.update(arm_id, x, float(r))
 
     def learn(
-        self, arm_id: ArmId, context: Context, correct: float, cost_usd: float | None
+        self,
+        arm_id: ArmId,
+        context: Context,
+        correct: float,
+        cost_usd: float | None,
+        propensity: float | None = None,
+        pricing: Pricing | None = None,
     ) -> None:
         """The priced path: learn whether ``arm_id`` was right (1.0/0.0, or a score in [0, 1])
-        on ``context`` and what its call cost (None: not known, e.g. a failed call)."""
+        on ``context`` and what its call cost (None: not known, e.g. a failed call).
+
+        ``propensity`` (the logged probability of ``arm_id`` at its decision) and ``pricing``
+        (the λ and cost unit the decision was priced with, as stored on the decision) are for
+        policies that score themselves off-policy (:mod:`service.policy.selector`); the others
+        ignore them. Left out (e.g. a full-information warm start), the outcome teaches but
+        scores nothing."""
         raise TypeError(f"{type(self).__name__} learns scalar rewards only (use update)")
 
     def merge(self, other):  # pragma: no cover - overridden

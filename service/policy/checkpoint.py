@@ -32,7 +32,13 @@ order): ``s_A_packed`` (float64, the upper triangle of each symmetric ``A`` in
 kept the full ``s_A`` plus ``s_A_inv`` and ``s_theta`` (float64) and no scorer; loading it
 re-derives the scorer from ``A``. ``correctness_ucb`` adds ``s_scale`` (float64, the
 per-coordinate rescaling its block prior fixed at the first context), ``s_cost_n`` (int64) and
-``s_cost_sum`` (float64: each arm's count and sum of the costs it learned). The River
+``s_cost_sum`` (float64: each arm's count and sum of the costs it learned). ``arm_means``
+keeps ``s_group``, ``s_arm`` (int64: each (task bucket or −1, arm slot) pair), ``s_sums``
+(float64, per pair: count and sum of outcomes) and ``s_cost`` (float64, per arm: count and sum
+of costs). ``auto`` (the selector) keeps its serving candidate, the arms it scores over, its
+switches and each candidate's header fields in ``state``, the score sums ``s_sum`` and
+``s_cross`` (float64), and each candidate's own arrays prefixed by its name
+(``s_linucb__A_packed``…). The River
 baselines keep per-arm arrays: ``s_pulls`` (int64) and ``s_means`` (float64, "ucb") or
 ``s_wins`` (int64, "thompson"), with the total pull count ``n`` in ``state``; checkpoints
 written before kept the River policy object instead, pickled in the uint8 array

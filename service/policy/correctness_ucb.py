@@ -140,9 +140,16 @@ class CorrectnessUCB(LinUCB):
         super().update_many(arm_id, contexts, shifted)
 
     def learn(
-        self, arm_id: ArmId, context: Context, correct: float, cost_usd: float | None
+        self,
+        arm_id: ArmId,
+        context: Context,
+        correct: float,
+        cost_usd: float | None,
+        propensity: float | None = None,
+        pricing: Pricing | None = None,
     ) -> None:
-        """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost."""
+        """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost
+        (``propensity`` and ``pricing`` play no part here: see ``RoutingPolicy.learn``)."""
         super().update(arm_id, context, float(correct) - self.prior_mean)
         if cost_usd is not None:
             self._cost_n[arm_id] = self._cost_n.get(arm_id, 0) + 1

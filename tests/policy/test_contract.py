@@ -20,6 +20,8 @@ PARAMS: dict[str, dict] = {
     "ucb": {"epsilon": 0.1},
     "thompson": {"epsilon": 0.1, "n_samples": 64},
     "correctness_ucb": {"epsilon": 0.1},
+    "arm_means": {"epsilon": 0.1},
+    "auto": {"epsilon": 0.1},
 }
 NAMES = sorted(POLICIES)
 
