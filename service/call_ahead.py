@@ -27,7 +27,9 @@ from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
-from service.policy.base import Choice
+from service.policy.base import Choice, Pricing
+from service.pricing import arm_prices
+from service.reward import RewardSettings
 from service.settings import MAX_QUERIES_KEPT
 from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
@@ -47,6 +49,20 @@ class Called:
     layout: str  # the context's ContextLayout.spec
     request: CallRequest
     result: CallResult
+    pricing: Pricing | None = None  # what the choice was priced at (None: not priced)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A query's choice, before its call: its row in the batch, the arm chosen, the context
+    and layout it was chosen on, the request to send and what the choice was priced at."""
+
+    row: int
+    choice: Choice
+    context: np.ndarray
+    layout: str
+    request: CallRequest
+    pricing: Pricing | None
 
 
 @dataclass(frozen=True)
@@ -81,8 +97,11 @@ class CallAhead:
         live: LivePolicy,
         embedder: TextEmbedder,
         gateway: Gateway,
+        rewards: RewardSettings | None = None,
     ) -> None:
         self.config = config
+        self.rewards = rewards  # λ and cost unit of priced choices (None: never priced)
+        self.prices = arm_prices(config.arms)
         self.engine = engine
         self.live = live
         self.vectors = VectorCache(embedder)  # a cache: a retried batch is not embedded again
@@ -190,28 +209,26 @@ class CallAhead:
     async def _call_chosen(
         self,
         events: list[QueryEvent],
-        embedded: Future[list[tuple[int, Choice, np.ndarray, str, CallRequest]]],
+        embedded: Future[list[Chosen]],
     ) -> list[Called | BaseException | None]:
         """Call the arm chosen for each event, once the worker has embedded and chosen."""
         chosen = await asyncio.wrap_future(embedded)
         results = await asyncio.gather(  # one call raising (a bug) must not lose the others
-            *(self.gateway.call(choice.arm, request) for _, choice, _, _, request in chosen),
+            *(self.gateway.call(c.choice.arm, c.request) for c in chosen),
             return_exceptions=True,
         )
         self.llm_calls += len(results)
         out: list[Called | BaseException | None] = [None] * len(events)
-        for (row, choice, context, layout, request), result in zip(chosen, results, strict=True):
-            out[row] = (
+        for c, result in zip(chosen, results, strict=True):
+            out[c.row] = (
                 result
                 if isinstance(result, BaseException)
-                else Called(choice, context, layout, request, result)
+                else Called(c.choice, c.context, c.layout, c.request, result, c.pricing)
             )
         return out
 
-    def _embed_and_choose(
-        self, events: list[QueryEvent], skip_decided: bool
-    ) -> list[tuple[int, Choice, np.ndarray, str, CallRequest]]:
-        """(row, choice, context, its layout, request) of each event to call for (on the
+    def _embed_and_choose(self, events: list[QueryEvent], skip_decided: bool) -> list[Chosen]:
+        """The arm chosen for each event to call for, with its context and request (on the
         worker thread)."""
         rows = list(range(len(events)))
         if skip_decided:
@@ -223,17 +240,42 @@ class CallAhead:
         embeddings = self.vectors.embed([events[i].text for i in rows])
         arms = self.gateway.available_arms()
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
+        requests = []
+        for i in rows:
+            event, task = events[i], self.config.tasks[events[i].task]
+            prompt = build_prompt(task, event.text, event.options or task.labels)
+            requests.append(CallRequest(event.query_id, prompt))
         with self.live.lock:  # the builder's statistics move as decisions are stored
             contexts = self.live.context.build_many(queries, embeddings)
             layout = self.live.context.spec
-            choices = self.live.policy.choose_many(arms, contexts.astype(np.float64))
-        chosen = []
-        for i, choice, context in zip(rows, choices, contexts, strict=True):
-            event = events[i]
-            task = self.config.tasks[event.task]
-            prompt = build_prompt(task, event.text, event.options or task.labels)
-            chosen.append((i, choice, context, layout, CallRequest(event.query_id, prompt)))
-        return chosen
+            priced = self._choose(arms, contexts, [events[i] for i in rows], requests)
+        return [
+            Chosen(i, choice, context, layout, request, pricing)
+            for i, (choice, pricing), context, request in zip(
+                rows, priced, contexts, requests, strict=True
+            )
+        ]
+
+    def _choose(
+        self,
+        arms: list[str],
+        contexts: np.ndarray,
+        events: list[QueryEvent],
+        requests: list[CallRequest],
+    ) -> list[tuple[Choice, Pricing | None]]:
+        """Each query's choice (under the policy's lock): priced one by one, at the λ in force
+        and its own estimated costs, for a policy that learns correctness."""
+        live, X = self.live, contexts.astype(np.float64)
+        if self.rewards is None or not live.policy.learns_correctness:
+            return [(c, None) for c in live.policy.choose_many(arms, X)]
+        out = []
+        for x, event, request in zip(X, events, requests, strict=True):
+            pricing = live.pricing(
+                self.rewards, self.prices, len(event.text), len(request.prompt.text)
+            )
+            choice = live.policy.choose_many(arms, x[None, :], pricing=pricing)[0]
+            out.append((choice, pricing))
+        return out
 
     def close(self) -> None:
         """Let calls still in flight finish (within ``CLOSE_TIMEOUT_S`` in all), then close the

@@ -32,6 +32,7 @@ from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
 from service.log.transaction import LearningLog
+from service.pricing import priced_columns
 from service.reward import RewardSettings
 from service.vector_cache import TextEmbedder, VectorCache
 
@@ -68,7 +69,9 @@ class Decider:
         self.config = config
         self.learning_log = learning_log
         self.rewards = rewards
-        self.calling = CallAhead(config, learning_log.engine, learning_log.live, embedder, gateway)
+        self.calling = CallAhead(
+            config, learning_log.engine, learning_log.live, embedder, gateway, rewards
+        )
 
     @property
     def gateway(self) -> Gateway:
@@ -179,6 +182,7 @@ class Decider:
                 "kafka_offset": record.offset,
                 "instance": self.learning_log.instance,
                 "rng_seed": self.learning_log.rng_seed,
+                **priced_columns(choice.arm, call.pricing),
             }
         )
 
