@@ -16,14 +16,12 @@ import pytest
 import sqlalchemy as sa
 
 from service.config import parse_config
-from service.context import ContextBuilder, ContextLayout
 from service.decision import bytes_to_vector
 from service.events import LabelEvent, QueryEvent
 from service.llm.gateway import Gateway
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
-from service.policy import make_policy
 from service.pricing import CHARS_PER_TOKEN, ArmPrice, arm_prices
-from tests.faults.harness import HashEmbedder, policy_difference, rebuild_policy
+from tests.faults.harness import HashEmbedder, fresh_policy, policy_difference, rebuild_policy
 from tests.helpers import ARMS, TASKS, demo_rows, open_learning_log, write_outcomes
 
 pytestmark = pytest.mark.integration
@@ -174,8 +172,7 @@ def test_cost_estimates_come_from_the_log_and_survive_a_restart(engine, tmp_path
 
 def fed_from_the_log(engine) -> tuple[object, int]:
     """A fresh correctness_ucb taught every reward of the log straight from its columns."""
-    policy = make_policy("correctness_ucb", **PRICED)
-    policy.context = ContextBuilder(ContextLayout())
+    policy = fresh_policy("correctness_ucb", PRICED)
     with engine.connect() as conn:
         rows = conn.execute(
             sa.text(
