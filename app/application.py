@@ -33,17 +33,26 @@ from app.status import (
     waiting_for,
 )
 from consumers.batch import run_in_thread
-from consumers.kafka_io import check_topics, ensure_topics, make_consumer, make_producer
+from consumers.kafka_io import (
+    TopicsChanged,
+    check_topics,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    probe_topics,
+    quiet_kafka_logs,
+)
 from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
+from service.health import PROBE_TIMEOUT_S, Health, Prober
 from service.learning import LivePolicy
 from service.llm.gateway import Gateway
 from service.log.checkpoints import Checkpointer
 from service.log.follower import LogFollower
 from service.log.transaction import LearningLog
-from service.metrics import MetricsServer
+from service.metrics import DEPENDENCY_UP, MetricsServer
 from service.pacing import BudgetPacer
 from service.pipeline import Decider, Learner
 from service.reward import RewardSettings
@@ -51,6 +60,10 @@ from service.settings import Settings
 from service.storage import make_engine
 
 log = logging.getLogger(__name__)
+#: How long stopping lets a consumer finish a rebalance it is in before it leaves its group.
+REBALANCE_BEFORE_LEAVING_S = 10.0
+#: What readiness waits for: the broker (both consumers use it) and Postgres (everything does).
+DEPENDENCIES = ("kafka", "postgres")
 #: How long stopping waits for a checkpoint the Checkpointer is storing, and then the final
 #: checkpoint for it (still not done: the final checkpoint fails, and serve exits 1).
 FINAL_CHECKPOINT_WAIT_S = 60.0
@@ -87,6 +100,14 @@ def commits_are_durable(engine: Engine) -> bool:
     return True
 
 
+def dependency_changed(dependency: str, up: bool) -> None:
+    """Export a dependency's new state; while the broker is down, silence kafka-python's own
+    line per reconnection attempt (the health line said it, and will say when it is back)."""
+    DEPENDENCY_UP.labels(dependency).set(1 if up else 0)
+    if dependency == "kafka":
+        quiet_kafka_logs(not up)
+
+
 @dataclass
 class Application:
     settings: Settings
@@ -107,6 +128,10 @@ class Application:
     checkpoint_failed: bool = False
     progress: ProgressLogger | None = None
     blas_limits: threadpool_limits | None = None  # BLAS pinned to one thread, until stop()
+    health: Health = field(default_factory=lambda: Health(DEPENDENCIES, dependency_changed))
+    probers: list[Prober] = field(default_factory=list)
+    topics_changed: TopicsChanged | None = None  # found by the Kafka probe: serve stops
+    probe_engine: Engine | None = None  # Postgres's probe: a fresh connection each time
 
     @classmethod
     def build(
@@ -115,11 +140,14 @@ class Application:
         config: AppConfig | None = None,
         embedder: Embedder | None = None,
         gateway: Gateway | None = None,
+        health_endpoint: tuple[Health, MetricsServer | None] | None = None,
     ) -> Application:
         """Check the schema, build the arms, restore the policy, load the embedding model.
         ``config``, ``embedder`` and ``gateway`` default to those the settings describe. A
         gateway passed in belongs to the service once built (:meth:`stop` closes it); if the
-        build fails, it is left to the caller, and everything the build made is closed."""
+        build fails, it is left to the caller, and everything the build made is closed. A
+        ``health_endpoint`` started before the build (see :func:`health_endpoint`) is the
+        service's once built (and the caller's if the build fails)."""
         config = config or load_config(settings.config)
         silence_known_noise(config)  # before the arms: loading a local model logs
         engine = make_engine(settings.database_url, settings.database_schema)  # connects lazily
@@ -137,7 +165,10 @@ class Application:
             # told at once, not after restoring the policy and loading the model
             if gateway is None:
                 gateway = built_gateway = Gateway(config)
-            return cls._assemble(settings, config, engine, embedder, gateway, blas)
+            service = cls._assemble(settings, config, engine, embedder, gateway, blas)
+            if health_endpoint is not None:
+                service.health, service.metrics_server = health_endpoint
+            return service
         except BaseException:  # not built (no schema, Postgres down…): leave nothing behind
             if built_gateway is not None:
                 try:
@@ -185,7 +216,9 @@ class Application:
             learning_log.restore()
             rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
             embedder = embedder or Embedder.from_settings(settings)
-            decider = Decider(config, learning_log, embedder, gateway, rewards)
+            decider = Decider(
+                config, learning_log, embedder, gateway, rewards, settings.too_long_text
+            )
         except BaseException:
             learning_log.close()  # its name (and any role) to the next start
             raise
@@ -213,9 +246,21 @@ class Application:
             expire_every_s=s.pending_label_expire_every_seconds,
         )
         self._producer = producer
-        if s.metrics_port is not None:
+        if self.metrics_server is not None:  # started before the build, to say "restoring"
+            self.metrics_server.serve_readiness(self.ready)
+        elif s.metrics_port is not None:
             self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
             log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
+        seconds = max(1, round(PROBE_TIMEOUT_S))
+        self.probe_engine = make_engine(  # unpooled: a pooled connection could be stale
+            s.database_url,
+            poolclass=sa.pool.NullPool,
+            connect_args={"connect_timeout": seconds, "options": f"-cstatement_timeout={seconds}s"},
+        )
+        self.probers = [
+            Prober(self.health, "kafka", self._probe_kafka).start(),
+            Prober(self.health, "postgres", self._probe_postgres).start(),
+        ]
         self.follower = LogFollower(self.learning_log, s.log_poll_seconds).start()
         self.checkpointer = Checkpointer(self.learning_log.checkpoints).start()
         self._threads = [
@@ -223,6 +268,7 @@ class Application:
             run_in_thread(self._guard(self.labels), "metallm-labels"),
         ]
         log.info(self.describe())
+        self.health.serving()
         labels = self.labels
         self.progress = ProgressLogger(
             lambda: current_counts(lambda: labels.stats.events, lambda: self.live.policy.n_updates),
@@ -254,20 +300,27 @@ class Application:
         return run
 
     def ready(self) -> bool:
-        """Both consumers are running and Postgres answers."""
+        """Serving, both consumers running, the broker and Postgres answering their probes."""
         if self.crashed.is_set() or not self._threads:
             return False
-        if not all(t.is_alive() for t in self._threads):
-            return False
+        return all(t.is_alive() for t in self._threads) and self.health.ready()
+
+    def _probe_kafka(self) -> None:
         try:
-            with self.engine.connect() as conn:
-                conn.execute(sa.text("SELECT 1"))
-        except sa.exc.SQLAlchemyError:
-            return False
-        return True
+            probe_topics(self.settings, PROBE_TIMEOUT_S)
+        except TopicsChanged as exc:  # it answers, with other topics: stop, saying what to do
+            if self.topics_changed is None:
+                log.error("the queries or labels topic changed under the service: stopping")
+            self.topics_changed = exc
+
+    def _probe_postgres(self) -> None:
+        assert self.probe_engine is not None
+        with self.probe_engine.connect() as conn:
+            conn.execute(sa.text("SELECT 1"))
 
     def stop(self) -> None:
         """Stop polling, finish the batch in hand, commit, checkpoint, close."""
+        self.health.stopping()
         try:
             self._stop_consuming()
         finally:  # the instance's name and roles, the arms and the connections, come what may
@@ -296,12 +349,17 @@ class Application:
         with waiting_for("the Kafka consumers to leave their groups"):
             for consumer in (self.queries, self.labels):
                 if consumer is not None:
+                    consumer.finish_rebalance(REBALANCE_BEFORE_LEAVING_S)
                     consumer.consumer.close()
         if self._producer is not None:
             with waiting_for("the producer to deliver what it holds"):
                 self._producer.close()
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        for prober in self.probers:
+            prober.stop()
+        if self.probe_engine is not None:
+            self.probe_engine.dispose()
         if self.follower is not None:
             self.follower.stop()
         if self.checkpointer is not None:
@@ -325,10 +383,23 @@ class Application:
             self.start()
         # polled, not waited on: Event.wait holds the event's lock at moments, and the signal
         # handler that sets it runs on this very thread (it would wait for itself for ever)
-        while not stop.is_set() and not self.crashed.is_set():
+        while not stop.is_set() and not self.crashed.is_set() and self.topics_changed is None:
             time.sleep(0.2)
         self.stop()
+        if self.topics_changed is not None:
+            raise self.topics_changed  # the command line tells it, with its exit code
         return 1 if self.crashed.is_set() or self.checkpoint_failed else 0
+
+
+def health_endpoint(settings: Settings) -> tuple[Health, MetricsServer | None]:
+    """The health state and, unless metrics are off, its endpoint, started before the build so
+    that /healthz answers and /readyz says "not ready" while the policy is restored."""
+    health = Health(DEPENDENCIES, dependency_changed)
+    if settings.metrics_port is None:
+        return health, None
+    server = MetricsServer(settings.metrics_port, health.ready).start()
+    log.info("metrics on :%d (/metrics, /healthz, /readyz)", server.port)
+    return health, server
 
 
 def stop_on_signals() -> threading.Event:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -59,6 +60,21 @@ def flat(batches: list[list[ConsumerRecord]]) -> list[ConsumerRecord]:
     return [r for batch in batches for r in batch]
 
 
+def io_loop(consumer: KafkaConsumer) -> Any:
+    """The consumer's IO loop, on which a rebalance hook resumes once its work (on another
+    thread) is done. kafka-python 3.0 offers no public way to schedule work on it from another
+    thread (a :class:`KafkaFuture` resolved there would wake the hook without waking the loop):
+    this reads its private ``_net``, so kafka-python is pinned to 3.0 (pyproject.toml) and this
+    raises at start, not at the first rebalance, if another version dropped it."""
+    net = getattr(consumer, "_net", None)
+    if not callable(getattr(net, "call_soon_threadsafe", None)):
+        raise RuntimeError(
+            "this kafka-python has no KafkaConsumer._net.call_soon_threadsafe, which the "
+            "rebalance hooks need: install the version pyproject.toml pins (3.0)"
+        )
+    return net
+
+
 class Rebalance(AsyncConsumerRebalanceListener):
     """Tells a :class:`BatchConsumer` of its group's rebalances.
 
@@ -72,19 +88,21 @@ class Rebalance(AsyncConsumerRebalanceListener):
         self.owner = owner
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.owner.rebalancing = True
         await self._off_the_loop(self.owner.revoking, set(revoked))
 
     async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
         await self._off_the_loop(self.owner.lost, set(lost))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.owner.rebalancing = False
         if assigned:
             names = ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned))
             log.info("%s: assigned %s", self.owner.name, names)
 
     async def _off_the_loop(self, work: Callable[[set[TopicPartition]], None], arg) -> None:
         done: KafkaFuture = KafkaFuture()
-        net = self.owner.consumer._net  # noqa: SLF001 - the loop to resume this hook on
+        net = io_loop(self.owner.consumer)
 
         def run() -> None:
             try:
@@ -131,8 +149,10 @@ class BatchConsumer:
         self._validated: dict[tuple[str, int, int], Any] = {}
         # the batches held while look_ahead polls: the one in hand first (see revoking)
         self._held: list[list[ConsumerRecord]] = []
+        self.rebalancing = False  # between a rebalance's revocation and its assignment
         subscribed = getattr(consumer, "subscription", lambda: None)()
         if subscribed:  # the same topics, with the listener that finishes revoked work
+            io_loop(consumer)  # checked now, not at the first rebalance
             consumer.subscribe(topics=sorted(subscribed), listener=Rebalance(self))
 
     # -- to override -------------------------------------------------------------------------
@@ -453,6 +473,20 @@ class BatchConsumer:
 
     def stop(self) -> None:
         self.stop_event.set()
+
+    def finish_rebalance(self, timeout_s: float) -> None:
+        """On stop, after the loop: complete a rebalance this consumer is in the middle of
+        (its partitions revoked, none assigned yet) before it leaves the group. Tansu stalls a
+        group whose member leaves between the two: the others' join waits for the rebalance
+        timeout (minutes). What these polls return is dropped, uncommitted: the partitions'
+        next owner reads it."""
+        deadline = time.monotonic() + timeout_s
+        while self.rebalancing and time.monotonic() < deadline:
+            try:
+                self.consumer.poll(timeout_ms=200)
+            except Exception:  # the broker is away: leave as things are
+                log.debug("%s: polling to finish a rebalance failed", self.name, exc_info=True)
+                return
 
 
 def run_in_thread(target: Callable[[], None], name: str) -> threading.Thread:

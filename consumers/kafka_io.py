@@ -124,7 +124,11 @@ class TopicMismatch(RuntimeError):
 def partition_counts(target: KafkaTarget, topics: list[str]) -> dict[str, int | None]:
     """Each topic's number of partitions (None: no such topic)."""
     with admin_client(target) as admin:
-        described = {t["name"]: t for t in admin.describe_topics(topics)}
+        return _described_counts(admin, topics)
+
+
+def _described_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
+    described = {t["name"]: t for t in admin.describe_topics(topics)}
     counts: dict[str, int | None] = {}
     for topic in topics:
         info = described.get(topic)
@@ -143,10 +147,18 @@ def check_topics(settings: Settings) -> None:
     ``METALLM_TOPIC_PARTITIONS`` partitions. They must be co-partitioned: queries and labels
     are keyed by ``query_id``, so a query and its label land in the same partition number,
     and the instance given that partition of one topic is given it of the other."""
+    problem = topics_problem(
+        settings, partition_counts(settings, [settings.queries_topic, settings.labels_topic])
+    )
+    if problem is not None:
+        raise TopicMismatch(problem)
+
+
+def topics_problem(settings: Settings, counts: dict[str, int | None]) -> str | None:
+    """What is wrong with the queries and labels topics' partition ``counts`` (None: right)."""
     want = settings.topic_partitions
-    counts = partition_counts(settings, [settings.queries_topic, settings.labels_topic])
     if all(n == want for n in counts.values()):
-        return
+        return None
     found = ", ".join(
         f"{t} does not exist" if n is None else f"{t} has {n}" for t, n in counts.items()
     )
@@ -157,10 +169,52 @@ def check_topics(settings: Settings) -> None:
         wrong = {t: n for t, n in counts.items() if n != want}
         verb = "create" if all(n is None for n in wrong.values()) else "recreate"
         fix = f"{verb} {' and '.join(wrong)} with {want}"
-    raise TopicMismatch(
+    return (
         "the queries and labels topics must be co-partitioned, with "
         f"METALLM_TOPIC_PARTITIONS={want} partitions each, but {found}: {fix}"
     )
+
+
+class TopicsChanged(RuntimeError):
+    """The queries or labels topic changed while serving (deleted, or recreated with other
+    partitions: what a restart of a broker that keeps its topics in memory looks like)."""
+
+
+def probe_topics(settings: Settings, timeout_s: float) -> None:
+    """Raise unless the broker answers within about ``timeout_s``; raise :class:`TopicsChanged`
+    if it answers but the queries and labels topics are no longer as :func:`check_topics`
+    requires (their offsets, and the co-partitioning, are gone: serving on would stall or mix
+    partitions)."""
+    timeout_ms = int(timeout_s * 1000)
+    admin = KafkaAdminClient(
+        **client_options(settings),
+        bootstrap_timeout_ms=timeout_ms,
+        request_timeout_ms=max(timeout_ms, 1000),
+    )
+    try:
+        counts = _described_counts(admin, [settings.queries_topic, settings.labels_topic])
+    finally:
+        admin.close()
+    problem = topics_problem(settings, counts)
+    if problem is not None:
+        raise TopicsChanged(
+            f"the topics changed while serving (the broker restarted without its data?); {problem}"
+            ", then start serve again"
+        )
+
+
+_loud_level: list[int] = []  # the "kafka" logger's level while quieted, to restore
+
+
+def quiet_kafka_logs(quiet: bool) -> None:
+    """Silence kafka-python's own log lines (one per failed reconnection attempt), or give
+    them back their level (idempotent both ways)."""
+    kafka_log = logging.getLogger("kafka")
+    if quiet and not _loud_level:
+        _loud_level.append(kafka_log.level)
+        kafka_log.setLevel(logging.CRITICAL)
+    elif not quiet and _loud_level:
+        kafka_log.setLevel(_loud_level.pop())
 
 
 #: How long a command waits for the Kafka broker to answer before it says it cannot reach it.

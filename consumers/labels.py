@@ -41,12 +41,13 @@ class LabelConsumer(BatchConsumer):
         return self.learner.validate(raw)
 
     def handle(self, items: list[tuple[LabelEvent, ConsumerRecord]]) -> list[Outgoing]:
-        self.learner.learn(
+        stats = self.learner.learn(
             [event for event, _ in items],
             [Source(r.topic, r.partition, r.offset) for _, r in items],
             self.consumer.config["group_id"],
         )
-        return []
+        # outside their decision's label set: to the DLQ with the reason, never applied
+        return [self.dead_letter(items[i][1], r.reason) for i, r in stats.rejected]
 
     def periodic(self) -> None:
         now = time.monotonic()

@@ -16,7 +16,7 @@ class QueryConsumer(BatchConsumer):
     name = "queries"
     # the next batches' LLMs are called while this one is stored. Two, so that a batch slow to
     # store or publish (Postgres, the broker: 50–350 ms now and then) does not leave the
-    # embedder idle meanwhile (measured: benchmarks/README.md, "the embedder's idle moments")
+    # embedder idle meanwhile
     lookahead = QUERY_BATCHES_HELD - 1
 
     def __init__(
@@ -57,7 +57,9 @@ class QueryConsumer(BatchConsumer):
             metrics.COST.labels(d.arm).inc(d.cost_usd)
             if d.latency_ms is not None:
                 metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
-        return [
+        # an id taken by another query: to the DLQ, so an app never gets another's answer
+        rejected = [self.dead_letter(items[i][1], reason) for i, reason in decided.rejected]
+        return rejected + [
             Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes())
             for d in [*decided.again, *decided.new]
         ]

@@ -36,6 +36,7 @@ from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
 from service.config import AppConfig, load_config
+from service.log import read_models
 from service.outcomes import read_outcomes
 from service.report import percent, usd
 from service.settings import Settings
@@ -50,22 +51,15 @@ console = Console()
 
 def progress_table(engine: sa.Engine, total: int, started: float) -> Table:
     with engine.connect() as conn:
-        decided, labeled, correct, cost = conn.execute(
-            sa.text(
-                "SELECT count(*), count(label), count(*) FILTER (WHERE correct), "
-                "coalesce(sum(cost_usd), 0) FROM decisions"
-            )
-        ).one()
-        shares = conn.execute(
-            sa.text("SELECT arm, count(*) FROM decisions GROUP BY arm ORDER BY arm")
-        ).all()
+        now = read_models.progress(conn)
+    decided, labeled = now.decided, now.labeled
     elapsed = max(time.monotonic() - started, 1e-9)
     table = Table(title="metallm demo — live", show_header=False)
     table.add_row("decided", f"{decided}/{total}  ({decided / elapsed:.1f}/s)")
     table.add_row("labeled", f"{labeled}/{total}")
-    table.add_row("running accuracy", percent(correct / labeled) if labeled else "–")
-    table.add_row("cost so far", usd(cost))
-    table.add_row("arm share", "  ".join(f"{arm} {n / max(decided, 1):.0%}" for arm, n in shares))
+    table.add_row("running accuracy", percent(now.correct / labeled) if labeled else "–")
+    table.add_row("cost so far", usd(now.cost_usd))
+    table.add_row("arm share", "  ".join(f"{a} {n / max(decided, 1):.0%}" for a, n in now.arms))
     return table
 
 
@@ -75,11 +69,7 @@ def comparison(engine: sa.Engine, outcomes_path: Path = OUTCOMES) -> list[dict]:
     from a recording of every arm on the demo set (``metallm record``); without it, the
     router's own per-arm rows."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text(
-                "SELECT query_id, arm, correct, cost_usd FROM decisions WHERE label IS NOT NULL"
-            )
-        ).all()
+        rows = read_models.outcomes(conn, labeled_only=True)
     if not rows:
         return []
     out = []
@@ -189,9 +179,7 @@ def plot(engine: sa.Engine, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     with engine.connect() as conn:
-        rows = conn.execute(
-            sa.text("SELECT arm, correct FROM decisions ORDER BY decided_at, query_id")
-        ).all()
+        rows = read_models.outcomes(conn)
     arms = sorted({r.arm for r in rows})
     n = np.arange(1, len(rows) + 1)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -348,7 +336,7 @@ def run(
                 raise KeyboardInterrupt
             live.update(progress_table(engine, len(queries), started))
             with engine.connect() as conn:
-                labeled = conn.execute(sa.text("SELECT count(label) FROM decisions")).scalar_one()
+                labeled = read_models.progress(conn).labeled
             if labeled >= len(queries):
                 break
             time.sleep(0.5)

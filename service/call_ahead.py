@@ -29,9 +29,10 @@ from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
 from service.policy.base import Choice, Pricing
 from service.pricing import arm_prices
+from service.query_checks import choose_among, offered_arms
 from service.reward import RewardSettings
 from service.settings import MAX_QUERIES_KEPT
-from service.tasks import build_prompt
+from service.tasks import Prompt, build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -238,44 +239,45 @@ class CallAhead:
         if not rows:
             return []
         embeddings = self.vectors.embed([events[i].text for i in rows])
-        arms = self.gateway.available_arms()
+        prompts = [self._prompt(events[i]) for i in rows]
+        offered = offered_arms(
+            self.config, self.gateway.available_arms(), [p.text for p in prompts]
+        )
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
-        requests = []
-        for i in rows:
-            event, task = events[i], self.config.tasks[events[i].task]
-            prompt = build_prompt(task, event.text, event.options or task.labels)
-            requests.append(CallRequest(event.query_id, prompt))
         with self.live.lock:  # the builder's statistics move as decisions are stored
             contexts = self.live.context.build_many(queries, embeddings)
             layout = self.live.context.spec
-            priced = self._choose(arms, contexts, [events[i] for i in rows], requests)
+            priced = self._choose(offered, contexts, [events[i] for i in rows], prompts)
         return [
-            Chosen(i, choice, context, layout, request, pricing)
-            for i, (choice, pricing), context, request in zip(
-                rows, priced, contexts, requests, strict=True
+            Chosen(i, choice, context, layout, CallRequest(events[i].query_id, prompt), pricing)
+            for i, (choice, pricing), context, prompt in zip(
+                rows, priced, contexts, prompts, strict=True
             )
         ]
 
     def _choose(
         self,
-        arms: list[str],
+        offered: list[tuple[str, ...]],
         contexts: np.ndarray,
         events: list[QueryEvent],
-        requests: list[CallRequest],
+        prompts: list[Prompt],
     ) -> list[tuple[Choice, Pricing | None]]:
-        """Each query's choice (under the policy's lock): priced one by one, at the λ in force
-        and its own estimated costs, for a policy that learns correctness."""
+        """Each query's choice among the arms offered to it (under the policy's lock): for a
+        policy that learns correctness, priced one by one at the λ in force and the query's
+        own estimated costs."""
         live, X = self.live, contexts.astype(np.float64)
         if self.rewards is None or not live.policy.learns_correctness:
-            return [(c, None) for c in live.policy.choose_many(arms, X)]
+            return [(c, None) for c in choose_among(live.policy, offered, X)]
         out = []
-        for x, event, request in zip(X, events, requests, strict=True):
-            pricing = live.pricing(
-                self.rewards, self.prices, len(event.text), len(request.prompt.text)
-            )
-            choice = live.policy.choose_many(arms, x[None, :], pricing=pricing)[0]
+        for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
+            pricing = live.pricing(self.rewards, self.prices, len(event.text), len(prompt.text))
+            choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
             out.append((choice, pricing))
         return out
+
+    def _prompt(self, event: QueryEvent) -> Prompt:
+        task = self.config.tasks[event.task]
+        return build_prompt(task, event.text, event.options or task.labels)
 
     def close(self) -> None:
         """Let calls still in flight finish (within ``CLOSE_TIMEOUT_S`` in all), then close the

@@ -89,7 +89,9 @@ class ArmConfig(BaseModel):
     ``timeout_seconds`` per attempt (60); ``max_retries`` (2) with exponential backoff from
     ``retry_backoff_seconds`` (0.5) up to ``retry_backoff_max_seconds`` (8), full jitter;
     ``max_in_flight`` calls at once (16); circuit breaker: ``breaker_failures`` consecutive
-    failed calls (5) open it for ``breaker_cooldown_seconds`` (30); ``fallback`` arm (none).
+    failed calls (5) open it for ``breaker_cooldown_seconds`` (30); ``fallback`` arm (none);
+    ``context_tokens``, the model's context window (a llama.cpp arm's ``n_ctx``; else not
+    limited): a query whose prompt does not fit is not offered to the arm.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -100,6 +102,7 @@ class ArmConfig(BaseModel):
     input_price_per_1m: float = Field(0.0, ge=0)
     output_price_per_1m: float = Field(0.0, ge=0)
     max_output_tokens: int = Field(8, ge=1)
+    context_tokens: int | None = Field(None, ge=16)  # None: llamacpp's n_ctx, else no limit
     # answers
     answer_mode: Literal["generate", "score"] = "generate"
     calibrate: bool = False  # score mode: contextual calibration against a content-free input

@@ -37,6 +37,16 @@ def arm_failed(status: str, fallback_arm: str | None) -> bool:
     return status == "llm_error" or fallback_arm is not None
 
 
+def cost_unknown(status: str, fallback_arm: str | None) -> bool:
+    """Whether a stored decision's call tells nothing of its arm's cost: the arm failed, or
+    refused the prompt as longer than its context window.
+
+    >>> cost_unknown("input_too_long", None), cost_unknown("parse_error", None)
+    (True, False)
+    """
+    return arm_failed(status, fallback_arm) or status == "input_too_long"
+
+
 @dataclass(frozen=True)
 class LoggedDecision:
     """What the context builder and the budget pacer learn from each stored decision, in
@@ -47,16 +57,18 @@ class LoggedDecision:
     task: str
     n_chars: int
     metadata: dict[str, Any] | None
-    #: the arm called, its output tokens, and whether it failed (the cost estimates' inputs)
+    #: the arm called, its output tokens, and whether its call tells nothing of its cost
+    #: (:func:`cost_unknown`): the inputs of the cost estimates
     arm: str = ""
     output_tokens: int | None = None
-    arm_failed: bool = False
+    cost_unknown: bool = False
 
 
 @dataclass(frozen=True)
 class Decision:
-    """A ``decisions`` row as the pipeline writes it (the columns are the README's table; the
-    label, the reward and the sequence numbers are set later, by Postgres and the learner)."""
+    """A ``decisions`` row as the pipeline writes it (the columns are docs/interface.md's
+    table; the label, the reward and the sequence numbers are set later, by Postgres and the
+    learner)."""
 
     query_id: str
     task: str
@@ -111,7 +123,7 @@ class Decision:
             self.metadata,
             self.arm,
             self.output_tokens,
-            arm_failed(self.status, self.fallback_arm),
+            cost_unknown(self.status, self.fallback_arm),
         )
 
     @classmethod

@@ -7,7 +7,8 @@ Three backends run the same model (``METALLM_EMBEDDING_BACKEND``):
   by ONNX Runtime with fused attention: the same vectors (cosine ≥ 0.9999), ~1.45× faster
   (the default, here and in the service);
 - ``onnx-int8``: that export with int8 weights and dynamic int8 activations: ~3× faster
-  than ``torch``, vectors within cosine ~0.99 of float32 (mean; README, "Embedding backends");
+  than ``torch``, vectors within cosine ~0.99 of float32 (mean; docs/configuration.md,
+  "Embedding backends");
   activations are quantised per batch, so a vector depends a little on its batch.
 
 Texts are embedded in small batches of similar length (``batch_size``): the model's cost is

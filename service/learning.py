@@ -170,7 +170,7 @@ class LivePolicy:
     def observe_costs(self, logged: Sequence[LoggedDecision]) -> None:
         """Feed the cost estimates decisions they have not seen (in ``decision_seq`` order)."""
         for d in logged:
-            self.costs.observe(d.seq, d.arm, d.cost_usd, d.n_chars, d.output_tokens, d.arm_failed)
+            self.costs.observe(d.seq, d.arm, d.cost_usd, d.n_chars, d.output_tokens, d.cost_unknown)
 
     def apply(self, rewards: Sequence[AppliedReward]) -> int:
         """Apply rewards of the log (in seq order, none missing above the watermark); returns

@@ -2,7 +2,8 @@
 
 GET /metrics   Prometheus text format
 GET /healthz   200 while the process runs
-GET /readyz    200 when both consumers are running and Postgres answers, else 503
+GET /readyz    200 while serving (not restoring, not stopping) with both consumers running and
+               the broker and Postgres answering (service.health), else 503
 
 >>> DECISIONS.labels(arm="small", status="ok").inc()
 """
@@ -83,6 +84,21 @@ CALLS_DISCARDED = Counter(
 )
 for _reason in ("decided_elsewhere", "rebalance"):  # exported as 0 before the first discard
     CALLS_DISCARDED.labels(_reason)
+QUERIES_AGAIN = Counter(
+    "metallm_queries_again",
+    "Query events whose id was decided before: the same query (its decision published "
+    "again) or another query (rejected to the DLQ: the id is taken)",
+    ["outcome"],
+)
+for _outcome in ("republished", "rejected"):
+    QUERIES_AGAIN.labels(_outcome)
+DEPENDENCY_UP = Gauge(
+    "metallm_dependency_up",
+    "1 while the dependency answers this instance's probes (each second), 0 while it does not",
+    ["dependency"],
+)
+for _dependency in ("kafka", "postgres"):  # both up once built: the build used them
+    DEPENDENCY_UP.labels(_dependency).set(1)
 LEARNING_REFRESH_S = 10.0
 
 
@@ -131,6 +147,10 @@ class MetricsServer:
         self._thread = threading.Thread(
             target=self.server.serve_forever, daemon=True, name="metallm-metrics"
         )
+
+    def serve_readiness(self, ready: Callable[[], bool]) -> None:
+        """Answer /readyz with ``ready`` from now on."""
+        self.server.RequestHandlerClass.ready = staticmethod(ready)  # type: ignore[attr-defined]
 
     def start(self) -> MetricsServer:
         self._thread.start()

@@ -17,7 +17,7 @@ committed, and in which order, does not change.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from service import metrics
@@ -31,9 +31,12 @@ from service.log import decisions as decision_sql
 from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
+from service.log.rows import RejectedLabel, StoredQuery
 from service.log.transaction import LearningLog
 from service.pricing import priced_columns
+from service.query_checks import difference, query_of, too_long_reason, truncated
 from service.reward import RewardSettings
+from service.tasks import build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
 
 log = logging.getLogger(__name__)
@@ -50,11 +53,19 @@ class QueryRecord:
 
 @dataclass(frozen=True)
 class Decided:
-    """What deciding a batch gives to publish: the new decisions, and the stored ones of
-    queries decided before (redelivered: their first publication may have been lost)."""
+    """What deciding a batch gives to publish: the new decisions, the stored ones of queries
+    decided before (redelivered or sent again: their first publication may have been lost),
+    and the events (by index in the batch) rejected with the reason: their id is taken."""
 
     new: list[DecisionEvent]
     again: list[DecisionEvent]
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+
+
+def _repeated(events: list[DecisionEvent], query_ids: list[str]) -> list[DecisionEvent]:
+    """The decision of each id in ``query_ids`` (of those among ``events``), in that order."""
+    by_id = {e.query_id: e for e in events}
+    return [by_id[q] for q in query_ids if q in by_id]
 
 
 class Decider:
@@ -65,10 +76,12 @@ class Decider:
         embedder: TextEmbedder,
         gateway: Gateway,
         rewards: RewardSettings,
+        too_long_text: str = "dlq",
     ) -> None:
         self.config = config
         self.learning_log = learning_log
         self.rewards = rewards
+        self.too_long_text = too_long_text  # a text that fits no arm: "dlq" or "truncate"
         self.calling = CallAhead(
             config, learning_log.engine, learning_log.live, embedder, gateway, rewards
         )
@@ -98,28 +111,46 @@ class Decider:
             self.learning_log.live.context.check(event.task, event.metadata)
         except ContextError as exc:
             raise InvalidEvent(str(exc)) from None
-        return event
+        return self._fitting(event)
+
+    def _fitting(self, event: QueryEvent) -> QueryEvent:
+        """The event if some arm's context window holds its prompt; else, by the setting,
+        rejected with the reason or its text cut to fit the largest window."""
+        task = self.config.tasks[event.task]
+        prompt = build_prompt(task, event.text, event.options or task.labels).text
+        reason = too_long_reason(self.config, prompt)
+        if reason is None:
+            return event
+        if self.too_long_text != "truncate":
+            raise InvalidEvent(reason)
+        text = truncated(event.text, prompt, self.config)
+        log.info(
+            "%s: text cut from %d to %d characters", event.query_id, len(event.text), len(text)
+        )
+        return event.model_copy(update={"text": text})
 
     def call_ahead(self, events: list[QueryEvent]) -> None:
         """Start the calls of a batch that comes next (see :class:`CallAhead`)."""
         self.calling.call_ahead(events)
 
     def decide(self, records: list[QueryRecord]) -> Decided:
-        """Decide every query of the batch not decided before. Returns the new decisions and
-        the stored decisions of the queries decided before (in the batch's order)."""
-        unique: dict[str, QueryRecord] = {}
-        for record in records:
-            unique.setdefault(record.event.query_id, record)
+        """Decide every query of the batch not decided before. Returns the new decisions, the
+        stored decisions of the queries decided before or repeated in the batch (in the
+        batch's order), and the events whose id is taken by another query."""
         engine = self.learning_log.engine
         with engine.connect() as conn:
-            again = decision_sql.decision_events(conn, unique)
+            taken = decision_sql.stored_queries(conn, {r.event.query_id for r in records})
+        unique, repeats, rejected = self._check_ids(records, taken)
+        with engine.connect() as conn:
+            again = decision_sql.decision_events(conn, [q for q in unique if q in taken])
         done = {e.query_id for e in again}
         todo = [r for qid, r in unique.items() if qid not in done]
         if done:
             log.info("skipped %d queries already decided (redelivery)", len(done))
+            metrics.QUERIES_AGAIN.labels("republished").inc(len(done))
             self.calling.forget(done)
         if not todo:
-            return Decided([], again)
+            return Decided([], again + _repeated(again, repeats), rejected)
 
         calls = self.calling.calls([r.event for r in todo])
         batch = [self._decision(record, call) for record, call in zip(todo, calls, strict=True)]
@@ -131,6 +162,7 @@ class Decider:
         self.calling.forget(r.event.query_id for r in todo)
         if stored.early_labels:
             log.info("stored %d labels that arrived before their decisions", stored.early_labels)
+        _log_rejected_early(stored.rejected_labels)
         lost = [d.query_id for d in batch if d.query_id not in stored.inserted]
         if lost:  # called for, but another instance stored these queries' decisions first
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(len(lost))
@@ -141,7 +173,40 @@ class Decider:
                 again += decision_sql.decision_events(conn, lost)
             order = {qid: i for i, qid in enumerate(unique)}
             again.sort(key=lambda e: order[e.query_id])
-        return Decided([d.event() for d in batch if d.query_id in stored.inserted], again)
+        new = [d.event() for d in batch if d.query_id in stored.inserted]
+        return Decided(new, again + _repeated(again + new, repeats), rejected)
+
+    def _check_ids(
+        self, records: list[QueryRecord], taken: dict[str, StoredQuery]
+    ) -> tuple[dict[str, QueryRecord], list[str], list[tuple[int, str]]]:
+        """Each id's query is the one stored (``taken``), else its first event in the batch.
+        Returns the events to decide or publish again (the first of each id that is its
+        query), the ids of the further events of the same query (published again), and the
+        events (by index) whose id is taken by another query, with the reason."""
+        unique: dict[str, QueryRecord] = {}
+        repeats: list[str] = []
+        rejected: list[tuple[int, str]] = []
+        for i, record in enumerate(records):
+            qid = record.event.query_id
+            query = query_of(record.event, self.config)
+            known = taken.get(qid)
+            if known is None and qid in unique:
+                known = query_of(unique[qid].event, self.config)
+            reason = None if known is None else difference(known, query, qid)
+            if reason is not None:
+                rejected.append((i, reason))
+            elif qid in unique:
+                repeats.append(qid)
+            else:
+                unique[qid] = record
+        if repeats:
+            log.info(
+                "%d queries repeated in their batch: their decision is published again",
+                len(repeats),
+            )
+        metrics.QUERIES_AGAIN.labels("republished").inc(len(repeats))
+        metrics.QUERIES_AGAIN.labels("rejected").inc(len(rejected))
+        return unique, repeats, rejected
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""
@@ -191,6 +256,18 @@ class Decider:
         self.calling.close()
 
 
+def _log_rejected_early(rejected: list[RejectedLabel]) -> None:
+    for r in rejected:
+        where = (
+            ""
+            if r.source is None
+            else f" ({r.source.topic}[{r.source.partition}]@{r.source.offset})"
+        )
+        log.warning(
+            "label for %s rejected when its decision arrived%s: %s", r.query_id, where, r.reason
+        )
+
+
 class Learner:
     """Applies label events: exactly once per decision, early labels kept until it lands."""
 
@@ -213,6 +290,7 @@ class Learner:
         before (redelivered after a crash) changes nothing, not even the duplicate counters."""
         if not labels:
             return LabelStats(0, 0, 0, 0, 0, [])
+        sources = [Source(*s) for s in sources] if sources else None
         with self.learning_log.append(self.rewards) as tx:  # the join is safe under its lock
             conn = tx.conn
             again = (
@@ -227,7 +305,7 @@ class Learner:
                     if a and e.query_id not in found
                 ],
             )
-            plan = join_labels(labels, found, waiting, again, tx.rewards)
+            plan = join_labels(labels, found, waiting, again, tx.rewards, sources)
             now = datetime.now(UTC)
             delays = [(now - s.decision.decided_at).total_seconds() for s in plan.scored]
             stats = label_sql.apply_plan(conn, plan, group, sources)

@@ -11,7 +11,7 @@ calls never recorded tokens) is charged its running mean recorded cost instead
 :class:`CostEstimator` is a projection of the decision log: it observes each stored decision
 once, in ``decision_seq`` order, like the context builder's statistics, and is checkpointed
 beside them, so every instance prices a query the same way. A call whose arm failed tells
-nothing of that arm's cost and is skipped.
+nothing of that arm's cost and is skipped (so is one it refused as too long).
 
     >>> prices = {"cheap": ArmPrice(0.1, 0.4), "strong": ArmPrice(2.0, 8.0), "free": None}
     >>> costs = CostEstimator()
@@ -104,14 +104,14 @@ class CostEstimator:
         cost_usd: float,
         n_chars: int,
         output_tokens: int | None,
-        arm_failed: bool = False,
+        cost_unknown: bool = False,
     ) -> None:
         """Observe the stored decision ``seq`` (once: a seq at or below the watermark is
         ignored)."""
         if seq <= self.watermark:
             return
         self.watermark = seq
-        if arm_failed or not arm:
+        if cost_unknown or not arm:
             return
         self._costs.observe(arm, cost_usd, n_chars)
         if output_tokens is not None:

@@ -52,9 +52,10 @@ def score_label(
 ) -> ScoredLabel:
     """Score a decision against its label. A failed or unparseable call is wrong (and still
     pays its cost). A decision rewarded at decision time (its arm failed) only gets its
-    label: no second policy update."""
+    label: no second policy update; so does one whose arm refused the prompt as longer than
+    its context window (``input_too_long``): that says nothing of the arm."""
     correct = decision.status == "ok" and labels_match(decision.prediction, label)
-    if decision.reward_seq is not None:
+    if decision.reward_seq is not None or decision.status == "input_too_long":
         return ScoredLabel(decision, label, labeled_at, correct, extra_duplicates=duplicates)
     r = reward(correct, decision.cost_usd, settings.lam, settings.cost_unit)
     return ScoredLabel(decision, label, labeled_at, correct, r, settings.lam, duplicates)

@@ -104,6 +104,9 @@ class Settings(BaseSettings):
     context_embedding: str = DEFAULT_EMBEDDING
     context_task_buckets: int = Field(DEFAULT_TASK_BUCKETS, ge=1, le=4096)
     context_feature_buckets: int = Field(DEFAULT_FEATURE_BUCKETS, ge=1, le=4096)
+    # a query whose text fits no arm's context window: "dlq" (rejected with the reason) or
+    # "truncate" (cut to fit the largest window; service.query_checks)
+    too_long_text: str = Field("dlq", pattern="^(dlq|truncate)$")
     pending_label_ttl_seconds: float = Field(7 * 24 * 3600, gt=0)
     # how often the label consumer drops the labels that waited longer than the TTL
     pending_label_expire_every_seconds: float = Field(60.0, gt=0)

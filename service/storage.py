@@ -77,13 +77,15 @@ decisions = sa.Table(
     sa.Column("instance", sa.Text),
     sa.Column("rng_seed", sa.BigInteger),
     # the λ a priced choice was made at, and the chosen arm's cost estimated before the call
-    # (NULL: a policy that does not price its choices, or a decision from before 0008)
+    # (NULL: a policy that does not price its choices, or a decision from before 0009)
     sa.Column("decision_lambda", sa.Float),
     sa.Column("estimated_cost_usd", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),
-    sa.CheckConstraint("status IN ('ok', 'parse_error', 'llm_error')", name="known_status"),
+    sa.CheckConstraint(
+        "status IN ('ok', 'parse_error', 'llm_error', 'input_too_long')", name="known_status"
+    ),
     sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
     sa.Index("decisions_decided_at", "decided_at"),
     sa.Index("decisions_arm_task", "arm", "task"),
@@ -99,7 +101,28 @@ pending_labels = sa.Table(
         "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
     sa.Column("duplicates", sa.Integer, nullable=False, server_default="0"),
+    # where the label came from (NULL: kept before 0008, or applied without its Kafka place)
+    sa.Column("topic", sa.Text),
+    sa.Column("partition", sa.Integer),
+    sa.Column("kafka_offset", sa.BigInteger),
     sa.Index("pending_labels_received_at", "received_at"),
+)
+
+# early labels found outside their decision's label set when it arrived: recorded, not applied
+rejected_labels = sa.Table(
+    "rejected_labels",
+    metadata,
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("query_id", sa.Text, nullable=False),
+    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("topic", sa.Text),
+    sa.Column("partition", sa.Integer),
+    sa.Column("kafka_offset", sa.BigInteger),
+    sa.Column(
+        "rejected_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Index("rejected_labels_query_id", "query_id"),
 )
 
 policy_checkpoints = sa.Table(

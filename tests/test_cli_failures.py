@@ -15,7 +15,8 @@ import pytest
 import sqlalchemy as sa
 import yaml
 
-from app.cli import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE, main
+from app.cli import main
+from app.exits import EXIT_FAILED, EXIT_INPUT, EXIT_UNREACHABLE
 from consumers.kafka_io import partition_counts
 from producers.demo_data import TASKS
 from producers.local_broker import free_port

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from app.cli import EXIT_INPUT
+from app.exits import EXIT_INPUT
 from producers.demo_schema import SchemaRefused, prepare_demo_schema
 from service.migrate import drop_schema, upgrade
 from service.storage import make_engine

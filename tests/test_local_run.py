@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.cli import EXIT_INPUT
+from app.exits import EXIT_INPUT
 from producers.demo_data import TASKS, demo_rows
 from producers.local_broker import free_port
 from service.migrate import drop_schema

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from app.cli import EXIT_INPUT
+from app.exits import EXIT_INPUT
 from consumers.kafka_io import (
     TopicMismatch,
     check_topics,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import ModuleType
@@ -33,6 +34,20 @@ class LLMError(Exception):
         super().__init__(message)
         self.retryable = retryable
         self.retry_after = retry_after
+
+
+class InputTooLong(LLMError):
+    """The arm refused the prompt: it does not fit the model's context window. Not retried,
+    not a fault of the arm (its circuit breaker does not count it), not learnt from."""
+
+
+#: how providers say that a prompt does not fit the context window (OpenAI, llama.cpp's
+#: server and library, Anthropic, vLLM)
+TOO_LONG = re.compile(
+    r"context_length_exceeded|maximum context length|exceeds? (the )?(available )?context"
+    r"|context window|prompt is too long|exceed_context_size",
+    re.IGNORECASE,
+)
 
 
 class MissingExtra(RuntimeError):

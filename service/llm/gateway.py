@@ -29,7 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_base, wait_random_exponential
 
 from service.config import AppConfig, ArmConfig, ArmError
-from service.llm.base import CallRequest, Completion, LLMError, Provider
+from service.llm.base import CallRequest, Completion, InputTooLong, LLMError, Provider
 from service.tasks import parse_answer
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ class CallResult:
     then says why the chosen arm failed.
     """
 
-    status: str  # ok | parse_error | llm_error
+    status: str  # ok | parse_error | llm_error | input_too_long
     prediction: str | None
     raw_output: str | None
     input_tokens: int | None
@@ -94,6 +94,23 @@ class CircuitBreaker:
         """Whether the arm belongs in the policy's candidate set now."""
         state = self.state
         return state == "closed" or (state == "half_open" and not self.probing)
+
+    def admits(self, probe: bool) -> bool:
+        """Whether a call acquired earlier may still be sent (each attempt asks, after waiting
+        for its slot): the probe while half-open; any other call only while closed, so one
+        that passed a closed circuit never reaches a half-open arm beside the probe.
+
+        >>> now = [0.0]
+        >>> breaker = CircuitBreaker(failures=1, cooldown=10, clock=lambda: now[0])
+        >>> breaker.acquire(), breaker.admits(probe=False)  # acquired while closed
+        (True, True)
+        >>> breaker.failure(); now[0] = 11.0  # opened by another call, then cooled down
+        True
+        >>> breaker.acquire(), breaker.admits(probe=True), breaker.admits(probe=False)
+        (True, True, False)
+        """
+        state = self.state
+        return state == "closed" or (probe and state == "half_open" and self.probing)
 
     def acquire(self) -> bool:
         """Whether a call may go to the arm now (in half-open, only the one probe)."""
@@ -172,6 +189,23 @@ class _ArmOutcome:
     completion: Completion | None
     error: str | None
     attempts: int
+    too_long: bool = False  # the arm refused the prompt: longer than its context window
+
+
+def _too_long(outcome: _ArmOutcome, latency_ms: float) -> CallResult:
+    """A call the chosen arm refused for the prompt's length: no fallback (the prompt is the
+    problem, not the arm), no cost, and nothing for the policy to learn."""
+    return CallResult(
+        status="input_too_long",
+        prediction=None,
+        raw_output=None,
+        input_tokens=None,
+        output_tokens=None,
+        cost_usd=0.0,
+        latency_ms=latency_ms,
+        error=outcome.error,
+        attempts=outcome.attempts,
+    )
 
 
 def build_provider(arm: ArmConfig) -> Provider:
@@ -271,15 +305,18 @@ class Gateway:
             self._slots = asyncio.Semaphore(self.config.gateway.max_in_flight)
         return self._arm_slots, self._slots
 
-    async def _attempt(self, name: str, request: CallRequest, latency: _Latency) -> Completion:
+    async def _attempt(
+        self, name: str, request: CallRequest, latency: _Latency, probe: bool
+    ) -> Completion:
         """One request, in one of the gateway's slots (the caller holds the arm's); the time
-        it waits for the slot is kept out of ``latency``."""
+        it waits for the slot is kept out of ``latency``. ``probe``: the call is the arm's
+        half-open probe."""
         arm = self.arms[name]
         _, slots = self._limits()
         waiting = time.perf_counter()
         async with slots:
             latency.queued += time.perf_counter() - waiting
-            if self.breakers[name].state == "open":  # opened while this call was queued
+            if not self.breakers[name].admits(probe):  # opened while this call was queued
                 raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
@@ -303,6 +340,7 @@ class Gateway:
         breaker = self.breakers[name]
         if not breaker.acquire():
             return _ArmOutcome(None, f"{name}: circuit open", 0)
+        probe = breaker.state == "half_open"  # acquired as the probe (only it gets through)
         retried: list[str] = []  # the error of each attempt that was retried
 
         def note(state: RetryCallState) -> None:
@@ -324,11 +362,14 @@ class Gateway:
             # before its circuit opens, not an attempt of every call queued meanwhile.
             async with arm_slots[name]:
                 latency.queued += time.perf_counter() - waiting
-                completion = await retrying(self._attempt, name, request, latency)
+                completion = await retrying(self._attempt, name, request, latency, probe)
         except CircuitOpen as exc:  # not sent: says nothing new about the arm
             # other calls opened the circuit while this one backed off: keep the real error
             reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)
             return _ArmOutcome(None, reason, len(retried))
+        except InputTooLong as exc:  # the arm answered: it is up, the prompt was too long
+            breaker.success()
+            return _ArmOutcome(None, str(exc), len(retried) + 1, too_long=True)
         except LLMError as exc:
             if breaker.failure():
                 log.warning(
@@ -349,6 +390,8 @@ class Gateway:
         answered_by, fallback = arm_name, None
         error = outcome.error
         attempts = outcome.attempts
+        if outcome.too_long:
+            return _too_long(outcome, latency.ms())
         if outcome.completion is None:
             fallback = self.config.fallback_for(arm_name)
             log.warning(

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from service.llm.base import RETRYABLE_STATUS, LLMError, redact, retry_after_seconds
+from service.llm.base import (
+    RETRYABLE_STATUS,
+    TOO_LONG,
+    InputTooLong,
+    LLMError,
+    redact,
+    retry_after_seconds,
+)
 
 
 def sdk_error(exc: Exception, sdk: ModuleType, provider: str, secrets: tuple[str, ...]) -> LLMError:
@@ -26,6 +33,8 @@ def sdk_error(exc: Exception, sdk: ModuleType, provider: str, secrets: tuple[str
         status = exc.status_code
         headers = dict(exc.response.headers) if exc.response is not None else None
         message = redact(f"{provider}: HTTP {status}: {exc.message}", secrets) or ""
+        if status in (400, 413) and TOO_LONG.search(message):
+            return InputTooLong(message[:2000])
         return LLMError(
             message[:2000],
             retryable=status in RETRYABLE_STATUS,

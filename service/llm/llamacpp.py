@@ -21,7 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from service.llm.base import CallRequest, Completion, LLMError, MissingExtra
+from service.llm.base import TOO_LONG, CallRequest, Completion, InputTooLong, LLMError, MissingExtra
 from service.llm.local_models import resolve
 from service.llm.scoring import calibrated, pick
 from service.tasks import Prompt
@@ -86,7 +86,8 @@ class LlamaCppProvider:
                     )
                     text = out["choices"][0]["text"]
             except ValueError as exc:  # e.g. prompt longer than the context window
-                raise LLMError(f"llama.cpp rejected the call: {exc}") from None
+                error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
+                raise error(f"llama.cpp rejected the call: {exc}") from None
         usage = out.get("usage") or {}
         return Completion(
             text=text.strip(),
@@ -135,7 +136,7 @@ class LlamaCppProvider:
         context, sep = self._scoring_text(text)
         tokens = llm.tokenize(context.encode("utf-8"), add_bos=True, special=True)
         if len(tokens) + 16 >= llm.n_ctx():
-            raise LLMError(f"prompt of {len(tokens)} tokens exceeds the context window")
+            raise InputTooLong(f"prompt of {len(tokens)} tokens exceeds the context window")
         self._eval_prompt(tokens)
         n_prompt = llm.n_tokens
         first = self._last_logprobs()

@@ -16,8 +16,9 @@ from sqlalchemy.engine import Connection
 
 from service.decision import EVENT_COLUMNS, Decision, LoggedDecision, event_of
 from service.events import DecisionEvent
-from service.log.labels import store_labels, take_pending_labels
-from service.log.rows import AppliedReward, FoundDecision
+from service.log.join import check_early_labels
+from service.log.labels import record_rejected_labels, store_labels, take_pending_labels
+from service.log.rows import AppliedReward, FoundDecision, RejectedLabel, StoredQuery
 from service.reward import RewardSettings, failure_reward, score_label
 from service.storage import decisions, one_of, reward_sequence
 
@@ -46,6 +47,20 @@ def decision_events(conn: Connection, query_ids: Iterable[str]) -> list[Decision
     return [found[q] for q in ids if q in found]
 
 
+def stored_queries(conn: Connection, query_ids: Iterable[str]) -> dict[str, StoredQuery]:
+    """The queries behind those of these ids already decided, by id."""
+    ids = list(set(query_ids))
+    if not ids:
+        return {}
+    c = decisions.c
+    rows = conn.execute(
+        sa.select(c.query_id, c.task, c.text, c.options, c["metadata"]).where(
+            one_of(c.query_id, ids)
+        )
+    )
+    return {r.query_id: StoredQuery(r.task, r.text, tuple(r.options), r.metadata) for r in rows}
+
+
 @dataclass(frozen=True)
 class StoredDecisions:
     """What :func:`store_decisions` stored."""
@@ -54,6 +69,7 @@ class StoredDecisions:
     logged: list[LoggedDecision]  # their entries in the decision log
     rewards: list[AppliedReward]  # failure rewards, and the rewards of early labels
     early_labels: int  # labels that had waited for these decisions
+    rejected_labels: list[RejectedLabel]  # of those, the ones outside their label set
 
 
 def store_decisions(
@@ -62,7 +78,8 @@ def store_decisions(
     """A decided batch's writes, in one call: insert the decisions not stored yet; reward now
     (wrong, at no cost) those whose chosen arm ``failed``: their label, when it comes, does not
     count again; take the labels that waited for them, score them with ``settings`` and store
-    them with their rewards."""
+    them with their rewards (those outside their decision's label set are recorded as rejected
+    instead)."""
     inserted = insert_decisions(conn, batch)
     by_id = {d.query_id: d for d in batch}
     logged = [by_id[q].logged(seq) for q, seq in inserted.items()]
@@ -71,12 +88,13 @@ def store_decisions(
     seqs = store_failure_rewards(conn, failing, on_failure, settings.lam)
     found = {q: FoundDecision.of(by_id[q], seqs.get(q)) for q in inserted}
     rewards = [found[q].reward(seq, on_failure) for q, seq in seqs.items()]
-    early = take_pending_labels(conn, inserted)
+    early, rejected = check_early_labels(take_pending_labels(conn, inserted), found)
+    record_rejected_labels(conn, rejected)
     scored = [
         score_label(found[p.query_id], p.label, p.labeled_at, settings, p.duplicates) for p in early
     ]
     rewards += store_labels(conn, scored)
-    return StoredDecisions(inserted, logged, rewards, len(early))
+    return StoredDecisions(inserted, logged, rewards, len(early), rejected)
 
 
 def store_failure_rewards(

@@ -6,7 +6,10 @@ The rules: the first label of a query wins, and the others count as its duplicat
 whose decision is not stored yet (*early*) waits for it; one whose decision is stored (*late*)
 is scored against it; one whose decision already has a label is a duplicate; a label unlike the
 one kept is a conflict (logged, ignored); a label *redelivered* by Kafka whose effect is already
-stored changes nothing.
+stored changes nothing. A label outside its decision's label set (the task's labels, or the
+query's ``options``; compared as predictions are, ignoring case and surrounding space) is
+*rejected*: never applied, never the first label; an early one is checked when its decision
+arrives (:func:`check_early_labels`).
 
     >>> from service.events import LabelEvent
     >>> settings = RewardSettings(lam=0.1, cost_unit=0.001)
@@ -18,7 +21,7 @@ stored changes nothing.
 An early label waits; a late one is scored:
 
     >>> plan([LabelEvent(query_id="q9", label="a")]).pending
-    [PendingLabel(query_id='q9', label='a', labeled_at=None, duplicates=0)]
+    [PendingLabel(query_id='q9', label='a', labeled_at=None, duplicates=0, source=None)]
     >>> late = plan([LabelEvent(query_id="q1", label="positive")], [FoundDecision.example()])
     >>> [(s.query_id, s.correct, s.reward) for s in late.scored], late.applied
     ([('q1', True, 0.99)], 1)
@@ -43,6 +46,15 @@ changes nothing; one whose effect is not there is applied as if new:
     ...               [labeled], waiting=["q9"], redelivered=[True, True, True])
     >>> redone.redelivered, redone.duplicates, [p.query_id for p in redone.pending]
     (2, {}, ['q8'])
+
+A label outside the decision's label set is rejected, and a good one after it is scored:
+
+    >>> bad = plan([LabelEvent(query_id="q1", label="banana"),
+    ...             LabelEvent(query_id="q1", label="negative")], [FoundDecision.example()])
+    >>> [(i, r.reason) for i, r in bad.rejected]
+    [(0, "label 'banana' is not one of the query's labels: positive, negative")]
+    >>> [(s.label, s.correct) for s in bad.scored]
+    [('negative', False)]
 """
 
 from __future__ import annotations
@@ -51,7 +63,7 @@ from collections.abc import Mapping, Sequence, Set
 from dataclasses import dataclass, field
 
 from service.events import LabelEvent
-from service.log.rows import FoundDecision, PendingLabel, ScoredLabel
+from service.log.rows import FoundDecision, PendingLabel, RejectedLabel, ScoredLabel, Source
 from service.reward import RewardSettings, labels_match, score_label
 
 
@@ -74,6 +86,10 @@ class LabelPlan:
     scored: list[ScoredLabel] = field(default_factory=list)
     conflicts: list[Conflict] = field(default_factory=list)
     redelivered: int = 0  # applied before (Kafka redelivered them): no effect this time
+    #: labels outside their decision's label set, by their index in the batch (a redelivered
+    #: one is dead-lettered again, its first may not have reached the broker, but not counted)
+    rejected: list[tuple[int, RejectedLabel]] = field(default_factory=list)
+    rejected_again: int = 0
 
     @property
     def applied(self) -> int:
@@ -85,27 +101,69 @@ class LabelPlan:
         return sum(self.duplicates.values()) + sum(s.extra_duplicates for s in self.scored)
 
 
+def outside_label_set(decision: FoundDecision, label: str) -> str | None:
+    """Why ``label`` cannot be its decision's label (None: it can).
+
+    >>> outside_label_set(FoundDecision.example(), " Positive ") is None
+    True
+    """
+    if decision.options is None or any(labels_match(o, label) for o in decision.options):
+        return None
+    return f"label {label!r} is not one of the query's labels: {', '.join(decision.options)}"
+
+
+def check_early_labels(
+    early: Sequence[PendingLabel], found: Mapping[str, FoundDecision]
+) -> tuple[list[PendingLabel], list[RejectedLabel]]:
+    """Split the labels that waited for their decisions (now ``found``) into those in their
+    decision's label set and those rejected.
+
+    >>> kept, rejected = check_early_labels(
+    ...     [PendingLabel("q1", "banana", None)], {"q1": FoundDecision.example()})
+    >>> kept, [r.label for r in rejected]
+    ([], ['banana'])
+    """
+    kept, rejected = [], []
+    for p in early:
+        reason = outside_label_set(found[p.query_id], p.label)
+        if reason is None:
+            kept.append(p)
+        else:
+            rejected.append(RejectedLabel(p.query_id, p.label, reason, p.source))
+    return kept, rejected
+
+
 def join_labels(
     labels: Sequence[LabelEvent],
     found: Mapping[str, FoundDecision],
     waiting: Set[str],
     redelivered: Sequence[bool],
     settings: RewardSettings,
+    sources: Sequence[Source] | None = None,
 ) -> LabelPlan:
     """The plan for ``labels`` given their stored decisions (``found``, by query id), which of
-    the redelivered ones' queries have a label ``waiting`` already, and which labels were
-    ``redelivered`` (applied before, by their Kafka offsets)."""
+    the redelivered ones' queries have a label ``waiting`` already, which labels were
+    ``redelivered`` (applied before, by their Kafka offsets), and their ``sources`` if known
+    (kept with an early label)."""
     plan = LabelPlan()
-    by_query: dict[str, list[LabelEvent]] = {}
-    for event, again in zip(labels, redelivered, strict=True):
+    by_query: dict[str, list[tuple[int, LabelEvent]]] = {}
+    for i, (event, again) in enumerate(zip(labels, redelivered, strict=True)):
         decision = found.get(event.query_id)
+        source = sources[i] if sources else None
+        reason = None if decision is None else outside_label_set(decision, event.label)
+        if reason is not None:
+            plan.rejected.append((i, RejectedLabel(event.query_id, event.label, reason, source)))
+            plan.rejected_again += again
+            continue
         if again and (
             event.query_id in waiting if decision is None else decision.label is not None
         ):
             plan.redelivered += 1  # its effect is already there
             continue
-        by_query.setdefault(event.query_id, []).append(event)
-    for qid, (first, *rest) in by_query.items():
+        by_query.setdefault(event.query_id, []).append((i, event))
+    for qid, indexed in by_query.items():
+        first, *rest = [event for _, event in indexed]
+        first_source = sources[indexed[0][0]] if sources else None
         decision = found.get(qid)
         labeled = None if decision is None else decision.label
         kept = labeled if labeled is not None else first.label
@@ -113,7 +171,9 @@ def join_labels(
             if not labels_match(kept, event.label):
                 plan.conflicts.append(Conflict(qid, kept, event.label))
         if decision is None:
-            plan.pending.append(PendingLabel(qid, first.label, first.labeled_at, len(rest)))
+            plan.pending.append(
+                PendingLabel(qid, first.label, first.labeled_at, len(rest), first_source)
+            )
         elif labeled is not None:
             plan.duplicates[qid] = 1 + len(rest)
         else:

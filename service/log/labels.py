@@ -8,39 +8,42 @@ it exists: an early label waits in ``pending_labels`` and is taken by the transa
 stores its decision (:func:`service.log.decisions.store_decisions`; both under the log's lock,
 so neither misses the other). A label event's effect is recorded with its offset
 (``label_offsets``, :func:`apply_plan`) in the same transaction, so a redelivered label
-changes nothing.
+changes nothing. A label outside its decision's label set is rejected (dead-lettered by the
+consumer when its decision is there; recorded in ``rejected_labels`` with its Kafka place when
+it waited for it: :func:`service.log.decisions.store_decisions`), never applied.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 
 from service.log.join import LabelPlan
-from service.log.rows import AppliedReward, ExpiredLabel, FoundDecision, PendingLabel, ScoredLabel
+from service.log.rows import (
+    AppliedReward,
+    ExpiredLabel,
+    FoundDecision,
+    PendingLabel,
+    RejectedLabel,
+    ScoredLabel,
+    Source,
+)
 from service.storage import arrays, decisions, label_offsets, one_of, pending_labels
+from service.storage import rejected_labels as rejected_table
 from service.storage import service_counters as counters_table
-
-
-class Source(NamedTuple):
-    """A label event's place in Kafka."""
-
-    topic: str
-    partition: int
-    offset: int
 
 
 @dataclass(frozen=True)
 class LabelStats:
     """What a batch of labels did: labels scored (``applied``, with the ``rewards`` stored),
     duplicates counted on decisions, labels kept waiting and their duplicates, and labels
-    ``redelivered`` by Kafka whose effect was stored before (no effect this time)."""
+    ``redelivered`` by Kafka whose effect was stored before (no effect this time), and the
+    labels ``rejected`` (outside their decision's label set) by their index in the batch."""
 
     applied: int
     duplicates: int
@@ -48,6 +51,7 @@ class LabelStats:
     pending_duplicates: int
     redelivered: int
     rewards: list[AppliedReward]
+    rejected: list[tuple[int, RejectedLabel]] = field(default_factory=list)
 
 
 def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str, FoundDecision]:
@@ -67,12 +71,15 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
             decisions.c.label,
             decisions.c.reward_seq,
             decisions.c.decided_at,
+            decisions.c.options,
         )
         .where(one_of(decisions.c.query_id, ids))
         .order_by(decisions.c.query_id)
         .with_for_update()
     )
-    return {r.query_id: FoundDecision(*r) for r in rows}
+    return {
+        r.query_id: FoundDecision(*r[:-1], tuple(r.options) if r.options else None) for r in rows
+    }
 
 
 def redelivered(conn: Connection, group: str, sources: Sequence[Source]) -> list[bool]:
@@ -91,6 +98,8 @@ def apply_plan(
     pending_duplicates = sum(p.duplicates + (not kept[p.query_id]) for p in plan.pending)
     count_duplicate_labels(conn, plan.duplicates)
     rewards = store_labels(conn, plan.scored)
+    if len(plan.rejected) > plan.rejected_again:
+        bump_counter(conn, "labels_rejected", len(plan.rejected) - plan.rejected_again)
     if plan.duplicate_count + pending_duplicates:
         bump_counter(conn, "duplicate_labels", plan.duplicate_count + pending_duplicates)
     if sources:
@@ -105,6 +114,7 @@ def apply_plan(
         pending_duplicates,
         plan.redelivered,
         rewards,
+        plan.rejected,
     )
 
 
@@ -193,11 +203,14 @@ def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict
         label=(sa.Text(), [p.label for p in labels]),
         labeled_at=(sa.DateTime(timezone=True), [p.labeled_at for p in labels]),
         dupes=(sa.Integer(), [p.duplicates for p in labels]),
+        **_source_columns([p.source for p in labels]),
     )
     result = conn.execute(
         sa.text(
-            "INSERT INTO pending_labels (query_id, label, labeled_at, duplicates) "
-            f"SELECT v.query_id, v.label, v.labeled_at, v.dupes FROM {values} "
+            "INSERT INTO pending_labels "
+            "(query_id, label, labeled_at, duplicates, topic, partition, kafka_offset) "
+            "SELECT v.query_id, v.label, v.labeled_at, v.dupes, v.topic, v.part, v.kafka_offset "
+            f"FROM {values} "
             "ON CONFLICT (query_id) DO UPDATE "
             "SET duplicates = pending_labels.duplicates + 1 + excluded.duplicates "
             "RETURNING query_id, (xmax = 0) AS kept"
@@ -205,6 +218,38 @@ def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict
         params,
     )
     return {q: bool(kept) for q, kept in result}
+
+
+def _source_columns(
+    sources: Sequence[Source | None],
+) -> dict[str, tuple[sa.types.TypeEngine, list]]:
+    return {
+        "topic": (sa.Text(), [s.topic if s else None for s in sources]),
+        "part": (sa.Integer(), [s.partition if s else None for s in sources]),
+        "kafka_offset": (sa.BigInteger(), [s.offset if s else None for s in sources]),
+    }
+
+
+def record_rejected_labels(conn: Connection, rejected: Sequence[RejectedLabel]) -> None:
+    """Record labels that waited for their decision and were then found outside its label
+    set, with the reason and where they came from; counted as ``labels_rejected``."""
+    if not rejected:
+        return
+    conn.execute(
+        sa.insert(rejected_table),
+        [
+            {
+                "query_id": r.query_id,
+                "label": r.label,
+                "reason": r.reason,
+                "topic": r.source.topic if r.source else None,
+                "partition": r.source.partition if r.source else None,
+                "kafka_offset": r.source.offset if r.source else None,
+            }
+            for r in rejected
+        ],
+    )
+    bump_counter(conn, "labels_rejected", len(rejected))
 
 
 def add_pending_label(
@@ -227,9 +272,21 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[Pend
             pending_labels.c.label,
             pending_labels.c.labeled_at,
             pending_labels.c.duplicates,
+            pending_labels.c.topic,
+            pending_labels.c.partition,
+            pending_labels.c.kafka_offset,
         )
     )
-    return [PendingLabel(*r) for r in conn.execute(stmt)]
+    return [
+        PendingLabel(
+            r.query_id,
+            r.label,
+            r.labeled_at,
+            r.duplicates,
+            None if r.topic is None else Source(r.topic, r.partition, r.kafka_offset),
+        )
+        for r in conn.execute(stmt)
+    ]
 
 
 def pending_label_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:

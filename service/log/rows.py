@@ -11,12 +11,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from service.context import LEGACY
 from service.decision import Decision, arm_failed, bytes_to_vector
+
+
+class Source(NamedTuple):
+    """A label event's place in Kafka."""
+
+    topic: str
+    partition: int
+    offset: int
 
 
 @dataclass(frozen=True)
@@ -83,6 +91,8 @@ class FoundDecision:
     label: str | None
     reward_seq: int | None
     decided_at: datetime
+    #: the labels its query allows (the task's, or the query's ``options``); None: not known
+    options: tuple[str, ...] | None = None
 
     @classmethod
     def of(cls, decision: Decision, reward_seq: int | None) -> FoundDecision:
@@ -98,6 +108,7 @@ class FoundDecision:
             None,
             reward_seq,
             decision.decided_at,
+            tuple(decision.options) if decision.options else None,
         )
 
     def reward(self, seq: int, reward: float, correct: bool | None = None) -> AppliedReward:
@@ -126,6 +137,16 @@ class FoundDecision:
 
 
 @dataclass(frozen=True)
+class StoredQuery:
+    """What identifies a query behind its id: task, text, label set and metadata."""
+
+    task: str
+    text: str
+    options: tuple[str, ...]
+    metadata: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
 class PendingLabel:
     """A label kept until its decision is stored, with the further labels counted for it."""
 
@@ -133,6 +154,17 @@ class PendingLabel:
     label: str
     labeled_at: datetime | None
     duplicates: int = 0
+    source: Source | None = None  # where the label came from, if known
+
+
+@dataclass(frozen=True)
+class RejectedLabel:
+    """A label outside its decision's label set: not applied, recorded with the reason."""
+
+    query_id: str
+    label: str
+    reason: str
+    source: Source | None = None
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service.decision import LoggedDecision, arm_failed
+from service.decision import LoggedDecision, cost_unknown
 from service.learning import LivePolicy, instance_seed
 from service.log.checkpoints import CheckpointWriter, latest_checkpoint
 from service.log.rows import AppliedReward, bytes_to_vector, learned_outcome
@@ -78,7 +78,7 @@ def decision_log(conn: Connection, after: int) -> list[LoggedDecision]:
     )
     return [
         LoggedDecision(
-            int(seq), float(cost), task, int(n or 0), meta, arm, out, arm_failed(status, fb)
+            int(seq), float(cost), task, int(n or 0), meta, arm, out, cost_unknown(status, fb)
         )
         for seq, cost, task, n, meta, arm, out, status, fb in conn.execute(stmt)
     ]

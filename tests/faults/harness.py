@@ -151,8 +151,9 @@ class ArmServer:
     ``modes[arm]``: ``ok`` (answer; right with probability ``accuracy[arm]``, decided by a hash
     of arm and query id), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
-    ``error`` (HTTP 500). A caller given a base URL of its own (``base_url(arm, caller)``)
-    has its calls recorded with its name. :meth:`kill` closes the listening socket and every
+    ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length). A
+    caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
+    its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
     """
 
@@ -278,6 +279,11 @@ class ArmServer:
             time.sleep(self.delay[arm])
         if mode == "error" or qid in self.fail_ids:
             self._reply(h, 500, {"error": {"message": "internal error", "type": "server_error"}})
+            return
+        if mode == "too_long":
+            message = "This model's maximum context length is 2048 tokens"
+            error = {"message": message, "code": "context_length_exceeded"}
+            self._reply(h, 400, {"error": {**error, "type": "invalid_request_error"}})
             return
         if mode == "garbage":
             self._reply(h, 200, b"<html>\x00\xff garbage, not JSON")

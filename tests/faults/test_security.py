@@ -21,9 +21,10 @@ from service.llm.base import CallRequest, Completion, LLMError
 from service.llm.gateway import Gateway
 from service.log import read_models
 from service.pipeline import Decider, Learner, QueryRecord, RewardSettings
+from service.reward import labels_match
 from service.settings import Settings
 from service.storage import make_engine
-from tests.faults.harness import HashEmbedder
+from tests.faults.harness import HashEmbedder, scalar
 from tests.helpers import open_learning_log
 
 SECRET = "pa55-w0rd-that-must-not-leak"
@@ -148,7 +149,8 @@ class Answers:
 @pytest.mark.integration
 def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
     """Hostile text in every value that reaches Postgres (query ids, texts, options, metadata,
-    labels kept before their query or applied to its decision, an arm's answer or error)
+    labels kept before their query, applied to its decision or rejected (outside its label set),
+    an arm's answer or error)
     is stored and read back unchanged, and no statement fails: every value is bound."""
     config = parse_config(
         {
@@ -170,12 +172,16 @@ def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
         choices=st.none() | options,
         metadata=st.none() | st.dictionaries(hostile, json_values, max_size=4),
         label=hostile.filter(lambda t: len(t) <= 1024),
+        pick=st.none() | st.integers(0, 3),  # the label: one of the label set, else ``label``
         output=hostile,
         error=st.none() | hostile,
         label_first=st.booleans(),
     )
-    def example(query_id, text, choices, metadata, label, output, error, label_first) -> None:
+    def example(query_id, text, choices, metadata, label, pick, output, error, label_first):
         query_id = f"{next(examples)}:{query_id}"[:128]  # each example a query of its own
+        allowed = choices or ["yes", "no"]
+        label = label if pick is None else allowed[pick % len(allowed)]
+        in_set = any(labels_match(o, label) for o in allowed)
         arm.output, arm.error = output, error
         if label_first:  # kept until its query is decided, then applied with it
             assert learner.learn([LabelEvent(query_id=query_id, label=label)]).pending == 1
@@ -188,17 +194,22 @@ def test_hostile_values_round_trip_through_every_write_path(engine) -> None:
         with engine.connect() as conn:
             row = read_models.decision_details(conn, query_id)
         assert row is not None
-        assert (row["query_id"], row["text"], row["options"]) == (
+        assert (row.query_id, row.text, row.options) == (
             query_id,
             text,
             choices or ["yes", "no"],
         )
-        assert row["metadata"] == metadata
-        assert row["label"] == label
+        assert row.metadata == metadata
+        assert row.label == (label if in_set else None)
+        if label_first and not in_set:  # recorded as rejected when its decision arrived
+            rejected = scalar(
+                engine, "SELECT label FROM rejected_labels WHERE query_id = :q", q=query_id
+            )
+            assert rejected == label
         if error is None:
-            assert (row["raw_output"], row["error"]) == (output, None)
+            assert (row.raw_output, row.error) == (output, None)
         else:
-            assert (row["status"], row["raw_output"], row["error"]) == ("llm_error", None, error)
+            assert (row.status, row.raw_output, row.error) == ("llm_error", None, error)
 
     try:
         example()

@@ -245,6 +245,42 @@ def test_a_failed_probe_opens_the_circuit_again() -> None:
     assert breaker.state == "closed"
 
 
+def test_a_call_queued_while_the_circuit_was_closed_never_reaches_it_half_open() -> None:
+    """Calls 2 and 3 passed the closed circuit and queue for the arm's one slot; call 1 fails
+    and opens it; by the time they get the slot it has cooled down (half-open): neither is
+    the probe, so neither is sent, and the probe that comes after is the one call sent."""
+    now = [0.0]
+
+    def clock() -> float:  # each look at the clock is 10 s later: any cool-down has passed
+        now[0] += 10
+        return now[0]
+
+    arm = Scripted([("sleep", 0.02, LLMError("HTTP 503", retryable=True))], delay=0.02)
+    cfg = config(
+        {
+            "a": {
+                "max_in_flight": 1,
+                "max_retries": 0,
+                "breaker_failures": 1,
+                "breaker_cooldown_seconds": 5,
+                "fallback": "b",
+            },
+            "b": {},
+        }
+    )
+    gw = Gateway(cfg, {"a": arm, "b": Scripted(default=Completion("no"))}, clock=clock)
+
+    async def three_then_the_probe():
+        queued = await asyncio.gather(*(gw.call("a", request(f"q{i}")) for i in range(3)))
+        return queued, await gw.call("a", request("probe"))
+
+    queued, probe = run(three_then_the_probe())
+    assert [r.fallback_arm for r in queued] == ["b", "b", "b"]
+    assert probe.fallback_arm is None and probe.prediction == "yes"
+    assert arm.calls == 2  # call 1 and the probe: none queued beside a half-open circuit
+    assert gw.breakers["a"].state == "closed"
+
+
 def test_every_circuit_open_still_offers_candidates() -> None:
     gw = Gateway(
         config({"a": {"max_retries": 0, "breaker_failures": 1}}),

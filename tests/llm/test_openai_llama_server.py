@@ -113,9 +113,9 @@ def test_a_wrong_key_is_rejected_and_not_retried(server, monkeypatch):
     assert "401" in r.error
 
 
-def test_a_prompt_over_the_context_window_is_a_non_retryable_400(server, monkeypatch):
+def test_a_prompt_over_the_context_window_is_input_too_long_not_retried(server, monkeypatch):
     (r,) = call_all(gateway(server, monkeypatch, max_retries=3), ["word " * 700])
-    assert (r.status, r.attempts) == ("llm_error", 1)
+    assert (r.status, r.attempts, r.arm_failed) == ("input_too_long", 1, False)
     assert "HTTP 400" in r.error and "context length" in r.error
 
 

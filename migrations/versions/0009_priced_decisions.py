@@ -1,7 +1,7 @@
 """priced decisions: the λ a choice was priced at, and the chosen arm's estimated cost
 
-Revision ID: 0008_priced_decisions
-Revises: 0007
+Revision ID: 0009_priced_decisions
+Revises: 0008_input_checks
 Create Date: 2026-12-07
 
 A policy that learns correctness (``correctness_ucb``) prices each choice at decision time:
@@ -14,8 +14,8 @@ policies that do not price their choices, have NULL in both.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008_priced_decisions"
-down_revision = "0007"
+revision = "0009_priced_decisions"
+down_revision = "0008_input_checks"
 branch_labels = None
 depends_on = None
 
