@@ -27,8 +27,10 @@ from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
-from service.policy.base import Choice
+from service.policy.base import Choice, Pricing
+from service.pricing import arm_prices
 from service.query_checks import choose_among, offered_arms
+from service.reward import RewardSettings
 from service.settings import MAX_QUERIES_KEPT
 from service.tasks import Prompt, build_prompt
 from service.vector_cache import TextEmbedder, VectorCache
@@ -48,6 +50,20 @@ class Called:
     layout: str  # the context's ContextLayout.spec
     request: CallRequest
     result: CallResult
+    pricing: Pricing | None = None  # what the choice was priced at (None: not priced)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """A query's choice, before its call: its row in the batch, the arm chosen, the context
+    and layout it was chosen on, the request to send and what the choice was priced at."""
+
+    row: int
+    choice: Choice
+    context: np.ndarray
+    layout: str
+    request: CallRequest
+    pricing: Pricing | None
 
 
 @dataclass(frozen=True)
@@ -82,8 +98,11 @@ class CallAhead:
         live: LivePolicy,
         embedder: TextEmbedder,
         gateway: Gateway,
+        rewards: RewardSettings | None = None,
     ) -> None:
         self.config = config
+        self.rewards = rewards  # λ and cost unit of priced choices (None: never priced)
+        self.prices = arm_prices(config.arms)
         self.engine = engine
         self.live = live
         self.vectors = VectorCache(embedder)  # a cache: a retried batch is not embedded again
@@ -191,28 +210,26 @@ class CallAhead:
     async def _call_chosen(
         self,
         events: list[QueryEvent],
-        embedded: Future[list[tuple[int, Choice, np.ndarray, str, CallRequest]]],
+        embedded: Future[list[Chosen]],
     ) -> list[Called | BaseException | None]:
         """Call the arm chosen for each event, once the worker has embedded and chosen."""
         chosen = await asyncio.wrap_future(embedded)
         results = await asyncio.gather(  # one call raising (a bug) must not lose the others
-            *(self.gateway.call(choice.arm, request) for _, choice, _, _, request in chosen),
+            *(self.gateway.call(c.choice.arm, c.request) for c in chosen),
             return_exceptions=True,
         )
         self.llm_calls += len(results)
         out: list[Called | BaseException | None] = [None] * len(events)
-        for (row, choice, context, layout, request), result in zip(chosen, results, strict=True):
-            out[row] = (
+        for c, result in zip(chosen, results, strict=True):
+            out[c.row] = (
                 result
                 if isinstance(result, BaseException)
-                else Called(choice, context, layout, request, result)
+                else Called(c.choice, c.context, c.layout, c.request, result, c.pricing)
             )
         return out
 
-    def _embed_and_choose(
-        self, events: list[QueryEvent], skip_decided: bool
-    ) -> list[tuple[int, Choice, np.ndarray, str, CallRequest]]:
-        """(row, choice, context, its layout, request) of each event to call for (on the
+    def _embed_and_choose(self, events: list[QueryEvent], skip_decided: bool) -> list[Chosen]:
+        """The arm chosen for each event to call for, with its context and request (on the
         worker thread)."""
         rows = list(range(len(events)))
         if skip_decided:
@@ -230,11 +247,33 @@ class CallAhead:
         with self.live.lock:  # the builder's statistics move as decisions are stored
             contexts = self.live.context.build_many(queries, embeddings)
             layout = self.live.context.spec
-            choices = choose_among(self.live.policy, offered, contexts.astype(np.float64))
+            priced = self._choose(offered, contexts, [events[i] for i in rows], prompts)
         return [
-            (i, choice, context, layout, CallRequest(events[i].query_id, prompt))
-            for i, choice, context, prompt in zip(rows, choices, contexts, prompts, strict=True)
+            Chosen(i, choice, context, layout, CallRequest(events[i].query_id, prompt), pricing)
+            for i, (choice, pricing), context, prompt in zip(
+                rows, priced, contexts, prompts, strict=True
+            )
         ]
+
+    def _choose(
+        self,
+        offered: list[tuple[str, ...]],
+        contexts: np.ndarray,
+        events: list[QueryEvent],
+        prompts: list[Prompt],
+    ) -> list[tuple[Choice, Pricing | None]]:
+        """Each query's choice among the arms offered to it (under the policy's lock): for a
+        policy that learns correctness, priced one by one at the λ in force and the query's
+        own estimated costs."""
+        live, X = self.live, contexts.astype(np.float64)
+        if self.rewards is None or not live.policy.learns_correctness:
+            return [(c, None) for c in choose_among(live.policy, offered, X)]
+        out = []
+        for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
+            pricing = live.pricing(self.rewards, self.prices, len(event.text), len(prompt.text))
+            choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
+            out.append((choice, pricing))
+        return out
 
     def _prompt(self, event: QueryEvent) -> Prompt:
         task = self.config.tasks[event.task]

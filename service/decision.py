@@ -27,6 +27,26 @@ def bytes_to_vector(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<f4")
 
 
+def arm_failed(status: str, fallback_arm: str | None) -> bool:
+    """Whether a stored decision's chosen arm failed (whatever a fallback then did): such a
+    decision is rewarded at decision time, wrong at no cost.
+
+    >>> arm_failed("ok", None), arm_failed("ok", "strong"), arm_failed("llm_error", None)
+    (False, True, True)
+    """
+    return status == "llm_error" or fallback_arm is not None
+
+
+def cost_unknown(status: str, fallback_arm: str | None) -> bool:
+    """Whether a stored decision's call tells nothing of its arm's cost: the arm failed, or
+    refused the prompt as longer than its context window.
+
+    >>> cost_unknown("input_too_long", None), cost_unknown("parse_error", None)
+    (True, False)
+    """
+    return arm_failed(status, fallback_arm) or status == "input_too_long"
+
+
 @dataclass(frozen=True)
 class LoggedDecision:
     """What the context builder and the budget pacer learn from each stored decision, in
@@ -37,6 +57,11 @@ class LoggedDecision:
     task: str
     n_chars: int
     metadata: dict[str, Any] | None
+    #: the arm called, its output tokens, and whether its call tells nothing of its cost
+    #: (:func:`cost_unknown`): the inputs of the cost estimates
+    arm: str = ""
+    output_tokens: int | None = None
+    cost_unknown: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,6 +100,10 @@ class Decision:
     kafka_offset: int | None
     instance: str | None
     rng_seed: int | None
+    #: the λ the choice was priced at (a policy that learns correctness; None: not priced)
+    decision_lambda: float | None = None
+    #: the chosen arm's call cost as estimated before the call (None: not priced)
+    estimated_cost_usd: float | None = None
 
     def row(self) -> dict[str, Any]:
         """The row to insert, column by column."""
@@ -86,7 +115,16 @@ class Decision:
 
     def logged(self, seq: int) -> LoggedDecision:
         """Its entry in the decision log, stored as ``decision_seq`` ``seq``."""
-        return LoggedDecision(seq, float(self.cost_usd), self.task, len(self.text), self.metadata)
+        return LoggedDecision(
+            seq,
+            float(self.cost_usd),
+            self.task,
+            len(self.text),
+            self.metadata,
+            self.arm,
+            self.output_tokens,
+            cost_unknown(self.status, self.fallback_arm),
+        )
 
     @classmethod
     def example(cls, **changes: Any) -> Decision:

@@ -32,17 +32,21 @@ vectors that mean different things.
     >>> live.watermark, live.decision_watermark, live.policy.n_updates
     (2, 1, 2)
     >>> copy = LivePolicy("linucb", {"seed": 0})
-    >>> copy.load(live.snapshot().state, 2, 1, "a snapshot"); copy.policy.n_updates
-    2
+    >>> copy.load(live.snapshot().state, 2, 1, "a snapshot"), copy.policy.n_updates
+    (True, 2)
+    >>> other = LivePolicy("correctness_ucb", {"seed": 0})   # another policy is configured:
+    >>> other.load(live.snapshot().state, 2, 1, "a snapshot"), other.watermark   # rebuilt
+    (False, 0)
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from service import metrics
@@ -50,8 +54,9 @@ from service.context import LEGACY, ContextBuilder, ContextLayout
 from service.decision import LoggedDecision
 from service.log.rows import AppliedReward
 from service.pacing import BudgetPacer
-from service.policy import RoutingPolicy, make_policy
-from service.policy.checkpoint import dump_state, from_state, load_state
+from service.policy import Pricing, RoutingPolicy, make_policy
+from service.policy.checkpoint import PolicyState, dump_state, from_state, load_state
+from service.pricing import ArmPrice, CostEstimator
 from service.reward import RewardSettings
 
 log = logging.getLogger(__name__)
@@ -100,20 +105,47 @@ class LivePolicy:
         self.policy_name = policy_name
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
+        #: each arm's recorded output tokens and costs: a projection of the decision log
+        self.costs = CostEstimator()
         self.configured_pacer = budget  # budget mode's pacer to start from (None: fixed λ)
         self.pacer = budget  # budget mode's λ, a projection of the decision log
         #: the configured context layout (a fresh builder): what a restored policy must match
         self.configured_context = context or ContextBuilder(ContextLayout())
         #: the builder (with its running statistics) of the contexts the policy learns from
         self.context = copy.deepcopy(self.configured_context)
+        self._give_layout()
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self.decision_watermark = 0  # highest decision_seq the builder and pacer have seen
+
+    def _give_layout(self) -> None:
+        """A policy that learns correctness shapes its prior by the context layout (block by
+        block, fixed at its first context): it is shown the builder, as the bench does. Other
+        policies carry nothing beside their statistics."""
+        if self.policy.learns_correctness:
+            self.policy.context = self.context
 
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
         pacer = self.pacer
         return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
+
+    def pricing(
+        self,
+        base: RewardSettings,
+        prices: Mapping[str, ArmPrice | None],
+        n_chars: int,
+        prompt_chars: int | None = None,
+    ) -> Pricing | None:
+        """What a query of ``n_chars`` characters (its prompt ``prompt_chars``) is priced at
+        now, for a policy that learns correctness (None for the others): the λ in force, and
+        each arm's call cost estimated from its ``prices`` (None: its recorded costs) and the
+        log (:mod:`service.pricing`)."""
+        if not self.policy.learns_correctness:
+            return None
+        settings = self.reward_settings(base)
+        est = self.costs.estimate(prices, n_chars, prompt_chars)
+        return Pricing(settings.lam, settings.cost_unit, est)
 
     def follows(
         self, rewards: Sequence[AppliedReward], decisions: Sequence[LoggedDecision]
@@ -132,7 +164,13 @@ class LivePolicy:
             if self.pacer is not None:
                 self.pacer.observe(d.cost_usd)
             self.context.observe(d.task, d.n_chars, d.metadata)
+            self.observe_costs([d])
             self.decision_watermark = d.seq
+
+    def observe_costs(self, logged: Sequence[LoggedDecision]) -> None:
+        """Feed the cost estimates decisions they have not seen (in ``decision_seq`` order)."""
+        for d in logged:
+            self.costs.observe(d.seq, d.arm, d.cost_usd, d.n_chars, d.output_tokens, d.cost_unknown)
 
     def apply(self, rewards: Sequence[AppliedReward]) -> int:
         """Apply rewards of the log (in seq order, none missing above the watermark); returns
@@ -142,7 +180,7 @@ class LivePolicy:
             if r.seq <= self.watermark:
                 continue
             if r.layout == self.context.spec:
-                self.policy.update(r.arm, r.context, r.reward)
+                self.learn(r)
             else:  # decided before a change of layout (restart refuses those it replays)
                 log.warning(
                     "reward %d of %s is on a context of layout %r, not %r: not learned",
@@ -158,6 +196,14 @@ class LivePolicy:
             applied += 1
         return applied
 
+    def learn(self, r: AppliedReward) -> None:
+        """Teach the policy one reward of the log: a policy that learns correctness its
+        correctness and cost (a function of the log row alone), any other the reward."""
+        if self.policy.learns_correctness:
+            self.policy.learn(r.arm, r.context, r.correctness(), r.cost_usd)
+        else:
+            self.policy.update(r.arm, r.context, r.reward)
+
     def check_replay(self, rewards: Sequence[AppliedReward]) -> None:
         """Raise :class:`ContextMismatch` if rewards to replay are of another layout."""
         other = sorted({r.layout for r in rewards} - {self.context.spec})
@@ -172,6 +218,7 @@ class LivePolicy:
         with self.lock:
             state = self.policy.checkpoint_state()
             state.pacer, state.context = self.pacer, self.context
+            state.costs = self.costs.to_dict()
             return Snapshot(
                 self.policy_name,
                 self.policy.n_updates,
@@ -180,19 +227,38 @@ class LivePolicy:
                 dump_state(state),
             )
 
-    def load(self, state: bytes, watermark: int, decision_watermark: int, source: str) -> None:
+    def load(self, state: bytes, watermark: int, decision_watermark: int, source: str) -> bool:
         """Continue from a stored state (a checkpoint, named ``source`` in errors), keeping its
-        pacer and context builder if the configuration still matches them. A checkpoint stored
-        before they were kept beside the policy reads the same: they were in the same fields."""
+        pacer, context builder and cost estimates if the configuration still matches them. A
+        checkpoint stored before they were kept beside the policy reads the same: they were in
+        the same fields (cost estimates it lacks start empty, at decision watermark 0).
+
+        Returns whether the stored policy is the configured one (kind and parameters). If it
+        is not, the configured policy starts fresh at reward watermark 0, so that the caller
+        rebuilds it from the whole reward log: a change of policy never goes unnoticed."""
         with self.lock:
             stored = load_state(state)
-            pacer, context = stored.pacer, stored.context
-            stored.pacer = stored.context = None
-            policy = from_state(stored)
+            pacer, context, costs = stored.pacer, stored.context, stored.costs
+            stored.pacer = stored.context = stored.costs = None
+            same = self.is_configured(stored)
+            policy = (
+                from_state(stored) if same else make_policy(self.policy_name, **self.policy_params)
+            )
             self.context = self._reconciled_context(context, source)
             self.policy, self.pacer = policy, self._reconciled_pacer(pacer)
-            self.watermark = watermark
+            self._give_layout()
+            self.costs = CostEstimator() if costs is None else CostEstimator.from_dict(costs)
+            self.watermark = watermark if same else 0
             self.decision_watermark = decision_watermark
+            return same
+
+    def is_configured(self, stored: PolicyState) -> bool:
+        """Whether a stored policy is of the configured kind and parameters (its seed aside:
+        it only drives the draws, reseeded at every start)."""
+        if stored.kind != self.policy_name:
+            return False
+        fresh = make_policy(self.policy_name, **self.policy_params)
+        return _comparable(fresh.checkpoint_state().params) == _comparable(stored.params)
 
     def _reconciled_pacer(self, saved: BudgetPacer | None) -> BudgetPacer | None:
         """A checkpoint's pacer continues, unless budget mode was switched off or its target
@@ -216,6 +282,13 @@ class LivePolicy:
             return copy.deepcopy(wanted)
         saved.declared = wanted.declared
         return saved
+
+
+def _comparable(params: dict) -> dict:
+    """Policy parameters as a checkpoint's JSON header holds them, without the seed."""
+    out = json.loads(json.dumps(params))
+    out.pop("seed", None)
+    return out
 
 
 class ContextMismatch(RuntimeError):

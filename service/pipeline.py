@@ -33,6 +33,7 @@ from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
 from service.log.rows import RejectedLabel, StoredQuery
 from service.log.transaction import LearningLog
+from service.pricing import priced_columns
 from service.query_checks import difference, query_of, too_long_reason, truncated
 from service.reward import RewardSettings
 from service.tasks import build_prompt
@@ -81,7 +82,9 @@ class Decider:
         self.learning_log = learning_log
         self.rewards = rewards
         self.too_long_text = too_long_text  # a text that fits no arm: "dlq" or "truncate"
-        self.calling = CallAhead(config, learning_log.engine, learning_log.live, embedder, gateway)
+        self.calling = CallAhead(
+            config, learning_log.engine, learning_log.live, embedder, gateway, rewards
+        )
 
     @property
     def gateway(self) -> Gateway:
@@ -244,6 +247,7 @@ class Decider:
                 "kafka_offset": record.offset,
                 "instance": self.learning_log.instance,
                 "rng_seed": self.learning_log.rng_seed,
+                **priced_columns(choice.arm, call.pricing),
             }
         )
 

@@ -90,9 +90,11 @@ class Settings(BaseSettings):
     budget_usd_per_query: float | None = Field(None, ge=0)  # set: λ adapts to meet it
     budget_lr: float = Field(0.05, gt=0)
     cost_unit_usd: float = Field(0.001, gt=0)
-    policy: str = "linucb"
+    # correctness learnt, priced when choosing (a stored policy of another kind or parameters
+    # is rebuilt from the learning log at the next start: service.log.transaction)
+    policy: str = "correctness_ucb"
     policy_params: dict[str, Any] = Field(
-        default_factory=lambda: {"alpha": 0.1, "epsilon": 0.02, "seed": 0}
+        default_factory=lambda: {"alpha": 0.5, "epsilon": 0.02, "seed": 0}
     )  # JSON in the environment, e.g. METALLM_POLICY_PARAMS='{"alpha": 0.5}'
     checkpoint_every: int = Field(100, ge=1)
     # and at most one checkpoint per this many seconds (besides the one at shutdown)

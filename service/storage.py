@@ -76,6 +76,10 @@ decisions = sa.Table(
     # the service instance that decided, and the seed of its random draws (NULL: before 0007)
     sa.Column("instance", sa.Text),
     sa.Column("rng_seed", sa.BigInteger),
+    # the λ a priced choice was made at, and the chosen arm's cost estimated before the call
+    # (NULL: a policy that does not price its choices, or a decision from before 0009)
+    sa.Column("decision_lambda", sa.Float),
+    sa.Column("estimated_cost_usd", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),

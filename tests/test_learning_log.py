@@ -137,7 +137,7 @@ def test_a_reward_committed_after_a_later_one_is_still_applied_by_every_instance
     assert not thread_a.is_alive() and not thread_b.is_alive()
     for live in (a, b):
         live.catch_up()
-    expected = rebuild_policy(engine, params={"seed": 0})
+    expected = rebuild_policy(engine, "linucb", {"seed": 0})
     for live in (a, b):
         assert live.live.policy.n_updates == 2
         assert policy_difference(live.live.policy, expected) < 1e-9

@@ -94,7 +94,7 @@ def test_serve_with_metrics_off_says_what_it_runs_and_does(broker, topics, pg_sc
         f"{topics['labels_topic']} (group {topics['labels_group']}), 6 partitions each"
     )
     assert fields["instance"] == "serve-output-test"
-    assert fields["policy"].startswith('linucb {"alpha": 0.1, "epsilon": 0.02, "seed": 0}')
+    assert fields["policy"].startswith('correctness_ucb {"alpha": 0.5, "epsilon": 0.02, "seed": 0}')
     assert fields["context"].startswith("v1 ")
     assert fields["metrics"].startswith("off (METALLM_METRICS_PORT=off")
     assert fields["progress"] == "every 1 s"

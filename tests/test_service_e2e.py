@@ -124,6 +124,20 @@ def test_stream_of_queries_and_late_early_duplicate_unknown_labels(
             sa.text("SELECT min(propensity), max(propensity) FROM decisions")
         ).one()
         assert 0 < props[0] <= props[1] <= 1
+        # the default policy priced every choice at the configured λ; the chosen arm's cost
+        # is estimated once calls of it are in the log (replay arms have no prices in the
+        # config: their estimates are their recorded costs), here for the second hundred
+        priced = conn.execute(
+            sa.text("SELECT DISTINCT policy, decision_lambda FROM decisions")
+        ).all()
+        assert priced == [("correctness_ucb", settings.reward_lambda)]
+        estimated = conn.execute(
+            sa.text(
+                "SELECT count(estimated_cost_usd) FROM decisions "
+                "WHERE decision_seq > (SELECT min(decision_seq) + 99 FROM decisions)"
+            )
+        ).scalar_one()
+        assert estimated == 100
         checkpoint = checkpoints.latest_checkpoint(conn)
 
     # the policy learned from every label, and was checkpointed

@@ -171,7 +171,7 @@ def store_labels(conn: Connection, scored: Sequence[ScoredLabel]) -> list[Applie
             params,
         )
     return [
-        r.decision.reward(seqs[r.query_id], r.reward)
+        r.decision.reward(seqs[r.query_id], r.reward, r.correct)
         for r in rewarded
         if r.query_id in seqs and r.reward is not None
     ]

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from service.context import LEGACY
-from service.decision import Decision, bytes_to_vector
+from service.decision import Decision, arm_failed, bytes_to_vector
 
 
 class Source(NamedTuple):
@@ -40,6 +40,11 @@ class AppliedReward:
     layout: str | None = LEGACY
     #: seconds from the reward's transaction to when it was read from the log (None: not read)
     age_s: float | None = None
+    #: what a policy that learns correctness learns from it (:func:`learned_outcome`): whether
+    #: the call was right (None: a row from before, read from ``reward``) and what it cost
+    #: (None: not known, the arm failed)
+    correct: bool | None = None
+    cost_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -47,6 +52,29 @@ class AppliedReward:
 
     def aged(self, age_s: float | None) -> AppliedReward:
         return replace(self, age_s=age_s)
+
+    def correctness(self) -> float:
+        """1.0 or 0.0: :attr:`correct`, or for a row without it whether ``reward`` is
+        above 0.5 (``1 − λ·cost/cost_unit`` stays above it for any call worth making)."""
+        if self.correct is not None:
+            return float(self.correct)
+        return float(self.reward > 0.5)
+
+
+def learned_outcome(
+    correct: bool | None, cost_usd: float | None, status: str, fallback_arm: str | None
+) -> tuple[bool | None, float | None]:
+    """What a reward of the log teaches a policy that learns correctness, from its decision's
+    row alone (so every instance and every replay learns the same): a decision whose arm
+    failed was rewarded wrong at no known cost, whatever its label later said; any other
+    reward is the label's ``correct`` and the call's cost.
+
+    >>> learned_outcome(True, 0.002, "ok", None), learned_outcome(True, 0.002, "ok", "strong")
+    ((True, 0.002), (False, None))
+    """
+    if arm_failed(status, fallback_arm):
+        return False, None
+    return correct, cost_usd
 
 
 @dataclass(frozen=True)
@@ -83,10 +111,24 @@ class FoundDecision:
             tuple(decision.options) if decision.options else None,
         )
 
-    def reward(self, seq: int, reward: float) -> AppliedReward:
-        """Its reward, stored as ``reward_seq`` ``seq``."""
+    def reward(self, seq: int, reward: float, correct: bool | None = None) -> AppliedReward:
+        """Its reward, stored as ``reward_seq`` ``seq`` (``correct``: its label's verdict;
+        None: its arm failed, rewarded at decision time)."""
         context = bytes_to_vector(self.context)
-        return AppliedReward(seq, self.query_id, self.arm, context, reward, self.context_layout)
+        if correct is None:
+            correct_, cost = False, None
+        else:
+            correct_, cost = correct, self.cost_usd
+        return AppliedReward(
+            seq,
+            self.query_id,
+            self.arm,
+            context,
+            reward,
+            self.context_layout,
+            correct=correct_,
+            cost_usd=cost,
+        )
 
     @classmethod
     def example(cls, **changes: Any) -> FoundDecision:

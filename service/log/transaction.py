@@ -9,6 +9,7 @@ else by reading the log from them.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Iterator, Sequence
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from service.decision import LoggedDecision
+from service.decision import LoggedDecision, cost_unknown
 from service.learning import LivePolicy, instance_seed
 from service.log.checkpoints import CheckpointWriter, latest_checkpoint
-from service.log.rows import AppliedReward, bytes_to_vector
+from service.log.rows import AppliedReward, bytes_to_vector, learned_outcome
 from service.log.session import InstanceName
 from service.reward import RewardSettings
 from service.storage import decisions
@@ -67,13 +68,19 @@ def decision_log(conn: Connection, after: int) -> list[LoggedDecision]:
             decisions.c.task,
             sa.func.char_length(decisions.c.text),
             decisions.c.metadata,
+            decisions.c.arm,
+            decisions.c.output_tokens,
+            decisions.c.status,
+            decisions.c.fallback_arm,
         )
         .where(decisions.c.decision_seq > after)
         .order_by(decisions.c.decision_seq)
     )
     return [
-        LoggedDecision(int(seq), float(cost), task, int(n or 0), meta)
-        for seq, cost, task, n, meta in conn.execute(stmt)
+        LoggedDecision(
+            int(seq), float(cost), task, int(n or 0), meta, arm, out, cost_unknown(status, fb)
+        )
+        for seq, cost, task, n, meta, arm, out, status, fb in conn.execute(stmt)
     ]
 
 
@@ -89,19 +96,40 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.reward,
             decisions.c.context_layout,
             sa.func.extract("epoch", sa.func.clock_timestamp() - decisions.c.reward_applied_at),
+            decisions.c.correct,
+            decisions.c.cost_usd,
+            decisions.c.status,
+            decisions.c.fallback_arm,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
     )
     return [
-        AppliedReward(seq, qid, arm, bytes_to_vector(ctx), r, layout, float(age or 0.0))
-        for seq, qid, arm, ctx, r, layout, age in rows
+        AppliedReward(
+            seq,
+            qid,
+            arm,
+            bytes_to_vector(ctx),
+            r,
+            layout,
+            float(age or 0.0),
+            *learned_outcome(correct, cost, status, fb),
+        )
+        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb in rows
     ]
 
 
 def last_reward_seq(conn: Connection) -> int:
     """The highest reward sequence number committed (0: none yet)."""
     return int(conn.execute(sa.select(sa.func.max(decisions.c.reward_seq))).scalar() or 0)
+
+
+def _catch_up_costs(conn: Connection, live: LivePolicy) -> None:
+    """Bring cost estimates that lag the decision watermark (a checkpoint from before they
+    were kept) up to it, from the decision log."""
+    if live.costs.watermark < live.decision_watermark:
+        logged = decision_log(conn, after=live.costs.watermark)
+        live.observe_costs([d for d in logged if d.seq <= live.decision_watermark])
 
 
 @dataclass
@@ -201,8 +229,9 @@ class LearningLog:
         live = self.live
         with live.lock, self.engine.connect() as conn:
             checkpoint = latest_checkpoint(conn)
+            rebuild = False
             if checkpoint is not None:
-                live.load(
+                rebuild = not live.load(
                     checkpoint.state,
                     checkpoint.reward_watermark,
                     checkpoint.decision_watermark,
@@ -212,10 +241,21 @@ class LearningLog:
                     "restored policy checkpoint %s (%d updates, watermark %d)",
                     checkpoint.id,
                     checkpoint.n_updates,
-                    live.watermark,
+                    checkpoint.reward_watermark,
                 )
+                if rebuild:
+                    log.warning(
+                        "the configured policy (%s %s) is not the stored one (%s): rebuilding "
+                        "it from the %d rewards of the learning log",
+                        live.policy_name,
+                        json.dumps(live.policy_params, sort_keys=True),
+                        checkpoint.policy,
+                        last_reward_seq(conn),
+                    )
+                _catch_up_costs(conn, live)
             replay = rewards_after(conn, live.watermark)
-            live.check_replay(replay)
+            if not rebuild:  # a rebuild skips (with a warning) rewards of older layouts
+                live.check_replay(replay)
             live.observe(decision_log(conn, after=live.decision_watermark))
             self._apply([r.aged(None) for r in replay])
             self.rng_seed = self.draws_seed
@@ -224,7 +264,8 @@ class LearningLog:
                 self.rng_seed = instance_seed(seed, self.instance, live.decision_watermark)
             live.policy.reseed(self.rng_seed)
         if replay:
-            log.info("re-applied %d rewards recorded after the checkpoint", len(replay))
+            since = "in the log" if rebuild else "recorded after the checkpoint"
+            log.info("re-applied %d rewards %s", len(replay), since)
         return len(replay)
 
     def close(self) -> None:

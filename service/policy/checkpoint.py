@@ -21,6 +21,8 @@ Header keys:
 ``pacer``           budget-mode λ state (``BudgetPacer.to_dict()``) or null
 ``context``         the context builder (``ContextBuilder.state()``: layout, its ``spec``,
                     running statistics) or null; absent in older checkpoints (null)
+``costs``           each arm's recorded output tokens and costs (``CostEstimator.to_dict()``,
+                    :mod:`service.pricing`) or null; absent in older checkpoints (null)
 ``state``           kind-specific JSON (e.g. ``{"dim": 384}`` for the linear policies)
 
 Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting), the context
@@ -96,6 +98,7 @@ class PolicyState:
     arrays: dict[str, np.ndarray]  # constructor arrays and kind-specific statistics
     pacer: Any = None  # a service.pacing.BudgetPacer
     context: Any = None  # a service.context.ContextBuilder
+    costs: dict[str, Any] | None = None  # service.pricing.CostEstimator.to_dict()
 
 
 class Checkpointable(Protocol):
@@ -142,6 +145,7 @@ def dump_state(state: PolicyState) -> bytes:
         "feature_names": state.feature_names,
         "pacer": None if state.pacer is None else state.pacer.to_dict(),
         "context": context_meta,
+        "costs": state.costs,
         "state": state.meta,
     }
     payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in state.arrays.items()}
@@ -204,6 +208,7 @@ def load_state(data: bytes) -> PolicyState:
         from service.pacing import BudgetPacer
 
         state.pacer = BudgetPacer.from_dict(header["pacer"])
+    state.costs = header.get("costs")
     if header.get("context") is not None:
         from service.context import ContextBuilder
 

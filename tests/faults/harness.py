@@ -51,6 +51,7 @@ TASKS = {
     "sentiment": {"kind": "classification", "labels": ["positive", "negative"]},
     "yes_no": {"kind": "classification", "labels": ["yes", "no"]},
 }
+POLICY = "correctness_ucb"  # the service's default: learns correctness, prices its choices
 POLICY_PARAMS = {"alpha": 1.0, "epsilon": 0.1, "seed": 0}
 #: Set to a path, a clean stop of ``tests/faults/serve.py`` writes the instance's policy there.
 POLICY_DUMP = "METALLM_TEST_POLICY_DUMP"
@@ -386,6 +387,7 @@ def service_env(
             "METALLM_SESSION_TIMEOUT_MS": "1500",
             "METALLM_HEARTBEAT_INTERVAL_MS": "400",
             "METALLM_METRICS_PORT": "0",
+            "METALLM_POLICY": POLICY,
             "METALLM_POLICY_PARAMS": json.dumps(POLICY_PARAMS),
             "PYTHONPATH": str(REPO),
             **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
@@ -641,20 +643,40 @@ def progress(engine: sa.Engine) -> tuple[int, int, int]:
     return int(row[0]), int(row[1]), int(row[2])
 
 
-def rebuild_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
-    """The policy of an uninterrupted run over the same decisions: a fresh policy, every
-    stored reward applied once, in reward_seq order."""
-    from service.log.transaction import rewards_after
+def fresh_policy(name: str = POLICY, params: dict | None = None):
+    """A policy as a fresh service instance has it (shown the default context layout, which a
+    policy that learns correctness shapes its prior by)."""
+    from service.context import ContextBuilder, ContextLayout
     from service.policy import make_policy
 
     policy = make_policy(name, **(params or POLICY_PARAMS))
-    with engine.connect() as conn:
-        for r in rewards_after(conn, 0):
-            policy.update(r.arm, r.context, r.reward)
+    if policy.learns_correctness:
+        policy.context = ContextBuilder(ContextLayout())
     return policy
 
 
-def restored_policy(engine: sa.Engine, name: str = "linucb", params: dict | None = None):
+def teach(policy, reward) -> None:
+    """Teach ``policy`` one reward of the log, as the service does: correctness and cost to a
+    policy that learns correctness, the scalar reward to any other."""
+    if policy.learns_correctness:
+        policy.learn(reward.arm, reward.context, reward.correctness(), reward.cost_usd)
+    else:
+        policy.update(reward.arm, reward.context, reward.reward)
+
+
+def rebuild_policy(engine: sa.Engine, name: str = POLICY, params: dict | None = None):
+    """The policy of an uninterrupted run over the same decisions: a fresh policy, every
+    stored reward applied once, in reward_seq order."""
+    from service.log.transaction import rewards_after
+
+    policy = fresh_policy(name, params)
+    with engine.connect() as conn:
+        for r in rewards_after(conn, 0):
+            teach(policy, r)
+    return policy
+
+
+def restored_policy(engine: sa.Engine, name: str = POLICY, params: dict | None = None):
     """What a restarted service has: the newest checkpoint plus the rewards after it."""
     from tests.helpers import open_learning_log
 

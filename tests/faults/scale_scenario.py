@@ -53,17 +53,17 @@ from kafka import KafkaConsumer, TopicPartition
 from consumers.kafka_io import create_topics, delete_topics
 from service.log.checkpoints import latest_checkpoint
 from service.log.transaction import rewards_after
-from service.policy import loads, make_policy
+from service.policy import loads
 from service.settings import isolated_stream_names
 from service.storage import make_engine
 from tests.faults.harness import (
     POLICY_DUMP,
-    POLICY_PARAMS,
     ArmServer,
     ServiceProcess,
     Stopwatch,
     StreamProducer,
     arm_config,
+    fresh_policy,
     make_queries,
     missing_work,
     policy_difference,
@@ -71,6 +71,7 @@ from tests.faults.harness import (
     rebuild_policy,
     restored_policy,
     service_env,
+    teach,
     wait_until,
     write_config,
 )
@@ -359,13 +360,13 @@ class Fleet:
 # --------------------------------------------------------------------------- the run
 def replay(engine: sa.Engine, upto: int) -> tuple[object, int]:
     """A fresh policy fed the log's rewards with seq ≤ ``upto``, in order; and how many."""
-    policy = make_policy("linucb", **POLICY_PARAMS)
+    policy = fresh_policy()
     applied = 0
     with engine.connect() as conn:
         for r in rewards_after(conn, 0):
             if r.seq > upto:
                 break
-            policy.update(r.arm, r.context, r.reward)
+            teach(policy, r)
             applied += 1
     return policy, applied
 
