@@ -38,8 +38,7 @@ from typing import Any
 import numpy as np
 
 from service.policy.base import Pricing, RunningCosts
-
-CHARS_PER_TOKEN = 4.0  # the prompt's input tokens, estimated from its length
+from service.query_checks import CHARS_PER_TOKEN
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from service.events import QueryEvent
 from service.log.rows import StoredQuery
 from service.policy.base import Choice, RoutingPolicy
 
+#: the one estimate of a text's tokens from its length, for context windows and for prices
 CHARS_PER_TOKEN = 4
 
 
