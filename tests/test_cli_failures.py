@@ -260,6 +260,11 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
             "postgresql://USER[:PASSWORD]@HOST[:PORT]/DATABASE",
         ),
         (
+            {"METALLM_TOO_LONG_TEXT": "cut"},
+            "metallm: invalid setting: METALLM_TOO_LONG_TEXT='cut': String should match "
+            "pattern '^(dlq|truncate)$'",
+        ),
+        (
             {"METALLM_METRICS_PORT": "none"},
             "metallm: invalid setting: METALLM_METRICS_PORT='none': a port number, 0 for any "
             "free port, or off for none",
@@ -272,6 +277,7 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
         "no-scheme",
         "driver-missing",
         "not-postgres",
+        "too-long-text",
         "metrics-port",
     ],
 )

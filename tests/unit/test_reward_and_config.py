@@ -44,6 +44,8 @@ def test_valid_config_and_arm_cost():
     [
         (lambda c: c["arms"][0].update(provider="nope"), "arms.0.provider"),
         (lambda c: c["arms"][0].update(input_price_per_1m=-1), "arms.0.input_price_per_1m"),
+        (lambda c: c["arms"][0].update(context_tokens=8), "arms.0.context_tokens"),
+        (lambda c: c["arms"][0].update(context_tokens="big"), "arms.0.context_tokens"),
         (lambda c: c["tasks"]["s"].update(kind="regression"), "tasks.s.kind"),
         (lambda c: c["tasks"]["s"].update(labels=["a"]), "tasks.s.labels"),
         (lambda c: c["tasks"]["s"].update(template="no placeholder"), "tasks.s.template"),
