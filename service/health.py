@@ -65,9 +65,6 @@ class Health:
     def stopping(self) -> None:
         self.phase = "stopping"
 
-    def up(self, dependency: str) -> bool:
-        return self._lost_at[dependency] is None
-
     def report(self, dependency: str, up: bool, detail: str = "") -> str | None:
         """Record a probe's result; on a change of state, log it and return the line."""
         with self._lock:

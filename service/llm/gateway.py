@@ -29,6 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 from tenacity.wait import wait_base, wait_random_exponential
 
 from service.config import AppConfig, ArmConfig, ArmError
+from service.decision import arm_failed
 from service.llm.base import CallRequest, Completion, InputTooLong, LLMError, Provider
 from service.tasks import parse_answer
 
@@ -64,7 +65,7 @@ class CallResult:
     @property
     def arm_failed(self) -> bool:
         """Whether the arm the policy chose failed (whatever the fallback then did)."""
-        return self.status == "llm_error" or self.fallback_arm is not None
+        return arm_failed(self.status, self.fallback_arm)
 
 
 class CircuitBreaker:
