@@ -45,7 +45,7 @@ PROBE_TIMEOUT_S = 3.0
 class Health:
     """The dependencies' states (all up at first: the build has just used them) and the phase
     (``starting`` → ``serving`` → ``stopping``). ``on_change(dependency, up)`` is called on each
-    change of a dependency's state, after its line is logged (thread-safe)."""
+    change of a dependency's state, under the lock that changes it (keep it quick)."""
 
     def __init__(
         self,
@@ -73,6 +73,8 @@ class Health:
                 return None
             now = self._clock()
             self._lost_at[dependency] = None if up else now
+            if self._on_change is not None:  # with the state, so readers never see them differ
+                self._on_change(dependency, up)
         if up:
             line = f"{dependency} answers again after {now - lost_at:.1f} s"  # type: ignore[operator]
             log.info(line)
@@ -80,8 +82,6 @@ class Health:
             why = f" ({detail})" if detail else ""
             line = f"{dependency} cannot be reached{why}: not ready until it answers"
             log.warning(line)
-        if self._on_change is not None:
-            self._on_change(dependency, up)
         return line
 
     def reasons(self) -> list[str]:

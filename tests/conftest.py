@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import uuid
@@ -20,6 +21,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATABASE_URL = os.environ.get(
     "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs the CLI in-process gets its logging set up on the test's captured
+    stderr; that stream is closed after the test, and every later log line would then print a
+    "Logging error" traceback (slow enough to lose races in the fault tests)."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
