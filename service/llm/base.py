@@ -69,8 +69,13 @@ class Completion:
 
 @dataclass(frozen=True)
 class CallRequest:
+    """One call of one arm. ``max_tokens`` and ``temperature`` override the arm's own settings
+    for this call (a task's output limit, an HTTP request's fields); None keeps the arm's."""
+
     query_id: str
     prompt: Prompt
+    max_tokens: int | None = None
+    temperature: float | None = None
 
 
 class Provider(Protocol):
