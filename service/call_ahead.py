@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -27,6 +27,7 @@ from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
+from service.log.requests import reserved_ids
 from service.policy.base import Choice, Pricing
 from service.pricing import arm_prices
 from service.query_checks import choose_among, offered_arms
@@ -207,6 +208,27 @@ class CallAhead:
             raise RuntimeError(f"no call for {len(missing)} queries (batch too large?)")
         return [called[e.query_id] for e in events]
 
+    def call_one(
+        self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
+    ) -> Called:
+        """Embed, choose an arm for and call one query now, with the request's own output limit
+        and temperature (None: the arm's), and wait for its answer. Safe from any thread: it
+        keeps nothing in the calls started ahead (the HTTP door's queries are its own)."""
+        chosen = self._worker.submit(self._embed_and_choose, [event], False)
+        job = asyncio.run_coroutine_threadsafe(
+            self._call_one(chosen, max_tokens, temperature), self._loop
+        )
+        return job.result()
+
+    async def _call_one(
+        self, embedded: Future[list[Chosen]], max_tokens: int | None, temperature: float | None
+    ) -> Called:
+        (c,) = await asyncio.wrap_future(embedded)
+        request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
+        result = await self.gateway.call(c.choice.arm, request)
+        self.llm_calls += 1
+        return Called(c.choice, c.context, c.layout, request, result, c.pricing)
+
     async def _call_chosen(
         self,
         events: list[QueryEvent],
@@ -234,7 +256,8 @@ class CallAhead:
         rows = list(range(len(events)))
         if skip_decided:
             with self.engine.connect() as conn:
-                done = existing_query_ids(conn, [e.query_id for e in events])
+                ids = [e.query_id for e in events]
+                done = existing_query_ids(conn, ids) | reserved_ids(conn, ids)  # or the door's
             rows = [i for i in rows if events[i].query_id not in done]
         if not rows:
             return []

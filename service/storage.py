@@ -151,6 +151,20 @@ label_offsets = sa.Table(
     ),
 )
 
+# query ids the HTTP door reserved before calling (door/, service/log/requests.py): a retry
+# with the same id and body waits for or returns that decision; a lease bounds a dead owner
+http_requests = sa.Table(
+    "http_requests",
+    metadata,
+    sa.Column("query_id", sa.Text, primary_key=True),
+    sa.Column("body_sha256", sa.Text, nullable=False),
+    sa.Column("instance", sa.Text, nullable=False),
+    sa.Column(
+        "reserved_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=False),
+)
+
 service_counters = sa.Table(
     "service_counters",
     metadata,
