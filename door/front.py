@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from door.shapes import ChatRequest
+from service import metrics
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
 from service.log.decisions import stored_queries
 from service.log.requests import public_decision, release, reserve
@@ -109,10 +110,15 @@ class Front:
 
     def _call(self, event: QueryEvent, req: ChatRequest) -> Answer:
         try:
-            _, inserted = self.decider.decide_one(event, req.max_tokens, req.temperature)
+            decision, inserted = self.decider.decide_one(event, req.max_tokens, req.temperature)
         except BaseException:  # not stored: a retry need not wait for the lease
             release(self.engine, event.query_id, self.instance)
             raise
+        if inserted:  # counted as the Kafka path counts its decisions
+            metrics.DECISIONS.labels(decision.arm, decision.status).inc()
+            metrics.COST.labels(decision.arm).inc(decision.cost_usd)
+            if decision.latency_ms is not None:
+                metrics.LLM_LATENCY.labels(decision.arm).observe(decision.latency_ms / 1000)
         with self.engine.connect() as conn:
             row = public_decision(conn, event.query_id)
         assert row is not None  # stored by this call or, first, by another instance

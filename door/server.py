@@ -27,12 +27,18 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import Counter
 
 from door import shapes
 from door.front import Conflict, Front, StillInFlight
 from service.events import InvalidEvent
 
 log = logging.getLogger(__name__)
+
+#: on the metrics port with the service's other metrics
+HTTP_REQUESTS = Counter(
+    "metallm_http_requests", "Requests the HTTP door answered", ["endpoint", "status"]
+)
 
 #: what a saturated door asks a client to wait before trying again, in seconds
 RETRY_AFTER_S = 1
@@ -121,8 +127,15 @@ class Door:
 
     async def _guard(self, request: Request, call_next: Callable) -> Response:
         """Keys, then the in-flight limit, for every /v1 request."""
-        if not request.url.path.startswith("/v1/"):
+        path = request.url.path
+        if not path.startswith("/v1/"):
             return await call_next(request)
+        response = await self._admitted(request, call_next)
+        endpoint = "/v1/decisions" if path.startswith("/v1/decisions/") else path
+        HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def _admitted(self, request: Request, call_next: Callable) -> Response:
         if not self.authorized(request):
             return _error(401, "invalid or missing API key", "invalid_request_error")
         if self.in_flight >= self.max_in_flight:
