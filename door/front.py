@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy.engine import Connection
 
 from door.shapes import ChatRequest
+from door.store import GroupStore
 from service import metrics
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
 from service.log.decisions import stored_queries
-from service.log.requests import public_decision, release, reserve
+from service.log.requests import PUBLIC_COLUMNS, public_decision, release, reserve
 from service.pipeline import Decider, Learner
 from service.query_checks import difference, query_of
 
@@ -57,6 +59,7 @@ class Front:
         self.instance = instance
         self.timeout_s = timeout_s
         self.engine = decider.learning_log.engine
+        self.group = GroupStore(decider)
 
     @property
     def tasks(self) -> list[str]:
@@ -84,10 +87,11 @@ class Front:
         deadline = time.monotonic() + self.timeout_s
         lease = self.timeout_s + LEASE_MARGIN_S
         while True:
-            held = reserve(self.engine, qid, req.body_sha256, self.instance, lease)
-            if not held.same_body:
-                raise Conflict(f"query id {qid!r} was used with another request body")
-            row = self._stored(event)
+            with self.engine.begin() as conn:  # its own transaction: not the log's lock
+                held = reserve(conn, qid, req.body_sha256, self.instance, lease)
+                if not held.same_body:
+                    raise Conflict(f"query id {qid!r} was used with another request body")
+                row = self._stored(conn, event)  # Conflict: the reservation is undone
             if row is not None:
                 return Answer(row, False)
             if held.owned:
@@ -96,33 +100,34 @@ class Front:
                 raise StillInFlight(f"query id {qid!r} is still being answered by another request")
             time.sleep(WAIT_POLL_S)
 
-    def _stored(self, event: QueryEvent) -> dict[str, Any] | None:
+    def _stored(self, conn: Connection, event: QueryEvent) -> dict[str, Any] | None:
         """The stored decision of this query, or None; :class:`Conflict` if the id is another
         query's (decided through Kafka, say)."""
-        with self.engine.connect() as conn:
-            known = stored_queries(conn, [event.query_id]).get(event.query_id)
-            if known is None:
-                return None
-            reason = difference(known, query_of(event, self.decider.config), event.query_id)
-            if reason is not None:
-                raise Conflict(reason)
-            return public_decision(conn, event.query_id)
+        known = stored_queries(conn, [event.query_id]).get(event.query_id)
+        if known is None:
+            return None
+        reason = difference(known, query_of(event, self.decider.config), event.query_id)
+        if reason is not None:
+            raise Conflict(reason)
+        return public_decision(conn, event.query_id)
 
     def _call(self, event: QueryEvent, req: ChatRequest) -> Answer:
         try:
-            decision, inserted = self.decider.decide_one(event, req.max_tokens, req.temperature)
+            decision, failed = self.decider.call_one(event, req.max_tokens, req.temperature)
+            stored = self.group.store(decision, failed)
         except BaseException:  # not stored: a retry need not wait for the lease
             release(self.engine, event.query_id, self.instance)
             raise
-        if inserted:  # counted as the Kafka path counts its decisions
-            metrics.DECISIONS.labels(decision.arm, decision.status).inc()
-            metrics.COST.labels(decision.arm).inc(decision.cost_usd)
-            if decision.latency_ms is not None:
-                metrics.LLM_LATENCY.labels(decision.arm).observe(decision.latency_ms / 1000)
-        with self.engine.connect() as conn:
-            row = public_decision(conn, event.query_id)
-        assert row is not None  # stored by this call or, first, by another instance
-        return Answer(row, inserted)
+        if not stored:  # another instance stored this query's decision first
+            with self.engine.connect() as conn:
+                row = public_decision(conn, event.query_id)
+            assert row is not None
+            return Answer(row, False)
+        metrics.DECISIONS.labels(decision.arm, decision.status).inc()  # as the Kafka path
+        metrics.COST.labels(decision.arm).inc(decision.cost_usd)
+        if decision.latency_ms is not None:
+            metrics.LLM_LATENCY.labels(decision.arm).observe(decision.latency_ms / 1000)
+        return Answer({c: getattr(decision, c, None) for c in PUBLIC_COLUMNS}, True)
 
     def decision(self, query_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -142,3 +147,7 @@ class Front:
         else:
             status = "duplicate"  # the decision had its label: the first one counts
         return {"query_id": event.query_id, "status": status}
+
+    def close(self) -> None:
+        """Store the decisions waiting to be stored."""
+        self.group.close()

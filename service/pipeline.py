@@ -215,24 +215,28 @@ class Decider:
         metrics.QUERIES_AGAIN.labels("rejected").inc(len(rejected))
         return unique, repeats, rejected
 
-    def decide_one(
+    def call_one(
         self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
     ) -> tuple[Decision, bool]:
-        """Decide one query now (the HTTP door's, already validated), from any thread: call
-        the chosen arm with the request's own ``max_tokens`` and ``temperature``, store the
-        decision through the learning log like a batch's. Returns the decision and whether it
-        was stored (False: another instance stored this query's decision first)."""
+        """Call for one query now (the HTTP door's, already validated), from any thread, with
+        the request's own ``max_tokens`` and ``temperature``: its decision, not stored yet, and
+        whether the chosen arm failed. :meth:`store` stores it."""
         call = self.calling.call_one(event, max_tokens, temperature)
-        decision = self._decision(QueryRecord(event), call)
-        failed = [decision.query_id] if call.result.arm_failed else []
+        return self._decision(QueryRecord(event), call), call.result.arm_failed
+
+    def store(self, batch: list[Decision], failed: list[str]) -> set[str]:
+        """Store decisions made by :meth:`call_one` in one append to the learning log (with
+        the rewards of the arms that ``failed`` and the labels that waited for them), as a
+        batch's are stored. Returns the ids stored (not those another instance stored first)."""
         with self.learning_log.append(self.rewards) as tx:
-            stored = decision_sql.store_decisions(tx.conn, [decision], failed, tx.rewards)
+            stored = decision_sql.store_decisions(tx.conn, batch, failed, tx.rewards)
             tx.applied += stored.rewards
             tx.logged += stored.logged
         _log_rejected_early(stored.rejected_labels)
-        if decision.query_id not in stored.inserted:
-            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc()
-        return decision, decision.query_id in stored.inserted
+        lost = len(batch) - len(stored.inserted)
+        if lost:
+            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
+        return set(stored.inserted)
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""

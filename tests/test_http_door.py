@@ -270,7 +270,8 @@ def test_a_saturated_door_says_when_to_retry(services, arms):
 def test_the_kafka_decider_skips_an_id_the_door_holds(services, arms):
     a, _ = services
     q = QUERIES[12]
-    reserve(a.engine, q.query_id, "some-body", "door-b", lease_s=60)
+    with a.engine.begin() as conn:
+        reserve(conn, q.query_id, "some-body", "door-b", lease_s=60)
     event = QueryEvent.model_validate({"query_id": q.query_id, "text": q.text, "task": q.task})
     decided = a.decider.decide([QueryRecord(event, 0, 0)])
     assert decided.new == [] and decided.rejected[0][0] == 0

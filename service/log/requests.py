@@ -71,18 +71,20 @@ class Reservation:
     same_body: bool
 
 
-def reserve(engine: Engine, query_id: str, body_sha256: str, instance: str, lease_s: float):
+def reserve(
+    conn: Connection, query_id: str, body_sha256: str, instance: str, lease_s: float
+) -> Reservation:
     """Reserve ``query_id`` for a request with this body: a new id, or one whose lease ended
-    under the same body, is this request's (:attr:`Reservation.owned`)."""
-    with engine.begin() as conn:
-        got = conn.execute(
-            _RESERVE, {"q": query_id, "h": body_sha256, "i": instance, "s": lease_s}
-        ).first()
-        if got is not None:
-            return Reservation(True, True)
-        held = conn.execute(
-            sa.select(http_requests.c.body_sha256).where(http_requests.c.query_id == query_id)
-        ).scalar()
+    under the same body, is this request's (:attr:`Reservation.owned`) once ``conn``'s
+    transaction commits."""
+    got = conn.execute(
+        _RESERVE, {"q": query_id, "h": body_sha256, "i": instance, "s": lease_s}
+    ).first()
+    if got is not None:
+        return Reservation(True, True)
+    held = conn.execute(
+        sa.select(http_requests.c.body_sha256).where(http_requests.c.query_id == query_id)
+    ).scalar()
     return Reservation(False, held == body_sha256)
 
 
