@@ -1,8 +1,9 @@
 """The HTTP door's router-added latency, against an instant local OpenAI-compatible endpoint.
 
-One HTTP-only instance (the real service: MiniLM embedding, the default policy, Postgres) in
-front of ``ArmServer`` (tests/faults/harness.py, answering at once), driven by the official
-OpenAI SDK at a fixed rate of requests per second (open loop: each request leaves at its
+One HTTP-only instance (the real service: MiniLM embedding, the default policy, Postgres), in a
+process of its own, in front of ``ArmServer`` (tests/faults/harness.py, answering at once, in
+this process), driven by the official OpenAI SDK from this process at a fixed rate of requests
+per second (open loop: each request leaves at its
 time, whatever the others do). In the same run, at the same rates, the baseline: the same SDK
 calling the endpoint directly. For each request through the door:
 
@@ -88,69 +89,108 @@ def drive(rate: float, seconds: float, send) -> list[tuple[int, float, float]]:
     return out
 
 
-def run(rates: list[float], seconds: float) -> list[dict]:
-    import openai
+def serve(config: str, timings: str) -> None:
+    """The service's side, in a process of its own (the client and the endpoint stay in the
+    parent): build and start an HTTP-only instance from the environment's settings, tell the
+    door's port on stdout, serve until stdin closes, then write the embedding's timings."""
+    import json
 
+    from app.application import Application
+    from service.config import load_config
     from service.embedding import Embedder
-    from service.migrate import drop_schema, upgrade
     from service.settings import Settings
-    from tests.faults.harness import ArmServer, arm_config
+
+    settings = Settings()
+    embedder = TimedEmbedder(Embedder.from_settings(settings))
+    service = Application.build(settings, config=load_config(Path(config)), embedder=embedder)
+    service.start()
+    print(f"PORT {service.door.port}", flush=True)
+    sys.stdin.read()
+    service.stop()
+    Path(timings).write_text(json.dumps(embedder.seconds))
+
+
+def run(rates: list[float], seconds: float) -> list[dict]:
+    import json
+    import subprocess
+    import tempfile
+
+    from service.migrate import drop_schema, upgrade
+    from tests.faults.harness import ArmServer, arm_config, write_config
 
     arms = ArmServer({}, {a: 0.5 for a in ARMS}).start()
     schema = f"bench_door_{uuid.uuid4().hex[:8]}"
     upgrade(DATABASE_URL, schema)
-    settings = Settings(
-        database_url=DATABASE_URL,
-        database_schema=schema,
-        kafka_consumers=False,
-        http_port=0,
-        http_max_in_flight=256,
-        metrics_port=None,
-        progress_seconds=0,
+    folder = Path(tempfile.mkdtemp(prefix="metallm-door-bench-"))
+    config = write_config(
+        folder / "metallm.yaml",
+        arm_config(arms, ARMS, **{a: {"max_in_flight": 256} for a in ARMS}),
     )
-    embedder = TimedEmbedder(Embedder.from_settings(settings))
-    from app.application import Application
-    from service.config import parse_config
-
-    config = parse_config(arm_config(arms, ARMS, **{a: {"max_in_flight": 256} for a in ARMS}))
-    service = Application.build(settings, config=config, embedder=embedder)
-    service.start()
-    door = openai.OpenAI(
-        base_url=f"http://127.0.0.1:{service.door.port}/v1", api_key="-", max_retries=0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALLM_")}
+    env.update(
+        DATABASE_URL=DATABASE_URL,
+        METALLM_DATABASE_SCHEMA=schema,
+        METALLM_KAFKA_CONSUMERS="false",
+        METALLM_HTTP_PORT="0",
+        METALLM_HTTP_MAX_IN_FLIGHT="256",
+        METALLM_METRICS_PORT="off",
+        METALLM_PROGRESS_SECONDS="0",
+        PYTHONPATH=str(ROOT),
     )
-    direct = openai.OpenAI(base_url=arms.base_url("small"), api_key="-", max_retries=0)
-    rows = []
+    timings = folder / "embedding.json"
+    command = [sys.executable, __file__, "--serve", str(config), str(timings)]
+    child = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        for rate in rates:
-            tag = f"r{int(rate)}-{uuid.uuid4().hex[:4]}"
-
-            def text(i: int, tag: str = tag) -> str:
-                return f"[q-{tag}-{i}] The film was a delight, said reviewer {i}."
-
-            def via_direct(i: int) -> None:
-                direct.chat.completions.create(
-                    model="small", messages=[{"role": "user", "content": text(i) + " direct"}]
-                )
-
-            def via_door(i: int) -> None:
-                door.chat.completions.create(
-                    model="metallm/sentiment", messages=[{"role": "user", "content": text(i)}]
-                )
-
-            base = drive(rate, seconds, via_direct)
-            base_median = statistics.median(b - a for _, a, b in base)
-            calls_before = len(arms.calls)
-            timed = drive(rate, seconds, via_door)
-            at = {c.query_id: c.at for c in arms.calls[calls_before:] if c.query_id}
-            rows.append(summarise(rate, timed, at, tag, embedder, text, base_median))
+        assert child.stdout is not None and child.stdin is not None
+        line = child.stdout.readline().decode()
+        assert line.startswith("PORT "), f"the service did not start: {line!r}"
+        port = int(line.split()[1])
+        results = measure(arms, port, rates, seconds)
+        child.stdin.close()
+        child.wait(120)
+        spent = json.loads(timings.read_text())
     finally:
-        service.stop()
+        if child.poll() is None:
+            child.kill()
         arms.kill()
         drop_schema(DATABASE_URL, schema)
-    return rows
+    return [summarise(*r, spent) for r in results]
 
 
-def summarise(rate, timed, at, tag, embedder, text, base_median) -> dict:
+def measure(arms, port: int, rates: list[float], seconds: float) -> list[tuple]:
+    """Per rate: the direct calls' median, then the door's requests (sent, answered) and when
+    the arm took each one's call."""
+    import openai
+
+    door = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
+    direct = openai.OpenAI(base_url=arms.base_url("small"), api_key="-", max_retries=0)
+    out = []
+    for rate in rates:
+        tag = f"r{int(rate)}-{uuid.uuid4().hex[:4]}"
+
+        def text(i: int, tag: str = tag) -> str:
+            return f"[q-{tag}-{i}] The film was a delight, said reviewer {i}."
+
+        def via_direct(i: int, text=text) -> None:
+            direct.chat.completions.create(
+                model="small", messages=[{"role": "user", "content": text(i) + " direct"}]
+            )
+
+        def via_door(i: int, text=text) -> None:
+            door.chat.completions.create(
+                model="metallm/sentiment", messages=[{"role": "user", "content": text(i)}]
+            )
+
+        base = drive(rate, seconds, via_direct)
+        base_median = statistics.median(b - a for _, a, b in base)
+        calls_before = len(arms.calls)
+        timed = drive(rate, seconds, via_door)
+        at = {c.query_id: c.at for c in arms.calls[calls_before:] if c.query_id}
+        out.append((rate, timed, at, tag, text, base_median))
+    return out
+
+
+def summarise(rate, timed, at, tag, text, base_median, spent: dict[str, float]) -> dict:
     into, out, added, embed, bare = [], [], [], [], []
     for i, sent, answered in timed:
         qid = f"q-{tag}-{i}"
@@ -159,7 +199,7 @@ def summarise(rate, timed, at, tag, embedder, text, base_median) -> dict:
         into.append(at[qid] - sent)
         out.append(answered - at[qid])
         total = answered - sent - base_median
-        e = embedder.seconds.get(text(i), 0.0)
+        e = spent.get(text(i), 0.0)
         added.append(total)
         embed.append(e)
         bare.append(total - e)
@@ -199,16 +239,22 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[20.0, 50.0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--no-write", action="store_true", help="do not write the results")
+    parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "TIMINGS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.serve:
+        serve(*args.serve)
+        return
+    load_before = os.getloadavg()[0]
     rows = run(args.rates, args.seconds)
     text = table(rows)
     print(text)
     if not args.no_write:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        load = os.getloadavg()[0]
+        rates = " ".join(f"{r:g}" for r in args.rates)
+        load = f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
         RESULTS.write_text(
-            f"# HTTP door: router-added latency\n\n{when}, {os.cpu_count()} cores, load "
-            f"{load:.1f}; `benchmarks/http_door.py --rates {' '.join(f'{r:g}' for r in args.rates)}"
+            f"# HTTP door: router-added latency\n\n{when}, {os.cpu_count()} cores, load average "
+            f"{load} (before → after); `benchmarks/http_door.py --rates {rates}"
             f" --seconds {args.seconds:g}`. Baseline (direct): the OpenAI SDK calling the same "
             "instant endpoint without the router, in the same run.\n\n" + text + "\n"
         )

@@ -121,6 +121,11 @@ class CallAhead:
         # failed after calling: Postgres down, say). Only the consumer's thread reads or
         # changes it.
         self._started: dict[str, Started] = {}
+        # single queries (the HTTP door's) waiting to be embedded together, and whether a
+        # worker is about to take them
+        self._singles: list[tuple[QueryEvent, Future[Chosen]]] = []
+        self._singles_queued = False
+        self._single_lock = threading.Lock()
 
     def call_ahead(self, events: list[QueryEvent]) -> None:
         """Start embedding, choosing an arm for and calling each query of a batch that comes
@@ -213,17 +218,36 @@ class CallAhead:
     ) -> Called:
         """Embed, choose an arm for and call one query now, with the request's own output limit
         and temperature (None: the arm's), and wait for its answer. Safe from any thread: it
-        keeps nothing in the calls started ahead (the HTTP door's queries are its own)."""
-        chosen = self._worker.submit(self._embed_and_choose, [event], False)
+        keeps nothing in the calls started ahead (the HTTP door's queries are its own). The
+        queries that arrive while the ones before are embedded are embedded together."""
+        chosen: Future[Chosen] = Future()
+        with self._single_lock:
+            self._singles.append((event, chosen))
+            start, self._singles_queued = not self._singles_queued, True
+        if start:
+            self._worker.submit(self._embed_singles)
         job = asyncio.run_coroutine_threadsafe(
             self._call_one(chosen, max_tokens, temperature), self._loop
         )
         return job.result()
 
+    def _embed_singles(self) -> None:
+        """Embed and choose for every single query waiting (on the worker thread)."""
+        with self._single_lock:
+            waiting, self._singles, self._singles_queued = self._singles, [], False
+        try:
+            chosen = self._embed_and_choose([e for e, _ in waiting], False)
+        except BaseException as exc:
+            for _, done in waiting:
+                done.set_exception(exc)
+            return
+        for c in chosen:
+            waiting[c.row][1].set_result(c)
+
     async def _call_one(
-        self, embedded: Future[list[Chosen]], max_tokens: int | None, temperature: float | None
+        self, chosen: Future[Chosen], max_tokens: int | None, temperature: float | None
     ) -> Called:
-        (c,) = await asyncio.wrap_future(embedded)
+        c = await asyncio.wrap_future(chosen)
         request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
         result = await self.gateway.call(c.choice.arm, request)
         self.llm_calls += 1
