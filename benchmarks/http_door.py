@@ -17,8 +17,10 @@ calling the endpoint directly. For each request through the door:
 
     .venv/bin/python benchmarks/http_door.py                 # 20 and 50 req/s, 15 s each
     .venv/bin/python benchmarks/http_door.py --rates 20 50 100 --seconds 10
+    .venv/bin/python benchmarks/http_door.py --embedder hash   # without MiniLM's cost
 
-Results: ``benchmarks/results/http_door.md`` (``--no-write``: not written).
+Results: ``benchmarks/results/http_door.md``, or ``http_door_hash.md`` with ``--embedder hash``
+(``--no-write``: not written).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ def drive(rate: float, seconds: float, send) -> list[tuple[int, float, float]]:
     return out
 
 
-def serve(config: str, timings: str) -> None:
+def serve(config: str, timings: str, kind: str) -> None:
     """The service's side, in a process of its own (the client and the endpoint stay in the
     parent): build and start an HTTP-only instance from the environment's settings, tell the
     door's port on stdout, serve until stdin closes, then write the embedding's timings."""
@@ -101,7 +103,12 @@ def serve(config: str, timings: str) -> None:
     from service.settings import Settings
 
     settings = Settings()
-    embedder = TimedEmbedder(Embedder.from_settings(settings))
+    if kind == "hash":  # the router without MiniLM's cost (the fault tests' embedder)
+        from tests.faults.harness import HashEmbedder
+
+        embedder = TimedEmbedder(HashEmbedder())
+    else:
+        embedder = TimedEmbedder(Embedder.from_settings(settings))
     service = Application.build(settings, config=load_config(Path(config)), embedder=embedder)
     service.start()
     print(f"PORT {service.door.port}", flush=True)
@@ -110,7 +117,7 @@ def serve(config: str, timings: str) -> None:
     Path(timings).write_text(json.dumps(embedder.seconds))
 
 
-def run(rates: list[float], seconds: float) -> list[dict]:
+def run(rates: list[float], seconds: float, kind: str) -> list[dict]:
     import json
     import subprocess
     import tempfile
@@ -138,7 +145,7 @@ def run(rates: list[float], seconds: float) -> list[dict]:
         PYTHONPATH=str(ROOT),
     )
     timings = folder / "embedding.json"
-    command = [sys.executable, __file__, "--serve", str(config), str(timings)]
+    command = [sys.executable, __file__, "--serve", str(config), str(timings), kind]
     child = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
         assert child.stdout is not None and child.stdin is not None
@@ -239,26 +246,34 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[20.0, 50.0])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--no-write", action="store_true", help="do not write the results")
-    parser.add_argument("--serve", nargs=2, metavar=("CONFIG", "TIMINGS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--embedder",
+        choices=["minilm", "hash"],
+        default="minilm",
+        help="hash: feature hashing in place of MiniLM (the router's cost without the model)",
+    )
+    parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(*args.serve)
         return
     load_before = os.getloadavg()[0]
-    rows = run(args.rates, args.seconds)
+    rows = run(args.rates, args.seconds, args.embedder)
     text = table(rows)
     print(text)
+    results = RESULTS.with_name("http_door_hash.md") if args.embedder == "hash" else RESULTS
     if not args.no_write:
         when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
         rates = " ".join(f"{r:g}" for r in args.rates)
         load = f"{load_before:.1f} → {os.getloadavg()[0]:.1f}"
-        RESULTS.write_text(
+        results.write_text(
             f"# HTTP door: router-added latency\n\n{when}, {os.cpu_count()} cores, load average "
             f"{load} (before → after); `benchmarks/http_door.py --rates {rates}"
-            f" --seconds {args.seconds:g}`. Baseline (direct): the OpenAI SDK calling the same "
-            "instant endpoint without the router, in the same run.\n\n" + text + "\n"
+            f" --seconds {args.seconds:g} --embedder {args.embedder}`. Baseline (direct): the "
+            "OpenAI SDK calling the same instant endpoint without the router, in the same run."
+            "\n\n" + text + "\n"
         )
-        print(f"written to {RESULTS.relative_to(ROOT)}")
+        print(f"written to {results.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":
