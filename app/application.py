@@ -381,6 +381,7 @@ class Application:
         if self.door is not None:
             with waiting_for("the HTTP door's requests in flight"):
                 self.door.stop()
+                self.door.door.front.close()  # the decisions of its last calls stored
         for consumer in (self.queries, self.labels):
             if consumer is not None:
                 consumer.stop()

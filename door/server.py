@@ -243,5 +243,4 @@ class DoorServer:
         if self.thread.is_alive():
             self.thread.join(STOP_GRACE_S + 5)
         self.door.pool.shutdown(wait=False, cancel_futures=True)
-        self.door.front.close()
         self.socket.close()

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 
 from door.server import Door, DoorServer
+from door.shapes import body_hash
 from service.events import QueryEvent
 from service.log.requests import reserve
 from service.pipeline import QueryRecord
@@ -277,3 +278,27 @@ def test_the_kafka_decider_skips_an_id_the_door_holds(services, arms):
     assert decided.new == [] and decided.rejected[0][0] == 0
     assert "HTTP request" in decided.rejected[0][1]
     assert q.query_id not in arms.calls_by_query()
+
+
+def test_a_dead_instances_reservation_is_taken_over_when_its_lease_ends(services, engine, arms):
+    a, _ = services
+    q = QUERIES[13]
+    body = {"messages": [{"role": "user", "content": q.text}], "model": f"metallm/{q.task}"}
+    with engine.begin() as conn:  # reserved by an instance that died mid-call: lease over
+        reserve(conn, q.query_id, body_hash(body), "door-dead", lease_s=0)
+    reply = ask(client(a), q).parse()
+    assert reply.model_extra["metallm"]["replayed"] is False
+    assert arms.calls_by_query()[q.query_id] == 1
+    assert rows(engine, q.query_id)[0]["instance"] == "door-a"
+
+
+def test_metadata_query_id_is_the_id_without_the_header(services, engine):
+    a, _ = services
+    q = QUERIES[14]
+    reply = client(a).chat.completions.create(
+        model=f"metallm/{q.task}",
+        messages=[{"role": "user", "content": q.text}],
+        metadata={"query_id": q.query_id, "source": "test"},
+    )
+    assert reply.model_extra["metallm"]["query_id"] == q.query_id
+    assert rows(engine, q.query_id)[0]["metadata"] == {"source": "test"}
