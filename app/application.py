@@ -265,7 +265,6 @@ class Application:
             ]
         if s.http_port is not None:
             self.door = self._make_door().start()
-            log.info("HTTP door on http://%s:%d/v1", self.door.host, self.door.port)
         log.info(self.describe())
         self.health.serving()
         labels = self.labels
@@ -323,6 +322,7 @@ class Application:
             ),
             context=self.live.context.spec,
             metrics_port=None if self.metrics_server is None else self.metrics_server.port,
+            door=None if self.door is None else f"http://{self.door.host}:{self.door.port}/v1",
         )
 
     def _guard(self, consumer):
