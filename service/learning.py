@@ -47,7 +47,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service import metrics
 from service.context import LEGACY, ContextBuilder, ContextLayout
@@ -128,7 +128,7 @@ class LivePolicy:
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
         pacer = self.pacer
-        return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
+        return base if pacer is None else replace(base, lam=pacer.lam)
 
     def pricing(
         self,
