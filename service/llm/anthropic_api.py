@@ -27,8 +27,13 @@ class AnthropicProvider:
                 model=self.arm.model,
                 max_tokens=request.max_tokens or self.arm.max_output_tokens,
                 messages=[{"role": "user", "content": request.prompt.text}],
-                # the model's own temperature unless the call sets one (some models take none)
-                **({} if request.temperature is None else {"temperature": request.temperature}),
+                # the model's own temperature unless the call sets one; sent as an extra body
+                # field, since the SDK's typed parameters take none
+                **(
+                    {}
+                    if request.temperature is None
+                    else {"extra_body": {"temperature": request.temperature}}
+                ),
             )
         except self.sdk.AnthropicError as exc:
             raise sdk_error(exc, self.sdk, "anthropic", self._secrets) from None
