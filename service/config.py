@@ -154,7 +154,8 @@ class TaskConfig(BaseModel):
 class ArmConfig(BaseModel):
     """One arm: a model behind a provider, its prices and how it is called.
 
-    Keys (defaults): ``answer_mode`` generate | score (generate); ``calibrate`` (false);
+    Keys (defaults): ``answer_mode`` generate | score (generate; a score arm generates for an
+    open task, which has no answer set to score); ``calibrate`` (false);
     ``timeout_seconds`` per attempt (60); ``max_retries`` (2) with exponential backoff from
     ``retry_backoff_seconds`` (0.5) up to ``retry_backoff_max_seconds`` (8), full jitter;
     ``max_in_flight`` calls at once (16); circuit breaker: ``breaker_failures`` consecutive
