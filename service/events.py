@@ -23,6 +23,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails
 
 MAX_TEXT_CHARS = 32_768
 MAX_DEPTH = 64  # nesting of ``metadata``
@@ -148,12 +149,19 @@ class LabelEvent(_Event):
     score: float | None = Field(None, ge=0, le=1, strict=True)
     labeled_at: datetime | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _label_or_score_given(cls, data: Any) -> Any:
+        """Neither: told as a missing ``label`` (the field most events carry)."""
+        if isinstance(data, dict) and data.get("label") is None and data.get("score") is None:
+            missing = InitErrorDetails(type="missing", loc=("label",), input=data)
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        return data
+
     @model_validator(mode="after")
-    def _label_or_score(self) -> LabelEvent:
+    def _not_both(self) -> LabelEvent:
         if self.label is not None and self.score is not None:
             raise ValueError("a label event has exactly one of label and score, not both")
-        if self.label is None and self.score is None:
-            raise ValueError("a label event has a label or a score")
         return self
 
 

@@ -90,7 +90,7 @@ def test_the_context_window_check_counts_an_open_tasks_output_limit():
         (b'{"query_id": "q", "score": -0.1}', "score: Input should be greater than or equal to 0"),
         (b'{"query_id": "q", "score": "0.5"}', "score: Input should be a valid number"),
         (b'{"query_id": "q", "score": true}', "score: Input should be a valid number"),
-        (b'{"query_id": "q"}', "a label event has a label or a score"),
+        (b'{"query_id": "q"}', "label: Field required"),
         (b'{"query_id": "q", "label": "a", "score": 0.5}', "exactly one of label and score"),
     ],
 )
