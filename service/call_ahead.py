@@ -281,7 +281,9 @@ class CallAhead:
             return [(c, None) for c in choose_among(live.policy, offered, X)]
         out = []
         for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
-            pricing = live.pricing(self.rewards, self.prices, len(event.text), len(prompt.text))
+            pricing = live.pricing(
+                self.rewards, self.prices, len(event.text), len(prompt.text), event.task
+            )
             choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
             out.append((choice, pricing))
         return out
