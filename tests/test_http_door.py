@@ -60,7 +60,9 @@ def _instance(arms: ArmServer, schema: str, name: str):
         instance_id=name,
         progress_seconds=0,
     )
-    service = build_service(settings, arm_config(arms, ARMS))
+    config = arm_config(arms, ARMS)
+    config["tasks"] = {**config["tasks"], "chat": {"kind": "open"}}  # free-text answers
+    service = build_service(settings, config)
     service.start()
     return service
 
@@ -114,7 +116,7 @@ def test_an_http_only_instance_is_ready_without_a_broker(services):
     with urllib.request.urlopen(f"http://127.0.0.1:{a.door.port}/readyz") as ready:
         assert ready.status == 200
     names = [m.id for m in client(a).models.list()]
-    assert names == ["metallm", "metallm/sentiment", "metallm/yes_no"]
+    assert names == ["metallm", "metallm/sentiment", "metallm/yes_no", "metallm/chat"]
 
 
 def test_a_completion_is_routed_stored_and_answered(services, engine, arms):
@@ -239,7 +241,9 @@ def test_refusals(services):
     with pytest.raises(openai.APIStatusError) as big:
         ask(client(a), q, key="big", extra_body={"metadata": {"pad": "x" * 5000}})
     assert big.value.status_code == 413
-    with pytest.raises(openai.NotFoundError, match="metallm/sentiment, metallm/yes_no"):
+    with pytest.raises(
+        openai.NotFoundError, match="metallm/sentiment, metallm/yes_no, metallm/chat"
+    ):
         ask(client(a), q, model="metallm/nope")
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
     with pytest.raises(openai.BadRequestError, match="unsupported fields: tools"):
@@ -302,3 +306,18 @@ def test_metadata_query_id_is_the_id_without_the_header(services, engine):
     )
     assert reply.model_extra["metallm"]["query_id"] == q.query_id
     assert rows(engine, q.query_id)[0]["metadata"] == {"source": "test"}
+
+
+def test_an_open_task_answers_its_text_and_learns_a_score(services, engine):
+    a, b = services
+    q = QUERIES[15]
+    reply = ask(client(a), q, model="metallm/chat", max_tokens=64).parse()
+    (row,) = rows(engine, q.query_id)
+    assert row["task"] == "chat" and reply.choices[0].message.content == row["raw_output"]
+    with pytest.raises(openai.UnprocessableEntityError, match="score"):
+        client(b).post("/feedback", body={"query_id": q.query_id, "score": 1.5}, cast_to=object)
+    with pytest.raises(openai.UnprocessableEntityError):  # a label, and the task has no check
+        client(b).post("/feedback", body={"query_id": q.query_id, "label": "x"}, cast_to=object)
+    done = client(b).post("/feedback", body={"query_id": q.query_id, "score": 0.8}, cast_to=object)
+    assert done["status"] == "applied"
+    assert rows(engine, q.query_id)[0]["reward"] is not None
