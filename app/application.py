@@ -237,6 +237,7 @@ class Application:
             producer,
             s.decisions_topic,
             s.dlq_topic,
+            s.group_commit_ms,
         )
         self.labels = LabelConsumer(
             self.learner,

@@ -208,6 +208,12 @@ class Decider:
         metrics.QUERIES_AGAIN.labels("rejected").inc(len(rejected))
         return unique, repeats, rejected
 
+    def call_ended(self, event: QueryEvent) -> bool:
+        """Whether deciding ``event`` now would not wait for an LLM call: its call (started
+        ahead) has ended, or there is none to wait for. A group commit stores such events
+        (:meth:`decide` on them) while the calls of the others go on."""
+        return self.calling.ended(event)
+
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""
         return self.calling.abandon(query_ids)
@@ -236,6 +242,7 @@ class Decider:
                 "output_tokens": result.output_tokens,
                 "cost_usd": result.cost_usd,
                 "latency_ms": result.latency_ms,
+                "wait_ms": result.wait_ms,
                 "attempts": result.attempts,
                 "fallback_arm": result.fallback_arm,
                 "answer_scores": result.answer_scores,

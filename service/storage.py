@@ -80,6 +80,8 @@ decisions = sa.Table(
     # (NULL: a policy that does not price its choices, or a decision from before 0009)
     sa.Column("decision_lambda", sa.Float),
     sa.Column("estimated_cost_usd", sa.Float),
+    # the time the call queued for a free slot (latency_ms is the call's own; NULL: before 0010)
+    sa.Column("wait_ms", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),
