@@ -1,4 +1,5 @@
-"""The loop both consumers share: poll → validate → handle → publish → commit.
+"""The consumers' loop: poll → validate → handle → publish → commit (the query consumer's is
+:mod:`consumers.group_commit`, built on this one).
 
 Offsets are committed only after the batch's database transaction has committed and every
 message it produced (decisions, dead letters) is acknowledged by the broker, and only up to

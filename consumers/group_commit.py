@@ -84,7 +84,7 @@ class GroupCommitConsumer(BatchConsumer):
             if self._hand and time.monotonic() >= self._last_group + self.commit_interval_s:
                 self._store_ready()
             wait_s = self._wait_s()
-            if self._room():
+            if self._room() and not self.stop_event.is_set():
                 self._take_poll(wait_s)
             else:
                 self.stop_event.wait(wait_s)

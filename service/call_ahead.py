@@ -4,8 +4,10 @@ The first half of deciding a batch — embed → build the context → choose an
 runs in the background: embedding and choosing on worker threads, the calls on an event loop
 of their own thread, so they go on while the consumer stores the batch before.
 ``call_ahead(events)`` starts it for a batch that comes next; ``calls(events)`` returns each
-event's call (started ahead, or made now). A query is never sent twice by this process: the
-calls started are kept, by query id, until the decision is stored or the query is given up.
+event's call (started ahead, or made now), waiting for those calls only; ``ended(event)`` says
+whether that would wait (group commit stores the queries whose calls have ended). A query is
+never sent twice by this process: the calls started are kept, by query id, until the decision
+is stored or the query is given up.
 """
 
 from __future__ import annotations

@@ -151,7 +151,9 @@ class ArmServer:
     ``modes[arm]``: ``ok`` (answer; right with probability ``accuracy[arm]``, decided by a hash
     of arm and query id), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
-    ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length). A
+    ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length).
+    ``delay_ids[query_id]`` delays one query's answer by so many seconds, whatever its arm's
+    mode; ``answered_at`` holds when each query was last answered (``time.time()``). A
     caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
     its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
@@ -170,6 +172,8 @@ class ArmServer:
         self.modes: dict[str, str] = {arm: "ok" for arm in accuracy}
         self.delay: dict[str, float] = {arm: 0.0 for arm in accuracy}
         self.fail_ids: set[str] = set()  # queries every arm answers with HTTP 500
+        self.delay_ids: dict[str, float] = {}  # queries answered after so many seconds
+        self.answered_at: dict[str, float] = {}  # time.time() of each query's last answer
         self.epoch = 0
         self.calls: list[Call] = []
         self.in_flight = 0
@@ -275,7 +279,9 @@ class ArmServer:
         with self._lock:
             self.calls.append(Call(self.epoch, arm, qid, time.monotonic(), caller, time.time()))
         mode = self.modes.get(arm, "ok")
-        if mode == "slow":
+        if qid in self.delay_ids:
+            time.sleep(self.delay_ids[qid])
+        elif mode == "slow":
             time.sleep(self.delay[arm])
         if mode == "error" or qid in self.fail_ids:
             self._reply(h, 500, {"error": {"message": "internal error", "type": "server_error"}})
@@ -296,6 +302,7 @@ class ArmServer:
         else:
             answer = query.label if _unit(arm, qid) < self.accuracy.get(arm, 0.5) else query.wrong
         tokens_in = max(1, len(prompt) // 4)
+        self._answered(qid)
         self._reply(
             h,
             200,
@@ -318,6 +325,11 @@ class ArmServer:
                 },
             },
         )
+
+    def _answered(self, qid: str | None) -> None:
+        if qid is not None:
+            with self._lock:
+                self.answered_at[qid] = time.time()
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:

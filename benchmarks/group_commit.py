@@ -1,0 +1,240 @@
+"""Group commit (issue 26, item 4): from an LLM call's end to its decision being published.
+
+A burst of 64 queries against a local OpenAI-compatible endpoint that answers every call after
+200 ms (``ArmServer`` in "slow" mode), one arm with ``max_in_flight`` 8: the calls end in 8
+waves of 8. The burst is published before the service starts, so its first poll takes all 64.
+For each query, the delay is the time from the arm writing its answer (``answered_at``,
+``time.time()`` in this process) to the service sending the decision event (the event's
+``CreateTime`` timestamp, set by the service's producer when it sends, same clock).
+
+Two modes of the same service, side by side, interleaved run by run:
+
+- ``group commit`` (the default, ``METALLM_GROUP_COMMIT_MS=50``): every ≤ 50 ms, the queries
+  whose calls have ended are stored in one transaction and published;
+- ``whole batch`` (``METALLM_GROUP_COMMIT_MS=0``, how the service worked before): a poll's
+  batch is stored and published once its slowest call has ended.
+
+Target: p99 ≤ 100 ms with group commit. Prints p50, p99 and the maximum of each mode (medians
+over ``--repeats`` runs), the transactions each took, and the machine's load; asserts nothing.
+The in-process service (``tests.faults.harness.build_service``) uses the fault tests' hashing
+embedder: this is about storing and publishing, not embedding. Results go to
+``benchmarks/results/group_commit.md`` (``--no-write``: not).
+
+    .venv/bin/python benchmarks/group_commit.py              # 3 runs of each mode, ~1-2 min
+    .venv/bin/python benchmarks/group_commit.py --repeats 1 --no-write
+
+Needs Postgres (``METALLM_TEST_DATABASE_URL``, default postgresql://postgres@127.0.0.1/test);
+starts its own Tansu broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATABASE_URL = os.environ.get(
+    "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+BURST = 64
+ARM_DELAY_S = 0.2
+IN_FLIGHT = 8
+TARGET_P99_MS = 100.0
+MODES = {"group commit (50 ms)": 50, "whole batch (0)": 0}
+RESULTS = ROOT / "benchmarks" / "results" / "group_commit.md"
+log = logging.getLogger("group_commit")
+
+
+def quantile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (linear between order statistics)."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True)
+class Run:
+    mode: str
+    delays_ms: list[float]  # call's end → decision event sent, one per query
+    seconds: float  # the burst, from the service's start to its last decision stored
+    transactions: int  # decision transactions (groups, or batches)
+    to_decided_ms: list[float]  # call's end → its row built (decided_at), before the insert
+    to_sent_ms: list[float]  # decided_at → its event sent (the transaction, then the send)
+
+    @property
+    def p50(self) -> float:
+        return quantile(self.delays_ms, 0.5)
+
+    @property
+    def p99(self) -> float:
+        return quantile(self.delays_ms, 0.99)
+
+    @property
+    def worst(self) -> float:
+        return max(self.delays_ms)
+
+
+def run_once(bootstrap: str, mode: str, commit_ms: int) -> Run:
+    from consumers.kafka_io import create_topics, delete_topics
+    from service.migrate import drop_schema, upgrade
+    from service.settings import Settings, isolated_stream_names
+    from service.storage import make_engine
+    from tests.faults.harness import (
+        ArmServer,
+        arm_config,
+        build_service,
+        make_queries,
+        publish,
+        read_all,
+        wait_until,
+    )
+
+    tag = uuid.uuid4().hex[:8]
+    names = isolated_stream_names(f"group-{tag}")
+    schema = f"group_{tag}"
+    topics = [v for k, v in names.items() if k.endswith("_topic")]
+    upgrade(DATABASE_URL, schema)
+    create_topics(bootstrap, topics, 1)
+    queries = make_queries(BURST, prefix=f"q-{tag}")
+    server = ArmServer({q.query_id: q for q in queries}, {"arm": 0.8}).start()
+    server.modes["arm"], server.delay["arm"] = "slow", ARM_DELAY_S
+    config = arm_config(server, {"arm": (0.1, 0.2)}, arm={"max_in_flight": IN_FLIGHT})
+    settings = Settings(
+        kafka_bootstrap=bootstrap,
+        database_url=DATABASE_URL,
+        database_schema=schema,
+        metrics_port=None,
+        poll_max_records=BURST,
+        group_commit_ms=commit_ms,
+        topic_partitions=1,
+        **names,
+    )
+    engine = make_engine(DATABASE_URL, schema)
+    publish(bootstrap, names["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries])
+    service = build_service(settings, config)
+    started = time.monotonic()
+    service.start()
+    try:
+        wait_until(
+            lambda: service.decider.llm_calls >= BURST and _decided(engine) == BURST,
+            120,
+            "the burst decided",
+            interval=0.05,
+        )
+        seconds = time.monotonic() - started
+        events = read_all(bootstrap, names["decisions_topic"])
+        decided_at = _decided_at(engine)
+        queries_consumer = service.queries
+        transactions = queries_consumer.groups if commit_ms else queries_consumer.stats.batches
+    finally:
+        service.stop()
+        server.kill()
+        engine.dispose()
+        delete_topics(bootstrap, topics)
+        drop_schema(DATABASE_URL, schema)
+    sent = {e.key.decode(): e.timestamp / 1000 for e in events}
+    delays = [(sent[q] - server.answered_at[q]) * 1000 for q in sent]
+    if len(delays) != BURST:
+        raise AssertionError(f"{mode}: {len(delays)} decision events for {BURST} queries")
+    to_decided = [(decided_at[q] - server.answered_at[q]) * 1000 for q in sent]
+    to_sent = [(sent[q] - decided_at[q]) * 1000 for q in sent]
+    return Run(mode, delays, seconds, transactions, to_decided, to_sent)
+
+
+def _decided_at(engine) -> dict[str, float]:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        rows = conn.execute(sa.text("SELECT query_id, decided_at FROM decisions"))
+        return {r.query_id: r.decided_at.timestamp() for r in rows}
+
+
+def _decided(engine) -> int:
+    import sqlalchemy as sa
+
+    with engine.connect() as conn:
+        return int(conn.execute(sa.text("SELECT count(*) FROM decisions")).scalar_one())
+
+
+def p50_p99(runs: list[list[float]]) -> str:
+    """The medians over runs of each run's p50 and p99."""
+    p50 = statistics.median(quantile(r, 0.5) for r in runs)
+    p99 = statistics.median(quantile(r, 0.99) for r in runs)
+    return f"{p50:.1f} / {p99:.1f} ms"
+
+
+def table(runs: dict[str, list[Run]]) -> list[str]:
+    med = statistics.median
+    lines = [
+        "| mode | p50 | p99 | max | end → decided_at p50 / p99 | decided_at → sent p50 / p99 "
+        "| transactions | burst |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, rs in runs.items():
+        decided = p50_p99([r.to_decided_ms for r in rs])
+        sent = p50_p99([r.to_sent_ms for r in rs])
+        lines.append(
+            f"| {mode} | {med(r.p50 for r in rs):.1f} ms | {med(r.p99 for r in rs):.1f} ms "
+            f"| {med(r.worst for r in rs):.1f} ms | {decided} | {sent} "
+            f"| {med(r.transactions for r in rs):.0f} | {med(r.seconds for r in rs):.2f} s |"
+        )
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from producers.local_broker import LocalBroker
+
+    runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
+    with LocalBroker() as broker:
+        for i in range(args.repeats):
+            for mode, commit_ms in MODES.items():  # interleaved: the machine is shared
+                run = run_once(broker.bootstrap, mode, commit_ms)
+                runs[mode].append(run)
+                print(
+                    f"run {i + 1} {mode}: p50 {run.p50:.1f} ms, p99 {run.p99:.1f} ms, "
+                    f"max {run.worst:.1f} ms, {run.transactions} transactions, "
+                    f"{run.seconds:.2f} s (load {os.getloadavg()[0]:.1f})",
+                    flush=True,
+                )
+    group, batch = (runs[m] for m in MODES)
+    p99_group = statistics.median(r.p99 for r in group)
+    p50_ratio = statistics.median(r.p50 for r in batch) / statistics.median(r.p50 for r in group)
+    p99_ratio = statistics.median(r.p99 for r in batch) / p99_group
+    lines = table(runs)
+    verdict = "met" if p99_group <= TARGET_P99_MS else "missed"
+    summary = [
+        "",
+        f"whole batch / group commit: p50 {p50_ratio:.1f}×, p99 {p99_ratio:.1f}×",
+        f"target: p99 ≤ {TARGET_P99_MS:.0f} ms with group commit: {verdict} ({p99_group:.1f} ms)",
+        f"load average: {' '.join(f'{x:.1f}' for x in os.getloadavg())}",
+    ]
+    print("\n".join(lines + summary))
+    if not args.no_write:
+        RESULTS.write_text(
+            "# group_commit\n\n"
+            f"A burst of {BURST} queries, one arm answering in {ARM_DELAY_S * 1000:.0f} ms with "
+            f"`max_in_flight` {IN_FLIGHT}: from a call's end (the arm's answer) to its decision "
+            f"event being sent, medians of {args.repeats} interleaved runs "
+            "(`benchmarks/group_commit.py`).\n\n" + "\n".join(lines + summary) + "\n"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
