@@ -2,7 +2,9 @@
 
 A burst of 64 queries against a local OpenAI-compatible endpoint that answers every call after
 200 ms (``ArmServer`` in "slow" mode), one arm with ``max_in_flight`` 8: the calls end in 8
-waves of 8. The burst is published before the service starts, so its first poll takes all 64.
+waves of 8. The service is warmed up with one query first (its connections open, its
+statements prepared, the decisions topic's metadata known), then the burst is published at
+once.
 For each query, the delay is the time from the arm writing its answer (``answered_at``,
 ``time.time()`` in this process) to the service sending the decision event (the event's
 ``CreateTime`` timestamp, set by the service's producer when it sends, same clock).
@@ -16,8 +18,9 @@ Two modes of the same service, side by side, interleaved run by run:
 
 Target: p99 ≤ 100 ms with group commit. Prints p50, p99 and the maximum of each mode (medians
 over ``--repeats`` runs), the transactions each took, and the machine's load; asserts nothing.
-The in-process service (``tests.faults.harness.build_service``) uses the fault tests' hashing
-embedder: this is about storing and publishing, not embedding. Results go to
+The service is ``metallm serve`` in a process of its own (``tests/faults/serve.py``: the fault
+tests' hashing embedder, as this is about storing and publishing, not embedding); the arm
+server runs in this process. Transactions are counted from the rows' ``xmin``. Results go to
 ``benchmarks/results/group_commit.md`` (``--no-write``: not).
 
     .venv/bin/python benchmarks/group_commit.py              # 3 runs of each mode, ~1-2 min
@@ -34,6 +37,7 @@ import logging
 import os
 import statistics
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -67,7 +71,7 @@ def quantile(values: list[float], q: float) -> float:
 class Run:
     mode: str
     delays_ms: list[float]  # call's end → decision event sent, one per query
-    seconds: float  # the burst, from the service's start to its last decision stored
+    seconds: float  # the burst, from its publication to its last decision stored
     transactions: int  # decision transactions (groups, or batches)
     to_decided_ms: list[float]  # call's end → its row built (decided_at), before the insert
     to_sent_ms: list[float]  # decided_at → its event sent (the transaction, then the send)
@@ -85,19 +89,21 @@ class Run:
         return max(self.delays_ms)
 
 
-def run_once(bootstrap: str, mode: str, commit_ms: int) -> Run:
+def run_once(bootstrap: str, mode: str, commit_ms: int, folder: Path) -> Run:
     from consumers.kafka_io import create_topics, delete_topics
     from service.migrate import drop_schema, upgrade
-    from service.settings import Settings, isolated_stream_names
+    from service.settings import isolated_stream_names
     from service.storage import make_engine
     from tests.faults.harness import (
         ArmServer,
+        ServiceProcess,
         arm_config,
-        build_service,
         make_queries,
         publish,
         read_all,
+        service_env,
         wait_until,
+        write_config,
     )
 
     tag = uuid.uuid4().hex[:8]
@@ -107,57 +113,65 @@ def run_once(bootstrap: str, mode: str, commit_ms: int) -> Run:
     upgrade(DATABASE_URL, schema)
     create_topics(bootstrap, topics, 1)
     queries = make_queries(BURST, prefix=f"q-{tag}")
-    server = ArmServer({q.query_id: q for q in queries}, {"arm": 0.8}).start()
+    warm = make_queries(1, prefix=f"w-{tag}")[0]
+    server = ArmServer({q.query_id: q for q in [*queries, warm]}, {"arm": 0.8}).start()
     server.modes["arm"], server.delay["arm"] = "slow", ARM_DELAY_S
-    config = arm_config(server, {"arm": (0.1, 0.2)}, arm={"max_in_flight": IN_FLIGHT})
-    settings = Settings(
-        kafka_bootstrap=bootstrap,
-        database_url=DATABASE_URL,
-        database_schema=schema,
-        metrics_port=None,
+    config = write_config(
+        folder / f"{tag}.yaml",
+        arm_config(server, {"arm": (0.1, 0.2)}, arm={"max_in_flight": IN_FLIGHT}),
+    )
+    env = service_env(
+        bootstrap,
+        names,
+        DATABASE_URL,
+        schema,
+        config,
         poll_max_records=BURST,
         group_commit_ms=commit_ms,
         topic_partitions=1,
-        **names,
     )
     engine = make_engine(DATABASE_URL, schema)
-    publish(bootstrap, names["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries])
-    service = build_service(settings, config)
-    started = time.monotonic()
-    service.start()
+    service = ServiceProcess(env, folder / f"{tag}.log").start()
     try:
-        wait_until(
-            lambda: service.decider.llm_calls >= BURST and _decided(engine) == BURST,
-            120,
-            "the burst decided",
-            interval=0.05,
+        wait_until(lambda: service.serving, 120, "the service serving", alive=lambda: service.alive)
+        # one query first: the service warm (its connections, the decisions topic's metadata,
+        # the statements prepared), as a service in steady state is
+        publish(bootstrap, names["queries_topic"], [(warm.query_id.encode(), warm.event())])
+        wait_until(lambda: _decided(engine) == 1, 60, "the warm-up query decided", interval=0.05)
+        started = time.monotonic()
+        publish(
+            bootstrap, names["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries]
         )
+        wait_until(lambda: _decided(engine) == BURST + 1, 120, "the burst decided", interval=0.05)
         seconds = time.monotonic() - started
         events = read_all(bootstrap, names["decisions_topic"])
-        decided_at = _decided_at(engine)
-        queries_consumer = service.queries
-        transactions = queries_consumer.groups if commit_ms else queries_consumer.stats.batches
+        decided_at, transactions = _decided_at(engine)
+        service.terminate()
     finally:
-        service.stop()
+        service.kill()
         server.kill()
         engine.dispose()
         delete_topics(bootstrap, topics)
         drop_schema(DATABASE_URL, schema)
-    sent = {e.key.decode(): e.timestamp / 1000 for e in events}
+    burst = {q.query_id for q in queries}
+    sent = {e.key.decode(): e.timestamp / 1000 for e in events if e.key.decode() in burst}
     delays = [(sent[q] - server.answered_at[q]) * 1000 for q in sent]
     if len(delays) != BURST:
         raise AssertionError(f"{mode}: {len(delays)} decision events for {BURST} queries")
     to_decided = [(decided_at[q] - server.answered_at[q]) * 1000 for q in sent]
     to_sent = [(sent[q] - decided_at[q]) * 1000 for q in sent]
-    return Run(mode, delays, seconds, transactions, to_decided, to_sent)
+    return Run(mode, delays, seconds, transactions - 1, to_decided, to_sent)
 
 
-def _decided_at(engine) -> dict[str, float]:
+def _decided_at(engine) -> tuple[dict[str, float], int]:
+    """Each decision's ``decided_at``, and how many transactions stored them (their xmin)."""
     import sqlalchemy as sa
 
     with engine.connect() as conn:
-        rows = conn.execute(sa.text("SELECT query_id, decided_at FROM decisions"))
-        return {r.query_id: r.decided_at.timestamp() for r in rows}
+        rows = list(
+            conn.execute(sa.text("SELECT query_id, decided_at, xmin::text AS tx FROM decisions"))
+        )
+    return {r.query_id: r.decided_at.timestamp() for r in rows}, len({r.tx for r in rows})
 
 
 def _decided(engine) -> int:
@@ -201,10 +215,10 @@ def main() -> int:
     from producers.local_broker import LocalBroker
 
     runs: dict[str, list[Run]] = {mode: [] for mode in MODES}
-    with LocalBroker() as broker:
+    with LocalBroker() as broker, tempfile.TemporaryDirectory() as folder:
         for i in range(args.repeats):
             for mode, commit_ms in MODES.items():  # interleaved: the machine is shared
-                run = run_once(broker.bootstrap, mode, commit_ms)
+                run = run_once(broker.bootstrap, mode, commit_ms, Path(folder))
                 runs[mode].append(run)
                 print(
                     f"run {i + 1} {mode}: p50 {run.p50:.1f} ms, p99 {run.p99:.1f} ms, "

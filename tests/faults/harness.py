@@ -153,7 +153,7 @@ class ArmServer:
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
     ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length).
     ``delay_ids[query_id]`` delays one query's answer by so many seconds, whatever its arm's
-    mode; ``answered_at`` holds when each query was last answered (``time.time()``). A
+    mode; ``answered_at`` holds when each query's last answer was written (``time.time()``). A
     caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
     its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
@@ -192,6 +192,9 @@ class ArmServer:
 
             def setup(self) -> None:
                 super().setup()
+                # the reply's headers and body are two writes: without this, Nagle holds the
+                # body until the client's delayed ACK of the headers (~40 ms on Linux)
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with server._lock:
                     server._connections.add(self.connection)
 
@@ -302,7 +305,6 @@ class ArmServer:
         else:
             answer = query.label if _unit(arm, qid) < self.accuracy.get(arm, 0.5) else query.wrong
         tokens_in = max(1, len(prompt) // 4)
-        self._answered(qid)
         self._reply(
             h,
             200,
@@ -325,6 +327,7 @@ class ArmServer:
                 },
             },
         )
+        self._answered(qid)
 
     def _answered(self, qid: str | None) -> None:
         if qid is not None:
