@@ -145,7 +145,13 @@ def run_once(bootstrap: str, mode: str, commit_ms: int, folder: Path) -> Run:
         )
         wait_until(lambda: _decided(engine) == BURST + 1, 120, "the burst decided", interval=0.05)
         seconds = time.monotonic() - started
-        events = read_all(bootstrap, names["decisions_topic"])
+        events: list = []
+
+        def all_published() -> bool:  # the events follow their transaction by moments
+            events[:] = read_all(bootstrap, names["decisions_topic"])
+            return len(events) >= BURST + 1
+
+        wait_until(all_published, 60, "every decision published", interval=0.1)
         decided_at, transactions = _decided_at(engine)
         service.terminate()
     finally:

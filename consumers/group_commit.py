@@ -81,17 +81,27 @@ class GroupCommitConsumer(BatchConsumer):
             super().run()
             return
         while not self.stop_event.is_set():
+            stored = False
             if self._hand and time.monotonic() >= self._last_group + self.commit_interval_s:
-                self._store_ready()
+                stored = self._store_ready()
             wait_s = self._wait_s()
             if self._room() and not self.stop_event.is_set():
                 self._take_poll(wait_s)
             else:
                 self.stop_event.wait(wait_s)
-            if time.monotonic() >= self._next_housekeeping:
-                self._next_housekeeping = time.monotonic() + HOUSEKEEPING_EVERY_S
-                self.housekeeping()
+            self._housekeeping(stored)
         self._drain()
+
+    def _housekeeping(self, stored: bool) -> None:
+        """The lag gauges and periodic work, once a second: right after a group (the next is
+        an interval away) or with nothing held, so that it does not delay a group, unless it
+        is a second late."""
+        now = time.monotonic()
+        if now < self._next_housekeeping:
+            return
+        if stored or not self._hand or now >= self._next_housekeeping + HOUSEKEEPING_EVERY_S:
+            self._next_housekeeping = now + HOUSEKEEPING_EVERY_S
+            self.housekeeping()
 
     def _wait_s(self) -> float:
         """How long the loop may wait (in a poll) before it looks at the events held again:
@@ -140,11 +150,12 @@ class GroupCommitConsumer(BatchConsumer):
             self._validated[key] = event
         return self.ready(event)
 
-    def _store_ready(self) -> None:
-        """Store, publish and commit the events held whose work has ended, as one group."""
+    def _store_ready(self) -> bool:
+        """Store, publish and commit the events held whose work has ended, as one group.
+        Returns whether there were any."""
         group = [r for r in self._hand if self._ready(r)]
         if not group:
-            return
+            return False
         self._last_group = time.monotonic()
         try:
             self.process(group)
@@ -156,6 +167,7 @@ class GroupCommitConsumer(BatchConsumer):
             else:
                 self._failed("group commit failed; storing its events one at a time", len(group))
                 self._isolate(group)
+        return True
 
     def _isolate(self, group: list[ConsumerRecord]) -> None:
         try:
