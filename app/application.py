@@ -55,7 +55,7 @@ from service.log.transaction import LearningLog
 from service.metrics import DEPENDENCY_UP, MetricsServer
 from service.pacing import BudgetPacer
 from service.pipeline import Decider, Learner
-from service.reward import RewardSettings
+from service.reward import RewardSettings, task_scoring
 from service.settings import Settings
 from service.storage import make_engine
 
@@ -214,7 +214,9 @@ class Application:
         learning_log.name.claim()  # or InstanceNameTaken
         try:
             learning_log.restore()
-            rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
+            rewards = RewardSettings(
+                settings.reward_lambda, settings.cost_unit_usd, task_scoring(config.tasks)
+            )
             embedder = embedder or Embedder.from_settings(settings)
             decider = Decider(
                 config, learning_log, embedder, gateway, rewards, settings.too_long_text

@@ -288,8 +288,12 @@ class CallAhead:
             return []
         embeddings = self.vectors.embed([events[i].text for i in rows])
         prompts = [self._prompt(events[i]) for i in rows]
+        tasks = [self.config.tasks[events[i].task] for i in rows]
         offered = offered_arms(
-            self.config, self.gateway.available_arms(), [p.text for p in prompts]
+            self.config,
+            self.gateway.available_arms(),
+            [p.text for p in prompts],
+            [t.output_tokens for t in tasks],
         )
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
         with self.live.lock:  # the builder's statistics move as decisions are stored
@@ -297,9 +301,16 @@ class CallAhead:
             layout = self.live.context.spec
             priced = self._choose(offered, contexts, [events[i] for i in rows], prompts)
         return [
-            Chosen(i, choice, context, layout, CallRequest(events[i].query_id, prompt), pricing)
-            for i, (choice, pricing), context, prompt in zip(
-                rows, priced, contexts, prompts, strict=True
+            Chosen(
+                i,
+                choice,
+                context,
+                layout,
+                CallRequest(events[i].query_id, prompt, task.output_tokens, task.temperature),
+                pricing,
+            )
+            for i, (choice, pricing), context, prompt, task in zip(
+                rows, priced, contexts, prompts, tasks, strict=True
             )
         ]
 
@@ -318,7 +329,9 @@ class CallAhead:
             return [(c, None) for c in choose_among(live.policy, offered, X)]
         out = []
         for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
-            pricing = live.pricing(self.rewards, self.prices, len(event.text), len(prompt.text))
+            pricing = live.pricing(
+                self.rewards, self.prices, len(event.text), len(prompt.text), event.task
+            )
             choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
             out.append((choice, pricing))
         return out

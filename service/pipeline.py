@@ -112,6 +112,8 @@ class Decider:
         task = self.config.tasks[event.task]
         if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
             raise InvalidEvent("multiple choice takes at most 26 options")
+        if task.is_open and event.options:
+            raise InvalidEvent(f"task {event.task!r} is open-ended: its queries take no options")
         try:
             self.learning_log.live.context.check(event.task, event.metadata)
         except ContextError as exc:
@@ -123,12 +125,12 @@ class Decider:
         rejected with the reason or its text cut to fit the largest window."""
         task = self.config.tasks[event.task]
         prompt = build_prompt(task, event.text, event.options or task.labels).text
-        reason = too_long_reason(self.config, prompt)
+        reason = too_long_reason(self.config, prompt, task.output_tokens)
         if reason is None:
             return event
         if self.too_long_text != "truncate":
             raise InvalidEvent(reason)
-        text = truncated(event.text, prompt, self.config)
+        text = truncated(event.text, prompt, self.config, task.output_tokens)
         log.info(
             "%s: text cut from %d to %d characters", event.query_id, len(event.text), len(text)
         )

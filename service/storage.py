@@ -80,7 +80,10 @@ decisions = sa.Table(
     # (NULL: a policy that does not price its choices, or a decision from before 0009)
     sa.Column("decision_lambda", sa.Float),
     sa.Column("estimated_cost_usd", sa.Float),
-    # the time the call queued for a free slot (latency_ms is the call's own; NULL: before 0010)
+    # the score in [0, 1] its feedback gave: a score event, or an open task's check of its
+    # label (NULL: no feedback yet, a label's verdict is ``correct``, or before 0010)
+    sa.Column("score", sa.Float),
+    # the time the call queued for a free slot (latency_ms is the call's own; NULL: before 0011)
     sa.Column("wait_ms", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
@@ -89,6 +92,7 @@ decisions = sa.Table(
         "status IN ('ok', 'parse_error', 'llm_error', 'input_too_long')", name="known_status"
     ),
     sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    sa.CheckConstraint("score >= 0 AND score <= 1", name="score_in_0_1"),
     sa.Index("decisions_decided_at", "decided_at"),
     sa.Index("decisions_arm_task", "arm", "task"),
 )
@@ -97,7 +101,7 @@ pending_labels = sa.Table(
     "pending_labels",
     metadata,
     sa.Column("query_id", sa.Text, primary_key=True),
-    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("label", sa.Text),  # NULL: a score waits instead (0010)
     sa.Column("labeled_at", sa.DateTime(timezone=True)),
     sa.Column(
         "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
@@ -107,6 +111,8 @@ pending_labels = sa.Table(
     sa.Column("topic", sa.Text),
     sa.Column("partition", sa.Integer),
     sa.Column("kafka_offset", sa.BigInteger),
+    sa.Column("score", sa.Float),
+    sa.CheckConstraint("num_nonnulls(label, score) = 1", name="label_or_score"),
     sa.Index("pending_labels_received_at", "received_at"),
 )
 

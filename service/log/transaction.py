@@ -100,6 +100,7 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.cost_usd,
             decisions.c.status,
             decisions.c.fallback_arm,
+            decisions.c.score,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
@@ -113,9 +114,9 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             r,
             layout,
             float(age or 0.0),
-            *learned_outcome(correct, cost, status, fb),
+            *learned_outcome(correct, cost, status, fb, score),
         )
-        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb in rows
+        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, score in rows
     ]
 
 
