@@ -7,7 +7,7 @@ Several instances may run on one database and in one consumer group: they learn 
 through Postgres (:mod:`service.log`); a :class:`LogFollower` thread applies what the
 others store, and a :class:`Checkpointer` thread stores the policy's checkpoints.
 
-On stop: both consumers stop polling and finish their batch (its calls, commits and offsets),
+On stop: both consumers stop polling and finish what they hold (its calls, commits and offsets),
 then the policy catches up with the log and, on the checkpoint writer, is checkpointed.
 """
 
@@ -289,6 +289,7 @@ class Application:
             producer,
             s.decisions_topic,
             s.dlq_topic,
+            s.group_commit_ms,
         )
         self.labels = LabelConsumer(
             self.learner,
@@ -364,7 +365,7 @@ class Application:
             conn.execute(sa.text("SELECT 1"))
 
     def stop(self) -> None:
-        """Stop polling, finish the batch in hand, commit, checkpoint, close."""
+        """Stop polling, finish the events held, commit, checkpoint, close."""
         self.health.stopping()
         try:
             self._stop_consuming()

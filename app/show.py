@@ -41,6 +41,7 @@ DECISION_COLUMNS = [
     Column("prediction", "prediction", report.short_text(24), priority=2),
     Column("cost_usd", "cost", report.usd, priority=3, justify="right"),
     Column("latency_ms", "latency", report.duration_ms, priority=4, justify="right"),
+    Column("wait_ms", "wait", report.duration_ms, priority=6, justify="right"),
     Column("fallback_arm", "fallback", priority=6),
     Column("label", "label", report.short_text(24), priority=2),
     Column("correct", "correct", report.yes_no, priority=1),
@@ -126,6 +127,8 @@ def explain(settings: Settings, query_id: str) -> int:
     outcome = f"status {row.status}, answer {answer!r}, cost {report.usd(row.cost_usd)}"
     if row.latency_ms is not None:
         outcome += f", latency {report.duration_ms(row.latency_ms)}"
+    if row.wait_ms:
+        outcome += f" after waiting {report.duration_ms(row.wait_ms)} for a slot"
     if row.fallback_arm:
         outcome += f", answered by fallback {row.fallback_arm}"
     if row.label is not None:
@@ -150,6 +153,7 @@ STATS_COLUMNS = [
     Column("cost_per_decision", "cost/decision", report.usd, priority=3, justify="right"),
     Column("mean_reward", "mean reward", report.decimal(3), priority=3, justify="right"),
     Column("mean_latency_ms", "latency", report.duration_ms, priority=4, justify="right"),
+    Column("mean_wait_ms", "wait", report.duration_ms, priority=4, justify="right"),
     Column("failures", "failures", report.count, priority=5, justify="right"),
 ]
 HOURLY_KEYS = (

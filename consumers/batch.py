@@ -1,4 +1,5 @@
-"""The loop both consumers share: poll → validate → handle → publish → commit.
+"""The consumers' loop: poll → validate → handle → publish → commit (the query consumer's is
+:mod:`consumers.group_commit`, built on this one).
 
 Offsets are committed only after the batch's database transaction has committed and every
 message it produced (decisions, dead letters) is acknowledged by the broker, and only up to
@@ -425,13 +426,17 @@ class BatchConsumer:
         return record.topic, record.partition, record.offset
 
     def publish(self, outgoing: list[Outgoing], records: list[ConsumerRecord]) -> None:
-        """Send ``outgoing``, wait for the broker to take every message, then commit the
-        offsets just past ``records`` (and no further)."""
+        """Send ``outgoing``, wait for the broker to take every message, then :meth:`commit`
+        ``records``."""
         futures = [self.producer.send(o.topic, key=o.key, value=o.value) for o in outgoing]
         if futures:
             self.producer.flush()
         for future in futures:
             future.get(timeout=30)  # raises if the broker did not take it
+        self.commit(records)
+
+    def commit(self, records: list[ConsumerRecord]) -> None:
+        """Commit the offsets just past ``records``, stored and published (and no further)."""
         after: dict[TopicPartition, OffsetAndMetadata] = {}
         for r in records:
             tp = TopicPartition(r.topic, r.partition)

@@ -5,18 +5,22 @@ from __future__ import annotations
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.consumer.fetcher import ConsumerRecord
 
-from consumers.batch import BatchConsumer, Outgoing
+from consumers.batch import Outgoing
+from consumers.group_commit import GroupCommitConsumer
 from service import metrics
 from service.events import QueryEvent
 from service.pipeline import Decider, QueryRecord
 from service.settings import QUERY_BATCHES_HELD
 
 
-class QueryConsumer(BatchConsumer):
+class QueryConsumer(GroupCommitConsumer):
+    """Decides queries by group commit (:mod:`consumers.group_commit`): a query is stored and
+    its decision published in the first group after its own LLM call ended."""
+
     name = "queries"
-    # the next batches' LLMs are called while this one is stored. Two, so that a batch slow to
-    # store or publish (Postgres, the broker: 50–350 ms now and then) does not leave the
-    # embedder idle meanwhile
+    # with group commit off (METALLM_GROUP_COMMIT_MS=0): the next batches' LLMs are called
+    # while this one is stored. Two, so that a batch slow to store or publish (Postgres, the
+    # broker: 50–350 ms now and then) does not leave the embedder idle meanwhile
     lookahead = QUERY_BATCHES_HELD - 1
 
     def __init__(
@@ -26,8 +30,9 @@ class QueryConsumer(BatchConsumer):
         producer: KafkaProducer,
         decisions_topic: str,
         dlq_topic: str,
+        commit_interval_ms: int = 50,
     ) -> None:
-        super().__init__(consumer, producer, dlq_topic)
+        super().__init__(consumer, producer, dlq_topic, commit_interval_ms)
         self.decider = decider
         self.decisions_topic = decisions_topic
 
@@ -36,6 +41,9 @@ class QueryConsumer(BatchConsumer):
 
     def prepare(self, events: list[QueryEvent]) -> None:
         self.decider.call_ahead(events)
+
+    def ready(self, event: QueryEvent) -> bool:
+        return self.decider.call_ended(event)
 
     def abandon(self, records: list[ConsumerRecord]) -> None:
         ids = []

@@ -4,8 +4,10 @@ The first half of deciding a batch — embed → build the context → choose an
 runs in the background: embedding and choosing on worker threads, the calls on an event loop
 of their own thread, so they go on while the consumer stores the batch before.
 ``call_ahead(events)`` starts it for a batch that comes next; ``calls(events)`` returns each
-event's call (started ahead, or made now). A query is never sent twice by this process: the
-calls started are kept, by query id, until the decision is stored or the query is given up.
+event's call (started ahead, or made now), waiting for those calls only; ``ended(event)`` says
+whether that would wait (group commit stores the queries whose calls have ended). A query is
+never sent twice by this process: the calls started are kept, by query id, until the decision
+is stored or the query is given up.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,24 +71,55 @@ class Chosen:
 
 @dataclass(frozen=True)
 class Started:
-    """A query whose call was started: ``job`` gives the whole batch's, this one at ``row``
-    (None there: it was found decided before calling; an exception: that call failed)."""
+    """A query whose call was started: ``job`` is the whole batch's, ``end`` this one's,
+    resolved as soon as its own call ends (None: it was found decided before calling; an
+    exception: that call, or the batch's embedding, failed)."""
 
     event: QueryEvent
     job: Future[list[Called | BaseException | None]]
     row: int
+    end: Future[Called | BaseException | None]
 
     def result(self) -> Called | BaseException | None:
-        """Its call (waiting for it), the error it failed with, or None (found decided)."""
+        """Its call (waiting for it alone), the error it failed with, or None (found decided)."""
         try:
-            return self.job.result()[self.row]
+            return self.end.result()
         except BaseException as exc:  # the whole job failed (embedding, Postgres, cancelled)
             return exc
 
     @property
+    def ended(self) -> bool:
+        """Whether its call has ended (answered, failed, or found not needed)."""
+        return self.end.done()
+
+    @property
     def failed(self) -> bool:
-        """Whether it is known to have failed (a job not finished yet has not)."""
-        return self.job.done() and isinstance(self.result(), BaseException)
+        """Whether it is known to have failed (a call not ended yet has not)."""
+        return self.end.done() and isinstance(self.result(), BaseException)
+
+
+def _settle(end: Future, outcome: Called | BaseException | None) -> None:
+    """Resolve a query's ``end`` with its outcome, unless it was resolved already."""
+    if end.done():
+        return
+    try:
+        if isinstance(outcome, BaseException):
+            end.set_exception(outcome)
+        else:
+            end.set_result(outcome)
+    except InvalidStateError:  # resolved meanwhile by the job's own end
+        pass
+
+
+def _settle_all(job: Future, ends: list[Future]) -> None:
+    """When a batch's job is over, every query's ``end`` is resolved: with the job's error
+    (embedding or Postgres failed, or it was cancelled) for those it did not reach."""
+    try:
+        outcome: BaseException | None = job.exception()
+    except BaseException as exc:  # cancelled
+        outcome = exc
+    for end in ends:
+        _settle(end, outcome if outcome is not None else RuntimeError("no call was made"))
 
 
 class CallAhead:
@@ -140,6 +173,12 @@ class CallAhead:
         if fresh:
             self._start(list(fresh.values()), skip_decided=True)
 
+    def ended(self, event: QueryEvent) -> bool:
+        """Whether storing ``event`` would not wait for a call: its call has ended, or none
+        is kept for it (stored before, given up, or to be made when it is decided)."""
+        pending = self._started.get(event.query_id)
+        return pending is None or pending.ended
+
     def forget(self, query_ids) -> None:
         """Drop the calls of queries whose decision is stored (or was found stored)."""
         for qid in query_ids:
@@ -179,10 +218,12 @@ class CallAhead:
         # loop may be busy sending the batch before's calls, and the embedder must not wait
         # for it (benchmarks/pipeline_throughput (a))
         chosen = self._worker.submit(self._embed_and_choose, events, skip_decided)
-        job = asyncio.run_coroutine_threadsafe(self._call_chosen(events, chosen), self._loop)
+        ends: list[Future[Called | BaseException | None]] = [Future() for _ in events]
+        job = asyncio.run_coroutine_threadsafe(self._call_chosen(events, chosen, ends), self._loop)
+        job.add_done_callback(lambda done: _settle_all(done, ends))
         for row, event in enumerate(events):
             self._started.pop(event.query_id, None)
-            self._started[event.query_id] = Started(event, job, row)
+            self._started[event.query_id] = Started(event, job, row, ends[row])
         while len(self._started) > MAX_QUERIES_KEPT:  # bounded: oldest first
             self._started.pop(next(iter(self._started)))
 
@@ -257,21 +298,28 @@ class CallAhead:
         self,
         events: list[QueryEvent],
         embedded: Future[list[Chosen]],
+        ends: list[Future[Called | BaseException | None]],
     ) -> list[Called | BaseException | None]:
-        """Call the arm chosen for each event, once the worker has embedded and chosen."""
+        """Call the arm chosen for each event, once the worker has embedded and chosen; each
+        event's ``end`` is resolved as soon as its own call ends (those not called, at once)."""
         chosen = await asyncio.wrap_future(embedded)
-        results = await asyncio.gather(  # one call raising (a bug) must not lose the others
-            *(self.gateway.call(c.choice.arm, c.request) for c in chosen),
-            return_exceptions=True,
-        )
-        self.llm_calls += len(results)
         out: list[Called | BaseException | None] = [None] * len(events)
-        for c, result in zip(chosen, results, strict=True):
-            out[c.row] = (
-                result
-                if isinstance(result, BaseException)
-                else Called(c.choice, c.context, c.layout, c.request, result, c.pricing)
-            )
+        called = {c.row for c in chosen}
+        for row, end in enumerate(ends):
+            if row not in called:
+                _settle(end, None)
+
+        async def one(c: Chosen) -> None:
+            try:
+                result = await self.gateway.call(c.choice.arm, c.request)
+            except Exception as exc:  # a bug in one call must not lose the others
+                out[c.row] = exc
+            else:
+                out[c.row] = Called(c.choice, c.context, c.layout, c.request, result, c.pricing)
+            self.llm_calls += 1
+            _settle(ends[c.row], out[c.row])
+
+        await asyncio.gather(*(one(c) for c in chosen))
         return out
 
     def _embed_and_choose(self, events: list[QueryEvent], skip_decided: bool) -> list[Chosen]:

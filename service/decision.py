@@ -120,6 +120,9 @@ class Decision:
     decision_lambda: float | None = None
     #: the chosen arm's call cost as estimated before the call (None: not priced)
     estimated_cost_usd: float | None = None
+    #: the time the call queued for a free slot before it was sent (``latency_ms`` is the
+    #: call's own time); None: not recorded (a decision from before 0011)
+    wait_ms: float | None = None
 
     def row(self) -> dict[str, Any]:
         """The row to insert, column by column (the answer and the error :func:`capped`)."""

@@ -8,10 +8,15 @@ update the policy; a label with no decision yet waits in ``pending_labels``. Bot
 the learning log's one append transaction (:meth:`LearningLog.append`).
 
 Calls ahead (:mod:`service.call_ahead`): ``call_ahead(events)`` starts the first half (embed
-→ choose → call) of a batch that comes next, in the background, while the batch before it is
-stored and committed; its ``decide`` then finds the calls made (or in flight) and only stores.
-The LLM calls of two batches so overlap, within the gateway's bounds; what is stored and
-committed, and in which order, does not change.
+→ choose → call) of queries as soon as they are polled, in the background; ``decide`` then
+finds the calls made (or in flight) and only stores. The query consumer stores by group commit
+(:mod:`consumers.group_commit`): it asks :meth:`Decider.call_ended` which queries held need no
+more waiting and calls ``decide`` on those, so an answer waits for its own call only. Any
+caller may ``decide`` any list of queries (one query, a whole batch): it waits for their calls.
+
+A committed decision is never called again (invariant 5): ``decide`` asks Postgres which
+queries are decided before calling (their stored events are returned to publish again), and a
+process calls a query at most once (its call is kept until its decision is stored).
 """
 
 from __future__ import annotations
@@ -240,6 +245,12 @@ class Decider:
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
         return set(stored.inserted)
 
+    def call_ended(self, event: QueryEvent) -> bool:
+        """Whether deciding ``event`` now would not wait for an LLM call: its call (started
+        ahead) has ended, or there is none to wait for. A group commit stores such events
+        (:meth:`decide` on them) while the calls of the others go on."""
+        return self.calling.ended(event)
+
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""
         return self.calling.abandon(query_ids)
@@ -268,6 +279,7 @@ class Decider:
                 "output_tokens": result.output_tokens,
                 "cost_usd": result.cost_usd,
                 "latency_ms": result.latency_ms,
+                "wait_ms": result.wait_ms,
                 "attempts": result.attempts,
                 "fallback_arm": result.fallback_arm,
                 "answer_scores": result.answer_scores,

@@ -71,7 +71,11 @@ class Settings(BaseSettings):
     labels_group: str = "metallm-learners"
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 3_000
-    poll_max_records: int = Field(64, ge=1, le=MAX_POLL_RECORDS)  # queries decided together
+    poll_max_records: int = Field(64, ge=1, le=MAX_POLL_RECORDS)  # queries polled together
+    # group commit (consumers/group_commit.py): every this many ms at most, the queries whose
+    # calls have ended are stored in one transaction and published. 0: each poll's batch is
+    # stored whole, once all its calls have ended (fewer transactions, answers wait longer)
+    group_commit_ms: int = Field(50, ge=0, le=10_000)
     # labels applied together (one transaction each): a label costs far less than a query
     labels_poll_max_records: int = Field(1000, ge=1, le=MAX_POLL_RECORDS)
 

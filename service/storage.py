@@ -83,6 +83,8 @@ decisions = sa.Table(
     # the score in [0, 1] its feedback gave: a score event, or an open task's check of its
     # label (NULL: no feedback yet, a label's verdict is ``correct``, or before 0010)
     sa.Column("score", sa.Float),
+    # the time the call queued for a free slot (latency_ms is the call's own; NULL: before 0011)
+    sa.Column("wait_ms", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),

@@ -43,6 +43,7 @@ def decided(engine):
                         "prediction": "a",
                         "cost_usd": cost,
                         "latency_ms": 100.0 * (i + 1),
+                        "wait_ms": 10.0 * (i + 1),
                         "embedding_model": "m",
                         "context": storage.vector_to_bytes(np.zeros(2)),
                         "label": None if correct is None else "a",
@@ -65,6 +66,7 @@ def test_arm_summary_view(decided):
     assert cheap["cost_usd"] == pytest.approx(0.002)
     assert cheap["mean_reward"] == pytest.approx(0.4)
     assert cheap["mean_latency_ms"] == pytest.approx(200.0)
+    assert cheap["mean_wait_ms"] == pytest.approx(20.0)  # the wait for a slot, apart
     assert {(h["arm"], h["decisions"]) for h in hourly} == {("cheap", 3), ("strong", 1)}
     assert sum(h["share"] for h in hourly) == pytest.approx(1.0)
 

@@ -58,13 +58,16 @@ class MissingExtra(RuntimeError):
 class Completion:
     """What a model answered, with its usage. ``cost_usd`` is set only by providers that know
     the real cost (replay); otherwise it is priced from the arm's config and the token counts.
-    ``scores`` holds the per-answer log-scores of option scoring, when that mode was used."""
+    ``scores`` holds the per-answer log-scores of option scoring, when that mode was used.
+    ``waited_ms``: how long the request queued inside the provider before its model took it
+    (a local model serves one call at a time), counted as waiting, not as the call's latency."""
 
     text: str
     input_tokens: int = 0
     output_tokens: int = 0
     cost_usd: float | None = None
     scores: dict[str, float] | None = None
+    waited_ms: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -46,9 +46,11 @@ class CallResult:
 
     ``status`` and ``prediction`` describe the answer served (from the fallback when the chosen
     arm failed); an open task's answer is ``raw_output`` (``prediction`` None, ``status`` ok).
-    ``attempts`` counts every request sent for it, retries and fallback included;
-    ``fallback_arm`` is set when the chosen arm failed and the fallback was asked; ``error``
-    then says why the chosen arm failed.
+    ``latency_ms`` is the call's own time (its attempts, the back-off between them and the
+    fallback's); ``wait_ms`` the time it queued for a free slot (the arm's and the gateway's
+    ``max_in_flight``, a local model's one call at a time). ``attempts`` counts every request
+    sent for it, retries and fallback included; ``fallback_arm`` is set when the chosen arm
+    failed and the fallback was asked; ``error`` then says why the chosen arm failed.
     """
 
     status: str  # ok | parse_error | llm_error | input_too_long
@@ -62,6 +64,7 @@ class CallResult:
     attempts: int = 1
     fallback_arm: str | None = None
     answer_scores: dict[str, float] | None = None
+    wait_ms: float = 0.0
 
     @property
     def arm_failed(self) -> bool:
@@ -185,6 +188,9 @@ class _Latency:
     def ms(self) -> float:
         return (time.perf_counter() - self.start - self.queued) * 1000
 
+    def wait_ms(self) -> float:
+        return self.queued * 1000
+
 
 @dataclass
 class _ArmOutcome:
@@ -194,7 +200,7 @@ class _ArmOutcome:
     too_long: bool = False  # the arm refused the prompt: longer than its context window
 
 
-def _too_long(outcome: _ArmOutcome, latency_ms: float) -> CallResult:
+def _too_long(outcome: _ArmOutcome, latency: _Latency) -> CallResult:
     """A call the chosen arm refused for the prompt's length: no fallback (the prompt is the
     problem, not the arm), no cost, and nothing for the policy to learn."""
     return CallResult(
@@ -204,9 +210,10 @@ def _too_long(outcome: _ArmOutcome, latency_ms: float) -> CallResult:
         input_tokens=None,
         output_tokens=None,
         cost_usd=0.0,
-        latency_ms=latency_ms,
+        latency_ms=latency.ms(),
         error=outcome.error,
         attempts=outcome.attempts,
+        wait_ms=latency.wait_ms(),
     )
 
 
@@ -323,9 +330,11 @@ class Gateway:
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
             try:
-                return await asyncio.wait_for(
+                completion = await asyncio.wait_for(
                     self.providers[name].complete(request), timeout=arm.timeout_seconds
                 )
+                latency.queued += completion.waited_ms / 1000  # a local model's own queue
+                return completion
             except TimeoutError:
                 raise LLMError(f"timed out after {arm.timeout_seconds:g} s", True) from None
             except LLMError:
@@ -393,7 +402,7 @@ class Gateway:
         error = outcome.error
         attempts = outcome.attempts
         if outcome.too_long:
-            return _too_long(outcome, latency.ms())
+            return _too_long(outcome, latency)
         if outcome.completion is None:
             fallback = self.config.fallback_for(arm_name)
             log.warning(
@@ -424,6 +433,7 @@ class Gateway:
                 error=error,
                 attempts=attempts,
                 fallback_arm=fallback,
+                wait_ms=latency.wait_ms(),
             )
         arm = self.arms[answered_by]
         cost = (
@@ -445,6 +455,7 @@ class Gateway:
             attempts=attempts,
             fallback_arm=fallback,
             answer_scores=completion.scores,
+            wait_ms=latency.wait_ms(),
         )
 
     async def aclose(self) -> None:

@@ -10,7 +10,9 @@ without a grammar, in either mode):
   answer after a content-free input (see :mod:`service.llm.scoring`).
 
 One model instance serves one call at a time (llama.cpp contexts are not thread-safe); calls
-run in a worker thread so the event loop keeps going.
+run in a worker thread so the event loop keeps going. The time a call waits for the model is
+told apart from its own (``Completion.waited_ms``): a burst queued on a local model does not
+show as a slow model.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
+from dataclasses import replace
 from functools import lru_cache
 
 import numpy as np
@@ -84,19 +88,18 @@ class LlamaCppProvider:
             "max_tokens": max_tokens,
             "temperature": 0.0 if request.temperature is None else request.temperature,
         }
-        with self._lock:
-            try:
-                if self.chat:
-                    out = self._llm.create_chat_completion(
-                        messages=[{"role": "user", "content": prompt.text}], **sampling
-                    )
-                    text = out["choices"][0]["message"]["content"] or ""
-                else:
-                    out = self._llm.create_completion(prompt.text, **sampling)
-                    text = out["choices"][0]["text"]
-            except ValueError as exc:  # e.g. prompt longer than the context window
-                error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
-                raise error(f"llama.cpp rejected the call: {exc}") from None
+        try:
+            if self.chat:
+                out = self._llm.create_chat_completion(
+                    messages=[{"role": "user", "content": prompt.text}], **sampling
+                )
+                text = out["choices"][0]["message"]["content"] or ""
+            else:
+                out = self._llm.create_completion(prompt.text, **sampling)
+                text = out["choices"][0]["text"]
+        except ValueError as exc:  # e.g. prompt longer than the context window
+            error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
+            raise error(f"llama.cpp rejected the call: {exc}") from None
         usage = out.get("usage") or {}
         return Completion(
             text=text.strip(),
@@ -164,16 +167,15 @@ class LlamaCppProvider:
         return scores, evaluated
 
     def _score(self, prompt: Prompt) -> Completion:
-        with self._lock:
-            scores, evaluated = self._answer_logprobs(prompt.text, prompt.answers)
-            calibration = None
-            if self.calibrate and prompt.content_free is not None:
-                key = (prompt.content_free, tuple(prompt.answers))
-                if key not in self._calibration:
-                    self._calibration[key], _ = self._answer_logprobs(
-                        prompt.content_free, prompt.answers
-                    )
-                calibration = self._calibration[key]
+        scores, evaluated = self._answer_logprobs(prompt.text, prompt.answers)
+        calibration = None
+        if self.calibrate and prompt.content_free is not None:
+            key = (prompt.content_free, tuple(prompt.answers))
+            if key not in self._calibration:
+                self._calibration[key], _ = self._answer_logprobs(
+                    prompt.content_free, prompt.answers
+                )
+            calibration = self._calibration[key]
         best = pick(scores, calibration)
         return Completion(
             text=best or "",
@@ -183,13 +185,19 @@ class LlamaCppProvider:
         )
 
     # ------------------------------------------------------------------ provider interface
-    def _call(self, request: CallRequest) -> Completion:
-        if self.answer_mode == "score" and not request.prompt.open:
-            return self._score(request.prompt)
-        return self._generate(request)
+    def _call(self, request: CallRequest, asked: float) -> Completion:
+        """One call, under the model's lock; the time from ``asked`` until the model took it
+        (a thread to run on, the calls before it) is told as ``waited_ms``."""
+        with self._lock:
+            waited_ms = (time.perf_counter() - asked) * 1000
+            if self.answer_mode == "score" and not request.prompt.open:
+                completion = self._score(request.prompt)
+            else:
+                completion = self._generate(request)
+        return replace(completion, waited_ms=waited_ms)
 
     async def complete(self, request: CallRequest) -> Completion:
-        return await asyncio.to_thread(self._call, request)
+        return await asyncio.to_thread(self._call, request, time.perf_counter())
 
     def close(self) -> None:
         self._llm.close()

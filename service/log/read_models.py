@@ -51,6 +51,7 @@ class DecisionDetails:
     error: str | None
     cost_usd: float
     latency_ms: float | None
+    wait_ms: float | None
     fallback_arm: str | None
     label: str | None
     correct: bool | None

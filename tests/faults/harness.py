@@ -154,7 +154,9 @@ class ArmServer:
     of arm and query id; the answer is the query's ``label`` or ``wrong``, free text for an
     open task's query), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
-    ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length). A
+    ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length).
+    ``delay_ids[query_id]`` delays one query's answer by so many seconds, whatever its arm's
+    mode; ``answered_at`` holds when each query's last answer was written (``time.time()``). A
     caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
     its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
@@ -173,6 +175,8 @@ class ArmServer:
         self.modes: dict[str, str] = {arm: "ok" for arm in accuracy}
         self.delay: dict[str, float] = {arm: 0.0 for arm in accuracy}
         self.fail_ids: set[str] = set()  # queries every arm answers with HTTP 500
+        self.delay_ids: dict[str, float] = {}  # queries answered after so many seconds
+        self.answered_at: dict[str, float] = {}  # time.time() of each query's last answer
         self.epoch = 0
         self.calls: list[Call] = []
         self.in_flight = 0
@@ -191,6 +195,9 @@ class ArmServer:
 
             def setup(self) -> None:
                 super().setup()
+                # the reply's headers and body are two writes: without this, Nagle holds the
+                # body until the client's delayed ACK of the headers (~40 ms on Linux)
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 with server._lock:
                     server._connections.add(self.connection)
 
@@ -289,7 +296,9 @@ class ArmServer:
                 )
             )
         mode = self.modes.get(arm, "ok")
-        if mode == "slow":
+        if qid in self.delay_ids:
+            time.sleep(self.delay_ids[qid])
+        elif mode == "slow":
             time.sleep(self.delay[arm])
         if mode == "error" or qid in self.fail_ids:
             self._reply(h, 500, {"error": {"message": "internal error", "type": "server_error"}})
@@ -332,6 +341,12 @@ class ArmServer:
                 },
             },
         )
+        self._answered(qid)
+
+    def _answered(self, qid: str | None) -> None:
+        if qid is not None:
+            with self._lock:
+                self.answered_at[qid] = time.time()
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:

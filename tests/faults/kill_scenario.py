@@ -41,6 +41,7 @@ from tests.faults.harness import (
     wait_until,
     write_config,
 )
+from tests.helpers import committed_offset
 
 ACCURACY = {"cheap": 0.6, "strong": 0.9}
 PRICES = {"cheap": (0.1, 0.2), "strong": (3.0, 6.0)}  # $ per 1M input / output tokens
@@ -94,6 +95,9 @@ class KillFigures:
     calls: int = 0
     duplicated_calls: int = 0  # calls for queries whose decision was already committed
     recalled_after_kill: int = 0  # queries in flight (not committed) at a kill, asked again
+    # offsets committed at a kill past a query with no decision stored (group commit stores
+    # queries as their calls end: the offsets must wait for the slow ones)
+    offsets_ahead_of_decisions: int = 0
     policy_updates: int = 0
     double_applied_rewards: int = 0
     max_policy_difference: float = float("inf")
@@ -152,6 +156,10 @@ def run(
     create_topics(bootstrap, topic_names, 1)
     engine = make_engine(database_url, schema)
     server = ArmServer(truth, ACCURACY, parse_errors=0.02).start()
+    # one query in 20 answered late: calls end out of order, so group commit stores queries
+    # past a slow one while the slow one's offset holds the partition's commit back
+    slow_rng = random.Random(seed + 2)
+    server.delay_ids = {q.query_id: 0.4 for q in queries if slow_rng.random() < 0.05}
     config = write_config(workdir / "metallm.yaml", arm_config(server, PRICES))
     env = service_env(
         bootstrap,
@@ -178,6 +186,13 @@ def run(
     def decided_ids() -> set[str]:
         with engine.connect() as conn:
             return set(conn.execute(sa.text("SELECT query_id FROM decisions")).scalars())
+
+    def offsets_ahead() -> int:
+        """Offsets below the committed one with no decision stored (1 partition)."""
+        committed = committed_offset(bootstrap, topics["queries_topic"], topics["queries_group"])
+        with engine.connect() as conn:
+            stored = set(conn.execute(sa.text("SELECT kafka_offset FROM decisions")).scalars())
+        return sum(1 for offset in range(committed or 0) if offset not in stored)
 
     epoch = 0
     committed_before: dict[int, set[str]] = {0: set()}
@@ -212,6 +227,7 @@ def run(
             time.sleep(0.3)  # let Postgres finish with the dead process's sessions
             epoch += 1
             committed_before[epoch] = decided_ids()
+            figures.offsets_ahead_of_decisions += offsets_ahead()
             server.epoch = epoch
             say(f"kill {figures.kills} at {point}: {len(committed_before[epoch])} decided")
             proc, standby = standby.go(), spare(epoch + 1)

@@ -35,6 +35,8 @@ def test_kill_9_at_seeded_points_loses_nothing_and_learns_each_label_once(
     # every consumed query has exactly one decision row (query_id is the primary key)
     assert f.decisions == f.queries == 2000
     assert f.lost_decisions == 0 and f.unknown_decisions == 0
+    # at every kill, the offsets committed were not past a query without its decision
+    assert f.offsets_ahead_of_decisions == 0
     # no LLM call for a decision already committed, counted at the arm across all processes
     assert f.duplicated_calls == 0
     # every label applied exactly once: a reward per decision, one policy update per reward

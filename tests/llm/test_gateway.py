@@ -5,6 +5,7 @@ is exercised exactly; the adapters are tested against real servers in the other 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 import pytest
 
@@ -327,9 +328,30 @@ def test_latency_is_the_call_not_its_wait_for_a_free_slot() -> None:
     async def four():
         return await asyncio.gather(*(gw.call("a", request(f"q{i}")) for i in range(4)))
 
-    latencies = [r.latency_ms for r in run(four())]
+    results = run(four())
+    latencies = [r.latency_ms for r in results]
     assert p.peak == 1
     assert all(95 <= ms < 200 for ms in latencies), latencies
+    # the wait is recorded apart: 0, 0.1, 0.2, 0.3 s queued for the one slot
+    waits = sorted(r.wait_ms for r in results)
+    assert waits[0] < 50 and all(
+        95 * k <= w < 95 * k + 100 for k, w in enumerate(waits[1:], start=1)
+    ), waits
+
+
+def test_a_providers_own_queue_counts_as_waiting() -> None:
+    """A provider that queues a request before its model takes it (a local model serves one
+    call at a time) says how long: that time is the call's wait, not its latency."""
+
+    class Queued(Scripted):
+        async def complete(self, request: CallRequest) -> Completion:
+            await asyncio.sleep(0.2)  # behind the calls before it, inside the provider
+            done = await super().complete(request)
+            return replace(done, waited_ms=200.0)
+
+    gw = Gateway(config({"a": {}}), {"a": Queued(delay=0.1)})
+    result = run(gw.call("a", request()))
+    assert 95 <= result.latency_ms < 200 and result.wait_ms >= 195, result
 
 
 def test_many_calls_run_concurrently_not_serially() -> None:

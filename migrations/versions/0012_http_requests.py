@@ -1,7 +1,7 @@
 """http requests: the query ids the HTTP door reserved before calling an arm
 
-Revision ID: 0011_http_requests
-Revises: 0010_open_tasks
+Revision ID: 0012_http_requests
+Revises: 0011_group_commit
 Create Date: 2026-12-07
 
 The HTTP door (``door/``) reserves a request's query id here, in a transaction of its own
@@ -14,8 +14,8 @@ whose instance died: after it, a retry may take the reservation over.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0011_http_requests"
-down_revision = "0010_open_tasks"
+revision = "0012_http_requests"
+down_revision = "0011_group_commit"
 branch_labels = None
 depends_on = None
 
