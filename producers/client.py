@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -43,6 +43,11 @@ log = logging.getLogger(__name__)
 #: How long an ask waits for its decision unless told otherwise (seconds)
 DEFAULT_TIMEOUT_S = 60.0
 _DEFAULTS = Settings.model_fields
+
+
+def new_query_id() -> str:
+    """A fresh random query id (``q-`` and 32 hex digits)."""
+    return f"q-{uuid.uuid4().hex}"
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,13 @@ class Client:
     ) -> Answer:
         """Publish a query and wait for its decision: the :class:`Answer`, or
         :class:`QueryRejected`, or :class:`AnswerTimeout` after ``timeout`` seconds."""
-        return self.submit(text, task, query_id, options, metadata, timeout).result()
+        query_id = query_id or new_query_id()
+        future = self.submit(text, task, query_id, options, metadata, timeout)
+        # the listener times the ask out; the margin only guards against a dead listener
+        done, _ = wait([future], timeout=timeout + 5)
+        if not done:
+            raise AnswerTimeout(query_id, timeout)
+        return future.result()
 
     def submit(
         self,
@@ -203,7 +214,7 @@ class Client:
         :class:`QueryRejected` or :class:`AnswerTimeout`): many asks in flight from one
         thread. The query is checked here first (a bad one raises ``ValueError``)."""
         event = QueryEvent(
-            query_id=query_id or f"q-{uuid.uuid4().hex}",
+            query_id=query_id or new_query_id(),
             text=text,
             task=task,
             options=list(options) if options is not None else None,
