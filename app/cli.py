@@ -151,6 +151,38 @@ def cmd_produce(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ask(settings: Settings, args: argparse.Namespace) -> int:
+    """Publish one query, wait for its decision, print the answer (stdout) and how it was
+    decided (stderr)."""
+    from consumers.kafka_io import check_broker
+    from producers.client import AnswerTimeout, Client, QueryRejected
+    from service import report
+    from service.events import QueryEvent, describe_validation_error
+
+    try:
+        QueryEvent(query_id=args.query_id or "q", text=args.text, task=args.task)
+    except ValidationError as exc:
+        return fail(f"not a query: {describe_validation_error(exc)}", EXIT_INPUT)
+    tasks = _known_tasks(settings)
+    if tasks is not None and args.task not in tasks:
+        return fail(f"unknown task {args.task!r}: the config has {', '.join(tasks)}", EXIT_INPUT)
+    check_broker(settings)
+    with Client(settings) as client:
+        try:
+            answer = client.ask(args.text, args.task, args.query_id, timeout=args.timeout)
+        except (QueryRejected, AnswerTimeout) as exc:
+            return fail(str(exc), EXIT_INPUT if isinstance(exc, QueryRejected) else EXIT_FAILED)
+    how = [f"query {answer.query_id}", f"arm {answer.arm}", answer.status]
+    how += [report.usd(answer.cost_usd), report.duration_ms(answer.latency_ms)]
+    if answer.fallback_arm:
+        how.append(f"answered by the fallback {answer.fallback_arm}")
+    print(" · ".join(part for part in how if part), file=sys.stderr)
+    if answer.status == "llm_error":
+        return fail(f"the arm failed: {answer.error}", EXIT_FAILED)
+    print(answer.prediction if answer.prediction is not None else answer.answer or "")
+    return EXIT_OK
+
+
 def _known_tasks(settings: Settings) -> list[str] | None:
     """The config's task names (for checking queries before they are sent), or None when no
     config is readable: then the service is the one to tell (it dead-letters unknown tasks)."""
@@ -256,6 +288,19 @@ def parser() -> argparse.ArgumentParser:
     prod.add_argument("--rate", type=float, default=None, help="events per second (default: max)")
     prod.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    ask = sub.add_parser(
+        "ask",
+        help="publish one query and print its answer (waits for the decision)",
+        description="Publish one query to the queries topic and wait for its decision on the "
+        "decisions topic (or its rejection on the dead-letter topic). Prints the answer on "
+        "stdout and the arm, status, cost and latency on stderr. Needs `metallm serve` running "
+        "on the same topics.",
+    )
+    ask.add_argument("text", help="the query's text")
+    ask.add_argument("--task", required=True, help="a task of the config")
+    ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
+    ask.add_argument("--query-id", help="the query's id (default: a new random one)")
+
     COMMANDS.update(show_commands(sub))
     COMMANDS.update(evaluation_commands(sub))
     return p
@@ -266,6 +311,7 @@ COMMANDS = {
     "warm-start": cmd_warm_start,
     "serve": cmd_serve,
     "produce": cmd_produce,
+    "ask": cmd_ask,
     "broker": cmd_broker,
 }
 

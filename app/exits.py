@@ -19,11 +19,12 @@ EXIT_INTERRUPTED = 130  # Ctrl-C
 EXIT_CODES = {
     EXIT_OK: "success",
     EXIT_FAILED: "the command ran and failed (a consumer crashed, the final checkpoint failed, "
-    "no such decision, the service decided differently in bench --through-service)",
+    "no such decision, the service decided differently in bench --through-service, the arm "
+    "failed or no decision came in time for ask)",
     EXIT_INPUT: "bad arguments, settings, config file (or an arm of it that cannot start) or "
     "input file, METALLM_METRICS_PORT taken, a database schema "
     "missing or behind the code (run `metallm migrate`), or queries and labels topics without "
-    "METALLM_TOPIC_PARTITIONS partitions",
+    "METALLM_TOPIC_PARTITIONS partitions, or a query the service rejected (ask)",
     EXIT_UNREACHABLE: "the database or the Kafka broker cannot be reached",
     EXIT_TOPICS_CHANGED: "serve stopped: the queries or labels topic was deleted or recreated "
     "with other partitions while it served (a broker restarted without its data)",

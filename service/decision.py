@@ -187,12 +187,24 @@ class Decision:
 
 
 COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Decision))
+#: The decision event's fields that a column of another name holds: the event's ``answer`` is
+#: the row's ``raw_output``
+EVENT_SOURCES: dict[str, str] = {"answer": "raw_output"}
 #: The columns a decision event is made of (a subset of the row's)
-EVENT_COLUMNS: tuple[str, ...] = tuple(DecisionEvent.model_fields)
+EVENT_COLUMNS: tuple[str, ...] = tuple(EVENT_SOURCES.get(f, f) for f in DecisionEvent.model_fields)
 
 
 def event_of(row: Mapping[str, Any]) -> DecisionEvent:
-    """The decision event of a stored row (any mapping with :data:`EVENT_COLUMNS`)."""
-    values = {name: row[name] for name in EVENT_COLUMNS if name in row}
+    """The decision event of a stored row (any mapping with :data:`EVENT_COLUMNS`).
+
+    >>> event = event_of(Decision.example(raw_output="Positive.").row())
+    >>> event.answer, event.prediction, event.error
+    ('Positive.', 'positive', None)
+    """
+    values = {}
+    for field in DecisionEvent.model_fields:
+        column = EVENT_SOURCES.get(field, field)
+        if column in row:
+            values[field] = row[column]
     values["attempts"] = values.get("attempts") or 1
     return DecisionEvent(**values)

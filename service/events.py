@@ -166,7 +166,9 @@ class LabelEvent(_Event):
 
 
 class DecisionEvent(_Event):
-    """Published to the decisions topic after each decision is stored."""
+    """Published to the decisions topic after each decision is stored. ``answer`` is what the
+    model returned (the row's ``raw_output``, as stored), ``error`` why the call failed; both
+    are left out of the JSON when there is none."""
 
     query_id: str
     task: str
@@ -180,6 +182,8 @@ class DecisionEvent(_Event):
     decided_at: datetime
     attempts: int = 1
     fallback_arm: str | None = None
+    answer: str | None = None
+    error: str | None = None
 
 
 def dlq_record(
