@@ -14,6 +14,7 @@ from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
+from kafka.net.compat import KafkaNetClient
 
 from service.settings import Settings
 
@@ -64,6 +65,25 @@ def make_producer(settings: Settings) -> KafkaProducer:
 KafkaTarget = Settings | str
 
 
+def new_admin(**options: Any) -> KafkaAdminClient:
+    """A ``KafkaAdminClient``, or its exception with the IO thread it started stopped:
+    kafka-python's constructor starts that thread, then raises when the broker does not answer
+    and leaves it running (one more thread per failed probe while the broker is down)."""
+    made: list[KafkaNetClient] = []
+
+    def client(**configs: Any) -> KafkaNetClient:
+        made.append(KafkaNetClient(**configs))
+        return made[-1]
+
+    try:
+        return KafkaAdminClient(**options, kafka_client=client)
+    except BaseException:
+        for half_built in made:
+            half_built.close()
+            half_built._net.stop()  # what KafkaAdminClient.close does after closing its client
+        raise
+
+
 @contextmanager
 def admin_client(target: KafkaTarget) -> Iterator[KafkaAdminClient]:
     """An admin client for ``target``, closed on leaving."""
@@ -71,7 +91,7 @@ def admin_client(target: KafkaTarget) -> Iterator[KafkaAdminClient]:
         options = client_options(target)
     else:
         options = {"bootstrap_servers": target.split(",")}
-    admin = KafkaAdminClient(**options)
+    admin = new_admin(**options)
     try:
         yield admin
     finally:
@@ -186,7 +206,7 @@ def probe_topics(settings: Settings, timeout_s: float) -> None:
     requires (their offsets, and the co-partitioning, are gone: serving on would stall or mix
     partitions)."""
     timeout_ms = int(timeout_s * 1000)
-    admin = KafkaAdminClient(
+    admin = new_admin(
         **client_options(settings),
         bootstrap_timeout_ms=timeout_ms,
         request_timeout_ms=max(timeout_ms, 1000),

@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import signal
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -53,6 +54,10 @@ def up(dependency: str) -> float:
     return DEPENDENCY_UP.labels(dependency)._value.get()
 
 
+def kafka_io_threads() -> int:
+    return sum(t.name.startswith("kafka-io") for t in threading.enumerate())
+
+
 def health_lines(caplog, dependency: str) -> list[str]:
     return [
         r.getMessage()
@@ -80,6 +85,7 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
                 [(q.query_id.encode(), q.event()) for q in queries[:40]],
             )
             wait_until(lambda: progress(engine)[0] == 40, 60, "40 decisions")
+            io_threads = kafka_io_threads()
             os.kill(pid, signal.SIGSTOP)
             try:
                 paused = time.monotonic()
@@ -96,6 +102,8 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
                 os.kill(pid, signal.SIGCONT)
             wait_until(service.ready, 20, "readiness true again")
             assert status(port, "/readyz") == 200 and up("kafka") == 1
+            # each failed probe's half-built admin client stopped its IO thread
+            assert kafka_io_threads() <= io_threads
             publish(
                 bootstrap,
                 TOPICS["queries_topic"],
