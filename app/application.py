@@ -202,6 +202,7 @@ class Application:
             settings.policy_params,
             budget,
             context=settings.context_builder(config.declared_features()),
+            cost_unit=settings.cost_unit_usd,
         )
         learning_log = LearningLog(
             engine,

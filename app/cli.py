@@ -74,7 +74,10 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     engine = make_engine(settings.database_url, settings.database_schema)
     check_schema(engine)
     live = LivePolicy(
-        settings.policy, settings.policy_params, context=settings.context_builder(declared)
+        settings.policy,
+        settings.policy_params,
+        context=settings.context_builder(declared),
+        cost_unit=settings.cost_unit_usd,
     )
     learning_log = LearningLog(engine, live, checkpoint_every=settings.checkpoint_every)
     learning_log.restore()

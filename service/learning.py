@@ -101,8 +101,12 @@ class LivePolicy:
         policy_params: dict,
         budget: BudgetPacer | None = None,
         context: ContextBuilder | None = None,
+        cost_unit: float = 0.001,
     ) -> None:
         self.policy_name = policy_name
+        #: the cost unit λ applies per (METALLM_COST_UNIT_USD): with a decision's stored λ, the
+        #: pricing an outcome is scored off-policy at (:meth:`learn`)
+        self.cost_unit = cost_unit
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         #: each arm's recorded output tokens and costs: a projection of the decision log
@@ -198,9 +202,13 @@ class LivePolicy:
 
     def learn(self, r: AppliedReward) -> None:
         """Teach the policy one reward of the log: a policy that learns correctness its
-        correctness and cost (a function of the log row alone), any other the reward."""
+        correctness and cost, with the decision's logged propensity and the λ it was priced
+        at (so a policy that scores itself off-policy, ``auto``, scores every outcome as the
+        bench does); any other the reward. All of it a function of the log row alone."""
         if self.policy.learns_correctness:
-            self.policy.learn(r.arm, r.context, r.correctness(), r.cost_usd)
+            pricing = None if r.lam is None else Pricing(r.lam, self.cost_unit)
+            propensity = r.propensity if pricing is not None else None
+            self.policy.learn(r.arm, r.context, r.correctness(), r.cost_usd, propensity, pricing)
         else:
             self.policy.update(r.arm, r.context, r.reward)
 

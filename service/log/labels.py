@@ -72,13 +72,21 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
             decisions.c.reward_seq,
             decisions.c.decided_at,
             decisions.c.options,
+            decisions.c.propensity,
+            decisions.c.decision_lambda,
         )
         .where(one_of(decisions.c.query_id, ids))
         .order_by(decisions.c.query_id)
         .with_for_update()
     )
     return {
-        r.query_id: FoundDecision(*r[:-1], tuple(r.options) if r.options else None) for r in rows
+        r.query_id: FoundDecision(
+            *r[:-3],
+            tuple(r.options) if r.options else None,
+            r.propensity,
+            r.decision_lambda,
+        )
+        for r in rows
     }
 
 

@@ -45,6 +45,10 @@ class AppliedReward:
     #: (None: not known, the arm failed)
     correct: bool | None = None
     cost_usd: float | None = None
+    #: the decision's logged probability of ``arm`` and the λ its choice was priced with
+    #: (``decision_lambda``; None: not priced): what off-policy scoring needs (None: not scored)
+    propensity: float | None = None
+    lam: float | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -93,6 +97,9 @@ class FoundDecision:
     decided_at: datetime
     #: the labels its query allows (the task's, or the query's ``options``); None: not known
     options: tuple[str, ...] | None = None
+    #: the logged probability of its arm, and the λ its choice was priced with (None: not priced)
+    propensity: float | None = None
+    decision_lambda: float | None = None
 
     @classmethod
     def of(cls, decision: Decision, reward_seq: int | None) -> FoundDecision:
@@ -109,6 +116,8 @@ class FoundDecision:
             reward_seq,
             decision.decided_at,
             tuple(decision.options) if decision.options else None,
+            decision.propensity,
+            decision.decision_lambda,
         )
 
     def reward(self, seq: int, reward: float, correct: bool | None = None) -> AppliedReward:
@@ -128,6 +137,8 @@ class FoundDecision:
             self.context_layout,
             correct=correct_,
             cost_usd=cost,
+            propensity=self.propensity,
+            lam=self.decision_lambda,
         )
 
     @classmethod

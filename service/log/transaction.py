@@ -100,6 +100,8 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.cost_usd,
             decisions.c.status,
             decisions.c.fallback_arm,
+            decisions.c.propensity,
+            decisions.c.decision_lambda,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
@@ -114,8 +116,10 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             layout,
             float(age or 0.0),
             *learned_outcome(correct, cost, status, fb),
+            propensity=p,
+            lam=lam,
         )
-        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb in rows
+        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, p, lam in rows
     ]
 
 
