@@ -203,6 +203,7 @@ class Application:
             budget,
             context=settings.context_builder(config.declared_features()),
             cost_unit=settings.cost_unit_usd,
+            conservative=config.conservative(),
         )
         learning_log = LearningLog(
             engine,

@@ -74,6 +74,7 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
             decisions.c.options,
             decisions.c.propensity,
             decisions.c.decision_lambda,
+            decisions.c.task,
         )
         .where(one_of(decisions.c.query_id, ids))
         .order_by(decisions.c.query_id)
@@ -81,10 +82,11 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
     )
     return {
         r.query_id: FoundDecision(
-            *r[:-3],
+            *r[:-4],
             tuple(r.options) if r.options else None,
             r.propensity,
             r.decision_lambda,
+            r.task,
         )
         for r in rows
     }

@@ -49,6 +49,8 @@ class AppliedReward:
     #: (``decision_lambda``; None: not priced): what off-policy scoring needs (None: not scored)
     propensity: float | None = None
     lam: float | None = None
+    #: the decision's task (None: not read): what conservative mode counts outcomes by
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -100,6 +102,7 @@ class FoundDecision:
     #: the logged probability of its arm, and the λ its choice was priced with (None: not priced)
     propensity: float | None = None
     decision_lambda: float | None = None
+    task: str | None = None
 
     @classmethod
     def of(cls, decision: Decision, reward_seq: int | None) -> FoundDecision:
@@ -118,6 +121,7 @@ class FoundDecision:
             tuple(decision.options) if decision.options else None,
             decision.propensity,
             decision.decision_lambda,
+            decision.task,
         )
 
     def reward(self, seq: int, reward: float, correct: bool | None = None) -> AppliedReward:
@@ -139,6 +143,7 @@ class FoundDecision:
             cost_usd=cost,
             propensity=self.propensity,
             lam=self.decision_lambda,
+            task=self.task,
         )
 
     @classmethod

@@ -102,6 +102,7 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.fallback_arm,
             decisions.c.propensity,
             decisions.c.decision_lambda,
+            decisions.c.task,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
@@ -118,8 +119,9 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             *learned_outcome(correct, cost, status, fb),
             propensity=p,
             lam=lam,
+            task=task,
         )
-        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, p, lam in rows
+        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, p, lam, task in rows
     ]
 
 
