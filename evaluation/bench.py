@@ -287,7 +287,9 @@ def simulate(
     lams = np.empty(n_eval)
     pending: deque[tuple[int, int, float, float]] = deque()
     priced = getattr(policy, "learns_correctness", False)
-    costs = RunningCosts()  # what the router knows of each arm's cost: its own calls
+    # what the router knows of each arm's cost: its own calls (forgotten over time when the
+    # policy follows drift)
+    costs = RunningCosts(getattr(policy, "cost_halflife", None))
     sizes = [len(r.text) for r in problem.records]
     tasks = [r.task or DEFAULT_TASK for r in problem.records]
 
