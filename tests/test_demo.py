@@ -65,6 +65,9 @@ def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
     assert "cost vs best arm" in flat and "(best arm)" in flat
     assert re.search(r"the router (saved|spent) \$[0-9.]+ .* the best single arm", flat), flat
     assert "e-0" not in output  # dollars, not exponents
+    # warm-started from the recorded outcomes of the 296 queries it does not stream
+    assert "the router learned from the recorded outcomes of 296 other queries" in flat, flat
+    assert "none of the 24 streamed queries among them" in flat
     assert "What you just saw" in flat and "Where to look next" in flat
     for next_step in ("metallm stats", "metallm bench", "http://localhost:3000"):
         assert next_step in flat

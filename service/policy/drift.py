@@ -14,8 +14,9 @@ comes about ``h / (Δ − k)`` outcomes of that arm after the change (a drop 0.9
 ``h = 10``: ~50 outcomes), while noise alone (residuals of standard deviation ~0.45) raises
 a false alarm only every ~10⁵ outcomes of an arm. On an alarm the learner shrinks that arm's
 statistics (its evidence weighs ``shrink`` times what it did: see ``LinearArmStats.shrink``)
-so new outcomes dominate within a few dozen calls, and the arm's sums restart. The first ``warmup`` outcomes of an arm
-(after a start or an alarm) are not watched: its estimate is still moving then.
+so new outcomes dominate within a few dozen calls, and the arm's sums restart. The first
+``warmup`` outcomes of an arm (after a start or an alarm) are not watched: its estimate is
+still moving then.
 
 The state is a few numbers per arm, updated in the order outcomes are learnt (``reward_seq``
 in the service), so it is a projection of the log like the rest of the policy.
