@@ -6,7 +6,7 @@
 The stream (evaluation/synthetic.py): 5,000 queries, 3 arms; at query 2,000 the best arm's
 accuracy drops 0.90 → 0.60, or its price is multiplied by 10 (either makes it worse than the
 second arm at the default λ). The router is the default policy (correctness_ucb, α 0.5,
-ε 0.02) with drift off (the default) and on (``drift`` = the CUSUM threshold,
+ε 0.02) with drift off (``drift: 0``) and on (``drift`` = the CUSUM threshold, 10 by default:
 service/policy/drift.py), replayed by the bench's own protocol (cold start, rewards revealed
 100 queries late, each arm's cost estimated from its own calls). The figure: queries after the
 change until the arm's share over the last 100 queries is at most half its share over the 500
@@ -64,7 +64,7 @@ def main() -> int:
     for kind, what in (("accuracy", "accuracy 0.90 → 0.60"), ("price", "price × 10")):
         for drift in (0.0, args.drift):
             runs = [run(kind, drift, seed) for seed in range(args.seeds)]
-            mode = "drift off (default)" if drift == 0 else f"drift = {drift:g}"
+            mode = "drift off (`drift: 0`)" if drift == 0 else f"drift = {drift:g} (default)"
             lines.append(
                 f"| {what} | {mode} | {cell([r[0] for r in runs])} | "
                 f"{np.mean([r[1] for r in runs]):.0%} | {np.mean([r[2] for r in runs]):.1f} |"

@@ -19,7 +19,7 @@ margins, by the mean over seeds:
   non-decreasing and linearly interpolated — mixing two λ reaches any point between — and flat
   beyond its ends); below −1 means an arm lies more than a point above the curve at its own cost.
 
-A fourth row, "demo, warm start", is the demo's outcomes as `make demo` meets them: the 200
+A fourth row, "demo warm start", is the demo's outcomes as `make demo` meets them: the 200
 queries it streams, after a full-information warm start on the recorded outcomes of the 120
 others (disjoint; producers/demo.py). ``--params JSON`` adds parameters to every policy's (e.g.
 ``{"drift": 10}``); such a run does not overwrite the results file.
@@ -54,7 +54,7 @@ FILES = [
 #: `make demo` streams the first DEMO_STREAMED queries of the demo's outcomes and warm-starts
 #: from the recorded outcomes of the others (producers/demo.py): the warm-start variant
 DEMO_STREAMED = 200
-WARM_DEMO = "demo, warm start"
+WARM_DEMO = "demo warm start"
 POLICIES = ("linucb", "correctness_ucb", "auto")
 #: On top of the service's METALLM_POLICY_PARAMS (α 0.1 and ε 0.02, chosen for LinUCB), the
 #: parameters a policy needs (correctness_ucb's α is in units of a right/wrong outcome's noise:

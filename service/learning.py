@@ -112,7 +112,7 @@ class LivePolicy:
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         #: each arm's recorded output tokens and costs: a projection of the decision log
-        self.costs = CostEstimator()
+        self.costs = CostEstimator(self._cost_halflife())
         self.configured_pacer = budget  # budget mode's pacer to start from (None: fixed λ)
         self.pacer = budget  # budget mode's λ, a projection of the decision log
         #: the configured context layout (a fresh builder): what a restored policy must match
@@ -127,6 +127,11 @@ class LivePolicy:
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self.decision_watermark = 0  # highest decision_seq the builder and pacer have seen
+
+    def _cost_halflife(self) -> float | None:
+        """How fast recorded costs are forgotten: the policy's ``cost_halflife`` (drift; None:
+        never), as the bench's estimates do."""
+        return getattr(self.policy, "cost_halflife", None)
 
     def _give_layout(self) -> None:
         """A policy that learns correctness shapes its prior by the context layout (block by
@@ -268,7 +273,12 @@ class LivePolicy:
             self.context = self._reconciled_context(context, source)
             self.policy, self.pacer = policy, self._reconciled_pacer(pacer)
             self._give_layout()
-            self.costs = CostEstimator() if costs is None else CostEstimator.from_dict(costs)
+            halflife = self._cost_halflife()
+            self.costs = (
+                CostEstimator(halflife)
+                if costs is None
+                else CostEstimator.from_dict(costs, halflife)
+            )
             self.guard = self._reconciled_guard(guard)
             self.watermark = watermark if same else 0
             self.decision_watermark = decision_watermark

@@ -91,10 +91,11 @@ class CostEstimator:
     """Each arm's output tokens and costs so far (a projection of the decision log), and the
     cost of a call estimated from them (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, halflife: float | None = None) -> None:
         self.watermark = 0  # highest decision_seq observed
         self._tokens: dict[str, list[float]] = {}  # arm → [calls with tokens, Σ output tokens]
-        self._costs = RunningCosts()
+        # recorded costs, forgotten with the policy's half-life when it follows drift
+        self._costs = RunningCosts(halflife)
 
     def observe(
         self,
@@ -154,8 +155,8 @@ class CostEstimator:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostEstimator:
-        new = cls()
+    def from_dict(cls, data: Mapping[str, Any], halflife: float | None = None) -> CostEstimator:
+        new = cls(halflife)
         new.watermark = int(data["watermark"])
         new._tokens = {a: [float(n), float(t)] for a, (n, t) in data["tokens"].items()}
         new._costs._sums = {a: np.array(v, dtype=np.float64) for a, v in data["costs"].items()}

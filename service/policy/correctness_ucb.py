@@ -63,11 +63,12 @@ class CorrectnessUCB(LinUCB):
     features), ``embedding_ridge`` (the embedding), ``prior_mean`` (the accuracy every arm
     starts from), ``seed``, ``project_dim``. Precisions are in units of the noise variance.
 
-    Drift (off by default): ``drift`` > 0 watches each arm's residuals with a
-    :class:`~service.policy.drift.ChangeDetector` of that threshold, and on an alarm weighs
-    the arm's evidence ``drift_shrink`` times what it did; :attr:`cost_halflife` then asks the
-    cost estimates to forget too (each arm's recorded costs with a half-life of
-    ``drift_cost_halflife`` of its calls), so a price change is followed as fast.
+    Drift (on by default; ``drift=0`` turns it off): ``drift`` > 0 watches each arm's
+    residuals with a :class:`~service.policy.drift.ChangeDetector` of that threshold, and on
+    an alarm weighs the arm's evidence ``drift_shrink`` times what it did; :attr:`cost_halflife`
+    then asks the cost estimates to forget too (each arm's recorded costs with a half-life of
+    ``drift_cost_halflife`` of its calls), so a price change is followed as fast. A merge keeps
+    ``self``'s detector (the detectors' sums are not additive).
     """
 
     kind = "correctness_ucb"
@@ -84,7 +85,7 @@ class CorrectnessUCB(LinUCB):
         prior_mean: float = 0.5,
         seed: int | None = None,
         project_dim: int | None = None,
-        drift: float = 0.0,
+        drift: float = 10.0,
         drift_shrink: float = 0.05,
         drift_cost_halflife: float = 100.0,
     ) -> None:
@@ -242,6 +243,8 @@ class CorrectnessUCB(LinUCB):
         if len(scales) == 2 and not np.array_equal(*scales):
             raise ValueError("cannot merge policies with different context layouts")
         new._scale = None if not scales else scales[0].copy()
+        if self.detector is not None and new.detector is not None:
+            new.detector.load(self.detector.to_dict())
         for src in (self, other):
             for arm, n in src._cost_n.items():
                 new._cost_n[arm] = new._cost_n.get(arm, 0) + n
