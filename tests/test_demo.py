@@ -78,7 +78,7 @@ def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
 
 
 def test_ctrl_c_stops_everything_the_demo_started(demo):
-    proc = demo("--limit", "200", "--rate", "2")
+    proc = demo("--limit", "200", "--rate", "2", "--cold")  # no warm start: not the point here
     deadline = time.monotonic() + 180
     seen = ""
     while "Kafka (Tansu) at" not in seen and time.monotonic() < deadline:
