@@ -44,6 +44,8 @@ from consumers.kafka_io import (
 )
 from consumers.labels import LabelConsumer
 from consumers.queries import QueryConsumer
+from door.front import Front
+from door.server import Door, DoorServer
 from service.config import AppConfig, load_config
 from service.embedding import Embedder
 from service.health import PROBE_TIMEOUT_S, Health, Prober
@@ -55,7 +57,7 @@ from service.log.transaction import LearningLog
 from service.metrics import DEPENDENCY_UP, MetricsServer
 from service.pacing import BudgetPacer
 from service.pipeline import Decider, Learner
-from service.reward import RewardSettings
+from service.reward import RewardSettings, task_scoring
 from service.settings import Settings
 from service.storage import make_engine
 
@@ -64,6 +66,13 @@ log = logging.getLogger(__name__)
 REBALANCE_BEFORE_LEAVING_S = 10.0
 #: What readiness waits for: the broker (both consumers use it) and Postgres (everything does).
 DEPENDENCIES = ("kafka", "postgres")
+
+
+def dependencies(settings: Settings) -> tuple[str, ...]:
+    """The dependencies this instance's roles need: an HTTP-only instance, no broker."""
+    return DEPENDENCIES if settings.kafka_consumers else ("postgres",)
+
+
 #: How long stopping waits for a checkpoint the Checkpointer is storing, and then the final
 #: checkpoint for it (still not done: the final checkpoint fails, and serve exits 1).
 FINAL_CHECKPOINT_WAIT_S = 60.0
@@ -132,6 +141,7 @@ class Application:
     probers: list[Prober] = field(default_factory=list)
     topics_changed: TopicsChanged | None = None  # found by the Kafka probe: serve stops
     probe_engine: Engine | None = None  # Postgres's probe: a fresh connection each time
+    door: DoorServer | None = None  # the HTTP door, when METALLM_HTTP_PORT is set
 
     @classmethod
     def build(
@@ -168,6 +178,8 @@ class Application:
             service = cls._assemble(settings, config, engine, embedder, gateway, blas)
             if health_endpoint is not None:
                 service.health, service.metrics_server = health_endpoint
+            else:
+                service.health = Health(dependencies(settings), dependency_changed)
             return service
         except BaseException:  # not built (no schema, Postgres down…): leave nothing behind
             if built_gateway is not None:
@@ -216,7 +228,9 @@ class Application:
         learning_log.name.claim()  # or InstanceNameTaken
         try:
             learning_log.restore()
-            rewards = RewardSettings(settings.reward_lambda, settings.cost_unit_usd)
+            rewards = RewardSettings(
+                settings.reward_lambda, settings.cost_unit_usd, task_scoring(config.tasks)
+            )
             embedder = embedder or Embedder.from_settings(settings)
             decider = Decider(
                 config, learning_log, embedder, gateway, rewards, settings.too_long_text
@@ -230,6 +244,44 @@ class Application:
     def start(self) -> None:
         s = self.settings
         silence_known_noise()
+        if s.kafka_consumers:
+            self._make_consumers()
+        if self.metrics_server is not None:  # started before the build, to say "restoring"
+            self.metrics_server.serve_readiness(self.ready)
+        elif s.metrics_port is not None:
+            self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
+            log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
+        seconds = max(1, round(PROBE_TIMEOUT_S))
+        self.probe_engine = make_engine(  # unpooled: a pooled connection could be stale
+            s.database_url,
+            poolclass=sa.pool.NullPool,
+            connect_args={"connect_timeout": seconds, "options": f"-cstatement_timeout={seconds}s"},
+        )
+        self.probers = [Prober(self.health, "postgres", self._probe_postgres).start()]
+        if s.kafka_consumers:
+            self.probers.append(Prober(self.health, "kafka", self._probe_kafka).start())
+        self.follower = LogFollower(self.learning_log, s.log_poll_seconds).start()
+        self.checkpointer = Checkpointer(self.learning_log.checkpoints).start()
+        if self.queries is not None and self.labels is not None:
+            self._threads = [
+                run_in_thread(self._guard(self.queries), "metallm-queries"),
+                run_in_thread(self._guard(self.labels), "metallm-labels"),
+            ]
+        if s.http_port is not None:
+            self.door = self._make_door().start()
+        log.info(self.describe())
+        self.health.serving()
+        labels = self.labels
+        self.progress = ProgressLogger(
+            lambda: current_counts(
+                lambda: labels.stats.events if labels is not None else 0,
+                lambda: self.live.policy.n_updates,
+            ),
+            s.progress_seconds,
+        ).start()
+
+    def _make_consumers(self) -> None:
+        s = self.settings
         ensure_topics(s, [s.queries_topic, s.labels_topic, s.decisions_topic, s.dlq_topic])
         check_topics(s)  # co-partitioned queries and labels, or TopicMismatch
         producer = make_producer(s)
@@ -248,34 +300,19 @@ class Application:
             expire_every_s=s.pending_label_expire_every_seconds,
         )
         self._producer = producer
-        if self.metrics_server is not None:  # started before the build, to say "restoring"
-            self.metrics_server.serve_readiness(self.ready)
-        elif s.metrics_port is not None:
-            self.metrics_server = MetricsServer(s.metrics_port, self.ready).start()
-            log.info("metrics on :%d (/metrics, /healthz, /readyz)", self.metrics_server.port)
-        seconds = max(1, round(PROBE_TIMEOUT_S))
-        self.probe_engine = make_engine(  # unpooled: a pooled connection could be stale
-            s.database_url,
-            poolclass=sa.pool.NullPool,
-            connect_args={"connect_timeout": seconds, "options": f"-cstatement_timeout={seconds}s"},
+
+    def _make_door(self) -> DoorServer:
+        s = self.settings
+        front = Front(self.decider, self.learner, s.instance_id, s.http_timeout_seconds)
+        door = Door(
+            front,
+            self.ready,
+            s.api_key_list(),
+            s.http_max_body_bytes,
+            s.http_max_in_flight,
+            s.http_timeout_seconds,
         )
-        self.probers = [
-            Prober(self.health, "kafka", self._probe_kafka).start(),
-            Prober(self.health, "postgres", self._probe_postgres).start(),
-        ]
-        self.follower = LogFollower(self.learning_log, s.log_poll_seconds).start()
-        self.checkpointer = Checkpointer(self.learning_log.checkpoints).start()
-        self._threads = [
-            run_in_thread(self._guard(self.queries), "metallm-queries"),
-            run_in_thread(self._guard(self.labels), "metallm-labels"),
-        ]
-        log.info(self.describe())
-        self.health.serving()
-        labels = self.labels
-        self.progress = ProgressLogger(
-            lambda: current_counts(lambda: labels.stats.events, lambda: self.live.policy.n_updates),
-            s.progress_seconds,
-        ).start()
+        return DoorServer(door, s.http_host, s.http_port or 0)
 
     def describe(self) -> str:
         """The start block: config, tasks, arms, database, topics, instance, policy, metrics."""
@@ -289,6 +326,7 @@ class Application:
             ),
             context=self.live.context.spec,
             metrics_port=None if self.metrics_server is None else self.metrics_server.port,
+            door=None if self.door is None else f"http://{self.door.host}:{self.door.port}/v1",
         )
 
     def _guard(self, consumer):
@@ -302,10 +340,17 @@ class Application:
         return run
 
     def ready(self) -> bool:
-        """Serving, both consumers running, the broker and Postgres answering their probes."""
-        if self.crashed.is_set() or not self._threads:
+        """Serving, the roles' parts running (both consumers, the door), and the dependencies
+        they need answering their probes."""
+        if self.crashed.is_set():
             return False
-        return all(t.is_alive() for t in self._threads) and self.health.ready()
+        if self.settings.kafka_consumers and not (
+            self._threads and all(t.is_alive() for t in self._threads)
+        ):
+            return False
+        if self.settings.http_port is not None and not (self.door and self.door.running):
+            return False
+        return self.health.ready()
 
     def _probe_kafka(self) -> None:
         try:
@@ -337,6 +382,10 @@ class Application:
     def _stop_consuming(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+        if self.door is not None:
+            with waiting_for("the HTTP door's requests in flight"):
+                self.door.stop()
+                self.door.door.front.close()  # the decisions of its last calls stored
         for consumer in (self.queries, self.labels):
             if consumer is not None:
                 consumer.stop()
@@ -396,7 +445,7 @@ class Application:
 def health_endpoint(settings: Settings) -> tuple[Health, MetricsServer | None]:
     """The health state and, unless metrics are off, its endpoint, started before the build so
     that /healthz answers and /readyz says "not ready" while the policy is restored."""
-    health = Health(DEPENDENCIES, dependency_changed)
+    health = Health(dependencies(settings), dependency_changed)
     if settings.metrics_port is None:
         return health, None
     server = MetricsServer(settings.metrics_port, health.ready).start()

@@ -121,7 +121,8 @@ def cmd_serve(settings: Settings, args: argparse.Namespace) -> int:
 
     stop = stop_on_signals()  # before the slow start-up, so a SIGTERM then exits cleanly
     config = load_config(settings.config)
-    check_broker(settings)  # told now, not after loading the model
+    if settings.kafka_consumers:  # an HTTP-only instance needs no broker
+        check_broker(settings)  # told now, not after loading the model
     logging.getLogger("metallm").info(
         "starting: loading the embedding model and the arms, restoring the policy"
     )

@@ -44,6 +44,7 @@ DECISION_COLUMNS = [
     Column("fallback_arm", "fallback", priority=6),
     Column("label", "label", report.short_text(24), priority=2),
     Column("correct", "correct", report.yes_no, priority=1),
+    Column("score", "score", report.decimal(2), priority=5, justify="right"),
     Column("reward", "reward", report.decimal(3), priority=5, justify="right"),
     Column("decided_at", "decided at", report.timestamp, priority=3),
 ]
@@ -121,7 +122,8 @@ def explain(settings: Settings, query_id: str) -> int:
         f"(p = {report.percent(row.propensity)}) at {report.timestamp(row.decided_at)}"
     )
     report.print_report(arms, EXPLAIN_COLUMNS, title)
-    outcome = f"status {row.status}, answer {row.prediction!r}, cost {report.usd(row.cost_usd)}"
+    answer = row.prediction if row.options else report.short_text(60)(row.raw_output)
+    outcome = f"status {row.status}, answer {answer!r}, cost {report.usd(row.cost_usd)}"
     if row.latency_ms is not None:
         outcome += f", latency {report.duration_ms(row.latency_ms)}"
     if row.fallback_arm:
@@ -129,6 +131,8 @@ def explain(settings: Settings, query_id: str) -> int:
     if row.label is not None:
         verdict = "correct" if row.correct else "wrong"
         outcome += f"; label {row.label!r}: {verdict}, reward {report.decimal(3)(row.reward)}"
+    elif row.score is not None:
+        outcome += f"; score {row.score:g}, reward {report.decimal(3)(row.reward)}"
     else:
         outcome += "; no label yet"
     Console().print(Text(outcome))
@@ -141,13 +145,23 @@ STATS_COLUMNS = [
     Column("share", "share", report.percent, priority=2, justify="right"),
     Column("labeled", "labeled", report.count, priority=4, justify="right"),
     Column("accuracy", "accuracy", report.percent, priority=1, justify="right"),
+    Column("mean_score", "mean score", report.decimal(3), priority=3, justify="right"),
     Column("cost_usd", "cost", report.usd, priority=2, justify="right"),
     Column("cost_per_decision", "cost/decision", report.usd, priority=3, justify="right"),
     Column("mean_reward", "mean reward", report.decimal(3), priority=3, justify="right"),
     Column("mean_latency_ms", "latency", report.duration_ms, priority=4, justify="right"),
     Column("failures", "failures", report.count, priority=5, justify="right"),
 ]
-HOURLY_KEYS = ("arm", "decisions", "share", "labeled", "accuracy", "cost_usd", "mean_reward")
+HOURLY_KEYS = (
+    "arm",
+    "decisions",
+    "share",
+    "labeled",
+    "accuracy",
+    "mean_score",
+    "cost_usd",
+    "mean_reward",
+)
 HOURLY_COLUMNS = [
     Column("hour", "hour", lambda v: v.strftime("%Y-%m-%d %H:00") if v else "", priority=0),
     *(c for c in STATS_COLUMNS if c.key in HOURLY_KEYS),

@@ -122,10 +122,11 @@ def start_block(
     policy: str,
     context: str,
     metrics_port: int | None,
+    door: str | None = None,
 ) -> str:
     """The lines ``serve`` logs once it runs: what it reads, calls, stores and serves.
     ``policy`` describes the restored policy, ``context`` its layout; ``metrics_port`` is the
-    bound port (None: metrics off)."""
+    bound port (None: metrics off); ``door`` the HTTP door's base URL (None: no door)."""
     s = settings
     arms = ", ".join(f"{a.name} ({a.provider} {a.model})" for a in config.arms)
     database = shown_url(s.database_url)
@@ -136,11 +137,7 @@ def start_block(
     else:
         served = f"http://127.0.0.1:{metrics_port}/metrics, /healthz, /readyz (all interfaces)"
     progress = f"every {s.progress_seconds:g} s" if s.progress_seconds > 0 else "off"
-    rows: Iterable[tuple[str, str]] = (
-        ("config", f"{s.config.resolve()}"),
-        ("tasks", ", ".join(config.tasks)),
-        ("arms", arms),
-        ("database", database),
+    kafka: tuple[tuple[str, str], ...] = (
         (
             "broker",
             s.kafka_bootstrap
@@ -156,9 +153,19 @@ def start_block(
             f"{s.labels_group}), {s.topic_partitions} partitions each",
         ),
         ("writes", f"{s.decisions_topic}, dead letters to {s.dlq_topic}"),
+    )
+    if not s.kafka_consumers:
+        kafka = (("kafka", "off (METALLM_KAFKA_CONSUMERS=false: HTTP only)"),)
+    rows: Iterable[tuple[str, str]] = (
+        ("config", f"{s.config.resolve()}"),
+        ("tasks", ", ".join(config.tasks)),
+        ("arms", arms),
+        ("database", database),
+        *kafka,
         ("instance", s.instance_id),
         ("policy", policy),
         ("context", context),
+        ("door", door or "off (METALLM_HTTP_PORT unset)"),
         ("metrics", served),
         ("progress", progress),
     )

@@ -60,7 +60,7 @@ class LoggedData:
     propensities: np.ndarray  # (n,)
     logged_probs: np.ndarray  # (n, k)
     candidates: np.ndarray  # (n, k) bool
-    correct: np.ndarray  # (n,) bool
+    correct: np.ndarray  # (n,) the outcome: 1.0 / 0.0, or a score in [0, 1]
     cost: np.ndarray  # (n,) USD
     logged_reward: np.ndarray  # (n,) as stored
     logged_lambda: np.ndarray  # (n,)
@@ -135,6 +135,7 @@ def load_decisions(
             d.c.probabilities,
             d.c.context,
             d.c.correct,
+            d.c.score,
             d.c.status,
             d.c.cost_usd,
             d.c.reward,
@@ -186,7 +187,7 @@ def load_decisions(
         propensities=np.array([float(r.propensity) for r in rows]),
         logged_probs=probs,
         candidates=probs > 0,
-        correct=np.array([bool(r.correct) and r.status == "ok" for r in rows]) & ~failed,
+        correct=np.where(failed, 0.0, [_outcome(r) for r in rows]),
         cost=np.where(failed, 0.0, [float(r.cost_usd or 0.0) for r in rows]),
         logged_reward=np.array([np.nan if r.reward is None else r.reward for r in rows]),
         logged_lambda=np.array(
@@ -194,6 +195,14 @@ def load_decisions(
         ),
         policies=sorted({r.policy for r in rows if r.policy}),
     )
+
+
+def _outcome(row: Any) -> float:
+    """A logged decision's outcome: its score (a score event, an open task's check), else
+    whether its label matched an answer (a failed or unparseable call is wrong)."""
+    if row.score is not None:
+        return float(row.score)
+    return float(bool(row.correct) and row.status == "ok")
 
 
 # ------------------------------------------------------------------------------ targets

@@ -11,6 +11,7 @@ file: two queries of one id get one decision, two labels of one id apply the fir
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import difflib
 import json
@@ -85,6 +86,9 @@ def _from_csv(row: dict[str, str]) -> dict[str, Any]:
         out["options"] = json.loads(raw) if raw.startswith("[") else raw.split("|")
     if "metadata" in out:
         out["metadata"] = json.loads(out["metadata"])
+    if "score" in out:  # a number, else left for the event's validation to name
+        with contextlib.suppress(ValueError):
+            out["score"] = float(out["score"])
     return out
 
 
@@ -114,7 +118,7 @@ def read_events(
         if unknown:
             errors.append(f"{where}: {unknown}")
             continue
-        if kind == "labels" and "label" not in row:
+        if kind == "labels" and "label" not in row and "score" not in row:
             continue  # an unlabeled query in a labeled dataset
         try:
             event = model.model_validate({k: v for k, v in row.items() if k in fields})

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sqlalchemy.engine import Engine
@@ -27,6 +27,7 @@ from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
 from service.log.decisions import existing_query_ids
+from service.log.requests import reserved_ids
 from service.policy.base import Choice, Pricing
 from service.pricing import arm_prices
 from service.query_checks import choose_among, offered_arms
@@ -120,6 +121,11 @@ class CallAhead:
         # failed after calling: Postgres down, say). Only the consumer's thread reads or
         # changes it.
         self._started: dict[str, Started] = {}
+        # single queries (the HTTP door's) waiting to be embedded together, and whether a
+        # worker is about to take them
+        self._singles: list[tuple[QueryEvent, Future[Chosen]]] = []
+        self._singles_queued = False
+        self._single_lock = threading.Lock()
 
     def call_ahead(self, events: list[QueryEvent]) -> None:
         """Start embedding, choosing an arm for and calling each query of a batch that comes
@@ -207,6 +213,46 @@ class CallAhead:
             raise RuntimeError(f"no call for {len(missing)} queries (batch too large?)")
         return [called[e.query_id] for e in events]
 
+    def call_one(
+        self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
+    ) -> Called:
+        """Embed, choose an arm for and call one query now, with the request's own output limit
+        and temperature (None: the arm's), and wait for its answer. Safe from any thread: it
+        keeps nothing in the calls started ahead (the HTTP door's queries are its own). The
+        queries that arrive while the ones before are embedded are embedded together."""
+        chosen: Future[Chosen] = Future()
+        with self._single_lock:
+            self._singles.append((event, chosen))
+            start, self._singles_queued = not self._singles_queued, True
+        if start:
+            self._worker.submit(self._embed_singles)
+        job = asyncio.run_coroutine_threadsafe(
+            self._call_one(chosen, max_tokens, temperature), self._loop
+        )
+        return job.result()
+
+    def _embed_singles(self) -> None:
+        """Embed and choose for every single query waiting (on the worker thread)."""
+        with self._single_lock:
+            waiting, self._singles, self._singles_queued = self._singles, [], False
+        try:
+            chosen = self._embed_and_choose([e for e, _ in waiting], False)
+        except BaseException as exc:
+            for _, done in waiting:
+                done.set_exception(exc)
+            return
+        for c in chosen:
+            waiting[c.row][1].set_result(c)
+
+    async def _call_one(
+        self, chosen: Future[Chosen], max_tokens: int | None, temperature: float | None
+    ) -> Called:
+        c = await asyncio.wrap_future(chosen)
+        request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
+        result = await self.gateway.call(c.choice.arm, request)
+        self.llm_calls += 1
+        return Called(c.choice, c.context, c.layout, request, result, c.pricing)
+
     async def _call_chosen(
         self,
         events: list[QueryEvent],
@@ -234,14 +280,19 @@ class CallAhead:
         rows = list(range(len(events)))
         if skip_decided:
             with self.engine.connect() as conn:
-                done = existing_query_ids(conn, [e.query_id for e in events])
+                ids = [e.query_id for e in events]
+                done = existing_query_ids(conn, ids) | reserved_ids(conn, ids)  # or the door's
             rows = [i for i in rows if events[i].query_id not in done]
         if not rows:
             return []
         embeddings = self.vectors.embed([events[i].text for i in rows])
         prompts = [self._prompt(events[i]) for i in rows]
+        tasks = [self.config.tasks[events[i].task] for i in rows]
         offered = offered_arms(
-            self.config, self.gateway.available_arms(), [p.text for p in prompts]
+            self.config,
+            self.gateway.available_arms(),
+            [p.text for p in prompts],
+            [t.output_tokens for t in tasks],
         )
         queries = [(events[i].task, events[i].text, events[i].metadata) for i in rows]
         with self.live.lock:  # the builder's statistics move as decisions are stored
@@ -249,9 +300,16 @@ class CallAhead:
             layout = self.live.context.spec
             priced = self._choose(offered, contexts, [events[i] for i in rows], prompts)
         return [
-            Chosen(i, choice, context, layout, CallRequest(events[i].query_id, prompt), pricing)
-            for i, (choice, pricing), context, prompt in zip(
-                rows, priced, contexts, prompts, strict=True
+            Chosen(
+                i,
+                choice,
+                context,
+                layout,
+                CallRequest(events[i].query_id, prompt, task.output_tokens, task.temperature),
+                pricing,
+            )
+            for i, (choice, pricing), context, prompt, task in zip(
+                rows, priced, contexts, prompts, tasks, strict=True
             )
         ]
 
@@ -276,7 +334,9 @@ class CallAhead:
             return [(c, None) for c in chosen]
         out = []
         for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
-            pricing = live.pricing(self.rewards, self.prices, len(event.text), len(prompt.text))
+            pricing = live.pricing(
+                self.rewards, self.prices, len(event.text), len(prompt.text), event.task
+            )
             choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
             out.append((live.guarded(event.task, choice, pricing, self.rewards), pricing))
         return out

@@ -28,6 +28,7 @@ A bad file fails at start with the path of the bad key, e.g. ``arms.0.provider``
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,16 +48,55 @@ class ArmError(ConfigError):
     API key's variable not set, an SDK not installed); the message names the arm."""
 
 
-class TaskConfig(BaseModel):
+#: the output-token limit of an open task's answers when the task does not set one
+OPEN_MAX_OUTPUT_TOKENS = 512
+
+
+class CheckConfig(BaseModel):
+    """How an open task's reference label scores its answer, 1 or 0 (:mod:`service.reward`):
+    ``exact`` (the whole answer), ``contains`` (the label anywhere in the answer), ``regex``
+    (``pattern``'s last match in the answer, its first group if it has one, equals the label).
+    Compared ignoring case (unless ``case_sensitive``) and runs of white space."""
+
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["classification", "multiple_choice"]
-    labels: list[str] = Field(min_length=2)
+    kind: Literal["exact", "contains", "regex"]
+    pattern: str | None = None
+    case_sensitive: bool = False
+
+    @model_validator(mode="after")
+    def _pattern(self) -> CheckConfig:
+        if self.kind == "regex":
+            if not self.pattern:
+                raise ValueError("a regex check needs 'pattern'")
+            try:
+                re.compile(self.pattern)
+            except re.error as exc:
+                raise ValueError(f"pattern is not a regular expression: {exc}") from None
+        elif self.pattern is not None:
+            raise ValueError(f"'pattern' is for regex checks, not {self.kind}")
+        return self
+
+
+class TaskConfig(BaseModel):
+    """A task: ``classification`` or ``multiple_choice`` (an answer from ``labels``), or
+    ``open`` (the model's text is the answer: no labels, its own ``max_output_tokens`` and
+    ``temperature``, and an optional ``check`` that scores a reference label against it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["classification", "multiple_choice", "open"]
+    labels: list[str] = Field(default_factory=list)
     instruction: str | None = None
     template: str | None = None
     #: metadata keys of this task's queries that the router uses, each categorical or numeric
     #: (see service.context); keys not listed here are stored but not used for routing
     features: dict[str, Literal["categorical", "numeric"]] = Field(default_factory=dict)
+    #: open tasks: the answer's output-token limit (None: OPEN_MAX_OUTPUT_TOKENS), the sampling
+    #: temperature (None: the arm's, 0), and how a reference label scores an answer
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    check: CheckConfig | None = None
     #: conservative mode (service.policy.conservative): the arm this task runs today, and how
     #: much less reward (relative) the router may earn than it while learning
     baseline: str | None = None
@@ -65,6 +105,8 @@ class TaskConfig(BaseModel):
     @field_validator("labels")
     @classmethod
     def _distinct(cls, labels: list[str]) -> list[str]:
+        if len(labels) == 1:
+            raise ValueError("a task has at least 2 labels (an open task has none)")
         if any(not label.strip() for label in labels):
             raise ValueError("labels must be non-empty strings")
         if len(set(labels)) != len(labels):
@@ -86,11 +128,39 @@ class TaskConfig(BaseModel):
             raise ValueError("template must contain the {text} placeholder")
         return template
 
+    @model_validator(mode="after")
+    def _kind_fields(self) -> TaskConfig:
+        if self.kind != "open":
+            if not self.labels:
+                raise ValueError(f"a {self.kind} task needs its labels (at least 2)")
+            given = [
+                name
+                for name in ("max_output_tokens", "temperature", "check")
+                if getattr(self, name) is not None
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)}: for open tasks only, not {self.kind}")
+        elif self.labels:
+            raise ValueError("an open task has no labels: its answer is the model's text")
+        return self
+
+    @property
+    def is_open(self) -> bool:
+        return self.kind == "open"
+
+    @property
+    def output_tokens(self) -> int | None:
+        """The output-token limit of this task's calls (None: each arm's own)."""
+        if not self.is_open:
+            return None
+        return self.max_output_tokens or OPEN_MAX_OUTPUT_TOKENS
+
 
 class ArmConfig(BaseModel):
     """One arm: a model behind a provider, its prices and how it is called.
 
-    Keys (defaults): ``answer_mode`` generate | score (generate); ``calibrate`` (false);
+    Keys (defaults): ``answer_mode`` generate | score (generate; a score arm generates for an
+    open task, which has no answer set to score); ``calibrate`` (false);
     ``timeout_seconds`` per attempt (60); ``max_retries`` (2) with exponential backoff from
     ``retry_backoff_seconds`` (0.5) up to ``retry_backoff_max_seconds`` (8), full jitter;
     ``max_in_flight`` calls at once (16); circuit breaker: ``breaker_failures`` consecutive

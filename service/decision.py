@@ -17,6 +17,22 @@ import numpy as np
 
 from service.events import DecisionEvent
 
+#: the most characters of an answer (``raw_output``) and of an ``error`` a decision row stores:
+#: the rest is cut and :data:`CUT_MARK` says so
+MAX_STORED_CHARS = 16_384
+CUT_MARK = " […]"
+
+
+def capped(text: str | None, limit: int = MAX_STORED_CHARS) -> str | None:
+    """``text`` as a row stores it: at most ``limit`` characters, the cut marked.
+
+    >>> capped("short"), capped("x" * 10, limit=8)
+    ('short', 'xxxx […]')
+    """
+    if text is None or len(text) <= limit:
+        return text
+    return text[: limit - len(CUT_MARK)] + CUT_MARK
+
 
 def vector_to_bytes(vector: np.ndarray) -> bytes:
     """Contexts are stored as little-endian float32."""
@@ -106,8 +122,11 @@ class Decision:
     estimated_cost_usd: float | None = None
 
     def row(self) -> dict[str, Any]:
-        """The row to insert, column by column."""
-        return {name: getattr(self, name) for name in COLUMNS}
+        """The row to insert, column by column (the answer and the error :func:`capped`)."""
+        row = {name: getattr(self, name) for name in COLUMNS}
+        row["raw_output"] = capped(self.raw_output)
+        row["error"] = capped(self.error)
+        return row
 
     def event(self) -> DecisionEvent:
         """The decision event published once the row is stored."""

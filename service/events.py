@@ -15,7 +15,15 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails
 
 MAX_TEXT_CHARS = 32_768
 MAX_DEPTH = 64  # nesting of ``metadata``
@@ -120,11 +128,41 @@ class QueryEvent(_Event):
 
 
 class LabelEvent(_Event):
-    """The ground truth for a query, published any time after (or even before) the query."""
+    """The feedback for a query, published any time after (or even before) the query: its
+    ground truth ``label``, or a ``score`` in [0, 1] of the answer served (exactly one).
+
+    >>> LabelEvent.from_bytes(b'{"query_id": "q1", "score": 0.75}').score
+    0.75
+    >>> def reason(raw: bytes) -> str:
+    ...     try:
+    ...         return str(LabelEvent.from_bytes(raw))
+    ...     except InvalidEvent as exc:
+    ...         return str(exc)
+    >>> reason(b'{"query_id": "q1", "score": 1.5}')
+    'score: Input should be less than or equal to 1'
+    >>> reason(b'{"query_id": "q1", "label": "a", "score": 1}')[:60]
+    '(event): Value error, a label event has exactly one of label'
+    """
 
     query_id: str = Field(min_length=1, max_length=128)
-    label: str = Field(min_length=1, max_length=1024)
+    label: str | None = Field(None, min_length=1, max_length=1024)
+    score: float | None = Field(None, ge=0, le=1, strict=True)
     labeled_at: datetime | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _label_or_score_given(cls, data: Any) -> Any:
+        """Neither: told as a missing ``label`` (the field most events carry)."""
+        if isinstance(data, dict) and data.get("label") is None and data.get("score") is None:
+            missing = InitErrorDetails(type="missing", loc=("label",), input=data)
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        return data
+
+    @model_validator(mode="after")
+    def _not_both(self) -> LabelEvent:
+        if self.label is not None and self.score is not None:
+            raise ValueError("a label event has exactly one of label and score, not both")
+        return self
 
 
 class DecisionEvent(_Event):

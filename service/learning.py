@@ -47,7 +47,7 @@ import json
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from service import metrics
 from service.context import LEGACY, ContextBuilder, ContextLayout
@@ -143,7 +143,7 @@ class LivePolicy:
     def reward_settings(self, base: RewardSettings) -> RewardSettings:
         """The reward settings in force now: ``base``, with λ from the pacer in budget mode."""
         pacer = self.pacer
-        return base if pacer is None else RewardSettings(pacer.lam, base.cost_unit)
+        return base if pacer is None else replace(base, lam=pacer.lam)
 
     def pricing(
         self,
@@ -151,6 +151,7 @@ class LivePolicy:
         prices: Mapping[str, ArmPrice | None],
         n_chars: int,
         prompt_chars: int | None = None,
+        task: str | None = None,
     ) -> Pricing | None:
         """What a query of ``n_chars`` characters (its prompt ``prompt_chars``) is priced at
         now, for a policy that learns correctness (None for the others): the λ in force, and
@@ -159,7 +160,7 @@ class LivePolicy:
         if not self.policy.learns_correctness:
             return None
         settings = self.reward_settings(base)
-        est = self.costs.estimate(prices, n_chars, prompt_chars)
+        est = self.costs.estimate(prices, n_chars, prompt_chars, task)
         return Pricing(settings.lam, settings.cost_unit, est)
 
     def follows(
@@ -187,7 +188,9 @@ class LivePolicy:
     def observe_costs(self, logged: Sequence[LoggedDecision]) -> None:
         """Feed the cost estimates decisions they have not seen (in ``decision_seq`` order)."""
         for d in logged:
-            self.costs.observe(d.seq, d.arm, d.cost_usd, d.n_chars, d.output_tokens, d.cost_unknown)
+            self.costs.observe(
+                d.seq, d.arm, d.cost_usd, d.n_chars, d.output_tokens, d.cost_unknown, d.task
+            )
 
     def apply(self, rewards: Sequence[AppliedReward]) -> int:
         """Apply rewards of the log (in seq order, none missing above the watermark); returns

@@ -31,6 +31,7 @@ from service.log import decisions as decision_sql
 from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
+from service.log.requests import reserved_ids
 from service.log.rows import RejectedLabel, StoredQuery
 from service.log.transaction import LearningLog
 from service.pricing import priced_columns
@@ -107,6 +108,8 @@ class Decider:
         task = self.config.tasks[event.task]
         if task.kind == "multiple_choice" and event.options and len(event.options) > 26:
             raise InvalidEvent("multiple choice takes at most 26 options")
+        if task.is_open and event.options:
+            raise InvalidEvent(f"task {event.task!r} is open-ended: its queries take no options")
         try:
             self.learning_log.live.context.check(event.task, event.metadata)
         except ContextError as exc:
@@ -118,12 +121,12 @@ class Decider:
         rejected with the reason or its text cut to fit the largest window."""
         task = self.config.tasks[event.task]
         prompt = build_prompt(task, event.text, event.options or task.labels).text
-        reason = too_long_reason(self.config, prompt)
+        reason = too_long_reason(self.config, prompt, task.output_tokens)
         if reason is None:
             return event
         if self.too_long_text != "truncate":
             raise InvalidEvent(reason)
-        text = truncated(event.text, prompt, self.config)
+        text = truncated(event.text, prompt, self.config, task.output_tokens)
         log.info(
             "%s: text cut from %d to %d characters", event.query_id, len(event.text), len(text)
         )
@@ -139,8 +142,10 @@ class Decider:
         batch's order), and the events whose id is taken by another query."""
         engine = self.learning_log.engine
         with engine.connect() as conn:
-            taken = decision_sql.stored_queries(conn, {r.event.query_id for r in records})
-        unique, repeats, rejected = self._check_ids(records, taken)
+            ids = {r.event.query_id for r in records}
+            taken = decision_sql.stored_queries(conn, ids)
+            held = reserved_ids(conn, ids - taken.keys())  # by the HTTP door, calling for them
+        unique, repeats, rejected = self._check_ids(records, taken, held)
         with engine.connect() as conn:
             again = decision_sql.decision_events(conn, [q for q in unique if q in taken])
         done = {e.query_id for e in again}
@@ -177,17 +182,21 @@ class Decider:
         return Decided(new, again + _repeated(again + new, repeats), rejected)
 
     def _check_ids(
-        self, records: list[QueryRecord], taken: dict[str, StoredQuery]
+        self, records: list[QueryRecord], taken: dict[str, StoredQuery], held: set[str]
     ) -> tuple[dict[str, QueryRecord], list[str], list[tuple[int, str]]]:
         """Each id's query is the one stored (``taken``), else its first event in the batch.
         Returns the events to decide or publish again (the first of each id that is its
         query), the ids of the further events of the same query (published again), and the
-        events (by index) whose id is taken by another query, with the reason."""
+        events (by index) whose id is taken by another query, or ``held`` by an HTTP request
+        calling for it (its decision is that request's), with the reason."""
         unique: dict[str, QueryRecord] = {}
         repeats: list[str] = []
         rejected: list[tuple[int, str]] = []
         for i, record in enumerate(records):
             qid = record.event.query_id
+            if qid in held:
+                rejected.append((i, f"query id {qid!r} is being decided by an HTTP request"))
+                continue
             query = query_of(record.event, self.config)
             known = taken.get(qid)
             if known is None and qid in unique:
@@ -207,6 +216,29 @@ class Decider:
         metrics.QUERIES_AGAIN.labels("republished").inc(len(repeats))
         metrics.QUERIES_AGAIN.labels("rejected").inc(len(rejected))
         return unique, repeats, rejected
+
+    def call_one(
+        self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
+    ) -> tuple[Decision, bool]:
+        """Call for one query now (the HTTP door's, already validated), from any thread, with
+        the request's own ``max_tokens`` and ``temperature``: its decision, not stored yet, and
+        whether the chosen arm failed. :meth:`store` stores it."""
+        call = self.calling.call_one(event, max_tokens, temperature)
+        return self._decision(QueryRecord(event), call), call.result.arm_failed
+
+    def store(self, batch: list[Decision], failed: list[str]) -> set[str]:
+        """Store decisions made by :meth:`call_one` in one append to the learning log (with
+        the rewards of the arms that ``failed`` and the labels that waited for them), as a
+        batch's are stored. Returns the ids stored (not those another instance stored first)."""
+        with self.learning_log.append(self.rewards) as tx:
+            stored = decision_sql.store_decisions(tx.conn, batch, failed, tx.rewards)
+            tx.applied += stored.rewards
+            tx.logged += stored.logged
+        _log_rejected_early(stored.rejected_labels)
+        lost = len(batch) - len(stored.inserted)
+        if lost:
+            metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
+        return set(stored.inserted)
 
     def abandon(self, query_ids: list[str]) -> int:
         """Give up the calls started for these queries (see :meth:`CallAhead.abandon`)."""

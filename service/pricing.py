@@ -4,8 +4,9 @@ A policy that ``learns_correctness`` (:mod:`service.policy.base`) chooses with
 ``Pricing(λ, cost_unit, est_cost)``; ``est_cost[arm]`` comes from here. A call costs its input
 tokens times the arm's input price plus its output tokens times the output price. Before the
 call, the input tokens are the prompt's characters / 4 and the output tokens the arm's running
-mean of the output tokens its calls recorded; an arm without prices in the config (or whose
-calls never recorded tokens) is charged its running mean recorded cost instead
+mean of the output tokens its calls recorded (on the query's task once it has called that task:
+an open task's answers are far longer than a label); an arm without prices in the config (or
+whose calls never recorded tokens) is charged its running mean recorded cost instead
 (:class:`~service.policy.base.RunningCosts`, fitted on the prompt's length).
 
 :class:`CostEstimator` is a projection of the decision log: it observes each stored decision
@@ -27,6 +28,14 @@ nothing of that arm's cost and is skipped (so is one it refused as too long).
     (1e-05, 3)
     >>> CostEstimator.from_dict(costs.to_dict()).estimate(prices, 400) == est
     True
+
+Per task: an arm's mean output tokens on the query's task, once it has called that task.
+
+    >>> costs.observe(4, "cheap", cost_usd=9e-5, n_chars=40, output_tokens=200, task="chat")
+    >>> round(costs.estimate(prices, 400, task="chat")["cheap"] * 1e6, 4)   # 100·0.1 + 200·0.4
+    90.0
+    >>> round(costs.estimate(prices, 400, task="other")["cheap"] * 1e6, 4)  # 69.33 tokens
+    37.7333
 """
 
 from __future__ import annotations
@@ -94,6 +103,7 @@ class CostEstimator:
     def __init__(self, halflife: float | None = None) -> None:
         self.watermark = 0  # highest decision_seq observed
         self._tokens: dict[str, list[float]] = {}  # arm → [calls with tokens, Σ output tokens]
+        self._task_tokens: dict[tuple[str, str], list[float]] = {}  # the same by (arm, task)
         # recorded costs, forgotten with the policy's half-life when it follows drift
         self._costs = RunningCosts(halflife)
 
@@ -105,9 +115,10 @@ class CostEstimator:
         n_chars: int,
         output_tokens: int | None,
         cost_unknown: bool = False,
+        task: str = "",
     ) -> None:
-        """Observe the stored decision ``seq`` (once: a seq at or below the watermark is
-        ignored)."""
+        """Observe the stored decision ``seq`` of ``task`` (once: a seq at or below the
+        watermark is ignored)."""
         if seq <= self.watermark:
             return
         self.watermark = seq
@@ -115,9 +126,12 @@ class CostEstimator:
             return
         self._costs.observe(arm, cost_usd, n_chars)
         if output_tokens is not None:
-            sums = self._tokens.setdefault(arm, [0.0, 0.0])
-            sums[0] += 1.0
-            sums[1] += float(output_tokens)
+            for sums in (
+                self._tokens.setdefault(arm, [0.0, 0.0]),
+                self._task_tokens.setdefault((arm, task), [0.0, 0.0]),
+            ):
+                sums[0] += 1.0
+                sums[1] += float(output_tokens)
 
     def mean_output_tokens(self) -> dict[str, float]:
         """Each arm's mean recorded output tokens (arms whose calls recorded some)."""
@@ -128,14 +142,22 @@ class CostEstimator:
         prices: Mapping[str, ArmPrice | None],
         n_chars: int,
         prompt_chars: int | None = None,
+        task: str | None = None,
     ) -> dict[str, float]:
-        """The expected cost in USD of each arm's call on a query of ``n_chars`` characters
-        whose prompt has ``prompt_chars`` (None: ``n_chars``): priced arms by their tokens,
-        the others by their recorded costs, fitted on the query's length (an arm with neither
-        is left out: a priced choice charges it nothing)."""
+        """The expected cost in USD of each arm's call on a query of ``task`` (None: any) of
+        ``n_chars`` characters whose prompt has ``prompt_chars`` (None: ``n_chars``): priced
+        arms by their tokens (their mean output tokens on the task, once they called it), the
+        others by their recorded costs, fitted on the query's length (an arm with neither is
+        left out: a priced choice charges it nothing)."""
         recorded = self._costs.estimate(n_chars)
         prompt = n_chars if prompt_chars is None else prompt_chars
         outputs = self.mean_output_tokens()
+        if task is not None:
+            outputs.update(
+                (arm, total / n)
+                for (arm, of), (n, total) in self._task_tokens.items()
+                if of == task and n
+            )
         out: dict[str, float] = {}
         for arm in dict.fromkeys([*prices, *recorded]):
             price = prices.get(arm)
@@ -151,13 +173,23 @@ class CostEstimator:
         return {
             "watermark": self.watermark,
             "tokens": {a: list(v) for a, v in self._tokens.items()},
+            "task_tokens": [[a, t, *v] for (a, t), v in self._task_tokens.items()],
             "costs": {a: v.tolist() for a, v in self._costs._sums.items()},
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], halflife: float | None = None) -> CostEstimator:
+        """The state :meth:`to_dict` wrote; one from before the per-task means is not kept
+        (a fresh estimator, watermark 0: the learning log rebuilds it from the decisions).
+
+        >>> CostEstimator.from_dict({"watermark": 9, "tokens": {}, "costs": {}}).watermark
+        0
+        """
         new = cls(halflife)
+        if "task_tokens" not in data:
+            return new
         new.watermark = int(data["watermark"])
         new._tokens = {a: [float(n), float(t)] for a, (n, t) in data["tokens"].items()}
+        new._task_tokens = {(a, t): [float(n), float(s)] for a, t, n, s in data["task_tokens"]}
         new._costs._sums = {a: np.array(v, dtype=np.float64) for a, v in data["costs"].items()}
         return new

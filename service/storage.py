@@ -80,6 +80,9 @@ decisions = sa.Table(
     # (NULL: a policy that does not price its choices, or a decision from before 0009)
     sa.Column("decision_lambda", sa.Float),
     sa.Column("estimated_cost_usd", sa.Float),
+    # the score in [0, 1] its feedback gave: a score event, or an open task's check of its
+    # label (NULL: no feedback yet, a label's verdict is ``correct``, or before 0010)
+    sa.Column("score", sa.Float),
     sa.UniqueConstraint("reward_seq", name="decisions_reward_seq_key"),
     sa.UniqueConstraint("decision_seq", name="decisions_decision_seq_key"),
     sa.CheckConstraint("propensity > 0 AND propensity <= 1", name="propensity_in_0_1"),
@@ -87,6 +90,7 @@ decisions = sa.Table(
         "status IN ('ok', 'parse_error', 'llm_error', 'input_too_long')", name="known_status"
     ),
     sa.CheckConstraint("attempts >= 0", name="attempts_not_negative"),
+    sa.CheckConstraint("score >= 0 AND score <= 1", name="score_in_0_1"),
     sa.Index("decisions_decided_at", "decided_at"),
     sa.Index("decisions_arm_task", "arm", "task"),
 )
@@ -95,7 +99,7 @@ pending_labels = sa.Table(
     "pending_labels",
     metadata,
     sa.Column("query_id", sa.Text, primary_key=True),
-    sa.Column("label", sa.Text, nullable=False),
+    sa.Column("label", sa.Text),  # NULL: a score waits instead (0010)
     sa.Column("labeled_at", sa.DateTime(timezone=True)),
     sa.Column(
         "received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
@@ -105,6 +109,8 @@ pending_labels = sa.Table(
     sa.Column("topic", sa.Text),
     sa.Column("partition", sa.Integer),
     sa.Column("kafka_offset", sa.BigInteger),
+    sa.Column("score", sa.Float),
+    sa.CheckConstraint("num_nonnulls(label, score) = 1", name="label_or_score"),
     sa.Index("pending_labels_received_at", "received_at"),
 )
 
@@ -149,6 +155,20 @@ label_offsets = sa.Table(
     sa.Column(
         "updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
+)
+
+# query ids the HTTP door reserved before calling (door/, service/log/requests.py): a retry
+# with the same id and body waits for or returns that decision; a lease bounds a dead owner
+http_requests = sa.Table(
+    "http_requests",
+    metadata,
+    sa.Column("query_id", sa.Text, primary_key=True),
+    sa.Column("body_sha256", sa.Text, nullable=False),
+    sa.Column("instance", sa.Text, nullable=False),
+    sa.Column(
+        "reserved_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
+    ),
+    sa.Column("lease_until", sa.DateTime(timezone=True), nullable=False),
 )
 
 service_counters = sa.Table(

@@ -14,6 +14,17 @@ True
 
 Query text is only ever a value in the template, never a template: braces in it stay as they
 are. Whatever it says, the answer is one of the labels or a parse error.
+
+An open task's prompt is the text itself (after its ``instruction``, or in its ``template``)
+and has no answers: the model's text is the answer, generated freely.
+
+>>> chat = TaskConfig(kind="open")
+>>> build_prompt(chat, "Write a haiku about rain.", []).text
+'Write a haiku about rain.'
+>>> build_prompt(chat, "rain", []).open
+True
+>>> build_prompt(TaskConfig(kind="open", template="Q: {text} A:"), "2+2?", []).text
+'Q: 2+2? A:'
 """
 
 from __future__ import annotations
@@ -52,6 +63,11 @@ class Prompt:
     labels: list[str]
     content_free: str | None = None  # the same prompt for a content-free input (calibration)
 
+    @property
+    def open(self) -> bool:
+        """An open task's prompt: no answer set, the model's text is the answer."""
+        return not self.answers
+
     def label_for(self, answer: str) -> str:
         return self.labels[self.answers.index(answer)]
 
@@ -61,7 +77,10 @@ def _letters_only(options: list[str]) -> bool:
 
 
 def build_prompt(task: TaskConfig, text: str, options: list[str]) -> Prompt:
-    """The prompt for one query. ``options`` is the allowed label set for this query."""
+    """The prompt for one query. ``options`` is the allowed label set for this query (none
+    for an open task)."""
+    if task.kind == "open":
+        return _open_prompt(task, text)
     if task.kind == "multiple_choice" and not _letters_only(options):
         if len(options) > len(LETTERS):
             raise ValueError(f"at most {len(LETTERS)} options")
@@ -91,6 +110,18 @@ def build_prompt(task: TaskConfig, text: str, options: list[str]) -> Prompt:
     return Prompt(
         text=fill(text), answers=answers, labels=list(options), content_free=fill(CONTENT_FREE)
     )
+
+
+def _open_prompt(task: TaskConfig, text: str) -> Prompt:
+    """An open task's prompt: its template with the text, else the text after its
+    instruction, else the text alone."""
+    if task.template is not None:
+        prompt = task.template.format_map(_Defaults(text=text, instruction=task.instruction or ""))
+    elif task.instruction:
+        prompt = f"{task.instruction}\n\n{text}"
+    else:
+        prompt = text
+    return Prompt(text=prompt, answers=[], labels=[])
 
 
 #: The content-free input of contextual calibration (Zhao et al., 2021).

@@ -269,6 +269,37 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
             "metallm: invalid setting: METALLM_METRICS_PORT='none': a port number, 0 for any "
             "free port, or off for none",
         ),
+        (
+            {"METALLM_PROGRESS_SECONDS": "-1"},
+            "metallm: invalid setting: METALLM_PROGRESS_SECONDS='-1': Input should be greater "
+            "than or equal to 0",
+        ),
+        (
+            {"METALLM_KAFKA_SECURITY_PROTOCOL": "TLS"},
+            "metallm: invalid setting: METALLM_KAFKA_SECURITY_PROTOCOL='TLS': String should "
+            "match pattern '^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$'",
+        ),
+        (
+            {"METALLM_KAFKA_SSL_CAFILE": "/nonexistent/ca.pem"},
+            "metallm: invalid setting: METALLM_KAFKA_SSL_CAFILE='/nonexistent/ca.pem': Path "
+            "does not point to a file",
+        ),
+        (
+            {"METALLM_POLICY": "linucbb"},
+            "metallm: invalid setting: METALLM_POLICY='linucbb': no such policy; choose from "
+            "arm_means, auto, correctness_ucb, eps_greedy, hybrid_linucb, lin_ts, linucb, "
+            "softmax, thompson, ucb",
+        ),
+        (
+            {"METALLM_POLICY": "arm_means", "METALLM_POLICY_PARAMS": '{"epsilon": 2}'},
+            'metallm: invalid setting: METALLM_POLICY_PARAMS={"epsilon": 2} for '
+            "METALLM_POLICY=arm_means: epsilon must be in [0, 1]",
+        ),
+        (
+            {"METALLM_POLICY": "ucb", "METALLM_POLICY_PARAMS": '{"alpah": 1}'},
+            'metallm: invalid setting: METALLM_POLICY_PARAMS={"alpah": 1} for '
+            "METALLM_POLICY=ucb: ucb takes no parameter 'alpah'; it takes delta, epsilon, seed",
+        ),
     ],
     ids=[
         "not-an-int",
@@ -279,6 +310,12 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
         "not-postgres",
         "too-long-text",
         "metrics-port",
+        "progress-seconds",
+        "security-protocol",
+        "tls-file",
+        "unknown-policy",
+        "policy-param-range",
+        "policy-param-name",
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(env, expected, monkeypatch, capsys):

@@ -57,11 +57,17 @@ def test_compose_creates_every_topic_the_service_uses(compose):
 
 
 def test_compose_scales_the_service_and_prometheus_finds_every_replica(compose):
-    """``docker compose up --scale metallm=N``: no fixed host port for replicas to clash on;
+    """``docker compose up --scale metallm=N``: no fixed host port for replicas to clash on
+    (the door's is a range, one host port per replica);
     Prometheus finds each replica by the service name (compose's DNS answers it with one
     address per replica) and scrapes it on the metrics port."""
     app = compose["services"]["metallm"]
-    assert "ports" not in app
+    # only the HTTP door's port is published, as a range of host ports: one per replica
+    [door] = app["ports"]
+    hosts, _, inside = door.rpartition(":")
+    assert "-" in hosts and inside == app["environment"]["METALLM_HTTP_PORT"]
+    first, last = map(int, hosts.split("-"))
+    assert last - first + 1 >= 3  # the replicas `--scale metallm=3` makes
     assert "container_name" not in app  # a fixed name cannot be scaled either
     port = int(app["environment"]["METALLM_METRICS_PORT"])
     assert [str(port)] == app["expose"]

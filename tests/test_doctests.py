@@ -12,6 +12,7 @@ import pytest
 
 import app
 import consumers
+import door
 import evaluation
 import producers
 import service
@@ -19,7 +20,7 @@ import service
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = [
     module.name
-    for package in (app, consumers, service, evaluation, producers)
+    for package in (app, consumers, door, service, evaluation, producers)
     for module in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")
 ]
 

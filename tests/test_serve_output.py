@@ -82,7 +82,8 @@ def test_serve_with_metrics_off_says_what_it_runs_and_does(broker, topics, pg_sc
     log = log_path.read_text()
     assert proc.returncode == 0, log
 
-    block = log[log.index("serving:") :].splitlines()[1:13]
+    lines = log[log.index("serving:") :].splitlines()[1:]
+    block = lines[: next(i for i, line in enumerate(lines) if not line.startswith("  "))]
     fields = dict(line.strip().split(None, 1) for line in block)
     assert fields["config"] == str(config.resolve())
     assert fields["tasks"] == ", ".join(sorted(TASKS))  # as safe_dump wrote them
@@ -97,6 +98,7 @@ def test_serve_with_metrics_off_says_what_it_runs_and_does(broker, topics, pg_sc
     assert fields["policy"].startswith('correctness_ucb {"alpha": 0.5, "epsilon": 0.02, "seed": 0}')
     assert fields["context"].startswith("v1 ")
     assert fields["metrics"].startswith("off (METALLM_METRICS_PORT=off")
+    assert fields["door"].startswith("off (METALLM_HTTP_PORT unset)")
     assert fields["progress"] == "every 1 s"
     assert "s3cret-pw" not in log
 

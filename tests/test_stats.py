@@ -88,3 +88,38 @@ def test_stats_and_explain_commands(decided, pg_schema):
 
     missing = metallm_cli(pg_schema, "decisions", "--explain", "nope")
     assert missing.returncode == 1 and "no decision for query 'nope'" in missing.stderr
+
+
+def test_a_scored_open_decision_in_stats_and_explain(decided, pg_schema):
+    """An open task's decision scored 0.75: counted as labeled, its mean score shown where a
+    classification shows accuracy; --explain shows its answer text and its score."""
+    with decided.begin() as conn:
+        decision_sql.insert_decisions(
+            conn,
+            [
+                {
+                    "query_id": "q-open",
+                    "task": "chat",
+                    "text": "Write a haiku about rain.",
+                    "options": [],
+                    "arm": "strong",
+                    "propensity": 0.5,
+                    "probabilities": {"cheap": 0.5, "strong": 0.5},
+                    "policy": "linucb",
+                    "status": "ok",
+                    "prediction": None,
+                    "raw_output": "Rain on the tin roof",
+                    "cost_usd": 0.004,
+                    "embedding_model": "m",
+                    "context": storage.vector_to_bytes(np.zeros(2)),
+                    "score": 0.75,
+                    "reward": 0.35,
+                }
+            ],
+        )
+    with decided.connect() as conn:
+        strong = next(r for r in read_models.stats_summary(conn) if r["arm"] == "strong")
+    assert (strong["labeled"], strong["accuracy"], strong["mean_score"]) == (2, 1.0, 0.75)
+    explained = " ".join(metallm_cli(pg_schema, "decisions", "--explain", "q-open").stdout.split())
+    assert "answer 'Rain on the tin roof'" in explained
+    assert "score 0.75, reward 0.350" in explained

@@ -25,8 +25,15 @@ class AnthropicProvider:
         try:
             message = await self.client.messages.create(
                 model=self.arm.model,
-                max_tokens=self.arm.max_output_tokens,  # (current SDKs take no temperature)
+                max_tokens=request.max_tokens or self.arm.max_output_tokens,
                 messages=[{"role": "user", "content": request.prompt.text}],
+                # the model's own temperature unless the call sets one; sent as an extra body
+                # field, since the SDK's typed parameters take none
+                **(
+                    {}
+                    if request.temperature is None
+                    else {"extra_body": {"temperature": request.temperature}}
+                ),
             )
         except self.sdk.AnthropicError as exc:
             raise sdk_error(exc, self.sdk, "anthropic", self._secrets) from None

@@ -56,13 +56,17 @@ class BedrockProvider:
         secret = os.environ.get("AWS_SECRET_ACCESS_KEY")
         self._secrets = (secret,) if secret else ()
 
-    def _converse(self, text: str) -> dict[str, Any]:
+    def _converse(self, request: CallRequest) -> dict[str, Any]:
         errors = self.botocore_exceptions
+        temperature = 0.0 if request.temperature is None else request.temperature
         try:
             return self.client.converse(
                 modelId=self.arm.model,
-                messages=[{"role": "user", "content": [{"text": text}]}],
-                inferenceConfig={"maxTokens": self.arm.max_output_tokens, "temperature": 0.0},
+                messages=[{"role": "user", "content": [{"text": request.prompt.text}]}],
+                inferenceConfig={
+                    "maxTokens": request.max_tokens or self.arm.max_output_tokens,
+                    "temperature": temperature,
+                },
             )
         except errors.ClientError as exc:
             error = exc.response.get("Error", {})
@@ -84,7 +88,7 @@ class BedrockProvider:
 
     async def complete(self, request: CallRequest) -> Completion:
         loop = asyncio.get_running_loop()
-        response = await loop.run_in_executor(self._pool, self._converse, request.prompt.text)
+        response = await loop.run_in_executor(self._pool, self._converse, request)
         blocks = response.get("output", {}).get("message", {}).get("content", [])
         text = "".join(b.get("text", "") for b in blocks)
         usage = response.get("usage", {})

@@ -45,7 +45,8 @@ class CallResult:
     """The outcome of one call, as recorded on the decision row.
 
     ``status`` and ``prediction`` describe the answer served (from the fallback when the chosen
-    arm failed). ``attempts`` counts every request sent for it, retries and fallback included;
+    arm failed); an open task's answer is ``raw_output`` (``prediction`` None, ``status`` ok).
+    ``attempts`` counts every request sent for it, retries and fallback included;
     ``fallback_arm`` is set when the chosen arm failed and the fallback was asked; ``error``
     then says why the chosen arm failed.
     """
@@ -430,9 +431,10 @@ class Gateway:
             if completion.cost_usd is not None
             else arm.cost_usd(completion.input_tokens, completion.output_tokens)
         )
-        prediction = parse_answer(completion.text, request.prompt)
+        # an open prompt's answer is the text itself (raw_output): nothing to parse
+        prediction = None if request.prompt.open else parse_answer(completion.text, request.prompt)
         return CallResult(
-            status="ok" if prediction is not None else "parse_error",
+            status="ok" if prediction is not None or request.prompt.open else "parse_error",
             prediction=prediction,
             raw_output=completion.text,
             input_tokens=completion.input_tokens,

@@ -1,7 +1,8 @@
 """An in-process local arm: llama-cpp-python over a GGUF file.
 
 Two answer modes, both confined to the prompt's answers, so the query text cannot push the
-model outside the label set:
+model outside the label set (an open task's prompt has no answer set: it is generated freely,
+without a grammar, in either mode):
 
 - ``generate`` (default): decoding is constrained by a GBNF grammar to the answers.
 - ``score``: every answer is scored by its exact log-probability as the continuation of the
@@ -60,30 +61,38 @@ class LlamaCppProvider:
 
     @lru_cache(maxsize=256)  # noqa: B019 - one provider per arm, lives as long as the service
     def _decoding(self, answers: tuple[str, ...]):
-        """The grammar and token budget for one answer set: built once, not on every call."""
+        """The grammar for one answer set and the tokens its longest answer needs (with room
+        for a leading space and the end): built once, not on every call."""
         from llama_cpp import LlamaGrammar
 
         grammar = LlamaGrammar.from_string(answers_grammar(answers), verbose=False)
         longest = max(len(self._llm.tokenize(a.encode(), add_bos=False)) for a in answers)
-        return grammar, max(self.max_output_tokens, longest + 2)
+        return grammar, longest + 2
 
     # ------------------------------------------------------------------ generate mode
-    def _generate(self, prompt: Prompt) -> Completion:
-        grammar, max_tokens = self._decoding(tuple(prompt.answers))
+    def _generate(self, request: CallRequest) -> Completion:
+        """Decode under the answer set's grammar; an open prompt (no answer set) freely, up to
+        the call's ``max_tokens``. The call's ``temperature`` applies when it sets one."""
+        prompt = request.prompt
+        if prompt.open:
+            grammar, max_tokens = None, request.max_tokens or self.max_output_tokens
+        else:
+            grammar, least = self._decoding(tuple(prompt.answers))
+            max_tokens = max(request.max_tokens or self.max_output_tokens, least)
+        sampling = {
+            "grammar": grammar,
+            "max_tokens": max_tokens,
+            "temperature": 0.0 if request.temperature is None else request.temperature,
+        }
         with self._lock:
             try:
                 if self.chat:
                     out = self._llm.create_chat_completion(
-                        messages=[{"role": "user", "content": prompt.text}],
-                        grammar=grammar,
-                        max_tokens=max_tokens,
-                        temperature=0.0,
+                        messages=[{"role": "user", "content": prompt.text}], **sampling
                     )
                     text = out["choices"][0]["message"]["content"] or ""
                 else:
-                    out = self._llm.create_completion(
-                        prompt.text, grammar=grammar, max_tokens=max_tokens, temperature=0.0
-                    )
+                    out = self._llm.create_completion(prompt.text, **sampling)
                     text = out["choices"][0]["text"]
             except ValueError as exc:  # e.g. prompt longer than the context window
                 error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
@@ -175,9 +184,9 @@ class LlamaCppProvider:
 
     # ------------------------------------------------------------------ provider interface
     def _call(self, request: CallRequest) -> Completion:
-        if self.answer_mode == "score":
+        if self.answer_mode == "score" and not request.prompt.open:
             return self._score(request.prompt)
-        return self._generate(request.prompt)
+        return self._generate(request)
 
     async def complete(self, request: CallRequest) -> Completion:
         return await asyncio.to_thread(self._call, request)

@@ -7,7 +7,9 @@ OpenAI itself; none needed for a local endpoint), ``http_client`` aiohttp (defau
 none | gbnf (llama.cpp server ``grammar``) | choice (vLLM ``guided_choice``) to confine the
 answer server-side, and ``answer_mode: score``: one token is generated with its top-20
 log-probabilities and each answer is scored by the most likely listed token that starts it
-(answers sharing their first token tie, which is a parse error, never a guess).
+(answers sharing their first token tie, which is a parse error, never a guess). An open task's
+prompt (no answer set) is generated freely in either mode, with the call's ``max_tokens`` and
+``temperature`` when it sets them.
 """
 
 from __future__ import annotations
@@ -182,13 +184,15 @@ class OpenAIProvider:
 
     async def complete(self, request: CallRequest) -> Completion:
         prompt = request.prompt
-        if self.arm.answer_mode == "score":
+        if self.arm.answer_mode == "score" and not prompt.open:
             return await self._score(prompt)
-        constraint = self._constraint(prompt)
+        # an open prompt (no answer set) is generated freely: no grammar, no scoring
+        constraint = None if prompt.open else self._constraint(prompt)
         reply = await self._create(
             prompt.text,
-            max_tokens=self.arm.max_output_tokens,
+            max_tokens=request.max_tokens or self.arm.max_output_tokens,
             **({"extra_body": constraint} if constraint else {}),
+            **({} if request.temperature is None else {"temperature": request.temperature}),
         )
         return Completion(reply.text.strip(), *reply.tokens)
 

@@ -1,6 +1,7 @@
 """An arm that answers from an outcomes file: what that model really answered, at its real cost.
 
 Useful for evaluation and for running the service against recorded traffic without any model.
+A call's ``max_tokens`` and ``temperature`` change nothing: the answer is the one recorded.
 """
 
 from __future__ import annotations

@@ -77,9 +77,9 @@ def store_decisions(
 ) -> StoredDecisions:
     """A decided batch's writes, in one call: insert the decisions not stored yet; reward now
     (wrong, at no cost) those whose chosen arm ``failed``: their label, when it comes, does not
-    count again; take the labels that waited for them, score them with ``settings`` and store
-    them with their rewards (those outside their decision's label set are recorded as rejected
-    instead)."""
+    count again; take the labels (and scores) that waited for them, score them with
+    ``settings`` and store them with their rewards (a label outside its decision's label set,
+    or for an open task without a check, is recorded as rejected instead)."""
     inserted = insert_decisions(conn, batch)
     by_id = {d.query_id: d for d in batch}
     logged = [by_id[q].logged(seq) for q, seq in inserted.items()]
@@ -88,10 +88,11 @@ def store_decisions(
     seqs = store_failure_rewards(conn, failing, on_failure, settings.lam)
     found = {q: FoundDecision.of(by_id[q], seqs.get(q)) for q in inserted}
     rewards = [found[q].reward(seq, on_failure) for q, seq in seqs.items()]
-    early, rejected = check_early_labels(take_pending_labels(conn, inserted), found)
+    early, rejected = check_early_labels(take_pending_labels(conn, inserted), found, settings)
     record_rejected_labels(conn, rejected)
     scored = [
-        score_label(found[p.query_id], p.label, p.labeled_at, settings, p.duplicates) for p in early
+        score_label(found[p.query_id], p.label, p.labeled_at, settings, p.duplicates, p.score)
+        for p in early
     ]
     rewards += store_labels(conn, scored)
     return StoredDecisions(inserted, logged, rewards, len(early), rejected)

@@ -9,7 +9,9 @@ one kept is a conflict (logged, ignored); a label *redelivered* by Kafka whose e
 stored changes nothing. A label outside its decision's label set (the task's labels, or the
 query's ``options``; compared as predictions are, ignoring case and surrounding space) is
 *rejected*: never applied, never the first label; an early one is checked when its decision
-arrives (:func:`check_early_labels`).
+arrives (:func:`check_early_labels`). So is a label for an open task without a check (only a
+score can grade its answer). A ``score`` (in [0, 1]) is feedback like a label: the first
+feedback of a query wins, whichever kind; a score is never outside a label set.
 
     >>> from service.events import LabelEvent
     >>> settings = RewardSettings(lam=0.1, cost_unit=0.001)
@@ -21,7 +23,7 @@ arrives (:func:`check_early_labels`).
 An early label waits; a late one is scored:
 
     >>> plan([LabelEvent(query_id="q9", label="a")]).pending
-    [PendingLabel(query_id='q9', label='a', labeled_at=None, duplicates=0, source=None)]
+    [PendingLabel(query_id='q9', label='a', labeled_at=None, duplicates=0, source=None, score=None)]
     >>> late = plan([LabelEvent(query_id="q1", label="positive")], [FoundDecision.example()])
     >>> [(s.query_id, s.correct, s.reward) for s in late.scored], late.applied
     ([('q1', True, 0.99)], 1)
@@ -55,6 +57,13 @@ A label outside the decision's label set is rejected, and a good one after it is
     [(0, "label 'banana' is not one of the query's labels: positive, negative")]
     >>> [(s.label, s.correct) for s in bad.scored]
     [('negative', False)]
+
+A score is scored as given; a later label for the same query is a conflicting duplicate:
+
+    >>> graded = plan([LabelEvent(query_id="q1", score=0.5),
+    ...                LabelEvent(query_id="q1", label="positive")], [FoundDecision.example()])
+    >>> [(s.score, s.reward) for s in graded.scored], graded.conflicts
+    ([(0.5, 0.49)], [Conflict(query_id='q1', kept='score 0.5', ignored='positive')])
 """
 
 from __future__ import annotations
@@ -64,7 +73,7 @@ from dataclasses import dataclass, field
 
 from service.events import LabelEvent
 from service.log.rows import FoundDecision, PendingLabel, RejectedLabel, ScoredLabel, Source
-from service.reward import RewardSettings, labels_match, score_label
+from service.reward import RewardSettings, labels_match, score_label, unscorable_label
 
 
 @dataclass(frozen=True)
@@ -101,6 +110,30 @@ class LabelPlan:
         return sum(self.duplicates.values()) + sum(s.extra_duplicates for s in self.scored)
 
 
+def feedback_text(label: str | None, score: float | None) -> str:
+    """A feedback as logged: the label, or ``score x``."""
+    return label if label is not None else f"score {score:g}"
+
+
+def same_feedback(a: tuple[str | None, float | None], b: tuple[str | None, float | None]) -> bool:
+    """Whether two feedbacks (label, score) say the same (labels compared as predictions)."""
+    if a[0] is not None and b[0] is not None:
+        return labels_match(a[0], b[0])
+    return a[0] is None and b[0] is None and a[1] == b[1]
+
+
+def rejected_label(
+    decision: FoundDecision, label: str | None, settings: RewardSettings | None
+) -> str | None:
+    """Why the feedback ``label`` (None: a score) cannot be its decision's (None: it can):
+    outside the label set, or for an open task without a check."""
+    if label is None:
+        return None
+    return outside_label_set(decision, label) or (
+        None if settings is None else unscorable_label(decision, settings)
+    )
+
+
 def outside_label_set(decision: FoundDecision, label: str) -> str | None:
     """Why ``label`` cannot be its decision's label (None: it can).
 
@@ -113,10 +146,12 @@ def outside_label_set(decision: FoundDecision, label: str) -> str | None:
 
 
 def check_early_labels(
-    early: Sequence[PendingLabel], found: Mapping[str, FoundDecision]
+    early: Sequence[PendingLabel],
+    found: Mapping[str, FoundDecision],
+    settings: RewardSettings | None = None,
 ) -> tuple[list[PendingLabel], list[RejectedLabel]]:
-    """Split the labels that waited for their decisions (now ``found``) into those in their
-    decision's label set and those rejected.
+    """Split the labels that waited for their decisions (now ``found``) into those that can
+    score their decision and those rejected (:func:`rejected_label`).
 
     >>> kept, rejected = check_early_labels(
     ...     [PendingLabel("q1", "banana", None)], {"q1": FoundDecision.example()})
@@ -125,8 +160,8 @@ def check_early_labels(
     """
     kept, rejected = [], []
     for p in early:
-        reason = outside_label_set(found[p.query_id], p.label)
-        if reason is None:
+        reason = rejected_label(found[p.query_id], p.label, settings)
+        if reason is None or p.label is None:
             kept.append(p)
         else:
             rejected.append(RejectedLabel(p.query_id, p.label, reason, p.source))
@@ -150,14 +185,12 @@ def join_labels(
     for i, (event, again) in enumerate(zip(labels, redelivered, strict=True)):
         decision = found.get(event.query_id)
         source = sources[i] if sources else None
-        reason = None if decision is None else outside_label_set(decision, event.label)
-        if reason is not None:
+        reason = None if decision is None else rejected_label(decision, event.label, settings)
+        if reason is not None and event.label is not None:
             plan.rejected.append((i, RejectedLabel(event.query_id, event.label, reason, source)))
             plan.rejected_again += again
             continue
-        if again and (
-            event.query_id in waiting if decision is None else decision.label is not None
-        ):
+        if again and (event.query_id in waiting if decision is None else decision.labeled):
             plan.redelivered += 1  # its effect is already there
             continue
         by_query.setdefault(event.query_id, []).append((i, event))
@@ -165,19 +198,25 @@ def join_labels(
         first, *rest = [event for _, event in indexed]
         first_source = sources[indexed[0][0]] if sources else None
         decision = found.get(qid)
-        labeled = None if decision is None else decision.label
-        kept = labeled if labeled is not None else first.label
-        for event in rest if labeled is None else [first, *rest]:
-            if not labels_match(kept, event.label):
-                plan.conflicts.append(Conflict(qid, kept, event.label))
+        labeled = decision is not None and decision.labeled
+        kept = (decision.label, decision.score) if labeled else (first.label, first.score)
+        for event in [first, *rest] if labeled else rest:
+            if not same_feedback(kept, (event.label, event.score)):
+                plan.conflicts.append(
+                    Conflict(qid, feedback_text(*kept), feedback_text(event.label, event.score))
+                )
         if decision is None:
             plan.pending.append(
-                PendingLabel(qid, first.label, first.labeled_at, len(rest), first_source)
+                PendingLabel(
+                    qid, first.label, first.labeled_at, len(rest), first_source, first.score
+                )
             )
-        elif labeled is not None:
+        elif labeled:
             plan.duplicates[qid] = 1 + len(rest)
         else:
             plan.scored.append(
-                score_label(decision, first.label, first.labeled_at, settings, len(rest))
+                score_label(
+                    decision, first.label, first.labeled_at, settings, len(rest), first.score
+                )
             )
     return plan

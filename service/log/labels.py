@@ -72,9 +72,11 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
             decisions.c.reward_seq,
             decisions.c.decided_at,
             decisions.c.options,
+            decisions.c.task,
+            decisions.c.raw_output,
+            decisions.c.score,
             decisions.c.propensity,
             decisions.c.decision_lambda,
-            decisions.c.task,
         )
         .where(one_of(decisions.c.query_id, ids))
         .order_by(decisions.c.query_id)
@@ -82,11 +84,13 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
     )
     return {
         r.query_id: FoundDecision(
-            *r[:-4],
+            *r[:10],
             tuple(r.options) if r.options else None,
+            r.task,
+            r.raw_output,
+            r.score,
             r.propensity,
             r.decision_lambda,
-            r.task,
         )
         for r in rows
     }
@@ -134,14 +138,15 @@ def _label_columns(rows: Sequence[ScoredLabel]) -> dict[str, tuple[sa.types.Type
         "label": (sa.Text(), [r.label for r in rows]),
         "labeled_at": (sa.DateTime(timezone=True), [r.labeled_at for r in rows]),
         "correct": (sa.Boolean(), [r.correct for r in rows]),
+        "score": (sa.Float(), [r.score for r in rows]),
         "dupes": (sa.Integer(), [r.extra_duplicates for r in rows]),
     }
 
 
 def store_labels(conn: Connection, scored: Sequence[ScoredLabel]) -> list[AppliedReward]:
-    """Store labels on their decisions, one statement for all: a label with a reward gets the
-    next reward sequence number (a decision is rewarded at most once); one without gets only
-    its label. Returns the rewards stored."""
+    """Store feedback (labels, scores) on their decisions, one statement for all: feedback with
+    a reward gets the next reward sequence number (a decision is rewarded at most once, its
+    first feedback wins); one without gets only its feedback. Returns the rewards stored."""
     seqs: dict[str, int] = {}
     rewarded = [r for r in scored if r.reward is not None]
     if rewarded:
@@ -153,7 +158,7 @@ def store_labels(conn: Connection, scored: Sequence[ScoredLabel]) -> list[Applie
         result = conn.execute(
             sa.text(
                 "UPDATE decisions AS d SET label = v.label, labeled_at = v.labeled_at, "
-                "correct = v.correct, reward = v.reward, reward_lambda = v.lam, "
+                "correct = v.correct, score = v.score, reward = v.reward, reward_lambda = v.lam, "
                 "reward_applied_at = now(), reward_seq = nextval('reward_seq'), "
                 "duplicate_labels = d.duplicate_labels + v.dupes "
                 f"FROM {values} WHERE d.query_id = v.query_id "
@@ -163,7 +168,7 @@ def store_labels(conn: Connection, scored: Sequence[ScoredLabel]) -> list[Applie
                 # every label (nested loop, join filter): 0.15 s a batch of 64 on 5,000
                 # decisions, 0.5-1 s a batch of 1,000 on 20,000. Each label's decision is
                 # found by primary key instead.
-                "AND num_nulls(d.label, d.reward_seq) = 2 "
+                "AND num_nulls(d.label, d.score, d.reward_seq) = 3 "
                 "RETURNING d.query_id, d.reward_seq"
             ),
             params,
@@ -175,13 +180,15 @@ def store_labels(conn: Connection, scored: Sequence[ScoredLabel]) -> list[Applie
         conn.execute(
             sa.text(
                 "UPDATE decisions AS d SET label = v.label, labeled_at = v.labeled_at, "
-                "correct = v.correct, duplicate_labels = d.duplicate_labels + v.dupes "
-                f"FROM {values} WHERE d.query_id = v.query_id AND d.label IS NULL"
+                "correct = v.correct, score = v.score, "
+                "duplicate_labels = d.duplicate_labels + v.dupes "
+                f"FROM {values} WHERE d.query_id = v.query_id "
+                "AND d.label IS NULL AND d.score IS NULL"
             ),
             params,
         )
     return [
-        r.decision.reward(seqs[r.query_id], r.reward, r.correct)
+        r.decision.reward(seqs[r.query_id], r.reward, r.correct, r.score)
         for r in rewarded
         if r.query_id in seqs and r.reward is not None
     ]
@@ -211,6 +218,7 @@ def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict
     values, params = arrays(
         query_id=(sa.Text(), [p.query_id for p in labels]),
         label=(sa.Text(), [p.label for p in labels]),
+        score=(sa.Float(), [p.score for p in labels]),
         labeled_at=(sa.DateTime(timezone=True), [p.labeled_at for p in labels]),
         dupes=(sa.Integer(), [p.duplicates for p in labels]),
         **_source_columns([p.source for p in labels]),
@@ -218,8 +226,9 @@ def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict
     result = conn.execute(
         sa.text(
             "INSERT INTO pending_labels "
-            "(query_id, label, labeled_at, duplicates, topic, partition, kafka_offset) "
-            "SELECT v.query_id, v.label, v.labeled_at, v.dupes, v.topic, v.part, v.kafka_offset "
+            "(query_id, label, score, labeled_at, duplicates, topic, partition, kafka_offset) "
+            "SELECT v.query_id, v.label, v.score, v.labeled_at, v.dupes, v.topic, v.part, "
+            "v.kafka_offset "
             f"FROM {values} "
             "ON CONFLICT (query_id) DO UPDATE "
             "SET duplicates = pending_labels.duplicates + 1 + excluded.duplicates "
@@ -285,6 +294,7 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[Pend
             pending_labels.c.topic,
             pending_labels.c.partition,
             pending_labels.c.kafka_offset,
+            pending_labels.c.score,
         )
     )
     return [
@@ -294,6 +304,7 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[Pend
             r.labeled_at,
             r.duplicates,
             None if r.topic is None else Source(r.topic, r.partition, r.kafka_offset),
+            r.score,
         )
         for r in conn.execute(stmt)
     ]

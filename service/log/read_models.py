@@ -55,6 +55,7 @@ class DecisionDetails:
     label: str | None
     correct: bool | None
     reward: float | None
+    score: float | None
 
 
 def decision_details(conn: Connection, query_id: str) -> DecisionDetails | None:

@@ -41,10 +41,11 @@ class AppliedReward:
     #: seconds from the reward's transaction to when it was read from the log (None: not read)
     age_s: float | None = None
     #: what a policy that learns correctness learns from it (:func:`learned_outcome`): whether
-    #: the call was right (None: a row from before, read from ``reward``) and what it cost
-    #: (None: not known, the arm failed)
+    #: the call was right (None: a row from before, read from ``reward``, or scored), what it
+    #: cost (None: not known, the arm failed) and its score in [0, 1] (None: a label's verdict)
     correct: bool | None = None
     cost_usd: float | None = None
+    score: float | None = None
     #: the decision's logged probability of ``arm`` and the λ its choice was priced with
     #: (``decision_lambda``; None: not priced): what off-policy scoring needs (None: not scored)
     propensity: float | None = None
@@ -60,27 +61,40 @@ class AppliedReward:
         return replace(self, age_s=age_s)
 
     def correctness(self) -> float:
-        """1.0 or 0.0: :attr:`correct`, or for a row without it whether ``reward`` is
-        above 0.5 (``1 − λ·cost/cost_unit`` stays above it for any call worth making)."""
+        """The outcome learnt: :attr:`score` (a fraction in [0, 1]) when scored, else 1.0 or
+        0.0: :attr:`correct`, or for a row without it whether ``reward`` is above 0.5
+        (``1 − λ·cost/cost_unit`` stays above it for any call worth making).
+
+        >>> AppliedReward(1, "q", "a", np.zeros(1), 0.4, score=0.5, correct=None).correctness()
+        0.5
+        """
+        if self.score is not None:
+            return float(self.score)
         if self.correct is not None:
             return float(self.correct)
         return float(self.reward > 0.5)
 
 
 def learned_outcome(
-    correct: bool | None, cost_usd: float | None, status: str, fallback_arm: str | None
-) -> tuple[bool | None, float | None]:
+    correct: bool | None,
+    cost_usd: float | None,
+    status: str,
+    fallback_arm: str | None,
+    score: float | None = None,
+) -> tuple[bool | None, float | None, float | None]:
     """What a reward of the log teaches a policy that learns correctness, from its decision's
     row alone (so every instance and every replay learns the same): a decision whose arm
-    failed was rewarded wrong at no known cost, whatever its label later said; any other
-    reward is the label's ``correct`` and the call's cost.
+    failed was rewarded wrong at no known cost, whatever its feedback later said; any other
+    reward is the feedback's ``correct``, the call's cost and the feedback's ``score``.
 
     >>> learned_outcome(True, 0.002, "ok", None), learned_outcome(True, 0.002, "ok", "strong")
-    ((True, 0.002), (False, None))
+    ((True, 0.002, None), (False, None, None))
+    >>> learned_outcome(None, 0.002, "ok", None, score=0.25)
+    (None, 0.002, 0.25)
     """
     if arm_failed(status, fallback_arm):
-        return False, None
-    return correct, cost_usd
+        return False, None, None
+    return correct, cost_usd, score
 
 
 @dataclass(frozen=True)
@@ -97,12 +111,23 @@ class FoundDecision:
     label: str | None
     reward_seq: int | None
     decided_at: datetime
-    #: the labels its query allows (the task's, or the query's ``options``); None: not known
+    #: the labels its query allows (the task's, or the query's ``options``); None: not known,
+    #: or none (an open task)
     options: tuple[str, ...] | None = None
+    task: str = ""
+    #: the answer's text (``raw_output``): what an open task's check scores
+    answer: str | None = None
+    #: the score of its feedback, once it came (a score event, or an open task's check)
+    score: float | None = None
+
     #: the logged probability of its arm, and the λ its choice was priced with (None: not priced)
     propensity: float | None = None
     decision_lambda: float | None = None
-    task: str | None = None
+
+    @property
+    def labeled(self) -> bool:
+        """Whether its feedback came (a label or a score): the first one wins."""
+        return self.label is not None or self.score is not None
 
     @classmethod
     def of(cls, decision: Decision, reward_seq: int | None) -> FoundDecision:
@@ -119,16 +144,19 @@ class FoundDecision:
             reward_seq,
             decision.decided_at,
             tuple(decision.options) if decision.options else None,
-            decision.propensity,
-            decision.decision_lambda,
             decision.task,
+            decision.raw_output,
+            propensity=decision.propensity,
+            decision_lambda=decision.decision_lambda,
         )
 
-    def reward(self, seq: int, reward: float, correct: bool | None = None) -> AppliedReward:
-        """Its reward, stored as ``reward_seq`` ``seq`` (``correct``: its label's verdict;
-        None: its arm failed, rewarded at decision time)."""
+    def reward(
+        self, seq: int, reward: float, correct: bool | None = None, score: float | None = None
+    ) -> AppliedReward:
+        """Its reward, stored as ``reward_seq`` ``seq`` (``correct``: its label's verdict,
+        ``score``: its score; both None: its arm failed, rewarded at decision time)."""
         context = bytes_to_vector(self.context)
-        if correct is None:
+        if correct is None and score is None:
             correct_, cost = False, None
         else:
             correct_, cost = correct, self.cost_usd
@@ -141,6 +169,7 @@ class FoundDecision:
             self.context_layout,
             correct=correct_,
             cost_usd=cost,
+            score=score,
             propensity=self.propensity,
             lam=self.decision_lambda,
             task=self.task,
@@ -167,10 +196,11 @@ class PendingLabel:
     """A label kept until its decision is stored, with the further labels counted for it."""
 
     query_id: str
-    label: str
+    label: str | None
     labeled_at: datetime | None
     duplicates: int = 0
     source: Source | None = None  # where the label came from, if known
+    score: float | None = None  # a score instead of a label
 
 
 @dataclass(frozen=True)
@@ -188,22 +218,24 @@ class ExpiredLabel:
     """A pending label dropped: no decision came for it in time."""
 
     query_id: str
-    label: str
+    label: str | None
     received_at: datetime
 
 
 @dataclass(frozen=True)
 class ScoredLabel:
-    """A label to store on its decision: with a new reward (``reward`` set), or only the label
-    (the decision was rewarded when its arm failed)."""
+    """Feedback to store on its decision: with a new reward (``reward`` set), or only the
+    feedback (the decision was rewarded when its arm failed). ``correct``: the label's verdict
+    (None for a score); ``score``: a score given, or an open task's check of its label."""
 
     decision: FoundDecision
-    label: str
+    label: str | None
     labeled_at: datetime | None
-    correct: bool
+    correct: bool | None
     reward: float | None = None
     lam: float | None = None
     extra_duplicates: int = 0
+    score: float | None = None
 
     @property
     def query_id(self) -> str:

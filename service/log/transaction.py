@@ -100,6 +100,7 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.cost_usd,
             decisions.c.status,
             decisions.c.fallback_arm,
+            decisions.c.score,
             decisions.c.propensity,
             decisions.c.decision_lambda,
             decisions.c.task,
@@ -116,12 +117,28 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             r,
             layout,
             float(age or 0.0),
-            *learned_outcome(correct, cost, status, fb),
+            *learned_outcome(correct, cost, status, fb, score),
             propensity=p,
             lam=lam,
             task=task,
         )
-        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, p, lam, task in rows
+        for (
+            seq,
+            qid,
+            arm,
+            ctx,
+            r,
+            layout,
+            age,
+            correct,
+            cost,
+            status,
+            fb,
+            score,
+            p,
+            lam,
+            task,
+        ) in rows
     ]
 
 

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from service.policy.arm_means import ArmMeans
@@ -37,11 +38,23 @@ def make_policy(name: str, **params: Any) -> RoutingPolicy:
 
     >>> type(make_policy("thompson", seed=0)).__name__
     'RiverThompson'
+    >>> make_policy("ucb", alpah=1.0)
+    Traceback (most recent call last):
+    ...
+    ValueError: ucb takes no parameter 'alpah'; it takes delta, epsilon, seed
     """
     try:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {sorted(POLICIES)}") from None
+    takes = inspect.signature(cls).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in takes.values()):
+        unknown = sorted(set(params) - set(takes))
+        if unknown:
+            raise ValueError(
+                f"{name} takes no parameter {', '.join(map(repr, unknown))}; "
+                f"it takes {', '.join(takes) or 'none'}"
+            )
     return cls(**params)
 
 

@@ -138,6 +138,8 @@ class Call:
     at: float  # time.monotonic() when the arm took the request
     caller: str | None = None  # the ``caller`` of :meth:`ArmServer.base_url`, if any
     wall: float = 0.0  # time.time() then: to compare with times the service records
+    max_tokens: int | None = None  # the request's output limit
+    temperature: float | None = None
 
 
 def _unit(*parts: str) -> float:
@@ -149,7 +151,8 @@ class ArmServer:
     """OpenAI chat completions for arms at ``{url}/{arm}/v1``.
 
     ``modes[arm]``: ``ok`` (answer; right with probability ``accuracy[arm]``, decided by a hash
-    of arm and query id), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
+    of arm and query id; the answer is the query's ``label`` or ``wrong``, free text for an
+    open task's query), ``slow`` (answer after ``delay[arm]`` seconds), ``garbage`` (HTTP 200
     whose body is not JSON), ``nonsense`` (a well-formed reply whose answer is no label),
     ``error`` (HTTP 500), ``too_long`` (HTTP 400: the prompt exceeds the context length). A
     caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
@@ -273,7 +276,18 @@ class ArmServer:
         found = QUERY_ID_IN_TEXT.search(prompt)
         qid = found.group(1) if found else None
         with self._lock:
-            self.calls.append(Call(self.epoch, arm, qid, time.monotonic(), caller, time.time()))
+            self.calls.append(
+                Call(
+                    self.epoch,
+                    arm,
+                    qid,
+                    time.monotonic(),
+                    caller,
+                    time.time(),
+                    body.get("max_tokens"),
+                    body.get("temperature"),
+                )
+            )
         mode = self.modes.get(arm, "ok")
         if mode == "slow":
             time.sleep(self.delay[arm])

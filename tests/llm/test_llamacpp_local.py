@@ -92,3 +92,14 @@ def test_multiple_choice_scores_the_option_letters(gateway):
     r = call(gateway, "score", "What is the capital of France?", mc, options)
     assert r.status == "ok" and r.prediction in options
     assert set(r.answer_scores) == {"A", "B", "C"}
+
+
+@pytest.mark.parametrize("mode", ["generate", "score"])
+def test_an_open_prompt_is_generated_freely_within_the_calls_limit(gateway, mode):
+    """No grammar and no scoring for an open task's prompt, in either answer mode: the model's
+    own text, at most the call's ``max_tokens``."""
+    prompt = build_prompt(TaskConfig(kind="open"), "Write one sentence about the sea.", [])
+    result = asyncio.run(gateway.call(mode, CallRequest("q", prompt, max_tokens=12)))
+    assert (result.status, result.prediction, result.answer_scores) == ("ok", None, None)
+    assert result.raw_output and result.raw_output not in SENTIMENT.labels
+    assert 1 < result.output_tokens <= 12

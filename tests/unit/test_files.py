@@ -77,3 +77,20 @@ def test_a_repeated_id_is_a_bad_row_naming_the_first(tmp_path):
         with pytest.raises(InputFileError) as info:
             read_events(path, kind)
         assert f"{path}:3: query_id 'a' repeats line 1" in str(info.value)
+
+
+def test_a_dataset_row_may_carry_a_score_instead_of_a_label(tmp_path):
+    jsonl = tmp_path / "d.jsonl"
+    jsonl.write_text(
+        '{"query_id": "a", "text": "hi", "task": "chat", "score": 0.5}\n'
+        '{"query_id": "b", "text": "yo", "task": "s", "label": "x"}\n'
+    )
+    labels = read_events(jsonl, "labels")
+    assert [(e.query_id, e.label, e.score) for e in labels] == [("a", None, 0.5), ("b", "x", None)]
+    csv = tmp_path / "d.csv"
+    csv.write_text("query_id,text,task,score\na,hi,chat,1\nb,yo,chat,high\n")
+    with pytest.raises(InputFileError) as info:
+        read_events(csv, "labels")
+    assert "d.csv:3: score: Input should be a valid number" in str(info.value)
+    csv.write_text("query_id,text,task,score\na,hi,chat,1\n")
+    assert [e.score for e in read_events(csv, "labels")] == [1.0]

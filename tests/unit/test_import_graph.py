@@ -4,7 +4,8 @@ at module level or inside a function, so an import put off until a call still sh
 The floors, top to bottom, each importing only the floors below it:
 
 * ``app`` — the application: lifecycle, signals and the command line;
-* ``consumers`` — the Kafka edge;
+* ``consumers`` and ``door`` — the edge: Kafka, and the HTTP door, side by side (neither
+  imports the other);
 * ``service`` — the core (context, policies, llm, learning) with storage at its bottom.
 
 The tools stand beside them — ``evaluation`` (record, bench, off-policy estimates) and
@@ -19,9 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = ("app", "consumers", "service", "evaluation", "producers")
+PACKAGES = ("app", "consumers", "door", "service", "evaluation", "producers")
 #: each floor and what it may import of the packages (besides itself)
-FLOORS = {"app": {"consumers", "service"}, "consumers": {"service"}, "service": set()}
+FLOORS = {
+    "app": {"consumers", "door", "service"},
+    "consumers": {"service"},
+    "door": {"service"},
+    "service": set(),
+}
 TOOLS = {"evaluation", "producers"}
 #: the modules of a floor that may import the tools: the command line, which offers their
 #: sub-commands and tells their failures

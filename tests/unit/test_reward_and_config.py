@@ -74,7 +74,9 @@ def test_unreadable_and_non_yaml_files(tmp_path):
         load_config(bad)
 
 
-@pytest.mark.parametrize("name", ["metallm.example.yaml", "metallm.cloud.example.yaml"])
+@pytest.mark.parametrize(
+    "name", ["metallm.example.yaml", "metallm.cloud.example.yaml", "metallm.open.example.yaml"]
+)
 def test_example_configs_are_valid(name):
     from pathlib import Path
 

@@ -1,0 +1,2 @@
+"""The HTTP edge: an OpenAI-compatible front door beside the Kafka consumers (docs/interface.md,
+"The HTTP door")."""

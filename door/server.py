@@ -1,0 +1,246 @@
+"""The HTTP door: an OpenAI-compatible front door, served by uvicorn on a thread of the service.
+
+    POST /v1/chat/completions   route a query, answer in the OpenAI shape (or one SSE chunk)
+    POST /v1/feedback           {query_id, label}: the label path's semantics
+    GET  /v1/decisions/{id}     a stored decision (404 when unknown)
+    GET  /v1/models             metallm and metallm/<task> for each task
+    GET  /healthz, /readyz      as on the metrics port (no key asked)
+
+Every /v1 request shows a bearer key when keys are configured (compared in constant time);
+a body over the size limit gets 413, a request beyond the in-flight limit 429 with
+Retry-After (no queue), an answer not ready within the request timeout 504. The blocking work
+runs on a pool of as many threads as the in-flight limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import Counter
+
+from door import shapes
+from door.front import Conflict, Front, StillInFlight
+from service.events import InvalidEvent
+
+log = logging.getLogger(__name__)
+
+#: on the metrics port with the service's other metrics
+HTTP_REQUESTS = Counter(
+    "metallm_http_requests", "Requests the HTTP door answered", ["endpoint", "status"]
+)
+
+#: what a saturated door asks a client to wait before trying again, in seconds
+RETRY_AFTER_S = 1
+#: how long stopping lets the requests in flight finish
+STOP_GRACE_S = 10.0
+#: a decision's status whose answer is an error: the HTTP status and the OpenAI error type
+FAILED = {"llm_error": (502, "upstream_error"), "input_too_long": (400, "invalid_request_error")}
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str, kind: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.extra = status, kind, extra
+
+
+def _error(status: int, message: str, kind: str, param: str | None = None, **headers: str):
+    return JSONResponse(shapes.error(message, kind, param), status, headers=headers or None)
+
+
+class Door:
+    """The door's limits and state, and its routes (:meth:`app`)."""
+
+    def __init__(
+        self,
+        front: Front,
+        ready: Callable[[], bool],
+        api_keys: list[str],
+        max_body_bytes: int,
+        max_in_flight: int,
+        timeout_s: float,
+    ) -> None:
+        self.front = front
+        self.ready = ready
+        self.keys = [k.encode() for k in api_keys]
+        self.max_body_bytes = max_body_bytes
+        self.max_in_flight = max_in_flight
+        self.timeout_s = timeout_s
+        self.in_flight = 0  # changed on the event loop only
+        self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="metallm-door")
+
+    def authorized(self, request: Request) -> bool:
+        if not self.keys:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode() if scheme.lower() == "bearer" else b""
+        matches = [hmac.compare_digest(given, key) for key in self.keys]  # every key, always
+        return any(matches)
+
+    async def body(self, request: Request) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise Refused(413, f"body over {self.max_body_bytes} bytes", "invalid_request_error")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > self.max_body_bytes:
+                raise Refused(
+                    413, f"body over {self.max_body_bytes} bytes", "invalid_request_error"
+                )
+        try:
+            return json.loads(raw or b"null")
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise Refused(400, f"the body is not JSON: {exc}", "invalid_request_error") from None
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on the door's threads, within the request timeout (its work goes on
+        after a timeout: a call's decision is stored all the same)."""
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self.pool, fn, *args)
+        try:
+            return await asyncio.wait_for(job, self.timeout_s)
+        except TimeoutError:
+            raise Refused(504, "no answer within the request timeout", "timeout") from None
+
+    def app(self) -> FastAPI:
+        app = FastAPI(title="metallm", docs_url=None, redoc_url=None, openapi_url=None)
+        app.middleware("http")(self._guard)
+        app.exception_handler(Refused)(self._refused)
+        app.post("/v1/chat/completions")(self.chat_completions)
+        app.post("/v1/feedback")(self.feedback)
+        app.get("/v1/decisions/{query_id}")(self.decision)
+        app.get("/v1/models")(self.models)
+        app.get("/healthz")(lambda: PlainTextResponse("ok\n"))
+        app.get("/readyz")(self.readyz)
+        return app
+
+    async def _guard(self, request: Request, call_next: Callable) -> Response:
+        """Keys, then the in-flight limit, for every /v1 request."""
+        path = request.url.path
+        if not path.startswith("/v1/"):
+            return await call_next(request)
+        response = await self._admitted(request, call_next)
+        endpoint = "/v1/decisions" if path.startswith("/v1/decisions/") else path
+        HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    async def _admitted(self, request: Request, call_next: Callable) -> Response:
+        if not self.authorized(request):
+            return _error(401, "invalid or missing API key", "invalid_request_error")
+        if self.in_flight >= self.max_in_flight:
+            return _error(
+                429,
+                f"the door is answering {self.max_in_flight} requests: try again later",
+                "rate_limit_error",
+                **{"Retry-After": str(RETRY_AFTER_S)},
+            )
+        self.in_flight += 1
+        try:
+            return await call_next(request)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    async def _refused(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, Refused)
+        return _error(exc.status, str(exc), exc.kind, exc.extra.get("param"))
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = await self.body(request)
+        try:
+            req = shapes.parse_request(body, self.front.tasks)
+        except shapes.RequestError as exc:
+            kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
+            raise Refused(exc.status, str(exc), kind, param=exc.param) from None
+        try:
+            event = await self.run(self.front.query, req, request.headers.get("idempotency-key"))
+            answer = await self.run(self.front.answer, event, req)
+        except InvalidEvent as exc:
+            raise Refused(400, str(exc), "invalid_request_error") from None
+        except Conflict as exc:
+            raise Refused(409, str(exc), "conflict_error") from None
+        except StillInFlight as exc:
+            raise Refused(504, str(exc), "timeout") from None
+        row, replayed = answer.row, not answer.called
+        headers = shapes.headers(row)
+        failed = FAILED.get(row["status"])
+        if failed is not None:
+            message = f"the arm {row['arm']} failed: {row.get('error') or row['status']}"
+            body = shapes.error(message, failed[1], code=row["status"])
+            return JSONResponse(
+                {**body, "metallm": shapes.routing(row, replayed)}, failed[0], headers
+            )
+        if req.stream:
+            events = [f"data: {json.dumps(c)}\n\n" for c in shapes.chunks(row, replayed)]
+            events.append("data: [DONE]\n\n")
+            return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+        return JSONResponse(shapes.completion(row, replayed), headers=headers)
+
+    async def feedback(self, request: Request) -> Response:
+        body = await self.body(request)
+        try:
+            return JSONResponse(await self.run(self.front.feedback, body))
+        except InvalidEvent as exc:
+            raise Refused(422, str(exc), "invalid_request_error") from None
+
+    async def decision(self, query_id: str) -> Response:
+        row = await self.run(self.front.decision, query_id)
+        if row is None:
+            raise Refused(404, f"no decision for query id {query_id!r}", "not_found_error")
+        return JSONResponse(json.loads(json.dumps(row, default=str)))
+
+    async def models(self) -> Response:
+        return JSONResponse(shapes.models(self.front.tasks))
+
+    async def readyz(self) -> Response:
+        ok = self.ready()
+        return PlainTextResponse("ready\n" if ok else "not ready\n", 200 if ok else 503)
+
+
+class DoorServer:
+    """Serves a :class:`Door` with uvicorn on a thread of this process."""
+
+    def __init__(self, door: Door, host: str, port: int) -> None:
+        self.door = door
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))  # now: a port in use is told at start
+        self.host, self.port = host, self.socket.getsockname()[1]
+        config = uvicorn.Config(
+            door.app(),
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=int(STOP_GRACE_S),
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.socket]}, name="metallm-door"
+        )
+
+    def start(self) -> DoorServer:
+        self.thread.start()
+        return self
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def stop(self) -> None:
+        """Stop taking requests; let those in flight finish (within :data:`STOP_GRACE_S`)."""
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(STOP_GRACE_S + 5)
+        self.door.pool.shutdown(wait=False, cancel_futures=True)
+        self.socket.close()

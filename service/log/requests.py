@@ -1,0 +1,119 @@
+"""The HTTP door's reservations: a query id held by one request while its arm is called.
+
+A request reserves its query id (with the hash of its body) in a short transaction of its own,
+before calling, outside the learning log's lock. The reservation is a lease: it ends at
+``lease_until`` (the door's request timeout and a margin), so a reservation whose instance died
+blocks a retry no longer than that; a retry with the same body then takes it over. Another
+body under the same id is refused. The Kafka decider skips ids under a live lease
+(:func:`reserved_ids`) instead of calling for them. The rows stay after the decision is stored:
+they keep the body's hash, so a later retry with another body is refused too.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from service.storage import decisions, http_requests, one_of
+
+#: the columns of a decision an HTTP client is shown (not the context, seeds, sequences)
+PUBLIC_COLUMNS = (
+    "query_id",
+    "task",
+    "text",
+    "options",
+    "metadata",
+    "sent_at",
+    "decided_at",
+    "arm",
+    "propensity",
+    "probabilities",
+    "policy",
+    "status",
+    "prediction",
+    "raw_output",
+    "error",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "latency_ms",
+    "attempts",
+    "fallback_arm",
+    "instance",
+    "label",
+    "correct",
+    "reward",
+    "labeled_at",
+    "duplicate_labels",
+)
+
+_RESERVE = sa.text(
+    "INSERT INTO http_requests (query_id, body_sha256, instance, lease_until)"
+    " VALUES (:q, :h, :i, now() + make_interval(secs => :s))"
+    " ON CONFLICT (query_id) DO UPDATE SET instance = EXCLUDED.instance,"
+    " lease_until = EXCLUDED.lease_until, reserved_at = now()"
+    " WHERE http_requests.lease_until < now()"
+    " AND http_requests.body_sha256 = EXCLUDED.body_sha256"
+    " RETURNING query_id"
+)
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Whether this request holds the id (to call for it), else whether the id is held for
+    the same body (wait for its decision) or another one (refuse)."""
+
+    owned: bool
+    same_body: bool
+
+
+def reserve(
+    conn: Connection, query_id: str, body_sha256: str, instance: str, lease_s: float
+) -> Reservation:
+    """Reserve ``query_id`` for a request with this body: a new id, or one whose lease ended
+    under the same body, is this request's (:attr:`Reservation.owned`) once ``conn``'s
+    transaction commits."""
+    got = conn.execute(
+        _RESERVE, {"q": query_id, "h": body_sha256, "i": instance, "s": lease_s}
+    ).first()
+    if got is not None:
+        return Reservation(True, True)
+    held = conn.execute(
+        sa.select(http_requests.c.body_sha256).where(http_requests.c.query_id == query_id)
+    ).scalar()
+    return Reservation(False, held == body_sha256)
+
+
+def release(engine: Engine, query_id: str, instance: str) -> None:
+    """Give up a reservation whose call will not be stored (it failed before storing): a retry
+    need not wait for its lease to end."""
+    with engine.begin() as conn:
+        conn.execute(
+            sa.delete(http_requests).where(
+                http_requests.c.query_id == query_id, http_requests.c.instance == instance
+            )
+        )
+
+
+def reserved_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
+    """Those of these ids reserved by an HTTP request whose lease has not ended."""
+    ids = list(set(query_ids))
+    if not ids:
+        return set()
+    rows = conn.execute(
+        sa.select(http_requests.c.query_id).where(
+            one_of(http_requests.c.query_id, ids), http_requests.c.lease_until > sa.func.now()
+        )
+    ).scalars()
+    return set(rows)
+
+
+def public_decision(conn: Connection, query_id: str) -> dict[str, Any] | None:
+    """A stored decision's public columns, or None when the query is not decided."""
+    cols = [decisions.c[name] for name in PUBLIC_COLUMNS]
+    row = conn.execute(sa.select(*cols).where(decisions.c.query_id == query_id)).first()
+    return None if row is None else dict(row._mapping)

@@ -1,0 +1,323 @@
+"""The HTTP door through the official OpenAI SDK: two HTTP-only instances (no broker at all)
+on one database, a real local arm server, the real Postgres. One pair of instances for the
+whole module."""
+
+from __future__ import annotations
+
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+
+import openai
+import pytest
+import sqlalchemy as sa
+
+from door.server import Door, DoorServer
+from door.shapes import body_hash
+from service.events import QueryEvent
+from service.log.requests import reserve
+from service.pipeline import QueryRecord
+from service.settings import Settings
+from tests.conftest import DATABASE_URL
+from tests.faults.harness import ArmServer, arm_config, build_service, make_queries
+
+pytestmark = pytest.mark.integration
+
+KEY = "sk-test-door"
+QUERIES = make_queries(40, prefix="q-door")
+ARMS = {"small": (0.1, 0.2), "big": (3.0, 6.0)}
+
+
+@pytest.fixture(scope="module")
+def arms() -> Iterator[ArmServer]:
+    with ArmServer({q.query_id: q for q in QUERIES}, {"small": 0.6, "big": 0.9}) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def schema() -> Iterator[str]:
+    from service.migrate import drop_schema, upgrade
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    upgrade(DATABASE_URL, name)
+    yield name
+    drop_schema(DATABASE_URL, name)
+
+
+def _instance(arms: ArmServer, schema: str, name: str):
+    settings = Settings(
+        database_url=DATABASE_URL,
+        database_schema=schema,
+        kafka_bootstrap="127.0.0.1:1",  # nothing there: an HTTP-only instance needs no broker
+        kafka_consumers=False,
+        http_port=0,
+        api_keys=f"other-key,{KEY}",
+        http_max_body_bytes=4096,
+        http_timeout_seconds=20,
+        metrics_port=None,
+        instance_id=name,
+        progress_seconds=0,
+    )
+    config = arm_config(arms, ARMS)
+    config["tasks"] = {**config["tasks"], "chat": {"kind": "open"}}  # free-text answers
+    service = build_service(settings, config)
+    service.start()
+    return service
+
+
+@pytest.fixture(scope="module")
+def services(arms: ArmServer, schema: str):
+    a = _instance(arms, schema, "door-a")
+    b = _instance(arms, schema, "door-b")
+    yield a, b
+    b.stop()
+    a.stop()
+
+
+@pytest.fixture(scope="module")
+def engine(schema: str) -> Iterator[sa.Engine]:
+    from service.storage import make_engine
+
+    e = make_engine(DATABASE_URL, schema)
+    yield e
+    e.dispose()
+
+
+def url(service) -> str:
+    return f"http://127.0.0.1:{service.door.port}/v1"
+
+
+def client(service, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url(service), api_key=key, max_retries=0)
+
+
+def ask(c: openai.OpenAI, q, model: str = "", key: str | None = None, **kwargs):
+    """A completion of query ``q`` (its id as the Idempotency-Key unless ``key`` is given)."""
+    headers = {"Idempotency-Key": key or q.query_id}
+    return c.chat.completions.with_raw_response.create(
+        model=model or f"metallm/{q.task}",
+        messages=[{"role": "user", "content": q.text}],
+        extra_headers=headers,
+        **kwargs,
+    )
+
+
+def rows(engine: sa.Engine, qid: str) -> list[dict]:
+    with engine.connect() as conn:
+        found = conn.execute(sa.text("SELECT * FROM decisions WHERE query_id = :q"), {"q": qid})
+        return [dict(r._mapping) for r in found]
+
+
+def test_an_http_only_instance_is_ready_without_a_broker(services):
+    a, _ = services
+    assert a.ready() and a.queries is None
+    with urllib.request.urlopen(f"http://127.0.0.1:{a.door.port}/readyz") as ready:
+        assert ready.status == 200
+    names = [m.id for m in client(a).models.list()]
+    assert names == ["metallm", "metallm/sentiment", "metallm/yes_no", "metallm/chat"]
+
+
+def test_a_completion_is_routed_stored_and_answered(services, engine, arms):
+    a, _ = services
+    q = QUERIES[0]
+    raw = ask(client(a), q, max_tokens=5, temperature=0.0)
+    reply = raw.parse()
+    (row,) = rows(engine, q.query_id)
+    assert reply.choices[0].message.content == row["prediction"]
+    assert row["prediction"] in ("positive", "negative", "yes", "no")
+    assert raw.headers["x-metallm-query-id"] == q.query_id
+    assert raw.headers["x-metallm-arm"] == row["arm"]
+    assert float(raw.headers["x-metallm-propensity"]) == pytest.approx(row["propensity"])
+    assert reply.model_extra["metallm"]["arm"] == row["arm"]
+    assert reply.model_extra["metallm"]["replayed"] is False
+    assert row["instance"] == "door-a" and row["decision_seq"] is not None
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_model_metallm_is_the_first_task_and_a_query_id_is_made(services, engine):
+    a, _ = services
+    q = QUERIES[1]
+    reply = client(a).chat.completions.create(
+        model="metallm", messages=[{"role": "user", "content": q.text}]
+    )
+    qid = reply.model_extra["metallm"]["query_id"]
+    uuid.UUID(qid)  # made by the door
+    assert rows(engine, qid)[0]["task"] == "sentiment"
+
+
+def test_a_streamed_completion(services, engine):
+    a, _ = services
+    q = QUERIES[2]
+    stream = client(a).chat.completions.create(
+        model=f"metallm/{q.task}",
+        messages=[{"role": "user", "content": q.text}],
+        stream=True,
+        extra_headers={"Idempotency-Key": q.query_id},
+    )
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert text == rows(engine, q.query_id)[0]["prediction"]
+
+
+def test_a_retry_is_answered_from_the_stored_decision(services, engine, arms):
+    a, b = services
+    q = QUERIES[3]
+    first = ask(client(a), q).parse()
+    again = ask(client(b), q).parse()  # on the other instance
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.model_extra["metallm"]["replayed"] is True
+    assert arms.calls_by_query()[q.query_id] == 1
+    assert len(rows(engine, q.query_id)) == 1
+
+
+def test_concurrent_retries_on_two_instances_call_once(services, engine, arms):
+    a, b = services
+    q = QUERIES[4]
+    for arm in ARMS:
+        arms.modes[arm], arms.delay[arm] = "slow", 0.8
+    try:
+        replies: list = []
+        threads = [
+            threading.Thread(target=lambda s=s: replies.append(ask(client(s), q).parse()))
+            for s in (a, b)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for arm in ARMS:
+            arms.modes[arm] = "ok"
+    assert len(replies) == 2
+    assert {r.model_extra["metallm"]["arm"] for r in replies} == {
+        rows(engine, q.query_id)[0]["arm"]
+    }
+    assert sorted(r.model_extra["metallm"]["replayed"] for r in replies) == [False, True]
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_the_same_id_with_another_body_is_a_conflict(services):
+    a, _ = services
+    q, other = QUERIES[5], QUERIES[6]
+    ask(client(a), q)
+    with pytest.raises(openai.ConflictError, match="another request body"):
+        ask(client(a), other, key=q.query_id)
+
+
+def test_feedback_is_applied_once(services, engine):
+    a, b = services
+    q = QUERIES[7]
+    ask(client(a), q)
+    body = {"query_id": q.query_id, "label": q.label}
+    first = client(a).post("/feedback", body=body, cast_to=object)
+    again = client(b).post("/feedback", body=body, cast_to=object)
+    assert (first["status"], again["status"]) == ("applied", "duplicate")
+    (row,) = rows(engine, q.query_id)
+    assert row["label"] == q.label and row["reward"] is not None and row["duplicate_labels"] == 1
+    shown = client(b).get(f"/decisions/{q.query_id}", cast_to=object)
+    assert shown["reward"] == row["reward"] and shown["arm"] == row["arm"]
+    with pytest.raises(openai.NotFoundError):
+        client(b).get("/decisions/q-none", cast_to=object)
+    with pytest.raises(openai.UnprocessableEntityError, match="label"):
+        client(a).post("/feedback", body={"query_id": "x"}, cast_to=object)
+
+
+def test_a_failed_arm_call_is_a_502_and_its_decision_is_stored(services, engine, arms):
+    a, _ = services
+    q = QUERIES[8]
+    arms.fail_ids.add(q.query_id)
+    with pytest.raises(openai.APIStatusError) as failed:
+        ask(client(a), q)
+    assert failed.value.status_code == 502
+    assert rows(engine, q.query_id)[0]["status"] == "llm_error"
+
+
+def test_refusals(services):
+    a, _ = services
+    q = QUERIES[9]
+    with pytest.raises(openai.AuthenticationError):
+        ask(client(a, key="wrong"), q)
+    with pytest.raises(openai.APIStatusError) as big:
+        ask(client(a), q, key="big", extra_body={"metadata": {"pad": "x" * 5000}})
+    assert big.value.status_code == 413
+    with pytest.raises(
+        openai.NotFoundError, match="metallm/sentiment, metallm/yes_no, metallm/chat"
+    ):
+        ask(client(a), q, model="metallm/nope")
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    with pytest.raises(openai.BadRequestError, match="unsupported fields: tools"):
+        ask(client(a), q, tools=[tool])
+
+
+def test_a_saturated_door_says_when_to_retry(services, arms):
+    a, _ = services
+    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=20)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+    arms.modes["small"] = arms.modes["big"] = "slow"
+    arms.delay["small"] = arms.delay["big"] = 1.0
+    try:
+        slow = threading.Thread(target=ask, args=(c, QUERIES[10]))
+        slow.start()
+        deadline = time.monotonic() + 5
+        while narrow.in_flight == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as refused:
+            ask(c, QUERIES[11])
+        assert refused.value.response.headers["retry-after"] == "1"
+        slow.join()
+    finally:
+        arms.modes["small"] = arms.modes["big"] = "ok"
+        server.stop()
+
+
+def test_the_kafka_decider_skips_an_id_the_door_holds(services, arms):
+    a, _ = services
+    q = QUERIES[12]
+    with a.engine.begin() as conn:
+        reserve(conn, q.query_id, "some-body", "door-b", lease_s=60)
+    event = QueryEvent.model_validate({"query_id": q.query_id, "text": q.text, "task": q.task})
+    decided = a.decider.decide([QueryRecord(event, 0, 0)])
+    assert decided.new == [] and decided.rejected[0][0] == 0
+    assert "HTTP request" in decided.rejected[0][1]
+    assert q.query_id not in arms.calls_by_query()
+
+
+def test_a_dead_instances_reservation_is_taken_over_when_its_lease_ends(services, engine, arms):
+    a, _ = services
+    q = QUERIES[13]
+    body = {"messages": [{"role": "user", "content": q.text}], "model": f"metallm/{q.task}"}
+    with engine.begin() as conn:  # reserved by an instance that died mid-call: lease over
+        reserve(conn, q.query_id, body_hash(body), "door-dead", lease_s=0)
+    reply = ask(client(a), q).parse()
+    assert reply.model_extra["metallm"]["replayed"] is False
+    assert arms.calls_by_query()[q.query_id] == 1
+    assert rows(engine, q.query_id)[0]["instance"] == "door-a"
+
+
+def test_metadata_query_id_is_the_id_without_the_header(services, engine):
+    a, _ = services
+    q = QUERIES[14]
+    reply = client(a).chat.completions.create(
+        model=f"metallm/{q.task}",
+        messages=[{"role": "user", "content": q.text}],
+        metadata={"query_id": q.query_id, "source": "test"},
+    )
+    assert reply.model_extra["metallm"]["query_id"] == q.query_id
+    assert rows(engine, q.query_id)[0]["metadata"] == {"source": "test"}
+
+
+def test_an_open_task_answers_its_text_and_learns_a_score(services, engine):
+    a, b = services
+    q = QUERIES[15]
+    reply = ask(client(a), q, model="metallm/chat", max_tokens=64).parse()
+    (row,) = rows(engine, q.query_id)
+    assert row["task"] == "chat" and reply.choices[0].message.content == row["raw_output"]
+    with pytest.raises(openai.UnprocessableEntityError, match="score"):
+        client(b).post("/feedback", body={"query_id": q.query_id, "score": 1.5}, cast_to=object)
+    with pytest.raises(openai.UnprocessableEntityError):  # a label, and the task has no check
+        client(b).post("/feedback", body={"query_id": q.query_id, "label": "x"}, cast_to=object)
+    done = client(b).post("/feedback", body={"query_id": q.query_id, "score": 0.8}, cast_to=object)
+    assert done["status"] == "applied"
+    assert rows(engine, q.query_id)[0]["reward"] is not None
