@@ -214,6 +214,8 @@ class Application:
             settings.policy_params,
             budget,
             context=settings.context_builder(config.declared_features()),
+            cost_unit=settings.cost_unit_usd,
+            conservative=config.conservative(),
         )
         learning_log = LearningLog(
             engine,

@@ -58,23 +58,40 @@ def _setup_logging(level: str, fmt: str = "text") -> None:
 
 def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
     """Train the policy offline on an outcomes file and store it as the first checkpoint."""
+    from service.outcomes import read_outcomes
+
+    records = read_outcomes(args.outcomes)
+    if args.limit:
+        records = records[: args.limit]
+    n = warm_start_from(settings, records)
+    arms = sorted({a for r in records for a in r.arms})
+    print(
+        f"warm start: {n} updates over {len(records)} queries and arms {', '.join(arms)}; "
+        "checkpoint stored: `metallm serve` starts from it"
+    )
+    return 0
+
+
+def warm_start_from(settings: Settings, records: list) -> int:
+    """Train the configured policy with full information on outcome ``records`` and store it
+    as the first checkpoint of the configured database (what ``metallm warm-start`` and the
+    demo do); returns the updates made."""
     from app.application import check_schema
     from service.config import load_config
     from service.embedding import Embedder
     from service.learning import LivePolicy
     from service.log.transaction import LearningLog
-    from service.outcomes import read_outcomes
     from service.storage import make_engine
 
-    records = read_outcomes(args.outcomes)
-    if args.limit:
-        records = records[: args.limit]
     # the tasks' declared features are part of the context layout `serve` will use
     declared = load_config(settings.config).declared_features() if settings.config.exists() else {}
     engine = make_engine(settings.database_url, settings.database_schema)
     check_schema(engine)
     live = LivePolicy(
-        settings.policy, settings.policy_params, context=settings.context_builder(declared)
+        settings.policy,
+        settings.policy_params,
+        context=settings.context_builder(declared),
+        cost_unit=settings.cost_unit_usd,
     )
     learning_log = LearningLog(engine, live, checkpoint_every=settings.checkpoint_every)
     learning_log.restore()
@@ -86,12 +103,7 @@ def cmd_warm_start(settings: Settings, args: argparse.Namespace) -> int:
         records, contexts, settings.reward_lambda, settings.cost_unit_usd
     )
     engine.dispose()
-    arms = sorted({a for r in records for a in r.arms})
-    print(
-        f"warm start: {n} updates over {len(records)} queries and arms {', '.join(arms)}; "
-        "checkpoint stored: `metallm serve` starts from it"
-    )
-    return 0
+    return n
 
 
 def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:

@@ -19,6 +19,11 @@ margins, by the mean over seeds:
   non-decreasing and linearly interpolated — mixing two λ reaches any point between — and flat
   beyond its ends); below −1 means an arm lies more than a point above the curve at its own cost.
 
+A fourth row, "demo warm start", is the demo's outcomes as `make demo` meets them: the 200
+queries it streams, after a full-information warm start on the recorded outcomes of the 120
+others (disjoint; producers/demo.py). ``--params JSON`` adds parameters to every policy's (e.g.
+``{"drift": 10}``); such a run does not overwrite the results file.
+
 Targets (the routing issue): gsm8k APGR ≥ 0.60 and 95 % at ≤ 60 % of the best arm's cost; the
 9-arm file (`benchmarks/data/llmrouter_outcomes.jsonl`) APGR ≥ 0.90 and 95 % at ≤ 25 %; the
 demo's outcomes: the router at or above the best arm's accuracy at ≤ 70 % of its cost; never
@@ -46,6 +51,10 @@ FILES = [
     ("9-arm (LLMRouter)", "benchmarks/data/llmrouter_outcomes.jsonl"),
     ("demo outcomes", "producers/data/demo_outcomes.jsonl"),
 ]
+#: `make demo` streams the first DEMO_STREAMED queries of the demo's outcomes and warm-starts
+#: from the recorded outcomes of the others (producers/demo.py): the warm-start variant
+DEMO_STREAMED = 200
+WARM_DEMO = "demo warm start"
 POLICIES = ("linucb", "correctness_ucb", "auto")
 #: On top of the service's METALLM_POLICY_PARAMS (α 0.1 and ε 0.02, chosen for LinUCB), the
 #: parameters a policy needs (correctness_ucb's α is in units of a right/wrong outcome's noise:
@@ -53,13 +62,26 @@ POLICIES = ("linucb", "correctness_ucb", "auto")
 PARAMS = {"correctness_ucb": {"alpha": 0.5}, "auto": {"alpha": 0.5}}
 
 
-def bench(path: str, policy: str, seeds: int, out: Path) -> dict:
+def bench(
+    path: str, policy: str, seeds: int, out: Path, extra: dict | None = None, warm: float = 0.0
+) -> dict:
     cmd = [sys.executable, "-m", "app.cli", "--log-level", "WARNING", "bench", path]
     cmd += ["--delay", "100", "--seeds", str(seeds), "--policy", policy]
-    cmd += ["--policy-params", json.dumps(PARAMS.get(policy, {}))]
+    cmd += ["--policy-params", json.dumps({**PARAMS.get(policy, {}), **(extra or {})})]
+    if warm:
+        cmd += ["--warm-start", str(warm)]
     cmd += ["--no-plots", "--quiet", "--no-baselines", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
+
+
+def warm_demo_file(tmp: Path) -> tuple[str, float]:
+    """The demo's outcomes as `make demo` meets them: the queries it does not stream first
+    (the warm-start part), then the streamed ones; with the warm-start fraction."""
+    lines = (ROOT / FILES[2][1]).read_text(encoding="utf-8").splitlines()
+    path = tmp / "demo_warm.jsonl"
+    path.write_text("\n".join(lines[DEMO_STREAMED:] + lines[:DEMO_STREAMED]) + "\n")
+    return str(path), (len(lines) - DEMO_STREAMED) / len(lines)
 
 
 def curve_at(points: list[dict], cost: float) -> float:
@@ -109,11 +131,14 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--policies", default=",".join(POLICIES))
     parser.add_argument("--files", default=None, help="comma-separated names' prefixes")
+    parser.add_argument(
+        "--params", type=json.loads, default=None, help="JSON added to every policy's parameters"
+    )
     args = parser.parse_args()
     policies = args.policies.split(",")
     files = [
         (name, path)
-        for name, path in FILES
+        for name, path in [*FILES, (WARM_DEMO, "")]
         if args.files is None or any(name.startswith(f) for f in args.files.split(","))
     ]
     lines = [
@@ -125,8 +150,12 @@ def main() -> int:
     layout, params = "", {}
     with tempfile.TemporaryDirectory() as tmp:
         for i, (name, path) in enumerate(files):
+            warm = 0.0
+            if name == WARM_DEMO:
+                path, warm = warm_demo_file(Path(tmp))
             for policy in policies:
-                result = bench(path, policy, args.seeds, Path(tmp) / f"{i}-{policy}")
+                out = Path(tmp) / f"{i}-{policy}"
+                result = bench(path, policy, args.seeds, out, args.params, warm)
                 lines.append(row(name, policy, result))
                 print(lines[-1], file=sys.stderr, flush=True)
                 layout = result["config"]["context_layout"]
@@ -139,7 +168,8 @@ def main() -> int:
         "Margins: see `benchmarks/routing_targets.py` (≥ 0 at the default λ and ≥ −1 on the "
         "curve is never dominated).\n\n" + "\n".join(lines) + "\n"
     )
-    if args.seeds == 5 and args.files is None and set(policies) == set(POLICIES):
+    full = args.seeds == 5 and args.files is None and set(policies) == set(POLICIES)
+    if full and args.params is None:
         OUT.parent.mkdir(parents=True, exist_ok=True)
         OUT.write_text(text, encoding="utf-8")
     print(text)

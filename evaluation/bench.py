@@ -66,6 +66,7 @@ from service.outcomes import DEFAULT_TASK, OutcomeRecord
 from service.pacing import BudgetPacer
 from service.policy import Pricing, RoutingPolicy, loads, make_policy
 from service.policy.base import RunningCosts
+from service.policy.conservative import Conservative, ConservativeGuard
 from service.policy.warm_start import warm_start
 from service.reward import reward
 
@@ -180,6 +181,9 @@ class BenchConfig:
     task_buckets: int = DEFAULT_TASK_BUCKETS
     feature_buckets: int = DEFAULT_FEATURE_BUCKETS
     features: Sequence[str] = ()
+    # conservative mode (service.policy.conservative): every task's baseline arm and tolerance δ
+    baseline: str | None = None
+    tolerance: float = 0.05
 
     def __post_init__(self) -> None:
         if self.delay < 0:
@@ -192,6 +196,8 @@ class BenchConfig:
             raise BenchError("need at least one seed")
         if self.knn_k < 1 or self.offline_folds < 2:
             raise BenchError("knn k must be >= 1 and offline folds >= 2")
+        if not 0.0 <= self.tolerance < 1.0:
+            raise BenchError("tolerance must be in [0, 1)")
 
         try:
             self.layout()
@@ -262,11 +268,14 @@ def simulate(
     cost_unit: float,
     pacer: BudgetPacer | None = None,
     on_decision: Callable[[int], None] | None = None,
+    guard: ConservativeGuard | None = None,
 ) -> StreamResult:
     """Run the delayed-reward bandit protocol (module docstring) on queries ``start..n-1``.
 
     The policy draws from its own RNG exactly as the service's decider does (one
-    ``choose_many`` call per query), and learns in the order the service would.
+    ``choose_many`` call per query), and learns in the order the service would. With a
+    ``guard`` (conservative mode), a choice that could break its task's budget becomes the
+    baseline, and the guard counts each decision and learns each outcome as the policy does.
     """
     arms = problem.arms
     index = {a: j for j, a in enumerate(arms)}
@@ -278,12 +287,17 @@ def simulate(
     lams = np.empty(n_eval)
     pending: deque[tuple[int, int, float, float]] = deque()
     priced = getattr(policy, "learns_correctness", False)
-    costs = RunningCosts()  # what the router knows of each arm's cost: its own calls
+    # what the router knows of each arm's cost: its own calls (forgotten over time when the
+    # policy follows drift)
+    costs = RunningCosts(getattr(policy, "cost_halflife", None))
     sizes = [len(r.text) for r in problem.records]
+    tasks = [r.task or DEFAULT_TASK for r in problem.records]
 
     def learn(s: int, j: int, lam_s: float, p: float) -> None:
         ok = bool(problem.correct[s, j])
         cost = float(problem.cost[s, j])
+        if guard is not None:
+            guard.learned(tasks[s], arms[j], float(ok), cost)
         if priced:  # with what the service stores on the decision: propensity and λ
             policy.learn(arms[j], X32[s], float(ok), cost, p, Pricing(lam_s, cost_unit))
         else:
@@ -296,9 +310,15 @@ def simulate(
             choice = policy.choose_many(arms, X64[t : t + 1], pricing=pricing)[0]
         else:
             choice = policy.choose_many(arms, X64[t : t + 1])[0]
+        if guard is not None:
+            guarding = Pricing(lam_t, cost_unit, costs.estimate(sizes[t]))
+            choice = guard.guard(tasks[t], choice, guarding)
+            guard.played(tasks[t], choice.arm)
         j = index[choice.arm]
         choices[i], props[i], lams[i] = j, choice.propensity, lam_t
         if problem.failed[t, j]:  # the service rewards a failed arm at decision time, cost 0
+            if guard is not None:
+                guard.learned(tasks[t], arms[j], 0.0, None)
             if priced:
                 priced_at = Pricing(lam_t, cost_unit)
                 policy.learn(arms[j], X32[t], 0.0, None, choice.propensity, priced_at)
@@ -374,7 +394,29 @@ def run_online(
     pacer = None
     if config.budget is not None:
         pacer = BudgetPacer(config.budget, config.cost_unit, lr=config.budget_lr, lam0=lam)
-    return simulate(problem, policy, start, config.delay, lam, config.cost_unit, pacer)
+    guard = conservative_guard(problem, config, start)
+    return simulate(problem, policy, start, config.delay, lam, config.cost_unit, pacer, guard=guard)
+
+
+def conservative_guard(
+    problem: Problem, config: BenchConfig, start: int
+) -> ConservativeGuard | None:
+    """Conservative mode's guard (None: off): every task's baseline is ``config.baseline``;
+    its estimates start from the warm-start part's outcomes (full information), its budget
+    from the first evaluated query."""
+    if config.baseline is None:
+        return None
+    if config.baseline not in problem.arms:
+        raise BenchError(f"baseline {config.baseline!r} is not an arm of the file")
+    rule = Conservative(config.baseline, config.tolerance)
+    guard = ConservativeGuard({r.task or DEFAULT_TASK: rule for r in problem.records})
+    for i in range(start):
+        task = problem.records[i].task or DEFAULT_TASK
+        for j, arm in enumerate(problem.arms):
+            failed = bool(problem.failed[i, j])
+            cost = None if failed else float(problem.cost[i, j])
+            guard.learned(task, arm, float(problem.correct[i, j] and not failed), cost)
+    return guard
 
 
 def offline_linucb_choices(

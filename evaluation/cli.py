@@ -150,6 +150,8 @@ def cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
 
     if args.through_service and args.budget is not None:
         return _fail("--through-service replays a fixed λ: drop --budget")
+    if args.through_service and args.baseline is not None:
+        return _fail("--through-service does not run conservative mode: drop --baseline")
     if args.local_broker and not args.through_service:
         return _fail("--local-broker goes with --through-service")
     try:
@@ -219,6 +221,9 @@ def _bench_config(
             best, _ = problem.best_and_cheapest(start)
             value *= float(problem.cost[start:, best].mean())
         budget = value
+    baseline = args.baseline
+    if baseline == "best":  # the most accurate arm of the evaluated part (in hindsight)
+        baseline = problem.arms[problem.best_and_cheapest(start)[0]]
     return BenchConfig(
         delay=args.delay,
         lam=settings.reward_lambda if args.lam is None else args.lam,
@@ -233,6 +238,8 @@ def _bench_config(
         knn_k=args.knn_k,
         offline_folds=args.offline_folds,
         baselines=not args.no_baselines,
+        baseline=baseline,
+        tolerance=args.tolerance,
         **context,
     )
 
@@ -528,6 +535,18 @@ def _bench_stream_arguments(b: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="FRACTION",
         help="train on the first FRACTION with full information, then continue online (0)",
+    )
+    b.add_argument(
+        "--baseline",
+        metavar="ARM",
+        help="conservative mode: every task's baseline arm ('best': the most accurate arm); "
+        "the router's estimated reward never falls more than --tolerance below its own",
+    )
+    b.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.05,
+        help="conservative mode's tolerance δ, relative (0.05)",
     )
 
 

@@ -27,7 +27,7 @@ from rich.table import Table
 from rich.text import Text
 
 from app.application import Application, stop_on_signals
-from app.cli import EXIT_INPUT
+from app.cli import EXIT_INPUT, warm_start_from
 from consumers.kafka_io import ensure_topics, make_producer
 from producers.demo_data import DATASET
 from producers.demo_postgres import demo_database
@@ -246,6 +246,12 @@ def main() -> None:
     parser.add_argument(
         "--label-delay", type=float, default=8.0, help="seconds between a query and its label"
     )
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="start the router from nothing instead of warm-starting it from the recorded "
+        "outcomes of the sample's other queries",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -297,6 +303,8 @@ def run(
         metrics_port=0,
     )
     config = replay_config() if args.replay else load_config(CONFIG)
+    if not args.cold:
+        warm_start(settings, queries)
     with console.status("loading the embedding model and two local LLMs…"):
         service = Application.build(settings, config=config)
         stack.callback(service.stop)
@@ -354,6 +362,24 @@ def run(
             png,
         )
     )
+
+
+def warm_start(settings: Settings, queries: list) -> int:
+    """Warm-start the router, as a user with history would: from the recorded outcomes of the
+    sample's queries that are NOT streamed (disjoint from ``queries``), both arms' outcome on
+    each. Returns how many queries it learned from (0: every query is streamed)."""
+    streamed = {q.query_id for q in queries}
+    history = [r for r in read_outcomes(OUTCOMES) if r.query_id not in streamed]
+    if not history:
+        console.print("cold start: every recorded query is streamed, none is left to learn from")
+        return 0
+    with console.status(f"warm-starting the router from {len(history)} other queries…"):
+        warm_start_from(settings, history)
+    console.print(
+        f"warm start: the router learned from the recorded outcomes of {len(history)} other "
+        f"queries (both arms on each; none of the {len(queries)} streamed queries among them)"
+    )
+    return len(history)
 
 
 def closing(n: int, updates: int, schema: str, embedded: bool, png: Path) -> Group:

@@ -373,14 +373,20 @@ class CallAhead:
         own estimated costs."""
         live, X = self.live, contexts.astype(np.float64)
         if self.rewards is None or not live.policy.learns_correctness:
-            return [(c, None) for c in choose_among(live.policy, offered, X)]
+            chosen = choose_among(live.policy, offered, X)
+            if self.rewards is not None and live.guard is not None:  # conservative mode
+                chosen = [
+                    live.guarded(e.task, c, None, self.rewards)
+                    for e, c in zip(events, chosen, strict=True)
+                ]
+            return [(c, None) for c in chosen]
         out = []
         for x, arms, event, prompt in zip(X, offered, events, prompts, strict=True):
             pricing = live.pricing(
                 self.rewards, self.prices, len(event.text), len(prompt.text), event.task
             )
             choice = live.policy.choose_many(list(arms), x[None, :], pricing=pricing)[0]
-            out.append((choice, pricing))
+            out.append((live.guarded(event.task, choice, pricing, self.rewards), pricing))
         return out
 
     def _prompt(self, event: QueryEvent) -> Prompt:

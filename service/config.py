@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from service.context import ContextError, features_of
+from service.policy.conservative import Conservative
 
 
 class ConfigError(ValueError):
@@ -96,6 +97,10 @@ class TaskConfig(BaseModel):
     max_output_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     check: CheckConfig | None = None
+    #: conservative mode (service.policy.conservative): the arm this task runs today, and how
+    #: much less reward (relative) the router may earn than it while learning
+    baseline: str | None = None
+    tolerance: float = Field(0.05, ge=0, lt=1)
 
     @field_validator("labels")
     @classmethod
@@ -264,6 +269,21 @@ class AppConfig(BaseModel):
         except ContextError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    @model_validator(mode="after")
+    def _baselines_exist(self) -> AppConfig:
+        for name, task in self.tasks.items():
+            if task.baseline is not None and task.baseline not in self.arm_names:
+                raise ValueError(f"task {name!r}: baseline {task.baseline!r} is not an arm")
+        return self
+
+    def conservative(self) -> dict[str, Conservative]:
+        """Conservative mode's rules, by task (the tasks that name a ``baseline``)."""
+        return {
+            name: Conservative(task.baseline, task.tolerance)
+            for name, task in self.tasks.items()
+            if task.baseline is not None
+        }
 
     def fallback_for(self, name: str) -> str | None:
         """The arm that answers when ``name`` fails (never ``name`` itself)."""

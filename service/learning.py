@@ -54,8 +54,9 @@ from service.context import LEGACY, ContextBuilder, ContextLayout
 from service.decision import LoggedDecision
 from service.log.rows import AppliedReward
 from service.pacing import BudgetPacer
-from service.policy import Pricing, RoutingPolicy, make_policy
+from service.policy import Choice, Pricing, RoutingPolicy, make_policy
 from service.policy.checkpoint import PolicyState, dump_state, from_state, load_state
+from service.policy.conservative import Conservative, ConservativeGuard
 from service.pricing import ArmPrice, CostEstimator
 from service.reward import RewardSettings
 
@@ -101,12 +102,17 @@ class LivePolicy:
         policy_params: dict,
         budget: BudgetPacer | None = None,
         context: ContextBuilder | None = None,
+        cost_unit: float = 0.001,
+        conservative: Mapping[str, Conservative] | None = None,
     ) -> None:
         self.policy_name = policy_name
+        #: the cost unit λ applies per (METALLM_COST_UNIT_USD): with a decision's stored λ, the
+        #: pricing an outcome is scored off-policy at (:meth:`learn`)
+        self.cost_unit = cost_unit
         self.policy_params = dict(policy_params)
         self.policy: RoutingPolicy = make_policy(policy_name, **policy_params)
         #: each arm's recorded output tokens and costs: a projection of the decision log
-        self.costs = CostEstimator()
+        self.costs = CostEstimator(self._cost_halflife())
         self.configured_pacer = budget  # budget mode's pacer to start from (None: fixed λ)
         self.pacer = budget  # budget mode's λ, a projection of the decision log
         #: the configured context layout (a fresh builder): what a restored policy must match
@@ -114,9 +120,18 @@ class LivePolicy:
         #: the builder (with its running statistics) of the contexts the policy learns from
         self.context = copy.deepcopy(self.configured_context)
         self._give_layout()
+        #: conservative mode's rules by task (the config's ``baseline`` and ``tolerance``)
+        self.conservative = dict(conservative or {})
+        #: their budgets: decisions counted from the decision log, outcomes from the reward log
+        self.guard = ConservativeGuard(self.conservative) if self.conservative else None
         self.lock = threading.RLock()
         self.watermark = 0  # highest reward_seq applied to self.policy
         self.decision_watermark = 0  # highest decision_seq the builder and pacer have seen
+
+    def _cost_halflife(self) -> float | None:
+        """How fast recorded costs are forgotten: the policy's ``cost_halflife`` (drift; None:
+        never), as the bench's estimates do."""
+        return getattr(self.policy, "cost_halflife", None)
 
     def _give_layout(self) -> None:
         """A policy that learns correctness shapes its prior by the context layout (block by
@@ -165,6 +180,8 @@ class LivePolicy:
             if self.pacer is not None:
                 self.pacer.observe(d.cost_usd)
             self.context.observe(d.task, d.n_chars, d.metadata)
+            if self.guard is not None:
+                self.guard.played(d.task, d.arm)
             self.observe_costs([d])
             self.decision_watermark = d.seq
 
@@ -201,9 +218,16 @@ class LivePolicy:
 
     def learn(self, r: AppliedReward) -> None:
         """Teach the policy one reward of the log: a policy that learns correctness its
-        correctness and cost (a function of the log row alone), any other the reward."""
+        correctness and cost, with the decision's logged propensity and the λ it was priced
+        at (so a policy that scores itself off-policy, ``auto``, scores every outcome as the
+        bench does); any other the reward. All of it a function of the log row alone.
+        Conservative mode's guard learns the outcome of its task."""
+        if self.guard is not None and r.task is not None:
+            self.guard.learned(r.task, r.arm, r.correctness(), r.cost_usd)
         if self.policy.learns_correctness:
-            self.policy.learn(r.arm, r.context, r.correctness(), r.cost_usd)
+            pricing = None if r.lam is None else Pricing(r.lam, self.cost_unit)
+            propensity = r.propensity if pricing is not None else None
+            self.policy.learn(r.arm, r.context, r.correctness(), r.cost_usd, propensity, pricing)
         else:
             self.policy.update(r.arm, r.context, r.reward)
 
@@ -222,6 +246,7 @@ class LivePolicy:
             state = self.policy.checkpoint_state()
             state.pacer, state.context = self.pacer, self.context
             state.costs = self.costs.to_dict()
+            state.conservative = None if self.guard is None else self.guard.to_dict()
             return Snapshot(
                 self.policy_name,
                 self.policy.n_updates,
@@ -242,7 +267,8 @@ class LivePolicy:
         with self.lock:
             stored = load_state(state)
             pacer, context, costs = stored.pacer, stored.context, stored.costs
-            stored.pacer = stored.context = stored.costs = None
+            guard = stored.conservative
+            stored.pacer = stored.context = stored.costs = stored.conservative = None
             same = self.is_configured(stored)
             policy = (
                 from_state(stored) if same else make_policy(self.policy_name, **self.policy_params)
@@ -250,7 +276,13 @@ class LivePolicy:
             self.context = self._reconciled_context(context, source)
             self.policy, self.pacer = policy, self._reconciled_pacer(pacer)
             self._give_layout()
-            self.costs = CostEstimator() if costs is None else CostEstimator.from_dict(costs)
+            halflife = self._cost_halflife()
+            self.costs = (
+                CostEstimator(halflife)
+                if costs is None
+                else CostEstimator.from_dict(costs, halflife)
+            )
+            self.guard = self._reconciled_guard(guard)
             self.watermark = watermark if same else 0
             self.decision_watermark = decision_watermark
             return same
@@ -262,6 +294,31 @@ class LivePolicy:
             return False
         fresh = make_policy(self.policy_name, **self.policy_params)
         return _comparable(fresh.checkpoint_state().params) == _comparable(stored.params)
+
+    def guarded(
+        self, task: str, choice: Choice, pricing: Pricing | None, base: RewardSettings
+    ) -> Choice:
+        """``choice``, or its task's baseline when conservative mode says the choice could
+        break the task's budget (:mod:`service.policy.conservative`), priced at ``pricing``
+        (None: the λ in force and the outcomes' mean costs)."""
+        if self.guard is None:
+            return choice
+        if pricing is None:
+            settings = self.reward_settings(base)
+            pricing = Pricing(settings.lam, settings.cost_unit)
+        return self.guard.guard(task, choice, pricing)
+
+    def _reconciled_guard(self, saved: dict | None) -> ConservativeGuard | None:
+        """A checkpoint's conservative budgets continue if their rules are the configured
+        ones; otherwise the configured rules count from this checkpoint on (a log line says
+        so)."""
+        if not self.conservative:
+            return None
+        fresh = ConservativeGuard(self.conservative)
+        if saved is not None and saved["rules"] == fresh.to_dict()["rules"]:
+            return ConservativeGuard.from_dict(saved)
+        log.info("conservative mode's rules changed: its budgets count from this checkpoint on")
+        return fresh
 
     def _reconciled_pacer(self, saved: BudgetPacer | None) -> BudgetPacer | None:
         """A checkpoint's pacer continues, unless budget mode was switched off or its target

@@ -100,11 +100,12 @@ class CostEstimator:
     """Each arm's output tokens and costs so far (a projection of the decision log), and the
     cost of a call estimated from them (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, halflife: float | None = None) -> None:
         self.watermark = 0  # highest decision_seq observed
         self._tokens: dict[str, list[float]] = {}  # arm → [calls with tokens, Σ output tokens]
         self._task_tokens: dict[tuple[str, str], list[float]] = {}  # the same by (arm, task)
-        self._costs = RunningCosts()
+        # recorded costs, forgotten with the policy's half-life when it follows drift
+        self._costs = RunningCosts(halflife)
 
     def observe(
         self,
@@ -177,14 +178,14 @@ class CostEstimator:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> CostEstimator:
+    def from_dict(cls, data: Mapping[str, Any], halflife: float | None = None) -> CostEstimator:
         """The state :meth:`to_dict` wrote; one from before the per-task means is not kept
         (a fresh estimator, watermark 0: the learning log rebuilds it from the decisions).
 
         >>> CostEstimator.from_dict({"watermark": 9, "tokens": {}, "costs": {}}).watermark
         0
         """
-        new = cls()
+        new = cls(halflife)
         if "task_tokens" not in data:
             return new
         new.watermark = int(data["watermark"])

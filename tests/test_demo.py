@@ -65,6 +65,9 @@ def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
     assert "cost vs best arm" in flat and "(best arm)" in flat
     assert re.search(r"the router (saved|spent) \$[0-9.]+ .* the best single arm", flat), flat
     assert "e-0" not in output  # dollars, not exponents
+    # warm-started from the recorded outcomes of the 296 queries it does not stream
+    assert "the router learned from the recorded outcomes of 296 other queries" in flat, flat
+    assert "none of the 24 streamed queries among them" in flat
     assert "What you just saw" in flat and "Where to look next" in flat
     for next_step in ("metallm stats", "metallm bench", "http://localhost:3000"):
         assert next_step in flat
@@ -75,7 +78,7 @@ def test_demo_runs_to_the_comparison_and_the_plot(demo, tmp_path):
 
 
 def test_ctrl_c_stops_everything_the_demo_started(demo):
-    proc = demo("--limit", "200", "--rate", "2")
+    proc = demo("--limit", "200", "--rate", "2", "--cold")  # no warm start: not the point here
     deadline = time.monotonic() + 180
     seen = ""
     while "Kafka (Tansu) at" not in seen and time.monotonic() < deadline:

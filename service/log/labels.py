@@ -75,6 +75,8 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
             decisions.c.task,
             decisions.c.raw_output,
             decisions.c.score,
+            decisions.c.propensity,
+            decisions.c.decision_lambda,
         )
         .where(one_of(decisions.c.query_id, ids))
         .order_by(decisions.c.query_id)
@@ -82,7 +84,13 @@ def decisions_for_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str
     )
     return {
         r.query_id: FoundDecision(
-            *r[:10], tuple(r.options) if r.options else None, r.task, r.raw_output, r.score
+            *r[:10],
+            tuple(r.options) if r.options else None,
+            r.task,
+            r.raw_output,
+            r.score,
+            r.propensity,
+            r.decision_lambda,
         )
         for r in rows
     }

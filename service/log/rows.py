@@ -46,6 +46,12 @@ class AppliedReward:
     correct: bool | None = None
     cost_usd: float | None = None
     score: float | None = None
+    #: the decision's logged probability of ``arm`` and the λ its choice was priced with
+    #: (``decision_lambda``; None: not priced): what off-policy scoring needs (None: not scored)
+    propensity: float | None = None
+    lam: float | None = None
+    #: the decision's task (None: not read): what conservative mode counts outcomes by
+    task: str | None = None
 
     def __post_init__(self) -> None:
         if self.layout is None:
@@ -114,6 +120,10 @@ class FoundDecision:
     #: the score of its feedback, once it came (a score event, or an open task's check)
     score: float | None = None
 
+    #: the logged probability of its arm, and the λ its choice was priced with (None: not priced)
+    propensity: float | None = None
+    decision_lambda: float | None = None
+
     @property
     def labeled(self) -> bool:
         """Whether its feedback came (a label or a score): the first one wins."""
@@ -136,6 +146,8 @@ class FoundDecision:
             tuple(decision.options) if decision.options else None,
             decision.task,
             decision.raw_output,
+            propensity=decision.propensity,
+            decision_lambda=decision.decision_lambda,
         )
 
     def reward(
@@ -158,6 +170,9 @@ class FoundDecision:
             correct=correct_,
             cost_usd=cost,
             score=score,
+            propensity=self.propensity,
+            lam=self.decision_lambda,
+            task=self.task,
         )
 
     @classmethod

@@ -101,6 +101,9 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             decisions.c.status,
             decisions.c.fallback_arm,
             decisions.c.score,
+            decisions.c.propensity,
+            decisions.c.decision_lambda,
+            decisions.c.task,
         )
         .where(decisions.c.reward_seq > watermark)
         .order_by(decisions.c.reward_seq)
@@ -115,8 +118,27 @@ def rewards_after(conn: Connection, watermark: int) -> list[AppliedReward]:
             layout,
             float(age or 0.0),
             *learned_outcome(correct, cost, status, fb, score),
+            propensity=p,
+            lam=lam,
+            task=task,
         )
-        for seq, qid, arm, ctx, r, layout, age, correct, cost, status, fb, score in rows
+        for (
+            seq,
+            qid,
+            arm,
+            ctx,
+            r,
+            layout,
+            age,
+            correct,
+            cost,
+            status,
+            fb,
+            score,
+            p,
+            lam,
+            task,
+        ) in rows
     ]
 
 

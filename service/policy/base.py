@@ -100,14 +100,19 @@ class RunningCosts:
     (0.006, 0.003)
     """
 
-    def __init__(self) -> None:
+    def __init__(self, halflife: float | None = None) -> None:
         self._sums: dict[str, np.ndarray] = {}  # arm → [n, Σs, Σs², Σc, Σs·c]
+        #: forget: each call weighs 2^(−1/halflife) less at every later call of its arm (drift:
+        #: a price change is followed within about a half-life of calls); None: never
+        self._decay = 1.0 if halflife is None else 0.5 ** (1.0 / halflife)
 
     def observe(self, arm: str, cost_usd: float, size: float = 0.0) -> None:
         sums = self._sums.get(arm)
         if sums is None:
             sums = self._sums[arm] = np.zeros(5)
         c, s = float(cost_usd), float(size)
+        if self._decay != 1.0:
+            sums *= self._decay
         sums += (1.0, s, s * s, c, s * c)
 
     def means(self) -> dict[str, float]:

@@ -23,6 +23,8 @@ Header keys:
                     running statistics) or null; absent in older checkpoints (null)
 ``costs``           each arm's recorded output tokens and costs (``CostEstimator.to_dict()``,
                     :mod:`service.pricing`) or null; absent in older checkpoints (null)
+``conservative``    conservative mode's counts and sums (``ConservativeGuard.to_dict()``,
+                    :mod:`service.policy.conservative`) or null; absent in older checkpoints
 ``state``           kind-specific JSON (e.g. ``{"dim": 384}`` for the linear policies)
 
 Payload arrays: ``projection`` (``input_dim × project_dim``, only if projecting), the context
@@ -99,6 +101,7 @@ class PolicyState:
     pacer: Any = None  # a service.pacing.BudgetPacer
     context: Any = None  # a service.context.ContextBuilder
     costs: dict[str, Any] | None = None  # service.pricing.CostEstimator.to_dict()
+    conservative: dict[str, Any] | None = None  # ConservativeGuard.to_dict()
 
 
 class Checkpointable(Protocol):
@@ -146,6 +149,7 @@ def dump_state(state: PolicyState) -> bytes:
         "pacer": None if state.pacer is None else state.pacer.to_dict(),
         "context": context_meta,
         "costs": state.costs,
+        "conservative": state.conservative,
         "state": state.meta,
     }
     payload: dict[str, np.ndarray] = {f"s_{k}": v for k, v in state.arrays.items()}
@@ -209,6 +213,7 @@ def load_state(data: bytes) -> PolicyState:
 
         state.pacer = BudgetPacer.from_dict(header["pacer"])
     state.costs = header.get("costs")
+    state.conservative = header.get("conservative")
     if header.get("context") is not None:
         from service.context import ContextBuilder
 

@@ -48,6 +48,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from service.policy.base import ArmId, Choice, Context, Pricing
+from service.policy.drift import ChangeDetector
 from service.policy.linucb import LinUCB
 
 
@@ -61,6 +62,13 @@ class CorrectnessUCB(LinUCB):
     ``task_ridge`` (task and categorical one-hots), ``length_ridge`` (length and numeric
     features), ``embedding_ridge`` (the embedding), ``prior_mean`` (the accuracy every arm
     starts from), ``seed``, ``project_dim``. Precisions are in units of the noise variance.
+
+    Drift (on by default; ``drift=0`` turns it off): ``drift`` > 0 watches each arm's
+    residuals with a :class:`~service.policy.drift.ChangeDetector` of that threshold, and on
+    an alarm weighs the arm's evidence ``drift_shrink`` times what it did; :attr:`cost_halflife`
+    then asks the cost estimates to forget too (each arm's recorded costs with a half-life of
+    ``drift_cost_halflife`` of its calls), so a price change is followed as fast. A merge keeps
+    ``self``'s detector (the detectors' sums are not additive).
     """
 
     kind = "correctness_ucb"
@@ -77,10 +85,18 @@ class CorrectnessUCB(LinUCB):
         prior_mean: float = 0.5,
         seed: int | None = None,
         project_dim: int | None = None,
+        drift: float = 10.0,
+        drift_shrink: float = 0.05,
+        drift_cost_halflife: float = 100.0,
     ) -> None:
         super().__init__(
             alpha=alpha, ridge=ridge, epsilon=epsilon, seed=seed, project_dim=project_dim
         )
+        if drift < 0 or not 0.0 < drift_shrink <= 1.0 or drift_cost_halflife <= 0:
+            raise ValueError("drift >= 0, drift_shrink in (0, 1], drift_cost_halflife > 0")
+        self.drift, self.drift_shrink = drift, drift_shrink
+        self.drift_cost_halflife = drift_cost_halflife
+        self.detector = ChangeDetector(drift) if drift > 0 else None
         for name, value in (
             ("task_ridge", task_ridge),
             ("length_ridge", length_ridge),
@@ -149,11 +165,34 @@ class CorrectnessUCB(LinUCB):
         pricing: Pricing | None = None,
     ) -> None:
         """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost
-        (``propensity`` and ``pricing`` play no part here: see ``RoutingPolicy.learn``)."""
+        (``propensity`` and ``pricing`` play no part here: see ``RoutingPolicy.learn``).
+        With drift on, the outcome's residual is watched first (class doc)."""
+        if self.detector is not None:
+            self._watch(arm_id, context, float(correct))
         super().update(arm_id, context, float(correct) - self.prior_mean)
         if cost_usd is not None:
             self._cost_n[arm_id] = self._cost_n.get(arm_id, 0) + 1
             self._cost_sum[arm_id] = self._cost_sum.get(arm_id, 0.0) + float(cost_usd)
+
+    @property
+    def cost_halflife(self) -> float | None:
+        """With drift on, the half-life (in an arm's calls) its cost estimates should forget
+        with (None: never forget)."""
+        return self.drift_cost_halflife if self.detector is not None else None
+
+    def _watch(self, arm_id: ArmId, context: Context, correct: float) -> None:
+        """Feed the detector the residual of ``correct`` against the arm's current estimate
+        (from the float32 scorer: O(d²)); shrink the arm's evidence on an alarm."""
+        assert self.detector is not None
+        x = self._vector(context)
+        stats = self._stats_for(x.shape[0])
+        i = stats.index.get(arm_id)
+        if i is None or stats.counts[i] == 0:
+            return
+        mean = float((stats.scorer[i] @ x.astype(np.float32)).astype(np.float64) @ stats.b[i])
+        residual = correct - min(max(self.prior_mean + mean, 0.0), 1.0)
+        if self.detector.observe(arm_id, residual):
+            stats.shrink(i, self.drift_shrink)
 
     def mean_costs(self) -> dict[ArmId, float]:
         """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
@@ -204,6 +243,8 @@ class CorrectnessUCB(LinUCB):
         if len(scales) == 2 and not np.array_equal(*scales):
             raise ValueError("cannot merge policies with different context layouts")
         new._scale = None if not scales else scales[0].copy()
+        if self.detector is not None and new.detector is not None:
+            new.detector.load(self.detector.to_dict())
         for src in (self, other):
             for arm, n in src._cost_n.items():
                 new._cost_n[arm] = new._cost_n.get(arm, 0) + n
@@ -220,11 +261,15 @@ class CorrectnessUCB(LinUCB):
         }
         if self._scale is not None:
             arrays["scale"] = self._scale
+        if self.detector is not None:
+            meta = {**meta, "drift": self.detector.to_dict()}
         return meta, arrays
 
     def _load_state(self, meta: dict, arms: list, arrays: Mapping[str, np.ndarray]) -> None:
         super()._load_state(meta, arms, dict(arrays))
         self._scale = arrays.get("scale")
+        if self.detector is not None and "drift" in meta:
+            self.detector.load(meta["drift"])
         for arm, n, total in zip(arms, arrays["cost_n"], arrays["cost_sum"], strict=True):
             if n:
                 self._cost_n[arm], self._cost_sum[arm] = int(n), float(total)

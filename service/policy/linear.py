@@ -241,6 +241,18 @@ class LinearArmStats:
         W = strsm(1.0, C.astype(np.float32), U, lower=1)  # C⁻¹U, (n, d)
         sgemm(-1.0, W, W, beta=1.0, c=S.T, trans_a=1, overwrite_c=1)  # S -= Wᵀ W in place
 
+    def shrink(self, i: int, weight: float) -> None:
+        """Weigh slot ``i``'s evidence ``weight`` times what it did (drift: what it learnt
+        before a change counts for less): ``A = ridge·I + w·Σxxᵀ``, ``b = w·b`` (so ``θ``
+        moves toward the prior and ``A⁻¹`` widens); the scorer is re-derived."""
+        self._flush(i)
+        eye = np.eye(self.dim) * self.ridge
+        self._A[i] = eye + weight * (self._A[i] - eye)
+        self.b[i] *= weight
+        self.reward_sum[i] *= weight
+        self._exact.pop(i, None)
+        self.resync(i)
+
     def resync(self, i: int) -> None:
         """Re-derive slot ``i``'s float32 scorer from the exact ``A`` (drops rounding drift)."""
         self.scorer[i] = self.exact(i)[0]

@@ -685,10 +685,15 @@ def fresh_policy(name: str = POLICY, params: dict | None = None):
 
 
 def teach(policy, reward) -> None:
-    """Teach ``policy`` one reward of the log, as the service does: correctness and cost to a
-    policy that learns correctness, the scalar reward to any other."""
+    """Teach ``policy`` one reward of the log, as the service does: correctness and cost (with
+    the decision's propensity and λ, at the default cost unit) to a policy that learns
+    correctness, the scalar reward to any other."""
     if policy.learns_correctness:
-        policy.learn(reward.arm, reward.context, reward.correctness(), reward.cost_usd)
+        from service.policy import Pricing
+
+        pricing = None if reward.lam is None else Pricing(reward.lam, 0.001)
+        p = reward.propensity if pricing is not None else None
+        policy.learn(reward.arm, reward.context, reward.correctness(), reward.cost_usd, p, pricing)
     else:
         policy.update(reward.arm, reward.context, reward.reward)
 
