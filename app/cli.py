@@ -32,9 +32,10 @@ from evaluation.cli import add_commands as evaluation_commands
 from service.settings import Settings, describe_settings_error
 
 DESCRIPTION = (
-    "metallm: a streaming LLM router. It reads queries and labels from Kafka, routes each "
-    "query to the LLM most likely to answer it correctly for the money, learns from the "
-    "labels, and stores every decision in Postgres."
+    "metallm: a streaming LLM router. It reads queries and labels from Kafka (and, with its "
+    "HTTP door on, OpenAI-compatible requests and feedback), routes each query to the LLM "
+    "most likely to answer it well for the money, learns from the labels and scores, and "
+    "stores every decision in Postgres."
 )
 
 
@@ -253,37 +254,8 @@ def cmd_broker(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def parser() -> argparse.ArgumentParser:
-    codes = "\n".join(
-        textwrap.fill(f"{code:>5}  {meaning}", 78, subsequent_indent=" " * 7)
-        for code, meaning in EXIT_CODES.items()
-    )
-    p = argparse.ArgumentParser(
-        prog="metallm",
-        description="\n".join(textwrap.wrap(DESCRIPTION, 78)),
-        epilog=f"exit codes:\n{codes}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--version", action="version", version=f"metallm {_version()}")
-    p.add_argument("--log-level", default="INFO")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
-    warm = sub.add_parser(
-        "warm-start", help="train the policy on an outcomes file before serving (full information)"
-    )
-    warm.add_argument("outcomes", type=Path, help="outcomes file (see docs/evaluation.md)")
-    warm.add_argument("--limit", type=int, help="use only the first N queries")
-    sub.add_parser("serve", help="run the query and label consumers")
-    brk = sub.add_parser(
-        "broker",
-        help="run a local Kafka-wire broker (Tansu, in memory) in the foreground",
-        description="A local Kafka-wire broker for trying metallm without Docker: Tansu, "
-        "memory only (its topics are gone when it stops), listening on 127.0.0.1. Ctrl-C "
-        "stops it.",
-    )
-    brk.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (9092)")
-
+def _add_event_commands(sub: argparse._SubParsersAction) -> None:
+    """``produce`` and ``ask``: publish events, or one query and wait for its answer."""
     prod = sub.add_parser(
         "produce",
         help="publish query or label events from a JSONL/CSV file",
@@ -313,6 +285,41 @@ def parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (60)")
     ask.add_argument("--query-id", help="the query's id (default: a new random one)")
 
+
+def parser() -> argparse.ArgumentParser:
+    codes = "\n".join(
+        textwrap.fill(f"{code:>5}  {meaning}", 78, subsequent_indent=" " * 7)
+        for code, meaning in EXIT_CODES.items()
+    )
+    p = argparse.ArgumentParser(
+        prog="metallm",
+        description="\n".join(textwrap.wrap(DESCRIPTION, 78)),
+        epilog=f"exit codes:\n{codes}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--version", action="version", version=f"metallm {_version()}")
+    p.add_argument("--log-level", default="INFO")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("migrate", help="create or upgrade the database schema (Alembic)")
+    warm = sub.add_parser(
+        "warm-start", help="train the policy on an outcomes file before serving (full information)"
+    )
+    warm.add_argument("outcomes", type=Path, help="outcomes file (see docs/evaluation.md)")
+    warm.add_argument("--limit", type=int, help="use only the first N queries")
+    sub.add_parser(
+        "serve", help="run the query and label consumers and, when configured, the HTTP door"
+    )
+    brk = sub.add_parser(
+        "broker",
+        help="run a local Kafka-wire broker (Tansu, in memory) in the foreground",
+        description="A local Kafka-wire broker for trying metallm without Docker: Tansu, "
+        "memory only (its topics are gone when it stops), listening on 127.0.0.1. Ctrl-C "
+        "stops it.",
+    )
+    brk.add_argument("--port", type=int, default=9092, help="port on 127.0.0.1 (9092)")
+
+    _add_event_commands(sub)
     COMMANDS.update(show_commands(sub))
     COMMANDS.update(evaluation_commands(sub))
     return p

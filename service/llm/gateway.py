@@ -419,9 +419,7 @@ class Gateway:
                 if second.completion is None:
                     error = f"{outcome.error}; fallback {fallback}: {second.error}"
                 outcome, answered_by = second, fallback
-        latency_ms = latency.ms()
-        completion = outcome.completion
-        if completion is None:
+        if outcome.completion is None:
             return CallResult(
                 status="llm_error",
                 prediction=None,
@@ -429,12 +427,27 @@ class Gateway:
                 input_tokens=None,
                 output_tokens=None,
                 cost_usd=0.0,  # a failed request returns no usage: nothing is billed
-                latency_ms=latency_ms,
+                latency_ms=latency.ms(),
                 error=error,
                 attempts=attempts,
                 fallback_arm=fallback,
                 wait_ms=latency.wait_ms(),
             )
+        return self._answered(
+            answered_by, request, outcome.completion, latency, attempts, fallback, error
+        )
+
+    def _answered(
+        self,
+        answered_by: str,
+        request: CallRequest,
+        completion: Completion,
+        latency: _Latency,
+        attempts: int,
+        fallback: str | None,
+        error: str | None,
+    ) -> CallResult:
+        """The result of a call an arm answered: priced, and parsed (but an open prompt's)."""
         arm = self.arms[answered_by]
         cost = (
             completion.cost_usd
@@ -450,7 +463,7 @@ class Gateway:
             input_tokens=completion.input_tokens,
             output_tokens=completion.output_tokens,
             cost_usd=cost,
-            latency_ms=latency_ms,
+            latency_ms=latency.ms(),
             error=error,
             attempts=attempts,
             fallback_arm=fallback,
