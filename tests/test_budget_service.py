@@ -77,10 +77,10 @@ def second_half_mean(costs: list[float]) -> float:
     return sum(second_half) / len(second_half)
 
 
-def test_a_priced_policy_meets_the_budget_within_ten_percent(engine, embedder):
+def test_a_priced_policy_meets_the_budget_within_ten_percent(engine, cached_embedder):
     """A policy that learns correctness prices every decision at the λ in force, so nothing it
     learned holds an arm back at a stale λ: the old band, ±10 % of the target."""
-    learning_log, costs = stream(engine, embedder, "correctness_ucb", {"seed": 3})
+    learning_log, costs = stream(engine, cached_embedder, "correctness_ucb", {"seed": 3})
     assert learning_log.live.pacer.n_observed == len(costs) == len(RECORDS)
     with engine.connect() as conn:
         priced_at = conn.execute(
@@ -91,8 +91,8 @@ def test_a_priced_policy_meets_the_budget_within_ten_percent(engine, embedder):
     assert 0.9 * TARGET <= mean <= 1.1 * TARGET, mean / TARGET
 
 
-def test_lambda_tracks_the_budget_and_survives_a_crash(engine, embedder):
-    learning_log, costs = stream(engine, embedder, "linucb", {"seed": 3, "epsilon": 0.1})
+def test_lambda_tracks_the_budget_and_survives_a_crash(engine, cached_embedder):
+    learning_log, costs = stream(engine, cached_embedder, "linucb", {"seed": 3, "epsilon": 0.1})
     live = learning_log.live
     with engine.connect() as conn:
         lambdas = {

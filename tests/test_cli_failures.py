@@ -4,6 +4,7 @@ against the real Postgres and broker (or a port where nothing listens)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
@@ -80,31 +81,42 @@ def test_database_unreachable_is_one_line_without_the_password(command, broker, 
     assert "s3cret-pw" not in out.stderr + out.stdout
 
 
-def test_a_schema_never_migrated_says_to_migrate(fresh_schema):
+def in_process(monkeypatch, capsys, schema: str, *args: str) -> subprocess.CompletedProcess:
+    """``metallm *args`` on the test database, in ``schema``, through the CLI's main in this
+    process (a subprocess each costs seconds): its exit code and what it printed."""
+    monkeypatch.setenv("DATABASE_URL", DATABASE_URL)
+    monkeypatch.setenv("METALLM_DATABASE_SCHEMA", schema)
+    code = main(list(args))
+    return subprocess.CompletedProcess(["metallm", *args], code, *capsys.readouterr())
+
+
+def test_a_schema_never_migrated_says_to_migrate(fresh_schema, monkeypatch, capsys):
+    cli = functools.partial(in_process, monkeypatch, capsys, fresh_schema)
     for command in (["stats"], ["decisions"], ["decisions", "--explain", "q1"]):
-        line = one_line_error(metallm_cli(fresh_schema, *command), EXIT_INPUT)
+        line = one_line_error(cli(*command), EXIT_INPUT)
         assert line == "metallm: the database has no metallm schema yet: run `metallm migrate`"
     # a command that reads the tables without checking first still says so
-    line = one_line_error(metallm_cli(fresh_schema, "evaluate", "--from-db"), EXIT_INPUT)
+    line = one_line_error(cli("evaluate", "--from-db"), EXIT_INPUT)
     assert "schema is missing" in line and "run `metallm migrate`" in line
 
 
-def test_a_schema_behind_the_code_names_its_revision(fresh_schema):
+def test_a_schema_behind_the_code_names_its_revision(fresh_schema, monkeypatch, capsys):
+    cli = functools.partial(in_process, monkeypatch, capsys, fresh_schema)
     upgrade(DATABASE_URL, fresh_schema, "0003")
     head = head_revision()
-    line = one_line_error(metallm_cli(fresh_schema, "stats"), EXIT_INPUT)
+    line = one_line_error(cli("stats"), EXIT_INPUT)
     assert line == (
         f"metallm: the database schema is at revision 0003, this metallm needs {head}: "
         "run `metallm migrate`"
     )
-    assert metallm_cli(fresh_schema, "migrate").returncode == 0
-    assert metallm_cli(fresh_schema, "stats").returncode == 0
+    assert cli("migrate").returncode == 0
+    assert cli("stats").returncode == 0
 
     engine = make_engine(DATABASE_URL, fresh_schema)
     with engine.begin() as conn:  # as if a newer metallm had migrated it
         conn.execute(sa.text("UPDATE alembic_version SET version_num = '9999'"))
     engine.dispose()
-    line = one_line_error(metallm_cli(fresh_schema, "stats"), EXIT_INPUT)
+    line = one_line_error(cli("stats"), EXIT_INPUT)
     assert "revision 9999, which this metallm does not know" in line and "upgrade metallm" in line
 
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from service.storage import make_engine
 from tests.conftest import DATABASE_URL, wait_for
-from tests.helpers import TASKS, demo_rows, metallm_cli
+from tests.helpers import TASKS, count, demo_rows, metallm_cli
 
 pytestmark = [pytest.mark.integration, pytest.mark.llm]
 
@@ -85,16 +86,25 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         metallm("produce", "queries", str(dataset), "--quiet")
         metallm("produce", "labels", str(dataset), "--quiet", "--delay-seconds", "1")
 
-        def decided() -> list[dict]:
-            out = metallm("decisions", "--format", "json").stdout
-            rows_ = [json.loads(line) for line in out.splitlines() if line.strip()]
-            return (
-                rows_
-                if len(rows_) == len(rows) and all(r["reward"] is not None for r in rows_)
-                else []
+        # polled in Postgres (a `metallm decisions` process a second would compete with the
+        # local LLMs for the CPU); the command is then run once on the finished work
+        engine = make_engine(DATABASE_URL, schema)
+        try:
+            wait_for(
+                lambda: (
+                    count(engine, "SELECT count(*) FROM decisions WHERE reward IS NOT NULL")
+                    == len(rows)
+                ),
+                timeout=180,
+                interval=0.3,
+                message="decisions with rewards",
             )
-
-        decisions = wait_for(decided, timeout=180, interval=1.0, message="decisions with rewards")
+        finally:
+            engine.dispose()
+        out = metallm("decisions", "--format", "json").stdout
+        decisions = [json.loads(line) for line in out.splitlines() if line.strip()]
+        assert len(decisions) == len(rows)
+        assert all(d["reward"] is not None for d in decisions)
     finally:
         server.send_signal(signal.SIGTERM)
         output = server.communicate(timeout=60)[0]

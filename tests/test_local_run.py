@@ -12,12 +12,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import yaml
 
 from app.exits import EXIT_INPUT
 from producers.demo_data import TASKS, demo_rows
 from producers.local_broker import free_port
 from service.migrate import drop_schema
+from service.storage import make_engine
 from tests.conftest import DATABASE_URL, wait_for
 
 pytestmark = pytest.mark.integration
@@ -51,6 +53,18 @@ def stop(proc: subprocess.Popen) -> tuple[int, str]:
         proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=60)[0]
     return proc.returncode, out
+
+
+def labeled_decisions(schema: str) -> int:
+    """How many decisions have their label (and reward) stored."""
+    engine = make_engine(DATABASE_URL, schema)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(
+                sa.text("SELECT count(*) FROM decisions WHERE label IS NOT NULL")
+            ).scalar_one()
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture
@@ -106,13 +120,18 @@ def test_broker_migrate_serve_produce_stats(schema, tmp_path):
         labels = metallm("produce", "labels", str(data), "--quiet", env=env)
         assert labels.returncode == 0 and "published 16 labels" in labels.stdout
 
-        def labeled() -> list[dict] | None:
-            out = metallm("stats", "--format", "json", "--hours", "0", env=env)
-            assert out.returncode == 0, out.stderr
-            summary = [json.loads(line) for line in out.stdout.splitlines()]
-            return summary if sum(r["labeled"] for r in summary) == len(rows) else None
-
-        summary = wait_for(labeled, timeout=180, interval=1.0, message="16 labeled decisions")
+        # polled in Postgres (a `metallm stats` process a second would compete with serve for
+        # the CPU); the command is then run once on the finished work
+        wait_for(
+            lambda: labeled_decisions(schema) == len(rows),
+            timeout=180,
+            interval=0.3,
+            message="16 labeled decisions",
+        )
+        out = metallm("stats", "--format", "json", "--hours", "0", env=env)
+        assert out.returncode == 0, out.stderr
+        summary = [json.loads(line) for line in out.stdout.splitlines()]
+        assert sum(r["labeled"] for r in summary) == len(rows)
         assert sum(r["decisions"] for r in summary) == len(rows)
         table = metallm("stats", env=env)
         assert table.returncode == 0, table.stderr

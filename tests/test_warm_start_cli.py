@@ -25,7 +25,8 @@ def test_warm_start_stores_a_checkpoint_the_service_restores(engine, pg_schema, 
     assert policy.n_updates == 80 and sorted(policy.arms) == ["gemma-3-270m", "qwen2.5-0.5b"]
     assert checkpoint.reward_watermark == 0  # no live rewards yet
 
-    again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES))
+    # refused whatever the file holds (it is read and embedded first: one record will do)
+    again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES), "--limit", "1")
     assert again.returncode == 2 and "already has a learned policy" in again.stderr
 
     bad = tmp_path / "bad.jsonl"

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import sqlalchemy as sa
-from kafka import KafkaConsumer, TopicPartition
 
 from consumers.kafka_io import create_topics, delete_topics
 from service.log.checkpoints import latest_checkpoint
@@ -34,6 +33,7 @@ from tests.faults.harness import (
     make_queries,
     policy_difference,
     progress,
+    read_all,
     rebuild_policy,
     restored_policy,
     service_env,
@@ -113,24 +113,9 @@ class KillFigures:
 
 
 def _decision_event_ids(bootstrap: str, topic: str) -> Counter:
-    """Query ids of every event on the decisions topic (read to its high-water mark)."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-        consumer_timeout_ms=5000,
-    )
-    tp = TopicPartition(topic, 0)
-    consumer.assign([tp])
-    consumer.seek_to_beginning(tp)
-    seen: Counter = Counter()
-    try:
-        for message in consumer:
-            seen[(message.key or b"").decode()] += 1
-    finally:
-        consumer.close()
-    return seen
+    """Query ids of every event on the decisions topic, read to its high-water mark (not
+    until the topic has been quiet a while)."""
+    return Counter((message.key or b"").decode() for message in read_all(bootstrap, topic))
 
 
 def run(

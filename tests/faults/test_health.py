@@ -13,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 
 import pytest
 
@@ -23,7 +24,6 @@ from service.settings import isolated_stream_names
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
     ArmServer,
-    PrivatePostgres,
     ServiceProcess,
     arm_config,
     build_service,
@@ -120,31 +120,29 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
     assert not service.crashed.is_set()
 
 
-def test_readiness_false_while_postgres_is_down(broker, topics):
-    pg = PrivatePostgres().init()
-    try:
-        upgrade(pg.url, "health")
-        settings = settings_for(broker, topics, "health", pg.url)
-        ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
-        with ArmServer({}, {"cheap": 0.6, "strong": 0.9}) as server:
-            service = build_service(settings, arm_config(server, ARMS))
-            service.start()
-            port = service.metrics_server.port
-            try:
-                wait_until(service.ready, 10, "ready")
-                pg.stop("fast")
-                wait_until(lambda: status(port, "/readyz") == 503, 10, "readiness false")
-                assert status(port, "/healthz") == 200 and up("postgres") == 0
+def test_readiness_false_while_postgres_is_down(broker, topics, private_pg):
+    pg = private_pg
+    schema = f"health_{uuid.uuid4().hex[:8]}"
+    upgrade(pg.url, schema)
+    settings = settings_for(broker, topics, schema, pg.url)
+    ensure_topics(settings, [topics["queries_topic"], topics["labels_topic"]])
+    with ArmServer({}, {"cheap": 0.6, "strong": 0.9}) as server:
+        service = build_service(settings, arm_config(server, ARMS))
+        service.start()
+        port = service.metrics_server.port
+        try:
+            wait_until(service.ready, 10, "ready")
+            pg.stop("fast")
+            wait_until(lambda: status(port, "/readyz") == 503, 10, "readiness false")
+            assert status(port, "/healthz") == 200 and up("postgres") == 0
+            pg.start()
+            wait_until(lambda: status(port, "/readyz") == 200, 20, "readiness true again")
+            assert up("postgres") == 1
+        finally:
+            if not pg.running():
                 pg.start()
-                wait_until(lambda: status(port, "/readyz") == 200, 20, "readiness true again")
-                assert up("postgres") == 1
-            finally:
-                if not pg.running():
-                    pg.start()
-                service.stop()
-            assert not service.crashed.is_set()
-    finally:
-        pg.destroy()
+            service.stop()
+        assert not service.crashed.is_set()
 
 
 def serve_process(broker, topics, pg_schema, tmp_path, **settings) -> ServiceProcess:

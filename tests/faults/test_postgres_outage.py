@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 
 import pytest
 import sqlalchemy as sa
@@ -23,7 +24,6 @@ from service.storage import make_engine
 from tests.faults.harness import (
     ArmServer,
     PgProxy,
-    PrivatePostgres,
     arm_config,
     build_service,
     make_queries,
@@ -123,23 +123,15 @@ def wait_all_done(engine, queries, broker: str, topics: dict) -> None:
     wait_consumed(broker, topics, n, n)
 
 
-@pytest.fixture
-def private_pg():
-    pg = PrivatePostgres().init()
-    try:
-        yield pg
-    finally:
-        pg.destroy()
-
-
 def test_postgres_stopped_and_crashed_mid_stream(broker, topics, private_pg, tmp_path):
-    upgrade(private_pg.url, "faults")
-    engine = make_engine(private_pg.url, "faults")
+    schema = f"faults_{uuid.uuid4().hex[:8]}"
+    upgrade(private_pg.url, schema)
+    engine = make_engine(private_pg.url, schema)
     queries = make_queries(400, prefix="q-pg")
     settings = settings_for(
         broker,
         topics,
-        "faults",
+        schema,
         private_pg.url,
         poll_max_records=25,
         labels_poll_max_records=25,
@@ -186,19 +178,20 @@ def test_private_postgres_keeps_acknowledged_commits_across_a_crash(private_pg):
     ``stop("immediate")``, as in a production Postgres (with ``synchronous_commit=off`` the
     last ~200 ms of acknowledged transactions were lost, and with them decisions whose Kafka
     offsets were already committed)."""
+    table = f"acked_{uuid.uuid4().hex[:8]}"
     engine = make_engine(private_pg.url)
     with engine.begin() as conn:
-        conn.execute(sa.text("CREATE TABLE acked (i int PRIMARY KEY)"))
+        conn.execute(sa.text(f"CREATE TABLE {table} (i int PRIMARY KEY)"))
     for i in range(1, 21):  # a service's pace: a few commits a second
         with engine.begin() as conn:
-            conn.execute(sa.text("INSERT INTO acked VALUES (:i)"), {"i": i})
+            conn.execute(sa.text(f"INSERT INTO {table} VALUES (:i)"), {"i": i})
         time.sleep(0.02)
     engine.dispose()
     private_pg.stop("immediate")
     private_pg.start()
     engine = make_engine(private_pg.url)
     try:
-        assert scalar(engine, "SELECT count(*) FROM acked") == 20
+        assert scalar(engine, f"SELECT count(*) FROM {table}") == 20
     finally:
         engine.dispose()
 

@@ -21,10 +21,17 @@ TEXTS = [r["text"] for r in demo_rows(96)]
 
 
 @pytest.fixture(scope="module")
-def vectors() -> dict[str, np.ndarray]:
+def embedders() -> dict[str, Embedder]:
+    """One embedder per backend with its defaults, shared by the tests that only use one (each
+    loads its model: PyTorch's takes seconds)."""
+    return {b: Embedder(backend=b) for b in ("torch", "onnx", "onnx-int8")}
+
+
+@pytest.fixture(scope="module")
+def vectors(embedders: dict[str, Embedder]) -> dict[str, np.ndarray]:
     """Each backend's vectors of the same texts (PyTorch is the reference: named, not the
     default backend, which is ONNX)."""
-    return {b: Embedder(backend=b).embed(TEXTS) for b in ("torch", "onnx", "onnx-int8")}
+    return {b: e.embed(TEXTS) for b, e in embedders.items()}
 
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -72,33 +79,33 @@ def test_onnx_float32_gives_the_pytorch_vectors(vectors):
     assert np.allclose(np.linalg.norm(vectors["onnx"], axis=1), 1, atol=1e-5)
 
 
-def test_int8_stays_close_to_float32_and_says_so_in_its_name(vectors):
+def test_int8_stays_close_to_float32_and_says_so_in_its_name(vectors, embedders):
     cos = cosines(vectors["onnx-int8"], vectors["torch"])
     assert cos.mean() > 0.98
     assert cos.min() > 0.9
     assert np.allclose(np.linalg.norm(vectors["onnx-int8"], axis=1), 1, atol=1e-5)
-    assert Embedder(backend="onnx").name == DEFAULT_MODEL_NAME
-    assert Embedder(backend="onnx-int8").name == f"{DEFAULT_MODEL_NAME} (int8)"
+    assert embedders["onnx"].name == DEFAULT_MODEL_NAME
+    assert embedders["onnx-int8"].name == f"{DEFAULT_MODEL_NAME} (int8)"
 
 
-def test_each_backend_has_its_own_default_batch_size(monkeypatch):
+def test_each_backend_has_its_own_default_batch_size(monkeypatch, embedders):
     """PyTorch splits a batch over every core; the ONNX backends run a batch on one core,
     which is cheaper per text in smaller batches (benchmarks/README.md, embedding_backends)."""
-    assert Embedder(backend="torch").batch_size == 8
-    assert Embedder(backend="onnx").batch_size == 4
-    assert Embedder(backend="onnx-int8").batch_size == 4
+    assert embedders["torch"].batch_size == 8
+    assert embedders["onnx"].batch_size == 4
+    assert embedders["onnx-int8"].batch_size == 4
     assert Embedder(backend="onnx", batch_size=16).batch_size == 16
     monkeypatch.setenv("METALLM_EMBEDDING_BATCH_SIZE", "6")
     assert Embedder.from_settings(Settings()).batch_size == 6
 
 
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_the_batch_size_changes_speed_not_vectors(backend, vectors):
+def test_the_batch_size_changes_speed_not_vectors(backend, vectors, embedders):
     one = Embedder(batch_size=1, backend=backend).embed(TEXTS[:24])
     many = Embedder(batch_size=64, backend=backend).embed(TEXTS[:24])
     assert cosines(one, vectors[backend][:24]).min() > 0.99999
     assert cosines(many, vectors[backend][:24]).min() > 0.99999
-    assert Embedder(backend=backend).embed([]).shape == (0, 384)
+    assert embedders[backend].embed([]).shape == (0, 384)
 
 
 def test_threads_change_speed_not_vectors(vectors):
@@ -119,12 +126,13 @@ def test_threads_change_speed_not_vectors(vectors):
     assert np.array_equal(got[0], one[::2]) and np.array_equal(got[1], one[1::2])
 
 
-def test_two_callers_at_once_take_turns_on_torch(vectors):
+def test_two_callers_at_once_take_turns_on_torch(vectors, embedders, monkeypatch):
     """PyTorch spreads each call over every core already: a second caller waits for the first
     (they would only contend), and each gets its own texts' vectors."""
-    torch = Embedder(backend="torch")
+    torch = embedders["torch"]
     model = torch._impl.model
-    model.encode, most = at_once(model.encode)
+    counted, most = at_once(model.encode)
+    monkeypatch.setattr(model, "encode", counted)  # undone after: the embedder is shared
     halves = [TEXTS[::2], TEXTS[1::2]] * 2
     with ThreadPoolExecutor(4) as callers:
         got = list(callers.map(torch.embed, halves))
@@ -133,10 +141,10 @@ def test_two_callers_at_once_take_turns_on_torch(vectors):
         assert cosines(half, vectors["torch"][i % 2 :: 2]).min() > 0.99999
 
 
-def test_threads_default_to_the_usable_cores(monkeypatch):
+def test_threads_default_to_the_usable_cores(monkeypatch, embedders):
     assert Settings().embedding_threads is None
     assert Embedder().threads == usable_cores()
-    assert Embedder(backend="torch").threads is None  # PyTorch manages its own threads
+    assert embedders["torch"].threads is None  # PyTorch manages its own threads
     monkeypatch.setenv("METALLM_EMBEDDING_THREADS", "3")
     assert Embedder.from_settings(Settings()).threads == 3
     monkeypatch.setenv("METALLM_EMBEDDING_THREADS", "0")
