@@ -283,6 +283,8 @@ class LivePolicy:
                 else CostEstimator.from_dict(costs, halflife)
             )
             self.guard = self._reconciled_guard(guard)
+            if not same and self.guard is not None:
+                self.guard.forget_outcomes()  # the rebuild replays every reward into it
             self.watermark = watermark if same else 0
             self.decision_watermark = decision_watermark
             return same

@@ -93,6 +93,11 @@ class ConservativeGuard:
             plays = self._plays.setdefault(task, {})
             plays[arm] = plays.get(arm, 0) + 1
 
+    def forget_outcomes(self) -> None:
+        """Drop the outcomes (a projection of the reward log), keeping the plays (one of the
+        decision log): for a policy rebuilt from the whole reward log, which learns them again."""
+        self._sums = {}
+
     def learned(self, task: str, arm: str, correct: float, cost_usd: float | None = None) -> None:
         """An outcome of ``task`` on ``arm`` (in ``reward_seq`` order; cost None: not known)."""
         if task in self.rules:

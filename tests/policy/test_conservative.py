@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from service.learning import LivePolicy
+from service.log.rows import AppliedReward
 from service.policy import Pricing, make_policy
 from service.policy.conservative import Conservative, ConservativeGuard
 
@@ -47,3 +49,33 @@ def test_without_the_guard_the_same_learner_breaks_the_constraint_early():
     floor = (1 - DELTA) * MEANS["baseline"] * steps
     broken = [np.any(run(False, seed)[0] < floor) for seed in range(3)]
     assert all(broken)
+
+
+def test_a_policy_rebuilt_from_the_log_counts_each_outcome_once():
+    """A checkpoint of another policy configuration is rebuilt from the whole reward log: the
+    guard's outcomes (a projection of that log) are learnt again once, not added to the
+    restored ones."""
+    rules = {"t": Conservative("a", 0.1)}
+    stored = LivePolicy("linucb", {"alpha": 0.1}, conservative=rules)
+    log = [
+        AppliedReward(
+            i + 1,
+            f"q{i}",
+            "b",
+            np.ones(4),
+            1.0,
+            layout=stored.context.spec,
+            correct=i % 2 == 0,
+            cost_usd=0.001,
+            task="t",
+        )
+        for i in range(5)
+    ]
+    stored.apply(log)
+    snap = stored.snapshot()
+    restarted = LivePolicy("linucb", {"alpha": 0.2}, conservative=rules)  # other parameters
+    assert not restarted.load(snap.state, snap.watermark, snap.decision_watermark, "ckpt")
+    restarted.apply(log)  # what the caller does: replay the whole reward log
+    fresh = LivePolicy("linucb", {"alpha": 0.2}, conservative=rules)
+    fresh.apply(log)
+    assert restarted.guard.to_dict()["sums"] == fresh.guard.to_dict()["sums"]
