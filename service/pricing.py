@@ -101,6 +101,7 @@ class CostEstimator:
     cost of a call estimated from them (module docstring)."""
 
     def __init__(self, halflife: float | None = None) -> None:
+        self.halflife = halflife
         self.watermark = 0  # highest decision_seq observed
         self._tokens: dict[str, list[float]] = {}  # arm → [calls with tokens, Σ output tokens]
         self._task_tokens: dict[tuple[str, str], list[float]] = {}  # the same by (arm, task)
@@ -175,18 +176,24 @@ class CostEstimator:
             "tokens": {a: list(v) for a, v in self._tokens.items()},
             "task_tokens": [[a, t, *v] for (a, t), v in self._task_tokens.items()],
             "costs": {a: v.tolist() for a, v in self._costs._sums.items()},
+            "halflife": self.halflife,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], halflife: float | None = None) -> CostEstimator:
-        """The state :meth:`to_dict` wrote; one from before the per-task means is not kept
-        (a fresh estimator, watermark 0: the learning log rebuilds it from the decisions).
+        """The state :meth:`to_dict` wrote. One that does not match — from before the per-task
+        means, or forgetting with another ``halflife`` — is not kept: a fresh estimator,
+        watermark 0, which the learning log rebuilds from the decisions.
 
         >>> CostEstimator.from_dict({"watermark": 9, "tokens": {}, "costs": {}}).watermark
         0
+        >>> kept = CostEstimator(100.0).to_dict()
+        >>> kept["watermark"] = 9
+        >>> CostEstimator.from_dict(kept, 100.0).watermark, CostEstimator.from_dict(kept).watermark
+        (9, 0)
         """
         new = cls(halflife)
-        if "task_tokens" not in data:
+        if "task_tokens" not in data or data.get("halflife") != halflife:
             return new
         new.watermark = int(data["watermark"])
         new._tokens = {a: [float(n), float(t)] for a, (n, t) in data["tokens"].items()}
