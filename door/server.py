@@ -151,6 +151,16 @@ class Door:
         finally:
             self.in_flight -= 1
 
+    def _hold(self, job: asyncio.Future) -> None:
+        """Count a streamed call in flight until it ends (its response began before: the
+        request's own count ends then), so a door streaming its limit of calls says 429."""
+        self.in_flight += 1
+
+        def release(_: asyncio.Future) -> None:
+            self.in_flight -= 1
+
+        job.add_done_callback(release)
+
     @staticmethod
     async def _refused(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refused)
@@ -171,6 +181,7 @@ class Door:
                 if began is None:
                     raise Refused(504, "no answer within the request timeout", "timeout")
                 if began:
+                    self._hold(stream.job)
                     return StreamingResponse(
                         stream.events(),
                         media_type="text/event-stream",

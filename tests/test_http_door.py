@@ -390,3 +390,27 @@ def test_an_arm_failing_mid_stream_ends_it_with_an_error_and_a_failed_decision(
     assert row["status"] == "llm_error" and row["fallback_arm"] is None
     assert "the stream broke after its first tokens" in row["error"]
     assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_a_door_streaming_its_limit_of_calls_says_when_to_retry(services, arms):
+    a, _ = services
+    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=20)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+    q = QUERIES[18]
+    arms.answers[q.query_id] = "slow words for a full door"
+    arms.stream_delay = 0.1
+    try:
+        stream = c.chat.completions.create(
+            model="metallm/chat", messages=[{"role": "user", "content": q.text}], stream=True
+        )
+        first = next(iter(stream))  # the response began: the call goes on
+        assert first.choices[0].delta.content == "slow "
+        with pytest.raises(openai.RateLimitError):
+            ask(c, QUERIES[19])
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == (
+            "words for a full door"
+        )
+    finally:
+        arms.stream_delay = 0.0
+        server.stop()
