@@ -71,14 +71,17 @@ class TokenStream:
         first = True
         while True:
             getter = asyncio.ensure_future(self.deltas.get())
-            done, _ = await asyncio.wait(
-                {getter, self.job}, timeout=self._left(), return_when="FIRST_COMPLETED"
-            )
+            try:
+                done, _ = await asyncio.wait(
+                    {getter, self.job}, timeout=self._left(), return_when="FIRST_COMPLETED"
+                )
+            finally:  # also when the client went away: no task left waiting on the queue
+                if not getter.done():
+                    getter.cancel()
             if getter in done:
                 yield sse(self._chunk(getter.result(), first))
                 first = False
                 continue
-            getter.cancel()
             if self.job not in done:
                 yield sse(shapes.stream_error("no answer within the request timeout", "timeout"))
                 return

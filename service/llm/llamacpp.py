@@ -35,6 +35,9 @@ from service.llm.local_models import resolve
 from service.llm.scoring import calibrated, pick
 from service.tasks import Prompt
 
+#: how often a streamed call queued for the model looks whether it was given up
+LOCK_POLL_S = 0.05
+
 
 def answers_grammar(answers: tuple[str, ...]) -> str:
     """A GBNF grammar that accepts exactly one of the answers, with an optional leading space."""
@@ -236,33 +239,14 @@ class LlamaCppProvider:
         stop: threading.Event,
     ) -> None:
         """Decode an open prompt under the model's lock, ``put`` each token's text, then the
-        whole :class:`Completion` (or the error); ``stop`` ends it early. The stream carries
-        no usage: the output tokens are its pieces, the input the rest of the context."""
-        sampling = {
-            "max_tokens": request.max_tokens or self.max_output_tokens,
-            "temperature": 0.0 if request.temperature is None else request.temperature,
-            "stream": True,
-        }
-        text, parts = request.prompt.text, []
+        whole :class:`Completion` (or the error); ``stop`` ends it early (or before it runs,
+        while it waits for the model)."""
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if stop.is_set():
+                return
         try:
-            with self._lock:
-                waited_ms = (time.perf_counter() - asked) * 1000
-                if self.chat:
-                    messages = [{"role": "user", "content": text}]
-                    chunks = self._llm.create_chat_completion(messages=messages, **sampling)
-                else:
-                    chunks = self._llm.create_completion(text, **sampling)
-                for chunk in chunks:
-                    choice = chunk["choices"][0]
-                    piece = (
-                        (choice.get("delta") or {}).get("content") if self.chat else choice["text"]
-                    )
-                    if piece:
-                        parts.append(piece)
-                        put(piece)
-                    if stop.is_set():
-                        break
-                inputs = max(0, self._llm.n_tokens - len(parts))
+            waited_ms = (time.perf_counter() - asked) * 1000
+            completion = replace(self._decode(request, put, stop), waited_ms=waited_ms)
         except ValueError as exc:  # e.g. prompt longer than the context window
             error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
             put(error(f"llama.cpp rejected the call: {exc}"))
@@ -270,7 +254,36 @@ class LlamaCppProvider:
         except Exception as exc:  # told to the stream's reader, who raises it
             put(exc)
             return
-        put(Completion("".join(parts).strip(), inputs, len(parts), waited_ms=waited_ms))
+        finally:
+            self._lock.release()
+        put(completion)
+
+    def _decode(
+        self, request: CallRequest, put: Callable[[str], None], stop: threading.Event
+    ) -> Completion:
+        """The streamed decoding (the caller holds the model). The stream carries no usage:
+        the output tokens are its pieces, the input tokens the rest of the model's context."""
+        sampling = {
+            "max_tokens": request.max_tokens or self.max_output_tokens,
+            "temperature": 0.0 if request.temperature is None else request.temperature,
+            "stream": True,
+        }
+        text, parts = request.prompt.text, []
+        if self.chat:
+            messages = [{"role": "user", "content": text}]
+            chunks = self._llm.create_chat_completion(messages=messages, **sampling)
+        else:
+            chunks = self._llm.create_completion(text, **sampling)
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            piece = (choice.get("delta") or {}).get("content") if self.chat else choice["text"]
+            if piece:
+                parts.append(piece)
+                put(piece)
+            if stop.is_set():
+                break
+        inputs = max(0, self._llm.n_tokens - len(parts))
+        return Completion("".join(parts).strip(), inputs, len(parts))
 
     def close(self) -> None:
         self._llm.close()
