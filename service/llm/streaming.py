@@ -15,8 +15,9 @@ and the call is an ``llm_error`` of the chosen arm (its decision stored as faile
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
-from service.llm.base import CallRequest, Completion, LLMError, Provider
+from service.llm.base import CallRequest, Completion, LLMError, Provider, Streaming
 from service.tasks import Prompt
 
 
@@ -67,7 +68,7 @@ async def consume(provider: Provider, request: CallRequest, relay: Relay) -> Com
     """One streamed attempt: every delta passed to ``relay``, the final completion returned."""
     final: Completion | None = None
     try:
-        async for part in provider.stream(request):  # type: ignore[attr-defined]
+        async for part in cast(Streaming, provider).stream(request):
             if isinstance(part, Completion):
                 final = part
             else:
