@@ -23,6 +23,7 @@ from door.shapes import ChatRequest
 from door.store import GroupStore
 from service import metrics
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
+from service.llm.streaming import Relay
 from service.log.decisions import stored_queries
 from service.log.requests import PUBLIC_COLUMNS, public_decision, release, reserve
 from service.pipeline import Decider, Learner
@@ -81,8 +82,9 @@ class Front:
             raise InvalidEvent(describe_validation_error(exc)) from None
         return self.decider.validate(event.to_bytes())
 
-    def answer(self, event: QueryEvent, req: ChatRequest) -> Answer:
-        """The decision of this query: stored before, waited for, or called for now."""
+    def answer(self, event: QueryEvent, req: ChatRequest, relay: Relay | None = None) -> Answer:
+        """The decision of this query: stored before, waited for, or called for now (its
+        answer streamed to ``relay`` as the arm writes it, when the arm can stream it)."""
         qid = event.query_id
         deadline = time.monotonic() + self.timeout_s
         lease = self.timeout_s + LEASE_MARGIN_S
@@ -95,7 +97,7 @@ class Front:
             if row is not None:
                 return Answer(row, False)
             if held.owned:
-                return self._call(event, req)
+                return self._call(event, req, relay)
             if time.monotonic() > deadline:
                 raise StillInFlight(f"query id {qid!r} is still being answered by another request")
             time.sleep(WAIT_POLL_S)
@@ -111,9 +113,9 @@ class Front:
             raise Conflict(reason)
         return public_decision(conn, event.query_id)
 
-    def _call(self, event: QueryEvent, req: ChatRequest) -> Answer:
+    def _call(self, event: QueryEvent, req: ChatRequest, relay: Relay | None) -> Answer:
         try:
-            decision, failed = self.decider.call_one(event, req.max_tokens, req.temperature)
+            decision, failed = self.decider.call_one(event, req.max_tokens, req.temperature, relay)
             stored = self.group.store(decision, failed)
         except BaseException:  # not stored: a retry need not wait for the lease
             release(self.engine, event.query_id, self.instance)

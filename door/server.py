@@ -1,6 +1,6 @@
 """The HTTP door: an OpenAI-compatible front door, served by uvicorn on a thread of the service.
 
-    POST /v1/chat/completions   route a query, answer in the OpenAI shape (or one SSE chunk)
+    POST /v1/chat/completions   route a query, answer in the OpenAI shape (or SSE chunks)
     POST /v1/feedback           {query_id, label}: the label path's semantics
     GET  /v1/decisions/{id}     a stored decision (404 when unknown)
     GET  /v1/models             metallm and metallm/<task> for each task
@@ -31,6 +31,7 @@ from prometheus_client import Counter
 
 from door import shapes
 from door.front import Conflict, Front, StillInFlight
+from door.sse import DONE, TokenStream
 from service.events import InvalidEvent
 
 log = logging.getLogger(__name__)
@@ -44,8 +45,7 @@ HTTP_REQUESTS = Counter(
 RETRY_AFTER_S = 1
 #: how long stopping lets the requests in flight finish
 STOP_GRACE_S = 10.0
-#: a decision's status whose answer is an error: the HTTP status and the OpenAI error type
-FAILED = {"llm_error": (502, "upstream_error"), "input_too_long": (400, "invalid_request_error")}
+FAILED = shapes.FAILED
 
 
 class Refused(Exception):
@@ -151,6 +151,16 @@ class Door:
         finally:
             self.in_flight -= 1
 
+    def _hold(self, job: asyncio.Future) -> None:
+        """Count a streamed call in flight until it ends (its response began before: the
+        request's own count ends then), so a door streaming its limit of calls says 429."""
+        self.in_flight += 1
+
+        def release(_: asyncio.Future) -> None:
+            self.in_flight -= 1
+
+        job.add_done_callback(release)
+
     @staticmethod
     async def _refused(_request: Request, exc: Exception) -> Response:
         assert isinstance(exc, Refused)
@@ -165,7 +175,21 @@ class Door:
             raise Refused(exc.status, str(exc), kind, param=exc.param) from None
         try:
             event = await self.run(self.front.query, req, request.headers.get("idempotency-key"))
-            answer = await self.run(self.front.answer, event, req)
+            if req.stream:
+                stream = TokenStream(self.pool, self.front, event, req, self.timeout_s)
+                began = await stream.started()
+                if began is None:
+                    raise Refused(504, "no answer within the request timeout", "timeout")
+                if began:
+                    self._hold(stream.job)
+                    return StreamingResponse(
+                        stream.events(),
+                        media_type="text/event-stream",
+                        headers={"x-metallm-query-id": event.query_id},
+                    )
+                answer = await stream.job
+            else:
+                answer = await self.run(self.front.answer, event, req)
         except InvalidEvent as exc:
             raise Refused(400, str(exc), "invalid_request_error") from None
         except Conflict as exc:
@@ -183,7 +207,7 @@ class Door:
             )
         if req.stream:
             events = [f"data: {json.dumps(c)}\n\n" for c in shapes.chunks(row, replayed)]
-            events.append("data: [DONE]\n\n")
+            events.append(DONE)
             return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
         return JSONResponse(shapes.completion(row, replayed), headers=headers)
 

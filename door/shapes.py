@@ -40,6 +40,8 @@ HONOURED = frozenset(
 #: the fields that do not change the query (a retry may differ in them)
 NOT_HASHED = frozenset({"stream", "stream_options"})
 ROLES = frozenset({"system", "developer", "user", "assistant"})
+#: a decision's status whose answer is an error: the HTTP status and the OpenAI error type
+FAILED = {"llm_error": (502, "upstream_error"), "input_too_long": (400, "invalid_request_error")}
 
 
 class RequestError(ValueError):
@@ -210,23 +212,53 @@ def completion(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
     }
 
 
-def chunks(row: Mapping[str, Any], replayed: bool) -> list[dict[str, Any]]:
-    """A stream's ``chat.completion.chunk`` events: the whole answer, then its end."""
-    base = {
+def delta_chunk(query_id: str, task: str, created: int, text: str, first: bool) -> dict:
+    """A ``chat.completion.chunk`` carrying a piece of the answer (the first one its role too).
+
+    >>> delta_chunk("q1", "chat", 0, "Hel", True)["choices"][0]["delta"]
+    {'role': 'assistant', 'content': 'Hel'}
+    """
+    delta = {"role": "assistant", "content": text} if first else {"content": text}
+    return {
+        "id": f"chatcmpl-{query_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": f"{MODEL}/{task}",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
+    }
+
+
+def last_chunk(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+    """A stream's last chunk: its end, the usage and the ``metallm`` field of the decision."""
+    prompt, output = int(row.get("input_tokens") or 0), int(row.get("output_tokens") or 0)
+    return {
         "id": f"chatcmpl-{row['query_id']}",
         "object": "chat.completion.chunk",
         "created": _created(row),
         "model": f"{MODEL}/{row['task']}",
-    }
-    delta = {"role": "assistant", "content": answer_text(row)}
-    return [
-        {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
-        {
-            **base,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-            "metallm": routing(row, replayed),
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": output,
+            "total_tokens": prompt + output,
         },
-    ]
+        "metallm": routing(row, replayed),
+    }
+
+
+def chunks(row: Mapping[str, Any], replayed: bool) -> list[dict[str, Any]]:
+    """A stream of a stored decision (or an answer not streamed): the whole answer in one
+    chunk, then its end."""
+    first = delta_chunk(row["query_id"], row["task"], _created(row), answer_text(row), True)
+    return [first, last_chunk(row, replayed)]
+
+
+def stream_error(message: str, kind: str, row: Mapping[str, Any] | None = None) -> dict:
+    """The event that ends a stream which failed after its first tokens (the OpenAI SDK raises
+    it as an ``APIError``), with the ``metallm`` field of the decision when it was stored."""
+    code = row.get("status") if row is not None else None
+    body = error(message, kind, code=code)
+    return body if row is None else {**body, "metallm": routing(row, False)}
 
 
 def error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:

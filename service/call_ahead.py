@@ -28,6 +28,7 @@ from service.events import QueryEvent
 from service.learning import LivePolicy
 from service.llm.base import CallRequest
 from service.llm.gateway import CallResult, Gateway
+from service.llm.streaming import Relay
 from service.log.decisions import existing_query_ids
 from service.log.requests import reserved_ids
 from service.policy.base import Choice, Pricing
@@ -255,10 +256,15 @@ class CallAhead:
         return [called[e.query_id] for e in events]
 
     def call_one(
-        self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
+        self,
+        event: QueryEvent,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        relay: Relay | None = None,
     ) -> Called:
         """Embed, choose an arm for and call one query now, with the request's own output limit
-        and temperature (None: the arm's), and wait for its answer. Safe from any thread: it
+        and temperature (None: the arm's), and wait for its answer (streamed to ``relay`` as
+        it comes, when the arm can stream it). Safe from any thread: it
         keeps nothing in the calls started ahead (the HTTP door's queries are its own). The
         queries that arrive while the ones before are embedded are embedded together."""
         chosen: Future[Chosen] = Future()
@@ -268,7 +274,7 @@ class CallAhead:
         if start:
             self._worker.submit(self._embed_singles)
         job = asyncio.run_coroutine_threadsafe(
-            self._call_one(chosen, max_tokens, temperature), self._loop
+            self._call_one(chosen, max_tokens, temperature, relay), self._loop
         )
         return job.result()
 
@@ -286,11 +292,15 @@ class CallAhead:
             waiting[c.row][1].set_result(c)
 
     async def _call_one(
-        self, chosen: Future[Chosen], max_tokens: int | None, temperature: float | None
+        self,
+        chosen: Future[Chosen],
+        max_tokens: int | None,
+        temperature: float | None,
+        relay: Relay | None,
     ) -> Called:
         c = await asyncio.wrap_future(chosen)
         request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
-        result = await self.gateway.call(c.choice.arm, request)
+        result = await self.gateway.call(c.choice.arm, request, relay)
         self.llm_calls += 1
         return Called(c.choice, c.context, c.layout, request, result, c.pricing)
 

@@ -32,6 +32,7 @@ from service.context import ContextError
 from service.decision import Decision, vector_to_bytes
 from service.events import DecisionEvent, InvalidEvent, LabelEvent, QueryEvent
 from service.llm.gateway import Gateway
+from service.llm.streaming import Relay
 from service.log import decisions as decision_sql
 from service.log import labels as label_sql
 from service.log.join import join_labels
@@ -223,12 +224,17 @@ class Decider:
         return unique, repeats, rejected
 
     def call_one(
-        self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
+        self,
+        event: QueryEvent,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        relay: Relay | None = None,
     ) -> tuple[Decision, bool]:
         """Call for one query now (the HTTP door's, already validated), from any thread, with
-        the request's own ``max_tokens`` and ``temperature``: its decision, not stored yet, and
-        whether the chosen arm failed. :meth:`store` stores it."""
-        call = self.calling.call_one(event, max_tokens, temperature)
+        the request's own ``max_tokens`` and ``temperature`` (its answer streamed to ``relay``
+        when the arm can): its decision, not stored yet, and whether the chosen arm failed.
+        :meth:`store` stores it."""
+        call = self.calling.call_one(event, max_tokens, temperature, relay)
         return self._decision(QueryRecord(event), call), call.result.arm_failed
 
     def store(self, batch: list[Decision], failed: list[str]) -> set[str]:

@@ -321,3 +321,96 @@ def test_an_open_task_answers_its_text_and_learns_a_score(services, engine):
     done = client(b).post("/feedback", body={"query_id": q.query_id, "score": 0.8}, cast_to=object)
     assert done["status"] == "applied"
     assert rows(engine, q.query_id)[0]["reward"] is not None
+
+
+def stream_chat(service, q, **kwargs):
+    """A streamed completion of ``q`` on the open task; each chunk with when it came."""
+    stream = client(service).chat.completions.create(
+        model="metallm/chat",
+        messages=[{"role": "user", "content": q.text}],
+        stream=True,
+        max_tokens=64,
+        extra_headers={"Idempotency-Key": q.query_id},
+        **kwargs,
+    )
+    return [(time.time(), chunk) for chunk in stream]
+
+
+def texts(got) -> list[str]:
+    return [c.choices[0].delta.content for _, c in got if c.choices and c.choices[0].delta.content]
+
+
+def test_an_open_answer_streams_token_by_token_and_is_stored_whole(services, engine, arms):
+    a, b = services
+    q = QUERIES[16]
+    arms.answers[q.query_id] = "one two three four five six"
+    arms.stream_delay = 0.05
+    try:
+        got = stream_chat(a, q)
+    finally:
+        arms.stream_delay = 0.0
+    pieces = texts(got)
+    assert len(pieces) >= 3
+    first_at = next(t for t, c in got if c.choices and c.choices[0].delta.content)
+    # the first token reached the client before the arm had written its last one
+    assert first_at < arms.chunk_sent_at[q.query_id][-1]
+    (row,) = rows(engine, q.query_id)
+    assert "".join(pieces) == row["raw_output"] == "one two three four five six"
+    assert (row["status"], row["output_tokens"]) == ("ok", 6) and row["input_tokens"] > 0
+    last = got[-1][1]
+    assert last.usage.completion_tokens == 6
+    assert last.model_extra["metallm"]["arm"] == row["arm"]
+    assert last.model_extra["metallm"]["replayed"] is False
+    again = stream_chat(b, q)  # a retry, on the other instance: the stored answer, one chunk
+    assert texts(again) == [row["raw_output"]]
+    assert again[-1][1].model_extra["metallm"]["replayed"] is True
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_an_arm_failing_mid_stream_ends_it_with_an_error_and_a_failed_decision(
+    services, engine, arms
+):
+    a, _ = services
+    q = QUERIES[17]
+    arms.answers[q.query_id] = "alpha beta gamma delta"
+    arms.break_ids.add(q.query_id)
+    got: list[str] = []
+    with pytest.raises(openai.APIError, match="the model crashed") as failed:
+        stream = client(a).chat.completions.create(
+            model="metallm/chat",
+            messages=[{"role": "user", "content": q.text}],
+            stream=True,
+            extra_headers={"Idempotency-Key": q.query_id},
+        )
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got) == "alpha beta "  # the tokens sent before the arm failed
+    assert failed.value.body["code"] == "llm_error"
+    (row,) = rows(engine, q.query_id)
+    assert row["status"] == "llm_error" and row["fallback_arm"] is None
+    assert "the stream broke after its first tokens" in row["error"]
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_a_door_streaming_its_limit_of_calls_says_when_to_retry(services, arms):
+    a, _ = services
+    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=20)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+    q = QUERIES[18]
+    arms.answers[q.query_id] = "slow words for a full door"
+    arms.stream_delay = 0.1
+    try:
+        stream = c.chat.completions.create(
+            model="metallm/chat", messages=[{"role": "user", "content": q.text}], stream=True
+        )
+        first = next(iter(stream))  # the response began: the call goes on
+        assert first.choices[0].delta.content == "slow "
+        with pytest.raises(openai.RateLimitError):
+            ask(c, QUERIES[19])
+        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == (
+            "words for a full door"
+        )
+    finally:
+        arms.stream_delay = 0.0
+        server.stop()

@@ -13,7 +13,7 @@ import importlib
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Protocol
@@ -85,6 +85,14 @@ class Provider(Protocol):
     async def complete(self, request: CallRequest) -> Completion: ...
 
     def close(self) -> None: ...
+
+
+class Streaming(Protocol):
+    """A provider that can also stream (OpenAI-compatible, llama.cpp): ``stream`` yields the
+    answer's text deltas as they come, then one :class:`Completion` (the whole text, stripped,
+    and the usage). One attempt, as ``complete``; see :mod:`service.llm.streaming`."""
+
+    def stream(self, request: CallRequest) -> AsyncIterator[str | Completion]: ...
 
 
 def require(module: str, extra: str, package: str) -> ModuleType:

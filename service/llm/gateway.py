@@ -31,6 +31,7 @@ from tenacity.wait import wait_base, wait_random_exponential
 from service.config import AppConfig, ArmConfig, ArmError
 from service.decision import arm_failed
 from service.llm.base import CallRequest, Completion, InputTooLong, LLMError, Provider
+from service.llm.streaming import Relay, consume, failed, streams
 from service.tasks import parse_answer
 
 log = logging.getLogger(__name__)
@@ -315,11 +316,11 @@ class Gateway:
         return self._arm_slots, self._slots
 
     async def _attempt(
-        self, name: str, request: CallRequest, latency: _Latency, probe: bool
+        self, name: str, request: CallRequest, latency: _Latency, probe: bool, relay: Relay | None
     ) -> Completion:
         """One request, in one of the gateway's slots (the caller holds the arm's); the time
         it waits for the slot is kept out of ``latency``. ``probe``: the call is the arm's
-        half-open probe."""
+        half-open probe; ``relay``: it is streamed to it."""
         arm = self.arms[name]
         _, slots = self._limits()
         waiting = time.perf_counter()
@@ -329,14 +330,16 @@ class Gateway:
                 raise CircuitOpen(f"{name}: circuit open")
             self.in_flight += 1
             self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+            provider = self.providers[name]
+            work = (
+                provider.complete(request) if relay is None else consume(provider, request, relay)
+            )
             try:
-                completion = await asyncio.wait_for(
-                    self.providers[name].complete(request), timeout=arm.timeout_seconds
-                )
+                completion = await asyncio.wait_for(work, timeout=arm.timeout_seconds)
                 latency.queued += completion.waited_ms / 1000  # a local model's own queue
                 return completion
             except TimeoutError:
-                raise LLMError(f"timed out after {arm.timeout_seconds:g} s", True) from None
+                raise failed(f"timed out after {arm.timeout_seconds:g} s", relay, True) from None
             except LLMError:
                 raise
             except Exception as exc:  # a provider bug must not stop the stream
@@ -345,9 +348,14 @@ class Gateway:
             finally:
                 self.in_flight -= 1
 
-    async def _call_arm(self, name: str, request: CallRequest, latency: _Latency) -> _ArmOutcome:
-        """One arm, with retries, behind its circuit breaker."""
+    async def _call_arm(
+        self, name: str, request: CallRequest, latency: _Latency, relay: Relay | None = None
+    ) -> _ArmOutcome:
+        """One arm, with retries, behind its circuit breaker (streamed to ``relay`` if the arm
+        can stream the prompt)."""
         arm = self.arms[name]
+        if relay is not None and not streams(self.providers[name], request.prompt):
+            relay = None
         breaker = self.breakers[name]
         if not breaker.acquire():
             return _ArmOutcome(None, f"{name}: circuit open", 0)
@@ -373,7 +381,7 @@ class Gateway:
             # before its circuit opens, not an attempt of every call queued meanwhile.
             async with arm_slots[name]:
                 latency.queued += time.perf_counter() - waiting
-                completion = await retrying(self._attempt, name, request, latency, probe)
+                completion = await retrying(self._attempt, name, request, latency, probe, relay)
         except CircuitOpen as exc:  # not sent: says nothing new about the arm
             # other calls opened the circuit while this one backed off: keep the real error
             reason = f"{retried[-1]}; retry refused: {exc}" if retried else str(exc)
@@ -394,17 +402,21 @@ class Gateway:
         breaker.success()
         return _ArmOutcome(completion, None, len(retried) + 1)
 
-    async def call(self, arm_name: str, request: CallRequest) -> CallResult:
-        """Call the chosen arm (falling back if it fails) and parse the answer."""
+    async def call(
+        self, arm_name: str, request: CallRequest, relay: Relay | None = None
+    ) -> CallResult:
+        """Call the chosen arm (falling back if it fails before streaming to ``relay``) and
+        parse the answer."""
         latency = _Latency()
-        outcome = await self._call_arm(arm_name, request, latency)
+        outcome = await self._call_arm(arm_name, request, latency, relay)
         answered_by, fallback = arm_name, None
         error = outcome.error
         attempts = outcome.attempts
         if outcome.too_long:
             return _too_long(outcome, latency)
         if outcome.completion is None:
-            fallback = self.config.fallback_for(arm_name)
+            broken = relay is not None and relay.sent  # part of the answer went out
+            fallback = None if broken else self.config.fallback_for(arm_name)
             log.warning(
                 "arm %s failed on %s after %d attempts: %s%s",
                 arm_name,
@@ -414,7 +426,7 @@ class Gateway:
                 f"; falling back to {fallback}" if fallback else "",
             )
             if fallback is not None:
-                second = await self._call_arm(fallback, request, latency)
+                second = await self._call_arm(fallback, request, latency, relay)
                 attempts += second.attempts
                 if second.completion is None:
                     error = f"{outcome.error}; fallback {fallback}: {second.error}"

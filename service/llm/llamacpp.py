@@ -9,6 +9,9 @@ without a grammar, in either mode):
   prompt, and the most likely one wins; ``calibrate`` subtracts the log-probability of the same
   answer after a content-free input (see :mod:`service.llm.scoring`).
 
+An open prompt can also be streamed (:meth:`LlamaCppProvider.stream`, ``stream=True`` of
+llama-cpp-python): its tokens are handed over as they are decoded.
+
 One model instance serves one call at a time (llama.cpp contexts are not thread-safe); calls
 run in a worker thread so the event loop keeps going. The time a call waits for the model is
 told apart from its own (``Completion.waited_ms``): a burst queued on a local model does not
@@ -21,6 +24,7 @@ import asyncio
 import json
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from functools import lru_cache
 
@@ -30,6 +34,9 @@ from service.llm.base import TOO_LONG, CallRequest, Completion, InputTooLong, LL
 from service.llm.local_models import resolve
 from service.llm.scoring import calibrated, pick
 from service.tasks import Prompt
+
+#: how often a streamed call queued for the model looks whether it was given up
+LOCK_POLL_S = 0.05
 
 
 def answers_grammar(answers: tuple[str, ...]) -> str:
@@ -198,6 +205,85 @@ class LlamaCppProvider:
 
     async def complete(self, request: CallRequest) -> Completion:
         return await asyncio.to_thread(self._call, request, time.perf_counter())
+
+    async def stream(self, request: CallRequest) -> AsyncIterator[str | Completion]:
+        """An open prompt's answer streamed with llama-cpp-python's ``stream=True``: the model
+        decodes on a worker thread and hands each token's text to the event loop."""
+        loop = asyncio.get_running_loop()
+        parts: asyncio.Queue[str | Completion | BaseException] = asyncio.Queue()
+
+        def put(part: str | Completion | BaseException) -> None:
+            loop.call_soon_threadsafe(parts.put_nowait, part)
+
+        stop = threading.Event()
+        worker = asyncio.ensure_future(
+            asyncio.to_thread(self._streamed, request, time.perf_counter(), put, stop)
+        )
+        try:
+            while True:
+                part = await parts.get()
+                if isinstance(part, BaseException):
+                    raise part
+                yield part
+                if isinstance(part, Completion):
+                    return
+        finally:
+            stop.set()  # a consumer gone early (a timeout): the model stops decoding
+            await asyncio.shield(worker)
+
+    def _streamed(
+        self,
+        request: CallRequest,
+        asked: float,
+        put: Callable[[str | Completion | BaseException], None],
+        stop: threading.Event,
+    ) -> None:
+        """Decode an open prompt under the model's lock, ``put`` each token's text, then the
+        whole :class:`Completion` (or the error); ``stop`` ends it early (or before it runs,
+        while it waits for the model)."""
+        while not self._lock.acquire(timeout=LOCK_POLL_S):
+            if stop.is_set():
+                return
+        try:
+            waited_ms = (time.perf_counter() - asked) * 1000
+            completion = replace(self._decode(request, put, stop), waited_ms=waited_ms)
+        except ValueError as exc:  # e.g. prompt longer than the context window
+            error = InputTooLong if TOO_LONG.search(str(exc)) else LLMError
+            put(error(f"llama.cpp rejected the call: {exc}"))
+            return
+        except Exception as exc:  # told to the stream's reader, who raises it
+            put(exc)
+            return
+        finally:
+            self._lock.release()
+        put(completion)
+
+    def _decode(
+        self, request: CallRequest, put: Callable[[str], None], stop: threading.Event
+    ) -> Completion:
+        """The streamed decoding (the caller holds the model). The stream carries no usage:
+        the output tokens are its pieces, the input tokens the rest of the model's context."""
+        sampling = {
+            "max_tokens": request.max_tokens or self.max_output_tokens,
+            "temperature": 0.0 if request.temperature is None else request.temperature,
+            "stream": True,
+        }
+        text, parts = request.prompt.text, []
+        if self.chat:
+            messages = [{"role": "user", "content": text}]
+            chunks = self._llm.create_chat_completion(messages=messages, **sampling)
+        else:
+            chunks = self._llm.create_completion(text, **sampling)
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            piece = (choice.get("delta") or {}).get("content") if self.chat else choice["text"]
+            if piece:
+                parts.append(piece)
+                put(piece)
+            if stop.is_set():
+                break
+        inputs = max(0, self._llm.n_tokens - len(parts))
+        return Completion("".join(parts).strip(), inputs, len(parts))
 
     def close(self) -> None:
         self._llm.close()

@@ -9,12 +9,13 @@ answer server-side, and ``answer_mode: score``: one token is generated with its 
 log-probabilities and each answer is scored by the most likely listed token that starts it
 (answers sharing their first token tie, which is a parse error, never a guess). An open task's
 prompt (no answer set) is generated freely in either mode, with the call's ``max_tokens`` and
-``temperature`` when it sets them.
+``temperature`` when it sets them, and can be streamed (:meth:`OpenAIProvider.stream`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -195,6 +196,35 @@ class OpenAIProvider:
             **({} if request.temperature is None else {"temperature": request.temperature}),
         )
         return Completion(reply.text.strip(), *reply.tokens)
+
+    async def stream(self, request: CallRequest) -> AsyncIterator[str | Completion]:
+        """An open prompt's answer streamed through the SDK's ``stream=True`` (the usage asked
+        for with ``stream_options``): its text deltas, then the whole :class:`Completion`."""
+        _, body = self.request_body(
+            request.prompt.text,
+            max_tokens=request.max_tokens or self.arm.max_output_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+            **({} if request.temperature is None else {"temperature": request.temperature}),
+        )
+        create = self.client.chat.completions if self.arm.api == "chat" else self.client.completions
+        parts: list[str] = []
+        tokens = (0, 0)
+        try:
+            async with await create.create(**body) as chunks:
+                async for chunk in chunks:
+                    if chunk.usage is not None:
+                        tokens = (chunk.usage.prompt_tokens, chunk.usage.completion_tokens)
+                    if not chunk.choices:
+                        continue
+                    choice = chunk.choices[0]
+                    delta = choice.delta.content if self.arm.api == "chat" else choice.text
+                    if delta:
+                        parts.append(delta)
+                        yield delta
+        except self.sdk.OpenAIError as exc:
+            raise sdk_error(exc, self.sdk, "openai", self._secrets) from None
+        yield Completion("".join(parts).strip(), *tokens)
 
     async def aclose(self) -> None:
         """Close the HTTP pool, on the event loop that used it."""

@@ -160,6 +160,8 @@ class ArmServer:
     caller given a base URL of its own (``base_url(arm, caller)``) has its calls recorded with
     its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
+    A request with ``stream: true`` is answered in SSE chunks (see :meth:`_stream`);
+    ``answers[query_id]`` sets a query's answer text.
     """
 
     def __init__(
@@ -177,6 +179,11 @@ class ArmServer:
         self.fail_ids: set[str] = set()  # queries every arm answers with HTTP 500
         self.delay_ids: dict[str, float] = {}  # queries answered after so many seconds
         self.answered_at: dict[str, float] = {}  # time.time() of each query's last answer
+        self.stream_delay = 0.0  # seconds between the chunks of a streamed answer
+        self.break_ids: set[str] = set()  # streamed answers that fail after their 2nd chunk
+        self.streamed: dict[str, list[str]] = {}  # each streamed query's pieces sent
+        self.chunk_sent_at: dict[str, list[float]] = {}  # time.time() each piece was written
+        self.answers: dict[str, str] = {}  # the answer of a query, whatever else would be
         self.epoch = 0
         self.calls: list[Call] = []
         self.in_flight = 0
@@ -318,7 +325,12 @@ class ArmServer:
             answer = "maybe"
         else:
             answer = query.label if _unit(arm, qid) < self.accuracy.get(arm, 0.5) else query.wrong
+        answer = self.answers.get(qid or "", answer)
         tokens_in = max(1, len(prompt) // 4)
+        if body.get("stream"):
+            self._stream(h, qid, answer, tokens_in, body)
+            self._answered(qid)
+            return
         self._reply(
             h,
             200,
@@ -347,6 +359,42 @@ class ArmServer:
         if qid is not None:
             with self._lock:
                 self.answered_at[qid] = time.time()
+
+    def _stream(
+        self, h: BaseHTTPRequestHandler, qid: str | None, answer: str, tokens_in: int, body: dict
+    ) -> None:
+        """A streamed reply (SSE, as OpenAI's): a chunk per word of the answer, ``stream_delay``
+        seconds apart, then the end and the usage; a query in ``break_ids`` gets an error event
+        after its second chunk instead."""
+        h.send_response(200)
+        h.send_header("content-type", "text/event-stream")
+        h.send_header("connection", "close")  # the body ends when the connection does
+        h.end_headers()
+        h.close_connection = True
+        key = qid or ""
+        base = {"id": f"cmpl-{qid}", "object": "chat.completion.chunk", "created": 0}
+        base["model"] = body.get("model", "")
+
+        def send(data: object) -> None:
+            h.wfile.write(f"data: {json.dumps(data)}\n\n".encode())
+            h.wfile.flush()
+
+        pieces = re.findall(r"\S+\s*", answer) or [answer]
+        for i, piece in enumerate(pieces):
+            if i:
+                time.sleep(self.stream_delay)
+            if i == 2 and key in self.break_ids:
+                send({"error": {"message": "the model crashed", "type": "server_error"}})
+                return
+            delta = {"role": "assistant", "content": piece} if i == 0 else {"content": piece}
+            send({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            with self._lock:
+                self.streamed.setdefault(key, []).append(piece)
+                self.chunk_sent_at.setdefault(key, []).append(time.time())
+        send({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        usage = {"prompt_tokens": tokens_in, "completion_tokens": len(pieces)}
+        send({**base, "choices": [], "usage": {**usage, "total_tokens": tokens_in + len(pieces)}})
+        h.wfile.write(b"data: [DONE]\n\n")
 
     @staticmethod
     def _reply(h: BaseHTTPRequestHandler, status: int, body: Any) -> None:

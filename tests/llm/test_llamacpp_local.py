@@ -11,6 +11,7 @@ import pytest
 from service.config import TaskConfig, parse_config
 from service.llm.base import CallRequest
 from service.llm.gateway import Gateway
+from service.llm.streaming import Relay
 from service.tasks import build_prompt
 
 pytestmark = pytest.mark.llm
@@ -103,3 +104,13 @@ def test_an_open_prompt_is_generated_freely_within_the_calls_limit(gateway, mode
     assert (result.status, result.prediction, result.answer_scores) == ("ok", None, None)
     assert result.raw_output and result.raw_output not in SENTIMENT.labels
     assert 1 < result.output_tokens <= 12
+
+
+def test_an_open_prompt_streams_its_tokens(gateway):
+    prompt = build_prompt(TaskConfig(kind="open"), "Write one sentence about the sea.", [])
+    got: list[str] = []
+    request = CallRequest("q", prompt, max_tokens=16)
+    r = asyncio.run(gateway.call("generate", request, Relay(got.append)))
+    assert r.status == "ok" and len(got) >= 3
+    assert "".join(got).rstrip() == r.raw_output
+    assert r.output_tokens >= len(got) and r.input_tokens > 5
