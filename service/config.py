@@ -142,6 +142,8 @@ class TaskConfig(BaseModel):
                 raise ValueError(f"{', '.join(given)}: for open tasks only, not {self.kind}")
         elif self.labels:
             raise ValueError("an open task has no labels: its answer is the model's text")
+        if self.baseline is None and "tolerance" in self.model_fields_set:
+            raise ValueError("tolerance is conservative mode's: it needs a baseline arm")
         return self
 
     @property

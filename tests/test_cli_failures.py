@@ -312,6 +312,42 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
             'metallm: invalid setting: METALLM_POLICY_PARAMS={"alpah": 1} for '
             "METALLM_POLICY=ucb: ucb takes no parameter 'alpah'; it takes delta, epsilon, seed",
         ),
+        (
+            {"METALLM_GROUP_COMMIT_MS": "-1"},
+            "metallm: invalid setting: METALLM_GROUP_COMMIT_MS='-1': Input should be greater "
+            "than or equal to 0",
+        ),
+        (
+            {"METALLM_HTTP_MAX_BODY_BYTES": "100"},
+            "metallm: invalid setting: METALLM_HTTP_MAX_BODY_BYTES='100': Input should be "
+            "greater than or equal to 1024",
+        ),
+        (
+            {"METALLM_HTTP_TIMEOUT_SECONDS": "0"},
+            "metallm: invalid setting: METALLM_HTTP_TIMEOUT_SECONDS='0': Input should be "
+            "greater than 0",
+        ),
+        (
+            {"METALLM_HTTP_MAX_IN_FLIGHT": "0"},
+            "metallm: invalid setting: METALLM_HTTP_MAX_IN_FLIGHT='0': Input should be "
+            "greater than or equal to 1",
+        ),
+        (
+            {"METALLM_HTTP_PORT": "70000"},
+            "metallm: invalid setting: METALLM_HTTP_PORT='70000': Input should be less than "
+            "or equal to 65535",
+        ),
+        (
+            {"METALLM_KAFKA_CONSUMERS": "maybe"},
+            "metallm: invalid setting: METALLM_KAFKA_CONSUMERS='maybe': Input should be a "
+            "valid boolean, unable to interpret input",
+        ),
+        (
+            {"METALLM_POLICY_PARAMS": '{"drift_shrink": 0}'},
+            'metallm: invalid setting: METALLM_POLICY_PARAMS={"drift_shrink": 0} for '
+            "METALLM_POLICY=correctness_ucb: drift >= 0, drift_shrink in (0, 1], "
+            "drift_cost_halflife > 0",
+        ),
     ],
     ids=[
         "not-an-int",
@@ -328,6 +364,13 @@ def test_produce_refuses_a_typo_or_a_repeated_id_and_sends_nothing(
         "unknown-policy",
         "policy-param-range",
         "policy-param-name",
+        "group-commit-ms",
+        "http-body-limit",
+        "http-timeout",
+        "http-in-flight",
+        "http-port",
+        "kafka-consumers",
+        "drift-shrink",
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it(env, expected, monkeypatch, capsys):

@@ -99,3 +99,19 @@ def test_a_label_event_has_a_label_or_a_score_in_0_1(body, reason):
         LabelEvent.from_bytes(body)
     assert LabelEvent.from_bytes(b'{"query_id": "q", "score": 1}').score == 1.0
     assert LabelEvent.from_bytes(b'{"query_id": "q", "label": "a"}').score is None
+
+
+@pytest.mark.parametrize(
+    ("keys", "reason"),
+    [
+        ({"baseline": "nope"}, "task 't': baseline 'nope' is not an arm"),
+        ({"baseline": "a", "tolerance": 1}, "tasks.t.tolerance: Input should be less than 1"),
+        ({"baseline": "a", "tolerance": -0.1}, "tasks.t.tolerance: Input should be greater"),
+        ({"tolerance": 0.1}, "tolerance is conservative mode's: it needs a baseline arm"),
+    ],
+)
+def test_bad_conservative_mode_keys_are_refused_with_the_reason(keys, reason):
+    task = {"kind": "classification", "labels": ["a", "b"], **keys}
+    with pytest.raises(ConfigError) as info:
+        parse_config(config(task), source="x.yaml")
+    assert reason in str(info.value)
