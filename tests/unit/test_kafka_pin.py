@@ -4,10 +4,14 @@ These tests fail on a kafka-python without it, before any rebalance could."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from kafka import KafkaConsumer
+from kafka.errors import KafkaError
 
 from consumers.batch import io_loop
+from consumers.kafka_io import new_admin
 
 
 def test_the_pinned_kafka_python_has_the_io_loop_the_hooks_resume_on():
@@ -22,3 +26,16 @@ def test_the_pinned_kafka_python_has_the_io_loop_the_hooks_resume_on():
 def test_a_client_without_it_is_refused_with_what_to_do():
     with pytest.raises(RuntimeError, match="install the version pyproject.toml pins"):
         io_loop(object())  # type: ignore[arg-type]
+
+
+def test_a_probe_that_fails_stops_the_io_thread_its_admin_client_started():
+    """``new_admin`` reaches kafka-python's ``KafkaNetClient`` and its ``_net`` to stop the IO
+    thread a failed ``KafkaAdminClient`` constructor leaves running."""
+
+    def io_threads() -> int:
+        return sum(t.name.startswith("kafka-io") for t in threading.enumerate())
+
+    before = io_threads()
+    with pytest.raises(KafkaError):  # nothing listens on port 1
+        new_admin(bootstrap_servers="127.0.0.1:1", bootstrap_timeout_ms=200)
+    assert io_threads() == before
