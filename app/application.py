@@ -401,8 +401,7 @@ class Application:
         with waiting_for("the Kafka consumers to leave their groups"):
             for consumer in (self.queries, self.labels):
                 if consumer is not None:
-                    consumer.finish_rebalance(REBALANCE_BEFORE_LEAVING_S)
-                    consumer.consumer.close()
+                    consumer.leave(REBALANCE_BEFORE_LEAVING_S)
         if self._producer is not None:
             with waiting_for("the producer to deliver what it holds"):
                 self._producer.close()
