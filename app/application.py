@@ -171,6 +171,8 @@ class Application:
         try:
             check_schema(engine)
             commits_are_durable(engine)
+            DEPENDENCY_UP.clear()  # this instance's dependencies only, each once it is used
+            DEPENDENCY_UP.labels("postgres").set(1)  # it answered the schema check
             # the arms before the policy and the model: a missing API key or SDK extra is
             # told at once, not after restoring the policy and loading the model
             if gateway is None:
@@ -246,6 +248,7 @@ class Application:
         silence_known_noise()
         if s.kafka_consumers:
             self._make_consumers()
+            DEPENDENCY_UP.labels("kafka").set(1)  # it answered the topics' checks
         if self.metrics_server is not None:  # started before the build, to say "restoring"
             self.metrics_server.serve_readiness(self.ready)
         elif s.metrics_port is not None:
@@ -401,8 +404,7 @@ class Application:
         with waiting_for("the Kafka consumers to leave their groups"):
             for consumer in (self.queries, self.labels):
                 if consumer is not None:
-                    consumer.finish_rebalance(REBALANCE_BEFORE_LEAVING_S)
-                    consumer.consumer.close()
+                    consumer.leave(REBALANCE_BEFORE_LEAVING_S)
         if self._producer is not None:
             with waiting_for("the producer to deliver what it holds"):
                 self._producer.close()

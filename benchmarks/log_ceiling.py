@@ -40,7 +40,7 @@ works in a schema of its own, dropped at the end. Writes ``benchmarks/results/lo
 
 The learning-log calls (``service.log``): ``lock_learning_log``, ``decision_log``,
 ``store_decisions``, ``insert_decisions`` (to store the labelled decisions first),
-``redelivered``, ``decisions_for_labels``, ``pending_label_ids``, ``join_labels``,
+``redelivered``, ``decisions_for_labels``, ``waiting_labels``, ``join_labels``,
 ``apply_plan``; with ``service.storage``'s ``make_engine`` and ``vector_to_bytes``,
 ``service.reward.RewardSettings``, ``service.migrate.upgrade`` / ``drop_schema``. They are
 imported in :func:`log_api` and :func:`score_api` only.
@@ -96,7 +96,7 @@ def log_api():
         insert_decisions=decisions.insert_decisions,
         redelivered=labels.redelivered,
         decisions_for_labels=labels.decisions_for_labels,
-        pending_label_ids=labels.pending_label_ids,
+        waiting_labels=labels.waiting_labels,
         apply_plan=labels.apply_plan,
         join_labels=join_labels,
     )
@@ -247,8 +247,7 @@ class Writer:
             self._catch_up(conn)
             redelivered = self.api.redelivered(conn, GROUP, sources)
             found = self.api.decisions_for_labels(conn, ids)
-            again = [q for q, r in zip(ids, redelivered, strict=True) if r]
-            waiting = self.api.pending_label_ids(conn, [q for q in again if q not in found])
+            waiting = self.api.waiting_labels(conn, [q for q in ids if q not in found])
             plan = self.api.join_labels(labels, found, waiting, redelivered, self.score.settings)
             stats = self.api.apply_plan(conn, plan, GROUP, sources)
         ended = time.perf_counter()

@@ -24,17 +24,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import AsyncConsumerRebalanceListener, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.consumer.fetcher import ConsumerRecord
-from kafka.future import Future as KafkaFuture
 from kafka.structs import OffsetAndMetadata
 
 from consumers.failures import Backoff, describe, is_transient
+from consumers.rebalance import Rebalance, group_rebalancing, heartbeat_sender, io_loop
 from service import metrics
 from service.events import InvalidEvent, dlq_record
 from service.settings import MAX_POLL_RECORDS
 
 log = logging.getLogger(__name__)
+#: How long leaving a group (and closing the consumer) waits for the broker on stop.
+LEAVE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -59,69 +61,6 @@ def partition_of(record: ConsumerRecord) -> TopicPartition:
 def flat(batches: list[list[ConsumerRecord]]) -> list[ConsumerRecord]:
     """The records of consecutive batches, in order."""
     return [r for batch in batches for r in batch]
-
-
-def io_loop(consumer: KafkaConsumer) -> Any:
-    """The consumer's IO loop, on which a rebalance hook resumes once its work (on another
-    thread) is done. kafka-python 3.0 offers no public way to schedule work on it from another
-    thread (a :class:`KafkaFuture` resolved there would wake the hook without waking the loop):
-    this reads its private ``_net``, so kafka-python is pinned to 3.0 (pyproject.toml) and this
-    raises at start, not at the first rebalance, if another version dropped it."""
-    net = getattr(consumer, "_net", None)
-    if not callable(getattr(net, "call_soon_threadsafe", None)):
-        raise RuntimeError(
-            "this kafka-python has no KafkaConsumer._net.call_soon_threadsafe, which the "
-            "rebalance hooks need: install the version pyproject.toml pins (3.0)"
-        )
-    return net
-
-
-class Rebalance(AsyncConsumerRebalanceListener):
-    """Tells a :class:`BatchConsumer` of its group's rebalances.
-
-    kafka-python runs these hooks on the consumer's IO thread (the one that sends heartbeats),
-    while the consumer's own thread waits in ``poll``; a hook there may not block on the
-    consumer (a commit would deadlock). So the owner's work runs on a thread of its own and
-    the hook awaits it, the IO loop going on meanwhile: the partitions move only once the
-    batches held have been stored and committed."""
-
-    def __init__(self, owner: BatchConsumer) -> None:
-        self.owner = owner
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.owner.rebalancing = True
-        await self._off_the_loop(self.owner.revoking, set(revoked))
-
-    async def on_partitions_lost(self, lost: set[TopicPartition]) -> None:
-        await self._off_the_loop(self.owner.lost, set(lost))
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        self.owner.rebalancing = False
-        if assigned:
-            names = ", ".join(f"{t.topic}[{t.partition}]" for t in sorted(assigned))
-            log.info("%s: assigned %s", self.owner.name, names)
-
-    async def _off_the_loop(self, work: Callable[[set[TopicPartition]], None], arg) -> None:
-        done: KafkaFuture = KafkaFuture()
-        net = io_loop(self.owner.consumer)
-
-        def run() -> None:
-            try:
-                work(arg)
-                failure = None
-            except BaseException as exc:
-                failure = exc
-
-            async def resolve() -> None:
-                if failure is None:
-                    done.success(None)
-                else:
-                    done.failure(failure)
-
-            net.call_soon_threadsafe(resolve)
-
-        threading.Thread(target=run, name=f"metallm-{self.owner.name}-rebalance").start()
-        await done
 
 
 class BatchConsumer:
@@ -153,7 +92,8 @@ class BatchConsumer:
         self.rebalancing = False  # between a rebalance's revocation and its assignment
         subscribed = getattr(consumer, "subscription", lambda: None)()
         if subscribed:  # the same topics, with the listener that finishes revoked work
-            io_loop(consumer)  # checked now, not at the first rebalance
+            io_loop(consumer)  # checked now, not at the first rebalance (or stop)
+            heartbeat_sender(consumer)
             consumer.subscribe(topics=sorted(subscribed), listener=Rebalance(self))
 
     # -- to override -------------------------------------------------------------------------
@@ -480,18 +420,31 @@ class BatchConsumer:
         self.stop_event.set()
 
     def finish_rebalance(self, timeout_s: float) -> None:
-        """On stop, after the loop: complete a rebalance this consumer is in the middle of
-        (its partitions revoked, none assigned yet) before it leaves the group. Tansu stalls a
-        group whose member leaves between the two: the others' join waits for the rebalance
-        timeout (minutes). What these polls return is dropped, uncommitted: the partitions'
-        next owner reads it."""
+        """On stop, after the loop, before leaving the group: complete a rebalance this
+        consumer is in the middle of (its partitions revoked, none assigned yet), or one its
+        group has begun that it has not heard of yet (a member joined since its last
+        heartbeat: :func:`group_rebalancing` asks now). Tansu stalls a group whose member
+        leaves during a rebalance: the others' join waits for the rebalance timeout (ten
+        minutes). At most ``timeout_s``; what these polls return is dropped, uncommitted: the
+        partitions' next owner reads it."""
         deadline = time.monotonic() + timeout_s
+        if not self.rebalancing and group_rebalancing(self.consumer, min(timeout_s, 2.0)):
+            log.info("%s: the group is rebalancing; joining it before leaving", self.name)
+            self.rebalancing = True  # the next poll joins; the assignment ends it
         while self.rebalancing and time.monotonic() < deadline:
             try:
                 self.consumer.poll(timeout_ms=200)
             except Exception:  # the broker is away: leave as things are
                 log.debug("%s: polling to finish a rebalance failed", self.name, exc_info=True)
                 return
+
+    def leave(self, rebalance_s: float, close_s: float = LEAVE_TIMEOUT_S) -> None:
+        """On stop, after the loop: finish a rebalance (:meth:`finish_rebalance`, at most
+        ``rebalance_s``), then leave the group and close, waiting at most ``close_s`` for the
+        broker's answer (kafka-python waits up to ``request_timeout_ms``, 30 s, for a broker
+        that does not answer: paused, or still holding this consumer's join)."""
+        self.finish_rebalance(rebalance_s)
+        self.consumer.close(timeout_ms=round(close_s * 1000))
 
 
 def run_in_thread(target: Callable[[], None], name: str) -> threading.Thread:

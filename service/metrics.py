@@ -97,8 +97,8 @@ DEPENDENCY_UP = Gauge(
     "1 while the dependency answers this instance's probes (each second), 0 while it does not",
     ["dependency"],
 )
-for _dependency in ("kafka", "postgres"):  # both up once built: the build used them
-    DEPENDENCY_UP.labels(_dependency).set(1)
+# no sample before the application has used a dependency (app.application sets each one its
+# roles need: an HTTP-only instance exports no kafka)
 LEARNING_REFRESH_S = 10.0
 
 

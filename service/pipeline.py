@@ -38,7 +38,7 @@ from service.log import labels as label_sql
 from service.log.join import join_labels
 from service.log.labels import LabelStats, Source
 from service.log.requests import reserved_ids
-from service.log.rows import RejectedLabel, StoredQuery
+from service.log.rows import StoredQuery
 from service.log.transaction import LearningLog
 from service.pricing import priced_columns
 from service.query_checks import difference, query_of, too_long_reason, truncated
@@ -173,7 +173,7 @@ class Decider:
         self.calling.forget(r.event.query_id for r in todo)
         if stored.early_labels:
             log.info("stored %d labels that arrived before their decisions", stored.early_labels)
-        _log_rejected_early(stored.rejected_labels)
+        _log_early(stored)
         lost = [d.query_id for d in batch if d.query_id not in stored.inserted]
         if lost:  # called for, but another instance stored these queries' decisions first
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(len(lost))
@@ -245,7 +245,7 @@ class Decider:
             stored = decision_sql.store_decisions(tx.conn, batch, failed, tx.rewards)
             tx.applied += stored.rewards
             tx.logged += stored.logged
-        _log_rejected_early(stored.rejected_labels)
+        _log_early(stored)
         lost = len(batch) - len(stored.inserted)
         if lost:
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
@@ -306,8 +306,9 @@ class Decider:
         self.calling.close()
 
 
-def _log_rejected_early(rejected: list[RejectedLabel]) -> None:
-    for r in rejected:
+def _log_early(stored: decision_sql.StoredDecisions) -> None:
+    """Log the early labels rejected, and the conflicts between the others of a query."""
+    for r in stored.rejected_labels:
         where = (
             ""
             if r.source is None
@@ -316,6 +317,8 @@ def _log_rejected_early(rejected: list[RejectedLabel]) -> None:
         log.warning(
             "label for %s rejected when its decision arrived%s: %s", r.query_id, where, r.reason
         )
+    for c in stored.conflicts:
+        log.warning("conflicting label for %s: kept %r, ignored %r", c.query_id, c.kept, c.ignored)
 
 
 class Learner:
@@ -347,13 +350,8 @@ class Learner:
                 label_sql.redelivered(conn, group, sources) if sources else [False] * len(labels)
             )
             found = label_sql.decisions_for_labels(conn, [e.query_id for e in labels])
-            waiting = label_sql.pending_label_ids(  # redelivered labels already kept
-                conn,
-                [
-                    e.query_id
-                    for e, a in zip(labels, again, strict=True)
-                    if a and e.query_id not in found
-                ],
+            waiting = label_sql.waiting_labels(  # those of the early labels' queries
+                conn, [e.query_id for e in labels if e.query_id not in found]
             )
             plan = join_labels(labels, found, waiting, again, tx.rewards, sources)
             now = datetime.now(UTC)

@@ -100,7 +100,9 @@ decisions = sa.Table(
 pending_labels = sa.Table(
     "pending_labels",
     metadata,
-    sa.Column("query_id", sa.Text, primary_key=True),
+    # one row per different early label of a query, in arrival order (0013)
+    sa.Column("id", sa.BigInteger, sa.Identity(always=False), primary_key=True),
+    sa.Column("query_id", sa.Text, nullable=False),
     sa.Column("label", sa.Text),  # NULL: a score waits instead (0010)
     sa.Column("labeled_at", sa.DateTime(timezone=True)),
     sa.Column(
@@ -114,6 +116,7 @@ pending_labels = sa.Table(
     sa.Column("score", sa.Float),
     sa.CheckConstraint("num_nonnulls(label, score) = 1", name="label_or_score"),
     sa.Index("pending_labels_received_at", "received_at"),
+    sa.Index("pending_labels_query_id", "query_id"),
 )
 
 # early labels found outside their decision's label set when it arrived: recorded, not applied

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import openai
 import pytest
 import sqlalchemy as sa
+from prometheus_client import REGISTRY
 
 from door.server import Door, DoorServer
 from door.shapes import body_hash
@@ -44,6 +45,9 @@ def schema() -> Iterator[str]:
     upgrade(DATABASE_URL, name)
     yield name
     drop_schema(DATABASE_URL, name)
+
+
+DEPS = ("kafka", "postgres")
 
 
 def _instance(arms: ArmServer, schema: str, name: str):
@@ -117,6 +121,9 @@ def test_an_http_only_instance_is_ready_without_a_broker(services):
         assert ready.status == 200
     names = [m.id for m in client(a).models.list()]
     assert names == ["metallm", "metallm/sentiment", "metallm/yes_no", "metallm/chat"]
+    # its dependencies' gauges: Postgres, used by the build; no broker
+    up = {d: REGISTRY.get_sample_value("metallm_dependency_up", {"dependency": d}) for d in DEPS}
+    assert up == {"kafka": None, "postgres": 1.0}
 
 
 def test_a_completion_is_routed_stored_and_answered(services, engine, arms):

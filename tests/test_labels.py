@@ -137,3 +137,70 @@ def test_unknown_label_expires_after_the_ttl_with_a_log_line(engine, learner, ca
     with engine.connect() as conn:
         assert conn.execute(sa.text("SELECT count(*) FROM pending_labels")).scalar_one() == 0
         assert read_models.counters(conn)["labels_expired"] == 1
+
+
+def test_a_rejected_early_label_leaves_room_for_the_next(engine, learner, tmp_path, caplog):
+    """Issue 25: an early label later rejected (outside the label set) is never the first
+    label: a good label after it, early too, is applied when the decision arrives, in every
+    order; a copy of a waiting label stays a duplicate, and two good ones keep the first."""
+    queries = [
+        {
+            "query_id": q,
+            "text": f"A fine, warm film ({q}).",
+            "task": "sentiment",
+            "label": "positive",
+        }
+        for q in ("apart", "batch", "score", "two", "late")
+    ]
+    outcomes = write_outcomes(tmp_path / "o.jsonl", queries, {"cheap": (1.0, 0.0), "x": (1.0, 0)})
+    config = replay_config(outcomes, ["cheap"])
+    decider = Decider(
+        config, learner.learning_log, HashEmbedder(), Gateway(config), learner.rewards
+    )
+
+    def label(query_id: str, label: str | None = None, score: float | None = None) -> LabelEvent:
+        return LabelEvent(query_id=query_id, label=label, score=score)
+
+    learner.learn([label("apart", "banana")])  # in separate batches
+    learner.learn([label("apart", "positive")])
+    stats = learner.learn(  # in one batch, with a copy of each
+        [label("batch", "banana"), label("batch", "positive"), label("batch", "Positive ")]
+        + [label("batch", "banana"), label("score", "banana"), label("score", score=0.5)]
+    )
+    assert (stats.pending, stats.pending_duplicates) == (4, 2)
+    learner.learn([label("two", "positive"), label("two", "negative")])
+    learner.learn([label("two", "negative")])  # a copy of the second one waiting
+    assert learner.pending_count() == 8
+    try:
+        with caplog.at_level(logging.WARNING):
+            decider.decide(
+                [
+                    QueryRecord(
+                        QueryEvent(query_id=q["query_id"], text=q["text"], task="sentiment")
+                    )
+                    for q in queries
+                ]
+            )
+        # after its decision: rejected (to the DLQ), then a good one applied
+        assert [i for i, _ in learner.learn([label("late", "banana")]).rejected] == [0]
+        assert learner.learn([label("late", "positive")]).applied == 1
+    finally:
+        decider.close()
+    got = {q: decision(engine, q) for q in ("apart", "batch", "score", "two", "late")}
+    assert {q: (r["label"], r["score"], r["duplicate_labels"]) for q, r in got.items()} == {
+        "apart": ("positive", None, 0),
+        "batch": ("positive", None, 1),
+        "score": (None, 0.5, 0),
+        "two": ("positive", None, 2),
+        "late": ("positive", None, 0),
+    }
+    assert all(r["reward_seq"] is not None for r in got.values())
+    assert "conflicting label for two: kept 'positive', ignored 'negative'" in caplog.text
+    assert learner.pending_count() == 0
+    assert learner.learning_log.live.policy.n_updates == 5
+    with engine.connect() as conn:
+        rejected = conn.execute(sa.text("SELECT query_id FROM rejected_labels ORDER BY id"))
+        assert rejected.scalars().all() == ["apart", "batch", "score"]
+        counters = read_models.counters(conn)
+    # rejected: 3 early, 1 late; duplicates: batch's 2 copies, two's copy and its 2nd label
+    assert (counters["labels_rejected"], counters["duplicate_labels"]) == (4, 4)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,8 +16,13 @@ from sqlalchemy.engine import Connection
 
 from service.decision import EVENT_COLUMNS, Decision, LoggedDecision, event_of
 from service.events import DecisionEvent
-from service.log.join import check_early_labels
-from service.log.labels import record_rejected_labels, store_labels, take_pending_labels
+from service.log.join import Conflict, check_early_labels
+from service.log.labels import (
+    bump_counter,
+    record_rejected_labels,
+    store_labels,
+    take_pending_labels,
+)
 from service.log.rows import AppliedReward, FoundDecision, RejectedLabel, StoredQuery
 from service.reward import RewardSettings, failure_reward, score_label
 from service.storage import decisions, one_of, reward_sequence
@@ -70,6 +75,7 @@ class StoredDecisions:
     rewards: list[AppliedReward]  # failure rewards, and the rewards of early labels
     early_labels: int  # labels that had waited for these decisions
     rejected_labels: list[RejectedLabel]  # of those, the ones outside their label set
+    conflicts: list[Conflict] = field(default_factory=list)  # between the others of a query
 
 
 def store_decisions(
@@ -79,7 +85,8 @@ def store_decisions(
     (wrong, at no cost) those whose chosen arm ``failed``: their label, when it comes, does not
     count again; take the labels (and scores) that waited for them, score them with
     ``settings`` and store them with their rewards (a label outside its decision's label set,
-    or for an open task without a check, is recorded as rejected instead)."""
+    or for an open task without a check, is recorded as rejected instead; the first other
+    one of a query is scored, the later ones are its duplicates)."""
     inserted = insert_decisions(conn, batch)
     by_id = {d.query_id: d for d in batch}
     logged = [by_id[q].logged(seq) for q, seq in inserted.items()]
@@ -88,14 +95,18 @@ def store_decisions(
     seqs = store_failure_rewards(conn, failing, on_failure, settings.lam)
     found = {q: FoundDecision.of(by_id[q], seqs.get(q)) for q in inserted}
     rewards = [found[q].reward(seq, on_failure) for q, seq in seqs.items()]
-    early, rejected = check_early_labels(take_pending_labels(conn, inserted), found, settings)
-    record_rejected_labels(conn, rejected)
+    early = check_early_labels(take_pending_labels(conn, inserted), found, settings)
+    record_rejected_labels(conn, early.rejected)
+    if early.duplicates:
+        bump_counter(conn, "duplicate_labels", early.duplicates)
     scored = [
         score_label(found[p.query_id], p.label, p.labeled_at, settings, p.duplicates, p.score)
-        for p in early
+        for p in early.kept
     ]
     rewards += store_labels(conn, scored)
-    return StoredDecisions(inserted, logged, rewards, len(early), rejected)
+    return StoredDecisions(
+        inserted, logged, rewards, len(early.kept), early.rejected, early.conflicts
+    )
 
 
 def store_failure_rewards(

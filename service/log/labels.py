@@ -6,11 +6,13 @@ Invariant: exactly once per label. A decision is rewarded at most once (the UPDA
 :func:`store_labels` takes only a decision without label and reward), and at least once once
 it exists: an early label waits in ``pending_labels`` and is taken by the transaction that
 stores its decision (:func:`service.log.decisions.store_decisions`; both under the log's lock,
-so neither misses the other). A label event's effect is recorded with its offset
-(``label_offsets``, :func:`apply_plan`) in the same transaction, so a redelivered label
-changes nothing. A label outside its decision's label set is rejected (dead-lettered by the
-consumer when its decision is there; recorded in ``rejected_labels`` with its Kafka place when
-it waited for it: :func:`service.log.decisions.store_decisions`), never applied.
+so neither misses the other). Each different early label of a query waits in a row of its own
+(the first may be rejected when its decision arrives); a copy of one is counted on its row.
+A label event's effect is recorded with its offset (``label_offsets``, :func:`apply_plan`) in
+the same transaction, so a redelivered label changes nothing. A label outside its decision's
+label set is rejected (dead-lettered by the consumer when its decision is there; recorded in
+``rejected_labels`` with its Kafka place when it waited for it:
+:func:`service.log.decisions.store_decisions`), never applied.
 """
 
 from __future__ import annotations
@@ -107,9 +109,10 @@ def apply_plan(
 ) -> LabelStats:
     """Write a plan: keep the early labels, count the duplicates, store the scored labels with
     their rewards, and record the progress of ``group`` over ``sources``."""
-    kept = add_pending_labels(conn, plan.pending)
-    pending = sum(kept[p.query_id] for p in plan.pending)
-    pending_duplicates = sum(p.duplicates + (not kept[p.query_id]) for p in plan.pending)
+    add_pending_labels(conn, plan.pending)
+    count_waiting_duplicates(conn, plan.waiting_duplicates)
+    pending_duplicates = sum(p.duplicates for p in plan.pending)
+    pending_duplicates += sum(plan.waiting_duplicates.values())
     count_duplicate_labels(conn, plan.duplicates)
     rewards = store_labels(conn, plan.scored)
     if len(plan.rejected) > plan.rejected_again:
@@ -124,7 +127,7 @@ def apply_plan(
     return LabelStats(
         plan.applied,
         plan.duplicate_count,
-        pending,
+        len(plan.pending),
         pending_duplicates,
         plan.redelivered,
         rewards,
@@ -210,11 +213,13 @@ def count_duplicate_labels(conn: Connection, counts: dict[str, int]) -> None:
     )
 
 
-def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict[str, bool]:
-    """Keep labels whose decision does not exist yet. The first label kept wins; the others
-    are counted as duplicates. Returns, by id, whether the label is newly kept."""
+def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> None:
+    """Keep labels whose decision does not exist yet, each in a row of its own (in the
+    order given: arrival order), with the copies of it counted so far. Which label of a
+    query is new and which a copy is the join's to say (:func:`service.log.join.join_labels`,
+    from :func:`waiting_labels`), under the learning log's lock."""
     if not labels:
-        return {}
+        return
     values, params = arrays(
         query_id=(sa.Text(), [p.query_id for p in labels]),
         label=(sa.Text(), [p.label for p in labels]),
@@ -222,21 +227,33 @@ def add_pending_labels(conn: Connection, labels: Sequence[PendingLabel]) -> dict
         labeled_at=(sa.DateTime(timezone=True), [p.labeled_at for p in labels]),
         dupes=(sa.Integer(), [p.duplicates for p in labels]),
         **_source_columns([p.source for p in labels]),
+        pos=(sa.Integer(), list(range(len(labels)))),
     )
-    result = conn.execute(
-        sa.text(
+    conn.execute(
+        sa.text(  # inserted in order, so that their ids (from a sequence) are in arrival order
             "INSERT INTO pending_labels "
             "(query_id, label, score, labeled_at, duplicates, topic, partition, kafka_offset) "
             "SELECT v.query_id, v.label, v.score, v.labeled_at, v.dupes, v.topic, v.part, "
-            "v.kafka_offset "
-            f"FROM {values} "
-            "ON CONFLICT (query_id) DO UPDATE "
-            "SET duplicates = pending_labels.duplicates + 1 + excluded.duplicates "
-            "RETURNING query_id, (xmax = 0) AS kept"
+            f"v.kafka_offset FROM {values} ORDER BY v.pos"
         ),
         params,
     )
-    return {q: bool(kept) for q, kept in result}
+
+
+def count_waiting_duplicates(conn: Connection, counts: dict[int, int]) -> None:
+    """Add to the duplicates of labels waiting for their decision (by row id)."""
+    if not counts:
+        return
+    values, params = arrays(
+        id=(sa.BigInteger(), list(counts)), n=(sa.Integer(), list(counts.values()))
+    )
+    conn.execute(
+        sa.text(
+            "UPDATE pending_labels AS p SET duplicates = p.duplicates + v.n "
+            f"FROM {values} WHERE p.id = v.id"
+        ),
+        params,
+    )
 
 
 def _source_columns(
@@ -273,30 +290,50 @@ def record_rejected_labels(conn: Connection, rejected: Sequence[RejectedLabel]) 
 
 def add_pending_label(
     conn: Connection, query_id: str, label: str, labeled_at: datetime | None
-) -> bool:
+) -> None:
     """Keep one label whose decision does not exist yet (see :func:`add_pending_labels`)."""
-    return add_pending_labels(conn, [PendingLabel(query_id, label, labeled_at)])[query_id]
+    add_pending_labels(conn, [PendingLabel(query_id, label, labeled_at)])
 
 
 def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[PendingLabel]:
-    """Delete and return the pending labels waiting for these queries."""
+    """Delete and return the labels waiting for these queries, in arrival order."""
     ids = list(query_ids)
     if not ids:
         return []
+    stmt = sa.delete(pending_labels).where(one_of(pending_labels.c.query_id, ids))
+    return sorted(_pending(conn.execute(stmt.returning(*_PENDING))), key=lambda p: p.id or 0)
+
+
+def waiting_labels(conn: Connection, query_ids: Iterable[str]) -> dict[str, list[PendingLabel]]:
+    """The labels waiting for these queries' decisions, by query id, in arrival order."""
+    ids = list(set(query_ids))
+    if not ids:
+        return {}
     stmt = (
-        sa.delete(pending_labels)
+        sa.select(*_PENDING)
         .where(one_of(pending_labels.c.query_id, ids))
-        .returning(
-            pending_labels.c.query_id,
-            pending_labels.c.label,
-            pending_labels.c.labeled_at,
-            pending_labels.c.duplicates,
-            pending_labels.c.topic,
-            pending_labels.c.partition,
-            pending_labels.c.kafka_offset,
-            pending_labels.c.score,
-        )
+        .order_by(pending_labels.c.id)
     )
+    found: dict[str, list[PendingLabel]] = {}
+    for p in _pending(conn.execute(stmt)):
+        found.setdefault(p.query_id, []).append(p)
+    return found
+
+
+_PENDING = (
+    pending_labels.c.query_id,
+    pending_labels.c.label,
+    pending_labels.c.labeled_at,
+    pending_labels.c.duplicates,
+    pending_labels.c.topic,
+    pending_labels.c.partition,
+    pending_labels.c.kafka_offset,
+    pending_labels.c.score,
+    pending_labels.c.id,
+)
+
+
+def _pending(rows: Iterable[sa.Row]) -> list[PendingLabel]:
     return [
         PendingLabel(
             r.query_id,
@@ -305,18 +342,10 @@ def take_pending_labels(conn: Connection, query_ids: Iterable[str]) -> list[Pend
             r.duplicates,
             None if r.topic is None else Source(r.topic, r.partition, r.kafka_offset),
             r.score,
+            r.id,
         )
-        for r in conn.execute(stmt)
+        for r in rows
     ]
-
-
-def pending_label_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
-    """Which of these queries have a label waiting for their decision."""
-    ids = list(set(query_ids))
-    if not ids:
-        return set()
-    stmt = sa.select(pending_labels.c.query_id).where(one_of(pending_labels.c.query_id, ids))
-    return set(conn.execute(stmt).scalars())
 
 
 def count_pending_labels(conn: Connection) -> int:

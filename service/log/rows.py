@@ -193,7 +193,8 @@ class StoredQuery:
 
 @dataclass(frozen=True)
 class PendingLabel:
-    """A label kept until its decision is stored, with the further labels counted for it."""
+    """A label kept until its decision is stored, with the further copies counted for it
+    (labels that say the same: another feedback for the query waits beside it)."""
 
     query_id: str
     label: str | None
@@ -201,6 +202,7 @@ class PendingLabel:
     duplicates: int = 0
     source: Source | None = None  # where the label came from, if known
     score: float | None = None  # a score instead of a label
+    id: int | None = None  # its row in pending_labels, once stored (in arrival order)
 
 
 @dataclass(frozen=True)

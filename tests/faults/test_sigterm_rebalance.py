@@ -5,10 +5,13 @@ timeout, ten minutes) and exits 0 within seconds; the other instance decides eve
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
+from kafka import KafkaConsumer
 
+from consumers.batch import BatchConsumer
 from consumers.kafka_io import create_topics
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
@@ -59,3 +62,61 @@ def test_sigterm_during_a_rebalance_exits_cleanly(broker, topics, pg_schema, tmp
     assert set(calls) == {q.query_id for q in queries}
     assert "Traceback" not in first.log() + second.log()
     assert "queries: assigned" in second.log()
+
+
+class Idle(BatchConsumer):
+    """A consumer that handles nothing: only its group membership is under test."""
+
+    def validate(self, raw):
+        return raw
+
+    def handle(self, items):
+        return []
+
+
+def member(broker: str, topic: str, group: str) -> Idle:
+    consumer = KafkaConsumer(
+        topic,
+        group_id=group,
+        enable_auto_commit=False,
+        session_timeout_ms=2000,
+        heartbeat_interval_ms=500,
+        max_poll_interval_ms=600_000,  # the rebalance timeout: what a stalled join waits
+        bootstrap_servers=[broker],
+    )
+    return Idle(consumer, None, "dlq")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("unheard_s", [0.3, 1.5])
+def test_a_stop_before_the_rebalance_reached_the_consumer_joins_it_before_leaving(
+    broker, topics, unheard_s
+):
+    """A member joins while the stopping consumer is not polling (its loop ended): the
+    consumer never heard of the rebalance (0.3 s: before its heartbeat could tell it; 1.5 s:
+    its heartbeat did, but no poll acted on it). Leaving then stalled Tansu's group: the new
+    member's join waited for the rebalance timeout (ten minutes). Now it joins the rebalance,
+    then leaves, and the new member is assigned every partition within seconds."""
+    topic, group = topics["queries_topic"], topics["queries_group"]
+    create_topics(broker, [topic], 6)
+    old = member(broker, topic, group)
+    wait_until(lambda: old.consumer.poll(timeout_ms=100) or old.consumer.assignment(), 30, "a")
+    assert not old.rebalancing
+    new = member(broker, topic, group)
+    polling = threading.Event()
+    polling.set()
+    thread = threading.Thread(
+        target=lambda: [new.consumer.poll(timeout_ms=100) for _ in iter(polling.is_set, False)]
+    )
+    thread.start()
+    try:
+        wait_until(lambda: new.rebalancing, 10, "the new member joining")
+        time.sleep(unheard_s)
+        assert not old.rebalancing  # not told: it did not poll since
+        began = time.monotonic()
+        old.leave(10)
+        assert time.monotonic() - began < 12
+        wait_until(lambda: len(new.consumer.assignment()) == 6, 20, "the new member assigned")
+    finally:
+        polling.clear()
+        thread.join(10)
+        new.consumer.close(timeout_ms=5000)

@@ -1,6 +1,7 @@
 """The rebalance hooks resume on the consumer's IO loop through kafka-python 3.0's private
-``KafkaConsumer._net`` (no public API does it); pyproject.toml pins kafka-python to 3.0 for it.
-These tests fail on a kafka-python without it, before any rebalance could."""
+``KafkaConsumer._net``, and a consumer leaving its group on stop first sends a heartbeat through
+its private ``_coordinator`` (no public API does either); pyproject.toml pins kafka-python to
+3.0 for them. These tests fail on a kafka-python without them, before any rebalance could."""
 
 from __future__ import annotations
 
@@ -10,22 +11,26 @@ import pytest
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
 
-from consumers.batch import io_loop
 from consumers.kafka_io import new_admin
+from consumers.rebalance import heartbeat_sender, io_loop
 
 
-def test_the_pinned_kafka_python_has_the_io_loop_the_hooks_resume_on():
+def test_the_pinned_kafka_python_has_the_io_loop_and_heartbeat_the_consumers_use():
     # api_version given: no broker is asked (none listens on port 1)
     consumer = KafkaConsumer(bootstrap_servers="127.0.0.1:1", api_version=(3, 9))
     try:
         assert callable(io_loop(consumer).call_soon_threadsafe)
+        manager, send = heartbeat_sender(consumer)
+        assert callable(manager.call_soon) and callable(manager.wait_for) and callable(send)
     finally:
         consumer.close()
 
 
-def test_a_client_without_it_is_refused_with_what_to_do():
+def test_a_client_without_them_is_refused_with_what_to_do():
     with pytest.raises(RuntimeError, match="install the version pyproject.toml pins"):
         io_loop(object())  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="install the version pyproject.toml pins"):
+        heartbeat_sender(object())  # type: ignore[arg-type]
 
 
 def test_a_probe_that_fails_stops_the_io_thread_its_admin_client_started():
