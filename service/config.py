@@ -142,7 +142,8 @@ class TaskConfig(BaseModel):
                 raise ValueError(f"{', '.join(given)}: for open tasks only, not {self.kind}")
         elif self.labels:
             raise ValueError("an open task has no labels: its answer is the model's text")
-        if self.baseline is None and "tolerance" in self.model_fields_set:
+        default_tolerance = type(self).model_fields["tolerance"].default
+        if self.baseline is None and self.tolerance != default_tolerance:  # a forgotten baseline
             raise ValueError("tolerance is conservative mode's: it needs a baseline arm")
         return self
 
