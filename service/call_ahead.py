@@ -258,9 +258,9 @@ class CallAhead:
         self, event: QueryEvent, max_tokens: int | None = None, temperature: float | None = None
     ) -> Called:
         """Embed, choose an arm for and call one query now, with the request's own output limit
-        and temperature (None: the arm's), and wait for its answer. Safe from any thread: it
-        keeps nothing in the calls started ahead (the HTTP door's queries are its own). The
-        queries that arrive while the ones before are embedded are embedded together."""
+        and temperature (None: the task's, else the arm's), and wait for its answer. Safe from
+        any thread: it keeps nothing in the calls started ahead (the HTTP door's queries are its
+        own). The queries that arrive while the ones before are embedded are embedded together."""
         chosen: Future[Chosen] = Future()
         with self._single_lock:
             self._singles.append((event, chosen))
@@ -289,7 +289,11 @@ class CallAhead:
         self, chosen: Future[Chosen], max_tokens: int | None, temperature: float | None
     ) -> Called:
         c = await asyncio.wrap_future(chosen)
-        request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
+        request = replace(  # the request's, else the task's (already in c.request)
+            c.request,
+            max_tokens=c.request.max_tokens if max_tokens is None else max_tokens,
+            temperature=c.request.temperature if temperature is None else temperature,
+        )
         result = await self.gateway.call(c.choice.arm, request)
         self.llm_calls += 1
         return Called(c.choice, c.context, c.layout, request, result, c.pricing)

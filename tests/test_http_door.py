@@ -61,7 +61,8 @@ def _instance(arms: ArmServer, schema: str, name: str):
         progress_seconds=0,
     )
     config = arm_config(arms, ARMS)
-    config["tasks"] = {**config["tasks"], "chat": {"kind": "open"}}  # free-text answers
+    chat = {"kind": "open", "max_output_tokens": 300, "temperature": 0.7}  # free-text answers
+    config["tasks"] = {**config["tasks"], "chat": chat}
     service = build_service(settings, config)
     service.start()
     return service
@@ -321,3 +322,13 @@ def test_an_open_task_answers_its_text_and_learns_a_score(services, engine):
     done = client(b).post("/feedback", body={"query_id": q.query_id, "score": 0.8}, cast_to=object)
     assert done["status"] == "applied"
     assert rows(engine, q.query_id)[0]["reward"] is not None
+
+
+def test_an_open_task_keeps_its_output_limit_and_temperature_unless_asked(services, arms):
+    a, _ = services
+    q, asked = QUERIES[16], QUERIES[17]
+    ask(client(a), q, model="metallm/chat")
+    ask(client(a), asked, model="metallm/chat", max_tokens=40, temperature=0.1)
+    sent = {c.query_id: c for c in arms.calls}
+    assert (sent[q.query_id].max_tokens, sent[q.query_id].temperature) == (300, 0.7)
+    assert (sent[asked.query_id].max_tokens, sent[asked.query_id].temperature) == (40, 0.1)
