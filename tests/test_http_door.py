@@ -148,6 +148,9 @@ def test_model_metallm_is_the_first_task_and_a_query_id_is_made(services, engine
     qid = reply.model_extra["metallm"]["query_id"]
     uuid.UUID(qid)  # made by the door
     assert rows(engine, qid)[0]["task"] == "sentiment"
+    with engine.connect() as conn:  # no client can retry with it: not reserved
+        held = sa.text("SELECT count(*) FROM http_requests WHERE query_id = :q")
+        assert conn.execute(held, {"q": qid}).scalar() == 0
 
 
 def test_a_streamed_completion(services, engine):
@@ -447,3 +450,20 @@ def test_a_store_cut_off_from_postgres_is_retried_not_thrown_away(services, arms
     assert pids and result == [200]
     assert rows(engine, q.query_id)[0]["instance"] == "door-a"
     assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_a_thread_still_calling_after_a_504_counts_against_the_limit(services, arms):
+    a, _ = services
+    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=1)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+    arms.delay_ids[QUERIES[22].query_id] = 2.0
+    try:
+        with pytest.raises(openai.APIStatusError) as late:
+            ask(c, QUERIES[22])
+        with pytest.raises(openai.RateLimitError):  # its thread still calls: none is free
+            ask(c, QUERIES[23])
+    finally:
+        server.stop()  # waits for that call
+    assert late.value.status_code == 504
+    assert QUERIES[23].query_id not in arms.calls_by_query()
