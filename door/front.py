@@ -125,9 +125,9 @@ class Front:
             return Answer(row, False)
         if held.owned:
             return self._call(event, req, token)
-        return self._wait(event, req, token, deadline)
+        return self._wait(event, req, deadline)
 
-    def _wait(self, event: QueryEvent, req: ChatRequest, token: str, deadline: float) -> Answer:
+    def _wait(self, event: QueryEvent, req: ChatRequest, deadline: float) -> Answer:
         """Wait for another request's call for this id (here or elsewhere): look for its
         decision (a read, with backoff), and take the reservation over if its lease ends."""
         qid, pause = event.query_id, WAIT_POLL_S
