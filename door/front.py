@@ -4,13 +4,15 @@ any instance), apply feedback, read a decision. Blocking; the server runs it on 
 A query id is reserved in Postgres before its arm is called (:mod:`service.log.requests`): a
 retry with the same id and body waits for the call in flight or returns the stored decision; a
 body of its own under that id is refused (:class:`Conflict`). A reservation is a lease of the
-request timeout and :data:`LEASE_MARGIN_S`: if its instance dies, a retry takes it over then.
+request timeout and :data:`LEASE_MARGIN_S`, renewed while its call runs: if its instance dies,
+a retry takes it over once the lease ends, and never while the call is alive.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,12 +22,19 @@ from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 
 from door.shapes import ChatRequest
-from door.store import GroupStore
+from door.store import GroupStore, StoreClosed, StoreUnavailable
 from service import metrics
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
 from service.llm.streaming import Relay
 from service.log.decisions import stored_queries
-from service.log.requests import PUBLIC_COLUMNS, public_decision, release, reserve
+from service.log.requests import (
+    PUBLIC_COLUMNS,
+    lease_ended,
+    public_decision,
+    release,
+    renew,
+    reserve,
+)
 from service.pipeline import Decider, Learner
 from service.query_checks import difference, query_of
 
@@ -33,12 +42,17 @@ log = logging.getLogger(__name__)
 
 #: how much longer than the request timeout a reservation lasts (a call may end just after it)
 LEASE_MARGIN_S = 30.0
-#: how often a retry waiting for a call in flight (here or elsewhere) looks for its decision
+#: how soon, then at most how often, a retry waiting for a call in flight looks for its decision
 WAIT_POLL_S = 0.05
+WAIT_POLL_MAX_S = 0.5
 
 
 class Conflict(Exception):
     """The id is taken by another request body, or another query: 409."""
+
+
+class Unavailable(Exception):
+    """The decision could not be stored (Postgres out of reach, or the door stopping): 503."""
 
 
 class StillInFlight(Exception):
@@ -54,13 +68,26 @@ class Answer:
 
 
 class Front:
-    def __init__(self, decider: Decider, learner: Learner, instance: str, timeout_s: float):
+    def __init__(
+        self,
+        decider: Decider,
+        learner: Learner,
+        instance: str,
+        timeout_s: float,
+        lease_margin_s: float = LEASE_MARGIN_S,
+    ):
         self.decider = decider
         self.learner = learner
         self.instance = instance
         self.timeout_s = timeout_s
+        self.lease_s = timeout_s + lease_margin_s
         self.engine = decider.learning_log.engine
-        self.group = GroupStore(decider)
+        self.group = GroupStore(decider, retry_for_s=timeout_s)
+        self._held: dict[str, str] = {}  # query id → token of the reservations calling here
+        self._held_lock = threading.Lock()
+        self._closed = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="metallm-door-lease", daemon=True)
+        self._renewer.start()
 
     @property
     def tasks(self) -> list[str]:
@@ -82,25 +109,49 @@ class Front:
             raise InvalidEvent(describe_validation_error(exc)) from None
         return self.decider.validate(event.to_bytes())
 
-    def answer(self, event: QueryEvent, req: ChatRequest, relay: Relay | None = None) -> Answer:
+    def answer(
+        self,
+        event: QueryEvent,
+        req: ChatRequest,
+        relay: Relay | None = None,
+        retryable: bool = True,
+    ) -> Answer:
         """The decision of this query: stored before, waited for, or called for now (its
-        answer streamed to ``relay`` as the arm writes it, when the arm can stream it)."""
-        qid = event.query_id
+        answer streamed to ``relay`` as the arm writes it, when the arm can stream it). An id
+        the door made itself (not ``retryable``: no client knows it before the answer) is
+        called for without a reservation."""
+        qid, token = event.query_id, str(uuid.uuid4())
+        if not retryable:
+            return self._call(event, req, None, relay)
         deadline = time.monotonic() + self.timeout_s
-        lease = self.timeout_s + LEASE_MARGIN_S
-        while True:
-            with self.engine.begin() as conn:  # its own transaction: not the log's lock
-                held = reserve(conn, qid, req.body_sha256, self.instance, lease)
-                if not held.same_body:
-                    raise Conflict(f"query id {qid!r} was used with another request body")
-                row = self._stored(conn, event)  # Conflict: the reservation is undone
+        with self.engine.begin() as conn:  # its own transaction: not the log's lock
+            held = reserve(conn, qid, req.body_sha256, self.instance, self.lease_s, token)
+            if not held.same_body:
+                raise Conflict(f"query id {qid!r} was used with another request body")
+            row = self._stored(conn, event)  # Conflict: the reservation is undone
+        if row is not None:
+            return Answer(row, False)
+        if held.owned:
+            return self._call(event, req, token, relay)
+        return self._wait(event, req, deadline, relay)
+
+    def _wait(
+        self, event: QueryEvent, req: ChatRequest, deadline: float, relay: Relay | None
+    ) -> Answer:
+        """Wait for another request's call for this id (here or elsewhere): look for its
+        decision (a read, with backoff), and take the reservation over if its lease ends."""
+        qid, pause = event.query_id, WAIT_POLL_S
+        while time.monotonic() < deadline:
+            time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
+            pause = min(pause * 2, WAIT_POLL_MAX_S)
+            with self.engine.connect() as conn:
+                row = self._stored(conn, event)
+                lapsed = row is None and lease_ended(conn, qid)
             if row is not None:
                 return Answer(row, False)
-            if held.owned:
-                return self._call(event, req, relay)
-            if time.monotonic() > deadline:
-                raise StillInFlight(f"query id {qid!r} is still being answered by another request")
-            time.sleep(WAIT_POLL_S)
+            if lapsed:  # its instance died: take it over (the upsert checks again)
+                return self.answer(event, req, relay)
+        raise StillInFlight(f"query id {qid!r} is still being answered by another request")
 
     def _stored(self, conn: Connection, event: QueryEvent) -> dict[str, Any] | None:
         """The stored decision of this query, or None; :class:`Conflict` if the id is another
@@ -113,16 +164,27 @@ class Front:
             raise Conflict(reason)
         return public_decision(conn, event.query_id)
 
-    def _call(self, event: QueryEvent, req: ChatRequest, relay: Relay | None) -> Answer:
+    def _call(
+        self, event: QueryEvent, req: ChatRequest, token: str | None, relay: Relay | None
+    ) -> Answer:
+        if token is not None:
+            with self._held_lock:
+                self._held[event.query_id] = token  # its lease renewed while the call runs
         try:
             decision, failed = self.decider.call_one(event, req.max_tokens, req.temperature, relay)
             stored = self.group.store(decision, failed)
-        except BaseException:  # not stored: a retry need not wait for the lease
-            release(self.engine, event.query_id, self.instance)
+        except BaseException as exc:  # not stored: a retry need not wait for the lease
+            if token is not None:
+                release(self.engine, event.query_id, token)
+            if isinstance(exc, StoreUnavailable | StoreClosed):
+                raise Unavailable(str(exc)) from exc
             raise
-        if not stored:  # another instance stored this query's decision first
+        finally:
+            with self._held_lock:
+                self._held.pop(event.query_id, None)
+        if not stored:  # another instance (or the Kafka path) stored this query first
             with self.engine.connect() as conn:
-                row = public_decision(conn, event.query_id)
+                row = self._stored(conn, event)  # Conflict if it was another query
             assert row is not None
             return Answer(row, False)
         metrics.DECISIONS.labels(decision.arm, decision.status).inc()  # as the Kafka path
@@ -150,6 +212,30 @@ class Front:
             status = "duplicate"  # the decision had its label: the first one counts
         return {"query_id": event.query_id, "status": status}
 
+    def _renew(self) -> None:
+        """Renew the leases of the calls running here, a third of a lease apart."""
+        while not self._closed.wait(self.lease_s / 3):
+            with self._held_lock:
+                held = dict(self._held)
+            try:
+                renew(self.engine, held, self.lease_s)
+            except Exception as exc:  # the next round tries again, well within the lease
+                log.warning("renewing the leases of %d HTTP calls failed: %s", len(held), exc)
+
     def close(self) -> None:
-        """Store the decisions waiting to be stored."""
+        """Store the decisions waiting to be stored, then refuse to store more; give up the
+        reservations of calls still running (the door stopped waiting for them)."""
+        self._closed.set()
         self.group.close()
+        self._renewer.join(5)
+        with self._held_lock:
+            held = dict(self._held)
+        for qid, token in held.items():
+            release(self.engine, qid, token)
+        if held:
+            log.warning(
+                "stopped with %d HTTP calls still running, not stored (their ids released for "
+                "a retry): %s",
+                len(held),
+                ", ".join(sorted(held)),
+            )

@@ -30,7 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import Counter
 
 from door import shapes
-from door.front import Conflict, Front, StillInFlight
+from door.front import Conflict, Front, StillInFlight, Unavailable
 from door.sse import DONE, TokenStream
 from service.events import InvalidEvent
 
@@ -46,6 +46,21 @@ RETRY_AFTER_S = 1
 #: how long stopping lets the requests in flight finish
 STOP_GRACE_S = 10.0
 FAILED = shapes.FAILED
+
+
+#: the endpoints the request counter names (any other path counts as "other")
+ENDPOINTS = ("/v1/chat/completions", "/v1/feedback", "/v1/models")
+
+
+def endpoint(path: str) -> str:
+    """The counter's label of a /v1 path: a known endpoint, else ``other`` (bounded labels).
+
+    >>> endpoint("/v1/decisions/q-1"), endpoint("/v1/models"), endpoint("/v1/x-9f3a")
+    ('/v1/decisions', '/v1/models', 'other')
+    """
+    if path.startswith("/v1/decisions/") and "/" not in path.removeprefix("/v1/decisions/"):
+        return "/v1/decisions"
+    return path if path in ENDPOINTS else "other"
 
 
 class Refused(Exception):
@@ -77,6 +92,9 @@ class Door:
         self.max_in_flight = max_in_flight
         self.timeout_s = timeout_s
         self.in_flight = 0  # changed on the event loop only
+        self.closing = False  # stopping: new requests get 503
+        self.busy = 0  # the door's threads at work, a request awaited or not (after a 504)
+        self._idle = threading.Condition()
         self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="metallm-door")
 
     def authorized(self, request: Request) -> bool:
@@ -107,11 +125,26 @@ class Door:
         """``fn(*args)`` on the door's threads, within the request timeout (its work goes on
         after a timeout: a call's decision is stored all the same)."""
         loop = asyncio.get_running_loop()
-        job = loop.run_in_executor(self.pool, fn, *args)
+        job = loop.run_in_executor(self.pool, self._busy, fn, *args)
         try:
             return await asyncio.wait_for(job, self.timeout_s)
         except TimeoutError:
             raise Refused(504, "no answer within the request timeout", "timeout") from None
+
+    def _busy(self, fn: Callable[..., Any], *args: Any) -> Any:
+        with self._idle:
+            self.busy += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._idle:
+                self.busy -= 1
+                self._idle.notify_all()
+
+    def drain(self, within_s: float) -> bool:
+        """Wait until no thread of the door works (within ``within_s``); whether none does."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self.busy == 0, within_s)
 
     def app(self) -> FastAPI:
         app = FastAPI(title="metallm", docs_url=None, redoc_url=None, openapi_url=None)
@@ -131,14 +164,15 @@ class Door:
         if not path.startswith("/v1/"):
             return await call_next(request)
         response = await self._admitted(request, call_next)
-        endpoint = "/v1/decisions" if path.startswith("/v1/decisions/") else path
-        HTTP_REQUESTS.labels(endpoint, str(response.status_code)).inc()
+        HTTP_REQUESTS.labels(endpoint(path), str(response.status_code)).inc()
         return response
 
     async def _admitted(self, request: Request, call_next: Callable) -> Response:
+        if self.closing:
+            return _error(503, "the door is stopping: try another instance", "server_error")
         if not self.authorized(request):
             return _error(401, "invalid or missing API key", "invalid_request_error")
-        if self.in_flight >= self.max_in_flight:
+        if max(self.in_flight, self.busy) >= self.max_in_flight:  # a thread for each
             return _error(
                 429,
                 f"the door is answering {self.max_in_flight} requests: try again later",
@@ -174,9 +208,17 @@ class Door:
             kind = "not_found_error" if exc.status == 404 else "invalid_request_error"
             raise Refused(exc.status, str(exc), kind, param=exc.param) from None
         try:
-            event = await self.run(self.front.query, req, request.headers.get("idempotency-key"))
+            key = request.headers.get("idempotency-key")
+            event = await self.run(self.front.query, req, key)
+            retryable = bool(key or req.query_id)  # else the door made the id: no retry knows it
             if req.stream:
-                stream = TokenStream(self.pool, self.front, event, req, self.timeout_s)
+                stream = TokenStream(
+                    self.pool,
+                    lambda relay: self._busy(self.front.answer, event, req, relay, retryable),
+                    event,
+                    req,
+                    self.timeout_s,
+                )
                 began = await stream.started()
                 if began is None:
                     raise Refused(504, "no answer within the request timeout", "timeout")
@@ -189,13 +231,15 @@ class Door:
                     )
                 answer = await stream.job
             else:
-                answer = await self.run(self.front.answer, event, req)
+                answer = await self.run(self.front.answer, event, req, None, retryable)
         except InvalidEvent as exc:
             raise Refused(400, str(exc), "invalid_request_error") from None
         except Conflict as exc:
             raise Refused(409, str(exc), "conflict_error") from None
         except StillInFlight as exc:
             raise Refused(504, str(exc), "timeout") from None
+        except Unavailable as exc:
+            raise Refused(503, str(exc), "server_error") from None
         row, replayed = answer.row, not answer.called
         headers = shapes.headers(row)
         failed = FAILED.get(row["status"])
@@ -262,9 +306,13 @@ class DoorServer:
         return self.thread.is_alive()
 
     def stop(self) -> None:
-        """Stop taking requests; let those in flight finish (within :data:`STOP_GRACE_S`)."""
+        """Refuse new requests (503); let those in flight finish, and the calls of those that
+        timed out end and store (within the request timeout and :data:`STOP_GRACE_S`)."""
+        self.door.closing = True
         self.server.should_exit = True
         if self.thread.is_alive():
             self.thread.join(STOP_GRACE_S + 5)
+        if not self.door.drain(self.door.timeout_s + STOP_GRACE_S):
+            log.warning("stopping with %d HTTP door threads still at work", self.door.busy)
         self.door.pool.shutdown(wait=False, cancel_futures=True)
         self.socket.close()

@@ -1,6 +1,6 @@
 """A streamed chat completion: the arm's tokens sent as SSE chunks while its call goes on.
 
-The call runs on the door's threads (:meth:`Front.answer` with a :class:`Relay`); each text
+The call runs on the door's threads (``Front.answer`` with a :class:`Relay`); each text
 delta the gateway relays is put on a queue of the server's event loop. The response starts at
 the first token: until then, anything can still be told with an HTTP status (a stored decision
 replayed as one chunk, a conflict, a failed call, a classification answer that is never
@@ -14,12 +14,12 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from typing import Any
 
 from door import shapes
-from door.front import Answer, Front
+from door.front import Answer
 from door.shapes import ChatRequest
 from service.events import QueryEvent
 from service.llm.streaming import Relay
@@ -35,8 +35,15 @@ class TokenStream:
     """One streamed request (made on the server's event loop)."""
 
     def __init__(
-        self, pool: Executor, front: Front, event: QueryEvent, req: ChatRequest, timeout_s: float
+        self,
+        pool: Executor,
+        answer: Callable[[Relay], Answer],
+        event: QueryEvent,
+        req: ChatRequest,
+        timeout_s: float,
     ) -> None:
+        """``answer(relay)`` is the request's call (``Front.answer`` on ``event`` and ``req``,
+        counted busy by the door while it runs)."""
         self.loop = asyncio.get_running_loop()
         self.event = event
         self.deltas: asyncio.Queue[str] = asyncio.Queue()
@@ -44,7 +51,7 @@ class TokenStream:
         self.deadline = self.loop.time() + timeout_s
         self.created = int(time.time())
         relay = Relay(lambda delta: self.loop.call_soon_threadsafe(self._put, delta))
-        self.job = self.loop.run_in_executor(pool, front.answer, event, req, relay)
+        self.job = self.loop.run_in_executor(pool, answer, relay)
 
     def _put(self, delta: str) -> None:
         self.deltas.put_nowait(delta)

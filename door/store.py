@@ -13,7 +13,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
+
+import sqlalchemy.exc as sa_exc
 
 from service.decision import Decision
 from service.pipeline import Decider
@@ -22,20 +25,52 @@ log = logging.getLogger(__name__)
 
 #: the most decisions stored in one transaction
 MAX_GROUP = 256
+#: the backoff between tries of a group Postgres failed to store: the first, the longest
+RETRY_FIRST_S = 0.1
+RETRY_MAX_S = 2.0
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a failure is about reaching Postgres (storing again can succeed), as the
+    consumers tell it.
+
+    >>> is_transient(ValueError("no")), is_transient(ConnectionError())
+    (False, True)
+    """
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError)
+
+
+class StoreUnavailable(Exception):
+    """Postgres stayed out of reach while the door retried storing a decision."""
+
+
+class StoreClosed(Exception):
+    """The door is stopping: a decision handed over now is not stored."""
 
 
 class GroupStore:
-    def __init__(self, decider: Decider) -> None:
+    def __init__(self, decider: Decider, retry_for_s: float = 30.0) -> None:
         self.decider = decider
+        self.retry_for_s = retry_for_s
         self._queue: queue.Queue[tuple[Decision, bool, Future[bool]] | None] = queue.Queue()
+        self._closed = False
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="metallm-door-store", daemon=True)
         self._thread.start()
 
     def store(self, decision: Decision, failed: bool) -> bool:
         """Store a decision (its chosen arm ``failed`` or not) with the others waiting; whether
-        it was stored (False: another instance stored this query's decision first)."""
+        it was stored (False: another instance stored this query's decision first).
+        :class:`StoreClosed` once :meth:`close` began."""
         done: Future[bool] = Future()
-        self._queue.put((decision, failed, done))
+        with self._lock:  # handed over before the stop mark, or refused
+            if self._closed:
+                raise StoreClosed(f"the door stopped: {decision.query_id!r} not stored")
+            self._queue.put((decision, failed, done))
         return done.result()
 
     def _run(self) -> None:
@@ -61,19 +96,39 @@ class GroupStore:
             self._store(group)
 
     def _store(self, group: list[tuple[Decision, bool, Future[bool]]]) -> None:
-        try:
-            stored = self.decider.store(
-                [d for d, _, _ in group], [d.query_id for d, failed, _ in group if failed]
-            )
-        except BaseException as exc:  # every request of the group is told
-            log.warning("storing %d decisions of the HTTP door failed: %s", len(group), exc)
-            for _, _, done in group:
-                done.set_exception(exc)
-            return
+        """Store a group; a transient failure (Postgres out of reach) is retried with backoff
+        for up to ``retry_for_s``: the calls are paid for."""
+        give_up, pause = time.monotonic() + self.retry_for_s, RETRY_FIRST_S
+        while True:
+            try:
+                stored = self.decider.store(
+                    [d for d, _, _ in group], [d.query_id for d, failed, _ in group if failed]
+                )
+                break
+            except BaseException as exc:
+                retry = is_transient(exc) and time.monotonic() + pause < give_up
+                log.warning(
+                    "storing %d decisions of the HTTP door failed%s: %s",
+                    len(group),
+                    f" (again in {pause:.1f} s)" if retry else "",
+                    exc,
+                )
+                if retry:
+                    time.sleep(pause)
+                    pause = min(pause * 2, RETRY_MAX_S)
+                    continue
+                failure = StoreUnavailable(f"storing failed: {exc}") if is_transient(exc) else exc
+                for _, _, done in group:  # every request of the group is told
+                    done.set_exception(failure)
+                return
         for d, _, done in group:
             done.set_result(d.query_id in stored)
 
     def close(self) -> None:
-        """Store what is waiting, then stop."""
-        self._queue.put(None)
+        """Store what is waiting, then stop: :meth:`store` refuses from now on."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
         self._thread.join(60)

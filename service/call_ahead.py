@@ -263,10 +263,10 @@ class CallAhead:
         relay: Relay | None = None,
     ) -> Called:
         """Embed, choose an arm for and call one query now, with the request's own output limit
-        and temperature (None: the arm's), and wait for its answer (streamed to ``relay`` as
-        it comes, when the arm can stream it). Safe from any thread: it
-        keeps nothing in the calls started ahead (the HTTP door's queries are its own). The
-        queries that arrive while the ones before are embedded are embedded together."""
+        and temperature (None: the task's, else the arm's), and wait for its answer (streamed to
+        ``relay`` as it comes, when the arm can stream it). Safe from any thread: it keeps
+        nothing in the calls started ahead (the HTTP door's queries are its own). The queries
+        that arrive while the ones before are embedded are embedded together."""
         chosen: Future[Chosen] = Future()
         with self._single_lock:
             self._singles.append((event, chosen))
@@ -299,7 +299,11 @@ class CallAhead:
         relay: Relay | None,
     ) -> Called:
         c = await asyncio.wrap_future(chosen)
-        request = replace(c.request, max_tokens=max_tokens, temperature=temperature)
+        request = replace(  # the request's, else the task's (already in c.request)
+            c.request,
+            max_tokens=c.request.max_tokens if max_tokens is None else max_tokens,
+            temperature=c.request.temperature if temperature is None else temperature,
+        )
         result = await self.gateway.call(c.choice.arm, request, relay)
         self.llm_calls += 1
         return Called(c.choice, c.context, c.layout, request, result, c.pricing)

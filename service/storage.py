@@ -174,6 +174,7 @@ http_requests = sa.Table(
         "reserved_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
     ),
     sa.Column("lease_until", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("token", sa.Uuid(as_uuid=False), nullable=True),  # the holding request's
 )
 
 service_counters = sa.Table(

@@ -15,6 +15,7 @@ import pytest
 import sqlalchemy as sa
 from prometheus_client import REGISTRY
 
+from door.front import Front
 from door.server import Door, DoorServer
 from door.shapes import body_hash
 from service.events import QueryEvent
@@ -50,8 +51,8 @@ def schema() -> Iterator[str]:
 DEPS = ("kafka", "postgres")
 
 
-def _instance(arms: ArmServer, schema: str, name: str):
-    settings = Settings(
+def _instance(arms: ArmServer, schema: str, name: str, **overrides):
+    fields = dict(
         database_url=DATABASE_URL,
         database_schema=schema,
         kafka_bootstrap="127.0.0.1:1",  # nothing there: an HTTP-only instance needs no broker
@@ -64,8 +65,10 @@ def _instance(arms: ArmServer, schema: str, name: str):
         instance_id=name,
         progress_seconds=0,
     )
+    settings = Settings(**{**fields, **overrides})
     config = arm_config(arms, ARMS)
-    config["tasks"] = {**config["tasks"], "chat": {"kind": "open"}}  # free-text answers
+    chat = {"kind": "open", "max_output_tokens": 300, "temperature": 0.7}  # free-text answers
+    config["tasks"] = {**config["tasks"], "chat": chat}
     service = build_service(settings, config)
     service.start()
     return service
@@ -152,6 +155,9 @@ def test_model_metallm_is_the_first_task_and_a_query_id_is_made(services, engine
     qid = reply.model_extra["metallm"]["query_id"]
     uuid.UUID(qid)  # made by the door
     assert rows(engine, qid)[0]["task"] == "sentiment"
+    with engine.connect() as conn:  # no client can retry with it: not reserved
+        held = sa.text("SELECT count(*) FROM http_requests WHERE query_id = :q")
+        assert conn.execute(held, {"q": qid}).scalar() == 0
 
 
 def test_a_streamed_completion(services, engine):
@@ -421,3 +427,143 @@ def test_a_door_streaming_its_limit_of_calls_says_when_to_retry(services, arms):
     finally:
         arms.stream_delay = 0.0
         server.stop()
+
+
+def test_an_open_task_keeps_its_output_limit_and_temperature_unless_asked(services, arms):
+    a, _ = services
+    q, asked = QUERIES[24], QUERIES[25]
+    ask(client(a), q, model="metallm/chat")
+    ask(client(a), asked, model="metallm/chat", max_tokens=40, temperature=0.1)
+    sent = {c.query_id: c for c in arms.calls}
+    assert (sent[q.query_id].max_tokens, sent[q.query_id].temperature) == (300, 0.7)
+    assert (sent[asked.query_id].max_tokens, sent[asked.query_id].temperature) == (40, 0.1)
+
+
+def test_stop_waits_for_a_call_in_flight_and_stores_it(arms, schema, engine):
+    before = set(threading.enumerate())
+    s = _instance(arms, schema, "door-s", http_timeout_seconds=1, metrics_port=0)
+    q = QUERIES[26]
+    arms.delay_ids[q.query_id] = 2.5  # answered after the request's 504
+    c = client(s)
+    with pytest.raises(openai.APIStatusError) as late:
+        ask(c, q)
+    assert late.value.status_code == 504
+    with pytest.raises(openai.AuthenticationError):  # an unknown path counts as "other"
+        client(s, key="wrong").get(f"/nope-{uuid.uuid4().hex}", cast_to=object)
+    with urllib.request.urlopen(f"http://127.0.0.1:{s.metrics_server.port}/metrics") as got:
+        shown = got.read().decode()
+    assert 'metallm_http_requests_total{endpoint="other",status="401"}' in shown
+    assert "nope-" not in shown
+    s.stop()  # waits for the call, stores its decision, then closes the arms' clients
+    (row,) = rows(engine, q.query_id)
+    assert row["instance"] == "door-s" and row["status"] == "ok"
+    assert arms.calls_by_query()[q.query_id] == 1
+    left = [t.name for t in set(threading.enumerate()) - before if t.name.startswith("metallm")]
+    assert left == []
+
+
+def test_a_call_outliving_its_lease_is_not_made_again_by_a_retry(services, arms, engine):
+    a, _ = services
+    front = Front(a.decider, a.learner, "door-short", timeout_s=1, lease_margin_s=0)
+    server = DoorServer(Door(front, a.ready, [KEY], 4096, 4, timeout_s=1), "127.0.0.1", 0)
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.start().port}/v1", api_key=KEY)
+    c = c.with_options(max_retries=0)
+    q = QUERIES[27]
+    arms.delay_ids[q.query_id] = 3.0  # three leases long
+    try:
+        with pytest.raises(openai.APIStatusError) as first:
+            ask(c, q)
+        time.sleep(0.5)  # the first lease (1 s) is over: only its renewal keeps it
+        with pytest.raises(openai.APIStatusError) as retry:
+            ask(c, q)
+        assert (first.value.status_code, retry.value.status_code) == (504, 504)
+        deadline = time.monotonic() + 5
+        while not rows(engine, q.query_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        replayed = ask(c, q).parse()
+    finally:
+        server.stop()
+        front.close()
+    assert replayed.model_extra["metallm"]["replayed"] is True
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_a_query_stored_first_with_another_text_is_a_conflict(services, arms):
+    a, b = services
+    q = QUERIES[28]
+    arms.delay_ids[q.query_id] = 1.0
+    result: list = []
+
+    def door() -> None:
+        try:
+            result.append(ask(client(a), q).parse())
+        except openai.APIStatusError as exc:
+            result.append(exc)
+
+    asking = threading.Thread(target=door)
+    asking.start()
+    deadline = time.monotonic() + 5
+    while q.query_id not in arms.calls_by_query() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    other = QueryEvent.model_validate(  # as the Kafka path stores it: past the reservation
+        {"query_id": q.query_id, "text": "another question", "task": q.task}
+    )
+    decision, failed = b.decider.call_one(other)
+    assert b.decider.store([decision], [q.query_id] if failed else []) == {q.query_id}
+    asking.join()
+    assert isinstance(result[0], openai.ConflictError)
+
+
+def test_a_store_cut_off_from_postgres_is_retried_not_thrown_away(services, arms, engine):
+    a, _ = services
+    q = QUERIES[29]
+    result: list = []
+    waiting = sa.text("SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+    with engine.connect() as holder:  # holds the learning log's lock: the store waits for it
+        holder.execute(
+            sa.text(
+                "SELECT pg_advisory_lock(hashtextextended('metallm-log:' || current_schema(), 0))"
+            )
+        )
+
+        def door() -> None:
+            try:
+                result.append(ask(client(a), q).status_code)
+            except openai.APIStatusError as exc:
+                result.append(exc.status_code)
+
+        asking = threading.Thread(target=door)
+        asking.start()
+        deadline, pids = time.monotonic() + 5, []
+        while not pids and time.monotonic() < deadline:
+            pids = holder.execute(waiting).scalars().all()
+        for pid in pids:  # the store's connection dies under it: a transient failure
+            holder.execute(sa.text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        time.sleep(0.3)
+        holder.execute(
+            sa.text(
+                "SELECT pg_advisory_unlock(hashtextextended('metallm-log:' || current_schema(), 0))"
+            )
+        )
+        holder.commit()
+    asking.join()
+    assert pids and result == [200]
+    assert rows(engine, q.query_id)[0]["instance"] == "door-a"
+    assert arms.calls_by_query()[q.query_id] == 1
+
+
+def test_a_thread_still_calling_after_a_504_counts_against_the_limit(services, arms):
+    a, _ = services
+    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=1)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
+    arms.delay_ids[QUERIES[30].query_id] = 2.0
+    try:
+        with pytest.raises(openai.APIStatusError) as late:
+            ask(c, QUERIES[30])
+        with pytest.raises(openai.RateLimitError):  # its thread still calls: none is free
+            ask(c, QUERIES[31])
+    finally:
+        server.stop()  # waits for that call
+    assert late.value.status_code == 504
+    assert QUERIES[31].query_id not in arms.calls_by_query()

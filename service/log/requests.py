@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
 from service.storage import decisions, http_requests, one_of
@@ -52,10 +53,10 @@ PUBLIC_COLUMNS = (
 )
 
 _RESERVE = sa.text(
-    "INSERT INTO http_requests (query_id, body_sha256, instance, lease_until)"
-    " VALUES (:q, :h, :i, now() + make_interval(secs => :s))"
+    "INSERT INTO http_requests (query_id, body_sha256, instance, lease_until, token)"
+    " VALUES (:q, :h, :i, now() + make_interval(secs => :s), CAST(:t AS uuid))"
     " ON CONFLICT (query_id) DO UPDATE SET instance = EXCLUDED.instance,"
-    " lease_until = EXCLUDED.lease_until, reserved_at = now()"
+    " lease_until = EXCLUDED.lease_until, reserved_at = now(), token = EXCLUDED.token"
     " WHERE http_requests.lease_until < now()"
     " AND http_requests.body_sha256 = EXCLUDED.body_sha256"
     " RETURNING query_id"
@@ -72,14 +73,19 @@ class Reservation:
 
 
 def reserve(
-    conn: Connection, query_id: str, body_sha256: str, instance: str, lease_s: float
+    conn: Connection,
+    query_id: str,
+    body_sha256: str,
+    instance: str,
+    lease_s: float,
+    token: str | None = None,
 ) -> Reservation:
     """Reserve ``query_id`` for a request with this body: a new id, or one whose lease ended
     under the same body, is this request's (:attr:`Reservation.owned`) once ``conn``'s
-    transaction commits."""
-    got = conn.execute(
-        _RESERVE, {"q": query_id, "h": body_sha256, "i": instance, "s": lease_s}
-    ).first()
+    transaction commits. ``token`` (a uuid, new for each request) names the request holding it
+    (:func:`renew`, :func:`release`)."""
+    params = {"q": query_id, "h": body_sha256, "i": instance, "s": lease_s, "t": token}
+    got = conn.execute(_RESERVE, params).first()
     if got is not None:
         return Reservation(True, True)
     held = conn.execute(
@@ -88,15 +94,42 @@ def reserve(
     return Reservation(False, held == body_sha256)
 
 
-def release(engine: Engine, query_id: str, instance: str) -> None:
+def release(engine: Engine, query_id: str, token: str) -> None:
     """Give up a reservation whose call will not be stored (it failed before storing): a retry
-    need not wait for its lease to end."""
+    need not wait for its lease to end. Only if the request ``token`` still holds it (not a
+    request that took it over after its lease ended)."""
     with engine.begin() as conn:
         conn.execute(
             sa.delete(http_requests).where(
-                http_requests.c.query_id == query_id, http_requests.c.instance == instance
+                http_requests.c.query_id == query_id, http_requests.c.token == token
             )
         )
+
+
+def renew(engine: Engine, held: dict[str, str], lease_s: float) -> int:
+    """Extend by ``lease_s`` from now the leases of these reservations (query id → token)
+    still held by their requests, while their calls run: a live call's reservation is not
+    taken over. How many were renewed."""
+    if not held:
+        return 0
+    tokens = sa.literal(list(held.values()), postgresql.ARRAY(sa.Uuid(as_uuid=False)))
+    with engine.begin() as conn:
+        done = conn.execute(
+            sa.update(http_requests)
+            .where(one_of(http_requests.c.query_id, held), http_requests.c.token == sa.any_(tokens))
+            .values(lease_until=sa.func.now() + sa.func.make_interval(0, 0, 0, 0, 0, 0, lease_s))
+        )
+    return done.rowcount
+
+
+def lease_ended(conn: Connection, query_id: str) -> bool:
+    """Whether this id's reservation is gone or its lease has ended (its holder died)."""
+    live = conn.execute(
+        sa.select(http_requests.c.query_id).where(
+            http_requests.c.query_id == query_id, http_requests.c.lease_until > sa.func.now()
+        )
+    ).first()
+    return live is None
 
 
 def reserved_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
