@@ -10,6 +10,7 @@ COPY pyproject.toml README.md ./
 COPY app ./app
 COPY service ./service
 COPY consumers ./consumers
+COPY door ./door
 COPY producers ./producers
 COPY evaluation ./evaluation
 COPY migrations ./migrations
@@ -22,6 +23,6 @@ USER metallm
 # The embedding model's ONNX export (the default METALLM_EMBEDDING_BACKEND=onnx), made once at
 # build time into the user's cache, so a container never exports at start.
 RUN python -m service.onnx_export
-EXPOSE 9400
+EXPOSE 9400 8080
 ENTRYPOINT ["metallm"]
 CMD ["serve"]

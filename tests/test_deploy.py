@@ -133,6 +133,20 @@ def test_image_installs_what_the_default_embedding_backend_needs():
         assert dockerfile.index("USER metallm") < export  # into the service user's cache
 
 
+def test_image_copies_every_package_the_install_includes():
+    """The image installs from what it copied: each package pyproject.toml includes (the HTTP
+    door's among them) is copied before ``pip install``."""
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = [p.rstrip("*") for p in found["packages"]["find"]["include"]]
+    install = dockerfile.index("RUN pip install")
+    for package in packages:
+        copy = f"COPY {package} ./{package}"
+        assert copy in dockerfile and dockerfile.index(copy) < install, package
+
+
 @pytest.mark.integration
 def test_postgres_init_script_gives_the_service_rows_but_no_ddl(tmp_path):
     """Run deploy/postgres-init.sh against a fresh database, migrate as the owner, then act as
