@@ -100,6 +100,13 @@ def child(args: list[str], env: dict[str, str], prefix: str, log: Path) -> tuple
     return proc, line.split()[1]
 
 
+def cpu_times() -> tuple[int, int]:
+    """The machine's (busy, total) CPU jiffies so far, from ``/proc/stat``."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
 def wait_ready(port: int, timeout: float = 60.0) -> None:
     """Until the door answers ``/readyz`` (its port is bound before uvicorn listens)."""
     import urllib.error
@@ -159,10 +166,14 @@ async def closed_loop(ports: list[int], clients: int, seconds: float, tag: str) 
             text = f"[q-{tag}-{port}-{c}-{i}] The film was a delight, said reviewer {c}.{i}."
             body = {"model": "metallm/sentiment", "messages": [{"role": "user", "content": text}]}
             start = time.monotonic()
-            async with session.post(url, json=body) as response:
-                await response.read()
-                out.append((start, time.monotonic(), response.status))
-            if response.status == 429:
+            try:
+                async with session.post(url, json=body) as response:
+                    await response.read()
+                    status = response.status
+            except aiohttp.ClientError:  # counted as failed (e.g. Postgres cut by another job)
+                status = 0
+            out.append((start, time.monotonic(), status))
+            if status != 200:
                 await asyncio.sleep(0.05)
 
     connector = aiohttp.TCPConnector(limit=0)
@@ -200,8 +211,9 @@ def one_run(k: int, embedder: str, arms: Arms, args, folder: Path) -> dict:
             wait_ready(port)
         asyncio.run(closed_loop(ports, 2, 2.0, "warm"))  # connections, first choices, caches
         before = load()
-        began = time.monotonic()
+        began, cpu_before = time.monotonic(), cpu_times()
         done = asyncio.run(closed_loop(ports, args.in_flight, args.seconds, uuid.uuid4().hex[:6]))
+        busy, total = (b - a for a, b in zip(cpu_before, cpu_times(), strict=True))
         window = (began + args.warm_up, began + args.seconds)
         ok = [e for s, e, st in done if st == 200 and window[0] <= e <= window[1]]
         latencies = [e - s for s, e, st in done if st == 200]
@@ -218,6 +230,7 @@ def one_run(k: int, embedder: str, arms: Arms, args, folder: Path) -> dict:
             "stored": stored,
             "p50": statistics.median(latencies) * 1000 if latencies else float("nan"),
             "load": f"{before} → {load()}",
+            "cpu": busy / total if total else float("nan"),
         }
     finally:
         for proc in procs:
@@ -234,7 +247,8 @@ def run(embedder: str, args, folder: Path, arms: Arms) -> dict[int, list[dict]]:
             print(
                 f"{embedder} repeat {repeat + 1}, {k} instance(s): {r['rate']:.1f} decisions/s, "
                 f"{r['answered']} answered, {r['refused']} 429, {r['failed']} failed, "
-                f"{r['stored']} stored, p50 {r['p50']:.0f} ms, load {r['load']}",
+                f"{r['stored']} stored, p50 {r['p50']:.0f} ms, CPU busy {r['cpu']:.0%}, "
+                f"load {r['load']}",
                 flush=True,
             )
     return runs
@@ -243,8 +257,8 @@ def run(embedder: str, args, folder: Path, arms: Arms) -> dict[int, list[dict]]:
 def report(results: dict[str, dict[int, list[dict]]], args) -> str:
     lines = [
         "| embedder | instances | decisions/s (median) | runs | × 1 instance | target "
-        "| request p50 | 429s | load average (before → after, per run) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| request p50 | machine's CPU busy | 429s | load average (before → after, per run) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for embedder, runs in results.items():
         base = statistics.median(r["rate"] for r in runs[min(runs)])
@@ -257,6 +271,7 @@ def report(results: dict[str, dict[int, list[dict]]], args) -> str:
                 + ", ".join(f"{r['rate']:.1f}" for r in rs)
                 + f" | {rate / base:.2f}× | {target} | "
                 + f"{statistics.median(r['p50'] for r in rs):.0f} ms | "
+                + f"{statistics.median(r['cpu'] for r in rs):.0%} | "
                 + f"{sum(r['refused'] for r in rs)} | "
                 + "; ".join(r["load"] for r in rs)
                 + " |"
