@@ -15,9 +15,16 @@ calling the endpoint directly. For each request through the door:
 - embedding: the time the embedder took for the request's text (timed around the embedder
   itself), reported apart; added − embedding is the router's overhead without it.
 
+Side by side, if LiteLLM is installed in its own virtualenv (``benchmarks/litellm_side.py``:
+``/work/litellm-venv``, ``litellm[proxy]==1.81.13``; never in the project's): LiteLLM's proxy
+in front of the same endpoint, driven by the same client at the same rates right after the
+door, with the same columns (no embedding: LiteLLM does not embed). Without it, its rows are
+skipped and the script says how to install it.
+
     .venv/bin/python benchmarks/http_door.py                 # 20 and 50 req/s, 15 s each
     .venv/bin/python benchmarks/http_door.py --rates 20 50 100 --seconds 10
     .venv/bin/python benchmarks/http_door.py --embedder hash   # without MiniLM's cost
+    .venv/bin/python benchmarks/http_door.py --no-litellm      # metallm only
 
 Results: ``benchmarks/results/http_door.md``, or ``http_door_hash.md`` with ``--embedder hash``
 (``--no-write``: not written).
@@ -117,11 +124,13 @@ def serve(config: str, timings: str, kind: str) -> None:
     Path(timings).write_text(json.dumps(embedder.seconds))
 
 
-def run(rates: list[float], seconds: float, kind: str) -> list[dict]:
+def run(rates: list[float], seconds: float, kind: str, litellm: Path | None) -> list[dict]:
+    """Per rate, the direct calls then each router's; LiteLLM's proxy too if ``litellm``."""
     import json
     import subprocess
     import tempfile
 
+    from benchmarks.litellm_side import Proxy
     from service.migrate import drop_schema, upgrade
     from tests.faults.harness import ArmServer, arm_config, write_config
 
@@ -145,6 +154,7 @@ def run(rates: list[float], seconds: float, kind: str) -> list[dict]:
         PYTHONPATH=str(ROOT),
     )
     timings = folder / "embedding.json"
+    proxy = None if litellm is None else Proxy(litellm, {"small": arms.base_url("small")}, folder)
     command = [sys.executable, __file__, "--serve", str(config), str(timings), kind]
     child = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
@@ -152,52 +162,65 @@ def run(rates: list[float], seconds: float, kind: str) -> list[dict]:
         line = child.stdout.readline().decode()
         assert line.startswith("PORT "), f"the service did not start: {line!r}"
         port = int(line.split()[1])
-        results = measure(arms, port, rates, seconds)
+        targets = {"metallm": (f"http://127.0.0.1:{port}/v1", "metallm/sentiment")}
+        if proxy is not None:
+            proxy.start()
+            targets["litellm"] = (proxy.base_url, "small")
+        results = measure(arms, targets, rates, seconds)
         child.stdin.close()
         child.wait(120)
         spent = json.loads(timings.read_text())
     finally:
         if child.poll() is None:
             child.kill()
+        if proxy is not None:
+            proxy.stop()
         arms.kill()
         drop_schema(DATABASE_URL, schema)
-    return [summarise(*r, spent) for r in results]
+    return [summarise(*r, spent if r[0] == "metallm" else {}) for r in results]
 
 
-def measure(arms, port: int, rates: list[float], seconds: float) -> list[tuple]:
-    """Per rate: the direct calls' median, then the door's requests (sent, answered) and when
-    the arm took each one's call."""
+def measure(arms, targets: dict[str, tuple[str, str]], rates: list[float], seconds: float):
+    """Per rate: the direct calls' median, then each router's requests (sent, answered) and
+    when the arm took each one's call, the routers one after the other at the same rate."""
     import openai
 
-    door = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
     direct = openai.OpenAI(base_url=arms.base_url("small"), api_key="-", max_retries=0)
     out = []
     for rate in rates:
         tag = f"r{int(rate)}-{uuid.uuid4().hex[:4]}"
 
-        def text(i: int, tag: str = tag) -> str:
-            return f"[q-{tag}-{i}] The film was a delight, said reviewer {i}."
-
-        def via_direct(i: int, text=text) -> None:
+        def via_direct(i: int, tag=tag) -> None:
             direct.chat.completions.create(
-                model="small", messages=[{"role": "user", "content": text(i) + " direct"}]
-            )
-
-        def via_door(i: int, text=text) -> None:
-            door.chat.completions.create(
-                model="metallm/sentiment", messages=[{"role": "user", "content": text(i)}]
+                model="small",
+                messages=[{"role": "user", "content": f"{tag} {i}: the film was a delight"}],
             )
 
         base = drive(rate, seconds, via_direct)
         base_median = statistics.median(b - a for _, a, b in base)
-        calls_before = len(arms.calls)
-        timed = drive(rate, seconds, via_door)
-        at = {c.query_id: c.at for c in arms.calls[calls_before:] if c.query_id}
-        out.append((rate, timed, at, tag, text, base_median))
+        for name, (url, model) in targets.items():
+            client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+            sent = _one(arms, client, model, f"{name}-{tag}", rate, seconds)
+            out.append((name, *sent, base_median, " ".join(f"{x:.1f}" for x in os.getloadavg())))
     return out
 
 
-def summarise(rate, timed, at, tag, text, base_median, spent: dict[str, float]) -> dict:
+def _one(arms, client, model: str, tag: str, rate: float, seconds: float) -> tuple:
+    def text(i: int, tag: str = tag) -> str:
+        return f"[q-{tag}-{i}] The film was a delight, said reviewer {i}."
+
+    def send(i: int) -> None:
+        client.chat.completions.create(model=model, messages=[{"role": "user", "content": text(i)}])
+
+    calls_before = len(arms.calls)
+    timed = drive(rate, seconds, send)
+    at = {c.query_id: c.at for c in arms.calls[calls_before:] if c.query_id}
+    return rate, timed, at, tag, text
+
+
+def summarise(
+    router, rate, timed, at, tag, text, base_median, load: str, spent: dict[str, float]
+) -> dict:
     into, out, added, embed, bare = [], [], [], [], []
     for i, sent, answered in timed:
         qid = f"q-{tag}-{i}"
@@ -212,7 +235,9 @@ def summarise(rate, timed, at, tag, text, base_median, spent: dict[str, float]) 
         bare.append(total - e)
     ms = 1000.0
     return {
+        "router": router,
         "rate": rate,
+        "load": load,
         "n": len(added),
         "direct_p50": base_median * ms,
         **{f"{k}_p50": pct(v, 0.5) * ms for k, v in _named(into, out, added, embed, bare)},
@@ -226,16 +251,18 @@ def _named(into, out, added, embed, bare):
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| req/s | n | direct p50 | in→arm p50 / p99 | arm→out p50 / p99 | added p50 / p99 "
-        "| embedding p50 / p99 | added − embedding p50 / p99 |\n|---|---|---|---|---|---|---|---|\n"
+        "| router | req/s | n | direct p50 | in→arm p50 / p99 | arm→out p50 / p99 "
+        "| added p50 / p99 | embedding p50 / p99 | added − embedding p50 / p99 | load average |\n"
+        "|---|---|---|---|---|---|---|---|---|---|\n"
     )
+    rows = sorted(rows, key=lambda r: (r["rate"], r["router"] != "metallm"))
     lines = [
-        f"| {r['rate']:g} | {r['n']} | {r['direct_p50']:.1f} ms"
+        f"| {r['router']} | {r['rate']:g} | {r['n']} | {r['direct_p50']:.1f} ms"
         + "".join(
             f" | {r[k + '_p50']:.1f} / {r[k + '_p99']:.1f} ms"
             for k in ("in", "out", "added", "embed", "bare")
         )
-        + " |"
+        + f" | {r['load']} |"
         for r in rows
     ]
     return head + "\n".join(lines)
@@ -252,13 +279,24 @@ def main() -> None:
         default="minilm",
         help="hash: feature hashing in place of MiniLM (the router's cost without the model)",
     )
+    parser.add_argument(
+        "--no-litellm", action="store_true", help="leave LiteLLM's proxy out even if installed"
+    )
     parser.add_argument("--serve", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         serve(*args.serve)
         return
+    from benchmarks import litellm_side
+
+    litellm = None if args.no_litellm else litellm_side.find()
+    if litellm is None:
+        print(f"LiteLLM's column skipped; to install it: {litellm_side.INSTALL}")
+        side = "LiteLLM: not run."
+    else:
+        side = f"LiteLLM {litellm_side.version(litellm)}'s proxy (one worker, no database)."
     load_before = os.getloadavg()[0]
-    rows = run(args.rates, args.seconds, args.embedder)
+    rows = run(args.rates, args.seconds, args.embedder, litellm)
     text = table(rows)
     print(text)
     results = RESULTS.with_name("http_door_hash.md") if args.embedder == "hash" else RESULTS
@@ -270,7 +308,8 @@ def main() -> None:
             f"# HTTP door: router-added latency\n\n{when}, {os.cpu_count()} cores, load average "
             f"{load} (before → after); `benchmarks/http_door.py --rates {rates}"
             f" --seconds {args.seconds:g} --embedder {args.embedder}`. Baseline (direct): the "
-            "OpenAI SDK calling the same instant endpoint without the router, in the same run."
+            "OpenAI SDK calling the same instant endpoint without the router, in the same run. "
+            f"{side} The load average (1, 5, 15 min) is taken after each row's run."
             "\n\n" + text + "\n"
         )
         print(f"written to {results.relative_to(ROOT)}")
