@@ -20,6 +20,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -297,8 +298,17 @@ class DoorServer:
             target=self.server.run, kwargs={"sockets": [self.socket]}, name="metallm-door"
         )
 
-    def start(self) -> DoorServer:
+    def start(self, within_s: float = 10.0) -> DoorServer:
+        """Serve, and return once uvicorn accepts connections (a client that connects as soon
+        as the service started is answered, not refused)."""
         self.thread.start()
+        deadline = time.monotonic() + within_s
+        while not self.server.started and self.thread.is_alive():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the HTTP door did not start within {within_s:g} s")
+            time.sleep(0.01)
+        if not self.server.started:
+            raise RuntimeError("the HTTP door stopped while starting (its log says why)")
         return self
 
     @property
