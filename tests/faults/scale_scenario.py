@@ -86,7 +86,7 @@ DISCARDED_AT_REBALANCE = re.compile(r"(\d+) calls discarded at a rebalance")
 DISCARDED_ELSEWHERE = re.compile(r"(\d+) calls discarded: their queries were decided elsewhere")
 FOLLOWER_FAILED = "following the learning log failed"
 ASSIGNED = re.compile(
-    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO consumers\.batch: (queries|labels): "
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) INFO consumers\.rebalance: (queries|labels): "
     r"assigned (.*)$",
     re.MULTILINE,
 )
