@@ -5,28 +5,17 @@ and the backoff between retries.
 
 from __future__ import annotations
 
-import sqlalchemy.exc as sa_exc
 from kafka.errors import KafkaError
 from tenacity import RetryCallState
 from tenacity.wait import wait_exponential
 
-TRANSIENT = (
-    sa_exc.DisconnectionError,
-    sa_exc.TimeoutError,
-    KafkaError,
-    ConnectionError,
-    TimeoutError,
-)
+from service.storage import unreachable
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether a failure is about reaching Postgres or the broker (retrying the same events
     later can succeed) rather than about the events themselves."""
-    if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
-        )
-    return isinstance(exc, TRANSIENT)
+    return unreachable(exc) or isinstance(exc, KafkaError | TimeoutError)
 
 
 def describe(exc: BaseException) -> str:

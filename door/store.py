@@ -16,10 +16,9 @@ import threading
 import time
 from concurrent.futures import Future
 
-import sqlalchemy.exc as sa_exc
-
 from service.decision import Decision
 from service.pipeline import Decider
+from service.storage import unreachable
 
 log = logging.getLogger(__name__)
 
@@ -28,20 +27,6 @@ MAX_GROUP = 256
 #: the backoff between tries of a group Postgres failed to store: the first, the longest
 RETRY_FIRST_S = 0.1
 RETRY_MAX_S = 2.0
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failure is about reaching Postgres (storing again can succeed), as the
-    consumers tell it.
-
-    >>> is_transient(ValueError("no")), is_transient(ConnectionError())
-    (False, True)
-    """
-    if isinstance(exc, sa_exc.DBAPIError):
-        return exc.connection_invalidated or isinstance(
-            exc, sa_exc.OperationalError | sa_exc.InterfaceError
-        )
-    return isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError)
 
 
 class StoreUnavailable(Exception):
@@ -106,7 +91,7 @@ class GroupStore:
                 )
                 break
             except BaseException as exc:
-                retry = is_transient(exc) and time.monotonic() + pause < give_up
+                retry = unreachable(exc) and time.monotonic() + pause < give_up
                 log.warning(
                     "storing %d decisions of the HTTP door failed%s: %s",
                     len(group),
@@ -117,7 +102,7 @@ class GroupStore:
                     time.sleep(pause)
                     pause = min(pause * 2, RETRY_MAX_S)
                     continue
-                failure = StoreUnavailable(f"storing failed: {exc}") if is_transient(exc) else exc
+                failure = StoreUnavailable(f"storing failed: {exc}") if unreachable(exc) else exc
                 for _, _, done in group:  # every request of the group is told
                     done.set_exception(failure)
                 return

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Engine
 
@@ -211,3 +212,17 @@ def arrays(**columns: tuple[sa.types.TypeEngine, list[Any]]) -> tuple[str, dict[
     casts = ", ".join(f"CAST(:{n} AS {t.compile(dialect)}[])" for n, (t, _) in columns.items())
     params = {name: values for name, (_, values) in columns.items()}
     return f"unnest({casts}) AS v({', '.join(columns)})", params
+
+
+def unreachable(exc: BaseException) -> bool:
+    """Whether a failure is about reaching Postgres (the same statements again can succeed),
+    not about what they store: the one rule the Kafka consumers and the HTTP door retry by.
+
+    >>> unreachable(ValueError("no")), unreachable(ConnectionError())
+    (False, True)
+    """
+    if isinstance(exc, sa_exc.DBAPIError):
+        return exc.connection_invalidated or isinstance(
+            exc, sa_exc.OperationalError | sa_exc.InterfaceError
+        )
+    return isinstance(exc, sa_exc.DisconnectionError | sa_exc.TimeoutError | ConnectionError)
