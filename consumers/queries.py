@@ -7,7 +7,6 @@ from kafka.consumer.fetcher import ConsumerRecord
 
 from consumers.batch import Outgoing
 from consumers.group_commit import GroupCommitConsumer
-from service import metrics
 from service.events import QueryEvent
 from service.pipeline import Decider, QueryRecord
 from service.settings import QUERY_BATCHES_HELD
@@ -58,15 +57,10 @@ class QueryConsumer(GroupCommitConsumer):
         decided = self.decider.decide(
             [QueryRecord(event, record.partition, record.offset) for event, record in items]
         )
-        # a redelivered query's decision was stored before, but its event may not have reached
-        # the broker (a crash between the two): publish it again (consumers dedupe by query_id)
-        for d in decided.new:
-            metrics.DECISIONS.labels(d.arm, d.status).inc()
-            metrics.COST.labels(d.arm).inc(d.cost_usd)
-            if d.latency_ms is not None:
-                metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
         # an id taken by another query: to the DLQ, so an app never gets another's answer
         rejected = [self.dead_letter(items[i][1], reason) for i, reason in decided.rejected]
+        # a redelivered query's decision was stored before, but its event may not have reached
+        # the broker (a crash between the two): publish it again (consumers dedupe by query_id)
         return rejected + [
             Outgoing(self.decisions_topic, d.query_id.encode(), d.to_bytes())
             for d in [*decided.again, *decided.new]

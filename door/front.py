@@ -23,7 +23,6 @@ from sqlalchemy.engine import Connection
 
 from door.shapes import ChatRequest
 from door.store import GroupStore, StoreClosed, StoreUnavailable
-from service import metrics
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
 from service.llm.streaming import Relay
 from service.log.decisions import stored_queries
@@ -187,10 +186,6 @@ class Front:
                 row = self._stored(conn, event)  # Conflict if it was another query
             assert row is not None
             return Answer(row, False)
-        metrics.DECISIONS.labels(decision.arm, decision.status).inc()  # as the Kafka path
-        metrics.COST.labels(decision.arm).inc(decision.cost_usd)
-        if decision.latency_ms is not None:
-            metrics.LLM_LATENCY.labels(decision.arm).observe(decision.latency_ms / 1000)
         return Answer({c: getattr(decision, c, None) for c in PUBLIC_COLUMNS}, True)
 
     def decision(self, query_id: str) -> dict[str, Any] | None:

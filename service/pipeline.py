@@ -69,6 +69,15 @@ class Decided:
     rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
+def _count_decided(decisions: list[Decision]) -> None:
+    """The decision metrics of newly stored decisions, whichever door they came in by."""
+    for d in decisions:
+        metrics.DECISIONS.labels(d.arm, d.status).inc()
+        metrics.COST.labels(d.arm).inc(d.cost_usd)
+        if d.latency_ms is not None:
+            metrics.LLM_LATENCY.labels(d.arm).observe(d.latency_ms / 1000)
+
+
 def _repeated(events: list[DecisionEvent], query_ids: list[str]) -> list[DecisionEvent]:
     """The decision of each id in ``query_ids`` (of those among ``events``), in that order."""
     by_id = {e.query_id: e for e in events}
@@ -184,6 +193,7 @@ class Decider:
                 again += decision_sql.decision_events(conn, lost)
             order = {qid: i for i, qid in enumerate(unique)}
             again.sort(key=lambda e: order[e.query_id])
+        _count_decided([d for d in batch if d.query_id in stored.inserted])
         new = [d.event() for d in batch if d.query_id in stored.inserted]
         return Decided(new, again + _repeated(again + new, repeats), rejected)
 
@@ -249,6 +259,7 @@ class Decider:
         lost = len(batch) - len(stored.inserted)
         if lost:
             metrics.CALLS_DISCARDED.labels("decided_elsewhere").inc(lost)
+        _count_decided([d for d in batch if d.query_id in stored.inserted])
         return set(stored.inserted)
 
     def call_ended(self, event: QueryEvent) -> bool:

@@ -129,12 +129,26 @@ def test_an_http_only_instance_is_ready_without_a_broker(services):
     assert up == {"kafka": None, "postgres": 1.0}
 
 
+def decisions_counted(arm: str) -> float:
+    samples = [
+        s.value
+        for metric in REGISTRY.collect()
+        if metric.name == "metallm_decisions"
+        for s in metric.samples
+        if s.name == "metallm_decisions_total" and s.labels.get("arm") == arm
+    ]
+    return sum(samples)
+
+
 def test_a_completion_is_routed_stored_and_answered(services, engine, arms):
     a, _ = services
     q = QUERIES[0]
+    decided = sum(decisions_counted(arm) for arm in ARMS)
     raw = ask(client(a), q, max_tokens=5, temperature=0.0)
     reply = raw.parse()
     (row,) = rows(engine, q.query_id)
+    # counted in the decision metrics, as a Kafka decision is (both instances share a process)
+    assert sum(decisions_counted(arm) for arm in ARMS) == decided + 1
     assert reply.choices[0].message.content == row["prediction"]
     assert row["prediction"] in ("positive", "negative", "yes", "no")
     assert raw.headers["x-metallm-query-id"] == q.query_id
