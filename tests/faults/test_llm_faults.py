@@ -117,13 +117,17 @@ def test_endpoint_garbage_slow_500_killed_falls_back_and_penalises(
         recover()
 
         main.modes["flaky"], main.delay["flaky"] = "slow", 2.5  # > the 1 s timeout
+        breaker = service.decider.gateway.breakers["flaky"]
+        opened, state = breaker.times_opened, breaker.state
         slow = [d for d in phase("slow") if d["arm"] == "flaky" and d["attempts"] > 1]
         assert slow and all("timed out after 1 s" in d["error"] for d in slow)
-        assert service.decider.gateway.breakers["flaky"].times_opened >= 3
+        # a timed-out probe opens a half-open circuit again; a closed one opens after
+        # `breaker_failures` timeouts (how many calls went to flaky is the policy's draw)
+        if state == "half_open" or len(slow) >= FLAKY["breaker_failures"]:
+            assert breaker.times_opened > opened, (state, len(slow))
         recover()
 
         main.kill()  # connection refused, open connections cut
-        breaker = service.decider.gateway.breakers["flaky"]
         opened = breaker.times_opened
         killed = [d for d in phase("killed") if d["arm"] == "flaky" and d["attempts"] > 1]
         assert killed and all("connection failed" in d["error"] for d in killed)
