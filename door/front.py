@@ -16,7 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
 from pydantic import ValidationError
 from sqlalchemy.engine import Connection
@@ -26,14 +26,8 @@ from door.store import GroupStore, StoreClosed, StoreUnavailable
 from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
 from service.llm.streaming import Relay
 from service.log.decisions import stored_queries
-from service.log.requests import (
-    PUBLIC_COLUMNS,
-    lease_ended,
-    public_decision,
-    release,
-    renew,
-    reserve,
-)
+from service.log.requests import lease_ended, public_decision, release, renew, reserve
+from service.log.rows import PublicDecision
 from service.pipeline import Decider, Learner
 from service.query_checks import difference, query_of
 
@@ -60,10 +54,23 @@ class StillInFlight(Exception):
 
 @dataclass(frozen=True)
 class Answer:
-    """A query's stored decision (public columns) and whether this request called for it."""
+    """A query's decision and whether this request called for it (else it was stored)."""
 
-    row: dict[str, Any]
+    decision: PublicDecision
     called: bool
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What a feedback did: ``applied``, ``pending`` (no decision yet: it waits for it) or
+    ``duplicate`` (the decision had its feedback: the first one counts)."""
+
+    query_id: str
+    status: Literal["applied", "pending", "duplicate"]
+
+    def json(self) -> dict[str, str]:
+        """The body of ``POST /v1/feedback``'s answer."""
+        return {"query_id": self.query_id, "status": self.status}
 
 
 class Front:
@@ -127,9 +134,9 @@ class Front:
             held = reserve(conn, qid, req.body_sha256, self.instance, self.lease_s, token)
             if not held.same_body:
                 raise Conflict(f"query id {qid!r} was used with another request body")
-            row = self._stored(conn, event)  # Conflict: the reservation is undone
-        if row is not None:
-            return Answer(row, False)
+            stored = self._stored(conn, event)  # Conflict: the reservation is undone
+        if stored is not None:
+            return Answer(stored, False)
         if held.owned:
             return self._call(event, req, token, relay)
         return self._wait(event, req, deadline, relay)
@@ -144,15 +151,15 @@ class Front:
             time.sleep(min(pause, max(0.0, deadline - time.monotonic())))
             pause = min(pause * 2, WAIT_POLL_MAX_S)
             with self.engine.connect() as conn:
-                row = self._stored(conn, event)
-                lapsed = row is None and lease_ended(conn, qid)
-            if row is not None:
-                return Answer(row, False)
+                stored = self._stored(conn, event)
+                lapsed = stored is None and lease_ended(conn, qid)
+            if stored is not None:
+                return Answer(stored, False)
             if lapsed:  # its instance died: take it over (the upsert checks again)
                 return self.answer(event, req, relay)
         raise StillInFlight(f"query id {qid!r} is still being answered by another request")
 
-    def _stored(self, conn: Connection, event: QueryEvent) -> dict[str, Any] | None:
+    def _stored(self, conn: Connection, event: QueryEvent) -> PublicDecision | None:
         """The stored decision of this query, or None; :class:`Conflict` if the id is another
         query's (decided through Kafka, say)."""
         known = stored_queries(conn, [event.query_id]).get(event.query_id)
@@ -183,16 +190,16 @@ class Front:
                 self._held.pop(event.query_id, None)
         if not stored:  # another instance (or the Kafka path) stored this query first
             with self.engine.connect() as conn:
-                row = self._stored(conn, event)  # Conflict if it was another query
-            assert row is not None
-            return Answer(row, False)
-        return Answer({c: getattr(decision, c, None) for c in PUBLIC_COLUMNS}, True)
+                found = self._stored(conn, event)  # Conflict if it was another query
+            assert found is not None
+            return Answer(found, False)
+        return Answer(PublicDecision.of(decision), True)
 
-    def decision(self, query_id: str) -> dict[str, Any] | None:
+    def decision(self, query_id: str) -> PublicDecision | None:
         with self.engine.connect() as conn:
             return public_decision(conn, query_id)
 
-    def feedback(self, body: object) -> dict[str, Any]:
+    def feedback(self, body: object) -> Feedback:
         """Apply a label through the label path (first wins, early ones wait, duplicates
         counted); :class:`InvalidEvent` with the reason for a body that is no label event."""
         event = LabelEvent.from_bytes(json.dumps(body).encode("utf-8"))  # as a label event
@@ -200,12 +207,10 @@ class Front:
         if stats.rejected:
             raise InvalidEvent(stats.rejected[0][1].reason)
         if stats.applied:
-            status = "applied"
-        elif stats.pending:
-            status = "pending"  # no decision yet: it waits for it
-        else:
-            status = "duplicate"  # the decision had its label: the first one counts
-        return {"query_id": event.query_id, "status": status}
+            return Feedback(event.query_id, "applied")
+        if stats.pending:
+            return Feedback(event.query_id, "pending")
+        return Feedback(event.query_id, "duplicate")
 
     def _renew(self) -> None:
         """Renew the leases of the calls running here, a third of a lease apart."""

@@ -241,33 +241,34 @@ class Door:
             raise Refused(504, str(exc), "timeout") from None
         except Unavailable as exc:
             raise Refused(503, str(exc), "server_error") from None
-        row, replayed = answer.row, not answer.called
-        headers = shapes.headers(row)
-        failed = FAILED.get(row["status"])
+        decision, replayed = answer.decision, not answer.called
+        headers = shapes.headers(decision)
+        failed = FAILED.get(decision.status)
         if failed is not None:
-            message = f"the arm {row['arm']} failed: {row.get('error') or row['status']}"
-            body = shapes.error(message, failed[1], code=row["status"])
+            message = f"the arm {decision.arm} failed: {decision.error or decision.status}"
+            body = shapes.error(message, failed[1], code=decision.status)
             return JSONResponse(
-                {**body, "metallm": shapes.routing(row, replayed)}, failed[0], headers
+                {**body, "metallm": shapes.routing(decision, replayed)}, failed[0], headers
             )
         if req.stream:
-            events = [f"data: {json.dumps(c)}\n\n" for c in shapes.chunks(row, replayed)]
+            events = [f"data: {json.dumps(c)}\n\n" for c in shapes.chunks(decision, replayed)]
             events.append(DONE)
             return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
-        return JSONResponse(shapes.completion(row, replayed), headers=headers)
+        return JSONResponse(shapes.completion(decision, replayed), headers=headers)
 
     async def feedback(self, request: Request) -> Response:
         body = await self.body(request)
         try:
-            return JSONResponse(await self.run(self.front.feedback, body))
+            done = await self.run(self.front.feedback, body)
+            return JSONResponse(done.json())
         except InvalidEvent as exc:
             raise Refused(422, str(exc), "invalid_request_error") from None
 
     async def decision(self, query_id: str) -> Response:
-        row = await self.run(self.front.decision, query_id)
-        if row is None:
+        decision = await self.run(self.front.decision, query_id)
+        if decision is None:
             raise Refused(404, f"no decision for query id {query_id!r}", "not_found_error")
-        return JSONResponse(json.loads(json.dumps(row, default=str)))
+        return JSONResponse(decision.json())
 
     async def models(self) -> Response:
         return JSONResponse(shapes.models(self.front.tasks))

@@ -17,8 +17,9 @@ import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
+
+from service.log.rows import PublicDecision
 
 #: the model name that routes to the config's first task; ``metallm/<task>`` names a task
 MODEL = "metallm"
@@ -160,55 +161,71 @@ def parse_request(body: object, tasks: Sequence[str]) -> ChatRequest:
     )
 
 
-def answer_text(row: Mapping[str, Any]) -> str:
-    """The answer of a stored decision: its prediction (a label) or else the arm's raw text."""
-    if row.get("prediction") is not None:
-        return str(row["prediction"])
-    return str(row.get("raw_output") or "")
+def answer_text(decision: PublicDecision) -> str:
+    """The answer of a decision: its prediction (a label) or else the arm's raw text.
+
+    >>> from service.decision import Decision
+    >>> answer_text(PublicDecision.of(Decision.example(prediction=None, raw_output="Hi.")))
+    'Hi.'
+    """
+    if decision.prediction is not None:
+        return decision.prediction
+    return decision.raw_output or ""
 
 
-def routing(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+def routing(decision: PublicDecision, replayed: bool) -> dict[str, Any]:
     """The ``metallm`` field: how the router answered (``replayed``: a stored decision)."""
-    keys = ("query_id", "task", "arm", "propensity", "status", "prediction", "error")
-    more = ("fallback_arm", "attempts", "cost_usd", "latency_ms")
-    return {**{k: row.get(k) for k in keys + more}, "replayed": replayed}
-
-
-def headers(row: Mapping[str, Any]) -> dict[str, str]:
-    """The ``x-metallm-*`` headers of an answer."""
+    d = decision
     return {
-        "x-metallm-query-id": str(row["query_id"]),
-        "x-metallm-arm": str(row["arm"]),
-        "x-metallm-propensity": repr(float(row["propensity"])),
+        "query_id": d.query_id,
+        "task": d.task,
+        "arm": d.arm,
+        "propensity": d.propensity,
+        "status": d.status,
+        "prediction": d.prediction,
+        "error": d.error,
+        "fallback_arm": d.fallback_arm,
+        "attempts": d.attempts,
+        "cost_usd": d.cost_usd,
+        "latency_ms": d.latency_ms,
+        "replayed": replayed,
     }
 
 
-def _created(row: Mapping[str, Any]) -> int:
-    decided = row.get("decided_at")
-    return int(decided.timestamp()) if isinstance(decided, datetime) else 0
-
-
-def completion(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
-    """A ``chat.completion`` of a stored decision."""
-    prompt, output = int(row.get("input_tokens") or 0), int(row.get("output_tokens") or 0)
+def headers(decision: PublicDecision) -> dict[str, str]:
+    """The ``x-metallm-*`` headers of an answer."""
     return {
-        "id": f"chatcmpl-{row['query_id']}",
+        "x-metallm-query-id": decision.query_id,
+        "x-metallm-arm": decision.arm,
+        "x-metallm-propensity": repr(float(decision.propensity)),
+    }
+
+
+def _created(decision: PublicDecision) -> int:
+    return int(decision.decided_at.timestamp())
+
+
+def _usage(decision: PublicDecision) -> dict[str, int]:
+    prompt, output = int(decision.input_tokens or 0), int(decision.output_tokens or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
+
+
+def completion(decision: PublicDecision, replayed: bool) -> dict[str, Any]:
+    """A ``chat.completion`` of a decision."""
+    return {
+        "id": f"chatcmpl-{decision.query_id}",
         "object": "chat.completion",
-        "created": _created(row),
-        "model": f"{MODEL}/{row['task']}",
+        "created": _created(decision),
+        "model": f"{MODEL}/{decision.task}",
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": answer_text(row)},
+                "message": {"role": "assistant", "content": answer_text(decision)},
                 "finish_reason": "stop",
             }
         ],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": output,
-            "total_tokens": prompt + output,
-        },
-        "metallm": routing(row, replayed),
+        "usage": _usage(decision),
+        "metallm": routing(decision, replayed),
     }
 
 
@@ -228,37 +245,33 @@ def delta_chunk(query_id: str, task: str, created: int, text: str, first: bool) 
     }
 
 
-def last_chunk(row: Mapping[str, Any], replayed: bool) -> dict[str, Any]:
+def last_chunk(decision: PublicDecision, replayed: bool) -> dict[str, Any]:
     """A stream's last chunk: its end, the usage and the ``metallm`` field of the decision."""
-    prompt, output = int(row.get("input_tokens") or 0), int(row.get("output_tokens") or 0)
     return {
-        "id": f"chatcmpl-{row['query_id']}",
+        "id": f"chatcmpl-{decision.query_id}",
         "object": "chat.completion.chunk",
-        "created": _created(row),
-        "model": f"{MODEL}/{row['task']}",
+        "created": _created(decision),
+        "model": f"{MODEL}/{decision.task}",
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-        "usage": {
-            "prompt_tokens": prompt,
-            "completion_tokens": output,
-            "total_tokens": prompt + output,
-        },
-        "metallm": routing(row, replayed),
+        "usage": _usage(decision),
+        "metallm": routing(decision, replayed),
     }
 
 
-def chunks(row: Mapping[str, Any], replayed: bool) -> list[dict[str, Any]]:
+def chunks(decision: PublicDecision, replayed: bool) -> list[dict[str, Any]]:
     """A stream of a stored decision (or an answer not streamed): the whole answer in one
     chunk, then its end."""
-    first = delta_chunk(row["query_id"], row["task"], _created(row), answer_text(row), True)
-    return [first, last_chunk(row, replayed)]
+    d = decision
+    first = delta_chunk(d.query_id, d.task, _created(d), answer_text(d), True)
+    return [first, last_chunk(d, replayed)]
 
 
-def stream_error(message: str, kind: str, row: Mapping[str, Any] | None = None) -> dict:
+def stream_error(message: str, kind: str, decision: PublicDecision | None = None) -> dict:
     """The event that ends a stream which failed after its first tokens (the OpenAI SDK raises
     it as an ``APIError``), with the ``metallm`` field of the decision when it was stored."""
-    code = row.get("status") if row is not None else None
-    body = error(message, kind, code=code)
-    return body if row is None else {**body, "metallm": routing(row, False)}
+    if decision is None:
+        return error(message, kind)
+    return {**error(message, kind, code=decision.status), "metallm": routing(decision, False)}
 
 
 def error(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:

@@ -106,9 +106,9 @@ class TokenStream:
             answer: Answer = self.job.result()
         except Exception as exc:  # not stored (the database, say): the client is told
             return sse(shapes.stream_error(f"the answer was not stored: {exc}", "server_error"))
-        row = answer.row
-        failed = shapes.FAILED.get(row["status"])
+        decision = answer.decision
+        failed = shapes.FAILED.get(decision.status)
         if failed is not None:
-            message = f"the arm {row['arm']} failed: {row.get('error') or row['status']}"
-            return sse(shapes.stream_error(message, failed[1], row))
-        return sse(shapes.last_chunk(row, not answer.called)) + DONE
+            message = f"the arm {decision.arm} failed: {decision.error or decision.status}"
+            return sse(shapes.stream_error(message, failed[1], decision))
+        return sse(shapes.last_chunk(decision, not answer.called)) + DONE

@@ -9,6 +9,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 
 import openai
 import pytest
@@ -248,6 +249,77 @@ def test_feedback_is_applied_once(services, engine):
         client(b).get("/decisions/q-none", cast_to=object)
     with pytest.raises(openai.UnprocessableEntityError, match="label"):
         client(a).post("/feedback", body={"query_id": "x"}, cast_to=object)
+
+
+#: the keys of ``GET /v1/decisions/{id}``, in their order: the decision's public columns
+SHOWN = (
+    "query_id",
+    "task",
+    "text",
+    "options",
+    "metadata",
+    "sent_at",
+    "decided_at",
+    "arm",
+    "propensity",
+    "probabilities",
+    "policy",
+    "status",
+    "prediction",
+    "raw_output",
+    "error",
+    "input_tokens",
+    "output_tokens",
+    "cost_usd",
+    "latency_ms",
+    "attempts",
+    "fallback_arm",
+    "instance",
+    "label",
+    "correct",
+    "reward",
+    "labeled_at",
+    "duplicate_labels",
+)
+#: the keys of an answer's ``metallm`` field taken from its decision (then ``replayed``)
+ROUTING = SHOWN[:1] + ("task", "arm", "propensity", "status", "prediction", "error")
+ROUTING += ("fallback_arm", "attempts", "cost_usd", "latency_ms")
+
+
+def test_an_answer_and_its_decision_are_shown_as_stored(services, engine):
+    """The answer's ``metallm`` field, ``created`` and ``usage``, called or replayed, and
+    ``GET /v1/decisions/{id}`` (timestamps as Python prints them), before and after feedback,
+    are the stored row's."""
+    a, b = services
+    q = QUERIES[32]
+
+    def shown() -> tuple[dict, dict]:
+        got = client(b).get(f"/decisions/{q.query_id}", cast_to=object)
+        (row,) = rows(engine, q.query_id)
+        return got, {k: str(v) if isinstance(v, datetime) else v for k, v in row.items()}
+
+    called = ask(client(a), q).parse()
+    replayed = ask(client(b), q).parse()
+    (row,) = rows(engine, q.query_id)
+    for reply, again in ((called, False), (replayed, True)):
+        assert reply.model_extra["metallm"] == {**{k: row[k] for k in ROUTING}, "replayed": again}
+        assert reply.created == int(row["decided_at"].timestamp())
+        assert reply.usage.prompt_tokens == row["input_tokens"]
+        assert reply.usage.completion_tokens == row["output_tokens"]
+    got, stored = shown()
+    assert list(got) == list(SHOWN) and got == {k: stored[k] for k in SHOWN}
+    assert (got["label"], got["labeled_at"], got["duplicate_labels"]) == (None, None, 0)
+    datetime.fromisoformat(got["decided_at"])  # "2026-01-01 12:00:00.123456+00:00"
+    labeled_at = "2026-01-01T12:00:00.25Z"
+    body = {"query_id": q.query_id, "label": q.label, "labeled_at": labeled_at}
+    assert client(a).post("/feedback", body=body, cast_to=object) == {
+        "query_id": q.query_id,
+        "status": "applied",
+    }
+    got, stored = shown()
+    assert got == {k: stored[k] for k in SHOWN} and got["label"] == q.label
+    assert got["labeled_at"] == "2026-01-01 12:00:00.250000+00:00"
+    assert got["reward"] is not None and got["correct"] is not None
 
 
 def test_a_failed_arm_call_is_a_502_and_its_decision_is_stored(services, engine, arms):

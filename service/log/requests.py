@@ -6,51 +6,21 @@ before calling, outside the learning log's lock. The reservation is a lease: it 
 blocks a retry no longer than that; a retry with the same body then takes it over. Another
 body under the same id is refused. The Kafka decider skips ids under a live lease
 (:func:`reserved_ids`) instead of calling for them. The rows stay after the decision is stored:
-they keep the body's hash, so a later retry with another body is refused too.
+they keep the body's hash, so a later retry with another body is refused too. A retry is
+answered from the stored decision as a client is shown it (:func:`public_decision`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection, Engine
 
+from service.log.rows import PUBLIC_COLUMNS, PublicDecision
 from service.storage import decisions, http_requests, one_of
-
-#: the columns of a decision an HTTP client is shown (not the context, seeds, sequences)
-PUBLIC_COLUMNS = (
-    "query_id",
-    "task",
-    "text",
-    "options",
-    "metadata",
-    "sent_at",
-    "decided_at",
-    "arm",
-    "propensity",
-    "probabilities",
-    "policy",
-    "status",
-    "prediction",
-    "raw_output",
-    "error",
-    "input_tokens",
-    "output_tokens",
-    "cost_usd",
-    "latency_ms",
-    "attempts",
-    "fallback_arm",
-    "instance",
-    "label",
-    "correct",
-    "reward",
-    "labeled_at",
-    "duplicate_labels",
-)
 
 _RESERVE = sa.text(
     "INSERT INTO http_requests (query_id, body_sha256, instance, lease_until, token)"
@@ -145,8 +115,9 @@ def reserved_ids(conn: Connection, query_ids: Iterable[str]) -> set[str]:
     return set(rows)
 
 
-def public_decision(conn: Connection, query_id: str) -> dict[str, Any] | None:
-    """A stored decision's public columns, or None when the query is not decided."""
+def public_decision(conn: Connection, query_id: str) -> PublicDecision | None:
+    """A stored decision as an HTTP client is shown it, or None when the query is not
+    decided."""
     cols = [decisions.c[name] for name in PUBLIC_COLUMNS]
     row = conn.execute(sa.select(*cols).where(decisions.c.query_id == query_id)).first()
-    return None if row is None else dict(row._mapping)
+    return None if row is None else PublicDecision.from_row(row._mapping)

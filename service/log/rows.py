@@ -1,5 +1,6 @@
-"""The learning log's rows, typed: what the core reads from Postgres (plain frozen dataclasses,
-no SQLAlchemy, so the projection and the label join can use them without a database).
+"""The learning log's rows, typed: what the core, the metrics and the HTTP door read from
+Postgres (plain frozen dataclasses, no SQLAlchemy, so the projection and the label join can use
+them without a database).
 
     >>> FoundDecision.example().label is None
     True
@@ -9,7 +10,8 @@ no SQLAlchemy, so the projection and the label join can use them without a datab
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, NamedTuple
 
@@ -265,3 +267,67 @@ class ArmOutcomes:
     labeled: int
     correct: int
     mean_reward: float | None
+
+
+@dataclass(frozen=True)
+class PublicDecision:
+    """A decision as an HTTP client is shown it (``GET /v1/decisions/{id}``, an answer's
+    ``metallm`` field): its public columns, not its context, seed or sequence numbers.
+
+    >>> shown = PublicDecision.of(Decision.example()).json()
+    >>> shown["decided_at"], shown["label"], shown["duplicate_labels"]
+    ('2026-01-01 00:00:00+00:00', None, 0)
+    """
+
+    query_id: str
+    task: str
+    text: str
+    options: list[str]
+    metadata: dict[str, Any] | None
+    sent_at: datetime | None
+    decided_at: datetime
+    arm: str
+    propensity: float
+    probabilities: dict[str, float]
+    policy: str
+    status: str
+    prediction: str | None
+    raw_output: str | None
+    error: str | None
+    input_tokens: int | None
+    output_tokens: int | None
+    cost_usd: float
+    latency_ms: float | None
+    attempts: int
+    fallback_arm: str | None
+    instance: str | None
+    #: its feedback, once it came
+    label: str | None = None
+    correct: bool | None = None
+    reward: float | None = None
+    labeled_at: datetime | None = None
+    duplicate_labels: int = 0
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> PublicDecision:
+        """The public view of a ``decisions`` row (any mapping with :data:`PUBLIC_COLUMNS`)."""
+        return cls(**{name: row[name] for name in PUBLIC_COLUMNS})
+
+    @classmethod
+    def of(cls, decision: Decision) -> PublicDecision:
+        """A decision just called for (no feedback yet), as the pipeline made it: its answer
+        and error whole, as the call returned them (the row stores them capped)."""
+        return cls(**{name: getattr(decision, name) for name in _DECIDED_COLUMNS})
+
+    def json(self) -> dict[str, Any]:
+        """Its JSON form (``GET /v1/decisions/{id}``): the columns in order, a timestamp as
+        ``str`` prints it (``2026-01-01 12:00:00.250000+00:00``)."""
+        values = {name: getattr(self, name) for name in PUBLIC_COLUMNS}
+        return {k: str(v) if isinstance(v, datetime) else v for k, v in values.items()}
+
+
+#: the columns of a decision an HTTP client is shown, in the order it is shown them
+PUBLIC_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PublicDecision))
+#: those that come with its feedback, and those it has from its call
+_FEEDBACK_COLUMNS = ("label", "correct", "reward", "labeled_at", "duplicate_labels")
+_DECIDED_COLUMNS = tuple(name for name in PUBLIC_COLUMNS if name not in _FEEDBACK_COLUMNS)
