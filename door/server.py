@@ -29,9 +29,11 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import Counter
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from door import shapes
-from door.front import Conflict, Front, StillInFlight, Unavailable
+from door.front import Answer, Conflict, Front, StillInFlight, Unavailable
 from door.sse import DONE, TokenStream
 from service.events import InvalidEvent
 
@@ -98,10 +100,10 @@ class Door:
         self._idle = threading.Condition()
         self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix="metallm-door")
 
-    def authorized(self, request: Request) -> bool:
+    def authorized(self, headers: Headers) -> bool:
         if not self.keys:
             return True
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        scheme, _, token = headers.get("authorization", "").partition(" ")
         given = token.strip().encode() if scheme.lower() == "bearer" else b""
         matches = [hmac.compare_digest(given, key) for key in self.keys]  # every key, always
         return any(matches)
@@ -149,7 +151,7 @@ class Door:
 
     def app(self) -> FastAPI:
         app = FastAPI(title="metallm", docs_url=None, redoc_url=None, openapi_url=None)
-        app.middleware("http")(self._guard)
+        app.add_middleware(Guard, door=self)
         app.exception_handler(Refused)(self._refused)
         app.post("/v1/chat/completions")(self.chat_completions)
         app.post("/v1/feedback")(self.feedback)
@@ -159,19 +161,12 @@ class Door:
         app.get("/readyz")(self.readyz)
         return app
 
-    async def _guard(self, request: Request, call_next: Callable) -> Response:
-        """Keys, then the in-flight limit, for every /v1 request."""
-        path = request.url.path
-        if not path.startswith("/v1/"):
-            return await call_next(request)
-        response = await self._admitted(request, call_next)
-        HTTP_REQUESTS.labels(endpoint(path), str(response.status_code)).inc()
-        return response
-
-    async def _admitted(self, request: Request, call_next: Callable) -> Response:
+    def refusal(self, headers: Headers) -> Response | None:
+        """Why a /v1 request is refused before it is read (stopping, its key, the in-flight
+        limit), as the response to send; None to serve it."""
         if self.closing:
             return _error(503, "the door is stopping: try another instance", "server_error")
-        if not self.authorized(request):
+        if not self.authorized(headers):
             return _error(401, "invalid or missing API key", "invalid_request_error")
         if max(self.in_flight, self.busy) >= self.max_in_flight:  # a thread for each
             return _error(
@@ -180,21 +175,7 @@ class Door:
                 "rate_limit_error",
                 **{"Retry-After": str(RETRY_AFTER_S)},
             )
-        self.in_flight += 1
-        try:
-            return await call_next(request)
-        finally:
-            self.in_flight -= 1
-
-    def _hold(self, job: asyncio.Future) -> None:
-        """Count a streamed call in flight until it ends (its response began before: the
-        request's own count ends then), so a door streaming its limit of calls says 429."""
-        self.in_flight += 1
-
-        def release(_: asyncio.Future) -> None:
-            self.in_flight -= 1
-
-        job.add_done_callback(release)
+        return None
 
     @staticmethod
     async def _refused(_request: Request, exc: Exception) -> Response:
@@ -210,9 +191,11 @@ class Door:
             raise Refused(exc.status, str(exc), kind, param=exc.param) from None
         try:
             key = request.headers.get("idempotency-key")
-            event = await self.run(self.front.query, req, key)
             retryable = bool(key or req.query_id)  # else the door made the id: no retry knows it
-            if req.stream:
+            if not req.stream:  # on one of the door's threads from the query to its answer
+                answer = await self.run(self._answer, req, key, retryable)
+            else:
+                event = await self.run(self.front.query, req, key)
                 stream = TokenStream(
                     self.pool,
                     lambda relay: self._busy(self.front.answer, event, req, relay, retryable),
@@ -224,15 +207,12 @@ class Door:
                 if began is None:
                     raise Refused(504, "no answer within the request timeout", "timeout")
                 if began:
-                    self._hold(stream.job)
                     return StreamingResponse(
                         stream.events(),
                         media_type="text/event-stream",
                         headers={"x-metallm-query-id": event.query_id},
                     )
                 answer = await stream.job
-            else:
-                answer = await self.run(self.front.answer, event, req, None, retryable)
         except InvalidEvent as exc:
             raise Refused(400, str(exc), "invalid_request_error") from None
         except Conflict as exc:
@@ -241,6 +221,14 @@ class Door:
             raise Refused(504, str(exc), "timeout") from None
         except Unavailable as exc:
             raise Refused(503, str(exc), "server_error") from None
+        return self._response(req, answer)
+
+    def _answer(self, req: shapes.ChatRequest, key: str | None, retryable: bool) -> Answer:
+        return self.front.answer(self.front.query(req, key), req, None, retryable)
+
+    @staticmethod
+    def _response(req: shapes.ChatRequest, answer: Answer) -> Response:
+        """The response of an answer not streamed token by token."""
         decision, replayed = answer.decision, not answer.called
         headers = shapes.headers(decision)
         failed = FAILED.get(decision.status)
@@ -276,6 +264,42 @@ class Door:
     async def readyz(self) -> Response:
         ok = self.ready()
         return PlainTextResponse("ready\n" if ok else "not ready\n", 200 if ok else 503)
+
+
+class Guard:
+    """The door's keys and limits, before any /v1 request is read (a plain ASGI middleware:
+    a request is counted in flight until its response has ended, a stream's last chunk
+    included), and the request counter by endpoint and status."""
+
+    def __init__(self, app: ASGIApp, door: Door) -> None:
+        self.app = app
+        self.door = door
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        status = 500  # unless a response starts
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            refused = self.door.refusal(Headers(scope=scope))
+            if refused is not None:
+                await refused(scope, receive, sending)
+                return
+            self.door.in_flight += 1
+            try:
+                await self.app(scope, receive, sending)
+            finally:
+                self.door.in_flight -= 1
+        finally:
+            HTTP_REQUESTS.labels(endpoint(path), str(status)).inc()
 
 
 class DoorServer:
