@@ -90,7 +90,7 @@ class ArmMeans(RoutingPolicy):
         if not self.by_task or layout is None or layout.legacy or isinstance(context, Mapping):
             return NO_GROUP
         x = np.asarray(context)
-        block = x[2 : 2 + layout.task_buckets]
+        block = x[layout.block("task")]
         if x.ndim != 1 or x.shape[0] < layout.dim(0) or not block.any():
             return NO_GROUP
         return int(np.argmax(block))

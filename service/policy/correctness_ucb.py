@@ -120,17 +120,18 @@ class CorrectnessUCB(LinUCB):
         layout = getattr(self.context, "layout", None)
         if layout is None or layout.legacy or self.project_dim is not None:
             return rho
-        fixed = layout.dim(0)
-        if dim < fixed:
+        if dim < layout.dim(0):
             return rho
-        rho[1] = self.length_ridge  # [0] is the bias
-        i = 2 + layout.task_buckets
-        rho[2:i] = self.task_ridge
-        for feature in layout.features:
-            width = layout.feature_buckets if feature.kind == "categorical" else 2
-            rho[i : i + width] = self.task_ridge if width > 2 else self.length_ridge
-            i += width
-        rho[i:] = self.embedding_ridge
+        for name, block in layout.blocks.items():  # the bias keeps ``ridge``
+            if name == "length":
+                rho[block] = self.length_ridge
+            elif name == "task":
+                rho[block] = self.task_ridge
+            elif name == "embedding":
+                rho[block] = self.embedding_ridge
+            elif name != "bias":  # a feature: one-hots as the task's, numeric pairs as length
+                wide = block.stop - block.start > 2  # (a one-hot of 2 buckets reads as a pair)
+                rho[block] = self.task_ridge if wide else self.length_ridge
         return rho
 
     def _scaled(self, X: np.ndarray) -> np.ndarray:
