@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service.policy.base import ArmId, Choice, Context, Pricing
+from service.policy.base import ArmId, Choice, Context, Pricing, RunningCosts
 from service.policy.drift import ChangeDetector
 from service.policy.linucb import LinUCB
 
@@ -109,8 +109,7 @@ class CorrectnessUCB(LinUCB):
         self.embedding_ridge = embedding_ridge
         self.prior_mean = prior_mean
         self._scale: np.ndarray | None = None  # per-coordinate rescaling, fixed at first use
-        self._cost_n: dict[ArmId, int] = {}
-        self._cost_sum: dict[ArmId, float] = {}
+        self._costs = RunningCosts()  # the costs :meth:`learn` was told, per arm
 
     # ------------------------------------------------------------------ the prior per block
     def block_precisions(self, dim: int) -> np.ndarray:
@@ -172,8 +171,7 @@ class CorrectnessUCB(LinUCB):
             self._watch(arm_id, context, float(correct))
         super().update(arm_id, context, float(correct) - self.prior_mean)
         if cost_usd is not None:
-            self._cost_n[arm_id] = self._cost_n.get(arm_id, 0) + 1
-            self._cost_sum[arm_id] = self._cost_sum.get(arm_id, 0.0) + float(cost_usd)
+            self._costs.observe(arm_id, cost_usd)
 
     @property
     def cost_halflife(self) -> float | None:
@@ -197,7 +195,7 @@ class CorrectnessUCB(LinUCB):
 
     def mean_costs(self) -> dict[ArmId, float]:
         """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
-        return {a: self._cost_sum[a] / n for a, n in self._cost_n.items() if n}
+        return self._costs.means()
 
     def estimates(self, arm_ids: Sequence[ArmId], context: Context) -> dict[ArmId, float]:
         """The estimated probability that each arm answers right on ``context`` (closed form
@@ -234,8 +232,7 @@ class CorrectnessUCB(LinUCB):
     # ------------------------------------------------------------------ arms, merge, state
     def remove_arm(self, arm_id: ArmId) -> None:
         super().remove_arm(arm_id)
-        self._cost_n.pop(arm_id, None)
-        self._cost_sum.pop(arm_id, None)
+        self._costs.forget(arm_id)
 
     def merge(self, other: CorrectnessUCB) -> CorrectnessUCB:
         """Summed statistics and cost sums of both (see :meth:`LinearPolicy.merge`)."""
@@ -246,20 +243,13 @@ class CorrectnessUCB(LinUCB):
         new._scale = None if not scales else scales[0].copy()
         if self.detector is not None and new.detector is not None:
             new.detector.load(self.detector.to_dict())
-        for src in (self, other):
-            for arm, n in src._cost_n.items():
-                new._cost_n[arm] = new._cost_n.get(arm, 0) + n
-                new._cost_sum[arm] = new._cost_sum.get(arm, 0.0) + src._cost_sum[arm]
+        new._costs = self._costs.merged(other._costs)
         return new
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta, arrays = super()._state()
-        arms = self.arms
-        arrays = {
-            **arrays,
-            "cost_n": np.array([self._cost_n.get(a, 0) for a in arms], dtype=np.int64),
-            "cost_sum": np.array([self._cost_sum.get(a, 0.0) for a in arms], dtype=np.float64),
-        }
+        cost_n, cost_sum = self._costs.counts_and_totals(self.arms)
+        arrays = {**arrays, "cost_n": cost_n, "cost_sum": cost_sum}
         if self._scale is not None:
             arrays["scale"] = self._scale
         if self.detector is not None:
@@ -271,6 +261,6 @@ class CorrectnessUCB(LinUCB):
         self._scale = arrays.get("scale")
         if self.detector is not None and "drift" in meta:
             self.detector.load(meta["drift"])
-        for arm, n, total in zip(arms, arrays["cost_n"], arrays["cost_sum"], strict=True):
-            if n:
-                self._cost_n[arm], self._cost_sum[arm] = int(n), float(total)
+        self._costs = RunningCosts.from_counts_and_totals(
+            arms, arrays["cost_n"], arrays["cost_sum"]
+        )
