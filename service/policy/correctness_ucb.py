@@ -223,6 +223,14 @@ class CorrectnessUCB(LinUCB):
         the scalar rewards taught through ``update``)."""
         return self._choose(arm_ids, context, self._shift(arm_ids, pricing))
 
+    def distribution(  # type: ignore[override]
+        self, arm_ids: Sequence[ArmId], context: Context, pricing: Pricing | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution :meth:`choose` draws from, priced by ``pricing``, and each arm's
+        ``θ_aᵀx`` (its estimate minus ``prior_mean``), arm by arm (see
+        :meth:`LinUCB.distribution`)."""
+        return self._distribution(arm_ids, context, self._shift(arm_ids, pricing))
+
     def choose_many(  # type: ignore[override]
         self, arm_ids: Sequence[ArmId], contexts: np.ndarray, pricing: Pricing | None = None
     ) -> list[Choice]:
