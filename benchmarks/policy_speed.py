@@ -181,10 +181,11 @@ def _service_contexts(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     layout = ContextLayout("raw", task_buckets=64)
     rng = np.random.default_rng(seed)
     X = np.zeros((n, layout.dim(384)), dtype=np.float32)
-    X[:, 0], X[:, 1] = 1.0, rng.normal(size=n)
-    X[np.arange(n), 2 + rng.integers(14, size=n)] = 1.0
+    bias, length, task = layout.block("bias"), layout.block("length"), layout.block("task")
+    X[:, bias], X[:, length] = 1.0, rng.normal(size=(n, 1))
+    X[np.arange(n), task.start + rng.integers(14, size=n)] = 1.0
     E = rng.normal(size=(n, 384))
-    X[:, 66:] = E / np.linalg.norm(E, axis=1, keepdims=True)
+    X[:, layout.block("embedding")] = E / np.linalg.norm(E, axis=1, keepdims=True)
     return X, (rng.random(n) < 0.6).astype(np.float64)
 
 

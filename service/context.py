@@ -47,6 +47,7 @@ import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Literal
 
 import numpy as np
@@ -166,10 +167,44 @@ class ContextLayout:
         """Length of a context for embeddings of ``embedding_dim``."""
         mode, k = self.reduction
         emb = {"legacy": embedding_dim, "raw": embedding_dim, "none": 0}.get(mode, k or 0)
+        return self.blocks["embedding"].start + emb
+
+    @functools.cached_property
+    def blocks(self) -> Mapping[str, slice]:
+        """Where each block lies in a context, in order: ``bias``, ``length``, ``task``,
+        ``feature:KEY`` for each declared feature, then ``embedding`` (open-ended: its width
+        is the embedding's). The ``legacy`` layout has the embedding alone.
+
+        >>> lay = ContextLayout("raw", task_buckets=4, feature_buckets=3,
+        ...                     features=(Feature("subject", "categorical"),))
+        >>> dict(lay.blocks)  # doctest: +NORMALIZE_WHITESPACE
+        {'bias': slice(0, 1, None), 'length': slice(1, 2, None), 'task': slice(2, 6, None),
+         'feature:subject': slice(6, 9, None), 'embedding': slice(9, None, None)}
+        >>> dict(ContextLayout("legacy").blocks)
+        {'embedding': slice(0, None, None)}
+        """
         if self.legacy:
-            return emb
-        width = {"categorical": self.feature_buckets, "numeric": 2}
-        return 2 + self.task_buckets + sum(width[f.kind] for f in self.features) + emb
+            return MappingProxyType({"embedding": slice(0, None)})
+        widths = {"bias": 1, "length": 1, "task": self.task_buckets}
+        for f in self.features:
+            widths[f"feature:{f.key}"] = self.feature_buckets if f.kind == "categorical" else 2
+        out, start = {}, 0
+        for name, width in widths.items():
+            out[name] = slice(start, start + width)
+            start += width
+        out["embedding"] = slice(start, None)
+        return MappingProxyType(out)
+
+    def block(self, name: str) -> slice:
+        """Where block ``name`` (one of :attr:`blocks`) lies in a context.
+
+        >>> ContextLayout("raw", task_buckets=64).block("embedding")
+        slice(66, None, None)
+        """
+        try:
+            return self.blocks[name]
+        except KeyError:
+            raise KeyError(f"layout {self.spec!r} has no block {name!r}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {

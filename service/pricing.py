@@ -44,8 +44,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from service.policy.base import Pricing, RunningCosts
 from service.query_checks import CHARS_PER_TOKEN
 
@@ -175,7 +173,7 @@ class CostEstimator:
             "watermark": self.watermark,
             "tokens": {a: list(v) for a, v in self._tokens.items()},
             "task_tokens": [[a, t, *v] for (a, t), v in self._task_tokens.items()],
-            "costs": {a: v.tolist() for a, v in self._costs._sums.items()},
+            "costs": self._costs.to_dict(),
             "halflife": self.halflife,
         }
 
@@ -198,5 +196,5 @@ class CostEstimator:
         new.watermark = int(data["watermark"])
         new._tokens = {a: [float(n), float(t)] for a, (n, t) in data["tokens"].items()}
         new._task_tokens = {(a, t): [float(n), float(s)] for a, t, n, s in data["task_tokens"]}
-        new._costs._sums = {a: np.array(v, dtype=np.float64) for a, v in data["costs"].items()}
+        new._costs = RunningCosts.from_dict(data["costs"], halflife)
         return new

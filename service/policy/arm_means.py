@@ -42,6 +42,7 @@ from service.policy.base import (
     Context,
     Pricing,
     RoutingPolicy,
+    RunningCosts,
     check_ucb_params,
     draw,
     greedy_mix,
@@ -81,7 +82,7 @@ class ArmMeans(RoutingPolicy):
         self.by_task = by_task
         self._arms: list[ArmId] = []
         self._sums: dict[tuple[int, ArmId], list[float]] = {}  # (group, arm) → [n, Σ outcome]
-        self._cost: dict[ArmId, list[float]] = {}  # arm → [n, Σ cost]
+        self._costs = RunningCosts()  # the costs :meth:`learn` was told, per arm
 
     # ------------------------------------------------------------------ groups
     def group(self, context: Context) -> int:
@@ -90,7 +91,7 @@ class ArmMeans(RoutingPolicy):
         if not self.by_task or layout is None or layout.legacy or isinstance(context, Mapping):
             return NO_GROUP
         x = np.asarray(context)
-        block = x[2 : 2 + layout.task_buckets]
+        block = x[layout.block("task")]
         if x.ndim != 1 or x.shape[0] < layout.dim(0) or not block.any():
             return NO_GROUP
         return int(np.argmax(block))
@@ -125,13 +126,11 @@ class ArmMeans(RoutingPolicy):
         """The priced path: learn correctness and the call's cost (see ``RoutingPolicy``)."""
         self._observe(arm_id, context, float(correct))
         if cost_usd is not None:
-            cost = self._cost.setdefault(arm_id, [0.0, 0.0])
-            cost[0] += 1.0
-            cost[1] += float(cost_usd)
+            self._costs.observe(arm_id, cost_usd)
 
     def mean_costs(self) -> dict[ArmId, float]:
         """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
-        return {a: s / n for a, (n, s) in self._cost.items() if n}
+        return self._costs.means()
 
     # ------------------------------------------------------------------ estimates
     def _level(self, arm: ArmId, group: int) -> tuple[float, float, float]:
@@ -193,7 +192,7 @@ class ArmMeans(RoutingPolicy):
         self._arms.remove(arm_id)
         for key in [k for k in self._sums if k[1] == arm_id]:
             del self._sums[key]
-        self._cost.pop(arm_id, None)
+        self._costs.forget(arm_id)
 
     def merge(self, other: ArmMeans) -> ArmMeans:
         """Summed counts and sums of both (``self``'s random state)."""
@@ -206,9 +205,7 @@ class ArmMeans(RoutingPolicy):
             for key, (n, s) in src._sums.items():
                 acc = new._sums.setdefault(key, [0.0, 0.0])
                 acc[0], acc[1] = acc[0] + n, acc[1] + s
-            for arm, (n, s) in src._cost.items():
-                acc = new._cost.setdefault(arm, [0.0, 0.0])
-                acc[0], acc[1] = acc[0] + n, acc[1] + s
+        new._costs = self._costs.merged(other._costs)
         return new
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
@@ -218,9 +215,7 @@ class ArmMeans(RoutingPolicy):
             "group": np.array([g for g, _ in keys], dtype=np.int64),
             "arm": np.array([index[a] for _, a in keys], dtype=np.int64),
             "sums": np.array([self._sums[k] for k in keys], dtype=np.float64).reshape(-1, 2),
-            "cost": np.array(
-                [self._cost.get(a, [0.0, 0.0]) for a in self._arms], dtype=np.float64
-            ).reshape(-1, 2),
+            "cost": np.stack(self._costs.counts_and_totals(self._arms), axis=-1).astype(np.float64),
         }
         return {}, arrays
 
@@ -228,6 +223,5 @@ class ArmMeans(RoutingPolicy):
         self._arms = list(arms)
         for g, i, (n, s) in zip(arrays["group"], arrays["arm"], arrays["sums"], strict=True):
             self._sums[(int(g), arms[int(i)])] = [float(n), float(s)]
-        for arm, (n, s) in zip(arms, arrays["cost"], strict=True):
-            if n:
-                self._cost[arm] = [float(n), float(s)]
+        cost = arrays["cost"].reshape(-1, 2)
+        self._costs = RunningCosts.from_counts_and_totals(arms, cost[:, 0], cost[:, 1])

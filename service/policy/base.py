@@ -83,8 +83,13 @@ class Pricing:
 
 
 class RunningCosts:
-    """What each arm's call is expected to cost, from the arm's own recorded calls: the cost
-    estimate a priced choice uses (sums only, so it merges and a replay of the log rebuilds it).
+    """Each arm's running cost sums: its mean recorded cost, and what its next call is expected
+    to cost. The one keeper of those sums — the priced policies' own means
+    (:class:`~service.policy.correctness_ucb.CorrectnessUCB`,
+    :class:`~service.policy.arm_means.ArmMeans`) and the service's recorded costs
+    (:class:`~service.pricing.CostEstimator`) — so that they update, merge, forget an arm and
+    checkpoint alike. Sums only: two of them merge exactly, and a replay of the log rebuilds
+    them bit for bit.
 
     A call's cost is the arm's prices times its tokens, and its input tokens grow with the
     prompt, so the estimate is each arm's least-squares line ``cost ≈ a + b·size`` over its
@@ -98,26 +103,56 @@ class RunningCosts:
     {'a': 0.003, 'b': 0.001}
     >>> round(costs.estimate(500)["a"], 6), round(costs.means()["a"], 6)
     (0.006, 0.003)
+
+    Merged, forgotten, and kept as per-arm counts and totals (a policy's checkpoint arrays,
+    for sums observed without sizes) or as JSON (all five sums):
+
+    >>> other = RunningCosts(); other.observe("b", 0.003)
+    >>> both = costs.merged(other)
+    >>> both.means()["b"], both.arms
+    (0.002, ['a', 'b'])
+    >>> both.forget("a"); both.arms
+    ['b']
+    >>> n, total = both.counts_and_totals(["a", "b"])
+    >>> n.tolist(), total.tolist()
+    ([0, 2], [0.0, 0.004])
+    >>> RunningCosts.from_counts_and_totals(["a", "b"], n, total).means()
+    {'b': 0.002}
+    >>> RunningCosts.from_dict(costs.to_dict()).estimate(500) == costs.estimate(500)
+    True
     """
 
     def __init__(self, halflife: float | None = None) -> None:
-        self._sums: dict[str, np.ndarray] = {}  # arm → [n, Σs, Σs², Σc, Σs·c]
+        self.halflife = halflife
+        # arm → [n, Σs, Σs², Σc, Σs·c]; Python floats: the same IEEE sums as numpy's, and
+        # cheaper on the per-decision path (a priced choice reads every arm's mean)
+        self._sums: dict[str, list[float]] = {}
         #: forget: each call weighs 2^(−1/halflife) less at every later call of its arm (drift:
         #: a price change is followed within about a half-life of calls); None: never
         self._decay = 1.0 if halflife is None else 0.5 ** (1.0 / halflife)
 
+    @property
+    def arms(self) -> list[str]:
+        """The arms with recorded calls, in the order of their first."""
+        return list(self._sums)
+
     def observe(self, arm: str, cost_usd: float, size: float = 0.0) -> None:
+        """One call of ``arm`` that cost ``cost_usd``, for a prompt of ``size`` characters."""
         sums = self._sums.get(arm)
         if sums is None:
-            sums = self._sums[arm] = np.zeros(5)
+            sums = self._sums[arm] = [0.0, 0.0, 0.0, 0.0, 0.0]
         c, s = float(cost_usd), float(size)
         if self._decay != 1.0:
-            sums *= self._decay
-        sums += (1.0, s, s * s, c, s * c)
+            sums[:] = [v * self._decay for v in sums]
+        sums[0] += 1.0
+        sums[1] += s
+        sums[2] += s * s
+        sums[3] += c
+        sums[4] += s * c
 
     def means(self) -> dict[str, float]:
         """Each arm's mean recorded cost."""
-        return {arm: float(v[3] / v[0]) for arm, v in self._sums.items()}
+        return {arm: v[3] / v[0] for arm, v in self._sums.items()}
 
     def estimate(self, size: float = 0.0) -> dict[str, float]:
         """Each arm's expected cost for a prompt of ``size`` characters (never below 0)."""
@@ -126,11 +161,66 @@ class RunningCosts:
             var = s2 / n - (s1 / n) ** 2
             mean_c = c1 / n
             if var <= 1e-9 * max(1.0, s2 / n):
-                out[arm] = float(mean_c)
+                out[arm] = mean_c
                 continue
             slope = (sc / n - (s1 / n) * mean_c) / var
-            out[arm] = float(max(0.0, mean_c + slope * (size - s1 / n)))
+            out[arm] = max(0.0, mean_c + slope * (size - s1 / n))
         return out
+
+    def forget(self, arm: str) -> None:
+        """Drop ``arm``'s sums (an arm removed from the config)."""
+        self._sums.pop(arm, None)
+
+    def merged(self, other: RunningCosts) -> RunningCosts:
+        """The sums of both, arm by arm (``self``'s arms first)."""
+        if other.halflife != self.halflife:
+            raise ValueError("cannot merge running costs that forget at different half-lives")
+        new = type(self)(self.halflife)
+        for src in (self, other):
+            for arm, sums in src._sums.items():
+                acc = new._sums.get(arm)
+                if acc is None:
+                    new._sums[arm] = list(sums)
+                else:
+                    acc[:] = [a + b for a, b in zip(acc, sums, strict=True)]
+        return new
+
+    # ------------------------------------------------------------------ checkpoint forms
+    def counts_and_totals(self, arms: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Each of ``arms``' number of calls (int64) and sum of costs (float64), 0 for an arm
+        without calls: the checkpoint arrays of sums observed without sizes and never
+        forgotten (anything else raises ValueError: it would not load back the same)."""
+        if self._decay != 1.0 or any(v[1] or v[2] or v[4] for v in self._sums.values()):
+            raise ValueError("only sums without sizes or forgetting are counts and totals")
+        rows = [self._sums.get(a, (0.0, 0.0, 0.0, 0.0)) for a in arms]
+        return (
+            np.array([r[0] for r in rows], dtype=np.int64),
+            np.array([r[3] for r in rows], dtype=np.float64),
+        )
+
+    @classmethod
+    def from_counts_and_totals(
+        cls, arms: Sequence[str], counts: np.ndarray, totals: np.ndarray
+    ) -> RunningCosts:
+        """The sums :meth:`counts_and_totals` gave (arms with no call are left out)."""
+        new = cls()
+        for arm, n, total in zip(arms, counts.tolist(), totals.tolist(), strict=True):
+            if n:
+                new._sums[arm] = [float(n), 0.0, 0.0, float(total), 0.0]
+        return new
+
+    def to_dict(self) -> dict[str, list[float]]:
+        """JSON state: each arm's five sums."""
+        return {arm: list(v) for arm, v in self._sums.items()}
+
+    @classmethod
+    def from_dict(
+        cls, data: Mapping[str, Sequence[float]], halflife: float | None = None
+    ) -> RunningCosts:
+        """The sums :meth:`to_dict` gave, forgetting with ``halflife`` from now on."""
+        new = cls(halflife)
+        new._sums = {arm: [float(v) for v in sums] for arm, sums in data.items()}
+        return new
 
 
 # --------------------------------------------------------------------------------------------

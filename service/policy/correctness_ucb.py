@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from service.policy.base import ArmId, Choice, Context, Pricing
+from service.policy.base import ArmId, Choice, Context, Pricing, RunningCosts
 from service.policy.drift import ChangeDetector
 from service.policy.linucb import LinUCB
 
@@ -109,8 +109,7 @@ class CorrectnessUCB(LinUCB):
         self.embedding_ridge = embedding_ridge
         self.prior_mean = prior_mean
         self._scale: np.ndarray | None = None  # per-coordinate rescaling, fixed at first use
-        self._cost_n: dict[ArmId, int] = {}
-        self._cost_sum: dict[ArmId, float] = {}
+        self._costs = RunningCosts()  # the costs :meth:`learn` was told, per arm
 
     # ------------------------------------------------------------------ the prior per block
     def block_precisions(self, dim: int) -> np.ndarray:
@@ -120,17 +119,18 @@ class CorrectnessUCB(LinUCB):
         layout = getattr(self.context, "layout", None)
         if layout is None or layout.legacy or self.project_dim is not None:
             return rho
-        fixed = layout.dim(0)
-        if dim < fixed:
+        if dim < layout.dim(0):
             return rho
-        rho[1] = self.length_ridge  # [0] is the bias
-        i = 2 + layout.task_buckets
-        rho[2:i] = self.task_ridge
-        for feature in layout.features:
-            width = layout.feature_buckets if feature.kind == "categorical" else 2
-            rho[i : i + width] = self.task_ridge if width > 2 else self.length_ridge
-            i += width
-        rho[i:] = self.embedding_ridge
+        for name, block in layout.blocks.items():  # the bias keeps ``ridge``
+            if name == "length":
+                rho[block] = self.length_ridge
+            elif name == "task":
+                rho[block] = self.task_ridge
+            elif name == "embedding":
+                rho[block] = self.embedding_ridge
+            elif name != "bias":  # a feature: one-hots as the task's, numeric pairs as length
+                wide = block.stop - block.start > 2  # (a one-hot of 2 buckets reads as a pair)
+                rho[block] = self.task_ridge if wide else self.length_ridge
         return rho
 
     def _scaled(self, X: np.ndarray) -> np.ndarray:
@@ -171,8 +171,7 @@ class CorrectnessUCB(LinUCB):
             self._watch(arm_id, context, float(correct))
         super().update(arm_id, context, float(correct) - self.prior_mean)
         if cost_usd is not None:
-            self._cost_n[arm_id] = self._cost_n.get(arm_id, 0) + 1
-            self._cost_sum[arm_id] = self._cost_sum.get(arm_id, 0.0) + float(cost_usd)
+            self._costs.observe(arm_id, cost_usd)
 
     @property
     def cost_halflife(self) -> float | None:
@@ -196,7 +195,7 @@ class CorrectnessUCB(LinUCB):
 
     def mean_costs(self) -> dict[ArmId, float]:
         """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
-        return {a: self._cost_sum[a] / n for a, n in self._cost_n.items() if n}
+        return self._costs.means()
 
     def estimates(self, arm_ids: Sequence[ArmId], context: Context) -> dict[ArmId, float]:
         """The estimated probability that each arm answers right on ``context`` (closed form
@@ -224,6 +223,14 @@ class CorrectnessUCB(LinUCB):
         the scalar rewards taught through ``update``)."""
         return self._choose(arm_ids, context, self._shift(arm_ids, pricing))
 
+    def distribution(  # type: ignore[override]
+        self, arm_ids: Sequence[ArmId], context: Context, pricing: Pricing | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution :meth:`choose` draws from, priced by ``pricing``, and each arm's
+        ``θ_aᵀx`` (its estimate minus ``prior_mean``), arm by arm (see
+        :meth:`LinUCB.distribution`)."""
+        return self._distribution(arm_ids, context, self._shift(arm_ids, pricing))
+
     def choose_many(  # type: ignore[override]
         self, arm_ids: Sequence[ArmId], contexts: np.ndarray, pricing: Pricing | None = None
     ) -> list[Choice]:
@@ -233,8 +240,7 @@ class CorrectnessUCB(LinUCB):
     # ------------------------------------------------------------------ arms, merge, state
     def remove_arm(self, arm_id: ArmId) -> None:
         super().remove_arm(arm_id)
-        self._cost_n.pop(arm_id, None)
-        self._cost_sum.pop(arm_id, None)
+        self._costs.forget(arm_id)
 
     def merge(self, other: CorrectnessUCB) -> CorrectnessUCB:
         """Summed statistics and cost sums of both (see :meth:`LinearPolicy.merge`)."""
@@ -245,20 +251,13 @@ class CorrectnessUCB(LinUCB):
         new._scale = None if not scales else scales[0].copy()
         if self.detector is not None and new.detector is not None:
             new.detector.load(self.detector.to_dict())
-        for src in (self, other):
-            for arm, n in src._cost_n.items():
-                new._cost_n[arm] = new._cost_n.get(arm, 0) + n
-                new._cost_sum[arm] = new._cost_sum.get(arm, 0.0) + src._cost_sum[arm]
+        new._costs = self._costs.merged(other._costs)
         return new
 
     def _state(self) -> tuple[dict, dict[str, np.ndarray]]:
         meta, arrays = super()._state()
-        arms = self.arms
-        arrays = {
-            **arrays,
-            "cost_n": np.array([self._cost_n.get(a, 0) for a in arms], dtype=np.int64),
-            "cost_sum": np.array([self._cost_sum.get(a, 0.0) for a in arms], dtype=np.float64),
-        }
+        cost_n, cost_sum = self._costs.counts_and_totals(self.arms)
+        arrays = {**arrays, "cost_n": cost_n, "cost_sum": cost_sum}
         if self._scale is not None:
             arrays["scale"] = self._scale
         if self.detector is not None:
@@ -270,6 +269,6 @@ class CorrectnessUCB(LinUCB):
         self._scale = arrays.get("scale")
         if self.detector is not None and "drift" in meta:
             self.detector.load(meta["drift"])
-        for arm, n, total in zip(arms, arrays["cost_n"], arrays["cost_sum"], strict=True):
-            if n:
-                self._cost_n[arm], self._cost_sum[arm] = int(n), float(total)
+        self._costs = RunningCosts.from_counts_and_totals(
+            arms, arrays["cost_n"], arrays["cost_sum"]
+        )

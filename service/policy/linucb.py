@@ -73,6 +73,44 @@ class LinUCB(LinearPolicy):
         statistics. Uses the random stream exactly as ``n`` successive ``choose`` calls do."""
         return self._choose_many(arm_ids, contexts, None)
 
+    def distribution(
+        self, arm_ids: Sequence[ArmId], context: Context
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The distribution :meth:`choose` draws from on ``context`` (no draw made), and each
+        arm's mean ``θ_aᵀx``, both in ``arm_ids`` order: what an off-policy score of this
+        policy needs (:mod:`service.policy.selector`).
+
+        Computed arm by arm (one fixed-shape product each), not as the stacked product of a
+        choice: the stacked product's rounding depends on where an arm sits in the stack, which
+        depends on the order arms were offered to this instance, and a score must be a function
+        of the log alone. So the probabilities may differ from a choice's in the last bits.
+
+        >>> policy = LinUCB(alpha=0.0, epsilon=0.1, seed=0)
+        >>> policy.update("a", np.ones(2), 1.0); policy.update("b", np.ones(2), 0.0)
+        >>> p, mean = policy.distribution(["a", "b"], np.ones(2))
+        >>> p.round(3).tolist(), mean.round(3).tolist()
+        ([0.95, 0.05], [0.667, 0.0])
+        """
+        return self._distribution(arm_ids, context, None)
+
+    def _distribution(
+        self, arm_ids: Sequence[ArmId], context: Context, shift: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`distribution` with ``shift`` added to the scores (as in :meth:`_choose`)."""
+        x = self._vector(context)
+        stats = self._stats_for(x.shape[0])
+        slots = stats.slots(arm_ids)
+        x32 = x.astype(np.float32)
+        mean, variance = np.empty(len(arm_ids)), np.empty(len(arm_ids))
+        for j, i in enumerate(slots.tolist()):
+            v = stats.scorer[i] @ x32  # S_a x
+            mean[j] = np.dot(v.astype(np.float64), stats.b[i])
+            variance[j] = max(float(v @ x32), 0.0)
+        ucb = mean + self.alpha * np.sqrt(variance)
+        if shift is not None:
+            ucb = ucb + shift
+        return self._probabilities(ucb, stats.counts[slots]), mean
+
     def _choose(
         self, arm_ids: Sequence[ArmId], context: Context, shift: np.ndarray | None
     ) -> Choice:

@@ -100,31 +100,6 @@ class CandidateScore:
     serving: bool
 
 
-def _linear_distribution(
-    policy: LinUCB, arms: Sequence[ArmId], context: Context, shift: np.ndarray | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """The distribution a LinUCB-family candidate would choose from on ``context`` (no draw
-    made), and its mean ``θ_aᵀx`` per arm.
-
-    Computed arm by arm (one fixed-shape product each), not as the stacked product of a
-    choice: the stacked product's rounding depends on where an arm sits in the stack, which
-    depends on the order arms were offered to this instance, and scores must be a function of
-    the log alone."""
-    x = policy._vector(context)
-    stats = policy._stats_for(x.shape[0])
-    slots = stats.slots(arms)
-    x32 = x.astype(np.float32)
-    mean, variance = np.empty(len(arms)), np.empty(len(arms))
-    for j, i in enumerate(slots.tolist()):
-        v = stats.scorer[i] @ x32  # S_a x
-        mean[j] = np.dot(v.astype(np.float64), stats.b[i])
-        variance[j] = max(float(v @ x32), 0.0)
-    ucb = mean + policy.alpha * np.sqrt(variance)
-    if shift is not None:
-        ucb = ucb + shift
-    return policy._probabilities(ucb, stats.counts[slots]), mean
-
-
 class Selector(RoutingPolicy):
     """Candidates scored off-policy; the confidently best one serves (module doc).
 
@@ -318,14 +293,15 @@ class Selector(RoutingPolicy):
         given = None if pricing is None else pricing.est_cost
         scoring = Pricing(lam, unit, given if given is not None else model.mean_costs())
         P = np.empty((len(CANDIDATES), len(arms)))
-        P[0], mean = _linear_distribution(model, arms, context, model._shift(arms, scoring))
+        P[0], mean = model.distribution(arms, context, scoring)
         r_hat = np.clip(model.prior_mean + mean, 0.0, 1.0) - scoring.penalties(arms)
         for i, name in enumerate(CANDIDATES[1:], start=1):
             c = self._candidates[name]
             if isinstance(c, ArmMeans):
                 P[i] = c.probabilities(arms, context, scoring)
             else:
-                P[i] = _linear_distribution(c, arms, context, None)[0]  # type: ignore[arg-type]
+                assert isinstance(c, LinUCB)
+                P[i] = c.distribution(arms, context)[0]
         a = arms.index(arm_id)
         v = P @ r_hat + P[:, a] / propensity * (reward - r_hat[a])
         self._n_scored += 1

@@ -31,12 +31,13 @@ def _stream(n: int, seed: int = 0):
     d = LAYOUT.dim(EMB)
     for _ in range(n):
         x = np.zeros(d)
-        x[0], x[1] = 1.0, rng.normal()
-        x[2 + rng.integers(4)] = 1.0
-        x[6 + rng.integers(4)] = 1.0
-        x[10:] = rng.normal(size=EMB) / np.sqrt(EMB)
+        x[LAYOUT.block("bias")], length = 1.0, rng.normal()
+        x[LAYOUT.block("length")] = length
+        x[LAYOUT.block("task").start + rng.integers(4)] = 1.0
+        x[LAYOUT.block("feature:subject").start + rng.integers(4)] = 1.0
+        x[LAYOUT.block("embedding")] = rng.normal(size=EMB) / np.sqrt(EMB)
         arm = ["small", "large"][rng.integers(2)]
-        correct = float(rng.random() < (0.5 if arm == "small" else 0.8) + 0.1 * x[1])
+        correct = float(rng.random() < (0.5 if arm == "small" else 0.8) + 0.1 * length)
         cost = (1e-4 if arm == "small" else 9e-4) * (1 + 0.1 * rng.random())
         yield arm, x, correct, cost
 

@@ -18,9 +18,10 @@ LAYOUT = ContextLayout("raw", task_buckets=4)
 
 def _context(rng: np.random.Generator, task: int, noise_dim: int) -> np.ndarray:
     """A context of ``LAYOUT``: bias, length, the task's one-hot, a noise embedding."""
-    x = np.zeros(2 + LAYOUT.task_buckets + noise_dim)
-    x[0], x[1], x[2 + task] = 1.0, rng.normal(), 1.0
-    x[2 + LAYOUT.task_buckets :] = rng.normal(size=noise_dim)
+    x = np.zeros(LAYOUT.dim(noise_dim))
+    x[LAYOUT.block("bias")], x[LAYOUT.block("length")] = 1.0, rng.normal()
+    x[LAYOUT.block("task").start + task] = 1.0
+    x[LAYOUT.block("embedding")] = rng.normal(size=noise_dim)
     return x
 
 

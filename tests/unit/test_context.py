@@ -76,6 +76,19 @@ def test_parts_are_where_the_layout_says_and_unseen_values_need_nothing() -> Non
     np.testing.assert_allclose(y[20:], (e @ builder.projection).astype(np.float32))
     other = ContextBuilder(layout(), {"qa": {"subject", "level"}})
     np.testing.assert_array_equal(other.build("qa", "hello", None, EMB)[20:], y[20:])
+    # the layout names each block where the builder put it
+    assert dict(lay.blocks) == {
+        "bias": slice(0, 1),
+        "length": slice(1, 2),
+        "task": slice(2, 10),
+        "feature:level": slice(10, 12),
+        "feature:subject": slice(12, 20),
+        "embedding": slice(20, None),
+    }
+    assert y[lay.block("embedding")].shape == (8,)
+    with pytest.raises(KeyError, match="has no block 'feature:colour'"):
+        lay.block("feature:colour")
+    assert dict(ContextLayout(embedding="legacy").blocks) == {"embedding": slice(0, None)}
 
 
 def test_numbers_are_standardised_online_in_observation_order() -> None:
