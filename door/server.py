@@ -308,7 +308,10 @@ class DoorServer:
     def __init__(self, door: Door, host: str, port: int) -> None:
         self.door = door
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self.socket = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not 0: asyncio sets TCP_NODELAY only on connections of a socket
+        # whose proto says TCP; without it, Nagle held a response's body behind its headers
+        # until the client's delayed ACK (~40 ms) whenever requests overlapped
+        self.socket = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind((host, port))  # now: a port in use is told at start
         self.host, self.port = host, self.socket.getsockname()[1]

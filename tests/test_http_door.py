@@ -4,6 +4,7 @@ whole module."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 import urllib.request
@@ -128,6 +129,20 @@ def test_an_http_only_instance_is_ready_without_a_broker(services):
     # its dependencies' gauges: Postgres, used by the build; no broker
     up = {d: REGISTRY.get_sample_value("metallm_dependency_up", {"dependency": d}) for d in DEPS}
     assert up == {"kafka": None, "postgres": 1.0}
+
+
+def test_the_door_sends_without_waiting_for_acks(services):
+    """Every connection the door accepts has TCP_NODELAY: a response written in two parts
+    (headers, body) is not held back by Nagle until the client's delayed ACK."""
+    a, _ = services
+    with socket.create_connection(("127.0.0.1", a.door.port)) as conn:
+        conn.sendall(b"GET /healthz HTTP/1.1\r\nHost: door\r\n\r\n")
+        assert conn.recv(4096).startswith(b"HTTP/1.1 200")
+        accepted = [
+            c.transport.get_extra_info("socket") for c in a.door.server.server_state.connections
+        ]
+        assert accepted
+        assert all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in accepted)
 
 
 def decisions_counted(arm: str) -> float:
