@@ -13,7 +13,10 @@ calling the endpoint directly. For each request through the door:
   answer, the decision's transaction, the response);
 - added: the whole round trip less the direct call's median at that rate;
 - embedding: the time the embedder took for the request's text (timed around the embedder
-  itself), reported apart; added − embedding is the router's overhead without it.
+  itself), reported apart; added − embedding is the router's overhead without it;
+- CPU per request: the CPU time (user + system) of the router's process and its children over
+  the rate's run, per request (a figure the machine's load does not inflate the way it does
+  latencies; metallm's Postgres backends' work is not in it).
 
 Side by side, if LiteLLM is installed in its own virtualenv (``benchmarks/litellm_side.py``:
 ``/work/litellm-venv``, ``litellm[proxy]==1.81.13``; never in the project's): LiteLLM's proxy
@@ -162,10 +165,11 @@ def run(rates: list[float], seconds: float, kind: str, litellm: Path | None) -> 
         line = child.stdout.readline().decode()
         assert line.startswith("PORT "), f"the service did not start: {line!r}"
         port = int(line.split()[1])
-        targets = {"metallm": (f"http://127.0.0.1:{port}/v1", "metallm/sentiment")}
+        targets = {"metallm": (f"http://127.0.0.1:{port}/v1", "metallm/sentiment", child.pid)}
         if proxy is not None:
             proxy.start()
-            targets["litellm"] = (proxy.base_url, "small")
+            assert proxy.process is not None
+            targets["litellm"] = (proxy.base_url, "small", proxy.process.pid)
         results = measure(arms, targets, rates, seconds)
         child.stdin.close()
         child.wait(120)
@@ -180,7 +184,29 @@ def run(rates: list[float], seconds: float, kind: str, litellm: Path | None) -> 
     return [summarise(*r, spent if r[0] == "metallm" else {}) for r in results]
 
 
-def measure(arms, targets: dict[str, tuple[str, str]], rates: list[float], seconds: float):
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) used so far by a process and its descendants (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        parent[int(entry.name)] = int(fields[1])
+        used[int(entry.name)] = (int(fields[11]) + int(fields[12])) / tick
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += used.get(p, 0.0)
+        todo += [c for c, pp in parent.items() if pp == p]
+    return total
+
+
+def measure(arms, targets: dict[str, tuple[str, str, int]], rates: list[float], seconds: float):
     """Per rate: the direct calls' median, then each router's requests (sent, answered) and
     when the arm took each one's call, the routers one after the other at the same rate."""
     import openai
@@ -198,10 +224,13 @@ def measure(arms, targets: dict[str, tuple[str, str]], rates: list[float], secon
 
         base = drive(rate, seconds, via_direct)
         base_median = statistics.median(b - a for _, a, b in base)
-        for name, (url, model) in targets.items():
+        for name, (url, model, pid) in targets.items():
             client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+            cpu = cpu_seconds(pid)
             sent = _one(arms, client, model, f"{name}-{tag}", rate, seconds)
-            out.append((name, *sent, base_median, " ".join(f"{x:.1f}" for x in os.getloadavg())))
+            cpu = (cpu_seconds(pid) - cpu) / max(1, len(sent[1]))
+            load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+            out.append((name, *sent, base_median, load, cpu))
     return out
 
 
@@ -219,7 +248,7 @@ def _one(arms, client, model: str, tag: str, rate: float, seconds: float) -> tup
 
 
 def summarise(
-    router, rate, timed, at, tag, text, base_median, load: str, spent: dict[str, float]
+    router, rate, timed, at, tag, text, base_median, load: str, cpu: float, spent: dict[str, float]
 ) -> dict:
     into, out, added, embed, bare = [], [], [], [], []
     for i, sent, answered in timed:
@@ -238,6 +267,7 @@ def summarise(
         "router": router,
         "rate": rate,
         "load": load,
+        "cpu_ms": cpu * 1000.0,
         "n": len(added),
         "direct_p50": base_median * ms,
         **{f"{k}_p50": pct(v, 0.5) * ms for k, v in _named(into, out, added, embed, bare)},
@@ -252,8 +282,9 @@ def _named(into, out, added, embed, bare):
 def table(rows: list[dict]) -> str:
     head = (
         "| router | req/s | n | direct p50 | in→arm p50 / p99 | arm→out p50 / p99 "
-        "| added p50 / p99 | embedding p50 / p99 | added − embedding p50 / p99 | load average |\n"
-        "|---|---|---|---|---|---|---|---|---|---|\n"
+        "| added p50 / p99 | embedding p50 / p99 | added − embedding p50 / p99 "
+        "| CPU per request | load average |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = sorted(rows, key=lambda r: (r["rate"], r["router"] != "metallm"))
     lines = [
@@ -262,7 +293,7 @@ def table(rows: list[dict]) -> str:
             f" | {r[k + '_p50']:.1f} / {r[k + '_p99']:.1f} ms"
             for k in ("in", "out", "added", "embed", "bare")
         )
-        + f" | {r['load']} |"
+        + f" | {r['cpu_ms']:.1f} ms | {r['load']} |"
         for r in rows
     ]
     return head + "\n".join(lines)
