@@ -1,7 +1,8 @@
 """The mixed-fault soak's scenario (issue 25, item 5): two ``metallm serve`` instances under a
 steady load of queries and labels while a seeded schedule of faults hits them one at a time;
 :func:`run` returns the figures and :func:`broken` the invariants they break;
-``benchmarks/soak.py`` runs it (20 minutes by default) and reports them.
+``benchmarks/soak.py`` runs it (20 minutes by default) and reports them;
+``tests/faults/test_soak.py`` runs a short one (five kinds of fault, once each) for the invariants.
 
 The faults, in a seeded order, each lasting a seeded 10–60 s (``fault_seconds``):
 
