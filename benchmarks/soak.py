@@ -71,6 +71,7 @@ def report(f: SoakFigures, args: argparse.Namespace) -> str:
         f"| decisions stored (one per query) | {f.decisions} of {f.queries} |",
         f"| LLM calls at the arms / after their decision was made | {f.calls} / "
         f"{f.calls_after_decided} |",
+        f"| decisions whose arm failed (5xx, timeout; learnt as failures) | {f.arm_failures} |",
         f"| calls repeated before a decision (cut off by a kill / a rebalance: allowed) | "
         f"{f.repeated_after_kill} / {f.repeated_after_rebalance} |",
         f"| rewards stored / applied twice | {f.rewards_stored} / "

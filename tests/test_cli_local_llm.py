@@ -1,4 +1,7 @@
-"""The CLI as a user runs it: migrate, serve (real local LLMs via llama.cpp), produce, decisions."""
+"""The CLI as a user runs it: migrate, serve (real local LLMs via llama.cpp), produce, decisions.
+``metallm serve`` runs as a process of its own (signals, exit code); the other commands go
+through the CLI's ``main`` in this process (a process each costs seconds of imports), with
+the same arguments, environment, exit codes and output."""
 
 from __future__ import annotations
 
@@ -13,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from app.cli import main
 from service.storage import make_engine
 from tests.conftest import DATABASE_URL, wait_for
 from tests.helpers import TASKS, count, demo_rows, metallm_cli
@@ -22,7 +26,17 @@ pytestmark = [pytest.mark.integration, pytest.mark.llm]
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by `make install`")
 
 
-def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
+def in_process(capsys, *args: str, check: bool) -> subprocess.CompletedProcess:
+    """``metallm *args`` through the CLI's main in this process: its exit code and output
+    (``check``: raise on a non-zero exit, as ``subprocess.run`` does)."""
+    code = main(list(args))
+    done = subprocess.CompletedProcess(["metallm", *args], code, *capsys.readouterr())
+    if check:
+        done.check_returncode()
+    return done
+
+
+def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path, monkeypatch, capsys):
     import uuid
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
@@ -67,10 +81,15 @@ def test_serve_real_local_llms_end_to_end(broker, topics, tmp_path: Path):
         "METALLM_METRICS_PORT": "0",
         **{f"METALLM_{k.upper()}": v for k, v in topics.items()},
     }
-    metallm = functools.partial(metallm_cli, schema, env=env, check=True, timeout=120)
+    for name, value in env.items():
+        if name == "DATABASE_URL" or name.startswith("METALLM_"):
+            monkeypatch.setenv(name, value)
+    # main sets libpq's connect timeout if unset: restored after the test
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", os.environ.get("PGCONNECT_TIMEOUT", "10"))
+    metallm = functools.partial(in_process, capsys, check=True)
 
     # serving before migrating is a clear error, not a traceback
-    early = metallm("serve", check=False)
+    early = metallm_cli(schema, "serve", env=env, timeout=120)
     assert early.returncode == 2 and "run `metallm migrate`" in early.stderr
 
     assert "up to date" in metallm("migrate").stdout

@@ -1,7 +1,8 @@
 """The mixed-fault soak's scenario (issue 25, item 5): two ``metallm serve`` instances under a
 steady load of queries and labels while a seeded schedule of faults hits them one at a time;
 :func:`run` returns the figures and :func:`broken` the invariants they break;
-``benchmarks/soak.py`` runs it (20 minutes by default) and reports them.
+``benchmarks/soak.py`` runs it (20 minutes by default) and reports them;
+``tests/faults/test_soak.py`` runs a short one (five kinds of fault, once each) for the invariants.
 
 The faults, in a seeded order, each lasting a seeded 10–60 s (``fault_seconds``):
 
@@ -443,6 +444,7 @@ class SoakFigures(ScaleFigures):
     failed_sends: int = 0  # the load's sends the broker never took (a harness failure)
     malformed_published: int = 0
     malformed_missing_from_dlq: int = 0
+    arm_failures: int = 0  # decisions whose chosen arm failed (service.decision.arm_failed)
     unexpected_exits: list[str] = field(default_factory=list)
     final_ready: list[str] = field(default_factory=list)  # instances ready before the SIGTERM
     probes: int = 0
@@ -483,24 +485,27 @@ class SoakPlan:
     fault_seconds: tuple[float, float] = (10.0, 60.0)  # a dependency fault's length, drawn
     warmup: float = 60.0  # seconds before the first fault
     gap: float = 20.0  # seconds between a fault's recovery and the next
-    tail: float = 50.0  # seconds of load at least after the last fault began
+    tail: float = 50.0  # seconds of load at least after the last fault's return
     faults: tuple[str, ...] = FAULTS
+    #: 0: faults one after another while they fit in ``minutes``; n: exactly n passes through
+    #: ``faults`` (each kind n times, in a seeded order), the load running on past ``minutes``
+    #: if they need it, then ``tail`` seconds more — a short run that hits every kind it names
+    rounds: int = 0
 
 
 def run(args: SoakPlan, workdir: Path, say: Callable[[str], None] = lambda _: None) -> SoakFigures:
     figures = SoakFigures(minutes=args.minutes, rate=args.rate, partitions=PARTITIONS)
     rng = random.Random(args.seed)
+    # with ``rounds``, room for faults that outlast ``minutes`` (only the queries sent count)
+    seconds = args.minutes * 60 + (600 if args.rounds else 0)
+    pool = make_queries(int(args.rate * seconds * 1.05) + 50, prefix="q-soak")
+    server = ArmServer({q.query_id: q for q in pool}, ACCURACY, parse_errors=0.02).start()
     broker = ProxiedBroker()
     broker.log_path = workdir / "broker.log"
     broker.start()
-    pg = PrivatePostgres().init()
+    pg = PrivatePostgres()
     pg_proxy = TcpProxy(pg.port)
-    upgrade(pg.url, SCHEMA)
-    engine = make_engine(pg.url, SCHEMA, poolclass=sa.pool.NullPool)
     topics = isolated_stream_names(f"soak-{uuid.uuid4().hex[:8]}")
-    create_topics(broker.bootstrap, [v for k, v in topics.items() if k.endswith("_topic")], 6)
-    pool = make_queries(int(args.rate * args.minutes * 60 * 1.05) + 50, prefix="q-soak")
-    server = ArmServer({q.query_id: q for q in pool}, ACCURACY, parse_errors=0.02).start()
     service_url = f"postgresql://postgres@127.0.0.1:{pg_proxy.port}/postgres"
     env = service_env(
         broker.bootstrap,
@@ -514,8 +519,15 @@ def run(args: SoakPlan, workdir: Path, say: Callable[[str], None] = lambda _: No
     )
     fleet = SoakFleet(env, server, workdir)
     watch = Watch(fleet)
-    load = LoadGenerator(broker.bootstrap, topics, pool, args.rate, args.seed + 1)
+    engine = make_engine(pg.url, SCHEMA, poolclass=sa.pool.NullPool)
+    load: LoadGenerator | None = None
     try:
+        for _ in range(2):  # the first two instances import (standing by) while Postgres is made
+            fleet.spawn()
+        pg.init()
+        upgrade(pg.url, SCHEMA)
+        create_topics(broker.bootstrap, [v for k, v in topics.items() if k.endswith("_topic")], 6)
+        load = LoadGenerator(broker.bootstrap, topics, pool, args.rate, args.seed + 1)
         for _ in range(2):
             fleet.start()
             wait_for(lambda: fleet.serving(sorted(fleet.live)), 120)
@@ -549,6 +561,13 @@ def run(args: SoakPlan, workdir: Path, say: Callable[[str], None] = lambda _: No
         figures.kills = figures.restarts = len(fleet.killed)
         truth = {q.query_id: q for q in pool if q.query_id in load.queries}
         _count(figures, engine, server, fleet, truth, final)
+        with engine.connect() as conn:
+            figures.arm_failures = conn.execute(
+                sa.text(
+                    "SELECT count(*) FROM decisions "
+                    "WHERE status = 'llm_error' OR fallback_arm IS NOT NULL"
+                )
+            ).scalar_one()
         figures.decision_events_missing = len(
             set(truth) - set(event_keys(broker.bootstrap, topics["decisions_topic"]))
         )
@@ -566,7 +585,8 @@ def run(args: SoakPlan, workdir: Path, say: Callable[[str], None] = lambda _: No
         return figures
     finally:
         watch.stop.set()
-        load.stop.set()
+        if load is not None:
+            load.stop.set()
         fleet.close()
         server.kill()
         engine.dispose()
@@ -577,22 +597,28 @@ def run(args: SoakPlan, workdir: Path, say: Callable[[str], None] = lambda _: No
 
 
 def _schedule(args, figures, fleet, watch, faults, engine, end, say) -> None:
-    """Faults one at a time, each once the decisions flowed again after the one before."""
+    """Faults one at a time, each once the decisions flowed again after the one before: while
+    they fit before ``end``, or ``args.rounds`` passes through ``args.faults`` however long
+    they take (and ``args.tail`` seconds of load at least after the last one's return)."""
     rng = random.Random(args.seed + 2)
     lo, hi = args.fault_seconds
     kinds: list[str] = []
-    time.sleep(min(args.warmup, max(0.0, end - time.time())))
-    while True:
+    left = args.rounds * len(args.faults) if args.rounds else None  # None: until ``end``
+    time.sleep(args.warmup if left else min(args.warmup, max(0.0, end - time.time())))
+    while left is None or left > 0:
         if not kinds:
             kinds = list(args.faults)
             rng.shuffle(kinds)
         kind = kinds.pop(0)
         seconds = fault_seconds(kind, rng, lo, hi)
-        if time.time() + seconds + args.tail > end:
+        if left is None and time.time() + seconds + args.tail > end:
             break
         fault = Fault(kind)
         faults.inflict(fault, seconds, say)
         figures.faults.append(fault)
+        if left is not None:
+            left -= 1
+            end = max(end, fault.returned + args.tail)
         before = decided_count(engine) or 0
         wait_for(lambda b=before: (decided_count(engine) or 0) > b, 60)
         _tend(figures, fleet, say, until=time.time() + args.gap)
