@@ -113,6 +113,9 @@ def test_answers_go_out_as_their_calls_end_and_offsets_never_pass_a_stored_decis
             30,
             "every offset committed",
         )
+        # the watch's own samples reach the end too (each takes a broker round trip: on a
+        # loaded machine it can lag the wait above)
+        wait_until(lambda: N in watch.samples, 30, "the watch sampling the last offset")
     finally:
         watch.stop.set()
         watch.thread.join(10)
