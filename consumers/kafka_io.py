@@ -16,6 +16,7 @@ from typing import Any
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
 from kafka.net.compat import KafkaNetClient
+from kafka.util import Timer
 
 from service.settings import Settings
 
@@ -48,9 +49,10 @@ class SteadyConsumer(KafkaConsumer):
     overdue — the broker frozen, or a connection that stays open but gets no answers — that cap
     is 0 and the rounds spin (about a thousand a second here), and each round leaves a callback
     on the fetch still in flight holding its timed-out wait: an exception with its traceback and
-    frames, ~6 kB. Until that fetch ends they are all reachable; a 30 s broker pause kept
-    ~140 MB, which the cyclic collector gave back only minutes later, if ever (the soak's memory
-    steps, issue 25). So a round that returns nothing while a heartbeat is overdue is followed by
+    frames, ~6 kB. They are reachable until that fetch ends, then cyclic garbage that only a
+    full collection frees, which Python runs rarely once its oldest generation is large: a 30 s
+    broker pause kept ~140 MB for the rest of an 8-minute soak (the soak's memory steps, issue
+    25). So a round that returns nothing while a heartbeat is overdue is followed by
     a wait of ``retry_backoff_ms`` (within the poll's timeout), as kafka-python itself waits when
     it has nothing in flight: the rounds, and what they leave behind, are bounded by the
     outage's length over that backoff.
@@ -58,7 +60,7 @@ class SteadyConsumer(KafkaConsumer):
 
     rounds = 0  # rounds run (``_poll_once``), for the test that pins the bound
 
-    def _poll_once(self, timer, max_records, update_offsets=True):  # type: ignore[no-untyped-def]
+    def _poll_once(self, timer: Timer, max_records: int, update_offsets: bool = True) -> dict:
         self.rounds += 1
         records = super()._poll_once(timer, max_records, update_offsets=update_offsets)
         if (
