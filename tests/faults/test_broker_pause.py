@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from consumers.kafka_io import ensure_topics
+from consumers.kafka_io import ensure_topics, make_consumer
 from service.log import read_models
 from tests.conftest import DATABASE_URL
 from tests.faults.harness import (
@@ -25,7 +25,7 @@ from tests.faults.harness import (
     wait_until,
 )
 from tests.faults.test_postgres_outage import ARMS, stream
-from tests.helpers import settings_for
+from tests.helpers import send, settings_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -82,3 +82,34 @@ def test_broker_stopped_for_10_s_mid_stream(own_broker, pg_schema, engine):
     assert read_all(bootstrap, topics["dlq_topic"]) == []
     with engine.connect() as conn:  # labels redelivered after the pause are not duplicates
         assert read_models.counters(conn).get("duplicate_labels", 0) == 0
+
+
+def test_a_consumer_polling_a_frozen_broker_does_not_spin(own_broker):
+    """kafka-python's poll, left to itself, runs a round after round without waiting while a
+    heartbeat is overdue (the broker frozen), each round leaving its timed-out wait on the fetch
+    still in flight: thousands of rounds, and ~6 kB kept by each, for every second of the pause.
+    The service's consumer (``make_consumer``) waits ``retry_backoff_ms`` (100 ms) between such
+    rounds: a 3 s poll of a frozen broker runs a few dozen rounds at most."""
+    topics = {"queries_topic": "q-spin", "labels_topic": "l-spin", "queries_group": "g-spin"}
+    settings = settings_for(own_broker.bootstrap, topics, "unused", DATABASE_URL)
+    ensure_topics(settings, ["q-spin"], partitions=2)
+    send(own_broker.bootstrap, "q-spin", [(f"k{i}", b"{}") for i in range(10)])
+    consumer = make_consumer(settings, "q-spin", "g-spin")
+    try:
+        got: list = []  # joined the group, fetched: a fetch is in flight from now on
+        wait_until(
+            lambda: got.extend(consumer.poll(500).values()) or sum(map(len, got)) >= 10,
+            timeout=60,
+            message="the consumer never read the 10 events",
+        )
+        pid = own_broker.process.pid
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            before = consumer.rounds
+            assert consumer.poll(timeout_ms=3000) == {}
+            rounds = consumer.rounds - before
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    finally:
+        consumer.close()
+    assert rounds <= 60, f"{rounds} poll rounds in 3 s against a frozen broker"
