@@ -278,7 +278,7 @@ def priced_speed(history: int, rounds: int) -> None:
     for c in cases[1:]:
         worst = min(cpu[c.label])
         verdict = "met" if worst >= PRICED_TARGET else "missed"
-        print(f"  {c.label:<26} slowest CPU-time rate {worst:>7,.0f}/s ({verdict})")
+        print(f"  {c.label:<28} slowest CPU-time rate {worst:>7,.0f}/s ({verdict})")
 
 
 # ------------------------------------------------------------------------ reward vs projection
