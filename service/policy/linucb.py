@@ -148,6 +148,8 @@ class LinUCB(LinearPolicy):
         ucb = mean + self.alpha * np.sqrt(variance)
         if shift is not None:
             ucb = ucb + shift
+        if X.shape[0] == 1:  # one context (the service prices each query on its own)
+            return [self._draw_one(arm_ids, ucb[0], stats.counts[slots])]
         P = self._probabilities(ucb, stats.counts[slots])
         if P.ndim == 1:  # unexplored arms: the same distribution on every row
             P = np.broadcast_to(P, ucb.shape)
@@ -163,3 +165,15 @@ class LinUCB(LinearPolicy):
             )
             for j, p, s in zip(J.tolist(), P.tolist(), ucb.tolist(), strict=True)
         ]
+
+    def _draw_one(self, arm_ids: Sequence[ArmId], ucb: np.ndarray, counts: np.ndarray) -> Choice:
+        """:meth:`_choose_many`'s draw for one row, on 1-d arrays: the same arithmetic, so the
+        same probabilities and the same arm for the same uniform."""
+        p = self._probabilities(ucb, counts)
+        c = np.cumsum(p)
+        j = min(int((self._rng.random(1)[0] * c[-1] >= c).sum()), len(arm_ids) - 1)
+        return Choice(
+            arm=arm_ids[j],
+            probabilities=dict(zip(arm_ids, p.tolist(), strict=True)),
+            scores=dict(zip(arm_ids, ucb.tolist(), strict=True)),
+        )
