@@ -188,7 +188,8 @@ class CorrectnessUCB(LinUCB):
         i = stats.index.get(arm_id)
         if i is None or stats.counts[i] == 0:
             return
-        mean = float((stats.scorer[i] @ x.astype(np.float32)).astype(np.float64) @ stats.b[i])
+        u = stats.product(i, x.astype(np.float32))  # S_i x, kept for the update that follows
+        mean = float(u.astype(np.float64) @ stats.b[i])
         residual = correct - min(max(self.prior_mean + mean, 0.0), 1.0)
         if self.detector.observe(arm_id, residual):
             stats.shrink(i, self.drift_shrink)

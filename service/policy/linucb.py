@@ -80,10 +80,11 @@ class LinUCB(LinearPolicy):
         arm's mean ``θ_aᵀx``, both in ``arm_ids`` order: what an off-policy score of this
         policy needs (:mod:`service.policy.selector`).
 
-        Computed arm by arm (one fixed-shape product each), not as the stacked product of a
-        choice: the stacked product's rounding depends on where an arm sits in the stack, which
-        depends on the order arms were offered to this instance, and a score must be a function
-        of the log alone. So the probabilities may differ from a choice's in the last bits.
+        Computed arm by arm (one fixed-shape product each, :meth:`LinearArmStats.products`),
+        not as the stacked product of a choice: the stacked product's rounding depends on
+        where an arm sits in the stack, which depends on the order arms were offered to this
+        instance, and a score must be a function of the log alone. So the probabilities may
+        differ from a choice's in the last bits.
 
         >>> policy = LinUCB(alpha=0.0, epsilon=0.1, seed=0)
         >>> policy.update("a", np.ones(2), 1.0); policy.update("b", np.ones(2), 0.0)
@@ -101,11 +102,11 @@ class LinUCB(LinearPolicy):
         stats = self._stats_for(x.shape[0])
         slots = stats.slots(arm_ids)
         x32 = x.astype(np.float32)
-        mean, variance = np.empty(len(arm_ids)), np.empty(len(arm_ids))
-        for j, i in enumerate(slots.tolist()):
-            v = stats.scorer[i] @ x32  # S_a x
-            mean[j] = np.dot(v.astype(np.float64), stats.b[i])
-            variance[j] = max(float(v @ x32), 0.0)
+        V = stats.products(slots, x32)  # rows S_a x, each the one-arm product
+        # per-arm dot products, batched: (1, d)·(d, 1) products are each arm's own dot
+        mean = np.matmul(V.astype(np.float64)[:, None, :], stats.b[slots][:, :, None])[:, 0, 0]
+        variance = np.matmul(V[:, None, :], x32[:, None])[:, 0, 0].astype(np.float64)
+        np.maximum(variance, 0.0, out=variance)
         ucb = mean + self.alpha * np.sqrt(variance)
         if shift is not None:
             ucb = ucb + shift
@@ -147,6 +148,8 @@ class LinUCB(LinearPolicy):
         ucb = mean + self.alpha * np.sqrt(variance)
         if shift is not None:
             ucb = ucb + shift
+        if X.shape[0] == 1:  # one context (the service prices each query on its own)
+            return [self._draw_one(arm_ids, ucb[0], stats.counts[slots])]
         P = self._probabilities(ucb, stats.counts[slots])
         if P.ndim == 1:  # unexplored arms: the same distribution on every row
             P = np.broadcast_to(P, ucb.shape)
@@ -162,3 +165,15 @@ class LinUCB(LinearPolicy):
             )
             for j, p, s in zip(J.tolist(), P.tolist(), ucb.tolist(), strict=True)
         ]
+
+    def _draw_one(self, arm_ids: Sequence[ArmId], ucb: np.ndarray, counts: np.ndarray) -> Choice:
+        """:meth:`_choose_many`'s draw for one row, on 1-d arrays: the same arithmetic, so the
+        same probabilities and the same arm for the same uniform."""
+        p = self._probabilities(ucb, counts)
+        c = np.cumsum(p)
+        j = min(int((self._rng.random(1)[0] * c[-1] >= c).sum()), len(arm_ids) - 1)
+        return Choice(
+            arm=arm_ids[j],
+            probabilities=dict(zip(arm_ids, p.tolist(), strict=True)),
+            scores=dict(zip(arm_ids, ucb.tolist(), strict=True)),
+        )
