@@ -3,9 +3,10 @@
 One HTTP-only instance (the real service: MiniLM embedding, the default policy, Postgres), in a
 process of its own, in front of ``ArmServer`` (tests/faults/harness.py, answering at once, in
 this process), driven by the official OpenAI SDK from this process at a fixed rate of requests
-per second (open loop: each request leaves at its
-time, whatever the others do). In the same run, at the same rates, the baseline: the same SDK
-calling the endpoint directly. For each request through the door:
+per second (open loop: each request leaves at its time, whatever the others do), after
+:data:`WARMUP_S` seconds of unmeasured requests to each router (a service in use is warm: its
+first calls set up connections and caches). In the same run, at the same rates, the baseline:
+the same SDK calling the endpoint directly. For each request through the door:
 
 - in → arm: from the client sending it to the arm receiving its call (the door's parsing,
   reservation, embedding, choice);
@@ -53,6 +54,8 @@ DATABASE_URL = os.environ.get(
     "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 ARMS = {"small": (0.1, 0.2), "big": (3.0, 6.0)}
+#: each router's unmeasured start, at the lowest rate: first calls, connections, caches
+WARMUP_S = 3.0
 
 
 class TimedEmbedder:
@@ -212,6 +215,12 @@ def measure(arms, targets: dict[str, tuple[str, str, int]], rates: list[float], 
     import openai
 
     direct = openai.OpenAI(base_url=arms.base_url("small"), api_key="-", max_retries=0)
+    clients = {
+        name: openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+        for name, (url, _, _) in targets.items()
+    }
+    for name, (_, model, _) in targets.items():  # unmeasured: first calls, connections
+        _one(arms, clients[name], model, f"{name}-warm", min(rates), WARMUP_S)
     out = []
     for rate in rates:
         tag = f"r{int(rate)}-{uuid.uuid4().hex[:4]}"
@@ -224,10 +233,9 @@ def measure(arms, targets: dict[str, tuple[str, str, int]], rates: list[float], 
 
         base = drive(rate, seconds, via_direct)
         base_median = statistics.median(b - a for _, a, b in base)
-        for name, (url, model, pid) in targets.items():
-            client = openai.OpenAI(base_url=url, api_key="-", max_retries=0)
+        for name, (_, model, pid) in targets.items():
             cpu = cpu_seconds(pid)
-            sent = _one(arms, client, model, f"{name}-{tag}", rate, seconds)
+            sent = _one(arms, clients[name], model, f"{name}-{tag}", rate, seconds)
             cpu = (cpu_seconds(pid) - cpu) / max(1, len(sent[1]))
             load = " ".join(f"{x:.1f}" for x in os.getloadavg())
             out.append((name, *sent, base_median, load, cpu))
