@@ -110,7 +110,7 @@ def serve(config: str, timings: str, kind: str) -> None:
     door's port on stdout, serve until stdin closes, then write the embedding's timings."""
     import json
 
-    from app.application import Application
+    from app.application import Application, settle_heap
     from service.config import load_config
     from service.embedding import Embedder
     from service.settings import Settings
@@ -124,6 +124,7 @@ def serve(config: str, timings: str, kind: str) -> None:
         embedder = TimedEmbedder(Embedder.from_settings(settings))
     service = Application.build(settings, config=load_config(Path(config)), embedder=embedder)
     service.start()
+    settle_heap()  # as `metallm serve` does once started (Application.run_forever)
     print(f"PORT {service.door.port}", flush=True)
     sys.stdin.read()
     service.stop()
