@@ -9,7 +9,7 @@ first calls set up connections and caches). In the same run, at the same rates, 
 the same SDK calling the endpoint directly. For each request through the door:
 
 - in → arm: from the client sending it to the arm receiving its call (the door's parsing,
-  reservation, embedding, choice);
+  embedding, choice; no reservation: the requests carry no id, so the door makes one);
 - arm → out: from the arm receiving the call to the client holding the answer (the arm's
   answer, the decision's transaction, the response);
 - added: the whole round trip less the direct call's median at that rate;
