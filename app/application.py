@@ -435,8 +435,8 @@ class Application:
         a consumer crashed or the final checkpoint failed."""
         stop = stop or stop_on_signals()
         if not stop.is_set():  # a signal during start-up: stop without serving
+            settle_heap()  # before the Kafka clients' threads start: the pass blocks them
             self.start()
-            settle_heap()
         # polled, not waited on: Event.wait holds the event's lock at moments, and the signal
         # handler that sets it runs on this very thread (it would wait for itself for ever)
         while not stop.is_set() and not self.crashed.is_set() and self.topics_changed is None:
@@ -448,7 +448,7 @@ class Application:
 
 
 def settle_heap() -> None:
-    """Exempt what the start built (modules, the config, the model, the restored policy) from
+    """Exempt what the build made (modules, the config, the model, the restored policy) from
     the cyclic garbage collector's later passes, as a process that serves from here on. Each
     full pass scanned all of it: ~130–150 ms during which no request moved (the door's p99;
     ``benchmarks/http_door.py``). Reference counting still frees those objects; only cycles

@@ -123,8 +123,8 @@ def serve(config: str, timings: str, kind: str) -> None:
     else:
         embedder = TimedEmbedder(Embedder.from_settings(settings))
     service = Application.build(settings, config=load_config(Path(config)), embedder=embedder)
+    settle_heap()  # as `metallm serve` does before it starts (Application.run_forever)
     service.start()
-    settle_heap()  # as `metallm serve` does once started (Application.run_forever)
     print(f"PORT {service.door.port}", flush=True)
     sys.stdin.read()
     service.stop()

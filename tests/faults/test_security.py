@@ -50,7 +50,7 @@ def test_sasl_ssl_settings_reach_every_kafka_client(monkeypatch):
 
         return make
 
-    monkeypatch.setattr(kafka_io, "KafkaConsumer", capture("consumer"))
+    monkeypatch.setattr(kafka_io, "SteadyConsumer", capture("consumer"))
     monkeypatch.setattr(kafka_io, "KafkaProducer", capture("producer"))
     monkeypatch.setattr(kafka_io, "KafkaAdminClient", capture("admin"))
     settings = sasl_settings()
