@@ -104,6 +104,25 @@ def drive(rate: float, seconds: float, send) -> list[tuple[int, float, float]]:
     return out
 
 
+def service_env(schema: str, in_flight: int, name: str | None = None) -> dict[str, str]:
+    """The environment of an HTTP-only instance on ``schema`` (no broker, no metrics, no
+    progress lines), with the door on a free port and ``in_flight`` requests at most."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METALLM_")}
+    env.update(
+        DATABASE_URL=DATABASE_URL,
+        METALLM_DATABASE_SCHEMA=schema,
+        METALLM_KAFKA_CONSUMERS="false",
+        METALLM_HTTP_PORT="0",
+        METALLM_HTTP_MAX_IN_FLIGHT=str(in_flight),
+        METALLM_METRICS_PORT="off",
+        METALLM_PROGRESS_SECONDS="0",
+        PYTHONPATH=str(ROOT),
+    )
+    if name is not None:
+        env["METALLM_INSTANCE_ID"] = name
+    return env
+
+
 def serve(config: str, timings: str, kind: str) -> None:
     """The service's side, in a process of its own (the client and the endpoint stay in the
     parent): build and start an HTTP-only instance from the environment's settings, tell the
@@ -149,17 +168,7 @@ def run(rates: list[float], seconds: float, kind: str, litellm: Path | None) -> 
         folder / "metallm.yaml",
         arm_config(arms, ARMS, **{a: {"max_in_flight": 256} for a in ARMS}),
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METALLM_")}
-    env.update(
-        DATABASE_URL=DATABASE_URL,
-        METALLM_DATABASE_SCHEMA=schema,
-        METALLM_KAFKA_CONSUMERS="false",
-        METALLM_HTTP_PORT="0",
-        METALLM_HTTP_MAX_IN_FLIGHT="256",
-        METALLM_METRICS_PORT="off",
-        METALLM_PROGRESS_SECONDS="0",
-        PYTHONPATH=str(ROOT),
-    )
+    env = service_env(schema, 256)
     timings = folder / "embedding.json"
     proxy = None if litellm is None else Proxy(litellm, {"small": arms.base_url("small")}, folder)
     command = [sys.executable, __file__, "--serve", str(config), str(timings), kind]

@@ -44,6 +44,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.http_door import service_env  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results" / "http_scale.md"
 DATABASE_URL = os.environ.get(
     "METALLM_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test"
@@ -132,22 +135,6 @@ def stop(proc: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def service_env(schema: str, in_flight: int, name: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("METALLM_")}
-    env.update(
-        DATABASE_URL=DATABASE_URL,
-        METALLM_DATABASE_SCHEMA=schema,
-        METALLM_KAFKA_CONSUMERS="false",
-        METALLM_HTTP_PORT="0",
-        METALLM_HTTP_MAX_IN_FLIGHT=str(in_flight),
-        METALLM_METRICS_PORT="off",
-        METALLM_PROGRESS_SECONDS="0",
-        METALLM_INSTANCE_ID=name,
-        PYTHONPATH=str(ROOT),
-    )
-    return env
 
 
 async def closed_loop(ports: list[int], clients: int, seconds: float, tag: str) -> list[tuple]:
