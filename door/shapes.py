@@ -205,6 +205,16 @@ def _created(decision: PublicDecision) -> int:
     return int(decision.decided_at.timestamp())
 
 
+def _head(kind: str, query_id: str, task: str, created: int) -> dict[str, Any]:
+    """The fields a completion and each chunk of a stream begin with."""
+    return {
+        "id": f"chatcmpl-{query_id}",
+        "object": kind,
+        "created": created,
+        "model": f"{MODEL}/{task}",
+    }
+
+
 def _usage(decision: PublicDecision) -> dict[str, int]:
     prompt, output = int(decision.input_tokens or 0), int(decision.output_tokens or 0)
     return {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output}
@@ -213,10 +223,7 @@ def _usage(decision: PublicDecision) -> dict[str, int]:
 def completion(decision: PublicDecision, replayed: bool) -> dict[str, Any]:
     """A ``chat.completion`` of a decision."""
     return {
-        "id": f"chatcmpl-{decision.query_id}",
-        "object": "chat.completion",
-        "created": _created(decision),
-        "model": f"{MODEL}/{decision.task}",
+        **_head("chat.completion", decision.query_id, decision.task, _created(decision)),
         "choices": [
             {
                 "index": 0,
@@ -237,10 +244,7 @@ def delta_chunk(query_id: str, task: str, created: int, text: str, first: bool) 
     """
     delta = {"role": "assistant", "content": text} if first else {"content": text}
     return {
-        "id": f"chatcmpl-{query_id}",
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": f"{MODEL}/{task}",
+        **_head("chat.completion.chunk", query_id, task, created),
         "choices": [{"index": 0, "delta": delta, "finish_reason": None}],
     }
 
@@ -248,10 +252,7 @@ def delta_chunk(query_id: str, task: str, created: int, text: str, first: bool) 
 def last_chunk(decision: PublicDecision, replayed: bool) -> dict[str, Any]:
     """A stream's last chunk: its end, the usage and the ``metallm`` field of the decision."""
     return {
-        "id": f"chatcmpl-{decision.query_id}",
-        "object": "chat.completion.chunk",
-        "created": _created(decision),
-        "model": f"{MODEL}/{decision.task}",
+        **_head("chat.completion.chunk", decision.query_id, decision.task, _created(decision)),
         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
         "usage": _usage(decision),
         "metallm": routing(decision, replayed),
