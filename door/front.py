@@ -18,12 +18,11 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import ValidationError
 from sqlalchemy.engine import Connection
 
 from door.shapes import ChatRequest
 from door.store import GroupStore, StoreClosed, StoreUnavailable
-from service.events import InvalidEvent, LabelEvent, QueryEvent, describe_validation_error
+from service.events import InvalidEvent, LabelEvent, QueryEvent
 from service.llm.streaming import Relay
 from service.log.decisions import stored_queries
 from service.log.requests import lease_ended, public_decision, release, renew, reserve
@@ -109,11 +108,7 @@ class Front:
             "text": req.text,
             "metadata": req.metadata,
         }
-        try:
-            event = QueryEvent.model_validate(fields)
-        except ValidationError as exc:
-            raise InvalidEvent(describe_validation_error(exc)) from None
-        return self.decider.validate(event.to_bytes())
+        return self.decider.check(QueryEvent.from_fields(fields))
 
     def answer(
         self,

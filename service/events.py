@@ -51,6 +51,12 @@ class _Event(BaseModel):
             raise InvalidEvent(f"nested deeper than {MAX_DEPTH} levels") from None
         if not isinstance(data, dict):
             raise InvalidEvent(f"expected a JSON object, got {type(data).__name__}")
+        return cls.from_fields(data)
+
+    @classmethod
+    def from_fields(cls, data: dict[str, Any]):
+        """The event of parsed JSON fields (an HTTP body's, say), checked as
+        :meth:`from_bytes` checks one; :class:`InvalidEvent` with the reason."""
         try:
             event = cls.model_validate(data)
         except ValidationError as exc:

@@ -116,7 +116,11 @@ class Decider:
 
     def validate(self, raw: bytes | None) -> QueryEvent:
         """Parse a raw query event, or raise :class:`InvalidEvent` with the reason."""
-        event = QueryEvent.from_bytes(raw)
+        return self.check(QueryEvent.from_bytes(raw))
+
+    def check(self, event: QueryEvent) -> QueryEvent:
+        """The event if this service can route it (its task, options, metadata; its prompt cut
+        to fit where the setting says so), or :class:`InvalidEvent` with the reason."""
         if event.task not in self.config.tasks:
             known = ", ".join(sorted(self.config.tasks))
             raise InvalidEvent(f"unknown task {event.task!r}; configured tasks: {known}")
