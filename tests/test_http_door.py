@@ -4,6 +4,7 @@ whole module."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -364,26 +365,37 @@ def test_refusals(services):
         ask(client(a), q, tools=[tool])
 
 
+@contextlib.contextmanager
+def narrow_door(service, timeout_s: float = 20) -> Iterator[tuple[Door, openai.OpenAI]]:
+    """A second door on ``service``'s front that takes one request at a time, and a client of
+    it that does not retry; stopped at the end."""
+    front = service.door.door.front
+    narrow = Door(front, service.ready, [KEY], 4096, max_in_flight=1, timeout_s=timeout_s)
+    server = DoorServer(narrow, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{server.port}/v1"
+    try:
+        yield narrow, openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+    finally:
+        server.stop()
+
+
 def test_a_saturated_door_says_when_to_retry(services, arms):
     a, _ = services
-    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=20)
-    server = DoorServer(narrow, "127.0.0.1", 0).start()
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
     arms.modes["small"] = arms.modes["big"] = "slow"
     arms.delay["small"] = arms.delay["big"] = 1.0
     try:
-        slow = threading.Thread(target=ask, args=(c, QUERIES[10]))
-        slow.start()
-        deadline = time.monotonic() + 5
-        while narrow.in_flight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        with pytest.raises(openai.RateLimitError) as refused:
-            ask(c, QUERIES[11])
-        assert refused.value.response.headers["retry-after"] == "1"
-        slow.join()
+        with narrow_door(a) as (narrow, c):
+            slow = threading.Thread(target=ask, args=(c, QUERIES[10]))
+            slow.start()
+            deadline = time.monotonic() + 5
+            while narrow.in_flight == 0 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(openai.RateLimitError) as refused:
+                ask(c, QUERIES[11])
+            assert refused.value.response.headers["retry-after"] == "1"
+            slow.join()
     finally:
         arms.modes["small"] = arms.modes["big"] = "ok"
-        server.stop()
 
 
 def test_the_kafka_decider_skips_an_id_the_door_holds(services, arms):
@@ -508,26 +520,22 @@ def test_an_arm_failing_mid_stream_ends_it_with_an_error_and_a_failed_decision(
 
 def test_a_door_streaming_its_limit_of_calls_says_when_to_retry(services, arms):
     a, _ = services
-    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=20)
-    server = DoorServer(narrow, "127.0.0.1", 0).start()
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
     q = QUERIES[18]
     arms.answers[q.query_id] = "slow words for a full door"
     arms.stream_delay = 0.1
     try:
-        stream = c.chat.completions.create(
-            model="metallm/chat", messages=[{"role": "user", "content": q.text}], stream=True
-        )
-        first = next(iter(stream))  # the response began: the call goes on
-        assert first.choices[0].delta.content == "slow "
-        with pytest.raises(openai.RateLimitError):
-            ask(c, QUERIES[19])
-        assert "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices) == (
-            "words for a full door"
-        )
+        with narrow_door(a) as (_, c):
+            stream = c.chat.completions.create(
+                model="metallm/chat", messages=[{"role": "user", "content": q.text}], stream=True
+            )
+            first = next(iter(stream))  # the response began: the call goes on
+            assert first.choices[0].delta.content == "slow "
+            with pytest.raises(openai.RateLimitError):
+                ask(c, QUERIES[19])
+            words = "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
+            assert words == "words for a full door"
     finally:
         arms.stream_delay = 0.0
-        server.stop()
 
 
 def test_an_open_task_keeps_its_output_limit_and_temperature_unless_asked(services, arms):
@@ -655,16 +663,11 @@ def test_a_store_cut_off_from_postgres_is_retried_not_thrown_away(services, arms
 
 def test_a_thread_still_calling_after_a_504_counts_against_the_limit(services, arms):
     a, _ = services
-    narrow = Door(a.door.door.front, a.ready, [KEY], 4096, max_in_flight=1, timeout_s=1)
-    server = DoorServer(narrow, "127.0.0.1", 0).start()
-    c = openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key=KEY, max_retries=0)
     arms.delay_ids[QUERIES[30].query_id] = 2.0
-    try:
+    with narrow_door(a, timeout_s=1) as (_, c):  # its stop waits for the late call
         with pytest.raises(openai.APIStatusError) as late:
             ask(c, QUERIES[30])
         with pytest.raises(openai.RateLimitError):  # its thread still calls: none is free
             ask(c, QUERIES[31])
-    finally:
-        server.stop()  # waits for that call
     assert late.value.status_code == 504
     assert QUERIES[31].query_id not in arms.calls_by_query()
