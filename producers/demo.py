@@ -1,8 +1,8 @@
 """`make demo`: a local broker, the service with two real local LLMs, real labeled queries.
 
 Streams the built-in BIG-bench sample (sentiment, intent, yes/no questions) through the whole
-path — Kafka → embeddings → LinUCB → llama.cpp → Postgres — with each label published some
-seconds after its query, then prints what the router did against each single arm.
+path — Kafka → embeddings → the bandit router → llama.cpp → Postgres — with each label
+published some seconds after its query, then prints what the router did against each single arm.
 Everything it started is stopped on exit or Ctrl-C.
 
     python -m producers.demo [--limit 300] [--rate 4] [--label-delay 8]
@@ -360,6 +360,7 @@ def run(
             args.schema,
             origin != "the local Postgres",
             png,
+            settings.policy,
         )
     )
 
@@ -382,11 +383,12 @@ def warm_start(settings: Settings, queries: list) -> int:
     return len(history)
 
 
-def closing(n: int, updates: int, schema: str, embedded: bool, png: Path) -> Group:
-    """What the user just saw, and where to look next."""
+def closing(n: int, updates: int, schema: str, embedded: bool, png: Path, policy: str) -> Group:
+    """What the user just saw (``policy``: the router's, as configured), and where to look
+    next."""
     saw = Text.assemble(
         ("What you just saw: ", "bold"),
-        f"{n} labeled queries streamed through Kafka → embedding → the LinUCB router → an LLM "
+        f"{n} labeled queries streamed through Kafka → embedding → the {policy} router → an LLM "
         f"→ Postgres. Each label came later, on its own topic, and the router learned from it "
         f"({updates} rewards), trading each arm's accuracy against its cost.",
     )

@@ -1,6 +1,6 @@
 """Outcomes files (JSON Lines): what every arm answered on each labeled query, and its cost.
 
-Format: ``shared/docs/outcomes-format.md``. Readers validate every line and raise
+Format: docs/evaluation.md, "Outcomes files". Readers validate every line and raise
 :class:`OutcomesError` naming the line number and the reason; nothing is skipped silently.
 
     >>> import io

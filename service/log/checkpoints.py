@@ -1,6 +1,12 @@
 """Checkpoints of the live policy: one writer (the instance holding the ``checkpoints``
 session lock) stores them, any instance restores from the newest.
 
+Invariant: one checkpoint writer. Checkpoints are written (and pruned) only by the instance
+holding that session-level advisory lock; any instance can restore from any checkpoint, since
+all compute the same projection of the log. A checkpoint is the policy's state, the context
+builder's and the pacer's, and both watermarks, copied together under the policy's lock, then
+stored after that lock is released, one at a time.
+
 A checkpoint is due after ``every`` rewards and at least ``min_seconds`` after the previous
 one; in a service a :class:`Checkpointer` thread takes it (the policy's lock is held only
 while its state is copied), so that applying rewards never waits for one to be stored.

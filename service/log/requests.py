@@ -3,11 +3,13 @@
 A request reserves its query id (with the hash of its body) in a short transaction of its own,
 before calling, outside the learning log's lock. The reservation is a lease: it ends at
 ``lease_until`` (the door's request timeout and a margin), so a reservation whose instance died
-blocks a retry no longer than that; a retry with the same body then takes it over. Another
-body under the same id is refused. The Kafka decider skips ids under a live lease
-(:func:`reserved_ids`) instead of calling for them. The rows stay after the decision is stored:
-they keep the body's hash, so a later retry with another body is refused too. A retry is
-answered from the stored decision as a client is shown it (:func:`public_decision`).
+blocks a retry no longer than that; a retry with the same body then takes it over. A reservation
+carries its request's token: only that request renews it (while its call runs, so a live call's
+is never taken over) or gives it up. Another body under the same id is refused. The Kafka
+decider skips ids under a live lease (:func:`reserved_ids`) instead of calling for them. The
+rows stay after the decision is stored: they keep the body's hash, so a later retry with another
+body is refused too. A retry is answered from the stored decision as a client is shown it
+(:func:`public_decision`).
 """
 
 from __future__ import annotations
