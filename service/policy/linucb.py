@@ -139,6 +139,10 @@ class LinUCB(LinearPolicy):
     ) -> list[Choice]:
         if not arm_ids:
             raise ValueError("arm_ids is empty")
+        if type(contexts) is np.ndarray and contexts.ndim == 2 and contexts.shape[0] == 1:
+            # one context (the service prices each query on its own): :meth:`choose`'s
+            # arithmetic, one product per arm of the stacked statistics, not a matrix product
+            return [self._choose(arm_ids, contexts[0], shift)]
         X = self._matrix(contexts)
         if X.shape[0] == 0:
             return []
@@ -148,8 +152,6 @@ class LinUCB(LinearPolicy):
         ucb = mean + self.alpha * np.sqrt(variance)
         if shift is not None:
             ucb = ucb + shift
-        if X.shape[0] == 1:  # one context (the service prices each query on its own)
-            return [self._draw_one(arm_ids, ucb[0], stats.counts[slots])]
         P = self._probabilities(ucb, stats.counts[slots])
         if P.ndim == 1:  # unexplored arms: the same distribution on every row
             P = np.broadcast_to(P, ucb.shape)
@@ -165,15 +167,3 @@ class LinUCB(LinearPolicy):
             )
             for j, p, s in zip(J.tolist(), P.tolist(), ucb.tolist(), strict=True)
         ]
-
-    def _draw_one(self, arm_ids: Sequence[ArmId], ucb: np.ndarray, counts: np.ndarray) -> Choice:
-        """:meth:`_choose_many`'s draw for one row, on 1-d arrays: the same arithmetic, so the
-        same probabilities and the same arm for the same uniform."""
-        p = self._probabilities(ucb, counts)
-        c = np.cumsum(p)
-        j = min(int((self._rng.random(1)[0] * c[-1] >= c).sum()), len(arm_ids) - 1)
-        return Choice(
-            arm=arm_ids[j],
-            probabilities=dict(zip(arm_ids, p.tolist(), strict=True)),
-            scores=dict(zip(arm_ids, ucb.tolist(), strict=True)),
-        )
