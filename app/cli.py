@@ -96,6 +96,7 @@ def warm_start_from(settings: Settings, records: list) -> int:
     )
     learning_log = LearningLog(engine, live, checkpoint_every=settings.checkpoint_every)
     learning_log.restore()
+    learning_log.checkpoints.check_fresh()  # refused before the file is embedded
     print(f"embedding {len(records)} queries…", file=sys.stderr)
     embedder = Embedder.from_settings(settings)
     embeddings = embedder.embed([r.text for r in records])

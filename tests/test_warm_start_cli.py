@@ -25,9 +25,10 @@ def test_warm_start_stores_a_checkpoint_the_service_restores(engine, pg_schema, 
     assert policy.n_updates == 80 and sorted(policy.arms) == ["gemma-3-270m", "qwen2.5-0.5b"]
     assert checkpoint.reward_watermark == 0  # no live rewards yet
 
-    # refused whatever the file holds (it is read and embedded first: one record will do)
-    again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES), "--limit", "1")
+    # refused before the file is embedded (the whole file: no time spent on it)
+    again = metallm_cli(pg_schema, "warm-start", str(OUTCOMES))
     assert again.returncode == 2 and "already has a learned policy" in again.stderr
+    assert "embedding" not in again.stderr
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"query_id": "x"}\n')

@@ -151,6 +151,17 @@ class CheckpointWriter:
         )
         return True
 
+    def check_fresh(self) -> None:
+        """Raise :class:`WarmStartRefused` unless the restored policy learned nothing yet (no
+        checkpoint, reward or decision in the log): what a warm start needs, checked before
+        the outcomes file is embedded, and again when it is learnt."""
+        live = self.live
+        if live.policy.n_updates or live.watermark or live.decision_watermark:
+            raise WarmStartRefused(
+                "this database already has a learned policy (a checkpoint or rewards); "
+                "warm start is for a fresh one"
+            )
+
     def warm_start(self, records, contexts, lam: float, cost_unit: float) -> int:
         """Train a fresh policy with full information from an outcomes file (every arm learns
         its own reward on every record), then checkpoint it so the service starts from it.
@@ -159,11 +170,7 @@ class CheckpointWriter:
 
         live = self.live
         with live.lock:
-            if live.policy.n_updates or live.watermark or live.decision_watermark:
-                raise WarmStartRefused(
-                    "this database already has a learned policy (a checkpoint or rewards); "
-                    "warm start is for a fresh one"
-                )
+            self.check_fresh()
             n = warm_start(live.policy, records, contexts, lam, cost_unit)
             if not self.save():
                 raise WarmStartRefused(
