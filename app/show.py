@@ -207,7 +207,9 @@ def add_commands(sub: Any) -> dict[str, Callable[[Settings, argparse.Namespace],
     dec.add_argument("--since", type=_since, help="ISO date/time, e.g. 2026-11-27T10:00")
     dec.add_argument("--arm")
     dec.add_argument("--task")
-    dec.add_argument("--limit", type=int)
+    dec.add_argument(
+        "--limit", type=int, metavar="N", help="the first N (oldest first; see --since)"
+    )
     dec.add_argument("--format", choices=["table", "csv", "json"], default="table")
     dec.add_argument(
         "--explain",
