@@ -293,6 +293,7 @@ SHOWN = (
     "instance",
     "label",
     "correct",
+    "score",
     "reward",
     "labeled_at",
     "duplicate_labels",
@@ -447,6 +448,8 @@ def test_an_open_task_answers_its_text_and_learns_a_score(services, engine):
     done = client(b).post("/feedback", body={"query_id": q.query_id, "score": 0.8}, cast_to=object)
     assert done["status"] == "applied"
     assert rows(engine, q.query_id)[0]["reward"] is not None
+    shown = client(a).get(f"/decisions/{q.query_id}", cast_to=object)
+    assert (shown["score"], shown["label"], shown["correct"]) == (0.8, None, None)
 
 
 def stream_chat(service, q, **kwargs):

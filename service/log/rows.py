@@ -304,6 +304,7 @@ class PublicDecision:
     #: its feedback, once it came
     label: str | None = None
     correct: bool | None = None
+    score: float | None = None
     reward: float | None = None
     labeled_at: datetime | None = None
     duplicate_labels: int = 0
@@ -329,5 +330,5 @@ class PublicDecision:
 #: the columns of a decision an HTTP client is shown, in the order it is shown them
 PUBLIC_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(PublicDecision))
 #: those that come with its feedback, and those it has from its call
-_FEEDBACK_COLUMNS = ("label", "correct", "reward", "labeled_at", "duplicate_labels")
+_FEEDBACK_COLUMNS = ("label", "correct", "score", "reward", "labeled_at", "duplicate_labels")
 _DECIDED_COLUMNS = tuple(name for name in PUBLIC_COLUMNS if name not in _FEEDBACK_COLUMNS)
