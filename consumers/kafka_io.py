@@ -14,8 +14,14 @@ from contextlib import contextmanager
 from typing import Any
 
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
-from kafka.errors import TopicAlreadyExistsError, UnknownTopicOrPartitionError, for_code
+from kafka.errors import (
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
 from kafka.net.compat import KafkaNetClient
+from kafka.net.manager import KafkaConnectionManager
 from kafka.util import Timer
 
 from service.settings import Settings
@@ -100,15 +106,22 @@ def make_producer(settings: Settings) -> KafkaProducer:
 KafkaTarget = Settings | str
 
 
-def new_admin(**options: Any) -> KafkaAdminClient:
+def new_admin(deadline: float | None = None, **options: Any) -> KafkaAdminClient:
     """A ``KafkaAdminClient``, or its exception with the IO thread it started stopped:
     kafka-python's constructor starts that thread, then raises when the broker does not answer
-    and leaves it running (one more thread per failed probe while the broker is down)."""
+    and leaves it running (one more thread per failed probe while the broker is down).
+
+    With ``deadline`` (a ``time.monotonic()`` instant), the client's connections are cut at
+    that instant by its own IO loop, so that the bootstrap in the constructor fails then:
+    kafka-python bounds its steps one by one, not their sum (a bootstrap whose version request
+    was answered gives its metadata request ``request_timeout_ms`` more)."""
     made: list[KafkaNetClient] = []
 
     def client(**configs: Any) -> KafkaNetClient:
-        made.append(KafkaNetClient(**configs))
-        return made[-1]
+        made.append(net_client := KafkaNetClient(**configs))
+        if deadline is not None:  # the loop's thread is not started yet: no race
+            net_client._net.call_at(deadline, lambda: _cut_off(net_client._manager))
+        return net_client
 
     try:
         return KafkaAdminClient(**options, kafka_client=client)
@@ -117,6 +130,13 @@ def new_admin(**options: Any) -> KafkaAdminClient:
             half_built.close()
             half_built._net.stop()  # what KafkaAdminClient.close does after closing its client
         raise
+
+
+def _cut_off(manager: KafkaConnectionManager) -> None:
+    """Close every connection of a client's ``manager`` (on its IO loop): what waits on one
+    fails at once."""
+    for connection in list(manager._conns.values()):
+        connection.close(KafkaTimeoutError("the deadline passed"))
 
 
 @contextmanager
@@ -182,8 +202,10 @@ def partition_counts(target: KafkaTarget, topics: list[str]) -> dict[str, int | 
         return _described_counts(admin, topics)
 
 
-def _described_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, int | None]:
-    described = {t["name"]: t for t in admin.describe_topics(topics)}
+def _described_counts(
+    admin: KafkaAdminClient, topics: list[str], deadline: float | None = None
+) -> dict[str, int | None]:
+    described = {t["name"]: t for t in _describe(admin, topics, deadline)}
     counts: dict[str, int | None] = {}
     for topic in topics:
         info = described.get(topic)
@@ -195,6 +217,21 @@ def _described_counts(admin: KafkaAdminClient, topics: list[str]) -> dict[str, i
         else:
             counts[topic] = len(info["partitions"])
     return counts
+
+
+def _describe(admin: KafkaAdminClient, topics: list[str], deadline: float | None) -> list:
+    """``admin.describe_topics(topics)``, given up at ``deadline`` (``time.monotonic()``) with
+    :class:`KafkaTimeoutError`: kafka-python's public call waits for the request however long
+    its connection takes, so it is awaited on the client's IO loop with a timeout (the request
+    left behind ends with the client)."""
+    if deadline is None:
+        return admin.describe_topics(topics)
+    remaining_ms = (deadline - time.monotonic()) * 1000
+    if remaining_ms <= 0:
+        raise KafkaTimeoutError("the deadline passed before describing the topics")
+    manager = admin._manager
+    described = manager.call_soon(admin._get_cluster_metadata, topics)
+    return manager.run(manager.wait_for, described, remaining_ms)["topics"]
 
 
 def check_topics(settings: Settings) -> None:
@@ -236,18 +273,27 @@ class TopicsChanged(RuntimeError):
 
 
 def probe_topics(settings: Settings, timeout_s: float) -> None:
-    """Raise unless the broker answers within about ``timeout_s``; raise :class:`TopicsChanged`
+    """Raise unless the broker answers within ``timeout_s``; raise :class:`TopicsChanged`
     if it answers but the queries and labels topics are no longer as :func:`check_topics`
     requires (their offsets, and the co-partitioning, are gone: serving on would stall or mix
-    partitions)."""
+    partitions).
+
+    It ends by then whatever the broker does. A frozen broker (SIGSTOP) accepts connections
+    and never answers, and kafka-python bounds each step on its own: frozen once the probe had
+    bootstrapped, the describe request waited for its new connection's setup timeout
+    (``socket_connection_setup_timeout_ms``, 10 s, whatever ``request_timeout_ms``). So the
+    bootstrap is cut off at the deadline (:func:`new_admin`) and the request given up then."""
+    deadline = time.monotonic() + timeout_s
     timeout_ms = int(timeout_s * 1000)
     admin = new_admin(
+        deadline,
         **client_options(settings),
         bootstrap_timeout_ms=timeout_ms,
         request_timeout_ms=max(timeout_ms, 1000),
     )
     try:
-        counts = _described_counts(admin, [settings.queries_topic, settings.labels_topic])
+        topics = [settings.queries_topic, settings.labels_topic]
+        counts = _described_counts(admin, topics, deadline)
     finally:
         admin.close()
     problem = topics_problem(settings, counts)

@@ -161,7 +161,8 @@ class ArmServer:
     its name. :meth:`kill` closes the listening socket and every
     open connection, as a crashed server would; :meth:`start` brings it back on the same port.
     A request with ``stream: true`` is answered in SSE chunks (see :meth:`_stream`);
-    ``answers[query_id]`` sets a query's answer text.
+    ``answers[query_id]`` sets a query's answer text. While ``answering`` is cleared, every
+    call is held (recorded, in flight, unanswered) until it is set again.
     """
 
     def __init__(
@@ -184,6 +185,8 @@ class ArmServer:
         self.streamed: dict[str, list[str]] = {}  # each streamed query's pieces sent
         self.chunk_sent_at: dict[str, list[float]] = {}  # time.time() each piece was written
         self.answers: dict[str, str] = {}  # the answer of a query, whatever else would be
+        self.answering = threading.Event()
+        self.answering.set()
         self.epoch = 0
         self.calls: list[Call] = []
         self.in_flight = 0
@@ -302,6 +305,7 @@ class ArmServer:
                     body.get("temperature"),
                 )
             )
+        self.answering.wait()
         mode = self.modes.get(arm, "ok")
         if qid in self.delay_ids:
             time.sleep(self.delay_ids[qid])

@@ -16,8 +16,10 @@ import urllib.request
 import uuid
 
 import pytest
+from kafka.errors import KafkaError
 
-from consumers.kafka_io import create_topics, delete_topics, ensure_topics
+from consumers.kafka_io import create_topics, delete_topics, ensure_topics, probe_topics
+from service.health import PROBE_TIMEOUT_S
 from service.metrics import DEPENDENCY_UP
 from service.migrate import upgrade
 from service.settings import isolated_stream_names
@@ -118,6 +120,62 @@ def test_readiness_follows_a_paused_broker(own_broker, pg_schema, engine, caplog
     assert lines[0].startswith("kafka cannot be reached")
     assert re.fullmatch(r"kafka answers again after \d+\.\d s", lines[1])
     assert not service.crashed.is_set()
+
+
+class FreezeOn(logging.Handler):
+    """Stops the broker (SIGSTOP) when kafka-python logs a line containing ``words``: on the
+    client's IO thread, before the client's next step."""
+
+    def __init__(self, pid: int, words: str) -> None:
+        super().__init__()
+        self.pid = pid
+        self.words = words
+        self.fired = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fired and self.words in record.getMessage():
+            os.kill(self.pid, signal.SIGSTOP)
+            self.fired = True
+
+
+@pytest.mark.parametrize("moment", ["before it", "once it bootstrapped", "after a late answer"])
+def test_a_kafka_probe_ends_within_its_timeout_when_the_broker_freezes(own_broker, moment):
+    """A frozen broker accepts connections and never answers, and kafka-python bounds each
+    step of a probe on its own. Frozen once the probe had bootstrapped, the describe request
+    waited for its new connection's setup timeout (10 s) and /readyz lagged the truth; frozen
+    after answering the bootstrap's version request late (0.5 s before the timeout), the
+    bootstrap's metadata request waited its own 3 s. Now the probe raises by its timeout
+    (give or take closing its client), whatever the moment, and leaves no IO thread."""
+    settings = settings_for(own_broker.bootstrap, TOPICS, "unused", DATABASE_URL)
+    ensure_topics(settings, [TOPICS["queries_topic"], TOPICS["labels_topic"]])
+    probe_topics(settings, PROBE_TIMEOUT_S)  # it answers
+    io_threads = kafka_io_threads()
+    pid = own_broker.process.pid
+    net_log = logging.getLogger("kafka.net")  # "Bootstrap complete: …", "<connection>: Connected"
+    level = net_log.level
+    net_log.setLevel(logging.INFO)
+    if moment == "once it bootstrapped":
+        freeze = FreezeOn(pid, "Bootstrap complete")
+    else:
+        freeze = FreezeOn(pid, ": Connected")  # the version request answered
+        os.kill(pid, signal.SIGSTOP)
+    thaw = threading.Timer(PROBE_TIMEOUT_S - 0.5, os.kill, (pid, signal.SIGCONT))
+    if moment == "after a late answer":
+        thaw.start()
+    net_log.addHandler(freeze)
+    try:
+        began = time.monotonic()
+        with pytest.raises(KafkaError):
+            probe_topics(settings, PROBE_TIMEOUT_S)
+        took = time.monotonic() - began
+    finally:
+        thaw.cancel()
+        net_log.removeHandler(freeze)
+        net_log.setLevel(level)
+        os.kill(pid, signal.SIGCONT)
+    assert freeze.fired == (moment != "before it")
+    assert took < PROBE_TIMEOUT_S + 2  # it took 10 s, 3 s, 5.5 s before
+    assert kafka_io_threads() == io_threads
 
 
 def test_readiness_false_while_postgres_is_down(broker, topics, private_pg):

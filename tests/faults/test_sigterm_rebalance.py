@@ -5,6 +5,7 @@ timeout, ten minutes) and exits 0 within seconds; the other instance decides eve
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -31,12 +32,16 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 
 def test_sigterm_during_a_rebalance_exits_cleanly(broker, topics, pg_schema, tmp_path, engine):
-    queries = make_queries(120, prefix="q-sr")
+    """The arms hold the first instance's calls until it is sent SIGTERM: the rebalance reaches
+    it while it holds them, and cannot end before they are answered."""
+    queries = make_queries(30, prefix="q-sr")
+    # two polls of 5: with room for a third, the first instance polls on, so hears of the
+    # rebalance (with its hand full it would stop polling, and the rebalance would wait)
+    held, later = queries[:10], queries[10:]
     create_topics(broker, [t for k, t in topics.items() if k.endswith("_topic")], 6)
     with ArmServer({q.query_id: q for q in queries}, {"cheap": 0.6, "strong": 0.9}) as server:
-        for arm in server.modes:  # slow arms: the first instance holds calls at the rebalance
-            server.modes[arm], server.delay[arm] = "slow", 0.3
-        config = write_config(tmp_path / "config.yaml", arm_config(server, ARMS))
+        no_timeout = {arm: {"timeout_seconds": 120} for arm in ARMS}  # the calls wait for us
+        config = write_config(tmp_path / "config.yaml", arm_config(server, ARMS, **no_timeout))
         env = service_env(broker, topics, DATABASE_URL, pg_schema, config, poll_max_records=5)
         first = ServiceProcess({**env, "METALLM_INSTANCE_ID": "a"}, tmp_path / "a.log").start()
         second = ServiceProcess(
@@ -44,30 +49,34 @@ def test_sigterm_during_a_rebalance_exits_cleanly(broker, topics, pg_schema, tmp
         ).start()
         try:
             wait_until(lambda: first.serving, 60, "the first instance serving")
+            server.answering.clear()
             publish(
-                broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in queries]
+                broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in held]
             )
-            wait_until(lambda: progress(engine)[0] >= 10, 60, "10 decisions")
+            wait_until(lambda: server.in_flight == len(held), 60, "the held queries' calls")
             second.go()
-            # the group's rebalance reaches the first instance: it finishes what it holds (if
-            # it holds nothing at that instant, as on a loaded machine, the new assignment is
-            # what it logs)
-            wait_until(
-                lambda: (
-                    "rebalance takes" in first.log() or first.log().count("queries: assigned") >= 2
-                ),
-                60,
-                "the rebalance",
-            )
+            # the rebalance reaches the first instance: it finishes what it holds first, so
+            # the rebalance cannot end before the calls are answered
+            wait_until(lambda: "rebalance takes" in first.log(), 60, "the rebalance")
+            assert "finishing the 10 events held first" in first.log()
+            first.process.send_signal(signal.SIGTERM)
             stopped = time.monotonic()
-            assert first.terminate(timeout=60) == 0, first.log()[-3000:]
+            wait_until(lambda: "received SIGTERM" in first.log(), 10, "the SIGTERM handled")
+            assert first.log().count("queries: assigned") == 1  # during the rebalance
+            server.answering.set()
+            assert first.process.wait(timeout=60) == 0, first.log()[-3000:]
             assert time.monotonic() - stopped < 30
+            assert first.log().count("queries: assigned") == 2  # it completed the rebalance
+            publish(
+                broker, topics["queries_topic"], [(q.query_id.encode(), q.event()) for q in later]
+            )
             wait_until(lambda: progress(engine)[0] == len(queries), 90, "every query decided")
         finally:
+            server.answering.set()
             first.kill()
             second.kill()
         calls = server.calls_by_query()
-    assert set(calls) == {q.query_id for q in queries}
+    assert calls == {q.query_id: 1 for q in queries}
     assert "Traceback" not in first.log() + second.log()
     assert "queries: assigned" in second.log()
 
