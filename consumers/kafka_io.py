@@ -336,7 +336,8 @@ def check_broker(settings: Settings, timeout_s: float = BROKER_TIMEOUT_S) -> Non
     level = kafka_log.level
     kafka_log.setLevel(logging.CRITICAL)  # each failed attempt is logged: the error says it all
     try:
-        admin = KafkaAdminClient(
+        admin = new_admin(
+            time.monotonic() + timeout_s,
             **client_options(settings),
             bootstrap_timeout_ms=timeout_ms,
             request_timeout_ms=max(timeout_ms, 1000),
