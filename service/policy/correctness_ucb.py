@@ -167,9 +167,10 @@ class CorrectnessUCB(LinUCB):
         """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost
         (``propensity`` and ``pricing`` play no part here: see ``RoutingPolicy.learn``).
         With drift on, the outcome's residual is watched first (class doc)."""
+        x = self._vector(context)  # mapped once, for the watch and the update
         if self.detector is not None:
-            self._watch(arm_id, context, float(correct))
-        super().update(arm_id, context, float(correct) - self.prior_mean)
+            self._watch(arm_id, x, float(correct))
+        self._update_vector(arm_id, x, float(correct) - self.prior_mean)
         if cost_usd is not None:
             self._costs.observe(arm_id, cost_usd)
 
@@ -179,11 +180,11 @@ class CorrectnessUCB(LinUCB):
         with (None: never forget)."""
         return self.drift_cost_halflife if self.detector is not None else None
 
-    def _watch(self, arm_id: ArmId, context: Context, correct: float) -> None:
+    def _watch(self, arm_id: ArmId, x: np.ndarray, correct: float) -> None:
         """Feed the detector the residual of ``correct`` against the arm's current estimate
-        (from the float32 scorer: O(d²)); shrink the arm's evidence on an alarm."""
+        on ``x`` (a context in the policy's space) from the float32 scorer (O(d²)); shrink
+        the arm's evidence on an alarm."""
         assert self.detector is not None
-        x = self._vector(context)
         stats = self._stats_for(x.shape[0])
         i = stats.index.get(arm_id)
         if i is None or stats.counts[i] == 0:
@@ -211,11 +212,12 @@ class CorrectnessUCB(LinUCB):
         return out
 
     # ------------------------------------------------------------------ choosing
-    def _shift(self, arm_ids: Sequence[ArmId], pricing: Pricing | None) -> np.ndarray:
-        shift = np.full(len(arm_ids), self.prior_mean)
-        if pricing is not None:
-            shift -= pricing.penalties(arm_ids, self.mean_costs())
-        return shift
+    def _shift(self, arm_ids: Sequence[ArmId], pricing: Pricing | None) -> list[float]:
+        """What each arm's score is moved by: the prior mean, less its price if priced."""
+        if pricing is None:
+            return [self.prior_mean] * len(arm_ids)
+        m = self.prior_mean
+        return [m - c for c in pricing.penalty_list(arm_ids, self.mean_costs())]
 
     def choose(  # type: ignore[override]
         self, arm_ids: Sequence[ArmId], context: Context, pricing: Pricing | None = None

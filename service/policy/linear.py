@@ -324,7 +324,8 @@ class LinearArmStats:
         selector's scoring and the update of one outcome read ``S_i`` once (do not modify
         the result)."""
         kept = self._product.get(i)
-        if kept is not None and np.array_equal(kept[0], x32):
+        # (the test of np.array_equal, without its wrapper: both are contexts of length d)
+        if kept is not None and (kept[0] == x32).all():
             return kept[1]
         u = self.scorer[i] @ x32
         self._product[i] = (x32.copy(), u)
@@ -495,7 +496,10 @@ class LinearPolicy(RoutingPolicy):
 
     def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
         """Learn ``reward`` for ``arm_id`` on ``context`` (an unknown arm is added first)."""
-        x = self._vector(context)
+        self._update_vector(arm_id, self._vector(context), reward)
+
+    def _update_vector(self, arm_id: ArmId, x: np.ndarray, reward: float) -> None:
+        """:meth:`update` with the context ``x`` already in the policy's space."""
         stats = self._stats if self._stats is not None else self._stats_for(x.shape[0])
         i = stats.index.get(arm_id)
         if i is None:
