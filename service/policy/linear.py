@@ -206,9 +206,16 @@ class LinearArmStats:
     # ------------------------------------------------------------------ learning
     def update(self, i: int, x: np.ndarray, reward: float) -> None:
         """Rank-one update of arm slot ``i`` with context ``x`` (float64) and ``reward``."""
-        S = self.scorer[i]
         x32 = x.astype(np.float32)
-        u = self.product(i, x32)
+        self.update_with_product(i, x, reward, x32, self.product(i, x32))
+
+    def update_with_product(
+        self, i: int, x: np.ndarray, reward: float, x32: np.ndarray, u: np.ndarray
+    ) -> None:
+        """:meth:`update`, given ``x`` in float32 (``x32``) and ``u = S_i x`` from
+        :meth:`product`: a caller that has just read ``u`` (the drift check of an outcome)
+        passes it on instead of having it looked up again."""
+        S = self.scorer[i]
         denom = 1.0 + float(x32 @ u)
         w = u * np.float32(1.0 / math.sqrt(denom))
         # S ← S − u uᵀ / (1 + xᵀSx) = S − w wᵀ, in place by BLAS sger on the (Fortran-ordered,
@@ -496,16 +503,17 @@ class LinearPolicy(RoutingPolicy):
 
     def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
         """Learn ``reward`` for ``arm_id`` on ``context`` (an unknown arm is added first)."""
-        self._update_vector(arm_id, self._vector(context), reward)
-
-    def _update_vector(self, arm_id: ArmId, x: np.ndarray, reward: float) -> None:
-        """:meth:`update` with the context ``x`` already in the policy's space."""
-        stats = self._stats if self._stats is not None else self._stats_for(x.shape[0])
-        i = stats.index.get(arm_id)
-        if i is None:
-            i = stats.add(arm_id)
+        x = self._vector(context)
+        stats, i = self._slot(arm_id, x.shape[0])
         stats.update(i, x, float(reward))
         self._n_updates += 1
+
+    def _slot(self, arm_id: ArmId, dim: int) -> tuple[LinearArmStats, int]:
+        """The statistics (for contexts of ``dim``) and ``arm_id``'s slot in them (an unknown
+        arm is added first)."""
+        stats = self._stats if self._stats is not None else self._stats_for(dim)
+        i = stats.index.get(arm_id)
+        return stats, stats.add(arm_id) if i is None else i
 
     def update_many(self, arm_id: ArmId, contexts: np.ndarray, rewards: Sequence[float]) -> None:
         """Learn several (context, reward) pairs for one arm at once (see

@@ -147,9 +147,10 @@ class LinUCB(LinearPolicy):
         # call, which on 8 arms is most of the arithmetic's.
         m, v, n = mean.tolist(), variance.tolist(), stats.counts.tolist()
         alpha = float(self.alpha)
-        ucb = [m[i] + alpha * math.sqrt(v[i]) for i in slots]
-        if shift is not None:
-            ucb = [u + s for u, s in zip(ucb, shift, strict=True)]
+        if shift is None:
+            ucb = [m[i] + alpha * math.sqrt(v[i]) for i in slots]
+        else:
+            ucb = [m[i] + alpha * math.sqrt(v[i]) + s for i, s in zip(slots, shift, strict=True)]
         p = self._probabilities_row(ucb, [n[i] for i in slots])
         j = draw(p, self._rng.random())
         return Choice(
