@@ -171,10 +171,12 @@ class CorrectnessUCB(LinUCB):
         x = self._vector(context)
         stats, i = self._slot(arm_id, x.shape[0])
         x32 = x.astype(np.float32)
-        u = stats.product(i, x32)  # S_i x: the drift watch's estimate and the update's step
+        # S_i x, for the drift watch's estimate and the update's step (not kept: the update
+        # changes S_i)
+        u = stats.product(i, x32, keep=False)
         watched = self.detector is not None and stats.counts[i] > 0  # (a new arm is not)
         if watched and self._watch(arm_id, stats, i, u, float(correct)):
-            u = stats.product(i, x32)  # the alarm shrank the arm: its scorer was re-derived
+            u = stats.product(i, x32, keep=False)  # the alarm re-derived the arm's scorer
         stats.update_with_product(i, x, float(correct) - self.prior_mean, x32, u)
         self._n_updates += 1
         if cost_usd is not None:
@@ -193,7 +195,7 @@ class CorrectnessUCB(LinUCB):
         ``i`` of ``stats``) on the outcome's context, from ``u`` = its ``S_i x`` on the float32
         scorer; on an alarm shrink the arm's evidence and return True."""
         assert self.detector is not None
-        mean = float(u.astype(np.float64) @ stats.b[i])
+        mean = float(np.dot(u.astype(np.float64), stats.b[i]))
         residual = correct - min(max(self.prior_mean + mean, 0.0), 1.0)
         if self.detector.observe(arm_id, residual):
             stats.shrink(i, self.drift_shrink)

@@ -25,7 +25,9 @@ are what estimates, merges and checkpoints use.
 Reading the scorers is what a decision costs (8 arms at d = 450: 6.5 MB), so nothing reads one
 twice for the same thing: an arm's ``S_a x`` is kept until the arm changes (an outcome's drift
 check, the selector's scoring and its update share it), and a batch's ``S_a b_a`` likewise.
-Each kept value is the very product it replaces, so results are the same bit for bit.
+Each kept value is the very product it replaces, so results are the same bit for bit. On the
+per-query path the products are written ``np.dot``: the same BLAS call as ``@`` (matrix·vector
+``gemv``, vector·vector ``dot``) without the ``matmul`` ufunc's dispatch.
 
 ``A`` itself is accumulated lazily: contexts are buffered per arm and folded in with one
 symmetric rank-``n`` BLAS update (``dsyrk``, upper triangle only) every ``BUFFER`` updates or
@@ -207,7 +209,7 @@ class LinearArmStats:
     def update(self, i: int, x: np.ndarray, reward: float) -> None:
         """Rank-one update of arm slot ``i`` with context ``x`` (float64) and ``reward``."""
         x32 = x.astype(np.float32)
-        self.update_with_product(i, x, reward, x32, self.product(i, x32))
+        self.update_with_product(i, x, reward, x32, self.product(i, x32, keep=False))
 
     def update_with_product(
         self, i: int, x: np.ndarray, reward: float, x32: np.ndarray, u: np.ndarray
@@ -216,7 +218,7 @@ class LinearArmStats:
         :meth:`product`: a caller that has just read ``u`` (the drift check of an outcome)
         passes it on instead of having it looked up again."""
         S = self.scorer[i]
-        denom = 1.0 + float(x32 @ u)
+        denom = 1.0 + float(np.dot(x32, u))
         w = u * np.float32(1.0 / math.sqrt(denom))
         # S ← S − u uᵀ / (1 + xᵀSx) = S − w wᵀ, in place by BLAS sger on the (Fortran-ordered,
         # so not copied) transposed view; w wᵀ is symmetric.
@@ -325,17 +327,19 @@ class LinearArmStats:
         return np.array([self.exact(i)[1] for i in range(self.k)]).reshape(self.k, self.dim)
 
     # ------------------------------------------------------------------ scoring
-    def product(self, i: int, x32: np.ndarray) -> np.ndarray:
+    def product(self, i: int, x32: np.ndarray, keep: bool = True) -> np.ndarray:
         """``S_i x`` (float32) for the float32 context ``x32``, the one-arm product
         ``scorer[i] @ x32``; kept until slot ``i`` changes, so the drift check, the
         selector's scoring and the update of one outcome read ``S_i`` once (do not modify
-        the result)."""
+        the result). ``keep=False`` still returns a kept product but keeps no new one (for
+        the update that is about to change slot ``i``)."""
         kept = self._product.get(i)
         # (the test of np.array_equal, without its wrapper: both are contexts of length d)
         if kept is not None and (kept[0] == x32).all():
             return kept[1]
-        u = self.scorer[i] @ x32
-        self._product[i] = (x32.copy(), u)
+        u = np.dot(self.scorer[i], x32)
+        if keep:
+            self._product[i] = (x32.copy(), u)
         return u
 
     def products(self, slots: np.ndarray, x32: np.ndarray) -> np.ndarray:
@@ -355,8 +359,8 @@ class LinearArmStats:
         """``θ_a·x`` and ``xᵀA_a⁻¹x`` for every stored arm, from the float32 scorer."""
         k, d = self.k, self.dim
         x32 = x.astype(np.float32)
-        V = (self.scorer[:k].reshape(k * d, d) @ x32).reshape(k, d)  # rows S_a x
-        variance = (V @ x32).astype(np.float64)
+        V = np.dot(self.scorer[:k].reshape(k * d, d), x32).reshape(k, d)  # rows S_a x
+        variance = np.dot(V, x32).astype(np.float64)
         np.maximum(variance, 0.0, out=variance)
         return np.einsum("kd,kd->k", V, self.b[:k]), variance
 
