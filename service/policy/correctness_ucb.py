@@ -195,7 +195,7 @@ class CorrectnessUCB(LinUCB):
         ``i`` of ``stats``) on the outcome's context, from ``u`` = its ``S_i x`` on the float32
         scorer; on an alarm shrink the arm's evidence and return True."""
         assert self.detector is not None
-        mean = float(np.dot(u.astype(np.float64), stats.b[i]))
+        mean = float(u.astype(np.float64) @ stats.b[i])
         residual = correct - min(max(self.prior_mean + mean, 0.0), 1.0)
         if self.detector.observe(arm_id, residual):
             stats.shrink(i, self.drift_shrink)

@@ -25,9 +25,7 @@ are what estimates, merges and checkpoints use.
 Reading the scorers is what a decision costs (8 arms at d = 450: 6.5 MB), so nothing reads one
 twice for the same thing: an arm's ``S_a x`` is kept until the arm changes (an outcome's drift
 check, the selector's scoring and its update share it), and a batch's ``S_a b_a`` likewise.
-Each kept value is the very product it replaces, so results are the same bit for bit. On the
-per-query path the products are written ``np.dot``: the same BLAS call as ``@`` (matrix·vector
-``gemv``, vector·vector ``dot``) without the ``matmul`` ufunc's dispatch.
+Each kept value is the very product it replaces, so results are the same bit for bit.
 
 ``A`` itself is accumulated lazily: contexts are buffered per arm and folded in with one
 symmetric rank-``n`` BLAS update (``dsyrk``, upper triangle only) every ``BUFFER`` updates or
@@ -218,7 +216,7 @@ class LinearArmStats:
         :meth:`product`: a caller that has just read ``u`` (the drift check of an outcome)
         passes it on instead of having it looked up again."""
         S = self.scorer[i]
-        denom = 1.0 + float(np.dot(x32, u))
+        denom = 1.0 + float(x32 @ u)
         w = u * np.float32(1.0 / math.sqrt(denom))
         # S ← S − u uᵀ / (1 + xᵀSx) = S − w wᵀ, in place by BLAS sger on the (Fortran-ordered,
         # so not copied) transposed view; w wᵀ is symmetric.
@@ -337,7 +335,7 @@ class LinearArmStats:
         # (the test of np.array_equal, without its wrapper: both are contexts of length d)
         if kept is not None and (kept[0] == x32).all():
             return kept[1]
-        u = np.dot(self.scorer[i], x32)
+        u = self.scorer[i] @ x32
         if keep:
             self._product[i] = (x32.copy(), u)
         return u
@@ -359,8 +357,8 @@ class LinearArmStats:
         """``θ_a·x`` and ``xᵀA_a⁻¹x`` for every stored arm, from the float32 scorer."""
         k, d = self.k, self.dim
         x32 = x.astype(np.float32)
-        V = np.dot(self.scorer[:k].reshape(k * d, d), x32).reshape(k, d)  # rows S_a x
-        variance = np.dot(V, x32).astype(np.float64)
+        V = (self.scorer[:k].reshape(k * d, d) @ x32).reshape(k, d)  # rows S_a x
+        variance = (V @ x32).astype(np.float64)
         np.maximum(variance, 0.0, out=variance)
         return np.einsum("kd,kd->k", V, self.b[:k]), variance
 
