@@ -28,6 +28,7 @@ through one path only: mixing the two would mix correctness with rewards.
 
 from __future__ import annotations
 
+import math
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -77,9 +78,16 @@ class Pricing:
         self, arm_ids: Sequence[str], fallback: Mapping[str, float] | None = None
     ) -> np.ndarray:
         """``λ·ĉ/cost_unit`` per arm, with ``ĉ`` from ``est_cost`` (else ``fallback``)."""
+        return np.array(self.penalty_list(arm_ids, fallback), dtype=np.float64)
+
+    def penalty_list(
+        self, arm_ids: Sequence[str], fallback: Mapping[str, float] | None = None
+    ) -> list[float]:
+        """:meth:`penalties` as Python floats (what a single decision adds to its few
+        scores): each is ``(λ·ĉ)/cost_unit`` in double precision, as numpy computes it."""
         costs = self.est_cost if self.est_cost is not None else (fallback or {})
-        c = np.array([costs.get(a, 0.0) for a in arm_ids], dtype=np.float64)
-        return self.lam * c / self.cost_unit
+        lam, unit = float(self.lam), float(self.cost_unit)
+        return [lam * float(costs.get(a, 0.0)) / unit for a in arm_ids]
 
 
 class RunningCosts:
@@ -255,6 +263,35 @@ def greedy_mix(greedy: np.ndarray, epsilon: float) -> np.ndarray:
     return greedy * ((1.0 - epsilon) / n) + epsilon / k
 
 
+def greedy_mix_row(greedy: Sequence[bool], epsilon: float) -> list[float]:
+    """:func:`greedy_mix` of one row, in Python floats: for a single decision over a few arms
+    this skips numpy's per-call cost, and the floats are the same (``(1-ε)/n·1 + ε/k`` is
+    ``(1-ε)/n + ε/k`` and ``(1-ε)/n·0 + ε/k`` is ``ε/k``, exactly).
+
+    >>> greedy_mix_row([True, False], 0.5)
+    [0.75, 0.25]
+    """
+    n = sum(greedy)
+    if n == 0:  # no greedy entry (NaN scores): numpy's arithmetic, NaNs and all
+        return greedy_mix(np.array(greedy, dtype=bool), epsilon).tolist()
+    rest = epsilon / len(greedy)
+    top = (1.0 - epsilon) / n + rest
+    return [top if g else rest for g in greedy]
+
+
+def row_max(values: Sequence[float]) -> float:
+    """The largest of ``values`` as ``np.max`` gives it: NaN when any is NaN (Python's
+    ``max`` would return a number that depends on where the NaN is).
+
+    >>> row_max([1.0, 3.0, 2.0]), row_max([1.0, float("nan"), 2.0])
+    (3.0, nan)
+    """
+    # a sum is NaN when a term is (or when it adds +inf to -inf, hence the second test)
+    if math.isnan(sum(values)) and any(math.isnan(v) for v in values):
+        return math.nan
+    return max(values)
+
+
 def check_ucb_params(alpha: float, epsilon: float, ridge: float = 1.0) -> None:
     """Raise ValueError unless ``alpha`` ≥ 0, ``epsilon`` in [0, 1] and ``ridge`` > 0."""
     if alpha < 0:
@@ -265,16 +302,19 @@ def check_ucb_params(alpha: float, epsilon: float, ridge: float = 1.0) -> None:
         raise ValueError("ridge must be positive")
 
 
-def draw(probabilities: np.ndarray, u: float) -> int:
-    """Index drawn from a probability vector with one uniform ``u`` in [0, 1) (inverse CDF).
+def draw(probabilities: np.ndarray | Sequence[float], u: float) -> int:
+    """Index drawn from a probability vector (an array or a list of floats) with one uniform
+    ``u`` in [0, 1) (inverse CDF).
 
     Arms with probability 0 are never drawn.
 
-    >>> draw(np.array([0.0, 0.5, 0.5]), 0.49), draw(np.array([0.0, 0.5, 0.5]), 0.5)
+    >>> draw(np.array([0.0, 0.5, 0.5]), 0.49), draw([0.0, 0.5, 0.5], 0.5)
     (1, 2)
     """
+    if isinstance(probabilities, np.ndarray):
+        probabilities = probabilities.tolist()
     # Sequential running sums, as np.cumsum computes them (pure Python is faster for small k).
-    cumulative = list(accumulate(probabilities.tolist()))
+    cumulative = list(accumulate(probabilities))
     index = bisect_right(cumulative, u * cumulative[-1])
     return min(index, len(cumulative) - 1)
 

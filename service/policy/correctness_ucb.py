@@ -49,6 +49,7 @@ import numpy as np
 
 from service.policy.base import ArmId, Choice, Context, Pricing, RunningCosts
 from service.policy.drift import ChangeDetector
+from service.policy.linear import LinearArmStats
 from service.policy.linucb import LinUCB
 
 
@@ -167,9 +168,17 @@ class CorrectnessUCB(LinUCB):
         """The priced path: learn correctness (1.0 / 0.0 or a score) and the call's cost
         (``propensity`` and ``pricing`` play no part here: see ``RoutingPolicy.learn``).
         With drift on, the outcome's residual is watched first (class doc)."""
-        if self.detector is not None:
-            self._watch(arm_id, context, float(correct))
-        super().update(arm_id, context, float(correct) - self.prior_mean)
+        x = self._vector(context)
+        stats, i = self._slot(arm_id, x.shape[0])
+        x32 = x.astype(np.float32)
+        # S_i x, for the drift watch's estimate and the update's step (not kept: the update
+        # changes S_i)
+        u = stats.product(i, x32, keep=False)
+        watched = self.detector is not None and stats.counts[i] > 0  # (a new arm is not)
+        if watched and self._watch(arm_id, stats, i, u, float(correct)):
+            u = stats.product(i, x32, keep=False)  # the alarm re-derived the arm's scorer
+        stats.update_with_product(i, x, float(correct) - self.prior_mean, x32, u)
+        self._n_updates += 1
         if cost_usd is not None:
             self._costs.observe(arm_id, cost_usd)
 
@@ -179,20 +188,19 @@ class CorrectnessUCB(LinUCB):
         with (None: never forget)."""
         return self.drift_cost_halflife if self.detector is not None else None
 
-    def _watch(self, arm_id: ArmId, context: Context, correct: float) -> None:
-        """Feed the detector the residual of ``correct`` against the arm's current estimate
-        (from the float32 scorer: O(d²)); shrink the arm's evidence on an alarm."""
+    def _watch(
+        self, arm_id: ArmId, stats: LinearArmStats, i: int, u: np.ndarray, correct: float
+    ) -> bool:
+        """Feed the detector the residual of ``correct`` against the estimate of the arm (slot
+        ``i`` of ``stats``) on the outcome's context, from ``u`` = its ``S_i x`` on the float32
+        scorer; on an alarm shrink the arm's evidence and return True."""
         assert self.detector is not None
-        x = self._vector(context)
-        stats = self._stats_for(x.shape[0])
-        i = stats.index.get(arm_id)
-        if i is None or stats.counts[i] == 0:
-            return
-        u = stats.product(i, x.astype(np.float32))  # S_i x, kept for the update that follows
         mean = float(u.astype(np.float64) @ stats.b[i])
         residual = correct - min(max(self.prior_mean + mean, 0.0), 1.0)
         if self.detector.observe(arm_id, residual):
             stats.shrink(i, self.drift_shrink)
+            return True
+        return False
 
     def mean_costs(self) -> dict[ArmId, float]:
         """Each arm's mean cost over the calls :meth:`learn` was told the cost of."""
@@ -211,11 +219,12 @@ class CorrectnessUCB(LinUCB):
         return out
 
     # ------------------------------------------------------------------ choosing
-    def _shift(self, arm_ids: Sequence[ArmId], pricing: Pricing | None) -> np.ndarray:
-        shift = np.full(len(arm_ids), self.prior_mean)
-        if pricing is not None:
-            shift -= pricing.penalties(arm_ids, self.mean_costs())
-        return shift
+    def _shift(self, arm_ids: Sequence[ArmId], pricing: Pricing | None) -> list[float]:
+        """What each arm's score is moved by: the prior mean, less its price if priced."""
+        if pricing is None:
+            return [self.prior_mean] * len(arm_ids)
+        m = self.prior_mean
+        return [m - c for c in pricing.penalty_list(arm_ids, self.mean_costs())]
 
     def choose(  # type: ignore[override]
         self, arm_ids: Sequence[ArmId], context: Context, pricing: Pricing | None = None

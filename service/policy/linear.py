@@ -206,9 +206,16 @@ class LinearArmStats:
     # ------------------------------------------------------------------ learning
     def update(self, i: int, x: np.ndarray, reward: float) -> None:
         """Rank-one update of arm slot ``i`` with context ``x`` (float64) and ``reward``."""
-        S = self.scorer[i]
         x32 = x.astype(np.float32)
-        u = self.product(i, x32)
+        self.update_with_product(i, x, reward, x32, self.product(i, x32, keep=False))
+
+    def update_with_product(
+        self, i: int, x: np.ndarray, reward: float, x32: np.ndarray, u: np.ndarray
+    ) -> None:
+        """:meth:`update`, given ``x`` in float32 (``x32``) and ``u = S_i x`` from
+        :meth:`product`: a caller that has just read ``u`` (the drift check of an outcome)
+        passes it on instead of having it looked up again."""
+        S = self.scorer[i]
         denom = 1.0 + float(x32 @ u)
         w = u * np.float32(1.0 / math.sqrt(denom))
         # S ← S − u uᵀ / (1 + xᵀSx) = S − w wᵀ, in place by BLAS sger on the (Fortran-ordered,
@@ -318,16 +325,19 @@ class LinearArmStats:
         return np.array([self.exact(i)[1] for i in range(self.k)]).reshape(self.k, self.dim)
 
     # ------------------------------------------------------------------ scoring
-    def product(self, i: int, x32: np.ndarray) -> np.ndarray:
+    def product(self, i: int, x32: np.ndarray, keep: bool = True) -> np.ndarray:
         """``S_i x`` (float32) for the float32 context ``x32``, the one-arm product
         ``scorer[i] @ x32``; kept until slot ``i`` changes, so the drift check, the
         selector's scoring and the update of one outcome read ``S_i`` once (do not modify
-        the result)."""
+        the result). ``keep=False`` still returns a kept product but keeps no new one (for
+        the update that is about to change slot ``i``)."""
         kept = self._product.get(i)
-        if kept is not None and np.array_equal(kept[0], x32):
+        # (the test of np.array_equal, without its wrapper: both are contexts of length d)
+        if kept is not None and (kept[0] == x32).all():
             return kept[1]
         u = self.scorer[i] @ x32
-        self._product[i] = (x32.copy(), u)
+        if keep:
+            self._product[i] = (x32.copy(), u)
         return u
 
     def products(self, slots: np.ndarray, x32: np.ndarray) -> np.ndarray:
@@ -496,12 +506,16 @@ class LinearPolicy(RoutingPolicy):
     def update(self, arm_id: ArmId, context: Context, reward: float) -> None:  # type: ignore[override]
         """Learn ``reward`` for ``arm_id`` on ``context`` (an unknown arm is added first)."""
         x = self._vector(context)
-        stats = self._stats if self._stats is not None else self._stats_for(x.shape[0])
-        i = stats.index.get(arm_id)
-        if i is None:
-            i = stats.add(arm_id)
+        stats, i = self._slot(arm_id, x.shape[0])
         stats.update(i, x, float(reward))
         self._n_updates += 1
+
+    def _slot(self, arm_id: ArmId, dim: int) -> tuple[LinearArmStats, int]:
+        """The statistics (for contexts of ``dim``) and ``arm_id``'s slot in them (an unknown
+        arm is added first)."""
+        stats = self._stats if self._stats is not None else self._stats_for(dim)
+        i = stats.index.get(arm_id)
+        return stats, stats.add(arm_id) if i is None else i
 
     def update_many(self, arm_id: ArmId, contexts: np.ndarray, rewards: Sequence[float]) -> None:
         """Learn several (context, reward) pairs for one arm at once (see

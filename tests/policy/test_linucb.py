@@ -7,6 +7,7 @@ import pytest
 from river import bandit
 
 from service.policy import LinUCB, loads, make_policy
+from service.policy.base import greedy_mix, greedy_mix_row, row_max
 from service.policy.linear import BUFFER, RESYNC
 
 ARMS = ["a", "b", "c"]
@@ -324,3 +325,23 @@ def test_block_triangle_quadratic_forms_equal_the_full_product(d: int) -> None:
     got = _quadratic_forms(S, np.ascontiguousarray(X.T))
     assert got.shape == (20, 3)
     np.testing.assert_allclose(got, expected, rtol=1e-4)
+
+
+def test_one_rows_mix_and_max_on_python_floats_are_numpys() -> None:
+    """A single decision mixes its argmax on Python floats (base.greedy_mix_row, row_max):
+    the same floats as greedy_mix and np.max on arrays, ties and NaN scores included."""
+    rng = np.random.default_rng(0)
+    for trial in range(500):
+        k = int(rng.integers(1, 12))
+        scores = rng.integers(0, 3, size=k).astype(float) + (trial % 2) * rng.random(k)
+        if trial % 7 == 0:
+            scores[rng.integers(k)] = np.nan
+        epsilon = float(rng.choice([0.0, 0.02, 0.3, 1.0, rng.random()]))
+        top = row_max(scores.tolist())
+        assert np.array_equal([top], [scores.max()], equal_nan=True)
+        greedy = scores == scores.max()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            expected = greedy_mix(greedy, epsilon).tolist()
+            got = greedy_mix_row(greedy.tolist(), epsilon)
+        assert np.array_equal(got, expected, equal_nan=True)
+        assert [v.hex() for v in got] == [v.hex() for v in expected]
