@@ -141,11 +141,11 @@ class FreezeOn(logging.Handler):
 @pytest.mark.parametrize("moment", ["before it", "once it bootstrapped", "after a late answer"])
 def test_a_kafka_probe_ends_within_its_timeout_when_the_broker_freezes(own_broker, moment):
     """A frozen broker accepts connections and never answers, and kafka-python bounds each
-    step of a probe on its own. Frozen once the probe had bootstrapped, the describe request
-    waited for its new connection's setup timeout (10 s) and /readyz lagged the truth; frozen
-    after answering the bootstrap's version request late (0.5 s before the timeout), the
-    bootstrap's metadata request waited its own 3 s. Now the probe raises by its timeout
-    (give or take closing its client), whatever the moment, and leaves no IO thread."""
+    step of a probe on its own: frozen once the probe has bootstrapped, the describe request
+    would wait for its new connection's setup timeout (10 s); frozen after answering the
+    bootstrap's version request late (a second before the timeout), the bootstrap's metadata
+    request would wait its own 3 s. The probe must raise by its timeout (give or take closing
+    its client) whatever the moment, and leave no IO thread behind."""
     settings = settings_for(own_broker.bootstrap, TOPICS, "unused", DATABASE_URL)
     ensure_topics(settings, [TOPICS["queries_topic"], TOPICS["labels_topic"]])
     probe_topics(settings, PROBE_TIMEOUT_S)  # it answers
@@ -159,12 +159,12 @@ def test_a_kafka_probe_ends_within_its_timeout_when_the_broker_freezes(own_broke
     else:
         freeze = FreezeOn(pid, ": Connected")  # the version request answered
         os.kill(pid, signal.SIGSTOP)
-    thaw = threading.Timer(PROBE_TIMEOUT_S - 0.5, os.kill, (pid, signal.SIGCONT))
-    if moment == "after a late answer":
-        thaw.start()
+    thaw = threading.Timer(PROBE_TIMEOUT_S - 1.0, os.kill, (pid, signal.SIGCONT))
     net_log.addHandler(freeze)
     try:
         began = time.monotonic()
+        if moment == "after a late answer":
+            thaw.start()
         with pytest.raises(KafkaError):
             probe_topics(settings, PROBE_TIMEOUT_S)
         took = time.monotonic() - began
@@ -173,9 +173,11 @@ def test_a_kafka_probe_ends_within_its_timeout_when_the_broker_freezes(own_broke
         net_log.removeHandler(freeze)
         net_log.setLevel(level)
         os.kill(pid, signal.SIGCONT)
-    assert freeze.fired == (moment != "before it")
-    assert took < PROBE_TIMEOUT_S + 2  # it took 10 s, 3 s, 5.5 s before
+    assert took < PROBE_TIMEOUT_S + 2  # kafka-python's own bounds: 10 s, 3 s, 5.5 s
     assert kafka_io_threads() == io_threads
+    if moment == "after a late answer" and not freeze.fired:  # a loaded machine's broker
+        pytest.skip("the thawed broker answered only after the probe's deadline")
+    assert freeze.fired == (moment != "before it")
 
 
 def test_readiness_false_while_postgres_is_down(broker, topics, private_pg):
