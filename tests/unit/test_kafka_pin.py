@@ -6,10 +6,12 @@ its private ``_coordinator`` (no public API does either); pyproject.toml pins ka
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
-from kafka import KafkaConsumer
+from kafka import KafkaAdminClient, KafkaConsumer
 from kafka.errors import KafkaError
+from kafka.net.manager import KafkaConnectionManager
 
 from consumers.kafka_io import new_admin
 from consumers.rebalance import heartbeat_sender, io_loop
@@ -44,3 +46,15 @@ def test_a_probe_that_fails_stops_the_io_thread_its_admin_client_started():
     with pytest.raises(KafkaError):  # nothing listens on port 1
         new_admin(bootstrap_servers="127.0.0.1:1", bootstrap_timeout_ms=200)
     assert io_threads() == before
+
+
+def test_the_pinned_kafka_python_has_what_the_probes_deadline_uses():
+    """``new_admin(deadline)`` schedules its cut-off on kafka-python's private IO loop
+    (``KafkaNetClient._net.call_at``, the manager's ``_conns``) and ``probe_topics`` awaits the
+    describe request on it (``KafkaAdminClient._manager``, ``_get_cluster_metadata``): a
+    kafka-python without them fails here, not as a probe that always raises."""
+    with pytest.raises(KafkaError):  # not AttributeError: the hook reached what it needs
+        new_admin(time.monotonic() + 0.2, bootstrap_servers="127.0.0.1:1", bootstrap_timeout_ms=200)
+    assert callable(KafkaAdminClient._get_cluster_metadata)
+    for name in ("call_soon", "run", "wait_for"):
+        assert callable(getattr(KafkaConnectionManager, name))
