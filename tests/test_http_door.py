@@ -5,9 +5,11 @@ whole module."""
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -364,6 +366,18 @@ def test_refusals(services):
     tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
     with pytest.raises(openai.BadRequestError, match="unsupported fields: tools"):
         ask(client(a), q, tools=[tool])
+    # checked as the Kafka path checks a query event: a value Postgres cannot store (the
+    # SDK will not write NaN, Python's json will)
+    body = {"model": f"metallm/{q.task}", "messages": [{"role": "user", "content": q.text}]}
+    body["metadata"] = {"score": float("nan")}
+    request = urllib.request.Request(
+        f"{url(a)}/chat/completions",
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as nan:
+        urllib.request.urlopen(request, timeout=10)
+    assert nan.value.code == 400 and "NaN and Infinity" in nan.value.read().decode()
 
 
 @contextlib.contextmanager
