@@ -219,7 +219,9 @@ def _described_counts(
     return counts
 
 
-def _describe(admin: KafkaAdminClient, topics: list[str], deadline: float | None) -> list:
+def _describe(
+    admin: KafkaAdminClient, topics: list[str], deadline: float | None
+) -> list[dict[str, Any]]:
     """``admin.describe_topics(topics)``, given up at ``deadline`` (``time.monotonic()``) with
     :class:`KafkaTimeoutError`: kafka-python's public call waits for the request however long
     its connection takes, so it is awaited on the client's IO loop with a timeout (the request

@@ -13,7 +13,7 @@ import base64
 import json
 import math
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Self
 
 from pydantic import (
     BaseModel,
@@ -37,7 +37,7 @@ class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
     @classmethod
-    def from_bytes(cls, raw: bytes | None):
+    def from_bytes(cls, raw: bytes | None) -> Self:
         if raw is None:
             raise InvalidEvent("empty message (null value)")
         try:
@@ -54,7 +54,7 @@ class _Event(BaseModel):
         return cls.from_fields(data)
 
     @classmethod
-    def from_fields(cls, data: dict[str, Any]):
+    def from_fields(cls, data: dict[str, Any]) -> Self:
         """The event of parsed JSON fields (an HTTP body's, say), checked as
         :meth:`from_bytes` checks one; :class:`InvalidEvent` with the reason."""
         try:
