@@ -28,6 +28,7 @@ from app.exits import (
     run_told,
 )
 from app.show import add_commands as show_commands
+from app.show import positive_int
 from evaluation.cli import add_commands as evaluation_commands
 from service.settings import Settings, describe_settings_error
 
@@ -307,7 +308,7 @@ def parser() -> argparse.ArgumentParser:
         "warm-start", help="train the policy on an outcomes file before serving (full information)"
     )
     warm.add_argument("outcomes", type=Path, help="outcomes file (see docs/evaluation.md)")
-    warm.add_argument("--limit", type=int, help="use only the first N queries")
+    warm.add_argument("--limit", type=positive_int, help="use only the first N queries")
     sub.add_parser(
         "serve", help="run the query and label consumers and, when configured, the HTTP door"
     )

@@ -201,6 +201,21 @@ def _since(value: str) -> datetime:
         raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
 
 
+def positive_int(value: str) -> int:
+    """An argument that counts something: a whole number ≥ 1.
+
+    >>> positive_int("3")
+    3
+    """
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
 def add_commands(sub: Any) -> dict[str, Callable[[Settings, argparse.Namespace], int]]:
     """Add ``decisions`` and ``stats`` to the ``metallm`` sub-parsers; their handlers by name."""
     dec = sub.add_parser("decisions", help="show decisions from Postgres")
@@ -208,7 +223,7 @@ def add_commands(sub: Any) -> dict[str, Callable[[Settings, argparse.Namespace],
     dec.add_argument("--arm")
     dec.add_argument("--task")
     dec.add_argument(
-        "--limit", type=int, metavar="N", help="the first N (oldest first; see --since)"
+        "--limit", type=positive_int, metavar="N", help="the first N (oldest first; see --since)"
     )
     dec.add_argument("--format", choices=["table", "csv", "json"], default="table")
     dec.add_argument(

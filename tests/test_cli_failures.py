@@ -401,3 +401,20 @@ def test_an_input_file_that_cannot_be_read_is_named(tmp_path):
     not_outcomes.write_text("these are notes\n")
     line = one_line_error(metallm_cli("public", "bench", str(not_outcomes)), EXIT_INPUT)
     assert line == f"metallm: {not_outcomes}: line 1: invalid JSON: Expecting value (column 1)"
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["decisions", "--limit", "-1"], "must be at least 1, got -1"),
+        (["decisions", "--limit", "ten"], "not a whole number: 'ten'"),
+        (["warm-start", "outcomes.jsonl", "--limit", "0"], "must be at least 1, got 0"),
+    ],
+)
+def test_a_limit_below_one_is_refused_as_a_usage_error(args, says, capsys):
+    """Before anything runs: a LIMIT below 1 would reach Postgres as a driver error, and
+    warm-start's slice would drop the file's last records."""
+    with pytest.raises(SystemExit) as done:
+        main(args)
+    assert done.value.code == 2
+    assert f"argument --limit: {says}" in capsys.readouterr().err
