@@ -6,11 +6,8 @@ appends), write, commit, and hand what was committed to the live policy. A polic
 the log (:mod:`service.learning`): its own appends at once when they follow its watermarks,
 else by reading the log from them.
 
-Invariant: Postgres orders learning. Every transaction that gives out ``reward_seq`` or
-``decision_seq``, or joins labels to decisions, takes the log's one transaction-level advisory
-lock first (:func:`lock_learning_log`) and holds it to COMMIT, so the numbers are given out in
-commit order across every process: once seq ``n`` is visible, every seq below it is committed
-or rolled back for good. No LLM call runs under the lock.
+Invariant 1, Postgres orders learning, is held here: stated at :func:`lock_learning_log`,
+the one lock every append takes. No LLM call runs under it.
 """
 
 from __future__ import annotations
