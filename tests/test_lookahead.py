@@ -71,7 +71,10 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
 ):
     rows = demo_rows(N)
     service = start(broker, topics, pg_schema, embedder, tmp_path, rows)
-    log: list[tuple[str, str]] = []  # ("ahead" | "stored", first query id of the batch)
+    # ("ahead", batch) when a batch is polled and its calls start; ("stored", batch) each time
+    # a group holding some of that batch's queries is stored (group commit stores a batch's
+    # queries as their calls end, so one batch may be stored in several groups)
+    log: list[tuple[str, int]] = []
     called: list[str] = []
     batch_of: dict[str, int] = {}  # query id → batch (the order its calls were started)
     in_flight: dict[str, int] = {}
@@ -82,9 +85,9 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
 
     def logged_call_ahead(events):
         with lock:
-            log.append(("ahead", events[0].query_id))
             batch = len({*batch_of.values()})
             batch_of.update({e.query_id: batch for e in events})
+            log.append(("ahead", batch))
         call_ahead(events)
 
     async def logged_call(arm, request):  # a model that takes 0.3 s to answer
@@ -104,7 +107,9 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
     def logged_decide(records):
         out = decide(records)
         with lock:
-            log.append(("stored", records[0].event.query_id))
+            log.extend(
+                ("stored", b) for b in sorted({batch_of.get(r.event.query_id, -1) for r in records})
+            )
         return out
 
     service.decider.gateway.call = logged_call
@@ -117,23 +122,14 @@ def test_the_next_batch_is_called_while_this_one_is_stored(
     finally:
         service.stop()
 
-    # batches were called ahead (before the batch before them was stored), and the calls of
-    # two batches were in flight together
-    stored = [qid for what, qid in log if what == "stored"]
-    assert len(stored) >= 2
-    polled_ahead = [
-        k
-        for k in range(1, len(stored))
-        if ("ahead", stored[k]) in log
-        and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 1]))
-    ]
+    # batches were called ahead: before the batch before them (and the one before that) was
+    # wholly stored; and the calls of two batches were in flight together
+    ahead_at = {b: i for i, (what, b) in enumerate(log) if what == "ahead"}
+    stored_at = {b: i for i, (what, b) in enumerate(log) if what == "stored"}  # the last group
+    assert len(stored_at) >= 3, log
+    polled_ahead = [b for b in ahead_at if b >= 1 and ahead_at[b] < stored_at[b - 1]]
     assert polled_ahead, log
-    two_ahead = [  # polled before the batch two before it was stored
-        k
-        for k in range(2, len(stored))
-        if ("ahead", stored[k]) in log
-        and log.index(("ahead", stored[k])) < log.index(("stored", stored[k - 2]))
-    ]
+    two_ahead = [b for b in ahead_at if b >= 2 and ahead_at[b] < stored_at[b - 2]]
     assert two_ahead, log
     assert overlaps, log
     # every query called once (none twice, none wasted), embedded once
