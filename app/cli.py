@@ -28,8 +28,8 @@ from app.exits import (
     run_told,
 )
 from app.show import add_commands as show_commands
-from app.show import positive_int
 from evaluation.cli import add_commands as evaluation_commands
+from service.arguments import positive_int
 from service.settings import Settings, describe_settings_error
 
 DESCRIPTION = (

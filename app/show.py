@@ -9,11 +9,11 @@ import csv
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
 
 from app.exits import EXIT_FAILED
 from service import report
+from service.arguments import iso_datetime, positive_int
 from service.report import Column
 from service.settings import Settings
 
@@ -194,32 +194,10 @@ def cmd_stats(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _since(value: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
-
-
-def positive_int(value: str) -> int:
-    """An argument that counts something: a whole number ≥ 1.
-
-    >>> positive_int("3")
-    3
-    """
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
-
-
 def add_commands(sub: Any) -> dict[str, Callable[[Settings, argparse.Namespace], int]]:
     """Add ``decisions`` and ``stats`` to the ``metallm`` sub-parsers; their handlers by name."""
     dec = sub.add_parser("decisions", help="show decisions from Postgres")
-    dec.add_argument("--since", type=_since, help="ISO date/time, e.g. 2026-11-27T10:00")
+    dec.add_argument("--since", type=iso_datetime, help="ISO date/time, e.g. 2026-11-27T10:00")
     dec.add_argument("--arm")
     dec.add_argument("--task")
     dec.add_argument(

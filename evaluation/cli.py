@@ -17,10 +17,10 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.arguments import iso_datetime, positive_int
 from service.settings import Settings
 
 if TYPE_CHECKING:
@@ -356,13 +356,6 @@ def _write_bench_report(result: BenchResult, args: argparse.Namespace, out: Path
 
 
 # ------------------------------------------------------------------------------ evaluate
-def _datetime(value: str) -> datetime:
-    try:
-        return datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an ISO date/time: {value!r}") from None
-
-
 def _targets(specs: list[str] | None, data, engine) -> dict[str, Any]:
     """Target policies by name: logged, uniform, arm:NAME, greedy, checkpoint, file:PATH."""
     from evaluation import ope
@@ -483,8 +476,8 @@ def _add_record(sub: argparse._SubParsersAction) -> None:
     )
     rec.add_argument("--out", required=True, help="outcomes file to write (or resume)")
     rec.add_argument("--config", help="tasks-and-arms YAML (default: METALLM_CONFIG)")
-    rec.add_argument("--concurrency", type=int, default=4, help="queries in flight (4)")
-    rec.add_argument("--limit", type=int, help="only the first N queries")
+    rec.add_argument("--concurrency", type=positive_int, default=4, help="queries in flight (4)")
+    rec.add_argument("--limit", type=positive_int, help="only the first N queries")
     rec.add_argument("--overwrite", action="store_true", help="start again instead of resuming")
     rec.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -596,7 +589,7 @@ def _bench_context_arguments(b: argparse.ArgumentParser) -> None:
 
 def _bench_output_arguments(b: argparse.ArgumentParser) -> None:
     """How much of the file, where the results go, and the embeddings' model and cache."""
-    b.add_argument("--limit", type=int, help="only the first N queries")
+    b.add_argument("--limit", type=positive_int, help="only the first N queries")
     b.add_argument("--out", help="output folder (default: bench-<file name>)")
     b.add_argument("--no-plots", action="store_true")
     b.add_argument("--embedding-model", help="sentence-transformers folder (default: MiniLM)")
@@ -636,8 +629,8 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
         help="score rewards at this λ (repeatable; default: the logged λ)",
     )
     ev.add_argument("--cost-unit", type=float, help="default: METALLM_COST_UNIT_USD")
-    ev.add_argument("--since", type=_datetime, help="only decisions from this ISO time")
-    ev.add_argument("--until", type=_datetime, help="only decisions before this ISO time")
+    ev.add_argument("--since", type=iso_datetime, help="only decisions from this ISO time")
+    ev.add_argument("--until", type=iso_datetime, help="only decisions before this ISO time")
     ev.add_argument("--policy", help="only decisions made by this policy")
     ev.add_argument("--confidence", type=float, default=0.95, help="interval level (0.95)")
     ev.add_argument("--json", help="also write the estimates to this file")

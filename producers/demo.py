@@ -35,6 +35,7 @@ from producers.demo_schema import PLAIN_NAME, SchemaRefused, prepare_demo_schema
 from producers.files import read_events
 from producers.local_broker import LocalBroker
 from producers.publish import publish
+from service.arguments import positive_int
 from service.config import AppConfig, load_config
 from service.log import read_models
 from service.outcomes import read_outcomes
@@ -223,7 +224,9 @@ def schema_name(value: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--limit", type=int, default=200, help="how many queries (max 320)")
+    parser.add_argument(
+        "--limit", type=positive_int, default=200, help="how many queries (max 320)"
+    )
     parser.add_argument("--rate", type=float, default=4.0, help="queries per second")
     parser.add_argument(
         "--replay",

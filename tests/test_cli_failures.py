@@ -409,12 +409,22 @@ def test_an_input_file_that_cannot_be_read_is_named(tmp_path):
         (["decisions", "--limit", "-1"], "must be at least 1, got -1"),
         (["decisions", "--limit", "ten"], "not a whole number: 'ten'"),
         (["warm-start", "outcomes.jsonl", "--limit", "0"], "must be at least 1, got 0"),
+        (["bench", "outcomes.jsonl", "--limit", "-1"], "must be at least 1, got -1"),
+        (["record", "--builtin", "--out", "o.jsonl", "--limit", "0"], "must be at least 1, got 0"),
     ],
 )
 def test_a_limit_below_one_is_refused_as_a_usage_error(args, says, capsys):
-    """Before anything runs: a LIMIT below 1 would reach Postgres as a driver error, and
-    warm-start's slice would drop the file's last records."""
+    """Before anything runs: a LIMIT below 1 would reach Postgres as a driver error, and the
+    slices of warm-start, bench and record would drop the file's last records."""
     with pytest.raises(SystemExit) as done:
         main(args)
     assert done.value.code == 2
     assert f"argument --limit: {says}" in capsys.readouterr().err
+
+
+def test_record_refuses_no_queries_in_flight(capsys):
+    """--concurrency 0 used to be taken as 1 without a word."""
+    with pytest.raises(SystemExit) as done:
+        main(["record", "--builtin", "--out", "o.jsonl", "--concurrency", "0"])
+    assert done.value.code == 2
+    assert "argument --concurrency: must be at least 1, got 0" in capsys.readouterr().err

@@ -93,3 +93,13 @@ def test_ctrl_c_stops_everything_the_demo_started(demo):
     assert proc.returncode == 0, output
     assert "interrupted" in output
     assert_broker_stopped(output)
+
+
+def test_a_demo_of_no_queries_is_a_usage_error(demo):
+    """Refused before a broker or a schema is started: --limit 0 used to run the demo on
+    nothing."""
+    proc = demo("--limit", "0")
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 2, output
+    assert "argument --limit: must be at least 1, got 0" in output
+    assert "Tansu" not in output
