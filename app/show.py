@@ -13,7 +13,7 @@ from typing import Any
 
 from app.exits import EXIT_FAILED
 from service import report
-from service.arguments import iso_datetime, positive_int
+from service.arguments import iso_datetime, non_negative_int, positive_int
 from service.report import Column
 from service.settings import Settings
 
@@ -211,7 +211,9 @@ def add_commands(sub: Any) -> dict[str, Callable[[Settings, argparse.Namespace],
     )
 
     stats = sub.add_parser("stats", help="accuracy, cost, share and reward per arm and hour")
-    stats.add_argument("--hours", type=int, default=24, help="hourly rows to show (0: none)")
+    stats.add_argument(
+        "--hours", type=non_negative_int, default=24, help="hourly rows to show (0: none)"
+    )
     stats.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
     return {"decisions": cmd_decisions, "stats": cmd_stats}

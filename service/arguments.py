@@ -10,6 +10,13 @@ import argparse
 from datetime import datetime
 
 
+def _whole(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+
+
 def positive_int(value: str) -> int:
     """An argument that counts something: a whole number ≥ 1.
 
@@ -20,12 +27,21 @@ def positive_int(value: str) -> int:
     ...
     argparse.ArgumentTypeError: must be at least 1, got 0
     """
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    number = _whole(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """A whole number ≥ 0 (0: none).
+
+    >>> non_negative_int("0")
+    0
+    """
+    number = _whole(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
     return number
 
 

@@ -422,6 +422,14 @@ def test_a_limit_below_one_is_refused_as_a_usage_error(args, says, capsys):
     assert f"argument --limit: {says}" in capsys.readouterr().err
 
 
+def test_stats_refuses_a_negative_number_of_hours(capsys):
+    """--hours -1 used to show an empty table headed "last -1 h"."""
+    with pytest.raises(SystemExit) as done:
+        main(["stats", "--hours", "-1"])
+    assert done.value.code == 2
+    assert "argument --hours: must be at least 0, got -1" in capsys.readouterr().err
+
+
 def test_record_refuses_no_queries_in_flight(capsys):
     """--concurrency 0 used to be taken as 1 without a word."""
     with pytest.raises(SystemExit) as done:
