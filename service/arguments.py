@@ -10,11 +10,14 @@ import argparse
 from datetime import datetime
 
 
-def _whole(value: str) -> int:
+def _at_least(value: str, minimum: int) -> int:
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < minimum:
+        raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {number}")
+    return number
 
 
 def positive_int(value: str) -> int:
@@ -27,10 +30,7 @@ def positive_int(value: str) -> int:
     ...
     argparse.ArgumentTypeError: must be at least 1, got 0
     """
-    number = _whole(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {number}")
-    return number
+    return _at_least(value, 1)
 
 
 def non_negative_int(value: str) -> int:
@@ -39,10 +39,7 @@ def non_negative_int(value: str) -> int:
     >>> non_negative_int("0")
     0
     """
-    number = _whole(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {number}")
-    return number
+    return _at_least(value, 0)
 
 
 def iso_datetime(value: str) -> datetime:
