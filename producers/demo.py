@@ -225,7 +225,7 @@ def schema_name(value: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--limit", type=positive_int, default=200, help="how many queries (max 320)"
+        "--limit", type=positive_int, default=200, help="how many queries (1 to 320)"
     )
     parser.add_argument("--rate", type=float, default=4.0, help="queries per second")
     parser.add_argument(
@@ -258,10 +258,14 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    queries, labels = read_events(DATASET, "queries"), read_events(DATASET, "labels")
+    if args.limit > len(queries):  # not a shorter run than asked for, without a word
+        parser.error(
+            f"argument --limit: at most {len(queries)} (the sample's size), got {args.limit}"
+        )
+    queries, labels = queries[: args.limit], labels[: args.limit]
     out = args.output
     out.mkdir(parents=True, exist_ok=True)
-    queries = read_events(DATASET, "queries")[: args.limit]
-    labels = read_events(DATASET, "labels")[: args.limit]
     # Ctrl-C as for `metallm serve`: it sets an event the streaming loop checks (start-up
     # finishes first; a second Ctrl-C ends the demo at once). A KeyboardInterrupt could land
     # anywhere, kafka-python's network loop included, which swallows it.

@@ -95,11 +95,15 @@ def test_ctrl_c_stops_everything_the_demo_started(demo):
     assert_broker_stopped(output)
 
 
-def test_a_demo_of_no_queries_is_a_usage_error(demo):
+@pytest.mark.parametrize(
+    ("limit", "says"),
+    [("0", "must be at least 1, got 0"), ("321", "at most 320 (the sample's size), got 321")],
+)
+def test_a_limit_the_sample_cannot_give_is_a_usage_error(demo, limit, says):
     """Refused before a broker or a schema is started: --limit 0 used to run the demo on
-    nothing."""
-    proc = demo("--limit", "0")
+    nothing, and --limit 321 on the 320 queries there are, without a word."""
+    proc = demo("--limit", limit)
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == 2, output
-    assert "argument --limit: must be at least 1, got 0" in output
+    assert f"argument --limit: {says}" in output
     assert "Tansu" not in output
