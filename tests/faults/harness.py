@@ -253,7 +253,9 @@ class ArmServer:
         return self
 
     def kill(self) -> None:
-        """Stop answering at once: refuse new connections and cut the open ones."""
+        """Stop answering at once: refuse new connections and cut the open ones. Calls held
+        (``answering`` cleared) end with their connections instead of waiting on; ``answering``
+        stays set after a restart."""
         httpd, self._httpd = self._httpd, None
         if httpd is None:
             return
@@ -263,6 +265,7 @@ class ArmServer:
             for conn in list(self._connections):
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
+        self.answering.set()  # their replies fail on the cut connections (OSError, handled)
 
     stop = kill
 
